@@ -1,0 +1,47 @@
+# rproxy: the commands README.md shows.  Everything runs from a virtualenv this Makefile creates.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UPSTREAM ?=
+LISTEN ?= tcp:8080:interface=127.0.0.1
+
+.PHONY: run test lint typecheck bench clean
+
+# The editable install uses "compat" mode so that twisted/plugins/rproxy_plugin.py is found on sys.path
+# (twist discovers plugins by scanning sys.path entries, which the default editable finder bypasses).
+$(BIN)/twist: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,dev]' --config-settings editable_mode=compat
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $@
+
+run: $(BIN)/twist
+ifeq ($(UPSTREAM),)
+	@echo "rproxy on http://127.0.0.1:8080 in front of the demo upstream on 127.0.0.1:9000. Try:"
+	@echo "  curl -i http://127.0.0.1:8080/echo -d hello"
+	@echo "  curl -N http://127.0.0.1:8080/stream?n=5&interval=1"
+	@echo "  curl -o /dev/null http://127.0.0.1:8080/large?size=1G"
+	@echo "  curl http://127.0.0.1:8080/slow?delay=2"
+	$(BIN)/twist --log-format=text rproxy --listen $(LISTEN) --demo-upstream tcp:9000:interface=127.0.0.1
+else
+	@echo "rproxy on http://127.0.0.1:8080 in front of $(UPSTREAM). Try: curl -i http://127.0.0.1:8080/"
+	$(BIN)/twist --log-format=text rproxy --listen $(LISTEN) --upstream $(UPSTREAM)
+endif
+
+test: $(BIN)/twist
+	$(BIN)/trial --jobs=2 rproxy
+
+lint: $(BIN)/twist
+	$(BIN)/ruff check rproxy benchmarks twisted
+	$(BIN)/ruff format --check rproxy benchmarks twisted
+
+typecheck: $(BIN)/twist
+	$(BIN)/mypy rproxy
+
+bench: $(BIN)/twist
+	$(BIN)/pip install --quiet -e '.[bench]' --config-settings editable_mode=compat
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) _trial_temp* *.egg-info

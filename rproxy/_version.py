@@ -1,0 +1,3 @@
+"""The single source of rproxy's version string."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,191 @@
+"""
+Header rules of a proxy: what must never cross it, and what it adds.
+
+Hop-by-hop fields (RFC 9110 section 7.6.1) and every field a ``Connection`` header names are removed in
+both directions.  Forwarding fields (``X-Forwarded-*``, RFC 7239 ``Forwarded``) are trusted only from
+configured proxies: from anyone else they are replaced, so a client cannot forge its address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from twisted.web.http_headers import Headers
+
+#: Fields that describe one connection, not the message (lower case).  ``TE`` is special-cased:
+#: ``TE: trailers`` is end-to-end in practice (gRPC needs it), every other coding is not.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"http2-settings",
+    }
+)
+
+#: Fields the proxy recomputes itself, so the inbound values are dropped with the hop-by-hop ones.
+FRAMING = frozenset({b"content-length", b"host", b"expect"})
+
+Pairs = list[tuple[bytes, bytes]]
+
+
+def splitTokens(values: Iterable[bytes]) -> Iterator[bytes]:
+    """Yield the lower-cased, non-empty comma-separated tokens of one or more header values."""
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                yield token
+
+
+def connectionListed(values: Sequence[bytes] | None) -> frozenset[bytes]:
+    """The field names a ``Connection`` header lists, lower case (tolerating empty elements)."""
+    if not values:
+        return frozenset()
+    return frozenset(splitTokens(values))
+
+
+def _dropped(connectionValues: Sequence[bytes] | None) -> frozenset[bytes]:
+    return HOP_BY_HOP | connectionListed(connectionValues)
+
+
+def requestHeaderPairs(headers: Headers) -> tuple[Pairs, bool]:
+    """
+    The end-to-end request fields of C{headers}, in order, and whether the client accepts trailers.
+
+    Hop-by-hop, Connection-listed and framing fields are left out; ``TE`` survives only as
+    ``TE: trailers`` (added back by the caller when the second value is true).
+    """
+    dropped = _dropped(headers.getRawHeaders(b"connection")) | FRAMING
+    pairs: Pairs = []
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in dropped:
+            continue
+        for value in values:
+            pairs.append((name, value))
+    te = headers.getRawHeaders(b"te")
+    acceptsTrailers = b"trailers" in set(splitTokens(te)) if te else False
+    return pairs, acceptsTrailers
+
+
+def responseHeaderPairs(pairs: Sequence[tuple[bytes, bytes]]) -> Pairs:
+    """Remove hop-by-hop and Connection-listed fields from an upstream response's fields."""
+    connection = [value for name, value in pairs if name.lower() == b"connection"]
+    dropped = _dropped(connection)
+    return [(name, value) for name, value in pairs if name.lower() not in dropped]
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parseNetworks(specs: Iterable[str]) -> tuple[Network, ...]:
+    """Parse CIDR strings (``10.0.0.0/8``, ``::1``); raise C{ValueError} naming the bad one."""
+    networks = []
+    for spec in specs:
+        try:
+            networks.append(ipaddress.ip_network(spec.strip(), strict=False))
+        except ValueError as e:
+            raise ValueError(f"not an IP network: {spec!r} ({e})") from None
+    return tuple(networks)
+
+
+@dataclass(frozen=True)
+class ForwardingPolicy:
+    """
+    How the proxy identifies itself and the client to upstreams.
+
+    @ivar trustedProxies: peers whose inbound ``X-Forwarded-*`` and ``Forwarded`` fields are kept
+        (and appended to); from any other peer they are replaced.
+    @ivar viaName: the pseudonym in ``Via`` (RFC 9110 section 7.6.3).
+    """
+
+    trustedProxies: tuple[Network, ...] = ()
+    viaName: bytes = b"rproxy"
+
+    def trusts(self, peerHost: str | None) -> bool:
+        """Whether C{peerHost} (an IP address string) is a trusted proxy."""
+        if not self.trustedProxies or not peerHost:
+            return False
+        try:
+            address = ipaddress.ip_address(peerHost)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trustedProxies)
+
+    def forwardingPairs(
+        self,
+        inbound: Headers,
+        peerHost: str | None,
+        scheme: bytes,
+        host: bytes | None,
+        version: bytes,
+    ) -> Pairs:
+        """
+        The ``X-Forwarded-For/Proto/Host``, ``Forwarded`` and ``Via`` fields for the outbound request.
+
+        @param peerHost: the address of the connection's peer, or C{None} (a UNIX socket).
+        @param version: the inbound protocol version as in ``Via`` (C{b"1.1"}, C{b"1.0"}, C{b"2"}).
+        """
+        trusted = self.trusts(peerHost)
+        client = peerHost.encode("ascii") if peerHost else b"unknown"
+        pairs: Pairs = []
+
+        priorFor = inbound.getRawHeaders(b"x-forwarded-for") if trusted else None
+        chain = b", ".join([*priorFor, client]) if priorFor else client
+        pairs.append((b"X-Forwarded-For", chain))
+
+        proto = inbound.getRawHeaders(b"x-forwarded-proto") if trusted else None
+        pairs.append((b"X-Forwarded-Proto", proto[-1] if proto else scheme))
+        forwardedHost = inbound.getRawHeaders(b"x-forwarded-host") if trusted else None
+        if forwardedHost:
+            pairs.append((b"X-Forwarded-Host", forwardedHost[-1]))
+        elif host is not None:
+            pairs.append((b"X-Forwarded-Host", host))
+
+        element = b"for=" + _forwardedNode(peerHost)
+        if host is not None:
+            element += b";host=" + _forwardedValue(host)
+        element += b";proto=" + scheme
+        priorForwarded = inbound.getRawHeaders(b"forwarded") if trusted else None
+        pairs.append(
+            (b"Forwarded", b", ".join([*priorForwarded, element]) if priorForwarded else element)
+        )
+        pairs.append((b"Via", self.via(inbound.getRawHeaders(b"via"), version)))
+        return pairs
+
+    def via(self, prior: Sequence[bytes] | None, version: bytes) -> bytes:
+        """Append this proxy to a ``Via`` chain."""
+        hop = version + b" " + self.viaName
+        return b", ".join([*prior, hop]) if prior else hop
+
+
+def _forwardedNode(peerHost: str | None) -> bytes:
+    if not peerHost:
+        return b"unknown"
+    if ":" in peerHost:  # IPv6 must be quoted and bracketed (RFC 7239 section 6)
+        return b'"[' + peerHost.encode("ascii") + b']"'
+    return peerHost.encode("ascii")
+
+
+def _forwardedValue(value: bytes) -> bytes:
+    """A token, or a quoted-string when it holds characters a token may not."""
+    if all(c in _TOKEN for c in value):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def isToken(value: bytes) -> bool:
+    """Whether C{value} is a non-empty RFC 9110 token (a valid field name or method)."""
+    return bool(value) and all(c in _TOKEN for c in value)

@@ -1,0 +1,138 @@
+"""
+The pluggable parts of rproxy.
+
+An exchange runs: request filters, then the L{IDirector} (which service, and how to rewrite the request),
+then the service's L{IBalancer} (which upstream from the L{IRegistry}), then the upstream, then response
+filters.  Each built-in part implements these interfaces, so third parties plug in the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from twisted.plugin import IPlugin
+from twisted.web.resource import IResource
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from rproxy.errors import ProxyError
+    from rproxy.exchange import Exchange
+    from rproxy.message import InboundRequest, OutboundRequest
+    from rproxy.request import ProxyRequest
+    from rproxy.upstream import Service, Upstream
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """
+    How one attempt on an upstream went, reported to its balancer.
+
+    @ivar status: the response status, or C{None} when no response arrived.
+    @ivar latency: seconds from sending the request to the response head (or the failure).
+    @ivar error: the failure, if the attempt failed.
+    """
+
+    status: int | None
+    latency: float
+    error: ProxyError | None = None
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    """The verdict of one health check, with the reason when it failed."""
+
+    healthy: bool
+    reason: str = ""
+
+
+class IStreamingResource(IResource):
+    """
+    A resource that answers as soon as the request head is in, while the body still arrives.
+
+    L{rproxy.request.ProxyRequest} calls L{renderStreaming} instead of C{render} for such a resource;
+    under a plain C{twisted.web.server.Request} the resource's C{render} runs as usual.
+    """
+
+    def renderStreaming(request: ProxyRequest) -> None:
+        """Start answering; C{request.bodyPipe} carries the body (C{None} when there is none)."""
+
+
+class IDirector(Interface):
+    """Routing and rewriting: which service takes a request, and what is sent to it."""
+
+    def direct(inbound: InboundRequest, outbound: OutboundRequest) -> Service | None:
+        """
+        Choose the service for C{inbound} and rewrite C{outbound} (target, host, headers).
+
+        @return: the service, or C{None} if no route matches (the client gets 404).
+        """
+
+
+class IBalancer(Interface):
+    """Choosing an upstream of a service for one attempt."""
+
+    def pick(
+        upstreams: Sequence[Upstream], request: OutboundRequest, tried: Collection[Upstream]
+    ) -> Upstream | None:
+        """
+        Choose one of C{upstreams} (the live set, never empty), preferring any not in C{tried}.
+
+        @return: the upstream, or C{None} when none should take this attempt.
+        """
+
+    def report(upstream: Upstream, outcome: Outcome) -> None:
+        """Learn how an attempt on C{upstream} went (latency, status, error)."""
+
+
+class IBalancerFactory(IPlugin):
+    """A named balancer kind, found with C{getPlugins(IBalancerFactory, rproxy.plugins)}."""
+
+    name = Attribute("The name that selects it, as in C{--balancer NAME}.")
+    description = Attribute("One line for C{--list-balancers}.")
+
+    def build(options: Mapping[str, object]) -> IBalancer:
+        """A new balancer for one service; raise C{ValueError} naming a bad option."""
+
+
+class IRegistry(Interface):
+    """The live upstreams of each service."""
+
+    def add(service: str, upstream: Upstream) -> None:
+        """Put C{upstream} in C{service}'s set."""
+
+    def remove(service: str, upstream: Upstream) -> None:
+        """Take C{upstream} out; its exchanges in flight finish."""
+
+    def lookup(service: str) -> Sequence[Upstream]:
+        """The upstreams that may take new requests for C{service}."""
+
+    def failure(service: str, upstream: Upstream, reason: str) -> None:
+        """Record that an exchange with C{upstream} failed."""
+
+    def watch(callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call C{callback(service)} on every change; return a function that stops watching."""
+
+
+class IHealthCheck(Interface):
+    """An active probe of one upstream."""
+
+    def check(upstream: Upstream) -> Deferred[HealthResult]:
+        """Probe C{upstream} on a fresh connection."""
+
+
+class IRequestFilter(Interface):
+    """Runs on every request before the director; may change it or answer it."""
+
+    def onRequest(exchange: Exchange) -> ProxyError | None:
+        """Return C{None} to go on, or an error to answer the client with instead of proxying."""
+
+
+class IResponseFilter(Interface):
+    """Runs on every upstream response head before it reaches the client."""
+
+    def onResponse(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Change C{headers} (end-to-end fields, in order) in place."""

@@ -1,0 +1,205 @@
+"""
+L{ProxyRequest}: a C{twisted.web.server.Request} that is routed as soon as its head is in.
+
+Twisted renders a request only after its whole body has arrived.  A proxy cannot wait: C{gotLength}
+(all fields parsed, no body yet) validates the head, finds the resource, and hands an
+L{IStreamingResource} the request with a L{RequestBodyPipe} that the body then flows through.  Other
+resources (health, admin, anything a user mounts) are rendered the usual way once the body is in.
+
+This relies on the request line being on the channel while C{gotLength} runs (C{HTTPChannel._command},
+C{_path}, C{_version}, private to Twisted); L{rproxy.test.test_twisted_contract} fails if that changes.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import IResource
+
+from rproxy.errors import ProxyError, clientError, proxyError
+from rproxy.interfaces import IStreamingResource
+from rproxy.streaming import RequestBodyPipe
+
+_log = Logger()
+
+
+def stopKeepAlive(request: http.Request) -> None:
+    """Close the client's HTTP/1 connection after this response (its body was not read to the end)."""
+    if isinstance(request.channel, http.HTTPChannel):
+        request.channel.persistent = False
+
+
+def abortClient(request: http.Request) -> None:
+    """Reset the client's connection (HTTP/1) or stream (HTTP/2): a response cannot be completed."""
+    channel = request.channel
+    if channel is None:
+        return
+    transport = getattr(channel, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+    else:
+        channel.abortConnection()
+
+
+def sendError(request: http.Request, error: ProxyError) -> None:
+    """
+    Answer C{request} with C{error} (status, one-line reason, C{Proxy-Status}) and log it.
+
+    If the response has already begun, the client's connection is reset instead: a truncated response
+    must never look complete.
+    """
+    _log.warn(
+        "{method} {target} -> {status} ({fault} fault, {errorType}): {reason}",
+        method=(request.method or b"-").decode("latin-1"),
+        target=(request.uri or b"-").decode("latin-1"),
+        status=error.status,
+        fault=error.fault.value,
+        errorType=error.errorType,
+        reason=error.reason,
+        client=request.getClientAddress(),
+    )
+    if request.finished or getattr(request, "_disconnected", False):
+        return
+    if request.startedWriting:
+        request.unregisterProducer()
+        abortClient(request)
+        return
+    request.setResponseCode(error.status)
+    headers = request.responseHeaders
+    for name, value in error.responseHead():
+        headers.setRawHeaders(name, [value])
+    request.write(error.body())
+    request.finish()
+
+
+class ProxyRequest(server.Request):
+    """
+    A request routed when its head is complete, whose body streams to an L{IStreamingResource}.
+
+    @ivar headReceived: whether the whole request head has arrived (and been checked).
+    @ivar bodyPipe: the body on its way, for a streaming resource (C{None}: no body, or not streaming).
+    """
+
+    defaultContentType = None  # a proxy never invents a Content-Type
+    headReceived = False
+    bodyPipe: RequestBodyPipe | None = None
+    _streaming = False
+    _refused = False
+    _bodyBytes = 0
+    _resource: IResource | None = None
+
+    def gotLength(self, length: int | None) -> None:
+        self.headReceived = True
+        channel = self.channel
+        if isinstance(channel, http.HTTPChannel):
+            self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
+        else:
+            self.method, self.uri, self.clientproto = channel.command, channel.path, b"HTTP/2"
+        self.site = channel.site
+        error = self._checkHead(length)
+        if error is not None:
+            super().gotLength(0)
+            self._refuse(error)
+            return
+        resource = self._locate()
+        if resource is None:
+            super().gotLength(0)
+            return
+        if IStreamingResource.providedBy(resource):
+            self._streaming = True
+            super().gotLength(0)  # requestReceived still seeks in self.content
+            if length != 0:
+                self.bodyPipe = RequestBodyPipe(self._clientProducer(), length)
+            resource.renderStreaming(self)
+        else:
+            self._resource = resource
+            super().gotLength(length)
+
+    def _checkHead(self, length: int | None) -> ProxyError | None:
+        """Refuse what must not reach any resource: bad targets and announced oversize bodies."""
+        uri = self.uri
+        if uri[:1] != b"/":
+            if uri == b"*" and self.method == b"OPTIONS":
+                pass
+            elif self.method == b"CONNECT":
+                return clientError(405, "CONNECT is not supported: this is a reverse proxy")
+            elif uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://":
+                self._absoluteForm(uri)
+            else:
+                return clientError(400, "the request target must be an absolute path or absolute URL")
+        self.path = self.uri.split(b"?", 1)[0]
+        limit = self.site.limits.maxBodySize
+        if limit and length is not None and length > limit:
+            return clientError(413, f"the request body of {length} bytes exceeds the limit of {limit}")
+        return None
+
+    def _absoluteForm(self, uri: bytes) -> None:
+        """RFC 9112 section 3.2.2: the authority of an absolute-form target replaces ``Host``."""
+        rest = uri.split(b"://", 1)[1]
+        slash = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+        authority, target = rest[:slash], rest[slash:]
+        self.requestHeaders.setRawHeaders(b"host", [authority])
+        self.uri = target if target.startswith(b"/") else b"/" + target
+
+    def _locate(self) -> IResource | None:
+        self.prepath = []
+        self.postpath = list(map(http.unquote, self.path[1:].split(b"/")))
+        try:
+            return self.site.getResourceFor(self)
+        except BaseException:
+            _log.failure("locating the resource for {uri!r} failed", uri=self.uri)
+            self._refuse(proxyError(500, "the proxy failed to route the request", "proxy_internal_error"))
+            return None
+
+    def _clientProducer(self) -> IPushProducer:
+        channel = self.channel
+        transport = getattr(channel, "transport", None)
+        return transport if transport is not None else channel  # H2Stream pauses its flow control
+
+    def _refuse(self, error: ProxyError) -> None:
+        """Answer now and close: the body (if any) will not be read."""
+        self._refused = True
+        self.requestHeaders.removeHeader(b"expect")  # no 100 Continue for a refused body
+        stopKeepAlive(self)
+        sendError(self, error)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._bodyBytes += len(data)
+        limit = self.site.limits.maxBodySize
+        if limit and self._bodyBytes > limit and not self._refused:
+            self.refuseBody(clientError(413, f"the request body exceeds the limit of {limit} bytes"))
+            return
+        if self.bodyPipe is not None:
+            self.bodyPipe.dataReceived(data)
+        elif not self._streaming and not self._refused:
+            self.content.write(data)
+
+    def refuseBody(self, error: ProxyError) -> None:
+        """
+        The body turned out bad mid-stream (too large, broken framing): its consumer is failed, so the
+        upstream never sees it complete, and the client gets C{error} (a reset if its response began).
+        """
+        self._refused = True
+        pipe, self.bodyPipe = self.bodyPipe, None
+        if pipe is not None:
+            pipe.fail(error)
+        stopKeepAlive(self)
+        sendError(self, error)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._streaming or self._refused:
+            if self.bodyPipe is not None:
+                self.bodyPipe.finish()
+            return
+        super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        """Render a non-streaming resource, found in C{gotLength}, now that the body is in."""
+        self.setHeader(b"Server", server.version)
+        self.setHeader(b"Date", http.datetimeToString())
+        try:
+            self.render(self._resource)
+        except BaseException:
+            self.processingFailed(Failure())

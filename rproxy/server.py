@@ -1,0 +1,328 @@
+"""
+The client side: a C{Site} whose HTTP/1.1 channel answers bad input precisely, and which knows its
+connections so that shutdown can drain them.
+
+Twisted's C{HTTPChannel} answers every malformed request with a bare 400.  L{ProxyHTTPChannel}
+says what was wrong and uses the right status (414 for a long request line, 431 for oversize or too
+many header fields, 408 for a head that arrives too slowly), applies the strict framing rules a proxy
+needs against request smuggling, and never lets a broken body look complete to the upstream.
+
+It overrides private C{HTTPChannel} methods (C{_maybeChooseTransferDecoder},
+C{_respondToBadRequestAndDisconnect}) and subclasses C{_GenericHTTPChannelProtocol};
+L{rproxy.test.test_twisted_contract} fails if a Twisted release changes them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web import http, server
+from twisted.web.resource import IResource
+
+from rproxy.errors import ProxyError, clientError, proxyError
+from rproxy.headers import isToken
+from rproxy.request import ProxyRequest
+
+_log = Logger()
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """
+    What a client may send and how long it may take (bytes, counts, seconds).
+
+    @ivar maxRequestLine: longest request line (longer: 414).
+    @ivar maxHeaderBytes: largest header section, request line included (larger: 431).
+    @ivar maxHeaders: most header fields (more: 431).
+    @ivar maxBodySize: largest request body, 0 for no limit (larger: 413, enforced while streaming).
+    @ivar headerTimeout: how long the request head may take to arrive (slower: 408).
+    @ivar idleTimeout: how long an idle keep-alive connection is kept.
+    @ivar maxConnections: client connections at once, per listener group (more: 503 and close).
+    """
+
+    maxRequestLine: int = 8192
+    maxHeaderBytes: int = 32768
+    maxHeaders: int = 100
+    maxBodySize: int = 0
+    headerTimeout: float = 10.0
+    idleTimeout: float = 60.0
+    maxConnections: int = 10000
+
+
+class ProxyHTTPChannel(http.HTTPChannel):
+    """An HTTP/1.1 server channel with strict framing and precise errors."""
+
+    site: ProxySite
+    _headerTimer: IDelayedCall | None = None
+    _lengths: tuple[bytes, ...] = ()
+
+    def lineReceived(self, line: bytes) -> None:
+        limits = self.site.limits
+        if self._receivedHeaderSize == 0 and line:  # a request line
+            if len(line) > limits.maxRequestLine:
+                self._reject(clientError(414, f"the request line exceeds {limits.maxRequestLine} bytes"))
+                return
+            try:
+                http._parseRequestLine(line)
+            except ValueError as e:
+                self._reject(clientError(400, f"malformed request line ({e})"))
+                return
+            self._lengths = ()
+            self._headerTimer = self.callLater(limits.headerTimeout, self._headerTimedOut)
+        elif self._receivedHeaderSize + len(line) > limits.maxHeaderBytes:
+            self._reject(clientError(431, f"the request header section exceeds {limits.maxHeaderBytes} bytes"))
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._receivedHeaderSize == 0:
+            self._reject(clientError(414, f"the request line exceeds {self.site.limits.maxRequestLine} bytes"))
+        else:
+            self._reject(clientError(431, f"a request header line exceeds {self.MAX_LENGTH} bytes"))
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.site.limits.maxHeaders:
+            self._reject(clientError(431, f"the request has more than {self.site.limits.maxHeaders} header fields"))
+            return False
+        name, sep, value = line.partition(b":")
+        if not sep:
+            self._reject(clientError(400, "a request header line has no colon"))
+            return False
+        if not isToken(name):
+            self._reject(clientError(400, f"invalid request header name {name[:64]!r}"))
+            return False
+        value = value.strip(b" \t")
+        if b"\x00" in value or b"\r" in value or b"\n" in value:
+            self._reject(clientError(400, f"invalid character in request header {name.decode()!r}"))
+            return False
+        return super().headerReceived(line)
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        """Pick the body framing, refusing anything two parsers could read differently (RFC 9112 6.3)."""
+        if header == b"Content-Length":
+            values = tuple(v.strip() for v in data.split(b","))
+            if not all(v.isdigit() for v in values):
+                return self._framingError("invalid Content-Length")
+            self._lengths += values
+            if len(set(self._lengths)) != 1:
+                return self._framingError("conflicting Content-Length values")
+            if isinstance(self._transferDecoder, http._ChunkedTransferDecoder):
+                return self._framingError("both Content-Length and Transfer-Encoding")
+            self.length = int(values[0])
+            self._transferDecoder = http._IdentityTransferDecoder(
+                self.length, self.requests[-1].handleContentChunk, self._finishRequestBody
+            )
+            return True
+        if header == b"Transfer-Encoding":
+            if self._lengths:
+                return self._framingError("both Content-Length and Transfer-Encoding")
+            if self._transferDecoder is not None or data.strip().lower() != b"chunked":
+                return self._framingError(
+                    f"unsupported Transfer-Encoding {data[:64].decode('latin-1')!r} (only chunked)"
+                )
+            self.length = None
+            self._transferDecoder = http._ChunkedTransferDecoder(
+                self.requests[-1].handleContentChunk, self._finishRequestBody
+            )
+        return True
+
+    def _framingError(self, reason: str) -> bool:
+        self._reject(clientError(400, reason))
+        self.length = None
+        return False
+
+    def allHeadersReceived(self) -> None:
+        self._cancelHeaderTimer()
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if self.requests:  # else the body belonged to a request answered (and closed) early
+            super().allContentReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted's own checks (chunked framing) end up here: say what broke."""
+        if isinstance(self._transferDecoder, http._ChunkedTransferDecoder):
+            self._reject(clientError(400, "malformed chunked request body"))
+        else:
+            self._reject(clientError(400, "malformed request"))
+
+    def _headerTimedOut(self) -> None:
+        self._headerTimer = None
+        self._reject(
+            clientError(408, f"the request head did not arrive within {self.site.limits.headerTimeout:g}s")
+        )
+
+    def _cancelHeaderTimer(self) -> None:
+        if self._headerTimer is not None:
+            if self._headerTimer.active():
+                self._headerTimer.cancel()
+            self._headerTimer = None
+
+    def _reject(self, error: ProxyError) -> None:
+        """Answer a malformed request with C{error} and close the connection."""
+        self._cancelHeaderTimer()
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, ProxyRequest) and request.headReceived:
+            request.refuseBody(error)  # the head was accepted: fail its streaming body
+        else:
+            _log.warn(
+                "client {client} -> {status} ({fault} fault, {errorType}): {reason}",
+                client=self.transport.getPeer(),
+                status=error.status,
+                fault=error.fault.value,
+                errorType=error.errorType,
+                reason=error.reason,
+            )
+            self.transport.write(error.responseBytes())
+        self.persistent = False
+        self.loseConnection()
+
+    def connectionLost(self, reason: object) -> None:
+        self._cancelHeaderTimer()
+        super().connectionLost(reason)
+
+
+class _ProxyChannelProtocol(http._GenericHTTPChannelProtocol):
+    """Registers each connection with its site, so shutdown can find and drain it."""
+
+    def connectionMade(self) -> None:
+        self._site.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: object) -> None:
+        self._site.connections.discard(self)
+        super().connectionLost(reason)
+
+    def drain(self) -> None:
+        """Close once idle: now if no request is in flight, else after the current response."""
+        channel = self._channel
+        if isinstance(channel, http.HTTPChannel):
+            channel.persistent = False
+            if not channel.requests:
+                channel.loseConnection()
+        else:  # HTTP/2: GOAWAY, then the connection ends when its streams do
+            channel.conn.close_connection()
+            channel.transport.write(channel.conn.data_to_send())
+
+
+class _Refuse(Protocol):
+    """Answers a connection over the limit with 503 and closes it."""
+
+    def __init__(self, error: ProxyError) -> None:
+        self.error = error
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.error.responseBytes())
+        self.transport.loseConnection()
+
+
+class ProxySite(server.Site):
+    """
+    The HTTP site of a proxy listener group: streaming requests, client limits, connection tracking.
+
+    @ivar connections: the open client connections.
+    """
+
+    def __init__(
+        self,
+        resource: IResource,
+        limits: ClientLimits = ClientLimits(),
+        reactor: IReactorTime | None = None,
+        accessLog: str | None = None,
+    ) -> None:
+        super().__init__(resource, requestFactory=ProxyRequest, timeout=limits.idleTimeout, reactor=reactor)
+        self.limits = limits
+        self.connections: set[_ProxyChannelProtocol] = set()
+        # None: no access log; "-": the Twisted log; otherwise a file path.
+        self.logPath = None if accessLog in (None, "-") else os.path.abspath(accessLog)
+        self._accessLog = accessLog is not None
+
+    def protocol(self) -> _ProxyChannelProtocol:  # type: ignore[override]
+        channel = ProxyHTTPChannel()
+        channel.MAX_LENGTH = max(self.limits.maxRequestLine, self.limits.maxHeaderBytes)
+        channel.maxHeaders = self.limits.maxHeaders
+        channel.totalHeadersSize = self.limits.maxHeaderBytes
+        return _ProxyChannelProtocol(channel)
+
+    def buildProtocol(self, addr: object) -> Protocol | None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.maxConnections:
+            _log.warn("refusing {addr}: {count} client connections open", addr=addr, count=len(self.connections))
+            return _Refuse(
+                proxyError(503, f"the proxy is at its limit of {self.limits.maxConnections} connections",
+                           "connection_limit_reached")
+            )
+        protocol = super().buildProtocol(addr)
+        protocol._site = self
+        return protocol
+
+    def startFactory(self) -> None:
+        if self._accessLog:
+            super().startFactory()
+
+    def log(self, request: http.Request) -> None:
+        if self._accessLog:
+            super().log(request)
+
+    def drain(self, grace: float, reactor: IReactorTime) -> defer.Deferred[None]:
+        """
+        Let every connection finish its exchange in flight, then close; reset what is left after
+        C{grace} seconds.
+        """
+        for connection in list(self.connections):
+            connection.drain()
+        return _waitUntil(lambda: not self.connections, grace, reactor, self._abortAll)
+
+    def _abortAll(self) -> None:
+        if self.connections:
+            _log.warn("grace period over: resetting {count} connections", count=len(self.connections))
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
+
+
+def _waitUntil(
+    done: Callable[[], bool], timeout: float, reactor: IReactorTime, onTimeout: Callable[[], None]
+) -> defer.Deferred[None]:
+    """Poll C{done} every 50 ms; after C{timeout} seconds call C{onTimeout} and stop waiting."""
+    deadline = reactor.seconds() + timeout
+    result: defer.Deferred[None] = defer.Deferred()
+
+    def check() -> None:
+        if done():
+            poll.stop()
+        elif reactor.seconds() >= deadline:
+            onTimeout()
+            poll.stop()
+
+    poll = task.LoopingCall(check)
+    poll.clock = reactor
+    poll.start(0.05, now=True).addCallback(lambda _: result.callback(None))
+    return result
+
+
+class DrainingService(service.Service):
+    """
+    Stops a proxy gracefully: the listeners stop first (siblings), then this drains the sites'
+    connections within C{grace} seconds and closes the upstreams' idle connections.
+    """
+
+    def __init__(self, sites: list[ProxySite], grace: float, reactor: IReactorTime,
+                 onStop: Callable[[], None]) -> None:
+        self.sites = sites
+        self.grace = grace
+        self.reactor = reactor
+        self.onStop = onStop
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        _log.info("draining {count} connections (grace {grace:g}s)",
+                  count=sum(len(s.connections) for s in self.sites), grace=self.grace)
+        drained = defer.gatherResults([site.drain(self.grace, self.reactor) for site in self.sites])
+        drained.addCallback(lambda _: self.onStop())
+        return drained

@@ -1,0 +1,194 @@
+"""
+The request body's way from the client to the upstream, with backpressure both ways.
+
+L{RequestBodyPipe} receives body bytes as the client's connection decodes them, holds a bounded amount
+until an upstream connection is ready, then writes straight through.  When the upstream's socket
+buffer fills, the pipe pauses the client's connection; when it drains, the pipe resumes it.
+(Response bytes need no pipe: the upstream connection itself is the client request's producer.)
+"""
+
+from __future__ import annotations
+
+from typing import IO, Protocol
+
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+from rproxy.errors import ProxyError
+
+#: Bytes held while no upstream is attached (or it is paused) before the client is paused.
+HIGH_WATER = 65536
+
+
+class BodyConsumer(Protocol):
+    """Where a request body goes: an upstream connection."""
+
+    def writeBody(self, data: bytes) -> None:
+        """Send body bytes."""
+
+    def finishBody(self) -> None:
+        """The body is complete."""
+
+    def failBody(self, error: ProxyError) -> None:
+        """The body broke off: the consumer must not let it look complete."""
+
+    def registerBodyProducer(self, producer: IPushProducer) -> None:
+        """Let the consumer pause the body's source."""
+
+    def unregisterBodyProducer(self) -> None:
+        """The body's source is finished or gone."""
+
+
+@implementer(IPushProducer)
+class RequestBodyPipe:
+    """
+    A request body in flight.
+
+    @ivar length: the body's length when the client declared it, else C{None} (chunked).
+    @ivar received: bytes received from the client so far.
+    @ivar complete: whether the client has sent the whole body.
+    """
+
+    def __init__(self, source: IPushProducer, length: int | None) -> None:
+        self.length = length
+        self.received = 0
+        self.complete = False
+        self._source = source
+        self._held: list[bytes] = []
+        self._heldBytes = 0
+        self._consumer: BodyConsumer | None = None
+        self._paused = False  # by the consumer
+        self._sourcePaused = False
+        self._discarding = False
+        self._failure: ProxyError | None = None
+
+    # -- the client's side
+
+    def dataReceived(self, data: bytes) -> None:
+        """Body bytes from the client."""
+        self.received += len(data)
+        if self._discarding:
+            return
+        consumer = self._consumer
+        if consumer is not None and not self._paused:
+            consumer.writeBody(data)
+            return
+        self._held.append(data)
+        self._heldBytes += len(data)
+        if self._paused or self._heldBytes >= HIGH_WATER:
+            # Re-assert: the client's channel may have resumed its transport on its own.
+            self._pauseSource()
+
+    def finish(self) -> None:
+        """The client sent the whole body."""
+        self.complete = True
+        if self._consumer is not None and not self._paused and not self._held:
+            self._end()
+
+    def fail(self, error: ProxyError) -> None:
+        """The client's body broke off or was refused: fail the consumer, now or when it attaches."""
+        self._failure = error
+        self._discarding = True
+        self._held = []
+        self._heldBytes = 0
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.unregisterBodyProducer()
+            consumer.failBody(error)
+
+    # -- the upstream's side
+
+    def attach(self, consumer: BodyConsumer) -> None:
+        """Start sending the body to C{consumer}, beginning with what is held."""
+        if self._failure is not None:
+            consumer.failBody(self._failure)
+            return
+        self._consumer = consumer
+        consumer.registerBodyProducer(self)
+        self._flush()
+
+    # IPushProducer, driven by the consumer's transport
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._pauseSource()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._flush()
+
+    def stopProducing(self) -> None:
+        """The consumer is gone: what the client still sends is read and dropped."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.unregisterBodyProducer()
+        self._discarding = True
+        self._held = []
+        self._heldBytes = 0
+        self._resumeSource()
+
+    def _flush(self) -> None:
+        consumer = self._consumer
+        while self._held and not self._paused and consumer is self._consumer and consumer is not None:
+            data = self._held.pop(0)
+            self._heldBytes -= len(data)
+            consumer.writeBody(data)
+        if self._paused or self._consumer is None:
+            return
+        if self.complete:
+            self._end()
+        else:
+            self._resumeSource()
+
+    def _end(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        assert consumer is not None
+        consumer.unregisterBodyProducer()
+        consumer.finishBody()
+
+    def _pauseSource(self) -> None:
+        self._sourcePaused = True
+        self._source.pauseProducing()
+
+    def _resumeSource(self) -> None:
+        if self._sourcePaused:
+            self._sourcePaused = False
+            self._source.resumeProducing()
+
+
+@implementer(IPushProducer)
+class _FileSource:
+    """Feeds a pipe from a file Twisted has already buffered, pausing with the pipe."""
+
+    CHUNK = 65536
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._paused = False
+        self.pipe: RequestBodyPipe | None = None
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        pipe = self.pipe
+        while pipe is not None and not self._paused and not pipe.complete:
+            data = self._file.read(self.CHUNK)
+            if not data:
+                pipe.finish()
+            else:
+                pipe.dataReceived(data)
+
+    def stopProducing(self) -> None:
+        self._paused = True
+        self.pipe = None
+
+
+def fileBody(file: IO[bytes], length: int) -> RequestBodyPipe:
+    """A body pipe reading an already received body from C{file}."""
+    source = _FileSource(file)
+    pipe = RequestBodyPipe(source, length)
+    source.pipe = pipe
+    source.resumeProducing()
+    return pipe

@@ -1,0 +1,264 @@
+"""
+``twist rproxy``: the command line, and the services it builds.
+
+Flags, a TOML file (C{--config}) and the environment (C{rproxy.tac}) all go through L{Options}, which
+produces one L{ProxyConfig}; L{buildService} turns a config into listeners, upstream pools and a
+draining shutdown.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet.interfaces import IReactorTime
+from twisted.python import usage
+
+from rproxy import __version__
+from rproxy.balancers import balancerFactories
+from rproxy.config import (
+    REPEATABLE,
+    ProxyConfig,
+    argumentsFromEnvironment,
+    argumentsFromFile,
+    parseSize,
+)
+from rproxy.directors import SingleServiceDirector
+from rproxy.exchange import Proxy
+from rproxy.headers import ForwardingPolicy, parseNetworks
+from rproxy.registry import MemoryRegistry
+from rproxy.resource import buildResource
+from rproxy.server import ClientLimits, DrainingService, ProxySite
+from rproxy.upstream import Service, Upstream, UpstreamURL
+from rproxy.upstream.pool import PoolSettings
+
+_DEFAULT_POOL = PoolSettings()
+_DEFAULT_CLIENT = ClientLimits()
+
+
+class Options(usage.Options):
+    """The options of ``twist rproxy`` (see docs/options.md)."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "A streaming HTTP reverse proxy. Example: "
+        "twist rproxy --listen tcp:8080 --upstream http://127.0.0.1:9000"
+    )
+
+    optFlags = [
+        ["rewrite-host", None, "Send the upstream's host as Host instead of the client's."],
+        ["list-balancers", None, "Print the installed balancers and exit."],
+        ["version", None, "Print the version and exit."],
+    ]
+    optParameters = [
+        ["config", "c", None, "A TOML file of settings; its keys are these options' long names."],
+        ["balancer", None, "round_robin", "How to choose among the upstreams (see --list-balancers)."],
+        ["via-name", None, "rproxy", "The pseudonym this proxy adds to Via."],
+        ["access-log", None, "-", "Access log: '-' for the log output, a file path, or 'off'."],
+        ["demo-upstream", None, None, "Also serve the built-in demo upstream on this endpoint, "
+                                      "and proxy to it when no --upstream is given."],
+        ["grace", None, 30.0, "Seconds in-flight exchanges get to finish on shutdown.", float],
+        ["connect-timeout", None, _DEFAULT_POOL.connectTimeout, "Seconds to connect to an upstream.", float],
+        ["response-timeout", None, _DEFAULT_POOL.responseTimeout,
+         "Seconds for the response head once the request is sent (then 504).", float],
+        ["read-timeout", None, _DEFAULT_POOL.readTimeout,
+         "Seconds an upstream may stay silent mid-response (then the exchange is aborted).", float],
+        ["upstream-max-connections", None, _DEFAULT_POOL.maxConnections,
+         "Connections per upstream at once.", int],
+        ["upstream-max-idle", None, _DEFAULT_POOL.maxIdle, "Idle connections kept per upstream.", int],
+        ["upstream-idle-timeout", None, _DEFAULT_POOL.idleTimeout,
+         "Seconds an idle upstream connection is kept.", float],
+        ["upstream-queue", None, _DEFAULT_POOL.maxQueue,
+         "Requests that may wait for a busy upstream's connection (more: 503).", int],
+        ["queue-timeout", None, _DEFAULT_POOL.queueTimeout,
+         "Seconds a request may wait for an upstream connection (then 503).", float],
+        ["max-body-size", None, "0", "Largest request body, e.g. 10M (0: no limit; larger: 413)."],
+        ["max-request-line", None, _DEFAULT_CLIENT.maxRequestLine, "Longest request line (longer: 414).", int],
+        ["max-header-size", None, str(_DEFAULT_CLIENT.maxHeaderBytes),
+         "Largest request header section (larger: 431)."],
+        ["max-headers", None, _DEFAULT_CLIENT.maxHeaders, "Most request header fields (more: 431).", int],
+        ["header-timeout", None, _DEFAULT_CLIENT.headerTimeout,
+         "Seconds a client may take to send a request head (then 408).", float],
+        ["client-timeout", None, _DEFAULT_CLIENT.idleTimeout,
+         "Seconds an idle client connection is kept open.", float],
+        ["max-connections", None, _DEFAULT_CLIENT.maxConnections,
+         "Client connections at once (more: 503).", int],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in REPEATABLE:
+            self[name] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """A server endpoint to listen on, e.g. tcp:8080 (repeatable; default tcp:8080)."""
+        self["listen"].append(endpoint)
+
+    def opt_upstream(self, url: str) -> None:
+        """An upstream URL, e.g. http://127.0.0.1:9000/base (repeatable)."""
+        self["upstream"].append(url)
+
+    def opt_trusted_proxy(self, network: str) -> None:
+        """A CIDR whose X-Forwarded-*/Forwarded fields are kept (repeatable)."""
+        self["trusted-proxy"].append(network)
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"rproxy {__version__}")
+        sys.exit(0)
+
+    def opt_list_balancers(self) -> None:
+        """Print the installed balancers and exit."""
+        for name, factory in sorted(balancerFactories().items()):
+            print(f"{name:24} {factory.description}")
+        sys.exit(0)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        arguments = list(sys.argv[1:] if options is None else options)
+        configFile = _configFile(arguments)
+        if configFile is not None:
+            try:
+                arguments = argumentsFromFile(configFile) + arguments
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
+        super().parseOptions(arguments)
+
+    def postOptions(self) -> None:
+        self.config = self._buildConfig()
+
+    def _buildConfig(self) -> ProxyConfig:
+        upstreams = tuple(self["upstream"])
+        if not upstreams and not self["demo-upstream"]:
+            raise usage.UsageError("at least one --upstream URL is required (or --demo-upstream)")
+        for url in upstreams:
+            try:
+                UpstreamURL.parse(url)
+            except ValueError as e:
+                raise usage.UsageError(f"--upstream: {e}") from None
+        try:
+            parseNetworks(self["trusted-proxy"])
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-proxy: {e}") from None
+        if self["balancer"] not in balancerFactories():
+            raise usage.UsageError(
+                f"--balancer: unknown balancer {self['balancer']!r}; installed: "
+                + ", ".join(sorted(balancerFactories()))
+            )
+        pool = PoolSettings(
+            connectTimeout=_positive(self, "connect-timeout"),
+            responseTimeout=_positive(self, "response-timeout"),
+            readTimeout=_positive(self, "read-timeout"),
+            maxConnections=_positive(self, "upstream-max-connections"),
+            maxIdle=_atLeastZero(self, "upstream-max-idle"),
+            idleTimeout=_positive(self, "upstream-idle-timeout"),
+            maxQueue=_atLeastZero(self, "upstream-queue"),
+            queueTimeout=_positive(self, "queue-timeout"),
+        )
+        client = ClientLimits(
+            maxRequestLine=_positive(self, "max-request-line"),
+            maxHeaderBytes=_size(self, "max-header-size"),
+            maxHeaders=_positive(self, "max-headers"),
+            maxBodySize=_size(self, "max-body-size"),
+            headerTimeout=_positive(self, "header-timeout"),
+            idleTimeout=_positive(self, "client-timeout"),
+            maxConnections=_positive(self, "max-connections"),
+        )
+        return ProxyConfig(
+            listen=tuple(self["listen"]) or ("tcp:8080",),
+            upstreams=upstreams,
+            balancer=self["balancer"],
+            rewriteHost=bool(self["rewrite-host"]),
+            trustedProxies=tuple(self["trusted-proxy"]),
+            viaName=self["via-name"],
+            grace=_atLeastZero(self, "grace"),
+            accessLog=None if self["access-log"] == "off" else self["access-log"],
+            demoUpstream=self["demo-upstream"],
+            pool=pool,
+            client=client,
+        )
+
+
+def optionsFromEnvironment(environ: Mapping[str, str]) -> Options:
+    """L{Options} from ``RPROXY_*`` variables (and ``RPROXY_CONFIG``, a TOML file), for rproxy.tac."""
+    options = Options()
+    names = [p[0] for p in Options.optParameters] + sorted(REPEATABLE)
+    flags = [f[0] for f in Options.optFlags if f[0] not in ("list-balancers", "version")]
+    options.parseOptions(argumentsFromEnvironment(environ, names, flags))
+    return options
+
+
+def _configFile(arguments: list[str]) -> str | None:
+    for i, argument in enumerate(arguments):
+        if argument in ("--config", "-c") and i + 1 < len(arguments):
+            return arguments[i + 1]
+        if argument.startswith("--config="):
+            return argument.split("=", 1)[1]
+    return None
+
+
+def _positive(options: Options, name: str) -> Any:
+    value = options[name]
+    if value <= 0:
+        raise usage.UsageError(f"--{name}: must be greater than 0, got {value}")
+    return value
+
+
+def _atLeastZero(options: Options, name: str) -> Any:
+    value = options[name]
+    if value < 0:
+        raise usage.UsageError(f"--{name}: must not be negative, got {value}")
+    return value
+
+
+def _size(options: Options, name: str) -> int:
+    try:
+        return parseSize(str(options[name]))
+    except ValueError as e:
+        raise usage.UsageError(f"--{name}: {e}") from None
+
+
+def buildService(config: ProxyConfig, reactor: IReactorTime) -> service.MultiService:
+    """The proxy's services: a draining shutdown, then one listener per endpoint."""
+    top = service.MultiService()
+    upstreamURLs = list(config.upstreams)
+    if config.demoUpstream is not None:
+        from rproxy.demo import demoSite
+
+        strports.service(config.demoUpstream, demoSite()).setServiceParent(top)
+        if not upstreamURLs:
+            upstreamURLs.append(_localURL(config.demoUpstream))
+    registry = MemoryRegistry()
+    upstreams = [Upstream.fromURL(url, reactor, config.pool) for url in upstreamURLs]
+    for upstream in upstreams:
+        registry.add("default", upstream)
+    balancer = balancerFactories()[config.balancer].build({})
+    director = SingleServiceDirector(Service("default", registry, balancer, config.rewriteHost))
+    forwarding = ForwardingPolicy(parseNetworks(config.trustedProxies), config.viaName.encode("ascii"))
+    proxy = Proxy(reactor, director, forwarding)
+    site = ProxySite(buildResource(proxy), config.client, reactor, config.accessLog)
+
+    def closeUpstreams() -> None:
+        for upstream in upstreams:
+            upstream.pool.closeIdle()
+
+    # Added first so that it is stopped last, after the listeners stop accepting.
+    DrainingService([site], config.grace, reactor, closeUpstreams).setServiceParent(top)
+    for endpoint in config.listen:
+        strports.service(endpoint, site).setServiceParent(top)
+    return top
+
+
+def _localURL(endpoint: str) -> str:
+    """The http:// URL of a local tcp: endpoint string (for the demo upstream)."""
+    fields = dict(part.split("=", 1) for part in endpoint.split(":")[2:] if "=" in part)
+    port = endpoint.split(":")[1]
+    return f"http://{fields.get('interface', '127.0.0.1')}:{port}"
+
+
+def makeService(options: Options) -> service.MultiService:
+    """The entry point of ``twist rproxy``."""
+    from twisted.internet import reactor
+
+    return buildService(options.config, reactor)  # type: ignore[arg-type]

@@ -1,0 +1,550 @@
+"""
+The HTTP/1.1 client side of an exchange: one persistent connection to an upstream.
+
+It writes a request head the exchange built (byte-exact target, cleaned headers), streams the request
+body from a L{rproxy.streaming.RequestBodyPipe}, and parses the response strictly: anything that could
+make the proxy and the upstream disagree about where a message ends (conflicting or malformed
+Content-Length, Transfer-Encoding with Content-Length, broken chunk framing, a short body) is an error,
+never a guess.  The connection is an C{IPushProducer} of response bytes, so a slow client pauses it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Protocol
+
+from twisted.internet import error as ierror
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.python.failure import Failure
+from twisted.web.http import NO_BODY_CODES
+from zope.interface import implementer
+
+from rproxy.errors import ProxyError, upstreamError
+from rproxy.headers import Pairs, isToken
+
+if TYPE_CHECKING:
+    from rproxy.streaming import RequestBodyPipe
+    from rproxy.upstream.pool import UpstreamPool
+
+#: Largest response head (status line and fields) accepted from an upstream.
+MAX_RESPONSE_HEAD = 65536
+#: Largest chunk-size line (with extensions) and trailer section accepted.
+MAX_CHUNK_LINE = 4096
+MAX_TRAILERS = 65536
+
+_HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
+
+# Body framings of a response.
+_NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
+# Chunked decoder states.
+_SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
+
+
+class ResponseReceiver(Protocol):
+    """What an upstream connection tells about the response to the request it carries."""
+
+    def responseHead(self, version: bytes, status: int, reason: bytes, headers: Pairs, hasBody: bool) -> None:
+        """The final response head arrived (C{version} as in ``Via``: C{b"1.1"}); 1xx are not reported."""
+
+    def responseData(self, data: bytes) -> None:
+        """Some response body bytes arrived."""
+
+    def responseDone(self, trailers: Pairs) -> None:
+        """The response ended with correct framing (C{trailers} after a chunked body)."""
+
+    def responseFailed(self, error: ProxyError, retrySafe: bool) -> None:
+        """
+        The exchange with the upstream failed.  C{retrySafe} is true when the upstream provably did
+        not process the request: a reused connection closed before any response byte arrived.
+        """
+
+
+@implementer(IPushProducer)
+class HTTP11Connection(TwistedProtocol):
+    """
+    A persistent HTTP/1.1 connection to one upstream, carrying one exchange at a time.
+
+    @ivar reused: whether this connection carried an earlier exchange.
+    """
+
+    reused = False
+    _receiver: ResponseReceiver | None = None
+    _body: RequestBodyPipe | None = None
+    _timer: IDelayedCall | None = None
+    _idleTimer: IDelayedCall | None = None
+
+    def __init__(self, pool: UpstreamPool, reactor: IReactorTime) -> None:
+        self._pool = pool
+        self._reactor = reactor
+        self._closed = False
+        self._paused = False
+        self._resetExchangeState()
+
+    def _resetExchangeState(self) -> None:
+        self._buffer = b""
+        self._headSeen = False
+        self._framing = _NONE
+        self._remaining = 0
+        self._chunkState = _SIZE
+        self._trailerLines: list[bytes] = []
+        self._trailerBytes = 0
+        self._requestDone = False
+        self._responseDone = False
+        self._keepAlive = True
+        self._chunkedRequest = False
+        self._expectBody = True
+        self._received = 0
+
+    @property
+    def isOpen(self) -> bool:
+        """Whether the connection can still carry an exchange."""
+        return not self._closed
+
+    # -- the exchange's side
+
+    def sendRequest(
+        self,
+        head: bytes,
+        body: RequestBodyPipe | None,
+        chunked: bool,
+        expectBody: bool,
+        receiver: ResponseReceiver,
+    ) -> None:
+        """
+        Write a request and report its response to C{receiver}.
+
+        @param head: the request line and header section, ending with the empty line.
+        @param body: the request body, or C{None} when the request has none.
+        @param chunked: whether C{body} is sent with chunked framing (its length is unknown).
+        @param expectBody: C{False} for HEAD, whose response has no body whatever its fields say.
+        """
+        self._cancelIdleTimer()
+        self._receiver = receiver
+        self._expectBody = expectBody
+        self._chunkedRequest = chunked
+        self.transport.write(head)
+        if body is None:
+            self._requestWritten()
+        else:
+            self._body = body
+            body.attach(self)
+
+    def writeBody(self, data: bytes) -> None:
+        """Write request body bytes with the framing announced in the head."""
+        if self._closed:
+            return
+        if self._chunkedRequest:
+            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.transport.write(data)
+
+    def finishBody(self) -> None:
+        """The request body is complete: end its framing."""
+        self._body = None
+        if self._closed:
+            return
+        if self._chunkedRequest:
+            self.transport.write(b"0\r\n\r\n")
+        self._requestWritten()
+
+    def failBody(self, error: ProxyError) -> None:
+        """The client's body broke off: abort, so the upstream never sees the request complete."""
+        self._body = None
+        self._fail(error)
+        if not self._closed:
+            self.transport.abortConnection()
+
+    def registerBodyProducer(self, producer: IPushProducer) -> None:
+        """Let the upstream socket pause the request body's source when its buffer is full."""
+        if not self._closed:
+            self.transport.registerProducer(producer, True)
+
+    def unregisterBodyProducer(self) -> None:
+        """The body source is finished or gone."""
+        if not self._closed:
+            self.transport.unregisterProducer()
+
+    def abort(self) -> None:
+        """Drop the exchange and the connection: the client went away or its request broke."""
+        self._receiver = None
+        self._body = None
+        if not self._closed:
+            self.transport.abortConnection()
+
+    # -- IPushProducer for the response body: the client's consumer paces the upstream
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._cancelTimer()  # a slow client is not the upstream's fault
+        if not self._closed:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._receiver is not None and not self._responseDone:
+            self._armTimer(self._pool.settings.readTimeout)
+        if not self._closed:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.abort()
+
+    # -- pool life
+
+    def idle(self, timeout: float) -> None:
+        """Wait in the pool; close after C{timeout} seconds unused."""
+        self._receiver = None
+        self.reused = True
+        self._resetExchangeState()
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._idleTimer = self._reactor.callLater(timeout, self.transport.loseConnection)
+
+    def _cancelIdleTimer(self) -> None:
+        if self._idleTimer is not None:
+            if self._idleTimer.active():
+                self._idleTimer.cancel()
+            self._idleTimer = None
+
+    def close(self) -> None:
+        """Close the connection once what was written is sent."""
+        if not self._closed:
+            self.transport.loseConnection()
+
+    # -- timers: one deadline at a time (response head, then body inactivity)
+
+    def _armTimer(self, seconds: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)
+        else:
+            self._timer = self._reactor.callLater(seconds, self._timedOut)
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        settings = self._pool.settings
+        if not self._headSeen:
+            error = upstreamError(
+                504,
+                f"upstream {self._pool.label} sent no response within {settings.responseTimeout:g}s",
+                "http_response_timeout",
+            )
+        else:
+            error = upstreamError(
+                504,
+                f"upstream {self._pool.label} sent nothing for {settings.readTimeout:g}s mid-response",
+                "connection_read_timeout",
+            )
+        self._fail(error)
+        if not self._closed:
+            self.transport.abortConnection()
+
+    def _requestWritten(self) -> None:
+        self._requestDone = True
+        if self._responseDone:
+            self._release()
+        elif not self._headSeen:
+            self._armTimer(self._pool.settings.responseTimeout)
+
+    # -- parsing the response
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._receiver is None:
+            if not self._closed:  # unsolicited bytes on an idle connection: it cannot be trusted
+                self.transport.abortConnection()
+            return
+        self._received += len(data)
+        if not self._headSeen:
+            data = self._buffer + data
+            self._buffer = b""
+            data = self._parseHead(data)
+            if data is None or self._receiver is None:
+                return
+        elif self._timer is not None:
+            self._timer.reset(self._pool.settings.readTimeout)
+        if data:
+            self._parseBody(data)
+
+    def _parseHead(self, data: bytes) -> bytes | None:
+        """Consume response heads (skipping 1xx); return the bytes after the final one."""
+        while True:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > MAX_RESPONSE_HEAD:
+                    self._failProtocol(
+                        f"response head larger than {MAX_RESPONSE_HEAD} bytes",
+                        "http_response_header_section_size",
+                    )
+                else:
+                    self._buffer = data
+                return None
+            head, data = data[:end], data[end + 4 :]
+            status = self._handleHead(head)
+            if status is None or status >= 200:
+                return data
+            # 1xx interim responses are absorbed: the final response follows.
+
+    def _handleHead(self, head: bytes) -> int | None:
+        lines = head.split(b"\r\n")
+        statusLine = lines[0]
+        version, _, rest = statusLine.partition(b" ")
+        code, _, reason = rest.partition(b" ")
+        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+            self._failProtocol(f"malformed status line {statusLine[:80]!r}")
+            return None
+        status = int(code)
+        if status < 100 or any(c < 0x20 and c != 0x09 or c == 0x7F for c in reason):
+            self._failProtocol(f"malformed status line {statusLine[:80]!r}")
+            return None
+        headers: Pairs = []
+        for line in lines[1:]:
+            if line[:1] in (b" ", b"\t"):  # obsolete line folding: join with a space (RFC 9112 5.2)
+                if not headers:
+                    self._failProtocol("response header section starts with a folded line")
+                    return None
+                name, value = headers[-1]
+                headers[-1] = (name, value + b" " + line.strip(b" \t"))
+                continue
+            name, sep, value = line.partition(b":")
+            if not sep or not isToken(name):
+                self._failProtocol(f"malformed header line {line[:80]!r}")
+                return None
+            value = value.strip(b" \t")
+            if b"\r" in value or b"\n" in value or b"\x00" in value:
+                self._failProtocol(f"invalid character in header {name.decode('latin-1')!r}")
+                return None
+            headers.append((name, value))
+        if status < 200:
+            if status == 101:
+                self._failProtocol("upstream switched protocols though no upgrade was requested")
+                return None
+            return status
+        if not self._frame(version, status, headers):
+            return None
+        self._headSeen = True
+        hasBody = self._framing != _NONE
+        if not hasBody:
+            self._cancelTimer()
+        elif self._requestDone:
+            self._armTimer(self._pool.settings.readTimeout)
+        receiver = self._receiver
+        assert receiver is not None
+        receiver.responseHead(version[5:], status, reason, headers, hasBody)
+        if not hasBody and self._receiver is not None:
+            self._complete([])
+        return status
+
+    def _frame(self, version: bytes, status: int, headers: Pairs) -> bool:
+        """Decide how the body is delimited (RFC 9112 section 6.3), refusing ambiguity."""
+        lengths: list[bytes] = []
+        codings: list[bytes] = []
+        connection: list[bytes] = []
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                lengths.extend(v.strip() for v in value.split(b","))
+            elif lowered == b"transfer-encoding":
+                codings.extend(v.strip().lower() for v in value.split(b",") if v.strip())
+            elif lowered == b"connection":
+                connection.extend(v.strip().lower() for v in value.split(b","))
+        if version == b"HTTP/1.0":
+            self._keepAlive = b"keep-alive" in connection
+        else:
+            self._keepAlive = b"close" not in connection
+        if not self._expectBody or status in NO_BODY_CODES:
+            self._framing = _NONE
+            return True
+        if codings:
+            if lengths:
+                self._failProtocol(
+                    "response has both Content-Length and Transfer-Encoding",
+                    "http_response_transfer_coding",
+                )
+                return False
+            if codings != [b"chunked"]:
+                self._failProtocol(
+                    f"unsupported response transfer coding {b', '.join(codings).decode('latin-1')!r}",
+                    "http_response_transfer_coding",
+                )
+                return False
+            self._framing = _CHUNKED
+            return True
+        if lengths:
+            if len(set(lengths)) != 1 or not lengths[0].isdigit():
+                self._failProtocol(
+                    f"invalid Content-Length {b', '.join(lengths).decode('latin-1')!r}",
+                    "http_response_content_length",
+                )
+                return False
+            self._remaining = int(lengths[0])
+            self._framing = _LENGTH if self._remaining else _NONE
+            return True
+        self._framing = _CLOSE
+        self._keepAlive = False
+        return True
+
+    def _parseBody(self, data: bytes) -> None:
+        framing = self._framing
+        receiver = self._receiver
+        assert receiver is not None
+        if framing == _LENGTH:
+            remaining = self._remaining
+            if len(data) < remaining:
+                self._remaining = remaining - len(data)
+                receiver.responseData(data)
+                return
+            if len(data) > remaining:
+                self._keepAlive = False  # bytes beyond the response: do not trust the connection
+                data = data[:remaining]
+            self._remaining = 0
+            if data:
+                receiver.responseData(data)
+            if self._receiver is not None:
+                self._complete([])
+        elif framing == _CHUNKED:
+            self._parseChunked(self._buffer + data if self._buffer else data)
+        elif framing == _CLOSE:
+            receiver.responseData(data)
+        else:
+            self._keepAlive = False  # bytes after a body-less response
+
+    def _parseChunked(self, data: bytes) -> None:
+        pos = 0
+        end = len(data)
+        while pos < end and self._receiver is not None:
+            state = self._chunkState
+            if state == _DATA:
+                take = min(self._remaining, end - pos)
+                self._remaining -= take
+                chunk = data[pos : pos + take] if pos or take != end else data
+                pos += take
+                if self._remaining == 0:
+                    self._chunkState = _DATA_CRLF
+                self._receiver.responseData(chunk)
+                continue
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                rest = data[pos:]
+                limit = 2 if state == _DATA_CRLF else MAX_CHUNK_LINE
+                if len(rest) > limit:
+                    self._failChunk()
+                else:
+                    self._buffer = rest
+                return
+            line = data[pos:eol]
+            pos = eol + 2
+            if state == _SIZE:
+                size = line.split(b";", 1)[0].rstrip(b" \t")
+                if len(line) > MAX_CHUNK_LINE or not _HEX.fullmatch(size):
+                    self._failChunk()
+                    return
+                self._remaining = int(size, 16)
+                self._chunkState = _DATA if self._remaining else _TRAILER
+            elif state == _DATA_CRLF:
+                if line:
+                    self._failChunk()
+                    return
+                self._chunkState = _SIZE
+            else:  # _TRAILER
+                if line:
+                    self._trailerBytes += len(line)
+                    if self._trailerBytes > MAX_TRAILERS:
+                        self._failChunk()
+                        return
+                    self._trailerLines.append(line)
+                    continue
+                if pos < end:
+                    self._keepAlive = False
+                self._complete(self._trailers())
+                return
+        self._buffer = b""
+
+    def _trailers(self) -> Pairs:
+        trailers: Pairs = []
+        for line in self._trailerLines:
+            name, sep, value = line.partition(b":")
+            if sep and isToken(name):
+                trailers.append((name, value.strip(b" \t")))
+        return trailers
+
+    def _failChunk(self) -> None:
+        self._failProtocol("malformed chunked response body", "http_response_transfer_coding")
+
+    def _failProtocol(self, detail: str, errorType: str = "http_protocol_error") -> None:
+        self._fail(upstreamError(502, f"upstream {self._pool.label} sent a bad response: {detail}", errorType))
+        if not self._closed:
+            self.transport.abortConnection()
+
+    # -- endings
+
+    def _complete(self, trailers: Pairs) -> None:
+        self._responseDone = True
+        self._cancelTimer()
+        receiver = self._receiver
+        self._receiver = None
+        assert receiver is not None
+        receiver.responseDone(trailers)
+        if self._requestDone:
+            self._release()
+        elif self._body is not None:
+            # The upstream answered before reading the whole request body: the connection is spent.
+            self._keepAlive = False
+            self._body.stopProducing()
+            self._release()
+
+    def _release(self) -> None:
+        if self._closed:
+            return
+        if self._keepAlive:
+            self._pool.release(self)
+        else:
+            self.transport.loseConnection()
+
+    def _fail(self, error: ProxyError, retrySafe: bool = False) -> None:
+        self._cancelTimer()
+        receiver = self._receiver
+        self._receiver = None
+        self._responseDone = True
+        body, self._body = self._body, None
+        if body is not None:
+            body.stopProducing()
+        if receiver is not None:
+            receiver.responseFailed(error, retrySafe)
+
+    def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
+        self._closed = True
+        self._cancelIdleTimer()
+        if self._receiver is not None:
+            if self._headSeen and self._framing == _CLOSE:
+                self._complete([])
+            else:
+                self._fail(*self._lostError(reason))
+        self._pool.connectionLost(self)
+
+    def _lostError(self, reason: Failure) -> tuple[ProxyError, bool]:
+        how = "reset" if reason.check(ierror.ConnectionLost) else "closed"
+        label = self._pool.label
+        if not self._headSeen:
+            retrySafe = self.reused and self._received == 0
+            return (
+                upstreamError(502, f"upstream {label} {how} the connection before responding", "connection_terminated"),
+                retrySafe,
+            )
+        if self._framing == _LENGTH:
+            detail = f"with {self._remaining} bytes of the body still due"
+        else:
+            detail = "in the middle of the chunked body"
+        return (
+            upstreamError(502, f"upstream {label} {how} the connection {detail}", "http_response_incomplete"),
+            False,
+        )
