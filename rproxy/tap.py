@@ -219,6 +219,19 @@ def _size(options: Options, name: str) -> int:
         raise usage.UsageError(f"--{name}: {e}") from None
 
 
+def buildSite(config: ProxyConfig, reactor: IReactorTime, upstreamURLs: list[str]) -> tuple[ProxySite, list[Upstream]]:
+    """The proxy's site and its upstreams (whose pools shutdown closes)."""
+    registry = MemoryRegistry()
+    upstreams = [Upstream.fromURL(url, reactor, config.pool) for url in upstreamURLs]
+    for upstream in upstreams:
+        registry.add("default", upstream)
+    balancer = balancerFactories()[config.balancer].build({})
+    director = SingleServiceDirector(Service("default", registry, balancer, config.rewriteHost))
+    forwarding = ForwardingPolicy(parseNetworks(config.trustedProxies), config.viaName.encode("ascii"))
+    proxy = Proxy(reactor, director, forwarding)
+    return ProxySite(buildResource(proxy), config.client, reactor, config.accessLog), upstreams
+
+
 def buildService(config: ProxyConfig, reactor: IReactorTime) -> service.MultiService:
     """The proxy's services: a draining shutdown, then one listener per endpoint."""
     top = service.MultiService()
@@ -229,15 +242,7 @@ def buildService(config: ProxyConfig, reactor: IReactorTime) -> service.MultiSer
         strports.service(config.demoUpstream, demoSite()).setServiceParent(top)
         if not upstreamURLs:
             upstreamURLs.append(_localURL(config.demoUpstream))
-    registry = MemoryRegistry()
-    upstreams = [Upstream.fromURL(url, reactor, config.pool) for url in upstreamURLs]
-    for upstream in upstreams:
-        registry.add("default", upstream)
-    balancer = balancerFactories()[config.balancer].build({})
-    director = SingleServiceDirector(Service("default", registry, balancer, config.rewriteHost))
-    forwarding = ForwardingPolicy(parseNetworks(config.trustedProxies), config.viaName.encode("ascii"))
-    proxy = Proxy(reactor, director, forwarding)
-    site = ProxySite(buildResource(proxy), config.client, reactor, config.accessLog)
+    site, upstreams = buildSite(config, reactor, upstreamURLs)
 
     def closeUpstreams() -> None:
         for upstream in upstreams:

@@ -1,0 +1,278 @@
+"""
+Real-socket fixtures for rproxy's tests: a proxy and upstreams on 127.0.0.1, and real clients.
+
+    upstream = startUpstream(self, demoSite())        # any twisted.web site as an upstream
+    scripted = ScriptedUpstream(self, respond)        # a raw upstream that answers with exact bytes
+    proxy = startProxy(self, [upstream.url], "--rewrite-host")
+    head, body = await rawRequest(proxy.port, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+    code, out, err = await curl(["-s", proxy.url + "/echo"])
+
+Everything listens on an ephemeral port and is torn down by the test's cleanups.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from twisted.internet import defer, protocol, reactor, task, utils
+from twisted.internet.interfaces import IListeningPort
+from twisted.trial import unittest
+from twisted.web import server
+
+from rproxy.server import ProxySite
+from rproxy.tap import Options, buildSite
+from rproxy.upstream import Upstream
+
+#: Python of this environment, for subprocess-based tests.
+PYTHON = sys.executable
+BIN = os.path.dirname(sys.executable)
+
+
+@dataclass
+class Listening:
+    """A server listening on 127.0.0.1."""
+
+    port: int
+    listener: IListeningPort
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class RunningProxy(Listening):
+    """An in-process proxy: its site and upstreams, to inspect pools and connections."""
+
+    site: ProxySite = field(default=None)  # type: ignore[assignment]
+    upstreams: list[Upstream] = field(default_factory=list)
+
+
+def listen(testCase: unittest.TestCase, factory: protocol.Factory) -> Listening:
+    """Listen on an ephemeral loopback port until the test ends (closing open connections)."""
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    testCase.addCleanup(port.stopListening)
+    return Listening(port.getHost().port, port)
+
+
+def startUpstream(testCase: unittest.TestCase, site: server.Site) -> Listening:
+    """Serve C{site} as an upstream."""
+    return listen(testCase, site)
+
+
+def startProxy(testCase: unittest.TestCase, upstreamURLs: list[str], *arguments: str) -> RunningProxy:
+    """
+    An rproxy in this process, configured by command-line C{arguments}, in front of C{upstreamURLs}.
+    """
+    options = Options()
+    argv = [a for url in upstreamURLs for a in ("--upstream", url)]
+    options.parseOptions([*argv, "--access-log", "off", *arguments])
+    site, upstreams = buildSite(options.config, reactor, upstreamURLs)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+
+    def stop() -> defer.Deferred[None]:
+        for connection in list(site.connections):
+            connection.transport.abortConnection()
+        for upstream in upstreams:
+            upstream.pool.closeIdle()
+        return defer.maybeDeferred(port.stopListening)
+
+    testCase.addCleanup(stop)
+    return RunningProxy(port.getHost().port, port, site, upstreams)
+
+
+@dataclass
+class ReceivedRequest:
+    """A request as a L{ScriptedUpstream} received it, unparsed beyond its framing."""
+
+    head: bytes
+    body: bytes
+
+    @property
+    def requestLine(self) -> bytes:
+        return self.head.split(b"\r\n", 1)[0]
+
+    def headers(self, name: bytes) -> list[bytes]:
+        """Every value of field C{name} (case-insensitive), in order."""
+        wanted = name.lower()
+        values = []
+        for line in self.head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == wanted:
+                values.append(value.strip())
+        return values
+
+
+class _ScriptedProtocol(protocol.Protocol):
+    def __init__(self, upstream: ScriptedUpstream) -> None:
+        self.upstream = upstream
+        self.buffer = b""
+
+    def connectionMade(self) -> None:
+        self.upstream.connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            request = _takeRequest(self)
+            if request is None:
+                return
+            self.upstream.requests.append(request)
+            answer = self.upstream.respond(self, request)
+            if answer:
+                self.transport.write(answer)
+
+    def connectionLost(self, reason: object) -> None:
+        self.upstream.lost.append(self)
+        for waiter in self.upstream._lostWaiters:
+            if not waiter.called:
+                waiter.callback(None)
+
+
+def _takeRequest(proto: _ScriptedProtocol) -> ReceivedRequest | None:
+    """Cut one complete request (head and Content-Length or chunked body) off the buffer."""
+    buffer = proto.buffer
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head, rest = buffer[:end], buffer[end + 4 :]
+    request = ReceivedRequest(head, b"")
+    length = request.headers(b"content-length")
+    if length:
+        size = int(length[0])
+        if len(rest) < size:
+            return None
+        request.body, rest = rest[:size], rest[size:]
+    elif b"chunked" in b",".join(request.headers(b"transfer-encoding")).lower():
+        body = b""
+        position = 0
+        while True:
+            eol = rest.find(b"\r\n", position)
+            if eol < 0:
+                return None
+            size = int(rest[position:eol].split(b";")[0], 16)
+            if size == 0:
+                final = rest.find(b"\r\n\r\n", eol)
+                if final < 0:
+                    return None
+                rest = rest[final + 4 :]
+                break
+            if len(rest) < eol + 2 + size + 2:
+                return None
+            body += rest[eol + 2 : eol + 2 + size]
+            position = eol + 2 + size + 2
+        request.body = body
+    proto.buffer = rest
+    return request
+
+
+class ScriptedUpstream:
+    """
+    A raw TCP upstream: C{respond(protocol, request)} returns the exact response bytes (or writes
+    them itself through C{protocol.transport} and returns C{b""}).
+    """
+
+    def __init__(
+        self,
+        testCase: unittest.TestCase,
+        respond: Callable[[_ScriptedProtocol, ReceivedRequest], bytes],
+    ) -> None:
+        self.respond = respond
+        self.requests: list[ReceivedRequest] = []
+        self.connections: list[_ScriptedProtocol] = []
+        self.lost: list[_ScriptedProtocol] = []
+        self._lostWaiters: list[defer.Deferred[None]] = []
+        factory = protocol.Factory.forProtocol(lambda: _ScriptedProtocol(self))
+        factory.noisy = False
+        self.listening = listen(testCase, factory)
+
+        def closeAll() -> None:
+            for connection in self.connections:
+                if connection.transport.connected:
+                    connection.transport.abortConnection()
+
+        testCase.addCleanup(closeAll)
+
+    @property
+    def url(self) -> str:
+        return self.listening.url
+
+    @property
+    def port(self) -> int:
+        return self.listening.port
+
+    def connectionLost(self) -> defer.Deferred[None]:
+        """Fires when the next upstream connection closes."""
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._lostWaiters.append(waiter)
+        return waiter
+
+
+class _Collector(protocol.Protocol):
+    def __init__(self, payload: bytes, done: defer.Deferred[bytes], closeAfter: bool) -> None:
+        self.payload = payload
+        self.done = done
+        self.received = b""
+        self.closeAfter = closeAfter
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)
+        if self.closeAfter:
+            self.transport.loseWriteConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object) -> None:
+        if not self.done.called:
+            self.done.callback(self.received)
+
+
+def rawRequest(port: int, payload: bytes, timeout: float = 10.0, halfClose: bool = False) -> defer.Deferred[bytes]:
+    """
+    Send C{payload} to 127.0.0.1:C{port} and collect everything until the server closes (or
+    C{timeout} passes: then whatever arrived).
+    """
+    done: defer.Deferred[bytes] = defer.Deferred()
+    creator = protocol.ClientCreator(reactor, _Collector, payload, done, halfClose)
+    connecting = creator.connectTCP("127.0.0.1", port)
+
+    def timedOut() -> None:
+        if not done.called:
+            connecting.addCallback(lambda p: p.transport.abortConnection())
+
+    call = reactor.callLater(timeout, timedOut)
+    done.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+    return done
+
+
+def splitResponses(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Split a byte stream of Content-Length-framed (or bodiless) responses into (head, body)."""
+    responses = []
+    while data:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            break
+        head, data = data[:end], data[end + 4 :]
+        size = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                size = int(value)
+        responses.append((head, data[:size]))
+        data = data[size:]
+    return responses
+
+
+def curl(arguments: list[str], timeout: float = 30.0) -> defer.Deferred[tuple[int, bytes, bytes]]:
+    """Run curl (a real HTTP client) and return (exit code, stdout, stderr)."""
+    d = utils.getProcessOutputAndValue("curl", ["--max-time", str(timeout), *arguments], env=os.environ)
+    return d.addCallback(lambda result: (result[2], result[0], result[1]))
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    """Wait without blocking the reactor."""
+    return task.deferLater(reactor, seconds, lambda: None)
