@@ -257,6 +257,8 @@ class Exchange:
             return
         self._ended = True
         request = self.request
+        if request.finished:  # already answered: the client's own input was refused
+            return
         if self._body is not None and not self._body.complete:
             self._body.stopProducing()
             stopKeepAlive(request)

@@ -27,8 +27,11 @@ _log = Logger()
 
 def stopKeepAlive(request: http.Request) -> None:
     """Close the client's HTTP/1 connection after this response (its body was not read to the end)."""
-    if isinstance(request.channel, http.HTTPChannel):
-        request.channel.persistent = False
+    channel = getattr(request, "channel", None)  # gone once the request is finished
+    if isinstance(channel, http.HTTPChannel):
+        channel.persistent = False
+        if not request.startedWriting:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
 
 def abortClient(request: http.Request) -> None:
@@ -60,7 +63,7 @@ def sendError(request: http.Request, error: ProxyError) -> None:
         reason=error.reason,
         client=request.getClientAddress(),
     )
-    if request.finished or getattr(request, "_disconnected", False):
+    if request.finished or request._disconnected:
         return
     if request.startedWriting:
         request.unregisterProducer()

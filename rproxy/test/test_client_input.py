@@ -1,0 +1,204 @@
+"""
+Bad client input gets a precise error and never reaches the upstream (rproxy/server.py, request.py).
+
+Each case sends raw bytes to a real proxy listening on 127.0.0.1 and checks the status, the one-line
+reason, the fault header, that the connection is closed, and what the upstream saw.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from rproxy.test.support import ReceivedRequest, ScriptedUpstream, rawRequest, sleep, splitResponses, startProxy
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def _answerOK(protocol: object, request: ReceivedRequest) -> bytes:
+    return OK
+
+
+class ClientInputTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.upstream = ScriptedUpstream(self, _answerOK)
+        self.proxy = startProxy(self, [self.upstream.url], "--max-body-size", "1k", "--header-timeout", "1")
+
+    async def refused(self, payload: bytes, status: int, reasonPart: bytes) -> bytes:
+        """Send C{payload}; assert one error response C{status} whose reason mentions C{reasonPart}."""
+        data = await rawRequest(self.proxy.port, payload, timeout=5)
+        responses = splitResponses(data)
+        self.assertEqual(len(responses), 1, data)
+        head, body = responses[0]
+        self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), head)
+        self.assertIn(b"\r\nX-Rproxy-Fault: client", head)
+        self.assertIn(b"\r\nProxy-Status: rproxy; error=http_request_error", head)
+        self.assertIn(b"\r\nConnection: close", head)
+        self.assertIn(reasonPart, body)
+        self.assertEqual(body.count(b"\n"), 1, "the reason is one line")
+        return body
+
+    async def test_contentLengthAndTransferEncoding(self) -> None:
+        """Both framings at once is the classic smuggling vector: 400, closed, nothing forwarded."""
+        await self.refused(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+            400,
+            b"both Content-Length and Transfer-Encoding",
+        )
+        self.assertEqual(self.upstream.requests, [])
+
+    async def test_transferEncodingThenContentLength(self) -> None:
+        """The order of the two fields does not matter."""
+        await self.refused(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+            400,
+            b"both Content-Length and Transfer-Encoding",
+        )
+        self.assertEqual(self.upstream.requests, [])
+
+    async def test_conflictingContentLengths(self) -> None:
+        """Two Content-Length fields that differ: 400."""
+        await self.refused(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            400,
+            b"conflicting Content-Length",
+        )
+        await self.refused(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 4\r\n\r\nabcd", 400, b"conflicting Content-Length"
+        )
+        self.assertEqual(self.upstream.requests, [])
+
+    async def test_identicalContentLengths(self) -> None:
+        """Identical repeated Content-Length values are one length (RFC 9112 section 6.3)."""
+        data = await rawRequest(
+            self.proxy.port,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+        )
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data)
+        self.assertEqual(self.upstream.requests[0].body, b"abc")
+        self.assertEqual(self.upstream.requests[0].headers(b"content-length"), [b"3"])
+
+    async def test_invalidContentLength(self) -> None:
+        """Signs, letters and hex are not lengths."""
+        for value in (b"-1", b"+3", b"0x3", b"abc", b""):
+            await self.refused(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + value + b"\r\n\r\nabc",
+                400,
+                b"invalid Content-Length",
+            )
+        self.assertEqual(self.upstream.requests, [])
+
+    async def test_unsupportedTransferEncoding(self) -> None:
+        """Only plain chunked is accepted: anything a second parser could read differently is refused."""
+        for value in (b"gzip, chunked", b"identity", b"chunked, chunked", b"xchunked"):
+            await self.refused(
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + value + b"\r\n\r\n0\r\n\r\n",
+                400,
+                b"unsupported Transfer-Encoding",
+            )
+        self.assertEqual(self.upstream.requests, [])
+
+    async def test_brokenChunkedFraming(self) -> None:
+        """A bad chunk size mid-body: 400, and the upstream never sees the request complete."""
+        await self.refused(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\nmore\r\n0\r\n\r\n",
+            400,
+            b"malformed chunked request body",
+        )
+        await sleep(0.2)
+        self.assertEqual(self.upstream.requests, [], "a truncated body must not reach the upstream as complete")
+
+    async def test_requestLineTooLong(self) -> None:
+        """A request line over --max-request-line: 414."""
+        await self.refused(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, b"request line exceeds 8192")
+        self.assertEqual(self.upstream.requests, [])
+
+    async def test_requestLineTooLongWithoutEnd(self) -> None:
+        """A request line that never ends is cut off at the limit, not buffered forever."""
+        await self.refused(b"GET /" + b"a" * 40000, 414, b"request line exceeds")
+
+    async def test_headerSectionTooLarge(self) -> None:
+        """A header section over --max-header-size: 431."""
+        fields = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"v" * 4000) for i in range(10))
+        await self.refused(b"GET / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n", 431, b"header section exceeds")
+        self.assertEqual(self.upstream.requests, [])
+
+    async def test_tooManyHeaders(self) -> None:
+        """More than --max-headers fields: 431."""
+        fields = b"".join(b"X-F%d: v\r\n" % i for i in range(150))
+        await self.refused(b"GET / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n", 431, b"more than 100 header fields")
+        self.assertEqual(self.upstream.requests, [])
+
+    async def test_invalidHeaderName(self) -> None:
+        """Whitespace before the colon (a smuggling vector) and other non-token names: 400."""
+        await self.refused(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length : 3\r\n\r\nabc", 400, b"invalid request header name")
+        await self.refused(b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400, b"no colon")
+
+    async def test_malformedRequestLine(self) -> None:
+        """A request line that is not METHOD SP TARGET SP HTTP/1.x: 400."""
+        await self.refused(b"GET  /  HTTP/1.1\r\nHost: x\r\n\r\n", 400, b"malformed request line")
+        await self.refused(b"GET / HTTP/1.2\r\nHost: x\r\n\r\n", 400, b"malformed request line")
+
+    async def test_announcedBodyTooLarge(self) -> None:
+        """A Content-Length over --max-body-size: 413 before anything is sent upstream."""
+        await self.refused(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + b"a" * 100, 413, b"exceeds the limit"
+        )
+        self.assertEqual(self.upstream.requests, [])
+        self.assertEqual(self.upstream.connections, [])
+
+    async def test_streamedBodyTooLarge(self) -> None:
+        """A chunked body that grows over the limit while streaming: 413, upstream request aborted."""
+        chunk = b"200\r\n" + b"a" * 0x200 + b"\r\n"
+        await self.refused(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 3 + b"0\r\n\r\n",
+            413,
+            b"exceeds the limit of 1024",
+        )
+        await sleep(0.2)
+        self.assertEqual(self.upstream.requests, [], "the upstream must never see the oversize body complete")
+
+    async def test_headTooSlow(self) -> None:
+        """A head still incomplete after --header-timeout (slowloris): 408."""
+        await self.refused(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ", 408, b"did not arrive within 1s")
+
+    async def test_connectRefused(self) -> None:
+        """CONNECT has no meaning for a reverse proxy: 405."""
+        await self.refused(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405, b"CONNECT")
+
+    async def test_badTarget(self) -> None:
+        """A target that is neither a path nor an absolute URL: 400."""
+        await self.refused(b"GET foo HTTP/1.1\r\nHost: x\r\n\r\n", 400, b"request target")
+
+    async def test_absoluteFormTarget(self) -> None:
+        """An absolute-form target is forwarded in origin form, its authority as Host."""
+        data = await rawRequest(
+            self.proxy.port, b"GET http://example.com/a%2Fb?q=1 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n"
+        )
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data)
+        self.assertEqual(self.upstream.requests[0].requestLine, b"GET /a%2Fb?q=1 HTTP/1.1")
+        self.assertEqual(self.upstream.requests[0].headers(b"host"), [b"example.com"])
+
+    async def test_otherClientsUnaffected(self) -> None:
+        """While a client smuggles and another stalls mid-head, a well-formed request is served."""
+        slow = rawRequest(self.proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ", timeout=5)
+        smuggler = rawRequest(
+            self.proxy.port,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nX",
+        )
+        good = rawRequest(self.proxy.port, b"GET /fine HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        slowData, smuggled, served = await defer.gatherResults([slow, smuggler, good])
+        self.assertTrue(served.startswith(b"HTTP/1.1 200 "), served)
+        self.assertTrue(smuggled.startswith(b"HTTP/1.1 400 "), smuggled)
+        self.assertTrue(slowData.startswith(b"HTTP/1.1 408 "), slowData)
+        self.assertEqual([r.requestLine for r in self.upstream.requests], [b"GET /fine HTTP/1.1"])
+
+    async def test_pipelinedAfterBadRequestDropped(self) -> None:
+        """Requests pipelined behind a refused one are never processed."""
+        data = await rawRequest(
+            self.proxy.port,
+            b"GET /a HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        self.assertEqual(len(splitResponses(data)), 1)
+        self.assertEqual(self.upstream.requests, [])
