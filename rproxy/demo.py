@@ -44,20 +44,23 @@ class Echo(resource.Resource):
     def render(self, request: Request) -> bytes:
         body = request.content.read()
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(
-            {
-                "method": request.method.decode("latin-1"),
-                "uri": request.uri.decode("latin-1"),
-                "headers": [
-                    [name.decode("latin-1"), value.decode("latin-1")]
-                    for name, values in request.requestHeaders.getAllRawHeaders()
-                    for value in values
-                ],
-                "bodyLength": len(body),
-                "bodySha256": hashlib.sha256(body).hexdigest(),
-            },
-            indent=1,
-        ).encode() + b"\n"
+        return (
+            json.dumps(
+                {
+                    "method": request.method.decode("latin-1"),
+                    "uri": request.uri.decode("latin-1"),
+                    "headers": [
+                        [name.decode("latin-1"), value.decode("latin-1")]
+                        for name, values in request.requestHeaders.getAllRawHeaders()
+                        for value in values
+                    ],
+                    "bodyLength": len(body),
+                    "bodySha256": hashlib.sha256(body).hexdigest(),
+                },
+                indent=1,
+            ).encode()
+            + b"\n"
+        )
 
 
 class Stream(resource.Resource):

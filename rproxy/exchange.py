@@ -112,9 +112,7 @@ class Exchange:
         headers = Headers()
         for name, value in pairs:
             headers.addRawHeader(name, value)
-        self.outbound = OutboundRequest(
-            inbound.method, inbound.target, headers, inbound.host, acceptsTrailers
-        )
+        self.outbound = OutboundRequest(inbound.method, inbound.target, headers, inbound.host, acceptsTrailers)
         for requestFilter in self.proxy.requestFilters:
             answer = requestFilter.onRequest(self)
             if answer is not None:
@@ -135,8 +133,9 @@ class Exchange:
         upstreams = service.registry.lookup(service.name)
         upstream = service.balancer.pick(upstreams, self.outbound, self._tried) if upstreams else None
         if upstream is None:
-            self._end(proxyError(503, f"no upstream of service {service.name!r} is available",
-                                 "destination_unavailable"))
+            self._end(
+                proxyError(503, f"no upstream of service {service.name!r} is available", "destination_unavailable")
+            )
             return
         self.upstream = upstream
         if upstream not in self._tried:
@@ -229,8 +228,12 @@ class Exchange:
         self._connection = None
         if self._ended:
             return
-        if retrySafe and self._body is None and self._staleRetries < _STALE_RETRIES \
-                and self.outbound.method in _IDEMPOTENT:
+        if (
+            retrySafe
+            and self._body is None
+            and self._staleRetries < _STALE_RETRIES
+            and self.outbound.method in _IDEMPOTENT
+        ):
             # A pooled connection the upstream had closed: the request never reached it.
             self._staleRetries += 1
             self._attempt()

@@ -156,9 +156,7 @@ class ForwardingPolicy:
             element += b";host=" + _forwardedValue(host)
         element += b";proto=" + scheme
         priorForwarded = inbound.getRawHeaders(b"forwarded") if trusted else None
-        pairs.append(
-            (b"Forwarded", b", ".join([*priorForwarded, element]) if priorForwarded else element)
-        )
+        pairs.append((b"Forwarded", b", ".join([*priorForwarded, element]) if priorForwarded else element))
         pairs.append((b"Via", self.via(inbound.getRawHeaders(b"via"), version)))
         return pairs
 

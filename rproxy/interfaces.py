@@ -75,9 +75,7 @@ class IDirector(Interface):
 class IBalancer(Interface):
     """Choosing an upstream of a service for one attempt."""
 
-    def pick(
-        upstreams: Sequence[Upstream], request: OutboundRequest, tried: Collection[Upstream]
-    ) -> Upstream | None:
+    def pick(upstreams: Sequence[Upstream], request: OutboundRequest, tried: Collection[Upstream]) -> Upstream | None:
         """
         Choose one of C{upstreams} (the live set, never empty), preferring any not in C{tried}.
 

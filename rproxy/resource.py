@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
@@ -102,6 +101,3 @@ def _target(request: http.Request) -> bytes:
 def buildResource(proxy: Proxy) -> IResource:
     """The resource tree of a proxy listener: everything is forwarded."""
     return ReverseProxyResource.fromProxy(proxy)
-
-
-

@@ -155,9 +155,7 @@ class ProxyHTTPChannel(http.HTTPChannel):
 
     def _headerTimedOut(self) -> None:
         self._headerTimer = None
-        self._reject(
-            clientError(408, f"the request head did not arrive within {self.site.limits.headerTimeout:g}s")
-        )
+        self._reject(clientError(408, f"the request head did not arrive within {self.site.limits.headerTimeout:g}s"))
 
     def _cancelHeaderTimer(self) -> None:
         if self._headerTimer is not None:
@@ -255,8 +253,11 @@ class ProxySite(server.Site):
         if len(self.connections) >= self.limits.maxConnections:
             _log.warn("refusing {addr}: {count} client connections open", addr=addr, count=len(self.connections))
             return _Refuse(
-                proxyError(503, f"the proxy is at its limit of {self.limits.maxConnections} connections",
-                           "connection_limit_reached")
+                proxyError(
+                    503,
+                    f"the proxy is at its limit of {self.limits.maxConnections} connections",
+                    "connection_limit_reached",
+                )
             )
         protocol = super().buildProtocol(addr)
         protocol._site = self
@@ -312,8 +313,7 @@ class DrainingService(service.Service):
     connections within C{grace} seconds and closes the upstreams' idle connections.
     """
 
-    def __init__(self, sites: list[ProxySite], grace: float, reactor: IReactorTime,
-                 onStop: Callable[[], None]) -> None:
+    def __init__(self, sites: list[ProxySite], grace: float, reactor: IReactorTime, onStop: Callable[[], None]) -> None:
         self.sites = sites
         self.grace = grace
         self.reactor = reactor
@@ -321,8 +321,11 @@ class DrainingService(service.Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        _log.info("draining {count} connections (grace {grace:g}s)",
-                  count=sum(len(s.connections) for s in self.sites), grace=self.grace)
+        _log.info(
+            "draining {count} connections (grace {grace:g}s)",
+            count=sum(len(s.connections) for s in self.sites),
+            grace=self.grace,
+        )
         drained = defer.gatherResults([site.drain(self.grace, self.reactor) for site in self.sites])
         drained.addCallback(lambda _: self.onStop())
         return drained

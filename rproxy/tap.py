@@ -43,8 +43,7 @@ class Options(usage.Options):
 
     synopsis = "[options]"
     longdesc = (
-        "A streaming HTTP reverse proxy. Example: "
-        "twist rproxy --listen tcp:8080 --upstream http://127.0.0.1:9000"
+        "A streaming HTTP reverse proxy. Example: twist rproxy --listen tcp:8080 --upstream http://127.0.0.1:9000"
     )
 
     optFlags = [
@@ -57,34 +56,64 @@ class Options(usage.Options):
         ["balancer", None, "round_robin", "How to choose among the upstreams (see --list-balancers)."],
         ["via-name", None, "rproxy", "The pseudonym this proxy adds to Via."],
         ["access-log", None, "-", "Access log: '-' for the log output, a file path, or 'off'."],
-        ["demo-upstream", None, None, "Also serve the built-in demo upstream on this endpoint, "
-                                      "and proxy to it when no --upstream is given."],
+        [
+            "demo-upstream",
+            None,
+            None,
+            "Also serve the built-in demo upstream on this endpoint, and proxy to it when no --upstream is given.",
+        ],
         ["grace", None, 30.0, "Seconds in-flight exchanges get to finish on shutdown.", float],
         ["connect-timeout", None, _DEFAULT_POOL.connectTimeout, "Seconds to connect to an upstream.", float],
-        ["response-timeout", None, _DEFAULT_POOL.responseTimeout,
-         "Seconds for the response head once the request is sent (then 504).", float],
-        ["read-timeout", None, _DEFAULT_POOL.readTimeout,
-         "Seconds an upstream may stay silent mid-response (then the exchange is aborted).", float],
-        ["upstream-max-connections", None, _DEFAULT_POOL.maxConnections,
-         "Connections per upstream at once.", int],
+        [
+            "response-timeout",
+            None,
+            _DEFAULT_POOL.responseTimeout,
+            "Seconds for the response head once the request is sent (then 504).",
+            float,
+        ],
+        [
+            "read-timeout",
+            None,
+            _DEFAULT_POOL.readTimeout,
+            "Seconds an upstream may stay silent mid-response (then the exchange is aborted).",
+            float,
+        ],
+        ["upstream-max-connections", None, _DEFAULT_POOL.maxConnections, "Connections per upstream at once.", int],
         ["upstream-max-idle", None, _DEFAULT_POOL.maxIdle, "Idle connections kept per upstream.", int],
-        ["upstream-idle-timeout", None, _DEFAULT_POOL.idleTimeout,
-         "Seconds an idle upstream connection is kept.", float],
-        ["upstream-queue", None, _DEFAULT_POOL.maxQueue,
-         "Requests that may wait for a busy upstream's connection (more: 503).", int],
-        ["queue-timeout", None, _DEFAULT_POOL.queueTimeout,
-         "Seconds a request may wait for an upstream connection (then 503).", float],
+        [
+            "upstream-idle-timeout",
+            None,
+            _DEFAULT_POOL.idleTimeout,
+            "Seconds an idle upstream connection is kept.",
+            float,
+        ],
+        [
+            "upstream-queue",
+            None,
+            _DEFAULT_POOL.maxQueue,
+            "Requests that may wait for a busy upstream's connection (more: 503).",
+            int,
+        ],
+        [
+            "queue-timeout",
+            None,
+            _DEFAULT_POOL.queueTimeout,
+            "Seconds a request may wait for an upstream connection (then 503).",
+            float,
+        ],
         ["max-body-size", None, "0", "Largest request body, e.g. 10M (0: no limit; larger: 413)."],
         ["max-request-line", None, _DEFAULT_CLIENT.maxRequestLine, "Longest request line (longer: 414).", int],
-        ["max-header-size", None, str(_DEFAULT_CLIENT.maxHeaderBytes),
-         "Largest request header section (larger: 431)."],
+        ["max-header-size", None, str(_DEFAULT_CLIENT.maxHeaderBytes), "Largest request header section (larger: 431)."],
         ["max-headers", None, _DEFAULT_CLIENT.maxHeaders, "Most request header fields (more: 431).", int],
-        ["header-timeout", None, _DEFAULT_CLIENT.headerTimeout,
-         "Seconds a client may take to send a request head (then 408).", float],
-        ["client-timeout", None, _DEFAULT_CLIENT.idleTimeout,
-         "Seconds an idle client connection is kept open.", float],
-        ["max-connections", None, _DEFAULT_CLIENT.maxConnections,
-         "Client connections at once (more: 503).", int],
+        [
+            "header-timeout",
+            None,
+            _DEFAULT_CLIENT.headerTimeout,
+            "Seconds a client may take to send a request head (then 408).",
+            float,
+        ],
+        ["client-timeout", None, _DEFAULT_CLIENT.idleTimeout, "Seconds an idle client connection is kept open.", float],
+        ["max-connections", None, _DEFAULT_CLIENT.maxConnections, "Client connections at once (more: 503).", int],
     ]
 
     def __init__(self) -> None:

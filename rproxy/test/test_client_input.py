@@ -132,7 +132,9 @@ class ClientInputTests(unittest.TestCase):
 
     async def test_invalidHeaderName(self) -> None:
         """Whitespace before the colon (a smuggling vector) and other non-token names: 400."""
-        await self.refused(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length : 3\r\n\r\nabc", 400, b"invalid request header name")
+        await self.refused(
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length : 3\r\n\r\nabc", 400, b"invalid request header name"
+        )
         await self.refused(b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400, b"no colon")
 
     async def test_malformedRequestLine(self) -> None:

@@ -65,8 +65,9 @@ def silent(protocol: object, request: ReceivedRequest) -> bytes:
 class ErrorBeforeResponseTests(unittest.TestCase):
     """Failures before any response byte reached the client: an error response."""
 
-    async def errorResponse(self, upstreamURL: str, status: int, errorType: bytes, reasonPart: bytes,
-                            *arguments: str) -> bytes:
+    async def errorResponse(
+        self, upstreamURL: str, status: int, errorType: bytes, reasonPart: bytes, *arguments: str
+    ) -> bytes:
         logs = LogCapture(self)
         proxy = startProxy(self, [upstreamURL], *arguments)
         data = await rawRequest(proxy.port, GET, timeout=15)
@@ -90,16 +91,18 @@ class ErrorBeforeResponseTests(unittest.TestCase):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         started = time.monotonic()
-        head = await self.errorResponse(f"http://127.0.0.1:{port}", 502, b"connection_refused",
-                                        b"refused the connection")
+        head = await self.errorResponse(
+            f"http://127.0.0.1:{port}", 502, b"connection_refused", b"refused the connection"
+        )
         self.assertIn(b"\r\nX-Rproxy-Fault: upstream", head)
         self.assertLess(time.monotonic() - started, 2)
 
     async def test_unresolvable(self) -> None:
         """A host name that does not resolve: 502 within the connect timeout."""
         started = time.monotonic()
-        head = await self.errorResponse("http://no-such-host.invalid:80", 502, b"dns_error",
-                                        b"could not be resolved", "--connect-timeout", "5")
+        head = await self.errorResponse(
+            "http://no-such-host.invalid:80", 502, b"dns_error", b"could not be resolved", "--connect-timeout", "5"
+        )
         self.assertIn(b"\r\nX-Rproxy-Fault: upstream", head)
         self.assertLess(time.monotonic() - started, 7)
 
@@ -118,22 +121,30 @@ class ErrorBeforeResponseTests(unittest.TestCase):
             fillers.append(filler)
         self.addCleanup(lambda: [f.close() for f in fillers])
         started = time.monotonic()
-        await self.errorResponse(f"http://127.0.0.1:{port}", 504, b"connection_timeout",
-                                 b"did not accept the connection within 0.5s", "--connect-timeout", "0.5")
+        await self.errorResponse(
+            f"http://127.0.0.1:{port}",
+            504,
+            b"connection_timeout",
+            b"did not accept the connection within 0.5s",
+            "--connect-timeout",
+            "0.5",
+        )
         self.assertLess(time.monotonic() - started, 3)
 
     async def test_responseTimeout(self) -> None:
         """The upstream reads the request and never answers: 504 after --response-timeout."""
         upstream = ScriptedUpstream(self, silent)
-        await self.errorResponse(upstream.url, 504, b"http_response_timeout", b"sent no response within 0.5s",
-                                 "--response-timeout", "0.5")
+        await self.errorResponse(
+            upstream.url, 504, b"http_response_timeout", b"sent no response within 0.5s", "--response-timeout", "0.5"
+        )
         self.assertEqual(len(upstream.requests), 1)
 
     async def test_closedBeforeResponse(self) -> None:
         """The upstream hangs up without a response: 502."""
         upstream = ScriptedUpstream(self, answer(b"", close=True))
-        await self.errorResponse(upstream.url, 502, b"connection_terminated",
-                                 b"closed the connection before responding")
+        await self.errorResponse(
+            upstream.url, 502, b"connection_terminated", b"closed the connection before responding"
+        )
 
     async def test_garbageStatusLine(self) -> None:
         """A response that is not HTTP: 502."""
@@ -142,14 +153,18 @@ class ErrorBeforeResponseTests(unittest.TestCase):
 
     async def test_contentLengthAndTransferEncoding(self) -> None:
         """An ambiguously framed response is refused, not guessed: 502."""
-        upstream = ScriptedUpstream(self, answer(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"))
-        await self.errorResponse(upstream.url, 502, b"http_response_transfer_coding",
-                                 b"both Content-Length and Transfer-Encoding")
+        upstream = ScriptedUpstream(
+            self,
+            answer(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+        )
+        await self.errorResponse(
+            upstream.url, 502, b"http_response_transfer_coding", b"both Content-Length and Transfer-Encoding"
+        )
 
     async def test_conflictingContentLength(self) -> None:
-        upstream = ScriptedUpstream(self, answer(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"))
+        upstream = ScriptedUpstream(
+            self, answer(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd")
+        )
         await self.errorResponse(upstream.url, 502, b"http_response_content_length", b"invalid Content-Length")
 
     async def test_badHeaderLine(self) -> None:
@@ -209,14 +224,16 @@ class ErrorAfterResponseTests(unittest.TestCase):
 
     async def test_readTimeout(self) -> None:
         """An upstream that stalls mid-body longer than --read-timeout: abort."""
-        data = await self.aborted(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc", "--read-timeout", "0.5",
-                                  close=False)
+        data = await self.aborted(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc", "--read-timeout", "0.5", close=False
+        )
         self.assertTrue(data.endswith(b"abc"))
 
     async def test_proxyStillServes(self) -> None:
         """After an aborted exchange the proxy serves the next request normally."""
-        responses = iter([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc",
-                          b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+        responses = iter(
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+        )
 
         def respond(protocol, request: ReceivedRequest) -> bytes:  # type: ignore[no-untyped-def]
             data = next(responses)

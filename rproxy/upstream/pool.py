@@ -113,9 +113,7 @@ class UpstreamPool:
             return fail(self._saturated("queue is full"))
         waiter: Deferred[HTTP11Connection] = Deferred(self._cancelWait)
         self._waiters.append(waiter)
-        self._waitTimers[waiter] = self.reactor.callLater(
-            self.settings.queueTimeout, self._waitTimedOut, waiter
-        )
+        self._waitTimers[waiter] = self.reactor.callLater(self.settings.queueTimeout, self._waitTimedOut, waiter)
         return waiter
 
     def release(self, connection: HTTP11Connection) -> None:
@@ -184,8 +182,7 @@ class UpstreamPool:
     def _saturated(self, why: str) -> ProxyError:
         return proxyError(
             503,
-            f"upstream {self.label} is at its limit of {self.settings.maxConnections} connections "
-            f"and its wait {why}",
+            f"upstream {self.label} is at its limit of {self.settings.maxConnections} connections and its wait {why}",
             "connection_limit_reached",
         )
 
@@ -214,6 +211,4 @@ class UpstreamPool:
             self._waiters.remove(waiter)
         except ValueError:
             return
-        waiter.errback(
-            self._saturated(f"timed out after {self.settings.queueTimeout:g}s")
-        )
+        waiter.errback(self._saturated(f"timed out after {self.settings.queueTimeout:g}s"))
