@@ -42,7 +42,7 @@ class Echo(resource.Resource):
     isLeaf = True
 
     def render(self, request: Request) -> bytes:
-        body = request.content.read()
+        body = request.content.read() if request.content is not None else b""
         request.setHeader(b"content-type", b"application/json")
         return (
             json.dumps(
@@ -97,7 +97,12 @@ class Slow(resource.Resource):
                 request.finish()
 
         call = globalReactor.callLater(delay, answer)
-        request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+
+        def clientGone(reason: object) -> None:
+            if call.active():
+                call.cancel()
+
+        request.notifyFinish().addErrback(clientGone)
         return server.NOT_DONE_YET
 
 

@@ -12,6 +12,8 @@ C{_path}, C{_version}, private to Twisted); L{rproxy.test.test_twisted_contract}
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,6 +23,9 @@ from twisted.web.resource import IResource
 from rproxy.errors import ProxyError, clientError, proxyError
 from rproxy.interfaces import IStreamingResource
 from rproxy.streaming import RequestBodyPipe
+
+if TYPE_CHECKING:
+    from rproxy.server import ProxySite
 
 _log = Logger()
 
@@ -36,7 +41,7 @@ def stopKeepAlive(request: http.Request) -> None:
 
 def abortClient(request: http.Request) -> None:
     """Reset the client's connection (HTTP/1) or stream (HTTP/2): a response cannot be completed."""
-    channel = request.channel
+    channel: Any = request.channel
     if channel is None:
         return
     transport = getattr(channel, "transport", None)
@@ -86,6 +91,9 @@ class ProxyRequest(server.Request):
     """
 
     defaultContentType = None  # a proxy never invents a Content-Type
+    site: ProxySite
+    channel: Any  # an HTTPChannel (HTTP/1) or an H2Stream (HTTP/2)
+    content: Any
     headReceived = False
     bodyPipe: RequestBodyPipe | None = None
     _streaming = False

@@ -77,11 +77,12 @@ class ReverseProxyResource(_stockProxy.ReverseProxyResource):
     def render(self, request: http.Request) -> int:
         """Proxy a request whose body Twisted already buffered (a plain C{twisted.web} site)."""
         body: RequestBodyPipe | None = None
-        length = request.getHeader(b"content-length")
-        size = request.content.seek(0, 2)
-        request.content.seek(0)
-        if size or length is not None or request.getHeader(b"transfer-encoding") is not None:
-            body = fileBody(request.content, size)
+        content = request.content
+        assert content is not None
+        size = content.seek(0, 2)
+        content.seek(0)
+        if size or request.getHeader(b"content-length") is not None or request.getHeader(b"transfer-encoding"):
+            body = fileBody(content, size)
         self.proxy.handle(request, _target(request), body)
         return NOT_DONE_YET
 
@@ -89,7 +90,7 @@ class ReverseProxyResource(_stockProxy.ReverseProxyResource):
 def _target(request: http.Request) -> bytes:
     """The raw request-target below the resource's mount point (no unquoting, no cleaning)."""
     uri: bytes = request.uri
-    consumed = len(request.prepath or ())
+    consumed = len(getattr(request, "prepath", None) or ())
     if not consumed:
         return uri
     path, sep, query = uri.partition(b"?")

@@ -17,12 +17,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
@@ -60,6 +62,7 @@ class ProxyHTTPChannel(http.HTTPChannel):
     """An HTTP/1.1 server channel with strict framing and precise errors."""
 
     site: ProxySite
+    transport: Any
     _headerTimer: IDelayedCall | None = None
     _lengths: tuple[bytes, ...] = ()
 
@@ -182,7 +185,7 @@ class ProxyHTTPChannel(http.HTTPChannel):
         self.persistent = False
         self.loseConnection()
 
-    def connectionLost(self, reason: object) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancelHeaderTimer()
         super().connectionLost(reason)
 
@@ -190,17 +193,19 @@ class ProxyHTTPChannel(http.HTTPChannel):
 class _ProxyChannelProtocol(http._GenericHTTPChannelProtocol):
     """Registers each connection with its site, so shutdown can find and drain it."""
 
+    _site: ProxySite
+
     def connectionMade(self) -> None:
         self._site.connections.add(self)
         super().connectionMade()
 
-    def connectionLost(self, reason: object) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._site.connections.discard(self)
         super().connectionLost(reason)
 
     def drain(self) -> None:
         """Close once idle: now if no request is in flight, else after the current response."""
-        channel = self._channel
+        channel: Any = self._channel
         if isinstance(channel, http.HTTPChannel):
             channel.persistent = False
             if not channel.requests:
@@ -212,6 +217,8 @@ class _ProxyChannelProtocol(http._GenericHTTPChannelProtocol):
 
 class _Refuse(Protocol):
     """Answers a connection over the limit with 503 and closes it."""
+
+    transport: Any
 
     def __init__(self, error: ProxyError) -> None:
         self.error = error
@@ -327,5 +334,4 @@ class DrainingService(service.Service):
             grace=self.grace,
         )
         drained = defer.gatherResults([site.drain(self.grace, self.reactor) for site in self.sites])
-        drained.addCallback(lambda _: self.onStop())
-        return drained
+        return drained.addCallback(lambda _: self.onStop())

@@ -46,12 +46,12 @@ class Options(usage.Options):
         "A streaming HTTP reverse proxy. Example: twist rproxy --listen tcp:8080 --upstream http://127.0.0.1:9000"
     )
 
-    optFlags = [
+    optFlags: list[list[str | None]] = [
         ["rewrite-host", None, "Send the upstream's host as Host instead of the client's."],
         ["list-balancers", None, "Print the installed balancers and exit."],
         ["version", None, "Print the version and exit."],
     ]
-    optParameters = [
+    optParameters: list[list[Any]] = [
         ["config", "c", None, "A TOML file of settings; its keys are these options' long names."],
         ["balancer", None, "round_robin", "How to choose among the upstreams (see --list-balancers)."],
         ["via-name", None, "rproxy", "The pseudonym this proxy adds to Via."],
@@ -212,8 +212,8 @@ class Options(usage.Options):
 def optionsFromEnvironment(environ: Mapping[str, str]) -> Options:
     """L{Options} from ``RPROXY_*`` variables (and ``RPROXY_CONFIG``, a TOML file), for rproxy.tac."""
     options = Options()
-    names = [p[0] for p in Options.optParameters] + sorted(REPEATABLE)
-    flags = [f[0] for f in Options.optFlags if f[0] not in ("list-balancers", "version")]
+    names = [str(p[0]) for p in Options.optParameters] + sorted(REPEATABLE)
+    flags = [str(f[0]) for f in Options.optFlags if f[0] not in ("list-balancers", "version")]
     options.parseOptions(argumentsFromEnvironment(environ, names, flags))
     return options
 

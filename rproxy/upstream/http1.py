@@ -11,7 +11,7 @@ never a guess.  The connection is an C{IPushProducer} of response bytes, so a sl
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -68,6 +68,8 @@ class HTTP11Connection(TwistedProtocol):
     @ivar reused: whether this connection carried an earlier exchange.
     """
 
+    # A TCP (or TLS) transport: ITCPTransport, IConsumer and IPushProducer at once.
+    transport: Any
     reused = False
     _receiver: ResponseReceiver | None = None
     _body: RequestBodyPipe | None = None
@@ -265,11 +267,11 @@ class HTTP11Connection(TwistedProtocol):
             return
         self._received += len(data)
         if not self._headSeen:
-            data = self._buffer + data
-            self._buffer = b""
-            data = self._parseHead(data)
-            if data is None or self._receiver is None:
+            data, self._buffer = self._buffer + data, b""
+            rest = self._parseHead(data)
+            if rest is None or self._receiver is None:
                 return
+            data = rest
         elif self._timer is not None:
             self._timer.reset(self._pool.settings.readTimeout)
         if data:

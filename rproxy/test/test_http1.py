@@ -1,0 +1,92 @@
+"""The upstream HTTP/1.1 client's framing (rproxy/upstream/http1.py), over real sockets."""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from rproxy.test.support import ReceivedRequest, ScriptedUpstream, rawRequest, startProxy
+
+
+def trickle(response: bytes, close: bool = False):  # type: ignore[no-untyped-def]
+    """A responder writing C{response} one byte per reactor turn (every read sees a fragment)."""
+
+    def respond(protocol, request: ReceivedRequest) -> bytes:  # type: ignore[no-untyped-def]
+        def send(i: int) -> None:
+            if i < len(response):
+                protocol.transport.write(response[i : i + 1])
+                reactor.callLater(0, send, i + 1)
+            elif close:
+                protocol.transport.loseConnection()
+
+        send(0)
+        return b""
+
+    return respond
+
+
+def dechunk(body: bytes) -> bytes:
+    """Decode a chunked body (as the proxy writes it: no extensions or trailers)."""
+    decoded, rest = b"", body
+    while True:
+        size, _, rest = rest.partition(b"\r\n")
+        length = int(size, 16)
+        if length == 0:
+            return decoded
+        decoded, rest = decoded + rest[:length], rest[length + 2 :]
+
+
+class FramingTests(unittest.TestCase):
+    async def through(self, response: bytes, close: bool = False, request: bytes = b"GET") -> bytes:
+        upstream = ScriptedUpstream(self, trickle(response, close))
+        proxy = startProxy(self, [upstream.url])
+        return await rawRequest(proxy.port, request + b" / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+    async def test_contentLengthFragmented(self) -> None:
+        data = await self.through(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello")
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 OK\r\n"), data)
+        self.assertIn(b"\r\nX-A: 1\r\n", data)
+        self.assertTrue(data.endswith(b"\r\n\r\nhello"), data)
+
+    async def test_chunkedFragmented(self) -> None:
+        """Chunk extensions are ignored, trailers consumed; the client gets the body re-chunked."""
+        data = await self.through(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+        )
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        self.assertEqual(dechunk(body), b"hello world")
+
+    async def test_interimResponsesSkipped(self) -> None:
+        """1xx before the final response are absorbed (forwarding them is a later feature)."""
+        data = await self.through(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        )
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 OK\r\n"), data)
+        self.assertTrue(data.endswith(b"ok"))
+
+    async def test_closeDelimited(self) -> None:
+        """No length and no chunking: the body ends when the upstream closes, and that is success."""
+        data = await self.through(b"HTTP/1.1 200 OK\r\n\r\nuntil close", close=True)
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        self.assertEqual(dechunk(body), b"until close", "the client's chunked body ends properly")
+
+    async def test_headHasNoBody(self) -> None:
+        """A HEAD response's Content-Length announces a body that does not follow."""
+        data = await self.through(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", request=b"HEAD")
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 OK\r\n"), data)
+        self.assertIn(b"Content-Length: 1000", data)
+        self.assertTrue(data.endswith(b"\r\n\r\n"))
+
+    async def test_noContent(self) -> None:
+        data = await self.through(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n")
+        self.assertTrue(data.startswith(b"HTTP/1.1 204 No Content\r\n"), data)
+        self.assertNotIn(b"Transfer-Encoding", data)
+
+    async def test_obsFoldJoined(self) -> None:
+        """Obsolete line folding is replaced by a space (RFC 9112 section 5.2)."""
+        data = await self.through(b"HTTP/1.1 200 OK\r\nX-Long: a\r\n  b\r\nContent-Length: 0\r\n\r\n")
+        self.assertIn(b"\r\nX-Long: a b\r\n", data)
