@@ -195,9 +195,15 @@ class _ProxyChannelProtocol(http._GenericHTTPChannelProtocol):
 
     _site: ProxySite
 
-    def connectionMade(self) -> None:
+    @property
+    def transport(self) -> Any:
+        """The connection's transport (the wrapper forwards only IProtocol's attributes)."""
+        return self._channel.transport
+
+    def makeConnection(self, transport: Any) -> None:
+        # Not connectionMade: the wrapper forwards makeConnection straight to its channel.
         self._site.connections.add(self)
-        super().connectionMade()
+        super().makeConnection(transport)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._site.connections.discard(self)

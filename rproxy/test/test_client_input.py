@@ -204,3 +204,25 @@ class ClientInputTests(unittest.TestCase):
         )
         self.assertEqual(len(splitResponses(data)), 1)
         self.assertEqual(self.upstream.requests, [])
+
+
+class ConnectionLimitTests(unittest.TestCase):
+    async def test_overLimitRefusedWith503(self) -> None:
+        """Past --max-connections a new client gets 503 and is closed; the open ones keep working."""
+        upstream = ScriptedUpstream(self, _answerOK)
+        proxy = startProxy(self, [upstream.url], "--max-connections", "2")
+        held = [rawRequest(proxy.port, b"GET /held HTTP/1.1\r\nHost: x\r\n", timeout=2) for _ in range(2)]
+        for _ in range(50):
+            if len(proxy.site.connections) == 2:
+                break
+            await sleep(0.02)
+        self.assertEqual(len(proxy.site.connections), 2)
+        data = await rawRequest(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2)
+        self.assertTrue(data.startswith(b"HTTP/1.1 503 "), data)
+        self.assertIn(b"X-Rproxy-Fault: proxy", data)
+        self.assertIn(b"limit of 2 connections", data)
+        for pending in held:
+            await pending
+        await sleep(0.1)
+        data = await rawRequest(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data)

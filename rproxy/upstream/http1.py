@@ -169,6 +169,7 @@ class HTTP11Connection(TwistedProtocol):
 
     def abort(self) -> None:
         """Drop the exchange and the connection: the client went away or its request broke."""
+        self._cancelTimer()
         self._receiver = None
         self._body = None
         if not self._closed:
@@ -526,6 +527,7 @@ class HTTP11Connection(TwistedProtocol):
     def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
         self._closed = True
         self._cancelIdleTimer()
+        self._cancelTimer()
         if self._receiver is not None:
             if self._headSeen and self._framing == _CLOSE:
                 self._complete([])
