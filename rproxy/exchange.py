@@ -195,8 +195,16 @@ class Exchange:
         request = self.request
         self._report(status, None)
         pairs = responseHeaderPairs(headers)
-        for responseFilter in self.proxy.responseFilters:
-            responseFilter.onResponse(self, status, pairs)
+        try:
+            for responseFilter in self.proxy.responseFilters:
+                responseFilter.onResponse(self, status, pairs)
+        except Exception:
+            _log.failure("response filter failed on {target}", target=self.inbound.target[:200])
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                connection.abort()
+            self._end(proxyError(502, "a response filter failed on the upstream's response", "proxy_internal_error"))
+            return
         request.setResponseCode(status, reason or None)
         out = request.responseHeaders
         via: list[bytes] = []

@@ -34,6 +34,10 @@ HOP_BY_HOP = frozenset(
 #: Fields the proxy recomputes itself, so the inbound values are dropped with the hop-by-hop ones.
 FRAMING = frozenset({b"content-length", b"host", b"expect"})
 
+#: Fields the proxy rebuilds from the inbound ones (kept only from trusted proxies): see
+#: L{ForwardingPolicy.forwardingPairs}.
+FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"via"})
+
 Pairs = list[tuple[bytes, bytes]]
 
 
@@ -61,10 +65,10 @@ def requestHeaderPairs(headers: Headers) -> tuple[Pairs, bool]:
     """
     The end-to-end request fields of C{headers}, in order, and whether the client accepts trailers.
 
-    Hop-by-hop, Connection-listed and framing fields are left out; ``TE`` survives only as
+    Hop-by-hop, Connection-listed, framing and forwarding fields are left out; ``TE`` survives only as
     ``TE: trailers`` (added back by the caller when the second value is true).
     """
-    dropped = _dropped(headers.getRawHeaders(b"connection")) | FRAMING
+    dropped = _dropped(headers.getRawHeaders(b"connection")) | FRAMING | FORWARDING
     pairs: Pairs = []
     for name, values in headers.getAllRawHeaders():
         lowered = name.lower()

@@ -29,7 +29,7 @@ from twisted.web import http, server
 from twisted.web.resource import IResource
 
 from rproxy.errors import ProxyError, clientError, proxyError
-from rproxy.headers import isToken
+from rproxy.headers import connectionListed, isToken
 from rproxy.request import ProxyRequest
 
 _log = Logger()
@@ -139,6 +139,16 @@ class ProxyHTTPChannel(http.HTTPChannel):
     def _framingError(self, reason: str) -> bool:
         self._reject(clientError(400, reason))
         self.length = None
+        return False
+
+    def checkPersistence(self, request: http.Request, version: bytes) -> bool:
+        """Keep-alive unless HTTP/1.0 or ``close`` is among all the Connection tokens (Twisted reads one)."""
+        if version == b"HTTP/1.1" and b"close" not in connectionListed(
+            request.requestHeaders.getRawHeaders(b"connection")
+        ):
+            return True
+        if version == b"HTTP/1.1":
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         return False
 
     def allHeadersReceived(self) -> None:
