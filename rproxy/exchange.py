@@ -244,6 +244,8 @@ class Exchange:
         ):
             # A pooled connection the upstream had closed: the request never reached it.
             self._staleRetries += 1
+            if self.upstream in self._tried:  # not the upstream's fault: it may take the retry
+                self._tried.remove(self.upstream)
             self._attempt()
             return
         self._failed(error)

@@ -326,7 +326,10 @@ def _waitUntil(
 
     poll = task.LoopingCall(check)
     poll.clock = reactor
-    poll.start(0.05, now=True).addCallback(lambda _: result.callback(None))
+    # One more turn after the last check, so that aborts run (a reset, not a clean-looking close).
+    poll.start(0.05, now=True).addCallback(lambda _: task.deferLater(reactor, 0.05, lambda: None)).addCallback(
+        lambda _: result.callback(None)
+    )
     return result
 
 

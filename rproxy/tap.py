@@ -62,58 +62,47 @@ class Options(usage.Options):
             None,
             "Also serve the built-in demo upstream on this endpoint, and proxy to it when no --upstream is given.",
         ],
-        ["grace", None, 30.0, "Seconds in-flight exchanges get to finish on shutdown.", float],
-        ["connect-timeout", None, _DEFAULT_POOL.connectTimeout, "Seconds to connect to an upstream.", float],
+        ["grace", None, 30.0, "Seconds in-flight exchanges get to finish on shutdown."],
+        ["connect-timeout", None, _DEFAULT_POOL.connectTimeout, "Seconds to connect to an upstream."],
         [
             "response-timeout",
             None,
             _DEFAULT_POOL.responseTimeout,
             "Seconds for the response head once the request is sent (then 504).",
-            float,
         ],
         [
             "read-timeout",
             None,
             _DEFAULT_POOL.readTimeout,
             "Seconds an upstream may stay silent mid-response (then the exchange is aborted).",
-            float,
         ],
-        ["upstream-max-connections", None, _DEFAULT_POOL.maxConnections, "Connections per upstream at once.", int],
-        ["upstream-max-idle", None, _DEFAULT_POOL.maxIdle, "Idle connections kept per upstream.", int],
-        [
-            "upstream-idle-timeout",
-            None,
-            _DEFAULT_POOL.idleTimeout,
-            "Seconds an idle upstream connection is kept.",
-            float,
-        ],
+        ["upstream-max-connections", None, _DEFAULT_POOL.maxConnections, "Connections per upstream at once."],
+        ["upstream-max-idle", None, _DEFAULT_POOL.maxIdle, "Idle connections kept per upstream."],
+        ["upstream-idle-timeout", None, _DEFAULT_POOL.idleTimeout, "Seconds an idle upstream connection is kept."],
         [
             "upstream-queue",
             None,
             _DEFAULT_POOL.maxQueue,
             "Requests that may wait for a busy upstream's connection (more: 503).",
-            int,
         ],
         [
             "queue-timeout",
             None,
             _DEFAULT_POOL.queueTimeout,
             "Seconds a request may wait for an upstream connection (then 503).",
-            float,
         ],
         ["max-body-size", None, "0", "Largest request body, e.g. 10M (0: no limit; larger: 413)."],
-        ["max-request-line", None, _DEFAULT_CLIENT.maxRequestLine, "Longest request line (longer: 414).", int],
+        ["max-request-line", None, _DEFAULT_CLIENT.maxRequestLine, "Longest request line (longer: 414)."],
         ["max-header-size", None, str(_DEFAULT_CLIENT.maxHeaderBytes), "Largest request header section (larger: 431)."],
-        ["max-headers", None, _DEFAULT_CLIENT.maxHeaders, "Most request header fields (more: 431).", int],
+        ["max-headers", None, _DEFAULT_CLIENT.maxHeaders, "Most request header fields (more: 431)."],
         [
             "header-timeout",
             None,
             _DEFAULT_CLIENT.headerTimeout,
             "Seconds a client may take to send a request head (then 408).",
-            float,
         ],
-        ["client-timeout", None, _DEFAULT_CLIENT.idleTimeout, "Seconds an idle client connection is kept open.", float],
-        ["max-connections", None, _DEFAULT_CLIENT.maxConnections, "Client connections at once (more: 503).", int],
+        ["client-timeout", None, _DEFAULT_CLIENT.idleTimeout, "Seconds an idle client connection is kept open."],
+        ["max-connections", None, _DEFAULT_CLIENT.maxConnections, "Client connections at once (more: 503)."],
     ]
 
     def __init__(self) -> None:
@@ -227,15 +216,26 @@ def _configFile(arguments: list[str]) -> str | None:
     return None
 
 
+def _number(options: Options, name: str) -> Any:
+    """The option's value as the type of its default (int or float), or an error naming it."""
+    default = next(p[2] for p in Options.optParameters if p[0] == name)
+    kind = type(default)
+    try:
+        return kind(options[name])
+    except (TypeError, ValueError):
+        expected = "an integer" if kind is int else "a number"
+        raise usage.UsageError(f"--{name}: expected {expected}, got {options[name]!r}") from None
+
+
 def _positive(options: Options, name: str) -> Any:
-    value = options[name]
+    value = _number(options, name)
     if value <= 0:
         raise usage.UsageError(f"--{name}: must be greater than 0, got {value}")
     return value
 
 
 def _atLeastZero(options: Options, name: str) -> Any:
-    value = options[name]
+    value = _number(options, name)
     if value < 0:
         raise usage.UsageError(f"--{name}: must not be negative, got {value}")
     return value

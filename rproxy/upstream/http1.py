@@ -195,14 +195,18 @@ class HTTP11Connection(TwistedProtocol):
 
     # -- pool life
 
-    def idle(self, timeout: float) -> None:
-        """Wait in the pool; close after C{timeout} seconds unused."""
+    def recycle(self) -> None:
+        """Forget the finished exchange, ready for the next one."""
         self._receiver = None
         self.reused = True
         self._resetExchangeState()
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
+
+    def idle(self, timeout: float) -> None:
+        """Wait in the pool; close after C{timeout} seconds unused."""
+        self.recycle()
         self._idleTimer = self._reactor.callLater(timeout, self.transport.loseConnection)
 
     def _cancelIdleTimer(self) -> None:

@@ -120,7 +120,7 @@ class UpstreamPool:
         """Take back a connection whose exchange ended cleanly."""
         waiter = self._nextWaiter()
         if waiter is not None:
-            connection.reused = True
+            connection.recycle()
             waiter.callback(connection)
         elif len(self._idle) < self.settings.maxIdle and not self._closing:
             connection.idle(self.settings.idleTimeout)
