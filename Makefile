@@ -20,7 +20,7 @@ run: $(BIN)/twist
 ifeq ($(UPSTREAM),)
 	@echo "rproxy on http://127.0.0.1:8080 in front of the demo upstream on 127.0.0.1:9000. Try:"
 	@echo "  curl -i http://127.0.0.1:8080/echo -d hello"
-	@echo "  curl -N http://127.0.0.1:8080/stream?n=5&interval=1"
+	@echo "  curl -N 'http://127.0.0.1:8080/stream?n=5&interval=1'"
 	@echo "  curl -o /dev/null http://127.0.0.1:8080/large?size=1G"
 	@echo "  curl http://127.0.0.1:8080/slow?delay=2"
 	$(BIN)/twist --log-format=text rproxy --listen $(LISTEN) --demo-upstream tcp:9000:interface=127.0.0.1
