@@ -52,13 +52,17 @@ class ProxyConfig:
     client: ClientLimits = field(default_factory=ClientLimits)
 
 
-def argumentsFromMapping(settings: Mapping[str, object], where: str) -> list[str]:
+def argumentsFromMapping(settings: Mapping[str, object], where: str, known: Iterable[str]) -> list[str]:
     """
     Command-line arguments equivalent to C{settings} (option long name -> value), as read from a
-    TOML file: a list repeats the option, C{true} sets a flag, C{false} leaves it unset.
+    TOML file: a list repeats the option, C{true} sets a flag, C{false} leaves it unset.  A key that
+    is not one of the C{known} option names is an error naming C{where} and the key.
     """
+    knownNames = set(known)
     arguments: list[str] = []
     for key, value in settings.items():
+        if key.replace("_", "-") not in knownNames:
+            raise ValueError(f"{where}: unknown key {key!r} (see docs/options.md)")
         option = "--" + key.replace("_", "-")
         values: Iterable[object] = value if isinstance(value, list) else [value]
         for item in values:
@@ -72,7 +76,7 @@ def argumentsFromMapping(settings: Mapping[str, object], where: str) -> list[str
     return arguments
 
 
-def argumentsFromFile(path: str) -> list[str]:
+def argumentsFromFile(path: str, known: Iterable[str]) -> list[str]:
     """Command-line arguments from a TOML settings file; errors name the file and the key."""
     try:
         with open(path, "rb") as f:
@@ -81,7 +85,7 @@ def argumentsFromFile(path: str) -> list[str]:
         raise ValueError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: invalid TOML: {e}") from None
-    return argumentsFromMapping(settings, path)
+    return argumentsFromMapping(settings, path, known)
 
 
 def argumentsFromEnvironment(environ: Mapping[str, str], names: Iterable[str], flags: Iterable[str]) -> list[str]:

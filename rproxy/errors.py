@@ -9,8 +9,7 @@ fields go into a structured log event.
 from __future__ import annotations
 
 from enum import Enum
-
-from twisted.web.http import RESPONSES
+from http import HTTPStatus
 
 
 class Fault(Enum):
@@ -41,6 +40,14 @@ class ProxyError(Exception):
     def __repr__(self) -> str:
         return f"<ProxyError {self.status} {self.errorType}: {self.reason}>"
 
+    @property
+    def phrase(self) -> bytes:
+        """The status's reason phrase (Twisted's table lacks some, such as 431)."""
+        try:
+            return HTTPStatus(self.status).phrase.encode("ascii")
+        except ValueError:
+            return b"Error"
+
     def responseHead(self) -> list[tuple[bytes, bytes]]:
         """The header fields of the error response, body framing included."""
         return [
@@ -53,8 +60,7 @@ class ProxyError(Exception):
 
     def body(self) -> bytes:
         """``<status> <phrase>: <reason>`` and a newline."""
-        phrase = RESPONSES.get(self.status, b"Error")
-        return b"%d %s: %s\n" % (self.status, phrase, _oneLine(self.reason))
+        return b"%d %s: %s\n" % (self.status, self.phrase, _oneLine(self.reason))
 
     def proxyStatus(self) -> bytes:
         """The RFC 9209 ``Proxy-Status`` field value."""
@@ -63,8 +69,7 @@ class ProxyError(Exception):
 
     def responseBytes(self, version: bytes = b"HTTP/1.1", close: bool = True) -> bytes:
         """A complete raw response, for errors found before a request object exists."""
-        phrase = RESPONSES.get(self.status, b"Error")
-        head = [b"%s %d %s" % (version, self.status, phrase)]
+        head = [b"%s %d %s" % (version, self.status, self.phrase)]
         head += [name + b": " + value for name, value in self.responseHead()]
         if close:
             head.append(b"Connection: close")

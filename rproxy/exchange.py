@@ -165,7 +165,16 @@ class Exchange:
         self._pending = None
         if failure.check(CancelledError):
             return
-        self._failed(_asProxyError(failure))
+        error = _asProxyError(failure)
+        self._report(None, error)
+        service = self.service
+        assert service is not None
+        if len(self._tried) < len(service.registry.lookup(service.name)):
+            # Nothing reached that upstream: another one may take the request, whatever its method.
+            _log.info("{reason}; trying another upstream", reason=error.reason)
+            self._attempt()
+            return
+        self._end(error)
 
     def _head(self, upstream: Upstream) -> bytes:
         """The request line and header section for C{upstream}, the target kept byte-exact."""
@@ -295,13 +304,15 @@ class Exchange:
 
 def _joinPath(base: bytes, target: bytes) -> bytes:
     """Prefix C{target} with an upstream's base path, with exactly one slash between them."""
-    if not base or target == b"*":
+    if target == b"*":
         return target
     if target[:1] in (b"", b"?"):
-        return base + target
-    if base.endswith(b"/"):
-        return base + target[1:]
-    return base + target
+        joined = base + target
+    elif base.endswith(b"/"):
+        joined = base + target[1:]
+    else:
+        joined = base + target
+    return joined if joined.startswith(b"/") else b"/" + joined
 
 
 def _asProxyError(failure: Failure) -> ProxyError:

@@ -74,7 +74,7 @@ def sendError(request: http.Request, error: ProxyError) -> None:
         request.unregisterProducer()
         abortClient(request)
         return
-    request.setResponseCode(error.status)
+    request.setResponseCode(error.status, error.phrase)
     headers = request.responseHeaders
     for name, value in error.responseHead():
         headers.setRawHeaders(name, [value])

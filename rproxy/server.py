@@ -224,6 +224,9 @@ class _ProxyChannelProtocol(http._GenericHTTPChannelProtocol):
         channel: Any = self._channel
         if isinstance(channel, http.HTTPChannel):
             channel.persistent = False
+            for request in channel.requests:
+                if not request.startedWriting:
+                    request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             if not channel.requests:
                 channel.loseConnection()
         else:  # HTTP/2: GOAWAY, then the connection ends when its streams do

@@ -27,7 +27,7 @@ from rproxy.config import (
 )
 from rproxy.directors import SingleServiceDirector
 from rproxy.exchange import Proxy
-from rproxy.headers import ForwardingPolicy, parseNetworks
+from rproxy.headers import ForwardingPolicy, isToken, parseNetworks
 from rproxy.registry import MemoryRegistry
 from rproxy.resource import buildResource
 from rproxy.server import ClientLimits, DrainingService, ProxySite
@@ -138,7 +138,7 @@ class Options(usage.Options):
         configFile = _configFile(arguments)
         if configFile is not None:
             try:
-                arguments = argumentsFromFile(configFile) + arguments
+                arguments = argumentsFromFile(configFile, optionNames()) + arguments
             except ValueError as e:
                 raise usage.UsageError(str(e)) from None
         super().parseOptions(arguments)
@@ -159,6 +159,10 @@ class Options(usage.Options):
             parseNetworks(self["trusted-proxy"])
         except ValueError as e:
             raise usage.UsageError(f"--trusted-proxy: {e}") from None
+        if not isToken(self["via-name"].encode("utf-8")):
+            raise usage.UsageError(
+                f"--via-name: must be an HTTP token (letters, digits, -._~...), got {self['via-name']!r}"
+            )
         if self["balancer"] not in balancerFactories():
             raise usage.UsageError(
                 f"--balancer: unknown balancer {self['balancer']!r}; installed: "
@@ -207,12 +211,24 @@ def optionsFromEnvironment(environ: Mapping[str, str]) -> Options:
     return options
 
 
+def optionNames() -> list[str]:
+    """Every long option name, as a config file key."""
+    names = [str(p[0]) for p in Options.optParameters] + [str(f[0]) for f in Options.optFlags]
+    return names + sorted(REPEATABLE)
+
+
 def _configFile(arguments: list[str]) -> str | None:
+    """The --config file among C{arguments}, in any form getopt accepts (-c F, -cF, --conf=F, ...)."""
     for i, argument in enumerate(arguments):
-        if argument in ("--config", "-c") and i + 1 < len(arguments):
-            return arguments[i + 1]
-        if argument.startswith("--config="):
-            return argument.split("=", 1)[1]
+        name, equals, value = argument.partition("=")
+        if len(name) >= len("--conf") and "--config".startswith(name):
+            if equals:
+                return value
+            return arguments[i + 1] if i + 1 < len(arguments) else None
+        if argument == "-c":
+            return arguments[i + 1] if i + 1 < len(arguments) else None
+        if argument.startswith("-c") and not argument.startswith("--"):
+            return argument[2:]
     return None
 
 

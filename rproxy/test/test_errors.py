@@ -248,3 +248,19 @@ class ErrorAfterResponseTests(unittest.TestCase):
         await sleep(0.1)
         data = await rawRequest(proxy.port, GET, timeout=5)
         self.assertTrue(data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n\r\nok"), data)
+
+
+class FailoverBeforeSendingTests(unittest.TestCase):
+    async def test_refusedUpstreamSkipped(self) -> None:
+        """One of two upstreams refuses connections: every request, POSTs too, is served by the other."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            deadPort = s.getsockname()[1]
+        alive = ScriptedUpstream(self, answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+        proxy = startProxy(self, [f"http://127.0.0.1:{deadPort}", alive.url])
+        for method in (b"GET", b"POST", b"GET", b"POST"):
+            data = await rawRequest(
+                proxy.port, method + b" / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nz"
+            )
+            self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data)
+        self.assertEqual([r.body for r in alive.requests], [b"z"] * 4)

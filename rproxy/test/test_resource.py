@@ -82,3 +82,15 @@ class DropInTests(unittest.TestCase):
         data = await rawRequest(listening.port, b"GET /health HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
         self.assertTrue(data.endswith(b"healthy"), data)
         self.assertEqual(self.upstream.requests, [])
+
+
+class EmptyBasePathTests(unittest.TestCase):
+    async def test_mountPointWithEmptyBase(self) -> None:
+        """The stock usage ReverseProxyResource(host, port, b"") still sends an origin-form target."""
+        upstream = ScriptedUpstream(self, _ok)
+        root = Resource()
+        root.putChild(b"api", ReverseProxyResource("127.0.0.1", upstream.port, b""))
+        listening = listen(self, server.Site(root))
+        for target in (b"/api", b"/api?x=1"):
+            await rawRequest(listening.port, b"GET " + target + b" HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        self.assertEqual([r.requestLine for r in upstream.requests], [b"GET / HTTP/1.1", b"GET /?x=1 HTTP/1.1"])

@@ -243,11 +243,17 @@ async def startProxyProcess(testCase: unittest.TestCase, upstreamURL: str) -> tu
     """Run C{twist rproxy} in front of C{upstreamURL}; return its pid, port and process protocol."""
     twist = os.path.join(BIN, "twist")
     argv = [
-        twist, "--log-format=text", "rproxy",
-        "--listen", "tcp:0:interface=127.0.0.1",
-        "--upstream", upstreamURL,
-        "--access-log", "off",
-        "--grace", "1",
+        twist,
+        "--log-format=text",
+        "rproxy",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--upstream",
+        upstreamURL,
+        "--access-log",
+        "off",
+        "--grace",
+        "1",
     ]
     process = _ProxyProcess()
     transport = reactor.spawnProcess(process, twist, argv, env=dict(os.environ), path=_ROOT)
@@ -318,9 +324,7 @@ class RequestBodyStreamingTests(unittest.TestCase):
         body = os.urandom(20000)
         first, rest = body[:10000], body[10000:]
         head = b"POST /upload HTTP/1.1\r\nHost: example\r\nContent-Length: %d\r\n\r\n" % len(body)
-        up, client = await self._halfThenRest(
-            head, first, lambda head, got: len(got) >= len(body)
-        )
+        up, client = await self._halfThenRest(head, first, lambda head, got: len(got) >= len(body))
         self.assertTrue(up.head.startswith(b"POST /upload HTTP/1.1\r\n"))
         self.assertEqual(headerValues(up.head, b"content-length"), [b"20000"])
         await waitFor(lambda: len(up.body) >= len(first), 5, "the first half of the body upstream")
@@ -496,9 +500,7 @@ class UploadMemoryTests(unittest.TestCase):
         baseline = statusKiB(pid, "VmRSS")
 
         started = time.monotonic()
-        code, out, err = await curl(
-            ["-sS", "-H", "Expect:", "-T", path, f"http://127.0.0.1:{port}/upload"], timeout=90
-        )
+        code, out, err = await curl(["-sS", "-H", "Expect:", "-T", path, f"http://127.0.0.1:{port}/upload"], timeout=90)
         elapsed = time.monotonic() - started
         peak = statusKiB(pid, "VmHWM")
         print(
@@ -532,8 +534,7 @@ class _LargeUpstream(_Upstream):
         if self.head is not None and not self.sent and not self.stopped:
             self.transport.registerProducer(self, True)
             self.transport.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
-                % self.size
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % self.size
             )
             self.resumeProducing()
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 
 from twisted.python import usage
+from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
 from rproxy.config import argumentsFromFile
-from rproxy.tap import optionsFromEnvironment
+from rproxy.tap import Options, optionNames, optionsFromEnvironment
 from rproxy.test.support import BIN, ReceivedRequest, ScriptedUpstream, curl
 from rproxy.test.test_drain import (
     ProxyProcess,
@@ -185,6 +186,7 @@ class EnvironmentOptionsTests(unittest.TestCase):
         path = self.tomlFile('upstream = ["http://127.0.0.1:9001"]\nconect-timeout = 2\n')
         message = self.usageError({"RPROXY_CONFIG": path})
         self.assertIn("conect-timeout", message)
+        self.assertIn(path, message)
 
 
 class ArgumentsFromFileTests(unittest.TestCase):
@@ -206,7 +208,7 @@ class ArgumentsFromFileTests(unittest.TestCase):
             "version = false\n"
         )
         self.assertEqual(
-            argumentsFromFile(path),
+            argumentsFromFile(path, optionNames()),
             [
                 "--upstream",
                 "http://a:1",
@@ -223,7 +225,7 @@ class ArgumentsFromFileTests(unittest.TestCase):
     def test_invalidToml(self) -> None:
         path = self.tomlFile("listen = [\n")
         with self.assertRaises(ValueError) as caught:
-            argumentsFromFile(path)
+            argumentsFromFile(path, optionNames())
         self.assertIn(path, str(caught.exception))
         self.assertIn("invalid TOML", str(caught.exception))
 
@@ -231,7 +233,7 @@ class ArgumentsFromFileTests(unittest.TestCase):
         path = os.path.abspath(self.mktemp())
         os.mkdir(path)  # a directory: open() fails
         with self.assertRaises(ValueError) as caught:
-            argumentsFromFile(path)
+            argumentsFromFile(path, optionNames())
         self.assertIn(path, str(caught.exception))
         self.assertIn("cannot read", str(caught.exception))
 
@@ -239,6 +241,30 @@ class ArgumentsFromFileTests(unittest.TestCase):
         """A table where a value belongs: the error names the file and the key."""
         path = self.tomlFile("[grace]\nseconds = 3\n")
         with self.assertRaises(ValueError) as caught:
-            argumentsFromFile(path)
+            argumentsFromFile(path, optionNames())
         self.assertIn(path, str(caught.exception))
         self.assertIn("grace", str(caught.exception))
+
+
+class CommandLineConfigTests(unittest.TestCase):
+    """--config in every form getopt accepts loads the file; flags given after it override it."""
+
+    def test_configForms(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('upstream = ["http://127.0.0.1:9001"]\nconnect-timeout = 2\n')
+        for arguments in (["-c", path], ["-c" + path], ["--config", path], ["--conf=" + path], ["--config=" + path]):
+            options = Options()
+            options.parseOptions(arguments)
+            self.assertEqual(options.config.upstreams, ("http://127.0.0.1:9001",), arguments)
+            self.assertEqual(options.config.pool.connectTimeout, 2.0, arguments)
+        options = Options()
+        options.parseOptions(["-c", path, "--connect-timeout", "3"])
+        self.assertEqual(options.config.pool.connectTimeout, 3.0)
+
+    def test_viaNameMustBeToken(self) -> None:
+        options = Options()
+        error = self.assertRaises(
+            UsageError, options.parseOptions, ["--upstream", "http://127.0.0.1:1", "--via-name", "my proxy"]
+        )
+        self.assertIn("--via-name", str(error))

@@ -35,8 +35,11 @@ class HTTPChannelContractTests(unittest.TestCase):
         _RecordingRequest.seen = []
         root = Resource()
         listening = listen(self, server.Site(root, requestFactory=_RecordingRequest))
-        await rawRequest(listening.port, b"POST /a%2Fb?x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz"
-                         b"GET / HTTP/1.0\r\n\r\n", timeout=2)
+        await rawRequest(
+            listening.port,
+            b"POST /a%2Fb?x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nzGET / HTTP/1.0\r\n\r\n",
+            timeout=2,
+        )
         self.assertEqual(_RecordingRequest.seen[0], (b"POST", b"/a%2Fb?x", b"HTTP/1.1"))
 
     def test_privateMethods(self) -> None:
@@ -59,13 +62,23 @@ class HTTPChannelContractTests(unittest.TestCase):
     def test_privateState(self) -> None:
         """The channel state and helpers ProxyHTTPChannel reads."""
         channel = http.HTTPChannel()
-        for attribute in ("_transferDecoder", "_receivedHeaderSize", "_receivedHeaderCount", "requests",
-                          "persistent", "length", "_dataBuffer"):
+        for attribute in (
+            "_transferDecoder",
+            "_receivedHeaderSize",
+            "_receivedHeaderCount",
+            "requests",
+            "persistent",
+            "length",
+            "_dataBuffer",
+        ):
             self.assertTrue(hasattr(channel, attribute), f"HTTPChannel.{attribute} is gone")
-        self.assertEqual(list(inspect.signature(http._IdentityTransferDecoder).parameters),
-                         ["contentLength", "dataCallback", "finishCallback"])
-        self.assertEqual(list(inspect.signature(http._ChunkedTransferDecoder).parameters),
-                         ["dataCallback", "finishCallback"])
+        self.assertEqual(
+            list(inspect.signature(http._IdentityTransferDecoder).parameters),
+            ["contentLength", "dataCallback", "finishCallback"],
+        )
+        self.assertEqual(
+            list(inspect.signature(http._ChunkedTransferDecoder).parameters), ["dataCallback", "finishCallback"]
+        )
         self.assertRaises(ValueError, http._parseRequestLine, b"GET / HTTP/9")
 
     def test_genericChannelProtocol(self) -> None:

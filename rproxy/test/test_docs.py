@@ -1,0 +1,149 @@
+"""
+The documentation against the code: docs/options.md documents every option of L{rproxy.tap.Options}, and
+nothing else, with the code's defaults; README.md shows the commands a newcomer runs.
+
+docs/options.md describes each option as a C{### --name} heading whose first line below is its default:
+
+    Default: `5.0`          an optParameter whose code default is 5.0
+    Default: none           an optParameter whose code default is None
+    Default: off            a flag
+    Default: (repeatable)   an option that may be given more than once (rproxy.config.REPEATABLE)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from twisted.trial import unittest
+
+import rproxy
+from rproxy.config import REPEATABLE
+from rproxy.tap import Options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(rproxy.__file__)))
+OPTIONS_MD = os.path.join(ROOT, "docs", "options.md")
+README_MD = os.path.join(ROOT, "README.md")
+
+_HEADING = re.compile(r"^### --([A-Za-z0-9][A-Za-z0-9-]*)\s*$")
+_DEFAULT = re.compile(r"^Default: (`[^`]*`|none|off|\(repeatable\))\s*$")
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def documentedOptions(text: str) -> dict[str, str | None]:
+    """
+    Each C{### --name} heading of C{text} and the default given on the first non-empty line below it
+    (C{"`5.0`"}, C{"none"}, C{"off"}, C{"(repeatable)"}), or C{None} when that line is not a default.
+    Headings inside fenced code blocks are ignored.
+    """
+    documented: dict[str, str | None] = {}
+    lines = text.splitlines()
+    fenced = False
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            fenced = not fenced
+        if fenced:
+            continue
+        heading = _HEADING.match(line)
+        if heading is None:
+            continue
+        name = heading.group(1)
+        if name in documented:
+            raise AssertionError(f"--{name} is documented twice")
+        following = next((later for later in lines[i + 1 :] if later.strip()), "")
+        default = _DEFAULT.match(following)
+        documented[name] = default.group(1) if default else None
+    return documented
+
+
+def codeOptions() -> dict[str, str]:
+    """
+    Every option of L{Options} (from optParameters, optFlags and the opt_* methods; not --help) and its
+    default as docs/options.md must show it.
+    """
+    options: dict[str, str] = {}
+    for method in dir(Options):
+        if method.startswith("opt_") and callable(getattr(Options, method)):
+            name = method[len("opt_") :].replace("_", "-")
+            if name != "help":
+                options[name] = "(repeatable)" if name in REPEATABLE else "off"
+    for flag in Options.optFlags:
+        options[str(flag[0])] = "off"
+    for parameter in Options.optParameters:
+        name, default = str(parameter[0]), parameter[2]
+        options[name] = "none" if default is None else f"`{default}`"
+    for name in REPEATABLE:
+        options[name] = "(repeatable)"
+    return options
+
+
+class OptionsReferenceTests(unittest.TestCase):
+    """docs/options.md and rproxy.tap.Options describe the same options."""
+
+    def setUp(self) -> None:
+        self.documented = documentedOptions(_read(OPTIONS_MD))
+        self.code = codeOptions()
+
+    def test_sameOptions(self) -> None:
+        """Every option has a C{### --name} heading, and every heading is an option."""
+        undocumented = sorted(set(self.code) - set(self.documented))
+        unknown = sorted(set(self.documented) - set(self.code))
+        self.assertEqual(
+            (undocumented, unknown),
+            ([], []),
+            "docs/options.md is out of date: (options without a '### --name' heading, "
+            "headings of options that do not exist)",
+        )
+
+    def test_defaultLines(self) -> None:
+        """The first line under every heading is a C{Default: ...} line."""
+        missing = sorted(name for name, default in self.documented.items() if default is None)
+        self.assertEqual(missing, [], "headings in docs/options.md without a 'Default: ...' line right below")
+
+    def test_defaults(self) -> None:
+        """Each documented default is the code's: optParameters' values, none, off or (repeatable)."""
+        wrong = {
+            name: (self.documented[name], expected)
+            for name, expected in sorted(self.code.items())
+            if name in self.documented and self.documented[name] is not None and self.documented[name] != expected
+        }
+        self.assertEqual(wrong, {}, "docs/options.md defaults that differ from the code: {name: (documented, code)}")
+
+    def test_parametersCovered(self) -> None:
+        """The options of each kind are all found (guards the parsing above against silently finding none)."""
+        self.assertIn("connect-timeout", self.code)
+        self.assertIn("rewrite-host", self.code)
+        self.assertIn("upstream", self.code)
+        self.assertNotIn("help", self.code)
+        self.assertEqual(self.documented.get("connect-timeout"), f"`{Options().defaults['connect-timeout']}`")
+
+
+class ParsingTests(unittest.TestCase):
+    """The helpers above read the format the module docstring describes."""
+
+    def test_headingsAndDefaults(self) -> None:
+        text = (
+            "# Title\n\n### --alpha\n\nDefault: `5.0`\n\nText.\n\n### --beta\nDefault: none\n\n"
+            "### --gamma\n\nSeconds.\n\n```\n### --in-code\n```\n\n### --delta\n\nDefault: (repeatable)\n"
+        )
+        self.assertEqual(
+            documentedOptions(text),
+            {"alpha": "`5.0`", "beta": "none", "gamma": None, "delta": "(repeatable)"},
+        )
+
+    def test_duplicateHeading(self) -> None:
+        with self.assertRaises(AssertionError):
+            documentedOptions("### --alpha\n\nDefault: off\n\n### --alpha\n\nDefault: off\n")
+
+
+class ReadmeTests(unittest.TestCase):
+    """README.md shows the commands that set up, run and test rproxy."""
+
+    def test_commands(self) -> None:
+        readme = _read(README_MD)
+        for command in ("make run", "make test"):
+            self.assertIn(command, readme)
