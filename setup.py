@@ -33,7 +33,7 @@ setup(
     extras_require={
         "test": ["h2>=4.1,<5"],
         "dev": ["mypy>=1.13", "mypy-zope>=1.0.9", "ruff>=0.8"],
-        "bench": ["aiohttp>=3.10"],
+        "bench": ["aiohttp>=3.10", "py-spy>=0.4"],
     },
     classifiers=[
         "Framework :: Twisted",

@@ -1,0 +1,616 @@
+"""
+Processes, tools and measurements shared by the rproxy benchmarks (see README.md).
+
+Every server is started in its own session so that it and its children (nginx workers) can be
+stopped as a group, and every external command runs with a timeout: a benchmark run is bounded
+in time and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+#: The virtualenv's bin directory (run.py is started with the venv's python).
+VENV_BIN = Path(sys.executable).parent
+WRK_SCRIPT = HERE / "wrk_report.lua"
+#: Where results are written (gitignored).
+RESULTS = HERE / "results"
+MIB = 1024 * 1024
+HOST = "127.0.0.1"
+
+#: Tools the benchmarks run, and the Debian package of each.
+TOOLS = {"wrk": "wrk", "nginx": "nginx", "curl": "curl", "taskset": "util-linux"}
+
+# nginx lives in /usr/sbin, which a non-login PATH may lack.
+_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+
+
+class BenchError(Exception):
+    """A benchmark step failed; the message says which and why."""
+
+
+def run_command(
+    argv: Sequence[str], timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run C{argv} to completion within C{timeout} seconds; raise L{BenchError} if it fails."""
+    try:
+        result = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{argv[0]} did not finish within {timeout:g}s") from None
+    if result.returncode != 0:
+        output = (result.stderr or result.stdout).strip()[-2000:]
+        raise BenchError(f"{' '.join(argv)} exited with {result.returncode}: {output}")
+    return result
+
+
+def find_tool(name: str) -> str | None:
+    """The path of the executable C{name} (also searching the sbin directories)."""
+    return shutil.which(name, path=_SEARCH_PATH)
+
+
+def ensure_tools() -> dict[str, str]:
+    """
+    The paths of wrk, nginx, curl and taskset, installing the missing ones with apt-get.
+
+    Installing needs root (as on a fresh CI machine); otherwise the error says what to install.
+    """
+    missing = sorted({pkg for tool, pkg in TOOLS.items() if find_tool(tool) is None})
+    if missing:
+        if os.geteuid() != 0:
+            raise BenchError(
+                f"missing packages {', '.join(missing)}: run 'apt-get install {' '.join(missing)}' as root"
+            )
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        print(f"installing {' '.join(missing)} with apt-get ...", flush=True)
+        run_command(["apt-get", "update", "-qq"], timeout=300, env=env)
+        run_command(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+            timeout=900,
+            env=env,
+        )
+    paths = {tool: find_tool(tool) for tool in TOOLS}
+    absent = [tool for tool, path in paths.items() if path is None]
+    if absent:
+        raise BenchError(f"still missing after apt-get install: {', '.join(absent)}")
+    return {tool: path for tool, path in paths.items() if path is not None}
+
+
+def ensure_venv_tool(executable: str, requirement: str) -> str:
+    """The path of C{executable} in this virtualenv, pip-installing C{requirement} if it is missing."""
+    path = shutil.which(executable, path=str(VENV_BIN))
+    if path is None:
+        print(f"installing {requirement} with pip ...", flush=True)
+        run_command(
+            [sys.executable, "-m", "pip", "install", "--quiet", requirement],
+            timeout=600,
+        )
+        path = shutil.which(executable, path=str(VENV_BIN))
+    if path is None:
+        raise BenchError(f"pip installed {requirement} but {executable} is not in {VENV_BIN}")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def pinned(cpu: int, argv: Sequence[str]) -> list[str]:
+    """C{argv} run on CPU C{cpu} only (taskset execs the command: the pid stays the same)."""
+    return ["taskset", "-c", str(cpu), *argv]
+
+
+def _status_kib(pid: int, field: str) -> int:
+    """A C{kB} field (VmHWM, VmRSS) of /proc/<pid>/status, 0 if the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _process_tree(pid: int) -> list[int]:
+    """C{pid} and its descendants."""
+    tree = [pid]
+    for member in tree:
+        try:
+            children = Path(f"/proc/{member}/task/{member}/children").read_text()
+        except OSError:
+            continue
+        tree.extend(int(child) for child in children.split())
+    return tree
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of process C{pid} so far, zeros if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0, 0.0
+    fields = stat.rpartition(")")[2].split()  # after "pid (comm)": state is fields[0]
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
+def _core_busy_seconds(cpu: int) -> float:
+    """Seconds CPU C{cpu} spent running anything (not idle or waiting for I/O) since boot."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name == f"cpu{cpu}":
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(t) for t in ticks[:8])
+            return (user + nice + system + irq + softirq + steal) / _TICK
+    raise BenchError(f"no cpu{cpu} in /proc/stat")
+
+
+@dataclass(frozen=True)
+class CpuUsage:
+    """
+    How busy the CPUs were during a measurement, in percent of wall time.
+
+    @ivar proxy: the proxy's processes (100: one core saturated).
+    @ivar proxy_kernel: the part of C{proxy} spent in the kernel (system calls, TCP).
+    @ivar proxy_core_others: everything else on the proxy's CPU (other load skews the result).
+    @ivar load_core: everything on the load CPU (origin, wrk or curl, and anything else).
+    """
+
+    proxy: float
+    proxy_kernel: float
+    proxy_core_others: float
+    load_core: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The usage as a JSON-ready dict."""
+        return asdict(self)
+
+
+class CpuMeter:
+    """Measures L{CpuUsage} between its creation and L{stop}."""
+
+    def __init__(self, server: Server, settings: Settings) -> None:
+        self._server = server
+        self._settings = settings
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float, float, float]:
+        user, system = self._server.cpu_seconds()
+        return (
+            time.monotonic(),
+            user,
+            system,
+            _core_busy_seconds(self._settings.proxy_cpu),
+            _core_busy_seconds(self._settings.load_cpu),
+        )
+
+    def stop(self) -> CpuUsage:
+        """The usage since the meter was created."""
+        end = self._sample()
+        wall, user, system, proxy_core, load_core = (b - a for a, b in zip(self._start, end, strict=True))
+
+        def percent(seconds: float) -> float:
+            return round(max(0.0, 100 * seconds / wall), 1)
+
+        return CpuUsage(
+            percent(user + system), percent(system), percent(proxy_core - user - system), percent(load_core)
+        )
+
+
+class Server:
+    """
+    A long-running process (origin or proxy) in its own session, its output in a log file.
+
+    @ivar name: what messages call it.
+    @ivar argv: the command it runs.
+    """
+
+    def __init__(self, name: str, argv: Sequence[str], log: Path) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log = log
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        """The process id (of the nginx master for nginx)."""
+        return self.process.pid
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last C{lines} lines of the server's output."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_listening(self, port: int, timeout: float = 20.0) -> None:
+        """Return once C{port} accepts connections; raise L{BenchError} if the server dies or is slow."""
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise BenchError(f"{self.name} exited with {code} while starting:\n{self.log_tail()}")
+            try:
+                socket.create_connection((HOST, port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError(
+                        f"{self.name} did not listen on {HOST}:{port} within {timeout:g}s:\n{self.log_tail()}"
+                    ) from None
+                time.sleep(0.05)
+
+    def check_alive(self) -> None:
+        """Raise L{BenchError} if the server has exited."""
+        code = self.process.poll()
+        if code is not None:
+            raise BenchError(f"{self.name} exited with {code}:\n{self.log_tail()}")
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """User and system CPU time the server's processes have used so far."""
+        times = [_process_cpu_seconds(pid) for pid in _process_tree(self.pid)]
+        return sum(user for user, _ in times), sum(system for _, system in times)
+
+    def peak_rss_mib(self) -> float:
+        """The peak resident memory (VmHWM) of the server, summed over its processes, in MiB."""
+        return sum(_status_kib(pid, "VmHWM") for pid in _process_tree(self.pid)) / 1024
+
+    def rss_mib(self) -> float:
+        """The current resident memory (VmRSS) of the server, summed over its processes, in MiB."""
+        return sum(_status_kib(pid, "VmRSS") for pid in _process_tree(self.pid)) / 1024
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group, SIGKILL it after 5 s; idempotent."""
+        if self.process.poll() is not None:
+            return
+        # The group is signalled only while its leader is known not to be reaped, so the
+        # group id cannot have been reused.
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
+
+
+def nginx_config(prefix: Path, port: int, server_body: str, http_extra: str = "") -> Path:
+    """
+    Write the config of an nginx with one worker and no access log, everything under C{prefix}.
+
+    Keep-alive connections serve up to a million requests (not nginx's default 1000), so that
+    neither the origin nor the nginx proxy closes connections during a run.
+
+    @param server_body: the directives of the one C{server} block (listening on C{port}).
+    @param http_extra: more directives for the C{http} block (an C{upstream} block).
+    """
+    for temp in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / temp).mkdir(parents=True, exist_ok=True)
+    config = prefix / "nginx.conf"
+    config.write_text(
+        f"""daemon off;
+master_process on;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    keepalive_requests 1000000;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+{http_extra}
+    server {{
+        listen {HOST}:{port};
+{server_body}
+    }}
+}}
+"""
+    )
+    return config
+
+
+def nginx_argv(nginx: str, prefix: Path, config: Path) -> list[str]:
+    """The command running nginx with C{config}, in the foreground, logging under C{prefix}."""
+    return [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(config)]
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    """
+    One wrk run.
+
+    @ivar socket_errors: connect, read, write errors and timeouts, summed.
+    @ivar non_2xx: responses whose status was not 2xx or 3xx.
+    """
+
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The result as a JSON-ready dict."""
+        return asdict(self)
+
+
+def wrk_argv(url: str, seconds: int, connections: int, cpu: int) -> list[str]:
+    """The pinned wrk command for one load test."""
+    return pinned(
+        cpu,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "--timeout",
+            "5s",
+            "-s",
+            str(WRK_SCRIPT),
+            url,
+        ],
+    )
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """The result that wrk_report.lua printed (a C{WRK_JSON} line) in wrk's C{output}."""
+    for line in output.splitlines():
+        if line.startswith("WRK_JSON "):
+            data = json.loads(line[len("WRK_JSON ") :])
+            seconds = data["duration_us"] / 1e6
+            return WrkResult(
+                requests=data["requests"],
+                seconds=round(seconds, 3),
+                rps=round(data["requests"] / seconds, 1),
+                p50_ms=round(data["p50_us"] / 1000, 3),
+                p99_ms=round(data["p99_us"] / 1000, 3),
+                non_2xx=data["status"],
+                socket_errors=data["connect"] + data["read"] + data["write"] + data["timeout"],
+            )
+    raise BenchError(f"wrk printed no result:\n{output[-2000:]}")
+
+
+def run_wrk(url: str, seconds: int, connections: int, cpu: int) -> WrkResult:
+    """Load C{url} with wrk for C{seconds} seconds over C{connections} connections."""
+    output = run_command(wrk_argv(url, seconds, connections, cpu), timeout=seconds + 30).stdout
+    return parse_wrk(output)
+
+
+def download_mib_s(url: str, size: int, cpu: int) -> float:
+    """Download C{url} (C{size} bytes expected) with curl; return its speed in MiB/s."""
+    output = run_command(
+        pinned(
+            cpu,
+            [
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "120",
+                "-w",
+                "%{http_code} %{size_download} %{speed_download}",
+                url,
+            ],
+        ),
+        timeout=150,
+    ).stdout
+    code, received, speed = output.split()
+    if code != "200" or int(received) != size:
+        raise BenchError(f"download of {url}: status {code}, {received} of {size} bytes")
+    return float(speed) / MIB
+
+
+#: The proxies under test, in the order they run and appear in the table.
+PROXIES = ("rproxy", "twisted-stock", "aiohttp", "nginx")
+#: The small files wrk requests, by name.
+SMALL = {"100B": 100, "1KiB": 1024}
+#: The large file curl downloads.
+LARGE_NAME, LARGE_SIZE = "100MiB", 100 * MIB
+
+
+@dataclass(frozen=True)
+class Settings:
+    """
+    How long and how hard each proxy is loaded, and where everything runs.
+
+    @ivar duration: seconds of each measured wrk run.
+    @ivar warmup: seconds of the wrk run before each measured one.
+    @ivar connections: wrk's concurrent connections.
+    @ivar downloads: downloads of the large file (the best one counts).
+    @ivar proxy_cpu: the CPU the proxy under test is pinned to.
+    @ivar load_cpu: the CPU the origin, wrk and curl are pinned to.
+    """
+
+    duration: int = 10
+    warmup: int = 2
+    connections: int = 50
+    downloads: int = 3
+    proxy_cpu: int = 0
+    load_cpu: int = 1
+
+
+class Bench:
+    """
+    A temporary directory, an nginx origin serving the payloads, and the proxies put in front of it.
+
+    Use it as a context manager: leaving it stops every server it started and removes the directory.
+    """
+
+    def __init__(self, settings: Settings, tools: dict[str, str]) -> None:
+        self.settings = settings
+        self.tools = tools
+        self.servers: list[Server] = []
+        self.workdir = Path(tempfile.mkdtemp(prefix="rproxy-bench-"))
+        # Started by root, nginx's worker runs as nobody and must be able to read the payloads.
+        self.workdir.chmod(0o755)
+        self.origin_port = 0
+
+    def __enter__(self) -> Bench:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every server started and remove the temporary directory."""
+        for server in reversed(self.servers):
+            server.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def start(self, name: str, argv: Sequence[str], port: int) -> Server:
+        """Start a server and wait until it listens on C{port}."""
+        server = Server(name, argv, self.workdir / f"{name}-{len(self.servers)}.log")
+        self.servers.append(server)
+        try:
+            server.wait_listening(port)
+        except BenchError:
+            server.stop()  # not left running (or starting) while the next proxy is measured
+            raise
+        return server
+
+    def start_origin(self) -> None:
+        """Write the payloads and start the nginx origin on the load CPU."""
+        www = self.workdir / "www"
+        www.mkdir()
+        for name, size in SMALL.items():
+            (www / f"{name}.bin").write_bytes(_payload(size))
+        block = os.urandom(MIB)
+        with (www / f"{LARGE_NAME}.bin").open("wb") as large:
+            for _ in range(LARGE_SIZE // MIB):
+                large.write(block)
+        self.origin_port = free_port()
+        prefix = self.workdir / "origin"
+        config = nginx_config(
+            prefix,
+            self.origin_port,
+            f"""        root {www};
+        sendfile on;
+        tcp_nopush on;""",
+        )
+        self.start(
+            "origin",
+            pinned(self.settings.load_cpu, nginx_argv(self.tools["nginx"], prefix, config)),
+            self.origin_port,
+        )
+
+    def proxy_argv(self, name: str, port: int) -> list[str]:
+        """The command (not yet pinned) running proxy C{name} on C{port} in front of the origin."""
+        origin = self.origin_port
+        if name == "rproxy":
+            return [
+                str(VENV_BIN / "twist"),
+                "rproxy",
+                "--listen",
+                f"tcp:{port}:interface={HOST}",
+                "--upstream",
+                f"http://{HOST}:{origin}",
+                "--access-log",
+                "off",
+            ]
+        if name in ("twisted-stock", "aiohttp"):
+            script = "stock_twisted_proxy.py" if name == "twisted-stock" else "aiohttp_proxy.py"
+            return [
+                sys.executable,
+                str(HERE / script),
+                "--port",
+                str(port),
+                "--origin-port",
+                str(origin),
+            ]
+        if name == "nginx":
+            prefix = self.workdir / f"nginx-proxy-{port}"
+            config = nginx_config(
+                prefix,
+                port,
+                """        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }""",
+                f"""    upstream origin {{
+        server {HOST}:{origin};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}""",
+            )
+            return nginx_argv(self.tools["nginx"], prefix, config)
+        raise BenchError(f"unknown proxy {name!r}; known: {', '.join(PROXIES)}")
+
+    @contextmanager
+    def proxy(self, name: str) -> Iterator[tuple[Server, str]]:
+        """
+        Run proxy C{name} on the proxy CPU while the block runs; yield it and its base URL.
+
+        The small payloads are fetched through it first, so a broken proxy fails fast.
+        """
+        port = free_port()
+        server = self.start(name, pinned(self.settings.proxy_cpu, self.proxy_argv(name, port)), port)
+        try:
+            base = f"http://{HOST}:{port}"
+            for payload, size in SMALL.items():
+                try:
+                    with urllib.request.urlopen(f"{base}/{payload}.bin", timeout=10) as response:
+                        body = response.read()
+                except OSError as e:  # URLError and HTTPError included
+                    raise BenchError(f"{name} failed to serve {payload}.bin: {e}") from None
+                if body != _payload(size):
+                    raise BenchError(f"{name} returned {len(body)} wrong bytes for {payload}.bin")
+            yield server, base
+        finally:
+            server.stop()
+
+
+def _payload(size: int) -> bytes:
+    """The content of a small payload file of C{size} bytes."""
+    return (b"0123456789abcdef" * (size // 16 + 1))[:size]

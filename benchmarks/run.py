@@ -1,0 +1,349 @@
+"""
+``make bench``: rproxy against Twisted's stock proxy, an aiohttp proxy and nginx, one core each.
+
+Each proxy in turn is put in front of an nginx origin and loaded with wrk (small responses) and
+curl (a 100 MiB download); the proxy runs on one CPU, the origin and the load generator on the
+other.  Prints one table and writes benchmarks/results/latest.json.  See benchmarks/README.md.
+
+    .venv/bin/python benchmarks/run.py            # the full comparison
+    .venv/bin/python benchmarks/run.py --profile  # rproxy's hot path under py-spy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from harness import (
+    LARGE_NAME,
+    LARGE_SIZE,
+    PROXIES,
+    REPO,
+    RESULTS,
+    SMALL,
+    Bench,
+    BenchError,
+    CpuMeter,
+    Settings,
+    download_mib_s,
+    ensure_tools,
+    run_wrk,
+    wrk_argv,
+)
+from profiling import profile_rproxy
+
+Result = dict[str, Any]
+
+
+def measure(bench: Bench, name: str) -> Result:
+    """Load proxy C{name} with wrk, then (in a fresh process) time the large download."""
+    settings = bench.settings
+    result: Result = {"proxy": name}
+    with bench.proxy(name) as (server, base):
+        result["command"] = server.argv
+        for payload in SMALL:
+            url = f"{base}/{payload}.bin"
+            print(f"  {name}: wrk {payload} ...", flush=True)
+            run_wrk(url, settings.warmup, settings.connections, settings.load_cpu)
+            meter = CpuMeter(server, settings)
+            load = run_wrk(url, settings.duration, settings.connections, settings.load_cpu)
+            result[payload] = {**load.as_dict(), "cpu": meter.stop().as_dict()}
+            server.check_alive()
+        result["rss_load_mib"] = round(server.peak_rss_mib(), 1)
+    # A fresh process, so that its peak RSS is the streaming one alone.
+    with bench.proxy(name) as (server, base):
+        result["rss_idle_mib"] = round(server.rss_mib(), 1)
+        print(f"  {name}: {settings.downloads} x curl {LARGE_NAME} ...", flush=True)
+        meter = CpuMeter(server, settings)
+        speeds = [
+            round(download_mib_s(f"{base}/{LARGE_NAME}.bin", LARGE_SIZE, settings.load_cpu), 1)
+            for _ in range(settings.downloads)
+        ]
+        result["download_cpu"] = meter.stop().as_dict()
+        server.check_alive()
+        result["download_mib_s"] = max(speeds)
+        result["download_runs_mib_s"] = speeds
+        result["rss_stream_mib"] = round(server.peak_rss_mib(), 1)
+    return result
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or not reference:
+        return None
+    return round(value / reference, 2)
+
+
+def _metrics(result: Result) -> dict[str, float | None]:
+    """The compared figures of one result: requests/s per small payload and the download MiB/s."""
+    metrics: dict[str, float | None] = {f"rps_{payload}": result.get(payload, {}).get("rps") for payload in SMALL}
+    metrics["download_mib_s"] = result.get("download_mib_s")
+    return metrics
+
+
+def add_ratios(results: dict[str, Result]) -> None:
+    """Add each result's ratios to the stock Twisted proxy and to nginx."""
+    references = {reference: _metrics(results.get(reference, {})) for reference in ("twisted-stock", "nginx")}
+    for result in results.values():
+        mine = _metrics(result)
+        result["ratios"] = {
+            f"vs_{reference}": {key: _ratio(mine[key], theirs[key]) for key in mine}
+            for reference, theirs in references.items()
+        }
+
+
+def evaluate_targets(results: dict[str, Result]) -> list[dict[str, Any]]:
+    """The project's targets for rproxy on one core, each with its measured value and verdict."""
+    mine = results.get("rproxy", {})
+    peer = results.get("aiohttp", {})
+    targets: list[dict[str, Any]] = []
+
+    def target(description: str, value: str, met: bool | None) -> None:
+        targets.append({"target": description, "measured": value, "met": met})
+
+    if "error" in mine:
+        target("rproxy ran", mine["error"], False)
+        return targets
+    for payload in SMALL:
+        ratio = mine["ratios"]["vs_twisted-stock"][f"rps_{payload}"]
+        errors = mine[payload]["non_2xx"] + mine[payload]["socket_errors"]
+        target(
+            f">= 4x stock Twisted requests/s on {payload}, zero errors",
+            f"{ratio}x, {errors} errors" if ratio is not None else f"stock failed, {errors} errors",
+            None if ratio is None else ratio >= 4 and errors == 0,
+        )
+        theirs = peer.get(payload, {}).get("rps")
+        target(
+            f"more requests/s than aiohttp on {payload}",
+            f"{mine[payload]['rps']:.0f} vs {theirs:.0f}" if theirs else "aiohttp failed",
+            None if not theirs else mine[payload]["rps"] > theirs,
+        )
+    target(
+        f">= 900 MiB/s on the {LARGE_NAME} download",
+        f"{mine['download_mib_s']:.0f} MiB/s",
+        mine["download_mib_s"] >= 900,
+    )
+    target(
+        f"peak RSS < 64 MiB while streaming {LARGE_NAME}",
+        f"{mine['rss_stream_mib']:.1f} MiB",
+        mine["rss_stream_mib"] < 64,
+    )
+    return targets
+
+
+def notes(results: dict[str, Result]) -> list[str]:
+    """The measurements that something other than the proxy may have limited or skewed."""
+    found: list[str] = []
+    for name, result in results.items():
+        usages = [(payload, result[payload]["cpu"]) for payload in SMALL if payload in result]
+        if "download_cpu" in result:
+            usages.append((LARGE_NAME, result["download_cpu"]))
+        for what, cpu in usages:
+            if cpu["proxy_core_others"] > 10:
+                found.append(f"{name} {what}: other processes took {cpu['proxy_core_others']:.0f}% of the proxy's CPU")
+            if cpu["load_core"] > 95:
+                found.append(
+                    f"{name} {what}: the load CPU was {cpu['load_core']:.0f}% busy "
+                    "(origin and load generator may be the limit)"
+                )
+    return found
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(results: dict[str, Result]) -> str:
+    """The results as one fixed-width table, one proxy per row."""
+    columns: list[tuple[str, str]] = [("proxy", "<14")]
+    for payload in SMALL:
+        columns += [
+            (f"{payload} req/s", ">11"),
+            ("p50 ms", ">7"),
+            ("p99 ms", ">7"),
+            ("err", ">5"),
+            ("cpu%", ">5"),
+        ]
+    columns += [("MiB/s", ">7"), ("RSS load", ">8"), ("RSS strm", ">8")]
+    for reference in ("stock", "nginx"):
+        columns += [(f"x{reference} {payload}", ">12") for payload in SMALL]
+        columns += [(f"x{reference} MiB/s", ">12")]
+    lines = ["  ".join(format(header, spec) for header, spec in columns)]
+    lines.append("-" * len(lines[0]))
+    for name, result in results.items():
+        if "error" in result:
+            lines.append(f"{name:<14}  FAILED: {result['error'].splitlines()[0][:150]}")
+            continue
+        cells: list[str] = [name]
+        for payload in SMALL:
+            load = result[payload]
+            cells += [
+                f"{load['rps']:.0f}",
+                f"{load['p50_ms']:.2f}",
+                f"{load['p99_ms']:.2f}",
+                f"{load['non_2xx']}/{load['socket_errors']}",
+                f"{load['cpu']['proxy']:.0f}",
+            ]
+        cells += [
+            f"{result['download_mib_s']:.0f}",
+            f"{result['rss_load_mib']:.1f}",
+            f"{result['rss_stream_mib']:.1f}",
+        ]
+        for reference in ("twisted-stock", "nginx"):
+            ratios = result["ratios"][f"vs_{reference}"]
+            cells += [_fmt(ratios[key], ".2f") for key in _metrics(result)]
+        lines.append("  ".join(format(cell, spec) for cell, (_, spec) in zip(cells, columns, strict=True)))
+    return "\n".join(lines)
+
+
+def _version(argv: list[str]) -> str:
+    """The first line a tool prints about its version (wrk and nginx print it on stderr)."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    output = ((done.stdout or "") + (done.stderr or "")).strip()
+    return output.splitlines()[0] if output else "unknown"
+
+
+def environment(tools: dict[str, str]) -> dict[str, Any]:
+    """What the numbers depend on: versions, CPU, kernel, the rproxy commit."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "commit": commit or None,
+        "python": platform.python_version(),
+        "twisted": metadata.version("twisted"),
+        "aiohttp": metadata.version("aiohttp"),
+        "nginx": _version([tools["nginx"], "-v"]),
+        "wrk": _version([tools["wrk"], "-v"]),
+        "curl": _version([tools["curl"], "--version"]),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+    }
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Turn SIGTERM into SystemExit, so that the servers are still stopped."""
+    raise SystemExit(128 + signum)
+
+
+def parse_arguments() -> argparse.Namespace:
+    """The command line (see --help)."""
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip("` \n"))
+    parser.add_argument(
+        "--proxies",
+        default=",".join(PROXIES),
+        help=f"comma-separated proxies to run (default: {','.join(PROXIES)})",
+    )
+    parser.add_argument("--duration", type=int, default=defaults.duration, help="seconds per wrk run")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="seconds of warm-up wrk")
+    parser.add_argument("--connections", type=int, default=defaults.connections, help="wrk connections")
+    parser.add_argument("--downloads", type=int, default=defaults.downloads, help="large downloads")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the comparison, profile rproxy under wrk load with py-spy",
+    )
+    parser.add_argument("--profile-seconds", type=int, default=15, help="seconds py-spy samples")
+    args = parser.parse_args()
+    args.proxies = [name.strip() for name in args.proxies.split(",") if name.strip()]
+    unknown = sorted(set(args.proxies) - set(PROXIES))
+    if unknown:
+        parser.error(f"unknown proxies {', '.join(unknown)}; known: {', '.join(PROXIES)}")
+    return args
+
+
+def main() -> int:
+    """Run the comparison (or the profile); return the exit status."""
+    args = parse_arguments()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if len(os.sched_getaffinity(0)) < 2:
+        print("the benchmark needs 2 CPUs (proxy on one, load on the other)", file=sys.stderr)
+        return 2
+    settings = Settings(
+        duration=args.duration,
+        warmup=args.warmup,
+        connections=args.connections,
+        downloads=args.downloads,
+    )
+    tools = ensure_tools()
+    RESULTS.mkdir(exist_ok=True)
+    with Bench(settings, tools) as bench:
+        bench.start_origin()
+        if args.profile:
+            profile = profile_rproxy(bench, args.profile_seconds)
+            print(profile)
+            (RESULTS / "profile.txt").write_text(profile + "\n")
+            print(f"\nwritten: {RESULTS / 'profile.txt'}, {RESULTS / 'profile.collapsed'}")
+            return 0
+        results: dict[str, Result] = {}
+        started = time.monotonic()
+        for name in args.proxies:
+            print(f"benchmarking {name} ...", flush=True)
+            try:
+                results[name] = measure(bench, name)
+            except BenchError as e:
+                print(f"  {name} FAILED: {e}", flush=True)
+                results[name] = {"proxy": name, "error": str(e)}
+    add_ratios(results)
+    targets = evaluate_targets(results) if "rproxy" in results else []
+    report: Result = {
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.monotonic() - started, 1),
+        "settings": asdict(settings),
+        "load_command": " ".join(wrk_argv("URL", settings.duration, settings.connections, settings.load_cpu)),
+        "environment": environment(tools),
+        "results": results,
+        "targets": targets,
+        "notes": notes(results),
+    }
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(format_table(results))
+    print()
+    print(f"load: {report['load_command']}  (after a {settings.warmup}s warm-up)")
+    print(f"download: best of {settings.downloads} curl downloads of {LARGE_NAME}")
+    print(f"proxy on CPU {settings.proxy_cpu}; origin nginx, wrk and curl on CPU {settings.load_cpu}")
+    if report["notes"]:
+        print("\nnotes:")
+        for note in report["notes"]:
+            print(f"  {note}")
+    if targets:
+        print("\nrproxy targets:")
+        for entry in targets:
+            verdict = {True: "MET", False: "NOT MET", None: "n/a"}[entry["met"]]
+            print(f"  [{verdict:>7}] {entry['target']}: {entry['measured']}")
+    print(f"\nwritten: {RESULTS / 'latest.json'} ({report['seconds']}s)")
+    return 1 if any("error" in result for result in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
