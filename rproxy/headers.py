@@ -180,14 +180,19 @@ def _forwardedNode(peerHost: str | None) -> bytes:
 
 def _forwardedValue(value: bytes) -> bytes:
     """A token, or a quoted-string when it holds characters a token may not."""
-    if all(c in _TOKEN for c in value):
+    if isToken(value):
         return value
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def isToken(value: bytes) -> bool:
     """Whether C{value} is a non-empty RFC 9110 token (a valid field name or method)."""
-    return bool(value) and all(c in _TOKEN for c in value)
+    return bool(value) and not value.translate(None, _TOKEN)  # deleting every token byte leaves nothing
+
+
+def hasControl(value: bytes) -> bool:
+    """Whether a field value holds NUL, CR or LF (never allowed, RFC 9110 section 5.5)."""
+    return len(value.translate(None, b"\x00\r\n")) != len(value)

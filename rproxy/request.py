@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
+from twisted.web.http import HTTPChannel, Request, datetimeToString, unquote
 from twisted.web.resource import IResource
 
 from rproxy.errors import ProxyError, clientError, proxyError
@@ -30,16 +31,16 @@ if TYPE_CHECKING:
 _log = Logger()
 
 
-def stopKeepAlive(request: http.Request) -> None:
+def stopKeepAlive(request: Request) -> None:
     """Close the client's HTTP/1 connection after this response (its body was not read to the end)."""
     channel = getattr(request, "channel", None)  # gone once the request is finished
-    if isinstance(channel, http.HTTPChannel):
+    if isinstance(channel, HTTPChannel):
         channel.persistent = False
         if not request.startedWriting:
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
 
-def abortClient(request: http.Request) -> None:
+def abortClient(request: Request) -> None:
     """Reset the client's connection (HTTP/1) or stream (HTTP/2): a response cannot be completed."""
     channel: Any = request.channel
     if channel is None:
@@ -51,7 +52,7 @@ def abortClient(request: http.Request) -> None:
         channel.abortConnection()
 
 
-def sendError(request: http.Request, error: ProxyError) -> None:
+def sendError(request: Request, error: ProxyError) -> None:
     """
     Answer C{request} with C{error} (status, one-line reason, C{Proxy-Status}) and log it.
 
@@ -104,7 +105,7 @@ class ProxyRequest(server.Request):
     def gotLength(self, length: int | None) -> None:
         self.headReceived = True
         channel = self.channel
-        if isinstance(channel, http.HTTPChannel):
+        if isinstance(channel, HTTPChannel):
             self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
         else:
             self.method, self.uri, self.clientproto = channel.command, channel.path, b"HTTP/2"
@@ -156,7 +157,7 @@ class ProxyRequest(server.Request):
 
     def _locate(self) -> IResource | None:
         self.prepath = []
-        self.postpath = list(map(http.unquote, self.path[1:].split(b"/")))
+        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
         try:
             return self.site.getResourceFor(self)
         except BaseException:
@@ -209,7 +210,7 @@ class ProxyRequest(server.Request):
     def process(self) -> None:
         """Render a non-streaming resource, found in C{gotLength}, now that the body is in."""
         self.setHeader(b"Server", server.version)
-        self.setHeader(b"Date", http.datetimeToString())
+        self.setHeader(b"Date", datetimeToString())
         try:
             self.render(self._resource)
         except BaseException:

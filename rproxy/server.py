@@ -7,7 +7,8 @@ says what was wrong and uses the right status (414 for a long request line, 431 
 many header fields, 408 for a head that arrives too slowly), applies the strict framing rules a proxy
 needs against request smuggling, and never lets a broken body look complete to the upstream.
 
-It overrides private C{HTTPChannel} methods (C{_maybeChooseTransferDecoder},
+It replaces C{HTTPChannel.headerReceived} and relies on private parts of C{HTTPChannel}
+(C{_transferDecoder}, C{_finishRequestBody}, C{_receivedHeaderSize}, C{_receivedHeaderCount},
 C{_respondToBadRequestAndDisconnect}) and subclasses C{_GenericHTTPChannelProtocol};
 L{rproxy.test.test_twisted_contract} fails if a Twisted release changes them.
 """
@@ -25,11 +26,19 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
+from twisted.web.http import (
+    HTTPChannel,
+    Request,
+    _ChunkedTransferDecoder,
+    _GenericHTTPChannelProtocol,
+    _IdentityTransferDecoder,
+    _parseRequestLine,
+)
 from twisted.web.resource import IResource
 
 from rproxy.errors import ProxyError, clientError, proxyError
-from rproxy.headers import connectionListed, isToken
+from rproxy.headers import connectionListed, hasControl, isToken
 from rproxy.request import ProxyRequest
 
 _log = Logger()
@@ -58,13 +67,23 @@ class ClientLimits:
     maxConnections: int = 10000
 
 
-class ProxyHTTPChannel(http.HTTPChannel):
+class ProxyHTTPChannel(HTTPChannel):
     """An HTTP/1.1 server channel with strict framing and precise errors."""
 
     site: ProxySite
     transport: Any
+    # One timer per connection, re-aimed with reset() for each request head (cheaper than a new
+    # DelayedCall per request); it only counts while _awaitingHead.
     _headerTimer: IDelayedCall | None = None
+    _awaitingHead = False
     _lengths: tuple[bytes, ...] = ()
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        """The local address, asked of the socket once (Twisted asks it for every request)."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def lineReceived(self, line: bytes) -> None:
         limits = self.site.limits
@@ -73,12 +92,17 @@ class ProxyHTTPChannel(http.HTTPChannel):
                 self._reject(clientError(414, f"the request line exceeds {limits.maxRequestLine} bytes"))
                 return
             try:
-                http._parseRequestLine(line)
+                _parseRequestLine(line)
             except ValueError as e:
                 self._reject(clientError(400, f"malformed request line ({e})"))
                 return
             self._lengths = ()
-            self._headerTimer = self.callLater(limits.headerTimeout, self._headerTimedOut)
+            self._awaitingHead = True
+            timer = self._headerTimer
+            if timer is not None and timer.active():
+                timer.reset(limits.headerTimeout)
+            else:
+                self._headerTimer = self.callLater(limits.headerTimeout, self._headerTimedOut)
         elif self._receivedHeaderSize + len(line) > limits.maxHeaderBytes:
             self._reject(clientError(431, f"the request header section exceeds {limits.maxHeaderBytes} bytes"))
             return
@@ -91,6 +115,7 @@ class ProxyHTTPChannel(http.HTTPChannel):
             self._reject(clientError(431, f"a request header line exceeds {self.MAX_LENGTH} bytes"))
 
     def headerReceived(self, line: bytes) -> bool:
+        """Validate and store one field (replacing Twisted's, which this must not call twice)."""
         if self._receivedHeaderCount >= self.site.limits.maxHeaders:
             self._reject(clientError(431, f"the request has more than {self.site.limits.maxHeaders} header fields"))
             return False
@@ -102,38 +127,40 @@ class ProxyHTTPChannel(http.HTTPChannel):
             self._reject(clientError(400, f"invalid request header name {name[:64]!r}"))
             return False
         value = value.strip(b" \t")
-        if b"\x00" in value or b"\r" in value or b"\n" in value:
+        if hasControl(value):
             self._reject(clientError(400, f"invalid character in request header {name.decode()!r}"))
             return False
-        return super().headerReceived(line)
+        lowered = name.lower()
+        if (lowered == b"content-length" or lowered == b"transfer-encoding") and not self._chooseFraming(
+            lowered, value
+        ):
+            return False
+        self.requests[-1].requestHeaders.addRawHeader(name, value)
+        self._receivedHeaderCount += 1
+        return True
 
-    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+    def _chooseFraming(self, header: bytes, data: bytes) -> bool:
         """Pick the body framing, refusing anything two parsers could read differently (RFC 9112 6.3)."""
-        if header == b"Content-Length":
+        if header == b"content-length":
             values = tuple(v.strip() for v in data.split(b","))
             if not all(v.isdigit() for v in values):
                 return self._framingError("invalid Content-Length")
             self._lengths += values
             if len(set(self._lengths)) != 1:
                 return self._framingError("conflicting Content-Length values")
-            if isinstance(self._transferDecoder, http._ChunkedTransferDecoder):
+            if isinstance(self._transferDecoder, _ChunkedTransferDecoder):
                 return self._framingError("both Content-Length and Transfer-Encoding")
             self.length = int(values[0])
-            self._transferDecoder = http._IdentityTransferDecoder(
+            self._transferDecoder = _IdentityTransferDecoder(
                 self.length, self.requests[-1].handleContentChunk, self._finishRequestBody
             )
             return True
-        if header == b"Transfer-Encoding":
-            if self._lengths:
-                return self._framingError("both Content-Length and Transfer-Encoding")
-            if self._transferDecoder is not None or data.strip().lower() != b"chunked":
-                return self._framingError(
-                    f"unsupported Transfer-Encoding {data[:64].decode('latin-1')!r} (only chunked)"
-                )
-            self.length = None
-            self._transferDecoder = http._ChunkedTransferDecoder(
-                self.requests[-1].handleContentChunk, self._finishRequestBody
-            )
+        if self._lengths:
+            return self._framingError("both Content-Length and Transfer-Encoding")
+        if self._transferDecoder is not None or data.strip().lower() != b"chunked":
+            return self._framingError(f"unsupported Transfer-Encoding {data[:64].decode('latin-1')!r} (only chunked)")
+        self.length = None
+        self._transferDecoder = _ChunkedTransferDecoder(self.requests[-1].handleContentChunk, self._finishRequestBody)
         return True
 
     def _framingError(self, reason: str) -> bool:
@@ -141,7 +168,7 @@ class ProxyHTTPChannel(http.HTTPChannel):
         self.length = None
         return False
 
-    def checkPersistence(self, request: http.Request, version: bytes) -> bool:
+    def checkPersistence(self, request: Request, version: bytes) -> bool:
         """Keep-alive unless HTTP/1.0 or ``close`` is among all the Connection tokens (Twisted reads one)."""
         if version == b"HTTP/1.1" and b"close" not in connectionListed(
             request.requestHeaders.getRawHeaders(b"connection")
@@ -152,7 +179,7 @@ class ProxyHTTPChannel(http.HTTPChannel):
         return False
 
     def allHeadersReceived(self) -> None:
-        self._cancelHeaderTimer()
+        self._awaitingHead = False
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
@@ -161,13 +188,15 @@ class ProxyHTTPChannel(http.HTTPChannel):
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         """Twisted's own checks (chunked framing) end up here: say what broke."""
-        if isinstance(self._transferDecoder, http._ChunkedTransferDecoder):
+        if isinstance(self._transferDecoder, _ChunkedTransferDecoder):
             self._reject(clientError(400, "malformed chunked request body"))
         else:
             self._reject(clientError(400, "malformed request"))
 
     def _headerTimedOut(self) -> None:
         self._headerTimer = None
+        if not self._awaitingHead:
+            return  # the head arrived; the timer lapsed unused
         self._reject(clientError(408, f"the request head did not arrive within {self.site.limits.headerTimeout:g}s"))
 
     def _cancelHeaderTimer(self) -> None:
@@ -200,7 +229,7 @@ class ProxyHTTPChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
 
-class _ProxyChannelProtocol(http._GenericHTTPChannelProtocol):
+class _ProxyChannelProtocol(_GenericHTTPChannelProtocol):
     """Registers each connection with its site, so shutdown can find and drain it."""
 
     _site: ProxySite
@@ -222,7 +251,7 @@ class _ProxyChannelProtocol(http._GenericHTTPChannelProtocol):
     def drain(self) -> None:
         """Close once idle: now if no request is in flight, else after the current response."""
         channel: Any = self._channel
-        if isinstance(channel, http.HTTPChannel):
+        if isinstance(channel, HTTPChannel):
             channel.persistent = False
             for request in channel.requests:
                 if not request.startedWriting:
@@ -293,7 +322,7 @@ class ProxySite(server.Site):
         if self._accessLog:
             super().startFactory()
 
-    def log(self, request: http.Request) -> None:
+    def log(self, request: Request) -> None:
         if self._accessLog:
             super().log(request)
 

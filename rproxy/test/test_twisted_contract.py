@@ -45,7 +45,6 @@ class HTTPChannelContractTests(unittest.TestCase):
     def test_privateMethods(self) -> None:
         """The HTTPChannel methods ProxyHTTPChannel overrides exist with the signatures it assumes."""
         expected = {
-            "_maybeChooseTransferDecoder": ["self", "header", "data"],
             "_respondToBadRequestAndDisconnect": ["self"],
             "_finishRequestBody": ["self", "data"],
             "allContentReceived": ["self"],
