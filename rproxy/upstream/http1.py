@@ -21,7 +21,7 @@ from twisted.web.http import NO_BODY_CODES
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, upstreamError
-from rproxy.headers import Pairs, isToken
+from rproxy.headers import Pairs, hasControl, isToken
 
 if TYPE_CHECKING:
     from rproxy.streaming import RequestBodyPipe
@@ -34,11 +34,15 @@ MAX_CHUNK_LINE = 4096
 MAX_TRAILERS = 65536
 
 _HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
+#: One well-formed field line; heads where every line matches take the fast path.
+_FIELD = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*?)[ \t]*\r\n", re.MULTILINE)
 
 # Body framings of a response.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
 # Chunked decoder states.
 _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
+# What the connection's one timer currently stands for.
+_NO_DEADLINE, _RESPONSE_DEADLINE, _READ_DEADLINE, _IDLE_DEADLINE = range(4)
 
 
 class ResponseReceiver(Protocol):
@@ -73,8 +77,10 @@ class HTTP11Connection(TwistedProtocol):
     reused = False
     _receiver: ResponseReceiver | None = None
     _body: RequestBodyPipe | None = None
+    # One timer per connection, re-aimed with reset() as its meaning changes (response deadline,
+    # read inactivity, pool idleness): a new DelayedCall per exchange costs more than a reset.
     _timer: IDelayedCall | None = None
-    _idleTimer: IDelayedCall | None = None
+    _timerMode = _NO_DEADLINE
 
     def __init__(self, pool: UpstreamPool, reactor: IReactorTime) -> None:
         self._pool = pool
@@ -121,7 +127,7 @@ class HTTP11Connection(TwistedProtocol):
         @param chunked: whether C{body} is sent with chunked framing (its length is unknown).
         @param expectBody: C{False} for HEAD, whose response has no body whatever its fields say.
         """
-        self._cancelIdleTimer()
+        self._disarm()
         self._receiver = receiver
         self._expectBody = expectBody
         self._chunkedRequest = chunked
@@ -169,7 +175,7 @@ class HTTP11Connection(TwistedProtocol):
 
     def abort(self) -> None:
         """Drop the exchange and the connection: the client went away or its request broke."""
-        self._cancelTimer()
+        self._disarm()
         self._receiver = None
         self._body = None
         if not self._closed:
@@ -179,14 +185,14 @@ class HTTP11Connection(TwistedProtocol):
 
     def pauseProducing(self) -> None:
         self._paused = True
-        self._cancelTimer()  # a slow client is not the upstream's fault
+        self._disarm()  # a slow client is not the upstream's fault
         if not self._closed:
             self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self._receiver is not None and not self._responseDone:
-            self._armTimer(self._pool.settings.readTimeout)
+        if self._receiver is not None and self._headSeen and not self._responseDone:
+            self._arm(_READ_DEADLINE, self._pool.settings.readTimeout)
         if not self._closed:
             self.transport.resumeProducing()
 
@@ -207,28 +213,29 @@ class HTTP11Connection(TwistedProtocol):
     def idle(self, timeout: float) -> None:
         """Wait in the pool; close after C{timeout} seconds unused."""
         self.recycle()
-        self._idleTimer = self._reactor.callLater(timeout, self.transport.loseConnection)
-
-    def _cancelIdleTimer(self) -> None:
-        if self._idleTimer is not None:
-            if self._idleTimer.active():
-                self._idleTimer.cancel()
-            self._idleTimer = None
+        self._arm(_IDLE_DEADLINE, timeout)
 
     def close(self) -> None:
         """Close the connection once what was written is sent."""
         if not self._closed:
             self.transport.loseConnection()
 
-    # -- timers: one deadline at a time (response head, then body inactivity)
+    # -- the timer
 
-    def _armTimer(self, seconds: float) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(seconds)
+    def _arm(self, mode: int, seconds: float) -> None:
+        self._timerMode = mode
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
         else:
             self._timer = self._reactor.callLater(seconds, self._timedOut)
 
-    def _cancelTimer(self) -> None:
+    def _disarm(self) -> None:
+        """No deadline now; the pending call, if any, lapses unless re-aimed first."""
+        self._timerMode = _NO_DEADLINE
+
+    def _stopTimer(self) -> None:
+        self._timerMode = _NO_DEADLINE
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()
@@ -236,8 +243,14 @@ class HTTP11Connection(TwistedProtocol):
 
     def _timedOut(self) -> None:
         self._timer = None
+        mode, self._timerMode = self._timerMode, _NO_DEADLINE
+        if mode == _NO_DEADLINE or self._closed:
+            return
+        if mode == _IDLE_DEADLINE:
+            self.transport.loseConnection()
+            return
         settings = self._pool.settings
-        if not self._headSeen:
+        if mode == _RESPONSE_DEADLINE:
             error = upstreamError(
                 504,
                 f"upstream {self._pool.label} sent no response within {settings.responseTimeout:g}s",
@@ -258,7 +271,7 @@ class HTTP11Connection(TwistedProtocol):
         if self._responseDone:
             self._release()
         elif not self._headSeen:
-            self._armTimer(self._pool.settings.responseTimeout)
+            self._arm(_RESPONSE_DEADLINE, self._pool.settings.responseTimeout)
 
     # -- parsing the response
 
@@ -277,7 +290,7 @@ class HTTP11Connection(TwistedProtocol):
             if rest is None or self._receiver is None:
                 return
             data = rest
-        elif self._timer is not None:
+        elif self._timerMode == _READ_DEADLINE and self._timer is not None:
             self._timer.reset(self._pool.settings.readTimeout)
         if data:
             self._parseBody(data)
@@ -302,8 +315,7 @@ class HTTP11Connection(TwistedProtocol):
             # 1xx interim responses are absorbed: the final response follows.
 
     def _handleHead(self, head: bytes) -> int | None:
-        lines = head.split(b"\r\n")
-        statusLine = lines[0]
+        statusLine, _, block = head.partition(b"\r\n")
         version, _, rest = statusLine.partition(b" ")
         code, _, reason = rest.partition(b" ")
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
@@ -313,24 +325,9 @@ class HTTP11Connection(TwistedProtocol):
         if status < 100 or any(c < 0x20 and c != 0x09 or c == 0x7F for c in reason):
             self._failProtocol(f"malformed status line {statusLine[:80]!r}")
             return None
-        headers: Pairs = []
-        for line in lines[1:]:
-            if line[:1] in (b" ", b"\t"):  # obsolete line folding: join with a space (RFC 9112 5.2)
-                if not headers:
-                    self._failProtocol("response header section starts with a folded line")
-                    return None
-                name, value = headers[-1]
-                headers[-1] = (name, value + b" " + line.strip(b" \t"))
-                continue
-            name, sep, value = line.partition(b":")
-            if not sep or not isToken(name):
-                self._failProtocol(f"malformed header line {line[:80]!r}")
-                return None
-            value = value.strip(b" \t")
-            if b"\r" in value or b"\n" in value or b"\x00" in value:
-                self._failProtocol(f"invalid character in header {name.decode('latin-1')!r}")
-                return None
-            headers.append((name, value))
+        headers = self._parseFields(block)
+        if headers is None:
+            return None
         if status < 200:
             if status == 101:
                 self._failProtocol("upstream switched protocols though no upgrade was requested")
@@ -341,15 +338,43 @@ class HTTP11Connection(TwistedProtocol):
         self._headSeen = True
         hasBody = self._framing != _NONE
         if not hasBody:
-            self._cancelTimer()
+            self._disarm()
         elif self._requestDone:
-            self._armTimer(self._pool.settings.readTimeout)
+            self._arm(_READ_DEADLINE, self._pool.settings.readTimeout)
         receiver = self._receiver
         assert receiver is not None
         receiver.responseHead(version[5:], status, reason, headers, hasBody)
         if not hasBody and self._receiver is not None:
             self._complete([])
         return status
+
+    def _parseFields(self, block: bytes) -> Pairs | None:
+        """The fields of a head's field block, in order; C{None} (after failing) when malformed."""
+        if not block:
+            return []
+        block += b"\r\n"
+        fields: Pairs = _FIELD.findall(block)
+        if len(fields) == block.count(b"\n"):
+            return fields  # every line is a well-formed field
+        fields = []
+        for line in block[:-2].split(b"\r\n"):
+            if line[:1] in (b" ", b"\t"):  # obsolete line folding: join with a space (RFC 9112 5.2)
+                if not fields:
+                    self._failProtocol("response header section starts with a folded line")
+                    return None
+                name, value = fields[-1]
+                fields[-1] = (name, value + b" " + line.strip(b" \t"))
+                continue
+            name, sep, value = line.partition(b":")
+            if not sep or not isToken(name):
+                self._failProtocol(f"malformed header line {line[:80]!r}")
+                return None
+            value = value.strip(b" \t")
+            if hasControl(value):
+                self._failProtocol(f"invalid character in header {name.decode('latin-1')!r}")
+                return None
+            fields.append((name, value))
+        return fields
 
     def _frame(self, version: bytes, status: int, headers: Pairs) -> bool:
         """Decide how the body is delimited (RFC 9112 section 6.3), refusing ambiguity."""
@@ -496,7 +521,7 @@ class HTTP11Connection(TwistedProtocol):
 
     def _complete(self, trailers: Pairs) -> None:
         self._responseDone = True
-        self._cancelTimer()
+        self._disarm()
         receiver = self._receiver
         self._receiver = None
         assert receiver is not None
@@ -518,7 +543,7 @@ class HTTP11Connection(TwistedProtocol):
             self.transport.loseConnection()
 
     def _fail(self, error: ProxyError, retrySafe: bool = False) -> None:
-        self._cancelTimer()
+        self._disarm()
         receiver = self._receiver
         self._receiver = None
         self._responseDone = True
@@ -530,8 +555,7 @@ class HTTP11Connection(TwistedProtocol):
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
         self._closed = True
-        self._cancelIdleTimer()
-        self._cancelTimer()
+        self._stopTimer()
         if self._receiver is not None:
             if self._headSeen and self._framing == _CLOSE:
                 self._complete([])
