@@ -276,3 +276,13 @@ def curl(arguments: list[str], timeout: float = 30.0) -> defer.Deferred[tuple[in
 def sleep(seconds: float) -> defer.Deferred[None]:
     """Wait without blocking the reactor."""
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def waitFor(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll C{predicate} until it is true (C{True}) or C{timeout} seconds pass (C{False})."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() >= deadline:
+            return False
+        await sleep(0.01)
+    return True

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 import rproxy
-from rproxy.test.support import BIN, ReceivedRequest, ScriptedUpstream, sleep
+from rproxy.test.support import BIN, ReceivedRequest, ScriptedUpstream, sleep, waitFor
 
 #: The repository root: where ``rproxy.tac`` is and where the processes run.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(rproxy.__file__)))
@@ -188,15 +188,6 @@ async def startExchange(testCase: unittest.TestCase, port: int, payload: bytes) 
 
     testCase.addCleanup(close)
     return exchange
-
-
-async def waitFor(predicate: Callable[[], object], timeout: float) -> bool:
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() >= deadline:
-            return False
-        await sleep(0.01)
-    return True
 
 
 def startTwist(testCase: unittest.TestCase, upstreamURL: str, grace: str) -> tuple[ProxyProcess, int]:

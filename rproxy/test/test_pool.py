@@ -23,6 +23,7 @@ from rproxy.test.support import (
     sleep,
     splitResponses,
     startProxy,
+    waitFor,
 )
 
 
@@ -69,16 +70,6 @@ def single(testCase: unittest.TestCase, data: bytes) -> tuple[bytes, bytes]:
     responses = splitResponses(data)
     testCase.assertEqual(len(responses), 1, f"expected one response, got {data!r}")
     return responses[0]
-
-
-async def waitFor(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
-    """Poll C{predicate} until it is true (C{True}) or C{timeout} seconds pass (C{False})."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() >= deadline:
-            return False
-        await sleep(0.01)
-    return True
 
 
 class Held:

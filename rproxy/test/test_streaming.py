@@ -189,19 +189,8 @@ def serve(testCase: unittest.TestCase, build: Callable[[], protocol.Protocol]) -
     return listening, built
 
 
-class _Client(protocol.Protocol):
+class _Client(_Upstream):
     """A raw client: every byte received kept, with when the connection ended."""
-
-    lostAt: float | None = None
-
-    def __init__(self) -> None:
-        self.received = bytearray()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: object) -> None:
-        self.lostAt = time.monotonic()
 
 
 async def connect(testCase: unittest.TestCase, port: int, proto: protocol.Protocol) -> protocol.Protocol:
