@@ -7,7 +7,7 @@ from collections.abc import Collection, Sequence
 from zope.interface import implementer
 
 from rproxy.interfaces import IBalancer, IBalancerFactory, Outcome
-from rproxy.message import OutboundRequest
+from rproxy.message import InboundRequest
 from rproxy.upstream import Upstream
 
 
@@ -19,7 +19,7 @@ class RoundRobin:
         self._next = 0
 
     def pick(
-        self, upstreams: Sequence[Upstream], request: OutboundRequest, tried: Collection[Upstream]
+        self, upstreams: Sequence[Upstream], request: InboundRequest, tried: Collection[Upstream]
     ) -> Upstream | None:
         count = len(upstreams)
         for _ in range(count):

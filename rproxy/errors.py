@@ -28,14 +28,16 @@ class ProxyError(Exception):
     @ivar reason: one line saying what went wrong, for the response body and the log.
     @ivar fault: who caused it.
     @ivar errorType: the RFC 9209 error type (``connection_refused``, ``http_response_timeout``, ...).
+    @ivar retryAfter: seconds after which the client may try again (sent as ``Retry-After``), if known.
     """
 
-    def __init__(self, status: int, reason: str, fault: Fault, errorType: str) -> None:
+    def __init__(self, status: int, reason: str, fault: Fault, errorType: str, retryAfter: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.fault = fault
         self.errorType = errorType
+        self.retryAfter = retryAfter
 
     def __repr__(self) -> str:
         return f"<ProxyError {self.status} {self.errorType}: {self.reason}>"
@@ -50,13 +52,16 @@ class ProxyError(Exception):
 
     def responseHead(self) -> list[tuple[bytes, bytes]]:
         """The header fields of the error response, body framing included."""
-        return [
+        fields = [
             (b"Content-Type", b"text/plain; charset=utf-8"),
             (b"Content-Length", b"%d" % len(self.body())),
             (b"Proxy-Status", self.proxyStatus()),
             (b"X-Rproxy-Fault", self.fault.value.encode("ascii")),
             (b"Cache-Control", b"no-store"),
         ]
+        if self.retryAfter is not None:
+            fields.append((b"Retry-After", b"%d" % self.retryAfter))
+        return fields
 
     def body(self) -> bytes:
         """``<status> <phrase>: <reason>`` and a newline."""
@@ -90,6 +95,6 @@ def upstreamError(status: int, reason: str, errorType: str) -> ProxyError:
     return ProxyError(status, reason, Fault.UPSTREAM, errorType)
 
 
-def proxyError(status: int, reason: str, errorType: str) -> ProxyError:
+def proxyError(status: int, reason: str, errorType: str, retryAfter: int | None = None) -> ProxyError:
     """A limit or failure of the proxy itself."""
-    return ProxyError(status, reason, Fault.PROXY, errorType)
+    return ProxyError(status, reason, Fault.PROXY, errorType, retryAfter)

@@ -10,6 +10,7 @@ upstream).  It reports every outcome to the balancer and the registry.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -19,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http_headers import Headers
 
-from rproxy.errors import Fault, ProxyError, clientError, proxyError
+from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamError
 from rproxy.headers import ForwardingPolicy, Pairs, requestHeaderPairs, responseHeaderPairs
 from rproxy.interfaces import IDirector, IRequestFilter, IResponseFilter, Outcome
 from rproxy.message import InboundRequest, OutboundRequest
@@ -30,9 +31,10 @@ from rproxy.upstream.http1 import HTTP11Connection
 
 _log = Logger()
 
-#: Methods a stale pooled connection may be retried with (RFC 9110 section 9.2.2), when bodiless.
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-#: Attempts after a reused connection turned out closed before answering.
+#: The Retry-After (seconds) when every upstream is down by its health checks.
+_DOWN_RETRY_AFTER = 5
+
+#: Attempts after a reused connection turned out closed before answering (not counted as retries).
 _STALE_RETRIES = 2
 
 
@@ -79,13 +81,21 @@ class Exchange:
     upstream: Upstream | None = None
     _connection: HTTP11Connection | None = None
     _pending: Deferred[HTTP11Connection] | None = None
+    _bound: Upstream | None = None  # the upstream whose in-flight count this attempt holds
+    _lastError: ProxyError | None = None
+    _responded = False  # the response head went to the client: no retry from here on
+    _startedAt = 0.0
+    _status: int | None = None  # the current attempt's response status, once its head arrived
+    _latency = 0.0  # seconds from sending the current attempt to its response head
+    _attempts = 0  # requests sent
+    _retries = 0  # attempts repeated after a request was sent
+    _staleRetries = 0
 
     def __init__(self, proxy: Proxy, request: http.Request, target: bytes, body: RequestBodyPipe | None) -> None:
         self.proxy = proxy
         self.request = request
         self._body = body
         self._tried: list[Upstream] = []
-        self._staleRetries = 0
         self._ended = False
         self._sentAt = 0.0
         peer = request.getClientAddress()
@@ -125,22 +135,30 @@ class Exchange:
         self.service = service
         if service.rewriteHost:
             self.outbound.host = None
+        self._mayRepeat = service.retry.mayRepeat(inbound)
         self._attempt()
 
     def _attempt(self) -> None:
+        """Send the request to an upstream the balancer picks among those not tried yet."""
         service = self.service
         assert service is not None
         upstreams = service.registry.lookup(service.name)
-        upstream = service.balancer.pick(upstreams, self.outbound, self._tried) if upstreams else None
-        if upstream is None:
-            self._end(
-                proxyError(503, f"no upstream of service {service.name!r} is available", "destination_unavailable")
-            )
+        if not upstreams:
+            self._end(_unavailable(service))
+            return
+        upstream = service.balancer.pick(upstreams, self.inbound, self._tried)
+        if upstream is None:  # every available upstream was tried
+            self._end(self._lastError or _unavailable(service))
             return
         self.upstream = upstream
+        self._status = None
         if upstream not in self._tried:
             self._tried.append(upstream)
-        self._sentAt = self.proxy.reactor.seconds()
+        upstream.inFlight += 1
+        self._bound = upstream
+        self._sentAt = now = self.proxy.reactor.seconds()
+        if not self._startedAt:
+            self._startedAt = now
         self._pending = upstream.pool.acquire()
         self._pending.addCallbacks(self._connected, self._connectFailed)
 
@@ -153,6 +171,9 @@ class Exchange:
             return
         self._connection = connection
         body = self._body
+        if body is not None and self._attempts == 0 and self._mayRepeat:
+            body.keepForReplay(self.service.retry.replayBodySize)  # type: ignore[union-attr]
+        self._attempts += 1
         connection.sendRequest(
             self._head(upstream),
             body,
@@ -165,16 +186,80 @@ class Exchange:
         self._pending = None
         if failure.check(CancelledError):
             return
-        error = _asProxyError(failure)
-        self._report(None, error)
+        self._retryOrEnd(_asProxyError(failure), sent=False)
+
+    def _retryOrEnd(self, error: ProxyError, sent: bool, stale: bool = False) -> None:
+        """
+        An attempt failed with C{error}: try again where the rules allow it, else answer with the error.
+
+        @param sent: whether the request may have reached the upstream.
+        @param stale: whether it failed on a reused connection the upstream closed before answering.
+        """
+        self._unbind(error)
+        if self._ended:
+            return
+        why = self._whyNotRetry(error, sent, stale)
+        if why is None:
+            self._retry(error, sent, stale)
+            return
+        if why:
+            _log.info("not retrying {target}: {why}", target=self._loggedTarget(), why=why)
+        self._end(error)
+
+    def _whyNotRetry(self, error: ProxyError, sent: bool, stale: bool) -> str | None:
+        """Why the failed attempt may not be repeated (empty: no need to say), or C{None} if it may."""
+        if error.fault is Fault.CLIENT or self._responded:
+            return ""
+        policy = self.service.retry  # type: ignore[union-attr]
+        if policy.tryDuration and self.proxy.reactor.seconds() - self._startedAt >= policy.tryDuration:
+            return f"the try duration of {policy.tryDuration:g}s is spent"
+        if not sent:
+            return None
+        if not self._mayRepeat:
+            return f"{self.inbound.method.decode('latin-1')} requests are not repeated once sent"
+        if self._body is not None and not self._body.replayable:
+            return f"its body was larger than the {policy.replayBodySize} bytes kept for a retry"
+        if stale and self._staleRetries < _STALE_RETRIES:
+            return None
+        if self._retries >= policy.retries:
+            return f"{policy.retries} retries are spent"
+        return None
+
+    def _retry(self, error: ProxyError, sent: bool, stale: bool) -> None:
+        if sent:
+            if stale and self._staleRetries < _STALE_RETRIES:
+                # The upstream closed an idle connection as the request went out: not its fault, so it
+                # may take the retry, and the retry budget is not spent.
+                self._staleRetries += 1
+                if self.upstream in self._tried:
+                    self._tried.remove(self.upstream)  # type: ignore[arg-type]
+            else:
+                self._retries += 1
+            if self._body is not None:
+                self._body.rewind()
+        _log.info("{reason}; trying {target} again", reason=error.reason, target=self._loggedTarget())
+        self._lastError = error
+        self._attempt()
+
+    def _unbind(self, error: ProxyError | None, report: bool = True) -> None:
+        """The current attempt is over: stop counting it against its upstream, and report how it went."""
+        upstream, self._bound = self._bound, None
+        if upstream is None:
+            return
+        upstream.inFlight -= 1
+        if not report:
+            return
         service = self.service
         assert service is not None
-        if len(self._tried) < len(service.registry.lookup(service.name)):
-            # Nothing reached that upstream: another one may take the request, whatever its method.
-            _log.info("{reason}; trying another upstream", reason=error.reason)
-            self._attempt()
-            return
-        self._end(error)
+        latency = self._latency if self._status is not None else self.proxy.reactor.seconds() - self._sentAt
+        service.balancer.report(upstream, Outcome(self._status, latency, error))
+        if error is None:
+            service.registry.success(service.name, upstream)
+        elif error.fault is Fault.UPSTREAM:
+            service.registry.failure(service.name, upstream, error.reason)
+
+    def _loggedTarget(self) -> str:
+        return self.inbound.method.decode("latin-1") + " " + self.inbound.target[:200].decode("latin-1")
 
     def _head(self, upstream: Upstream) -> bytes:
         """The request line and header section for C{upstream}, the target kept byte-exact."""
@@ -201,11 +286,25 @@ class Exchange:
     # -- ResponseReceiver
 
     def responseHead(self, version: bytes, status: int, reason: bytes, headers: Pairs, hasBody: bool) -> None:
+        service = self.service
+        assert service is not None
+        self._status = status
+        self._latency = self.proxy.reactor.seconds() - self._sentAt
+        if status in service.retry.retryStatuses:
+            label = self._bound.pool.label if self._bound is not None else "?"
+            error = upstreamError(502, f"upstream {label} answered {status}", "http_response_status")
+            if self._whyNotRetry(error, True, False) is None:
+                connection, self._connection = self._connection, None
+                assert connection is not None
+                connection.abort()
+                self._unbind(error)
+                self._retry(error, True, False)
+                return
+        self._responded = True
         request = self.request
-        self._report(status, None)
         pairs = responseHeaderPairs(headers)
         try:
-            for responseFilter in self.proxy.responseFilters:
+            for responseFilter in self._responseFilters(service):
                 responseFilter.onResponse(self, status, pairs)
         except Exception:
             _log.failure("response filter failed on {target}", target=self.inbound.target[:200])
@@ -227,11 +326,18 @@ class Exchange:
             request.registerProducer(self._connection, True)
         request.write(b"")  # the head goes out now, even if the body is slow to come
 
+    def _responseFilters(self, service: Service) -> Sequence[IResponseFilter]:
+        balancer = service.balancer
+        if IResponseFilter.providedBy(balancer):
+            return (*self.proxy.responseFilters, balancer)
+        return self.proxy.responseFilters
+
     def responseData(self, data: bytes) -> None:
         self.request.write(data)
 
     def responseDone(self, trailers: Pairs) -> None:
         self._connection = None
+        self._unbind(None)
         if self._ended:
             return
         self._ended = True
@@ -243,38 +349,12 @@ class Exchange:
 
     def responseFailed(self, error: ProxyError, retrySafe: bool) -> None:
         self._connection = None
-        if self._ended:
-            return
-        if (
-            retrySafe
-            and self._body is None
-            and self._staleRetries < _STALE_RETRIES
-            and self.outbound.method in _IDEMPOTENT
-        ):
-            # A pooled connection the upstream had closed: the request never reached it.
-            self._staleRetries += 1
-            if self.upstream in self._tried:  # not the upstream's fault: it may take the retry
-                self._tried.remove(self.upstream)
-            self._attempt()
-            return
-        self._failed(error)
+        self._retryOrEnd(error, sent=True, stale=retrySafe)
 
     # -- endings
 
-    def _failed(self, error: ProxyError) -> None:
-        self._report(None, error)
-        self._end(error)
-
-    def _report(self, status: int | None, error: ProxyError | None) -> None:
-        service, upstream = self.service, self.upstream
-        if service is None or upstream is None:
-            return
-        latency = self.proxy.reactor.seconds() - self._sentAt
-        service.balancer.report(upstream, Outcome(status, latency, error))
-        if error is not None and error.fault is Fault.UPSTREAM:
-            service.registry.failure(service.name, upstream, error.reason)
-
     def _end(self, error: ProxyError) -> None:
+        self._unbind(error)
         if self._ended:
             return
         self._ended = True
@@ -290,16 +370,13 @@ class Exchange:
         if self._ended:
             return
         self._ended = True
-        _log.info(
-            "client went away during {method} {target}; cancelling the upstream request",
-            method=self.inbound.method.decode("latin-1"),
-            target=self.inbound.target[:200].decode("latin-1"),
-        )
+        _log.info("client went away during {target}; cancelling the upstream request", target=self._loggedTarget())
         if self._pending is not None:
             self._pending.cancel()
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.abort()
+        self._unbind(None, report=False)
 
 
 def _joinPath(base: bytes, target: bytes) -> bytes:
@@ -313,6 +390,20 @@ def _joinPath(base: bytes, target: bytes) -> bytes:
     else:
         joined = base + target
     return joined if joined.startswith(b"/") else b"/" + joined
+
+
+def _unavailable(service: Service) -> ProxyError:
+    """503 when no upstream of C{service} may take requests, with when one might again."""
+    members = service.registry.members(service.name)
+    waits = [u.health.retryAfter() for u in members if u.health.activeUp]
+    retryAfter = max(1, math.ceil(min(waits))) if waits else _DOWN_RETRY_AFTER
+    states = ", ".join(f"{u.key} {u.health.state}" for u in members[:5]) or "none configured"
+    return proxyError(
+        503,
+        f"no upstream of service {service.name!r} is available ({states})",
+        "destination_unavailable",
+        retryAfter=retryAfter,
+    )
 
 
 def _asProxyError(failure: Failure) -> ProxyError:

@@ -73,13 +73,21 @@ class IDirector(Interface):
 
 
 class IBalancer(Interface):
-    """Choosing an upstream of a service for one attempt."""
+    """
+    Choosing an upstream of a service for one attempt.
 
-    def pick(upstreams: Sequence[Upstream], request: OutboundRequest, tried: Collection[Upstream]) -> Upstream | None:
+    A balancer reads only an upstream's C{key} (a stable name, for hashing), C{weight} (its current
+    weight, lowered while it slow-starts) and C{inFlight} (exchanges using it now).  A balancer that also
+    provides L{IResponseFilter} sees each response head of its service (sticky sessions set cookies so).
+    """
+
+    def pick(upstreams: Sequence[Upstream], request: InboundRequest, tried: Collection[Upstream]) -> Upstream | None:
         """
-        Choose one of C{upstreams} (the live set, never empty), preferring any not in C{tried}.
+        Choose one of C{upstreams} (the available set, never empty) that is not in C{tried}.
 
-        @return: the upstream, or C{None} when none should take this attempt.
+        @param request: the request as the client sent it (client address, headers, target).
+        @param tried: the upstreams this request has already been sent to or failed on.
+        @return: the upstream, or C{None} when every one was tried (or none should take this attempt).
         """
 
     def report(upstream: Upstream, outcome: Outcome) -> None:
@@ -106,10 +114,16 @@ class IRegistry(Interface):
         """Take C{upstream} out; its exchanges in flight finish."""
 
     def lookup(service: str) -> Sequence[Upstream]:
-        """The upstreams that may take new requests for C{service}."""
+        """The upstreams that may take new requests for C{service} (not ejected, not down)."""
+
+    def members(service: str) -> Sequence[Upstream]:
+        """Every upstream of C{service}, available or not."""
 
     def failure(service: str, upstream: Upstream, reason: str) -> None:
-        """Record that an exchange with C{upstream} failed."""
+        """Record that an exchange with C{upstream} failed (passive health may eject it)."""
+
+    def success(service: str, upstream: Upstream) -> None:
+        """Record that an exchange with C{upstream} went well."""
 
     def watch(callback: Callable[[str], None]) -> Callable[[], None]:
         """Call C{callback(service)} on every change; return a function that stops watching."""

@@ -3,7 +3,8 @@ The request body's way from the client to the upstream, with backpressure both w
 
 L{RequestBodyPipe} receives body bytes as the client's connection decodes them, holds a bounded amount
 until an upstream connection is ready, then writes straight through.  When the upstream's socket
-buffer fills, the pipe pauses the client's connection; when it drains, the pipe resumes it.
+buffer fills, the pipe pauses the client's connection; when it drains, the pipe resumes it.  Up to a
+set size, it keeps a copy of what it sent, so that a retry on another upstream can send the body again.
 (Response bytes need no pipe: the upstream connection itself is the client request's producer.)
 """
 
@@ -49,6 +50,10 @@ class RequestBodyPipe:
     @ivar complete: whether the client has sent the whole body.
     """
 
+    _replay: list[bytes] | None = None  # what the current consumer was given, while it may be resent
+    _replayLimit = 0
+    _replayBytes = 0
+
     def __init__(self, source: IPushProducer, length: int | None) -> None:
         self.length = length
         self.received = 0
@@ -71,7 +76,7 @@ class RequestBodyPipe:
             return
         consumer = self._consumer
         if consumer is not None and not self._paused:
-            consumer.writeBody(data)
+            self._give(consumer, data)
             return
         self._held.append(data)
         self._heldBytes += len(data)
@@ -107,6 +112,42 @@ class RequestBodyPipe:
         consumer.registerBodyProducer(self)
         self._flush()
 
+    def keepForReplay(self, limit: int) -> None:
+        """Keep a copy of up to C{limit} bytes sent, so that L{rewind} can send them again."""
+        self._replay = []
+        self._replayLimit = limit
+
+    @property
+    def replayable(self) -> bool:
+        """Whether the whole body sent so far is kept, so it can be sent again."""
+        return self._replay is not None and self._failure is None and not self._discarding
+
+    def detach(self) -> None:
+        """The consumer failed: hold what arrives from now on until L{rewind} or L{stopProducing}."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.unregisterBodyProducer()
+        self._paused = False
+
+    def rewind(self) -> None:
+        """Start again from the first byte, for the next L{attach}; only when L{replayable}."""
+        replay = self._replay
+        assert replay is not None and self._consumer is None
+        self._held[:0] = replay
+        self._heldBytes += self._replayBytes
+        self._replay = []
+        self._replayBytes = 0
+
+    def _give(self, consumer: BodyConsumer, data: bytes) -> None:
+        replay = self._replay
+        if replay is not None:
+            self._replayBytes += len(data)
+            if self._replayBytes > self._replayLimit:
+                self._replay = None  # too large to keep: this body can be sent only once
+            else:
+                replay.append(data)
+        consumer.writeBody(data)
+
     # IPushProducer, driven by the consumer's transport
 
     def pauseProducing(self) -> None:
@@ -132,7 +173,7 @@ class RequestBodyPipe:
         while self._held and not self._paused and consumer is self._consumer and consumer is not None:
             data = self._held.pop(0)
             self._heldBytes -= len(data)
-            consumer.writeBody(data)
+            self._give(consumer, data)
         if self._paused or self._consumer is None:
             return
         if self.complete:

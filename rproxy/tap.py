@@ -291,7 +291,7 @@ def buildService(config: ProxyConfig, reactor: IReactorTime) -> service.MultiSer
 
     def closeUpstreams() -> None:
         for upstream in upstreams:
-            upstream.pool.closeIdle()
+            upstream.pool.drain("is closing: the proxy is shutting down")
 
     # Added first so that it is stopped last, after the listeners stop accepting.
     DrainingService([site], config.grace, reactor, closeUpstreams).setServiceParent(top)

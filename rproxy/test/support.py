@@ -77,7 +77,7 @@ def startProxy(testCase: unittest.TestCase, upstreamURLs: list[str], *arguments:
         for connection in list(site.connections):
             connection.transport.abortConnection()
         for upstream in upstreams:
-            upstream.pool.closeIdle()
+            upstream.pool.drain("is closing: the proxy is shutting down")
         return defer.maybeDeferred(port.stopListening)
 
     testCase.addCleanup(stop)

@@ -6,13 +6,16 @@ from collections import Counter
 
 from twisted.internet.task import Clock
 from twisted.trial import unittest
+from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
 from rproxy.balancers import RoundRobin, balancerFactories
 from rproxy.interfaces import IBalancer, IBalancerFactory
-from rproxy.message import OutboundRequest
+from rproxy.message import InboundRequest
 from rproxy.upstream import Upstream
 from rproxy.upstream.pool import PoolSettings
+
+REQUEST = InboundRequest(b"GET", b"/", Headers(), "127.0.0.1", b"http", b"HTTP/1.1")
 
 
 def upstreams(count: int) -> list[Upstream]:
@@ -28,14 +31,14 @@ class RoundRobinTests(unittest.TestCase):
         """Each upstream in turn: exactly even over a multiple of the count."""
         hosts = upstreams(3)
         balancer = RoundRobin()
-        picks = Counter(balancer.pick(hosts, OutboundRequest(b"GET", b"/"), ()) for _ in range(300))
+        picks = Counter(balancer.pick(hosts, REQUEST, ()) for _ in range(300))
         self.assertEqual(sorted(picks.values()), [100, 100, 100])
 
     def test_skipsTried(self) -> None:
         """A retry never goes back to a host already tried while others remain; none left: None."""
         hosts = upstreams(3)
         balancer = RoundRobin()
-        request = OutboundRequest(b"GET", b"/")
+        request = REQUEST
         tried = [balancer.pick(hosts, request, ())]
         tried.append(balancer.pick(hosts, request, tried))
         tried.append(balancer.pick(hosts, request, tried))

@@ -11,6 +11,8 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 
+from rproxy.health import PassivePolicy, UpstreamHealth
+from rproxy.retry import RetryPolicy
 from rproxy.upstream.pool import PoolSettings, UpstreamPool
 
 if TYPE_CHECKING:
@@ -68,26 +70,51 @@ class UpstreamURL:
 
 class Upstream:
     """
-    One upstream server and the pool of connections to it.
+    One upstream server, the pool of connections to it, and its health.
+
+    Balancers read C{key}, C{weight} and C{inFlight}; nothing else about an upstream is theirs to use.
 
     @ivar url: where it is.
+    @ivar key: a stable name for it (its URL), what hashing balancers hash.
+    @ivar configuredWeight: its share of traffic relative to the service's other upstreams.
+    @ivar inFlight: exchanges using it now.
+    @ivar health: passive ejection, active check verdicts, slow start.
     @ivar hostHeader: the ``Host`` to send when a service rewrites it.
     """
 
-    def __init__(self, url: UpstreamURL, pool: UpstreamPool) -> None:
+    def __init__(self, url: UpstreamURL, pool: UpstreamPool, health: UpstreamHealth, weight: int = 1) -> None:
+        if weight < 1:
+            raise ValueError(f"upstream {url.authority}: weight must be at least 1, not {weight}")
         self.url = url
+        self.key = f"{url.scheme}://{url.authority}{url.basePath.decode('ascii')}"
         self.pool = pool
+        self.health = health
+        self.configuredWeight = weight
+        self.inFlight = 0
         self.hostHeader = url.authority.encode("idna")
 
     @classmethod
-    def fromURL(cls, url: str, reactor: IReactorTime, settings: PoolSettings) -> Upstream:
+    def fromURL(
+        cls,
+        url: str,
+        reactor: IReactorTime,
+        settings: PoolSettings,
+        passive: PassivePolicy | None = None,
+        weight: int = 1,
+    ) -> Upstream:
         """An upstream for C{url} with a new pool."""
         parsed = UpstreamURL.parse(url)
         endpoint = parsed.endpoint(reactor, settings.connectTimeout)
-        return cls(parsed, UpstreamPool(reactor, endpoint, parsed.authority, settings))
+        pool = UpstreamPool(reactor, endpoint, parsed.authority, settings)
+        return cls(parsed, pool, UpstreamHealth(reactor, passive or PassivePolicy()), weight)
+
+    @property
+    def weight(self) -> float:
+        """The weight it has now: the configured one, scaled down while it slow-starts after a return."""
+        return self.configuredWeight * self.health.weightFactor()
 
     def __repr__(self) -> str:
-        return f"<Upstream {self.url.scheme}://{self.url.authority}{self.url.basePath.decode()}>"
+        return f"<Upstream {self.key}>"
 
 
 @dataclass(frozen=True)
@@ -96,9 +123,11 @@ class Service:
     A named set of interchangeable upstreams and how to choose among them.
 
     @ivar rewriteHost: send the chosen upstream's host as ``Host`` instead of the client's.
+    @ivar retry: when a failed attempt is tried again on another upstream.
     """
 
     name: str
     registry: IRegistry
     balancer: IBalancer
     rewriteHost: bool = False
+    retry: RetryPolicy = RetryPolicy()

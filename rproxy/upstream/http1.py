@@ -177,7 +177,9 @@ class HTTP11Connection(TwistedProtocol):
         """Drop the exchange and the connection: the client went away or its request broke."""
         self._disarm()
         self._receiver = None
-        self._body = None
+        body, self._body = self._body, None
+        if body is not None:
+            body.detach()
         if not self._closed:
             self.transport.abortConnection()
 
@@ -549,7 +551,7 @@ class HTTP11Connection(TwistedProtocol):
         self._responseDone = True
         body, self._body = self._body, None
         if body is not None:
-            body.stopProducing()
+            body.detach()  # the exchange decides whether it is sent again or dropped
         if receiver is not None:
             receiver.responseFailed(error, retrySafe)
 

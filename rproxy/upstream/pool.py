@@ -82,7 +82,7 @@ class UpstreamPool:
         self._open = 0  # connections open or opening
         self._waiters: deque[Deferred[HTTP11Connection]] = deque()
         self._waitTimers: dict[Deferred[HTTP11Connection], IDelayedCall] = {}
-        self._closing = False
+        self._closedBecause: str | None = None  # set once the pool takes no new exchanges
 
     @property
     def idleCount(self) -> int:
@@ -105,8 +105,8 @@ class UpstreamPool:
             connection = idle.pop()
             if connection.isOpen:
                 return succeed(connection)
-        if self._closing:
-            return fail(proxyError(503, "the proxy is shutting down", "proxy_internal_response"))
+        if self._closedBecause is not None:
+            return fail(proxyError(503, f"upstream {self.label} {self._closedBecause}", "destination_unavailable"))
         if self._open < self.settings.maxConnections:
             return self._connect()
         if len(self._waiters) >= self.settings.maxQueue:
@@ -122,7 +122,7 @@ class UpstreamPool:
         if waiter is not None:
             connection.recycle()
             waiter.callback(connection)
-        elif len(self._idle) < self.settings.maxIdle and not self._closing:
+        elif len(self._idle) < self.settings.maxIdle and self._closedBecause is None:
             connection.idle(self.settings.idleTimeout)
             self._idle.append(connection)
         else:
@@ -137,9 +137,9 @@ class UpstreamPool:
         if waiter is not None:
             self._connect(waiter)
 
-    def closeIdle(self) -> None:
-        """Close idle connections and refuse new ones (shutdown)."""
-        self._closing = True
+    def drain(self, why: str = "was removed from its service") -> None:
+        """Take no new exchanges (saying C{why}), close idle connections; busy ones close as they finish."""
+        self._closedBecause = why
         for connection in list(self._idle):
             connection.close()
 
@@ -184,6 +184,7 @@ class UpstreamPool:
             503,
             f"upstream {self.label} is at its limit of {self.settings.maxConnections} connections and its wait {why}",
             "connection_limit_reached",
+            retryAfter=1,
         )
 
     def _nextWaiter(self) -> Deferred[HTTP11Connection] | None:
