@@ -13,6 +13,8 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from rproxy.health import PassivePolicy
+from rproxy.retry import RetryPolicy
 from rproxy.server import ClientLimits
 from rproxy.upstream.pool import PoolSettings
 
@@ -34,7 +36,8 @@ class ProxyConfig:
     Everything a running rproxy is built from.
 
     @ivar listen: server endpoint strings (C{tcp:8080}, C{ssl:443:...}, C{systemd:domain=INET:index=0}).
-    @ivar upstreams: upstream URLs, balanced by C{balancer}.
+    @ivar upstreams: upstream URLs (each may end in C{#weight=N}), balanced by C{balancer}.
+    @ivar balancerOptions: options for the balancer's factory.
     @ivar accessLog: C{None} for none, C{"-"} for the Twisted log, or a file path.
     @ivar demoUpstream: an endpoint on which to also serve the built-in demo upstream.
     """
@@ -42,6 +45,7 @@ class ProxyConfig:
     listen: tuple[str, ...] = ("tcp:8080",)
     upstreams: tuple[str, ...] = ()
     balancer: str = "round_robin"
+    balancerOptions: Mapping[str, str] = field(default_factory=dict)
     rewriteHost: bool = False
     trustedProxies: tuple[str, ...] = ()
     viaName: str = "rproxy"
@@ -50,6 +54,8 @@ class ProxyConfig:
     demoUpstream: str | None = None
     pool: PoolSettings = field(default_factory=PoolSettings)
     client: ClientLimits = field(default_factory=ClientLimits)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    passive: PassivePolicy = field(default_factory=PassivePolicy)
 
 
 def argumentsFromMapping(settings: Mapping[str, object], where: str, known: Iterable[str]) -> list[str]:
@@ -109,4 +115,4 @@ def argumentsFromEnvironment(environ: Mapping[str, str], names: Iterable[str], f
 
 
 #: The options that may be given more than once.
-REPEATABLE = frozenset({"listen", "upstream", "trusted-proxy"})
+REPEATABLE = frozenset({"listen", "upstream", "trusted-proxy", "balancer-option"})

@@ -47,6 +47,11 @@ def abortClient(request: Request) -> None:
         return
     transport = getattr(channel, "transport", None)
     if transport is not None:
+        # Hand what is already written (the head, part of the body) to the kernel first, so the client
+        # sees how far the response got before the reset.
+        flush = getattr(transport, "doWrite", None)
+        if flush is not None and transport.connected:
+            flush()
         transport.abortConnection()
     else:
         channel.abortConnection()

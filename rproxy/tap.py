@@ -28,14 +28,18 @@ from rproxy.config import (
 from rproxy.directors import SingleServiceDirector
 from rproxy.exchange import Proxy
 from rproxy.headers import ForwardingPolicy, isToken, parseNetworks
+from rproxy.health import PassivePolicy
 from rproxy.registry import MemoryRegistry
 from rproxy.resource import buildResource
+from rproxy.retry import RetryPolicy
 from rproxy.server import ClientLimits, DrainingService, ProxySite
-from rproxy.upstream import Service, Upstream, UpstreamURL
+from rproxy.upstream import Service, Upstream, UpstreamURL, splitWeight
 from rproxy.upstream.pool import PoolSettings
 
 _DEFAULT_POOL = PoolSettings()
 _DEFAULT_CLIENT = ClientLimits()
+_DEFAULT_RETRY = RetryPolicy()
+_DEFAULT_PASSIVE = PassivePolicy()
 
 
 class Options(usage.Options):
@@ -48,6 +52,11 @@ class Options(usage.Options):
 
     optFlags: list[list[str | None]] = [
         ["rewrite-host", None, "Send the upstream's host as Host instead of the client's."],
+        [
+            "retry-idempotency-key",
+            None,
+            "Also retry requests of any method that carry an Idempotency-Key, once sent.",
+        ],
         ["list-balancers", None, "Print the installed balancers and exit."],
         ["version", None, "Print the version and exit."],
     ]
@@ -103,6 +112,32 @@ class Options(usage.Options):
         ],
         ["client-timeout", None, _DEFAULT_CLIENT.idleTimeout, "Seconds an idle client connection is kept open."],
         ["max-connections", None, _DEFAULT_CLIENT.maxConnections, "Client connections at once (more: 503)."],
+        ["retries", None, _DEFAULT_RETRY.retries, "Attempts repeated on another upstream once a request was sent."],
+        ["try-duration", None, _DEFAULT_RETRY.tryDuration, "Seconds after which no new attempt starts (0: no limit)."],
+        ["retry-on-status", None, "", "Response statuses retried like failures, e.g. 502,503 (default: none)."],
+        [
+            "retry-body-size",
+            None,
+            str(_DEFAULT_RETRY.replayBodySize),
+            "Request body bytes kept to send again on a retry (larger bodies are sent once).",
+        ],
+        ["max-fails", None, _DEFAULT_PASSIVE.maxFails, "Consecutive failures that eject an upstream (0: off)."],
+        [
+            "fail-rate",
+            None,
+            _DEFAULT_PASSIVE.failureRate,
+            "Share of failed exchanges in --fail-window that ejects an upstream, e.g. 0.5 (0: off).",
+        ],
+        ["fail-window", None, _DEFAULT_PASSIVE.window, "Seconds over which --fail-rate is measured."],
+        ["ejection-time", None, _DEFAULT_PASSIVE.baseEjection, "Seconds of a first ejection (doubling on repeats)."],
+        ["max-ejection-time", None, _DEFAULT_PASSIVE.maxEjection, "Longest ejection, in seconds."],
+        [
+            "max-ejected-percent",
+            None,
+            _DEFAULT_PASSIVE.maxEjectedShare * 100,
+            "Most of a service's upstreams ejected at once, in percent (one may always be).",
+        ],
+        ["slow-start", None, _DEFAULT_PASSIVE.slowStart, "Seconds a returning upstream takes to reach full weight."],
     ]
 
     def __init__(self) -> None:
@@ -117,6 +152,10 @@ class Options(usage.Options):
     def opt_upstream(self, url: str) -> None:
         """An upstream URL, e.g. http://127.0.0.1:9000/base (repeatable)."""
         self["upstream"].append(url)
+
+    def opt_balancer_option(self, setting: str) -> None:
+        """An option for the balancer, KEY=VALUE (repeatable)."""
+        self["balancer-option"].append(setting)
 
     def opt_trusted_proxy(self, network: str) -> None:
         """A CIDR whose X-Forwarded-*/Forwarded fields are kept (repeatable)."""
@@ -150,9 +189,9 @@ class Options(usage.Options):
         upstreams = tuple(self["upstream"])
         if not upstreams and not self["demo-upstream"]:
             raise usage.UsageError("at least one --upstream URL is required (or --demo-upstream)")
-        for url in upstreams:
+        for spec in upstreams:
             try:
-                UpstreamURL.parse(url)
+                UpstreamURL.parse(splitWeight(spec)[0])
             except ValueError as e:
                 raise usage.UsageError(f"--upstream: {e}") from None
         try:
@@ -163,11 +202,7 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--via-name: must be an HTTP token (letters, digits, -._~...), got {self['via-name']!r}"
             )
-        if self["balancer"] not in balancerFactories():
-            raise usage.UsageError(
-                f"--balancer: unknown balancer {self['balancer']!r}; installed: "
-                + ", ".join(sorted(balancerFactories()))
-            )
+        balancerOptions = _balancerOptions(self)
         pool = PoolSettings(
             connectTimeout=_positive(self, "connect-timeout"),
             responseTimeout=_positive(self, "response-timeout"),
@@ -187,10 +222,33 @@ class Options(usage.Options):
             idleTimeout=_positive(self, "client-timeout"),
             maxConnections=_positive(self, "max-connections"),
         )
+        retry = RetryPolicy(
+            retries=_atLeastZero(self, "retries"),
+            tryDuration=_atLeastZero(self, "try-duration"),
+            retryStatuses=_statuses(self, "retry-on-status"),
+            replayBodySize=_size(self, "retry-body-size"),
+            idempotencyKey=bool(self["retry-idempotency-key"]),
+        )
+        maxEjectedPercent = _atLeastZero(self, "max-ejected-percent")
+        if maxEjectedPercent > 100:
+            raise usage.UsageError(f"--max-ejected-percent: must be at most 100, got {maxEjectedPercent:g}")
+        failRate = _atLeastZero(self, "fail-rate")
+        if failRate > 1:
+            raise usage.UsageError(f"--fail-rate: must be a share from 0 to 1, got {failRate:g}")
+        passive = PassivePolicy(
+            maxFails=_atLeastZero(self, "max-fails"),
+            failureRate=failRate,
+            window=_positive(self, "fail-window"),
+            baseEjection=_positive(self, "ejection-time"),
+            maxEjection=_positive(self, "max-ejection-time"),
+            maxEjectedShare=maxEjectedPercent / 100,
+            slowStart=_atLeastZero(self, "slow-start"),
+        )
         return ProxyConfig(
             listen=tuple(self["listen"]) or ("tcp:8080",),
             upstreams=upstreams,
             balancer=self["balancer"],
+            balancerOptions=balancerOptions,
             rewriteHost=bool(self["rewrite-host"]),
             trustedProxies=tuple(self["trusted-proxy"]),
             viaName=self["via-name"],
@@ -199,6 +257,8 @@ class Options(usage.Options):
             demoUpstream=self["demo-upstream"],
             pool=pool,
             client=client,
+            retry=retry,
+            passive=passive,
         )
 
 
@@ -257,6 +317,37 @@ def _atLeastZero(options: Options, name: str) -> Any:
     return value
 
 
+def _statuses(options: Options, name: str) -> frozenset[int]:
+    """A comma-separated list of HTTP statuses (100 to 599)."""
+    statuses = set()
+    for item in str(options[name]).split(","):
+        if not item.strip():
+            continue
+        if not item.strip().isdigit() or not 100 <= int(item) <= 599:
+            raise usage.UsageError(f"--{name}: expected statuses such as 502,503, got {item.strip()!r}")
+        statuses.add(int(item))
+    return frozenset(statuses)
+
+
+def _balancerOptions(options: Options) -> dict[str, str]:
+    """The --balancer-option KEY=VALUE settings, checked by building the balancer once."""
+    name = options["balancer"]
+    factories = balancerFactories()
+    if name not in factories:
+        raise usage.UsageError(f"--balancer: unknown balancer {name!r}; installed: " + ", ".join(sorted(factories)))
+    settings: dict[str, str] = {}
+    for setting in options["balancer-option"]:
+        key, equals, value = setting.partition("=")
+        if not equals or not key.strip():
+            raise usage.UsageError(f"--balancer-option: expected KEY=VALUE, got {setting!r}")
+        settings[key.strip()] = value.strip()
+    try:
+        factories[name].build(settings)
+    except ValueError as e:
+        raise usage.UsageError(f"--balancer-option: {e}") from None
+    return settings
+
+
 def _size(options: Options, name: str) -> int:
     try:
         return parseSize(str(options[name]))
@@ -267,11 +358,11 @@ def _size(options: Options, name: str) -> int:
 def buildSite(config: ProxyConfig, reactor: IReactorTime, upstreamURLs: list[str]) -> tuple[ProxySite, list[Upstream]]:
     """The proxy's site and its upstreams (whose pools shutdown closes)."""
     registry = MemoryRegistry()
-    upstreams = [Upstream.fromURL(url, reactor, config.pool) for url in upstreamURLs]
+    upstreams = [Upstream.fromURL(url, reactor, config.pool, config.passive) for url in upstreamURLs]
     for upstream in upstreams:
         registry.add("default", upstream)
-    balancer = balancerFactories()[config.balancer].build({})
-    director = SingleServiceDirector(Service("default", registry, balancer, config.rewriteHost))
+    balancer = balancerFactories()[config.balancer].build(config.balancerOptions)
+    director = SingleServiceDirector(Service("default", registry, balancer, config.rewriteHost, config.retry))
     forwarding = ForwardingPolicy(parseNetworks(config.trustedProxies), config.viaName.encode("ascii"))
     proxy = Proxy(reactor, director, forwarding)
     return ProxySite(buildResource(proxy), config.client, reactor, config.accessLog), upstreams

@@ -286,3 +286,66 @@ async def waitFor(predicate: Callable[[], object], timeout: float = 5.0) -> bool
             return False
         await sleep(0.01)
     return True
+
+
+def freePort() -> int:
+    """A loopback port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _ReadyProtocol(protocol.ProcessProtocol):
+    def __init__(self, ready: defer.Deferred[None]) -> None:
+        self.ready = ready
+        self.exited: defer.Deferred[None] = defer.Deferred()
+        self.output = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if b"ready" in self.output and not self.ready.called:
+            self.ready.callback(None)
+
+    def errReceived(self, data: bytes) -> None:
+        self.output += data
+
+    def processEnded(self, reason: object) -> None:
+        if not self.ready.called:
+            self.ready.errback(RuntimeError(f"upstream process ended before it was ready: {self.output!r}"))
+        self.exited.callback(None)
+
+
+class UpstreamProcess:
+    """
+    A L{rproxy.test.upstream_process} server in its own process on 127.0.0.1, to be killed and
+    restarted; it answers C{NAME METHOD <body length>}.
+    """
+
+    def __init__(self, testCase: unittest.TestCase, name: str, port: int | None = None) -> None:
+        self.testCase = testCase
+        self.name = name
+        self.port = port or freePort()
+        self._protocol: _ReadyProtocol | None = None
+        testCase.addCleanup(self.kill)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> defer.Deferred[None]:
+        """Start the process; fires once it listens."""
+        ready: defer.Deferred[None] = defer.Deferred()
+        self._protocol = _ReadyProtocol(ready)
+        argv = [PYTHON, "-m", "rproxy.test.upstream_process", str(self.port), self.name]
+        reactor.spawnProcess(self._protocol, PYTHON, argv, env=os.environ)
+        return ready
+
+    def kill(self) -> defer.Deferred[None]:
+        """SIGKILL the process; fires once it is gone."""
+        proto, self._protocol = self._protocol, None
+        if proto is None or proto.exited.called:
+            return defer.succeed(None)
+        proto.transport.signalProcess("KILL")
+        return proto.exited

@@ -21,6 +21,23 @@ if TYPE_CHECKING:
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def splitWeight(spec: str) -> tuple[str, int]:
+    """Split C{"http://h:9000/base#weight=3"} into the URL and its weight (1 when not given)."""
+    url, hash, fragment = spec.partition("#")
+    if not hash:
+        return url, 1
+    name, equals, value = fragment.partition("=")
+    if name != "weight" or not equals:
+        raise ValueError(f"upstream {spec!r}: the only setting after '#' is weight=N")
+    try:
+        weight = int(value)
+    except ValueError:
+        raise ValueError(f"upstream {spec!r}: weight must be a whole number, not {value!r}") from None
+    if not 1 <= weight <= 1000:
+        raise ValueError(f"upstream {spec!r}: weight must be from 1 to 1000, not {weight}")
+    return url, weight
+
+
 @dataclass(frozen=True)
 class UpstreamURL:
     """A parsed upstream URL: C{scheme://host:port/base} (the base path is prefixed to every target)."""
@@ -100,9 +117,9 @@ class Upstream:
         reactor: IReactorTime,
         settings: PoolSettings,
         passive: PassivePolicy | None = None,
-        weight: int = 1,
     ) -> Upstream:
-        """An upstream for C{url} with a new pool."""
+        """An upstream for C{url} (which may end in C{#weight=N}) with a new pool."""
+        url, weight = splitWeight(url)
         parsed = UpstreamURL.parse(url)
         endpoint = parsed.endpoint(reactor, settings.connectTimeout)
         pool = UpstreamPool(reactor, endpoint, parsed.authority, settings)
