@@ -137,6 +137,19 @@ class RetryTests(unittest.TestCase):
         self.assertEqual(code, 502)
         self.assertEqual([len(h.requests) for h in hosts], [1, 1, 1])
 
+    async def test_tryDuration(self) -> None:
+        """No attempt starts once --try-duration has passed since the first, whatever retries remain."""
+
+        def hangUpLater(proto: object, request: ReceivedRequest) -> bytes:
+            reactor.callLater(0.4, hangUp, proto, request)
+            return b""
+
+        hosts = [ScriptedUpstream(self, hangUpLater) for _ in range(3)]
+        proxy = startProxy(self, [h.url for h in hosts], "--retries", "5", "--try-duration", "0.6")
+        code, _, _ = await self.request(proxy.port, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        self.assertEqual(code, 502)
+        self.assertEqual(sorted(len(h.requests) for h in hosts), [0, 1, 1])
+
     async def test_retryOnStatus(self) -> None:
         """A status in --retry-on-status sends a GET elsewhere; a POST gets that response as it is."""
         busy = ScriptedUpstream(self, lambda p, r: answer(b"busy", b"503 Service Unavailable"))

@@ -214,6 +214,7 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertEqual(status(head), 503, data)
         self.assertEqual(header(head, b"X-Rproxy-Fault"), [b"proxy"])
         self.assertIn(b"connection_limit_reached", b"".join(header(head, b"Proxy-Status")))
+        self.assertEqual(header(head, b"Retry-After"), [b"1"])
         for reason in reasons:
             self.assertIn(reason, body)
 
