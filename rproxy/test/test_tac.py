@@ -268,3 +268,80 @@ class CommandLineConfigTests(unittest.TestCase):
             UsageError, options.parseOptions, ["--upstream", "http://127.0.0.1:1", "--via-name", "my proxy"]
         )
         self.assertIn("--via-name", str(error))
+
+
+class BalancingOptionsTests(unittest.TestCase):
+    """The balancing, retry and passive health options: what they build, and errors naming them."""
+
+    def parse(self, *arguments: str) -> Options:
+        options = Options()
+        options.parseOptions(["--upstream", "http://127.0.0.1:1", *arguments])
+        return options
+
+    def error(self, *arguments: str) -> str:
+        return str(self.assertRaises(UsageError, self.parse, *arguments))
+
+    def test_built(self) -> None:
+        config = self.parse(
+            "--upstream",
+            "http://127.0.0.1:2/base#weight=3",
+            "--retries",
+            "4",
+            "--try-duration",
+            "2.5",
+            "--retry-on-status",
+            "502, 503",
+            "--retry-body-size",
+            "1M",
+            "--retry-idempotency-key",
+            "--max-fails",
+            "0",
+            "--fail-rate",
+            "0.25",
+            "--max-ejected-percent",
+            "30",
+            "--slow-start",
+            "20",
+        ).config
+        self.assertEqual(config.upstreams, ("http://127.0.0.1:1", "http://127.0.0.1:2/base#weight=3"))
+        self.assertEqual(
+            (config.retry.retries, config.retry.tryDuration, config.retry.retryStatuses, config.retry.replayBodySize),
+            (4, 2.5, frozenset({502, 503}), 1 << 20),
+        )
+        self.assertTrue(config.retry.idempotencyKey)
+        self.assertEqual(
+            (config.passive.maxFails, config.passive.failureRate, config.passive.maxEjectedShare),
+            (0, 0.25, 0.3),
+        )
+        self.assertEqual(config.passive.slowStart, 20)
+
+    def test_weightApplied(self) -> None:
+        from twisted.internet.task import Clock
+
+        from rproxy.tap import buildSite
+
+        config = self.parse("--upstream", "http://127.0.0.1:2/base#weight=3").config
+        _, upstreams = buildSite(config, Clock(), list(config.upstreams))
+        self.assertEqual(
+            [(u.key, u.configuredWeight) for u in upstreams],
+            [
+                ("http://127.0.0.1:1", 1),
+                ("http://127.0.0.1:2/base", 3),
+            ],
+        )
+
+    def test_errors(self) -> None:
+        cases = [
+            (("--upstream", "http://127.0.0.1:2#weight=0"), "weight must be from 1 to 1000"),
+            (("--upstream", "http://127.0.0.1:2#weight=x"), "weight must be a whole number"),
+            (("--upstream", "http://127.0.0.1:2#w=2"), "the only setting after '#' is weight=N"),
+            (("--retry-on-status", "502,700"), "--retry-on-status: expected statuses"),
+            (("--retries", "-1"), "--retries: must not be negative"),
+            (("--fail-rate", "2"), "--fail-rate: must be a share from 0 to 1"),
+            (("--max-ejected-percent", "101"), "--max-ejected-percent: must be at most 100"),
+            (("--balancer-option", "novalue"), "--balancer-option: expected KEY=VALUE"),
+            (("--balancer-option", "bogus=1"), "--balancer-option: "),
+            (("--balancer", "nope"), "--balancer: unknown balancer 'nope'; installed: "),
+        ]
+        for arguments, expected in cases:
+            self.assertIn(expected, self.error(*arguments), arguments)
