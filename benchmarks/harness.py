@@ -462,6 +462,8 @@ class Settings:
     @ivar warmup: seconds of the wrk run before each measured one.
     @ivar connections: wrk's concurrent connections.
     @ivar downloads: downloads of the large file (the best one counts).
+    @ivar upstreams: the upstreams rproxy balances over in the balancing run (the origin listens
+        on this many ports).
     @ivar proxy_cpu: the CPU the proxy under test is pinned to.
     @ivar load_cpu: the CPU the origin, wrk and curl are pinned to.
     """
@@ -470,6 +472,7 @@ class Settings:
     warmup: int = 2
     connections: int = 50
     downloads: int = 3
+    upstreams: int = 3
     proxy_cpu: int = 0
     load_cpu: int = 1
 
@@ -489,6 +492,8 @@ class Bench:
         # Started by root, nginx's worker runs as nobody and must be able to read the payloads.
         self.workdir.chmod(0o755)
         self.origin_port = 0
+        #: Every port the origin listens on (the first is C{origin_port}); one per balanced upstream.
+        self.origin_ports: list[int] = []
 
     def __enter__(self) -> Bench:
         return self
@@ -519,7 +524,12 @@ class Bench:
         return server
 
     def start_origin(self) -> None:
-        """Write the payloads and start the nginx origin on the load CPU."""
+        """
+        Write the payloads and start the nginx origin on the load CPU.
+
+        The origin listens on C{settings.upstreams} ports (at least one), all served by its one
+        worker: the upstreams of the balancing run are the same origin, on the same CPU.
+        """
         www = self.workdir / "www"
         www.mkdir()
         for name, size in SMALL.items():
@@ -528,35 +538,50 @@ class Bench:
         with (www / f"{LARGE_NAME}.bin").open("wb") as large:
             for _ in range(LARGE_SIZE // MIB):
                 large.write(block)
-        self.origin_port = free_port()
+        ports: list[int] = []
+        while len(ports) < max(1, self.settings.upstreams):
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        self.origin_ports = ports
+        self.origin_port = ports[0]
         prefix = self.workdir / "origin"
+        more_listens = "".join(f"        listen {HOST}:{port};\n" for port in ports[1:])
         config = nginx_config(
             prefix,
             self.origin_port,
-            f"""        root {www};
+            f"""{more_listens}        root {www};
         sendfile on;
         tcp_nopush on;""",
         )
-        self.start(
+        origin = self.start(
             "origin",
             pinned(self.settings.load_cpu, nginx_argv(self.tools["nginx"], prefix, config)),
             self.origin_port,
         )
+        for port in ports[1:]:
+            origin.wait_listening(port)
 
-    def proxy_argv(self, name: str, port: int) -> list[str]:
-        """The command (not yet pinned) running proxy C{name} on C{port} in front of the origin."""
+    def proxy_argv(self, name: str, port: int, upstreams: int = 1, balancer: str | None = None) -> list[str]:
+        """
+        The command (not yet pinned) running proxy C{name} on C{port} in front of the origin.
+
+        @param upstreams: rproxy only: how many of the origin's ports it balances over, each given
+            with its own C{--upstream}.
+        @param balancer: rproxy only: its C{--balancer} (None: rproxy's default, no option).
+        """
         origin = self.origin_port
         if name == "rproxy":
-            return [
-                str(VENV_BIN / "twist"),
-                "rproxy",
-                "--listen",
-                f"tcp:{port}:interface={HOST}",
-                "--upstream",
-                f"http://{HOST}:{origin}",
-                "--access-log",
-                "off",
-            ]
+            if not 1 <= upstreams <= len(self.origin_ports):
+                raise BenchError(f"{upstreams} upstreams asked, the origin listens on {len(self.origin_ports)} ports")
+            argv = [str(VENV_BIN / "twist"), "rproxy", "--listen", f"tcp:{port}:interface={HOST}"]
+            for upstream_port in self.origin_ports[:upstreams]:
+                argv += ["--upstream", f"http://{HOST}:{upstream_port}"]
+            if balancer is not None:
+                argv += ["--balancer", balancer]
+            return [*argv, "--access-log", "off"]
+        if upstreams != 1 or balancer is not None:
+            raise BenchError(f"only rproxy is run with several upstreams or a balancer, not {name}")
         if name in ("twisted-stock", "aiohttp"):
             script = "stock_twisted_proxy.py" if name == "twisted-stock" else "aiohttp_proxy.py"
             return [
@@ -588,17 +613,19 @@ class Bench:
         raise BenchError(f"unknown proxy {name!r}; known: {', '.join(PROXIES)}")
 
     @contextmanager
-    def proxy(self, name: str) -> Iterator[tuple[Server, str]]:
+    def proxy(self, name: str, upstreams: int = 1, balancer: str | None = None) -> Iterator[tuple[Server, str]]:
         """
         Run proxy C{name} on the proxy CPU while the block runs; yield it and its base URL.
 
-        The small payloads are fetched through it first, so a broken proxy fails fast.
+        The small payloads are fetched through it first, so a broken proxy fails fast.  With
+        several C{upstreams}, each payload is fetched as many times, so that every upstream serves.
         """
         port = free_port()
-        server = self.start(name, pinned(self.settings.proxy_cpu, self.proxy_argv(name, port)), port)
+        argv = pinned(self.settings.proxy_cpu, self.proxy_argv(name, port, upstreams, balancer))
+        server = self.start(name, argv, port)
         try:
             base = f"http://{HOST}:{port}"
-            for payload, size in SMALL.items():
+            for payload, size in [item for item in SMALL.items() for _ in range(upstreams)]:
                 try:
                     with urllib.request.urlopen(f"{base}/{payload}.bin", timeout=10) as response:
                         body = response.read()
@@ -609,6 +636,20 @@ class Bench:
             yield server, base
         finally:
             server.stop()
+
+
+def list_balancers() -> list[str] | None:
+    """
+    The balancers C{twist rproxy --list-balancers} names (the first word of each line).
+
+    None if rproxy has no such option or it fails: the caller then runs rproxy's default alone.
+    """
+    try:
+        output = run_command([str(VENV_BIN / "twist"), "rproxy", "--list-balancers"], timeout=60).stdout
+    except BenchError:
+        return None
+    names = [line.split()[0] for line in output.splitlines() if line.strip()]
+    return names or None
 
 
 def _payload(size: int) -> bytes:

@@ -87,7 +87,9 @@ def parse_collapsed(text: str) -> Profile:
     return Profile(own, cumulative, files, total)
 
 
-def format_profile(profile: Profile, load: WrkResult, cpu: CpuUsage, seconds: int, connections: int) -> str:
+def format_profile(
+    profile: Profile, load: WrkResult, cpu: CpuUsage, seconds: int, connections: int, setup: str = "1 upstream"
+) -> str:
     """The top functions by own and by cumulative time, and own time per file."""
     if not profile.total:
         raise BenchError("py-spy recorded no samples")
@@ -97,7 +99,7 @@ def format_profile(profile: Profile, load: WrkResult, cpu: CpuUsage, seconds: in
         return f"{100 * samples / total:5.1f}%"
 
     lines = [
-        f"rproxy under wrk -c{connections} on {PAYLOAD}: {load.rps:.0f} req/s while sampled, "
+        f"rproxy ({setup}) under wrk -c{connections} on {PAYLOAD}: {load.rps:.0f} req/s while sampled, "
         f"{load.non_2xx} non-2xx, {load.socket_errors} socket errors",
         f"rproxy used {cpu.proxy:.0f}% of its CPU, {cpu.proxy_kernel:.0f}% in the kernel "
         f"(py-spy and other processes {cpu.proxy_core_others:.0f}%); "
@@ -125,9 +127,11 @@ def format_profile(profile: Profile, load: WrkResult, cpu: CpuUsage, seconds: in
     return "\n".join(lines)
 
 
-def profile_rproxy(bench: Bench, seconds: int) -> str:
+def profile_rproxy(bench: Bench, seconds: int, upstreams: int = 1, balancer: str | None = None) -> str:
     """
     Profile rproxy (pinned like in the comparison) for C{seconds} seconds of wrk load.
+
+    rproxy balances over C{upstreams} of the origin's ports with C{balancer} (None: its default).
 
     Writes the collapsed stacks to results/profile.collapsed (flamegraph.pl or speedscope read
     them) and returns the report.
@@ -135,7 +139,7 @@ def profile_rproxy(bench: Bench, seconds: int) -> str:
     pyspy = ensure_venv_tool("py-spy", "py-spy")
     settings = bench.settings
     collapsed = RESULTS / "profile.collapsed"
-    with bench.proxy("rproxy") as (server, base):
+    with bench.proxy("rproxy", upstreams, balancer) as (server, base):
         url = f"{base}/{PAYLOAD}.bin"
         run_wrk(url, settings.warmup, settings.connections, settings.load_cpu)
         # wrk runs a little longer than py-spy, so that every sample is taken under load.
@@ -180,4 +184,7 @@ def profile_rproxy(bench: Bench, seconds: int) -> str:
                 load.wait()
         server.check_alive()
     profile = parse_collapsed(collapsed.read_text())
-    return format_profile(profile, parse_wrk(output), usage, seconds, settings.connections)
+    setup = f"{upstreams} upstream{'s' if upstreams > 1 else ''}"
+    if balancer is not None:
+        setup += f", --balancer {balancer}"
+    return format_profile(profile, parse_wrk(output), usage, seconds, settings.connections, setup)

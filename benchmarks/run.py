@@ -3,7 +3,9 @@
 
 Each proxy in turn is put in front of an nginx origin and loaded with wrk (small responses) and
 curl (a 100 MiB download); the proxy runs on one CPU, the origin and the load generator on the
-other.  Prints one table and writes benchmarks/results/latest.json.  See benchmarks/README.md.
+other.  Right after rproxy, rproxy is loaded again balancing over three upstreams (the origin on
+three ports), once per balancer.  Prints two tables and writes benchmarks/results/latest.json.
+See benchmarks/README.md.
 
     .venv/bin/python benchmarks/run.py            # the full comparison
     .venv/bin/python benchmarks/run.py --profile  # rproxy's hot path under py-spy
@@ -35,15 +37,37 @@ from harness import (
     Bench,
     BenchError,
     CpuMeter,
+    Server,
     Settings,
     download_mib_s,
     ensure_tools,
+    list_balancers,
     run_wrk,
     wrk_argv,
 )
 from profiling import profile_rproxy
 
 Result = dict[str, Any]
+
+#: The balancers the balancing run tries, in this order, among those rproxy has installed.
+BALANCERS = ("round_robin", "least_conn", "p2c")
+#: The most of single-upstream requests/s that balancing over several upstreams may cost.
+BALANCING_TOLERANCE = 0.10
+
+
+def load_small(bench: Bench, server: Server, base: str, label: str) -> Result:
+    """Warm up, then load each small payload through C{server} with wrk; the figures by payload."""
+    settings = bench.settings
+    result: Result = {}
+    for payload in SMALL:
+        url = f"{base}/{payload}.bin"
+        print(f"  {label}: wrk {payload} ...", flush=True)
+        run_wrk(url, settings.warmup, settings.connections, settings.load_cpu)
+        meter = CpuMeter(server, settings)
+        load = run_wrk(url, settings.duration, settings.connections, settings.load_cpu)
+        result[payload] = {**load.as_dict(), "cpu": meter.stop().as_dict()}
+        server.check_alive()
+    return result
 
 
 def measure(bench: Bench, name: str) -> Result:
@@ -52,14 +76,7 @@ def measure(bench: Bench, name: str) -> Result:
     result: Result = {"proxy": name}
     with bench.proxy(name) as (server, base):
         result["command"] = server.argv
-        for payload in SMALL:
-            url = f"{base}/{payload}.bin"
-            print(f"  {name}: wrk {payload} ...", flush=True)
-            run_wrk(url, settings.warmup, settings.connections, settings.load_cpu)
-            meter = CpuMeter(server, settings)
-            load = run_wrk(url, settings.duration, settings.connections, settings.load_cpu)
-            result[payload] = {**load.as_dict(), "cpu": meter.stop().as_dict()}
-            server.check_alive()
+        result.update(load_small(bench, server, base, name))
         result["rss_load_mib"] = round(server.peak_rss_mib(), 1)
     # A fresh process, so that its peak RSS is the streaming one alone.
     with bench.proxy(name) as (server, base):
@@ -76,6 +93,49 @@ def measure(bench: Bench, name: str) -> Result:
         result["download_runs_mib_s"] = speeds
         result["rss_stream_mib"] = round(server.peak_rss_mib(), 1)
     return result
+
+
+def balancing_label(balancer: str | None, upstreams: int) -> str:
+    """The name of a balancing run in the table, the notes and the targets."""
+    return f"{upstreams}x {balancer or 'default'}"
+
+
+def choose_balancers(wanted: list[str]) -> tuple[list[str | None], list[str] | None]:
+    """
+    The balancers to run (None: rproxy's default, no --balancer) and those rproxy lists.
+
+    C{wanted} is filtered to the installed balancers, so a missing one is skipped, not an error.
+    When rproxy cannot list its balancers (no --list-balancers), its default runs alone.
+    """
+    installed = list_balancers()
+    if installed is None:
+        return [None], None
+    return [name for name in wanted if name in installed], installed
+
+
+def measure_balancing(bench: Bench, balancer: str | None) -> Result:
+    """Load rproxy balancing over C{settings.upstreams} upstreams with wrk (small payloads only)."""
+    upstreams = bench.settings.upstreams
+    label = f"rproxy {balancing_label(balancer, upstreams)}"
+    result: Result = {"balancer": balancer, "upstreams": upstreams}
+    with bench.proxy("rproxy", upstreams, balancer) as (server, base):
+        result["command"] = server.argv
+        result.update(load_small(bench, server, base, label))
+        result["rss_load_mib"] = round(server.peak_rss_mib(), 1)
+    return result
+
+
+def add_balancing_ratios(runs: dict[str, Result], single: Result) -> None:
+    """Add to each balancing run its req/s over single-upstream rproxy's, and whether it is within tolerance."""
+    for run in runs.values():
+        if "error" in run:
+            continue
+        run["vs_single"] = {}
+        run["within_tolerance"] = {}
+        for payload in SMALL:
+            mine, theirs = run[payload]["rps"], single.get(payload, {}).get("rps")
+            run["vs_single"][payload] = _ratio(mine, theirs)
+            run["within_tolerance"][payload] = None if not theirs else mine >= (1 - BALANCING_TOLERANCE) * theirs
 
 
 def _ratio(value: float | None, reference: float | None) -> float | None:
@@ -102,7 +162,7 @@ def add_ratios(results: dict[str, Result]) -> None:
         }
 
 
-def evaluate_targets(results: dict[str, Result]) -> list[dict[str, Any]]:
+def evaluate_targets(results: dict[str, Result], balancing: dict[str, Result]) -> list[dict[str, Any]]:
     """The project's targets for rproxy on one core, each with its measured value and verdict."""
     mine = results.get("rproxy", {})
     peer = results.get("aiohttp", {})
@@ -138,6 +198,20 @@ def evaluate_targets(results: dict[str, Result]) -> list[dict[str, Any]]:
         f"{mine['rss_stream_mib']:.1f} MiB",
         mine["rss_stream_mib"] < 64,
     )
+    floor = 1 - BALANCING_TOLERANCE
+    for label, run in balancing.items():
+        if "error" in run:
+            target(f"rproxy {label} ran", run["error"].splitlines()[0][:150], False)
+            continue
+        for payload in SMALL:
+            ratio = run["vs_single"][payload]
+            errors = run[payload]["non_2xx"] + run[payload]["socket_errors"]
+            within = run["within_tolerance"][payload]
+            target(
+                f">= {floor:.2f}x single-upstream requests/s with {label} on {payload}, zero errors",
+                f"{ratio}x ({run[payload]['rps']:.0f} vs {mine[payload]['rps']:.0f}), {errors} errors",
+                None if within is None else within and errors == 0,
+            )
     return targets
 
 
@@ -206,6 +280,52 @@ def format_table(results: dict[str, Result]) -> str:
     return "\n".join(lines)
 
 
+def format_balancing_table(single: Result, runs: dict[str, Result]) -> str:
+    """Single-upstream rproxy and each balancing run, with the ratios of their req/s, one run per row."""
+    columns: list[tuple[str, str]] = [("run", "<16")]
+    for payload in SMALL:
+        columns += [
+            (f"{payload} req/s", ">11"),
+            ("p50 ms", ">7"),
+            ("p99 ms", ">7"),
+            ("err", ">5"),
+            ("cpu%", ">5"),
+        ]
+    columns += [("RSS load", ">8")]
+    columns += [(f"x1up {payload}", ">10") for payload in SMALL]
+    columns += [(f"within {100 * BALANCING_TOLERANCE:.0f}%", "<10")]
+    lines = ["  ".join(format(header, spec) for header, spec in columns).rstrip()]
+    lines.append("-" * len(lines[0]))
+    rows = {"1 upstream": single, **runs}
+    for label, run in rows.items():
+        if "error" in run:
+            lines.append(f"{label:<16}  FAILED: {run['error'].splitlines()[0][:150]}")
+            continue
+        cells: list[str] = [label]
+        for payload in SMALL:
+            load = run[payload]
+            cells += [
+                f"{load['rps']:.0f}",
+                f"{load['p50_ms']:.2f}",
+                f"{load['p99_ms']:.2f}",
+                f"{load['non_2xx']}/{load['socket_errors']}",
+                f"{load['cpu']['proxy']:.0f}",
+            ]
+        cells.append(f"{run['rss_load_mib']:.1f}")
+        if run is single:
+            cells += ["1.00" for _ in SMALL] + ["-"]
+        else:
+            cells += [_fmt(run["vs_single"][payload], ".2f") for payload in SMALL]
+            verdicts = run["within_tolerance"]
+            if any(verdict is None for verdict in verdicts.values()):
+                cells.append("-")
+            else:
+                failed = [payload for payload, verdict in verdicts.items() if not verdict]
+                cells.append("NO: " + ",".join(failed) if failed else "yes")
+        lines.append("  ".join(format(cell, spec) for cell, (_, spec) in zip(cells, columns, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
 def _version(argv: list[str]) -> str:
     """The first line a tool prints about its version (wrk and nginx print it on stderr)."""
     try:
@@ -268,13 +388,37 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=defaults.connections, help="wrk connections")
     parser.add_argument("--downloads", type=int, default=defaults.downloads, help="large downloads")
     parser.add_argument(
+        "--balancers",
+        default=",".join(BALANCERS),
+        help="comma-separated balancers for rproxy's balancing run, each run if rproxy has it "
+        f"(default: {','.join(BALANCERS)}; 'none': no balancing run)",
+    )
+    parser.add_argument(
+        "--upstreams",
+        type=int,
+        default=defaults.upstreams,
+        help=f"upstreams in rproxy's balancing run (default: {defaults.upstreams})",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="instead of the comparison, profile rproxy under wrk load with py-spy",
     )
     parser.add_argument("--profile-seconds", type=int, default=15, help="seconds py-spy samples")
+    parser.add_argument(
+        "--profile-upstreams",
+        type=int,
+        default=1,
+        help="upstreams (origin ports) rproxy balances over while profiled (default: 1)",
+    )
+    parser.add_argument("--profile-balancer", help="rproxy's --balancer while profiled (default: rproxy's default)")
     args = parser.parse_args()
     args.proxies = [name.strip() for name in args.proxies.split(",") if name.strip()]
+    args.balancers = [name.strip() for name in args.balancers.split(",") if name.strip() not in ("", "none")]
+    if args.upstreams < 2:
+        parser.error("--upstreams must be at least 2 (use --balancers none to skip the balancing run)")
+    if args.profile_upstreams < 1:
+        parser.error("--profile-upstreams must be at least 1")
     unknown = sorted(set(args.proxies) - set(PROXIES))
     if unknown:
         parser.error(f"unknown proxies {', '.join(unknown)}; known: {', '.join(PROXIES)}")
@@ -293,18 +437,21 @@ def main() -> int:
         warmup=args.warmup,
         connections=args.connections,
         downloads=args.downloads,
+        upstreams=max(args.upstreams, args.profile_upstreams),
     )
     tools = ensure_tools()
     RESULTS.mkdir(exist_ok=True)
     with Bench(settings, tools) as bench:
         bench.start_origin()
         if args.profile:
-            profile = profile_rproxy(bench, args.profile_seconds)
+            profile = profile_rproxy(bench, args.profile_seconds, args.profile_upstreams, args.profile_balancer)
             print(profile)
             (RESULTS / "profile.txt").write_text(profile + "\n")
             print(f"\nwritten: {RESULTS / 'profile.txt'}, {RESULTS / 'profile.collapsed'}")
             return 0
         results: dict[str, Result] = {}
+        balancing: dict[str, Result] = {}
+        installed: list[str] | None = None
         started = time.monotonic()
         for name in args.proxies:
             print(f"benchmarking {name} ...", flush=True)
@@ -313,8 +460,32 @@ def main() -> int:
             except BenchError as e:
                 print(f"  {name} FAILED: {e}", flush=True)
                 results[name] = {"proxy": name, "error": str(e)}
+            if name == "rproxy" and args.balancers:
+                if "error" in results[name]:
+                    print("  skipping rproxy's balancing run: rproxy failed", flush=True)
+                    continue
+                # Right after the single-upstream run, so that both see the same machine.
+                balancers, installed = choose_balancers(args.balancers)
+                if not balancers:
+                    print(f"  skipping rproxy's balancing run: none of {', '.join(args.balancers)} installed")
+                    continue
+                print(
+                    f"benchmarking rproxy over {settings.upstreams} upstreams, balancers: "
+                    f"{', '.join(b or 'default' for b in balancers)} "
+                    f"(installed: {', '.join(installed) if installed else 'unknown'}) ...",
+                    flush=True,
+                )
+                for balancer in balancers:
+                    label = balancing_label(balancer, settings.upstreams)
+                    try:
+                        balancing[label] = measure_balancing(bench, balancer)
+                    except BenchError as e:
+                        print(f"  rproxy {label} FAILED: {e}", flush=True)
+                        balancing[label] = {"balancer": balancer, "upstreams": settings.upstreams, "error": str(e)}
     add_ratios(results)
-    targets = evaluate_targets(results) if "rproxy" in results else []
+    single = results.get("rproxy", {})
+    add_balancing_ratios(balancing, single)
+    targets = evaluate_targets(results, balancing) if "rproxy" in results else []
     report: Result = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.monotonic() - started, 1),
@@ -322,8 +493,16 @@ def main() -> int:
         "load_command": " ".join(wrk_argv("URL", settings.duration, settings.connections, settings.load_cpu)),
         "environment": environment(tools),
         "results": results,
+        "balancing": {
+            "upstreams": settings.upstreams,
+            "tolerance": BALANCING_TOLERANCE,
+            "balancers_wanted": args.balancers,
+            "balancers_installed": installed,
+            "single_upstream": {payload: single.get(payload, {}).get("rps") for payload in SMALL},
+            "runs": balancing,
+        },
         "targets": targets,
-        "notes": notes(results),
+        "notes": notes({**results, **{f"rproxy {label}": run for label, run in balancing.items()}}),
     }
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print()
@@ -332,6 +511,13 @@ def main() -> int:
     print(f"load: {report['load_command']}  (after a {settings.warmup}s warm-up)")
     print(f"download: best of {settings.downloads} curl downloads of {LARGE_NAME}")
     print(f"proxy on CPU {settings.proxy_cpu}; origin nginx, wrk and curl on CPU {settings.load_cpu}")
+    if balancing:
+        print()
+        print(
+            f"rproxy balancing over {settings.upstreams} upstreams (the origin on {settings.upstreams} ports), "
+            "same load; x1up = req/s / single-upstream rproxy's above"
+        )
+        print(format_balancing_table(single, balancing))
     if report["notes"]:
         print("\nnotes:")
         for note in report["notes"]:
@@ -342,7 +528,8 @@ def main() -> int:
             verdict = {True: "MET", False: "NOT MET", None: "n/a"}[entry["met"]]
             print(f"  [{verdict:>7}] {entry['target']}: {entry['measured']}")
     print(f"\nwritten: {RESULTS / 'latest.json'} ({report['seconds']}s)")
-    return 1 if any("error" in result for result in results.values()) else 0
+    failed = any("error" in result for result in [*results.values(), *balancing.values()])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
