@@ -14,6 +14,7 @@ $(BIN)/twist: setup.py
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,dev]' --config-settings editable_mode=compat
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	$(BIN)/python -c "from rproxy.balancers import balancerFactories; balancerFactories()"
 	touch $@
 
 run: $(BIN)/twist
@@ -33,8 +34,8 @@ test: $(BIN)/twist
 	$(BIN)/trial --jobs=2 rproxy
 
 lint: $(BIN)/twist
-	$(BIN)/ruff check rproxy benchmarks twisted
-	$(BIN)/ruff format --check rproxy benchmarks twisted
+	$(BIN)/ruff check rproxy benchmarks twisted docs/examples
+	$(BIN)/ruff format --check rproxy benchmarks twisted docs/examples
 
 typecheck: $(BIN)/twist
 	$(BIN)/mypy rproxy

@@ -31,7 +31,8 @@ setup(
         "zope.interface>=7.0",
     ],
     extras_require={
-        "test": ["h2>=4.1,<5"],
+        # setuptools: test_plugins builds the example plugin offline (--no-build-isolation).
+        "test": ["h2>=4.1,<5", "setuptools>=70.1"],
         "dev": ["mypy>=1.13", "mypy-zope>=1.0.9", "ruff>=0.8"],
         "bench": ["aiohttp>=3.10", "py-spy>=0.4"],
     },
