@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from rproxy.health import PassivePolicy
+from rproxy.healthcheck import HealthCheckSettings
 from rproxy.retry import RetryPolicy
 from rproxy.server import ClientLimits
 from rproxy.upstream.pool import PoolSettings
@@ -40,6 +41,7 @@ class ProxyConfig:
     @ivar balancerOptions: options for the balancer's factory.
     @ivar accessLog: C{None} for none, C{"-"} for the Twisted log, or a file path.
     @ivar demoUpstream: an endpoint on which to also serve the built-in demo upstream.
+    @ivar healthCheck: the active health checks of the upstreams, or C{None} for none.
     """
 
     listen: tuple[str, ...] = ("tcp:8080",)
@@ -56,6 +58,7 @@ class ProxyConfig:
     client: ClientLimits = field(default_factory=ClientLimits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     passive: PassivePolicy = field(default_factory=PassivePolicy)
+    healthCheck: HealthCheckSettings | None = None
 
 
 def argumentsFromMapping(settings: Mapping[str, object], where: str, known: Iterable[str]) -> list[str]:

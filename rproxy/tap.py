@@ -29,6 +29,7 @@ from rproxy.directors import SingleServiceDirector
 from rproxy.exchange import Proxy
 from rproxy.headers import ForwardingPolicy, isToken, parseNetworks
 from rproxy.health import PassivePolicy
+from rproxy.healthcheck import HealthChecker, HealthCheckSettings
 from rproxy.registry import MemoryRegistry
 from rproxy.resource import buildResource
 from rproxy.retry import RetryPolicy
@@ -40,6 +41,7 @@ _DEFAULT_POOL = PoolSettings()
 _DEFAULT_CLIENT = ClientLimits()
 _DEFAULT_RETRY = RetryPolicy()
 _DEFAULT_PASSIVE = PassivePolicy()
+_DEFAULT_HEALTH = HealthCheckSettings()
 
 
 class Options(usage.Options):
@@ -138,6 +140,14 @@ class Options(usage.Options):
             "Most of a service's upstreams ejected at once, in percent (one may always be).",
         ],
         ["slow-start", None, _DEFAULT_PASSIVE.slowStart, "Seconds a returning upstream takes to reach full weight."],
+        ["health-path", None, None, "Check every upstream's health at this path (default: no active checks)."],
+        ["health-method", None, _DEFAULT_HEALTH.method, "The health check's method: GET or HEAD."],
+        ["health-status", None, _DEFAULT_HEALTH.status, "Statuses that pass the health check, e.g. 200-299,304."],
+        ["health-body", None, None, "Text the health check's response body must contain."],
+        ["health-interval", None, _DEFAULT_HEALTH.interval, "Seconds between two checks of an upstream."],
+        ["health-timeout", None, _DEFAULT_HEALTH.timeout, "Seconds a health check may take in all."],
+        ["health-rise", None, _DEFAULT_HEALTH.rise, "Passing checks in a row that bring a down upstream back."],
+        ["health-fall", None, _DEFAULT_HEALTH.fall, "Failing checks in a row that take an upstream out."],
     ]
 
     def __init__(self) -> None:
@@ -245,6 +255,7 @@ class Options(usage.Options):
             slowStart=_atLeastZero(self, "slow-start"),
         )
         return ProxyConfig(
+            healthCheck=self._healthCheck(),
             listen=tuple(self["listen"]) or ("tcp:8080",),
             upstreams=upstreams,
             balancer=self["balancer"],
@@ -260,6 +271,25 @@ class Options(usage.Options):
             retry=retry,
             passive=passive,
         )
+
+    def _healthCheck(self) -> HealthCheckSettings | None:
+        if self["health-path"] is None:
+            return None
+        try:
+            return HealthCheckSettings(
+                path=self["health-path"],
+                method=self["health-method"],
+                status=self["health-status"],
+                body=self["health-body"],
+                interval=_positive(self, "health-interval"),
+                timeout=_positive(self, "health-timeout"),
+                rise=_positive(self, "health-rise"),
+                fall=_positive(self, "health-fall"),
+            )
+        except ValueError as e:
+            # The settings name themselves ("health check status ..."): name the option that set them.
+            setting = str(e).removeprefix("health check ").split(" ", 1)[0]
+            raise usage.UsageError(f"--health-{setting}: {e}") from None
 
 
 def optionsFromEnvironment(environ: Mapping[str, str]) -> Options:
@@ -355,9 +385,11 @@ def _size(options: Options, name: str) -> int:
         raise usage.UsageError(f"--{name}: {e}") from None
 
 
-def buildSite(config: ProxyConfig, reactor: IReactorTime, upstreamURLs: list[str]) -> tuple[ProxySite, list[Upstream]]:
-    """The proxy's site and its upstreams (whose pools shutdown closes)."""
-    registry = MemoryRegistry()
+def buildSite(
+    config: ProxyConfig, reactor: IReactorTime, upstreamURLs: list[str], registry: MemoryRegistry | None = None
+) -> tuple[ProxySite, list[Upstream]]:
+    """The proxy's site and its upstreams (whose pools shutdown closes), registered in C{registry}."""
+    registry = registry or MemoryRegistry()
     upstreams = [Upstream.fromURL(url, reactor, config.pool, config.passive) for url in upstreamURLs]
     for upstream in upstreams:
         registry.add("default", upstream)
@@ -378,7 +410,8 @@ def buildService(config: ProxyConfig, reactor: IReactorTime) -> service.MultiSer
         strports.service(config.demoUpstream, demoSite()).setServiceParent(top)
         if not upstreamURLs:
             upstreamURLs.append(_localURL(config.demoUpstream))
-    site, upstreams = buildSite(config, reactor, upstreamURLs)
+    registry = MemoryRegistry()
+    site, upstreams = buildSite(config, reactor, upstreamURLs, registry)
 
     def closeUpstreams() -> None:
         for upstream in upstreams:
@@ -386,6 +419,8 @@ def buildService(config: ProxyConfig, reactor: IReactorTime) -> service.MultiSer
 
     # Added first so that it is stopped last, after the listeners stop accepting.
     DrainingService([site], config.grace, reactor, closeUpstreams).setServiceParent(top)
+    if config.healthCheck is not None:
+        HealthChecker(reactor, registry, {"default": config.healthCheck}).setServiceParent(top)
     for endpoint in config.listen:
         strports.service(endpoint, site).setServiceParent(top)
     return top

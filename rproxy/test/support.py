@@ -22,6 +22,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.trial import unittest
 from twisted.web import server
 
+from rproxy.healthcheck import HealthChecker
+from rproxy.registry import MemoryRegistry
 from rproxy.server import ProxySite
 from rproxy.tap import Options, buildSite
 from rproxy.upstream import Upstream
@@ -70,8 +72,13 @@ def startProxy(testCase: unittest.TestCase, upstreamURLs: list[str], *arguments:
     options = Options()
     argv = [a for url in upstreamURLs for a in ("--upstream", url)]
     options.parseOptions([*argv, "--access-log", "off", *arguments])
-    site, upstreams = buildSite(options.config, reactor, upstreamURLs)
+    registry = MemoryRegistry()
+    site, upstreams = buildSite(options.config, reactor, upstreamURLs, registry)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    if options.config.healthCheck is not None:
+        checker = HealthChecker(reactor, registry, {"default": options.config.healthCheck})
+        checker.startService()
+        testCase.addCleanup(checker.stopService)
 
     def stop() -> defer.Deferred[None]:
         for connection in list(site.connections):

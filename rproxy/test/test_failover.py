@@ -244,16 +244,23 @@ class KilledUpstreamTests(unittest.TestCase):
     timeout = 120
 
     async def test_noRequestLost(self) -> None:
+        """
+        No GET is lost, nor any POST that was not already sent to the killed host; once restarted and
+        passing its health checks, the host takes requests again.
+        """
         hosts = [UpstreamProcess(self, name) for name in ("one", "two", "three")]
         await defer.gatherResults([h.start() for h in hosts])
         proxy = startProxy(
-            self, [h.url for h in hosts], "--max-fails", "2", "--ejection-time", "0.5", "--max-ejection-time", "1"
+            self,
+            [h.url for h in hosts],
+            *("--max-fails", "2", "--ejection-time", "30"),  # only the health checks bring it back in time
+            *("--health-path", "/health", "--health-interval", "0.1", "--health-rise", "2", "--health-fall", "1"),
         )
         victim = hosts[1]
         pool = HTTPConnectionPool(reactor)
         pool.maxPersistentPerHost = 16
         self.addCleanup(pool.closeCachedConnections)
-        total, concurrency = 2400, 16
+        minimum, maximum, concurrency = 2400, 8000, 16
         served: dict[str, int] = {}
         servedAfterRestart: dict[str, int] = {}
         failures: list[tuple[str, int, bytes]] = []
@@ -273,9 +280,12 @@ class KilledUpstreamTests(unittest.TestCase):
             if restarted:
                 servedAfterRestart[name] = servedAfterRestart.get(name, 0) + 1
 
+        def done() -> bool:
+            return issued >= maximum or (issued >= minimum and servedAfterRestart.get("two", 0) >= 10)
+
         async def worker() -> None:
             nonlocal issued, restarted
-            while issued < total:
+            while not done():
                 index = issued
                 issued += 1
                 if index == 600:
@@ -285,11 +295,9 @@ class KilledUpstreamTests(unittest.TestCase):
                     restarted = True
                 await one(index)
 
-        started = reactor.seconds()
         await defer.gatherResults([defer.Deferred.fromCoroutine(worker()) for _ in range(concurrency)])
-        self.assertLess(reactor.seconds() - started, 90)
-        self.assertEqual(sum(served.values()) + len(failures), total)
-        # A GET is never lost; a POST may fail only if it was sent to the killed host.
+        self.assertEqual(sum(served.values()) + len(failures), issued)
+        # A GET is never lost; a POST may fail only if it had been sent to the killed host.
         victimLabel = f"127.0.0.1:{victim.port}".encode()
         for method, code, body in failures:
             self.assertEqual(method, "POST", body)
@@ -297,5 +305,5 @@ class KilledUpstreamTests(unittest.TestCase):
             self.assertIn(victimLabel, body)
             self.assertNotIn(b"refused", body)
         self.assertLessEqual(len(failures), concurrency)
-        self.assertGreater(servedAfterRestart.get("two", 0), 0, servedAfterRestart)
+        self.assertGreaterEqual(servedAfterRestart.get("two", 0), 10, servedAfterRestart)
         self.assertEqual([u.inFlight for u in proxy.upstreams], [0, 0, 0])

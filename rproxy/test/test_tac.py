@@ -345,3 +345,30 @@ class BalancingOptionsTests(unittest.TestCase):
         ]
         for arguments, expected in cases:
             self.assertIn(expected, self.error(*arguments), arguments)
+
+    def test_healthCheckService(self) -> None:
+        """--health-path adds a health checker to the service tree; without it there is none."""
+        from twisted.internet.task import Clock
+
+        from rproxy.healthcheck import HealthChecker
+        from rproxy.tap import buildService
+
+        def checkers(*arguments: str) -> list[object]:
+            top = buildService(self.parse(*arguments).config, Clock())
+            return [s for s in top if isinstance(s, HealthChecker)]
+
+        self.assertEqual(checkers(), [])
+        [checker] = checkers("--health-path", "/healthz", "--health-interval", "2", "--health-fall", "1")
+        config = self.parse("--health-path", "/healthz", "--health-interval", "2", "--health-fall", "1").config
+        assert config.healthCheck is not None
+        self.assertEqual((config.healthCheck.path, config.healthCheck.interval), ("/healthz", 2.0))
+        self.assertEqual((config.healthCheck.rise, config.healthCheck.fall), (2, 1))
+
+    def test_healthCheckErrorsNameOption(self) -> None:
+        for arguments, expected in [
+            (("--health-path", "/h", "--health-status", "2xx"), "--health-status: "),
+            (("--health-path", "/h", "--health-method", "POST"), "--health-method: "),
+            (("--health-path", "nopath"), "--health-path: "),
+            (("--health-path", "/h", "--health-interval", "0"), "--health-interval: must be greater than 0"),
+        ]:
+            self.assertIn(expected, self.error(*arguments), arguments)
