@@ -84,3 +84,15 @@ class HTTPChannelContractTests(unittest.TestCase):
         """ProxySite subclasses _GenericHTTPChannelProtocol, which wraps its channel in _channel."""
         wrapper = http._GenericHTTPChannelProtocol(http.HTTPChannel())
         self.assertIsInstance(wrapper._channel, http.HTTPChannel)
+
+
+class AgentContractTests(unittest.TestCase):
+    """The private parts of Twisted's HTTP client that the health checks rely on."""
+
+    def test_parseErrorIsResponseFailureCause(self) -> None:
+        """rproxy.healthcheck names a non-HTTP answer by _newclient.ParseError, which Agent wraps."""
+        from twisted.web import _newclient
+        from twisted.web.client import ResponseFailed
+
+        self.assertTrue(issubclass(_newclient.ParseError, Exception))
+        self.assertIs(_newclient.ResponseFailed, ResponseFailed)
