@@ -18,10 +18,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http_headers import Headers
 
 from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamError
-from rproxy.headers import ForwardingPolicy, Pairs, requestHeaderPairs, responseHeaderPairs
+from rproxy.headers import ForwardingPolicy, Pairs, responseHeaderPairs
 from rproxy.interfaces import IDirector, IRequestFilter, IResponseFilter, Outcome
 from rproxy.message import InboundRequest, OutboundRequest
 from rproxy.request import sendError, stopKeepAlive
@@ -114,15 +113,7 @@ class Exchange:
         request = self.request
         request.notifyFinish().addErrback(self._clientGone)
         inbound = self.inbound
-        pairs, acceptsTrailers = requestHeaderPairs(inbound.headers)
-        version = inbound.version[5:] if inbound.version.startswith(b"HTTP/") else inbound.version
-        pairs += self.proxy.forwarding.forwardingPairs(
-            inbound.headers, inbound.clientHost, inbound.scheme, inbound.host, version
-        )
-        headers = Headers()
-        for name, value in pairs:
-            headers.addRawHeader(name, value)
-        self.outbound = OutboundRequest(inbound.method, inbound.target, headers, inbound.host, acceptsTrailers)
+        self.outbound = OutboundRequest.fromInbound(inbound, self.proxy.forwarding)
         for requestFilter in self.proxy.requestFilters:
             answer = requestFilter.onRequest(self)
             if answer is not None:
@@ -130,10 +121,12 @@ class Exchange:
                 return
         service = self.proxy.director.direct(inbound, self.outbound)
         if service is None:
-            self._end(clientError(404, f"no route matches {inbound.target[:200].decode('latin-1')!r}"))
+            host = (inbound.host or b"")[:200].decode("latin-1")
+            target = inbound.target[:200].decode("latin-1")
+            self._end(clientError(404, f"no route matches host {host!r} and target {target!r}"))
             return
         self.service = service
-        if service.rewriteHost:
+        if service.rewriteHost and self.outbound.host == inbound.host:  # a route that set Host wins
             self.outbound.host = None
         self._mayRepeat = service.retry.mayRepeat(inbound)
         self._attempt()

@@ -72,6 +72,13 @@ class IDirector(Interface):
         """
 
 
+class ISplit(Interface):
+    """The choice between several services for one request: a canary, an A/B test, a blue/green switch."""
+
+    def choose(inbound: InboundRequest) -> Service:
+        """The service that takes C{inbound} (called once per request a route sends to the split)."""
+
+
 class IBalancer(Interface):
     """
     Choosing an upstream of a service for one attempt.

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from twisted.web.http_headers import Headers
 
+from rproxy.headers import ForwardingPolicy, requestHeaderPairs
+
 
 @dataclass(frozen=True)
 class InboundRequest:
@@ -54,3 +56,17 @@ class OutboundRequest:
     headers: Headers = field(default_factory=Headers)
     host: bytes | None = None
     acceptsTrailers: bool = False
+
+    @classmethod
+    def fromInbound(cls, inbound: InboundRequest, forwarding: ForwardingPolicy) -> OutboundRequest:
+        """
+        The outbound copy of C{inbound}, as directors and filters get it: hop-by-hop, framing and
+        ``Connection``-listed fields removed, the forwarding fields of C{forwarding} added.
+        """
+        pairs, acceptsTrailers = requestHeaderPairs(inbound.headers)
+        version = inbound.version.removeprefix(b"HTTP/")
+        pairs += forwarding.forwardingPairs(inbound.headers, inbound.clientHost, inbound.scheme, inbound.host, version)
+        headers = Headers()
+        for name, value in pairs:
+            headers.addRawHeader(name, value)
+        return cls(inbound.method, inbound.target, headers, inbound.host, acceptsTrailers)

@@ -675,3 +675,55 @@ class BalancerContractTests:
 
     def test_contractLoadAndWeights(self) -> None:
         self._contract(checkLoadAndWeights)
+
+
+# -- directors: route requests without sockets
+
+if TYPE_CHECKING:
+    from rproxy.interfaces import IDirector
+    from rproxy.message import OutboundRequest
+    from rproxy.upstream import Service
+
+__all__ += ["countServices", "directRequest", "makeService"]
+
+
+def makeService(name: str = "default", upstreams: int | Sequence[int] = 1, clock: Clock | None = None) -> Service:
+    """
+    A L{Service} named C{name}, of fake upstreams (L{makeUpstreams}: weights, or how many) in a registry
+    of its own, balanced round robin: something for a director to choose, with no socket.
+    """
+    from rproxy.balancers import RoundRobin
+    from rproxy.registry import MemoryRegistry
+    from rproxy.upstream import Service
+
+    registry = MemoryRegistry()
+    for upstream in makeUpstreams(upstreams, clock):
+        registry.add(name, upstream)
+    return Service(name, registry, RoundRobin())
+
+
+def directRequest(director: IDirector, request: InboundRequest) -> tuple[Service | None, OutboundRequest]:
+    """
+    Route C{request} as an exchange does: build the outbound copy (its target and ``Host``, its end-to-end
+    fields and the default forwarding fields), then call C{director.direct}.
+
+        service, outbound = directRequest(director, inboundRequest(b"/api/x", headers=[(b"host", b"a.example")]))
+
+    @return: the service chosen (C{None}: the client would get 404) and the outbound request as the
+        director left it.
+    """
+    from rproxy.headers import ForwardingPolicy
+    from rproxy.message import OutboundRequest
+
+    outbound = OutboundRequest.fromInbound(request, ForwardingPolicy())
+    return director.direct(request, outbound), outbound
+
+
+def countServices(
+    director: IDirector, count: int, requestFor: Callable[[int], InboundRequest] = _defaultRequest
+) -> Counter[Service | None]:
+    """
+    Route C{count} requests and count where they went (C{None}: no route matched); the C{i}th request is
+    C{requestFor(i)}, by default from a client of its own (for splits sticky on C{client_ip}).
+    """
+    return Counter(directRequest(director, requestFor(i))[0] for i in range(count))
