@@ -3,7 +3,7 @@
 # Runs the same service as `twist rproxy`, configured from the environment (for systemd):
 #   RPROXY_UPSTREAM="http://10.0.0.5:8080 http://10.0.0.6:8080"   (whitespace-separated)
 #   RPROXY_LISTEN="systemd:domain=INET:index=0"
-#   RPROXY_CONFIG=/etc/rproxy/rproxy.toml                          (keys: the options' long names)
+#   RPROXY_CONFIG=/etc/rproxy/rproxy.toml                          (see docs/configuration.md)
 # and any other option as RPROXY_<NAME>, e.g. RPROXY_CONNECT_TIMEOUT=3. See docs/operations.md.
 import os
 

@@ -2,39 +2,47 @@
 ``twist rproxy``: the command line, and the services it builds.
 
 Flags, a TOML file (C{--config}) and the environment (C{rproxy.tac}) all go through L{Options}, which
-produces one L{ProxyConfig}; L{buildService} turns a config into listeners, upstream pools and a
-draining shutdown.
+produces one L{ProxyConfig}; L{buildService} turns a config into listeners, services of upstreams, the
+routes to them, health checks and a draining shutdown.  C{--check-config FILE} builds all but the
+listeners, and says whether the file is right.
 """
 
 from __future__ import annotations
 
+import getopt
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from rproxy import __version__
 from rproxy.balancers import balancerFactories
 from rproxy.config import (
     REPEATABLE,
+    ConfigError,
+    ConfigFile,
+    OptionValues,
     ProxyConfig,
+    RouteConfig,
     argumentsFromEnvironment,
-    argumentsFromFile,
-    parseSize,
+    argumentsFromMapping,
+    buildConfig,
 )
-from rproxy.directors import SingleServiceDirector
+from rproxy.directors import RoutingDirector, SingleServiceDirector
 from rproxy.exchange import Proxy
-from rproxy.headers import ForwardingPolicy, isToken, parseNetworks
+from rproxy.headers import ForwardingPolicy, parseNetworks
 from rproxy.health import PassivePolicy
 from rproxy.healthcheck import HealthChecker, HealthCheckSettings
+from rproxy.interfaces import IDirector
 from rproxy.registry import MemoryRegistry
 from rproxy.resource import buildResource
 from rproxy.retry import RetryPolicy
 from rproxy.server import ClientLimits, DrainingService, ProxySite
-from rproxy.upstream import Service, Upstream, UpstreamURL, splitWeight
+from rproxy.upstream import Service, Upstream
 from rproxy.upstream.pool import PoolSettings
 
 _DEFAULT_POOL = PoolSettings()
@@ -42,6 +50,9 @@ _DEFAULT_CLIENT = ClientLimits()
 _DEFAULT_RETRY = RetryPolicy()
 _DEFAULT_PASSIVE = PassivePolicy()
 _DEFAULT_HEALTH = HealthCheckSettings()
+
+#: Options that make no sense in a config file or the environment: they name the file, or they check it.
+_NOT_IN_FILES = ("config", "check-config")
 
 
 class Options(usage.Options):
@@ -63,7 +74,13 @@ class Options(usage.Options):
         ["version", None, "Print the version and exit."],
     ]
     optParameters: list[list[Any]] = [
-        ["config", "c", None, "A TOML file of settings; its keys are these options' long names."],
+        ["config", "c", None, "A TOML file of settings, services and routes (see docs/configuration.md)."],
+        [
+            "check-config",
+            None,
+            None,
+            "Check this config file (with the other options): build all but the listeners, say OK or what is wrong.",
+        ],
         ["balancer", None, "round_robin", "How to choose among the upstreams (see --list-balancers)."],
         ["via-name", None, "rproxy", "The pseudonym this proxy adds to Via."],
         ["access-log", None, "-", "Access log: '-' for the log output, a file path, or 'off'."],
@@ -150,10 +167,15 @@ class Options(usage.Options):
         ["health-fall", None, _DEFAULT_HEALTH.fall, "Failing checks in a row that take an upstream out."],
     ]
 
+    #: What the options and the config file describe, once parsed.
+    config: ProxyConfig
+
     def __init__(self) -> None:
         super().__init__()
         for name in REPEATABLE:
             self[name] = []
+        self._file: ConfigFile | None = None
+        self._sources: dict[str, str] = {}
 
     def opt_listen(self, endpoint: str) -> None:
         """A server endpoint to listen on, e.g. tcp:8080 (repeatable; default tcp:8080)."""
@@ -183,235 +205,125 @@ class Options(usage.Options):
         sys.exit(0)
 
     def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse C{options} (the command line's by default) after the config file's top-level settings, so
+        that an option given here overrides the file's (and adds to a repeatable option's values).  With
+        C{--check-config}, a mistake ends the process with its message instead of the usage.
+        """
         arguments = list(sys.argv[1:] if options is None else options)
-        configFile = _configFile(arguments)
-        if configFile is not None:
-            try:
-                arguments = argumentsFromFile(configFile, optionNames()) + arguments
-            except ValueError as e:
-                raise usage.UsageError(str(e)) from None
-        super().parseOptions(arguments)
+        given = self._given(arguments)
+        try:
+            super().parseOptions(self._fileArguments(given) + arguments)
+        except usage.UsageError as e:
+            if "check-config" in given:
+                raise SystemExit(str(e)) from None
+            raise
+
+    def _given(self, arguments: list[str]) -> dict[str, str]:
+        """The options among C{arguments}, by long name (as getopt reads them: -cF, --conf=F, ...)."""
+        try:
+            found, _ = getopt.getopt(arguments, self.shortOpt, self.longOpt)
+        except getopt.error as e:
+            raise usage.UsageError(str(e)) from None
+        return {self.synonyms.get(option.lstrip("-"), option.lstrip("-")): value for option, value in found}
+
+    def _fileArguments(self, given: Mapping[str, str]) -> list[str]:
+        """The arguments the top level of the config file (--config or --check-config) stands for."""
+        if "config" in given and "check-config" in given:
+            raise usage.UsageError("--check-config: give the file to check there alone, without --config")
+        path = given.get("check-config", given.get("config"))
+        if path is None:
+            return []
+        try:
+            self._file = ConfigFile.load(path)
+            arguments = argumentsFromMapping(self._file.options, path, *fileOptionNames())
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        for key in self._file.options:
+            name = key.replace("_", "-")
+            if name not in given:  # the command line's value wins, and errors name it
+                self._sources[name] = f"{path}: {key}"
+        return arguments
 
     def postOptions(self) -> None:
-        self.config = self._buildConfig()
-
-    def _buildConfig(self) -> ProxyConfig:
-        upstreams = tuple(self["upstream"])
-        if not upstreams and not self["demo-upstream"]:
-            raise usage.UsageError("at least one --upstream URL is required (or --demo-upstream)")
-        for spec in upstreams:
-            try:
-                UpstreamURL.parse(splitWeight(spec)[0])
-            except ValueError as e:
-                raise usage.UsageError(f"--upstream: {e}") from None
+        """Build L{config} from the options and the file; with C{--check-config}, check it, say so and exit."""
         try:
-            parseNetworks(self["trusted-proxy"])
-        except ValueError as e:
-            raise usage.UsageError(f"--trusted-proxy: {e}") from None
-        if not isToken(self["via-name"].encode("utf-8")):
-            raise usage.UsageError(
-                f"--via-name: must be an HTTP token (letters, digits, -._~...), got {self['via-name']!r}"
-            )
-        balancerOptions = _balancerOptions(self)
-        pool = PoolSettings(
-            connectTimeout=_positive(self, "connect-timeout"),
-            responseTimeout=_positive(self, "response-timeout"),
-            readTimeout=_positive(self, "read-timeout"),
-            maxConnections=_positive(self, "upstream-max-connections"),
-            maxIdle=_atLeastZero(self, "upstream-max-idle"),
-            idleTimeout=_positive(self, "upstream-idle-timeout"),
-            maxQueue=_atLeastZero(self, "upstream-queue"),
-            queueTimeout=_positive(self, "queue-timeout"),
-        )
-        client = ClientLimits(
-            maxRequestLine=_positive(self, "max-request-line"),
-            maxHeaderBytes=_size(self, "max-header-size"),
-            maxHeaders=_positive(self, "max-headers"),
-            maxBodySize=_size(self, "max-body-size"),
-            headerTimeout=_positive(self, "header-timeout"),
-            idleTimeout=_positive(self, "client-timeout"),
-            maxConnections=_positive(self, "max-connections"),
-        )
-        retry = RetryPolicy(
-            retries=_atLeastZero(self, "retries"),
-            tryDuration=_atLeastZero(self, "try-duration"),
-            retryStatuses=_statuses(self, "retry-on-status"),
-            replayBodySize=_size(self, "retry-body-size"),
-            idempotencyKey=bool(self["retry-idempotency-key"]),
-        )
-        maxEjectedPercent = _atLeastZero(self, "max-ejected-percent")
-        if maxEjectedPercent > 100:
-            raise usage.UsageError(f"--max-ejected-percent: must be at most 100, got {maxEjectedPercent:g}")
-        failRate = _atLeastZero(self, "fail-rate")
-        if failRate > 1:
-            raise usage.UsageError(f"--fail-rate: must be a share from 0 to 1, got {failRate:g}")
-        passive = PassivePolicy(
-            maxFails=_atLeastZero(self, "max-fails"),
-            failureRate=failRate,
-            window=_positive(self, "fail-window"),
-            baseEjection=_positive(self, "ejection-time"),
-            maxEjection=_positive(self, "max-ejection-time"),
-            maxEjectedShare=maxEjectedPercent / 100,
-            slowStart=_atLeastZero(self, "slow-start"),
-        )
-        return ProxyConfig(
-            healthCheck=self._healthCheck(),
-            listen=tuple(self["listen"]) or ("tcp:8080",),
-            upstreams=upstreams,
-            balancer=self["balancer"],
-            balancerOptions=balancerOptions,
-            rewriteHost=bool(self["rewrite-host"]),
-            trustedProxies=tuple(self["trusted-proxy"]),
-            viaName=self["via-name"],
-            grace=_atLeastZero(self, "grace"),
-            accessLog=None if self["access-log"] == "off" else self["access-log"],
-            demoUpstream=self["demo-upstream"],
-            pool=pool,
-            client=client,
-            retry=retry,
-            passive=passive,
-        )
-
-    def _healthCheck(self) -> HealthCheckSettings | None:
-        if self["health-path"] is None:
-            return None
-        try:
-            return HealthCheckSettings(
-                path=self["health-path"],
-                method=self["health-method"],
-                status=self["health-status"],
-                body=self["health-body"],
-                interval=_positive(self, "health-interval"),
-                timeout=_positive(self, "health-timeout"),
-                rise=_positive(self, "health-rise"),
-                fall=_positive(self, "health-fall"),
-            )
-        except ValueError as e:
-            # The settings name themselves ("health check status ..."): name the option that set them.
-            setting = str(e).removeprefix("health check ").split(" ", 1)[0]
-            raise usage.UsageError(f"--health-{setting}: {e}") from None
+            self.config = buildConfig(OptionValues(self, self._sources), self._file)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["check-config"] is not None:
+            print(checkConfig(self["check-config"], self.config))
+            sys.exit(0)
 
 
 def optionsFromEnvironment(environ: Mapping[str, str]) -> Options:
     """L{Options} from ``RPROXY_*`` variables (and ``RPROXY_CONFIG``, a TOML file), for rproxy.tac."""
     options = Options()
-    names = [str(p[0]) for p in Options.optParameters] + sorted(REPEATABLE)
+    names = [str(p[0]) for p in Options.optParameters if p[0] != "check-config"] + sorted(REPEATABLE)
     flags = [str(f[0]) for f in Options.optFlags if f[0] not in ("list-balancers", "version")]
     options.parseOptions(argumentsFromEnvironment(environ, names, flags))
     return options
 
 
-def optionNames() -> list[str]:
-    """Every long option name, as a config file key."""
-    names = [str(p[0]) for p in Options.optParameters] + [str(f[0]) for f in Options.optFlags]
-    return names + sorted(REPEATABLE)
+def fileOptionNames() -> tuple[list[str], list[str]]:
+    """The long names of the options that take values, and of the flags: the keys of a config file's top level."""
+    parameters = [str(p[0]) for p in Options.optParameters if p[0] not in _NOT_IN_FILES]
+    return parameters + sorted(REPEATABLE), [str(f[0]) for f in Options.optFlags]
 
 
-def _configFile(arguments: list[str]) -> str | None:
-    """The --config file among C{arguments}, in any form getopt accepts (-c F, -cF, --conf=F, ...)."""
-    for i, argument in enumerate(arguments):
-        name, equals, value = argument.partition("=")
-        if len(name) >= len("--conf") and "--config".startswith(name):
-            if equals:
-                return value
-            return arguments[i + 1] if i + 1 < len(arguments) else None
-        if argument == "-c":
-            return arguments[i + 1] if i + 1 < len(arguments) else None
-        if argument.startswith("-c") and not argument.startswith("--"):
-            return argument[2:]
-    return None
-
-
-def _number(options: Options, name: str) -> Any:
-    """The option's value as the type of its default (int or float), or an error naming it."""
-    default = next(p[2] for p in Options.optParameters if p[0] == name)
-    kind = type(default)
-    try:
-        return kind(options[name])
-    except (TypeError, ValueError):
-        expected = "an integer" if kind is int else "a number"
-        raise usage.UsageError(f"--{name}: expected {expected}, got {options[name]!r}") from None
-
-
-def _positive(options: Options, name: str) -> Any:
-    value = _number(options, name)
-    if value <= 0:
-        raise usage.UsageError(f"--{name}: must be greater than 0, got {value}")
-    return value
-
-
-def _atLeastZero(options: Options, name: str) -> Any:
-    value = _number(options, name)
-    if value < 0:
-        raise usage.UsageError(f"--{name}: must not be negative, got {value}")
-    return value
-
-
-def _statuses(options: Options, name: str) -> frozenset[int]:
-    """A comma-separated list of HTTP statuses (100 to 599)."""
-    statuses = set()
-    for item in str(options[name]).split(","):
-        if not item.strip():
-            continue
-        if not item.strip().isdigit() or not 100 <= int(item) <= 599:
-            raise usage.UsageError(f"--{name}: expected statuses such as 502,503, got {item.strip()!r}")
-        statuses.add(int(item))
-    return frozenset(statuses)
-
-
-def _balancerOptions(options: Options) -> dict[str, str]:
-    """The --balancer-option KEY=VALUE settings, checked by building the balancer once."""
-    name = options["balancer"]
+def buildServices(
+    config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry
+) -> tuple[dict[str, Service], list[Upstream]]:
+    """Each service of C{config}, by name, with its balancer; and all their upstreams, registered in C{registry}."""
     factories = balancerFactories()
-    if name not in factories:
-        raise usage.UsageError(f"--balancer: unknown balancer {name!r}; installed: " + ", ".join(sorted(factories)))
-    settings: dict[str, str] = {}
-    for setting in options["balancer-option"]:
-        key, equals, value = setting.partition("=")
-        if not equals or not key.strip():
-            raise usage.UsageError(f"--balancer-option: expected KEY=VALUE, got {setting!r}")
-        settings[key.strip()] = value.strip()
-    try:
-        factories[name].build(settings)
-    except ValueError as e:
-        raise usage.UsageError(f"--balancer-option: {e}") from None
-    return settings
+    services: dict[str, Service] = {}
+    upstreams: list[Upstream] = []
+    for name, settings in config.services.items():
+        for url in settings.upstreams:
+            upstream = Upstream.fromURL(url, reactor, settings.pool, settings.passive)
+            registry.add(name, upstream)
+            upstreams.append(upstream)
+        balancer = factories[settings.balancer].build(settings.balancerOptions)
+        services[name] = Service(name, registry, balancer, settings.rewriteHost, settings.retry)
+    return services, upstreams
 
 
-def _size(options: Options, name: str) -> int:
-    try:
-        return parseSize(str(options[name]))
-    except ValueError as e:
-        raise usage.UsageError(f"--{name}: {e}") from None
+def buildDirector(routes: Sequence[RouteConfig], services: Mapping[str, Service]) -> IDirector:
+    """
+    The director of C{routes} over C{services} (by name): a L{RoutingDirector}; for the one catch-all route to
+    a service, without rewrites, that service's L{SingleServiceDirector} (the same answers, less work).
+    """
+    if len(routes) == 1 and isinstance(routes[0].target, str) and routes[0] == RouteConfig(routes[0].target):
+        return SingleServiceDirector(services[routes[0].target])
+    return RoutingDirector(route.build(services) for route in routes)
 
 
 def buildSite(
-    config: ProxyConfig, reactor: IReactorTime, upstreamURLs: list[str], registry: MemoryRegistry | None = None
+    config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry | None = None
 ) -> tuple[ProxySite, list[Upstream]]:
-    """The proxy's site and its upstreams (whose pools shutdown closes), registered in C{registry}."""
-    registry = registry or MemoryRegistry()
-    upstreams = [Upstream.fromURL(url, reactor, config.pool, config.passive) for url in upstreamURLs]
-    for upstream in upstreams:
-        registry.add("default", upstream)
-    balancer = balancerFactories()[config.balancer].build(config.balancerOptions)
-    director = SingleServiceDirector(Service("default", registry, balancer, config.rewriteHost, config.retry))
+    """The proxy's site, routing to its services, and their upstreams (whose pools shutdown closes)."""
+    services, upstreams = buildServices(config, reactor, MemoryRegistry() if registry is None else registry)
+    director = buildDirector(config.routes, services)
     forwarding = ForwardingPolicy(parseNetworks(config.trustedProxies), config.viaName.encode("ascii"))
     proxy = Proxy(reactor, director, forwarding)
     return ProxySite(buildResource(proxy), config.client, reactor, config.accessLog), upstreams
 
 
+def healthChecker(config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry) -> HealthChecker | None:
+    """The active health checks of the services that have them (C{None} if none has), over C{registry}."""
+    settings = {name: each.healthCheck for name, each in config.services.items() if each.healthCheck is not None}
+    return HealthChecker(reactor, registry, settings) if settings else None
+
+
 def buildService(config: ProxyConfig, reactor: IReactorTime) -> service.MultiService:
-    """The proxy's services: a draining shutdown, then one listener per endpoint."""
+    """The proxy's services: a draining shutdown, health checks, then one listener per endpoint."""
     top = service.MultiService()
-    upstreamURLs = list(config.upstreams)
     if config.demoUpstream is not None:
         from rproxy.demo import demoSite
 
         strports.service(config.demoUpstream, demoSite()).setServiceParent(top)
-        if not upstreamURLs:
-            upstreamURLs.append(_localURL(config.demoUpstream))
     registry = MemoryRegistry()
-    site, upstreams = buildSite(config, reactor, upstreamURLs, registry)
+    site, upstreams = buildSite(config, reactor, registry)
 
     def closeUpstreams() -> None:
         for upstream in upstreams:
@@ -419,18 +331,25 @@ def buildService(config: ProxyConfig, reactor: IReactorTime) -> service.MultiSer
 
     # Added first so that it is stopped last, after the listeners stop accepting.
     DrainingService([site], config.grace, reactor, closeUpstreams).setServiceParent(top)
-    if config.healthCheck is not None:
-        HealthChecker(reactor, registry, {"default": config.healthCheck}).setServiceParent(top)
+    checker = healthChecker(config, reactor, registry)
+    if checker is not None:
+        checker.setServiceParent(top)
     for endpoint in config.listen:
         strports.service(endpoint, site).setServiceParent(top)
     return top
 
 
-def _localURL(endpoint: str) -> str:
-    """The http:// URL of a local tcp: endpoint string (for the demo upstream)."""
-    fields = dict(part.split("=", 1) for part in endpoint.split(":")[2:] if "=" in part)
-    port = endpoint.split(":")[1]
-    return f"http://{fields.get('interface', '127.0.0.1')}:{port}"
+def checkConfig(path: str, config: ProxyConfig) -> str:
+    """
+    Build what C{config} describes but its listeners: upstreams, balancers, routes and health checks,
+    over a reactor that never runs (nothing connects); say that C{path} is fine, and what it holds.
+    """
+    reactor = MemoryReactorClock()
+    registry = MemoryRegistry()
+    buildSite(config, reactor, registry)
+    healthChecker(config, reactor, registry)
+    services, routes = len(config.services), len(config.routes)
+    return f"{path}: OK ({services} service{'s' * (services != 1)}, {routes} route{'s' * (routes != 1)})"
 
 
 def makeService(options: Options) -> service.MultiService:

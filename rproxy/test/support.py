@@ -22,10 +22,9 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.trial import unittest
 from twisted.web import server
 
-from rproxy.healthcheck import HealthChecker
 from rproxy.registry import MemoryRegistry
 from rproxy.server import ProxySite
-from rproxy.tap import Options, buildSite
+from rproxy.tap import Options, buildSite, healthChecker
 from rproxy.upstream import Upstream
 
 #: Python of this environment, for subprocess-based tests.
@@ -73,10 +72,10 @@ def startProxy(testCase: unittest.TestCase, upstreamURLs: list[str], *arguments:
     argv = [a for url in upstreamURLs for a in ("--upstream", url)]
     options.parseOptions([*argv, "--access-log", "off", *arguments])
     registry = MemoryRegistry()
-    site, upstreams = buildSite(options.config, reactor, upstreamURLs, registry)
+    site, upstreams = buildSite(options.config, reactor, registry)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
-    if options.config.healthCheck is not None:
-        checker = HealthChecker(reactor, registry, {"default": options.config.healthCheck})
+    checker = healthChecker(options.config, reactor, registry)
+    if checker is not None:
         checker.startService()
         testCase.addCleanup(checker.stopService)
 

@@ -1,6 +1,8 @@
 """
 The documentation against the code: docs/options.md documents every option of L{rproxy.tap.Options}, and
-nothing else, with the code's defaults; README.md shows the commands a newcomer runs.
+nothing else, with the code's defaults; docs/configuration.md documents every key of a config file's
+tables, and its examples are what C{--check-config} says of them; README.md shows the commands a newcomer
+runs.
 
 docs/options.md describes each option as a C{### --name} heading whose first line below is its default:
 
@@ -12,17 +14,21 @@ docs/options.md describes each option as a C{### --name} heading whose first lin
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
+import shlex
 
 from twisted.trial import unittest
 
 import rproxy
-from rproxy.config import REPEATABLE
+from rproxy.config import BLUE_GREEN_KEYS, REPEATABLE, ROUTE_KEYS, SERVICE_KEYS, WEIGHTED_SPLIT_KEYS
 from rproxy.tap import Options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(rproxy.__file__)))
 OPTIONS_MD = os.path.join(ROOT, "docs", "options.md")
+CONFIGURATION_MD = os.path.join(ROOT, "docs", "configuration.md")
 README_MD = os.path.join(ROOT, "README.md")
 
 _HEADING = re.compile(r"^### --([A-Za-z0-9][A-Za-z0-9-]*)\s*$")
@@ -138,6 +144,119 @@ class ParsingTests(unittest.TestCase):
     def test_duplicateHeading(self) -> None:
         with self.assertRaises(AssertionError):
             documentedOptions("### --alpha\n\nDefault: off\n\n### --alpha\n\nDefault: off\n")
+
+
+def documentedKeys(text: str) -> dict[str, set[str]]:
+    """
+    The keys each table of C{text} documents (the backquoted first cell of each row), by the heading of its
+    first column (C{"Service key"}).
+    """
+    tables: dict[str, set[str]] = {}
+    rows: set[str] | None = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            rows = None
+            continue
+        first = line.strip("|").split("|")[0].strip()
+        if rows is None:
+            rows = tables.setdefault(first, set())
+            continue
+        key = re.fullmatch(r"`([^`]+)`", first)
+        if key is not None:
+            rows.add(key[1])
+    return tables
+
+
+def fencedBlocks(text: str) -> list[tuple[str, str]]:
+    """The fenced code blocks of C{text}, in order: (language, content)."""
+    return re.findall(r"^```(\w*)\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
+def examples(text: str) -> list[tuple[str, list[str] | None]]:
+    """
+    Each TOML block of C{text}, and the C{twist rproxy} command line and output of the console block right
+    after it (C{None} when there is none): the arguments and the lines it prints.
+    """
+    blocks = fencedBlocks(text)
+    found: list[tuple[str, list[str] | None]] = []
+    for i, (language, content) in enumerate(blocks):
+        if language != "toml":
+            continue
+        after = blocks[i + 1] if i + 1 < len(blocks) else ("", "")
+        found.append((content, after[1].splitlines() if after[0] == "console" else None))
+    return found
+
+
+def runCheckConfig(testCase: unittest.TestCase, content: str, arguments: list[str]) -> list[str]:
+    """
+    What C{twist rproxy ARGUMENTS} prints (with C{rproxy.toml} holding C{content}) as C{Options} parses
+    them in this process, C{rproxy.toml} standing for the file's path.
+    """
+    directory = testCase.mktemp()
+    os.mkdir(directory)
+    path = os.path.join(directory, "rproxy.toml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(content)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), testCase.assertRaises(SystemExit) as exited:
+        Options().parseOptions([path if argument == "rproxy.toml" else argument for argument in arguments])
+    code = exited.exception.code
+    output = printed.getvalue() + ("" if code == 0 else f"{code}\n")
+    return output.replace(path, "rproxy.toml").splitlines()
+
+
+class ConfigurationReferenceTests(unittest.TestCase):
+    """docs/configuration.md documents the keys the parser accepts, and its examples say what rproxy does."""
+
+    def setUp(self) -> None:
+        self.text = _read(CONFIGURATION_MD)
+        self.tables = documentedKeys(self.text)
+
+    def test_keys(self) -> None:
+        """Each table of keys lists exactly the keys of its kind of table in the file."""
+        for heading, keys in [
+            ("Service key", SERVICE_KEYS),
+            ("Route key", ROUTE_KEYS),
+            ("Weighted split key", WEIGHTED_SPLIT_KEYS),
+            ("Blue/green key", BLUE_GREEN_KEYS),
+        ]:
+            documented = self.tables.get(heading, set())
+            self.assertEqual(
+                (sorted(keys - documented), sorted(documented - keys)),
+                ([], []),
+                f"docs/configuration.md's '{heading}' table: (keys not documented, documented keys that do not exist)",
+            )
+
+    def test_examples(self) -> None:
+        """
+        Every TOML block (of this page and of docs/options.md) is a whole file: C{--check-config} accepts it,
+        or says exactly what the console block below it shows.
+        """
+        found = examples(self.text)
+        self.assertGreaterEqual(sum(1 for _, console in found if console), 5)
+        for content, console in [*found, *examples(_read(OPTIONS_MD))]:
+            if console is None:
+                [output] = runCheckConfig(self, content, ["--check-config", "rproxy.toml"])
+                self.assertIn(": OK (", output, content)
+                continue
+            command, *expected = console
+            self.assertTrue(command.startswith("$ twist rproxy "), command)
+            arguments = shlex.split(command)[3:]
+            self.assertEqual(runCheckConfig(self, content, arguments), expected, content)
+
+    def test_parsing(self) -> None:
+        """The helpers above find tables, blocks and consoles as this page uses them."""
+        text = (
+            "| Service key | Value |\n| --- | --- |\n| `upstreams` | a list |\n| plain | x |\n\n"
+            "| Route key | Value |\n| --- | --- |\n| `hosts` | hosts |\n\n"
+            "```toml\na = 1\n```\n\n```console\n$ twist rproxy --check-config rproxy.toml\nout\n```\n"
+            "```toml\nb = 2\n```\n"
+        )
+        self.assertEqual(documentedKeys(text), {"Service key": {"upstreams"}, "Route key": {"hosts"}})
+        self.assertEqual(
+            examples(text),
+            [("a = 1\n", ["$ twist rproxy --check-config rproxy.toml", "out"]), ("b = 2\n", None)],
+        )
 
 
 class ReadmeTests(unittest.TestCase):

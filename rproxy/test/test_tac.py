@@ -11,8 +11,8 @@ from twisted.python import usage
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
-from rproxy.config import argumentsFromFile
-from rproxy.tap import Options, optionNames, optionsFromEnvironment
+from rproxy.config import ConfigFile, argumentsFromMapping
+from rproxy.tap import Options, fileOptionNames, optionsFromEnvironment
 from rproxy.test.support import BIN, ReceivedRequest, ScriptedUpstream, curl
 from rproxy.test.test_drain import (
     ProxyProcess,
@@ -108,17 +108,18 @@ class EnvironmentOptionsTests(unittest.TestCase):
                 "UNRELATED": "ignored",
             }
         ).config
-        self.assertEqual(config.upstreams, ("http://127.0.0.1:9001", "http://127.0.0.1:9002/base"))
+        default = config.services["default"]
+        self.assertEqual(default.upstreams, ("http://127.0.0.1:9001", "http://127.0.0.1:9002/base"))
         self.assertEqual(config.listen, ("tcp:8081", "tcp:8082"))
-        self.assertEqual(config.pool.connectTimeout, 3.0)
-        self.assertEqual(config.pool.maxIdle, 7)
-        self.assertTrue(config.rewriteHost)
+        self.assertEqual(default.pool.connectTimeout, 3.0)
+        self.assertEqual(default.pool.maxIdle, 7)
+        self.assertTrue(default.rewriteHost)
         self.assertIsNone(config.accessLog)
 
     def test_flagOff(self) -> None:
         """A flag variable that is not 1/true/yes leaves the flag unset."""
         config = optionsFromEnvironment({"RPROXY_UPSTREAM": "http://127.0.0.1:9001", "RPROXY_REWRITE_HOST": "0"}).config
-        self.assertFalse(config.rewriteHost)
+        self.assertFalse(config.services["default"].rewriteHost)
 
     def test_configFile(self) -> None:
         """C{RPROXY_CONFIG}: the file's settings apply; other variables override its scalars."""
@@ -130,11 +131,12 @@ class EnvironmentOptionsTests(unittest.TestCase):
             "rewrite-host = true\n"
         )
         config = optionsFromEnvironment({"RPROXY_CONFIG": path, "RPROXY_READ_TIMEOUT": "9"}).config
-        self.assertEqual(config.upstreams, ("http://127.0.0.1:9001",))
+        default = config.services["default"]
+        self.assertEqual(default.upstreams, ("http://127.0.0.1:9001",))
         self.assertEqual(config.listen, ("tcp:8081",))
-        self.assertEqual(config.pool.connectTimeout, 2.0)
-        self.assertEqual(config.pool.readTimeout, 9.0)
-        self.assertTrue(config.rewriteHost)
+        self.assertEqual(default.pool.connectTimeout, 2.0)
+        self.assertEqual(default.pool.readTimeout, 9.0)
+        self.assertTrue(default.rewriteHost)
 
     def test_badTomlNamesFile(self) -> None:
         """A file that is not valid TOML: the error names the file."""
@@ -189,8 +191,13 @@ class EnvironmentOptionsTests(unittest.TestCase):
         self.assertIn(path, message)
 
 
+def argumentsFromFile(path: str) -> list[str]:
+    """The command-line arguments the top level of the config file C{path} stands for."""
+    return argumentsFromMapping(ConfigFile.load(path).options, path, *fileOptionNames())
+
+
 class ArgumentsFromFileTests(unittest.TestCase):
-    """L{argumentsFromFile}: a TOML file as command-line arguments, errors naming file and key."""
+    """A TOML file's top level as command-line arguments, errors naming file and key."""
 
     def tomlFile(self, text: str) -> str:
         path = os.path.abspath(self.mktemp() + ".toml")
@@ -208,7 +215,7 @@ class ArgumentsFromFileTests(unittest.TestCase):
             "version = false\n"
         )
         self.assertEqual(
-            argumentsFromFile(path, optionNames()),
+            argumentsFromFile(path),
             [
                 "--upstream",
                 "http://a:1",
@@ -225,7 +232,7 @@ class ArgumentsFromFileTests(unittest.TestCase):
     def test_invalidToml(self) -> None:
         path = self.tomlFile("listen = [\n")
         with self.assertRaises(ValueError) as caught:
-            argumentsFromFile(path, optionNames())
+            argumentsFromFile(path)
         self.assertIn(path, str(caught.exception))
         self.assertIn("invalid TOML", str(caught.exception))
 
@@ -233,7 +240,7 @@ class ArgumentsFromFileTests(unittest.TestCase):
         path = os.path.abspath(self.mktemp())
         os.mkdir(path)  # a directory: open() fails
         with self.assertRaises(ValueError) as caught:
-            argumentsFromFile(path, optionNames())
+            argumentsFromFile(path)
         self.assertIn(path, str(caught.exception))
         self.assertIn("cannot read", str(caught.exception))
 
@@ -241,7 +248,7 @@ class ArgumentsFromFileTests(unittest.TestCase):
         """A table where a value belongs: the error names the file and the key."""
         path = self.tomlFile("[grace]\nseconds = 3\n")
         with self.assertRaises(ValueError) as caught:
-            argumentsFromFile(path, optionNames())
+            argumentsFromFile(path)
         self.assertIn(path, str(caught.exception))
         self.assertIn("grace", str(caught.exception))
 
@@ -256,11 +263,12 @@ class CommandLineConfigTests(unittest.TestCase):
         for arguments in (["-c", path], ["-c" + path], ["--config", path], ["--conf=" + path], ["--config=" + path]):
             options = Options()
             options.parseOptions(arguments)
-            self.assertEqual(options.config.upstreams, ("http://127.0.0.1:9001",), arguments)
-            self.assertEqual(options.config.pool.connectTimeout, 2.0, arguments)
+            default = options.config.services["default"]
+            self.assertEqual(default.upstreams, ("http://127.0.0.1:9001",), arguments)
+            self.assertEqual(default.pool.connectTimeout, 2.0, arguments)
         options = Options()
         options.parseOptions(["-c", path, "--connect-timeout", "3"])
-        self.assertEqual(options.config.pool.connectTimeout, 3.0)
+        self.assertEqual(options.config.services["default"].pool.connectTimeout, 3.0)
 
     def test_viaNameMustBeToken(self) -> None:
         options = Options()
@@ -302,7 +310,7 @@ class BalancingOptionsTests(unittest.TestCase):
             "30",
             "--slow-start",
             "20",
-        ).config
+        ).config.services["default"]
         self.assertEqual(config.upstreams, ("http://127.0.0.1:1", "http://127.0.0.1:2/base#weight=3"))
         self.assertEqual(
             (config.retry.retries, config.retry.tryDuration, config.retry.retryStatuses, config.retry.replayBodySize),
@@ -321,7 +329,7 @@ class BalancingOptionsTests(unittest.TestCase):
         from rproxy.tap import buildSite
 
         config = self.parse("--upstream", "http://127.0.0.1:2/base#weight=3").config
-        _, upstreams = buildSite(config, Clock(), list(config.upstreams))
+        _, upstreams = buildSite(config, Clock())
         self.assertEqual(
             [(u.key, u.configuredWeight) for u in upstreams],
             [
@@ -360,9 +368,10 @@ class BalancingOptionsTests(unittest.TestCase):
         self.assertEqual(checkers(), [])
         [checker] = checkers("--health-path", "/healthz", "--health-interval", "2", "--health-fall", "1")
         config = self.parse("--health-path", "/healthz", "--health-interval", "2", "--health-fall", "1").config
-        assert config.healthCheck is not None
-        self.assertEqual((config.healthCheck.path, config.healthCheck.interval), ("/healthz", 2.0))
-        self.assertEqual((config.healthCheck.rise, config.healthCheck.fall), (2, 1))
+        check = config.services["default"].healthCheck
+        assert check is not None
+        self.assertEqual((check.path, check.interval), ("/healthz", 2.0))
+        self.assertEqual((check.rise, check.fall), (2, 1))
 
     def test_healthCheckErrorsNameOption(self) -> None:
         for arguments, expected in [
