@@ -5,12 +5,13 @@
 #   RPROXY_LISTEN="systemd:domain=INET:index=0"
 #   RPROXY_CONFIG=/etc/rproxy/rproxy.toml                          (see docs/configuration.md)
 # and any other option as RPROXY_<NAME>, e.g. RPROXY_CONNECT_TIMEOUT=3. See docs/operations.md.
+# SIGHUP (systemctl reload) reads RPROXY_CONFIG again and applies it (docs/configuration.md, "Live reload").
+# Units for systemd, plain and socket-activated, are in docs/systemd/.
 import os
 
 from twisted.application import service
-from twisted.internet import reactor
 
-from rproxy.tap import buildService, optionsFromEnvironment
+from rproxy.tap import makeService, optionsFromEnvironment
 
 application = service.Application("rproxy")
-buildService(optionsFromEnvironment(os.environ).config, reactor).setServiceParent(application)
+makeService(optionsFromEnvironment(os.environ)).setServiceParent(application)

@@ -3,19 +3,21 @@
 
 Flags, a TOML file (C{--config}) and the environment (C{rproxy.tac}) all go through L{Options}, which
 produces one L{ProxyConfig}; L{buildService} turns a config into listeners, services of upstreams, the
-routes to them, health checks and a draining shutdown.  C{--check-config FILE} builds all but the
-listeners, and says whether the file is right.
+routes to them, health checks and a draining shutdown; with a config file, SIGHUP (and with
+C{--watch-config}, a change to the file) applies the file again (L{rproxy.reload}).  C{--check-config
+FILE} builds all but the listeners, and says whether the file is right.
 """
 
 from __future__ import annotations
 
 import getopt
+import math
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service, strports
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
@@ -45,14 +47,17 @@ from rproxy.server import ClientLimits, DrainingService, ProxySite
 from rproxy.upstream import Service, Upstream
 from rproxy.upstream.pool import PoolSettings
 
+if TYPE_CHECKING:
+    from rproxy.reload import ConfigSource
+
 _DEFAULT_POOL = PoolSettings()
 _DEFAULT_CLIENT = ClientLimits()
 _DEFAULT_RETRY = RetryPolicy()
 _DEFAULT_PASSIVE = PassivePolicy()
 _DEFAULT_HEALTH = HealthCheckSettings()
 
-#: Options that make no sense in a config file or the environment: they name the file, or they check it.
-_NOT_IN_FILES = ("config", "check-config")
+#: Options that make no sense in a config file: they name the file, check it, or say how it is watched.
+_NOT_IN_FILES = ("config", "check-config", "watch-config")
 
 
 class Options(usage.Options):
@@ -80,6 +85,12 @@ class Options(usage.Options):
             None,
             None,
             "Check this config file (with the other options): build all but the listeners, say OK or what is wrong.",
+        ],
+        [
+            "watch-config",
+            None,
+            0.0,
+            "Seconds between checks of the --config file for changes, which then apply as on SIGHUP (0: off).",
         ],
         ["balancer", None, "round_robin", "How to choose among the upstreams (see --list-balancers)."],
         ["via-name", None, "rproxy", "The pseudonym this proxy adds to Via."],
@@ -169,6 +180,10 @@ class Options(usage.Options):
 
     #: What the options and the config file describe, once parsed.
     config: ProxyConfig
+    #: The arguments parsed (the command line's, or the environment's for rproxy.tac): a reload parses them again.
+    arguments: list[str]
+    #: Seconds between two looks at the config file for changes (0: it is not watched).
+    watchInterval: float
 
     def __init__(self) -> None:
         super().__init__()
@@ -210,7 +225,7 @@ class Options(usage.Options):
         that an option given here overrides the file's (and adds to a repeatable option's values).  With
         C{--check-config}, a mistake ends the process with its message instead of the usage.
         """
-        arguments = list(sys.argv[1:] if options is None else options)
+        arguments = self.arguments = list(sys.argv[1:] if options is None else options)
         given = self._given(arguments)
         try:
             super().parseOptions(self._fileArguments(given) + arguments)
@@ -254,6 +269,20 @@ class Options(usage.Options):
         if self["check-config"] is not None:
             print(checkConfig(self["check-config"], self.config))
             sys.exit(0)
+        self.watchInterval = self._watchInterval()
+
+    def _watchInterval(self) -> float:
+        """C{--watch-config}'s seconds: 0 or more, and more only with a file to watch."""
+        value = self["watch-config"]
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise usage.UsageError(f"--watch-config: expected a number of seconds, 0 or more, got {value!r}")
+        if seconds and self["config"] is None:
+            raise usage.UsageError("--watch-config: there is no file to watch without --config")
+        return seconds
 
 
 def optionsFromEnvironment(environ: Mapping[str, str]) -> Options:
@@ -298,44 +327,77 @@ def buildDirector(routes: Sequence[RouteConfig], services: Mapping[str, Service]
     return RoutingDirector(route.build(services) for route in routes)
 
 
+def buildForwarding(config: ProxyConfig) -> ForwardingPolicy:
+    """The X-Forwarded-*/Forwarded/Via policy of C{config}."""
+    return ForwardingPolicy(parseNetworks(config.trustedProxies), config.viaName.encode("ascii"))
+
+
+def buildProxy(config: ProxyConfig, reactor: IReactorTime, services: Mapping[str, Service]) -> Proxy:
+    """The proxy of C{config}, routing to C{services} (by name)."""
+    return Proxy(reactor, buildDirector(config.routes, services), buildForwarding(config))
+
+
 def buildSite(
     config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry | None = None
 ) -> tuple[ProxySite, list[Upstream]]:
     """The proxy's site, routing to its services, and their upstreams (whose pools shutdown closes)."""
     services, upstreams = buildServices(config, reactor, MemoryRegistry() if registry is None else registry)
-    director = buildDirector(config.routes, services)
-    forwarding = ForwardingPolicy(parseNetworks(config.trustedProxies), config.viaName.encode("ascii"))
-    proxy = Proxy(reactor, director, forwarding)
+    proxy = buildProxy(config, reactor, services)
     return ProxySite(buildResource(proxy), config.client, reactor, config.accessLog), upstreams
+
+
+def healthCheckSettings(config: ProxyConfig) -> dict[str, HealthCheckSettings]:
+    """The active health checks of the services that have them, by service name."""
+    return {name: each.healthCheck for name, each in config.services.items() if each.healthCheck is not None}
 
 
 def healthChecker(config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry) -> HealthChecker | None:
     """The active health checks of the services that have them (C{None} if none has), over C{registry}."""
-    settings = {name: each.healthCheck for name, each in config.services.items() if each.healthCheck is not None}
+    settings = healthCheckSettings(config)
     return HealthChecker(reactor, registry, settings) if settings else None
 
 
-def buildService(config: ProxyConfig, reactor: IReactorTime) -> service.MultiService:
-    """The proxy's services: a draining shutdown, health checks, then one listener per endpoint."""
+def closeUpstreams(registry: MemoryRegistry) -> None:
+    """Close the idle connections to every upstream in C{registry}; busy ones close when their exchange ends."""
+    for name in registry.services():
+        for upstream in registry.members(name):
+            upstream.pool.drain("is closing: the proxy is shutting down")
+
+
+def buildService(
+    config: ProxyConfig,
+    reactor: IReactorTime,
+    source: ConfigSource | None = None,
+    signals: IReactorFromThreads | None = None,
+) -> service.MultiService:
+    """
+    The proxy's services: a draining shutdown, health checks, then one listener per endpoint; and with a
+    C{source} to read the configuration again from, a L{ConfigReloader} (handling SIGHUP when given the
+    reactor to hand C{signals} to).
+    """
+    # Imported here: rproxy.reload builds on this module's functions.
+    from rproxy.reload import ConfigReloader, LiveProxy
+
     top = service.MultiService()
     if config.demoUpstream is not None:
         from rproxy.demo import demoSite
 
         strports.service(config.demoUpstream, demoSite()).setServiceParent(top)
     registry = MemoryRegistry()
-    site, upstreams = buildSite(config, reactor, registry)
-
-    def closeUpstreams() -> None:
-        for upstream in upstreams:
-            upstream.pool.drain("is closing: the proxy is shutting down")
-
+    services, _ = buildServices(config, reactor, registry)
+    proxy = buildProxy(config, reactor, services)
+    site = ProxySite(buildResource(proxy), config.client, reactor, config.accessLog)
     # Added first so that it is stopped last, after the listeners stop accepting.
-    DrainingService([site], config.grace, reactor, closeUpstreams).setServiceParent(top)
+    draining = DrainingService([site], config.grace, reactor, lambda: closeUpstreams(registry))
+    draining.setServiceParent(top)
     checker = healthChecker(config, reactor, registry)
     if checker is not None:
         checker.setServiceParent(top)
     for endpoint in config.listen:
         strports.service(endpoint, site).setServiceParent(top)
+    if source is not None:
+        live = LiveProxy(config, reactor, registry, proxy, services, draining, top, checker)
+        ConfigReloader(source, live, reactor, signals).setServiceParent(top)
     return top
 
 
@@ -352,8 +414,28 @@ def checkConfig(path: str, config: ProxyConfig) -> str:
     return f"{path}: OK ({services} service{'s' * (services != 1)}, {routes} route{'s' * (routes != 1)})"
 
 
+def reloadSource(options: Options) -> ConfigSource | None:
+    """
+    Where the configuration of C{options} is read again from on a reload: its config file, with the same
+    arguments around it (C{None} without a config file: nothing could change).
+    """
+    from rproxy.reload import ConfigSource  # here, as in buildService
+
+    path = options["config"]
+    if path is None:
+        return None
+    arguments = list(options.arguments)
+
+    def load() -> ProxyConfig:
+        again = Options()
+        again.parseOptions(arguments)
+        return again.config
+
+    return ConfigSource(path, load, options.watchInterval)
+
+
 def makeService(options: Options) -> service.MultiService:
-    """The entry point of ``twist rproxy``."""
+    """The entry point of ``twist rproxy`` (and of rproxy.tac): a proxy that SIGHUP reloads."""
     from twisted.internet import reactor
 
-    return buildService(options.config, reactor)  # type: ignore[arg-type]
+    return buildService(options.config, reactor, reloadSource(options), reactor)  # type: ignore[arg-type]

@@ -1,0 +1,419 @@
+"""
+Live reload: a new configuration put in force in a running proxy, on SIGHUP or when its file changes.
+
+L{ConfigReloader} reads the configuration again (the same config file, with the same command line or
+environment around it) and hands it to L{LiveProxy.apply}, which builds everything new before it changes
+anything: a configuration that is wrong in any way changes nothing, its error is logged, and the
+previous one keeps serving.  A right one is put in force at once, between two events of the reactor:
+
+- the proxy's director (its routes) and forwarding policy are replaced, each in one assignment.
+  Requests that start from then on are routed by the new routes; an exchange in flight keeps the
+  service and upstream it already has until it ends, whatever changed;
+- a service whose balancing settings (balancer and its options, retries, C{rewrite-host}) did not
+  change keeps its L{Service}, and so its balancer's state;
+- an upstream whose URL, weight, pool and passive health settings did not change stays the same
+  L{Upstream}: its connection pool, health and in-flight count are carried over, its connections stay
+  open.  An upstream that is gone is removed from the registry, which drains it: its exchanges in
+  flight finish, its idle connections close.  A new one is added;
+- the health checks are replaced when their settings changed;
+- the grace period applies to the next shutdown.
+
+The listeners, the client limits, the access log and the demo upstream cannot change while rproxy runs:
+a change to them is logged as a warning and applies at the next restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from operator import attrgetter
+from types import FrameType
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+
+from rproxy.config import (
+    BlueGreenConfig,
+    ConfigError,
+    ProxyConfig,
+    RouteConfig,
+    ServiceConfig,
+    ServiceVersionConfig,
+    WeightedSplitConfig,
+)
+from rproxy.exchange import Proxy
+from rproxy.healthcheck import HealthChecker
+from rproxy.registry import MemoryRegistry
+from rproxy.server import DrainingService
+from rproxy.tap import buildDirector, buildForwarding, buildServices, healthChecker, healthCheckSettings
+from rproxy.upstream import Service, Upstream
+
+__all__ = ["ConfigReloader", "ConfigSource", "LiveProxy", "ReloadSummary", "describeRoute"]
+
+#: The settings besides services and routes that a reload applies, by option name.
+_APPLIED: Mapping[str, Callable[[ProxyConfig], object]] = {
+    "trusted-proxy": attrgetter("trustedProxies"),
+    "via-name": attrgetter("viaName"),
+    "grace": attrgetter("grace"),
+}
+
+#: The settings that only a restart applies, by option name.
+_NOT_APPLIED: Mapping[str, Callable[[ProxyConfig], object]] = {
+    "listen": attrgetter("listen"),
+    "demo-upstream": attrgetter("demoUpstream"),
+    "access-log": attrgetter("accessLog"),
+    "max-request-line": attrgetter("client.maxRequestLine"),
+    "max-header-size": attrgetter("client.maxHeaderBytes"),
+    "max-headers": attrgetter("client.maxHeaders"),
+    "max-body-size": attrgetter("client.maxBodySize"),
+    "header-timeout": attrgetter("client.headerTimeout"),
+    "client-timeout": attrgetter("client.idleTimeout"),
+    "max-connections": attrgetter("client.maxConnections"),
+}
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """
+    Where a running proxy's configuration is read again from.
+
+    @ivar path: the config file: what is watched, and what the log names.
+    @ivar load: reads the configuration again; raises L{usage.UsageError} or L{ConfigError} saying what
+        is wrong with it.
+    @ivar watchInterval: seconds between two looks at the file for changes (0: it is not watched).
+    """
+
+    path: str
+    load: Callable[[], ProxyConfig]
+    watchInterval: float = 0.0
+
+
+def _shown(value: object) -> str:
+    """A setting's value as the log shows it."""
+    if isinstance(value, tuple):
+        return " ".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def _changes(
+    old: ProxyConfig, new: ProxyConfig, settings: Mapping[str, Callable[[ProxyConfig], object]]
+) -> tuple[str, ...]:
+    """Each of C{settings} that differs between C{old} and C{new}, with both values."""
+    return tuple(
+        f"{name} ({_shown(read(old))} -> {_shown(read(new))})"
+        for name, read in settings.items()
+        if read(old) != read(new)
+    )
+
+
+def describeRoute(route: RouteConfig) -> str:
+    """A route in a few words: its hosts and path prefix, and where it sends requests."""
+    target = route.target
+    if isinstance(target, str):
+        to = f"service {target}"
+    elif isinstance(target, WeightedSplitConfig):
+        to = "split " + " ".join(f"{name}={weight}" for name, weight in target.services)
+    elif isinstance(target, BlueGreenConfig):
+        to = f"blue/green {target.blue} {target.green} (active {target.active})"
+    else:
+        assert isinstance(target, ServiceVersionConfig)
+        to = "/service/version/"
+    hosts = ",".join(route.hosts) or "any host"
+    return f"{hosts}{route.pathPrefix or ''} -> {to}"
+
+
+@dataclass(frozen=True)
+class ReloadSummary:
+    """
+    What a reload changed: services and routes added, removed or changed, other settings applied, and
+    the settings that changed but apply only at the next restart (C{listen (tcp:8080 -> tcp:8081)}).
+    """
+
+    servicesAdded: tuple[str, ...] = ()
+    servicesRemoved: tuple[str, ...] = ()
+    servicesChanged: tuple[str, ...] = ()
+    routesAdded: tuple[str, ...] = ()
+    routesRemoved: tuple[str, ...] = ()
+    routesReordered: bool = False
+    applied: tuple[str, ...] = ()
+    notApplied: tuple[str, ...] = ()
+
+    @classmethod
+    def between(cls, old: ProxyConfig, new: ProxyConfig) -> ReloadSummary:
+        """What changes from C{old} to C{new}."""
+        added = tuple(route for route in new.routes if route not in old.routes)
+        removed = tuple(route for route in old.routes if route not in new.routes)
+        return cls(
+            servicesAdded=tuple(name for name in new.services if name not in old.services),
+            servicesRemoved=tuple(name for name in old.services if name not in new.services),
+            servicesChanged=tuple(
+                name for name, each in new.services.items() if name in old.services and old.services[name] != each
+            ),
+            routesAdded=tuple(map(describeRoute, added)),
+            routesRemoved=tuple(map(describeRoute, removed)),
+            routesReordered=not added and not removed and old.routes != new.routes,
+            applied=_changes(old, new, _APPLIED),
+            notApplied=_changes(old, new, _NOT_APPLIED),
+        )
+
+    def describe(self) -> str:
+        """One line: what changed (C{no changes} when nothing did)."""
+        parts = [
+            f"{what}: {', '.join(items)}"
+            for what, items in [
+                ("services added", self.servicesAdded),
+                ("services removed", self.servicesRemoved),
+                ("services changed", self.servicesChanged),
+                ("routes added", self.routesAdded),
+                ("routes removed", self.routesRemoved),
+                ("settings changed", self.applied),
+            ]
+            if items
+        ]
+        if self.routesReordered:
+            parts.append("routes reordered")
+        return "; ".join(parts) or "no changes"
+
+
+def _balancing(settings: ServiceConfig) -> tuple[object, ...]:
+    """The settings a service's L{Service} (its balancer included) is made of."""
+    return (settings.balancer, settings.balancerOptions, settings.rewriteHost, settings.retry)
+
+
+def _sameUpstream(running: Upstream, built: Upstream) -> bool:
+    """Whether C{built} (for the new configuration) is C{running} again: the same URL and weight."""
+    return (running.key, running.configuredWeight) == (built.key, built.configuredWeight)
+
+
+class LiveProxy:
+    """
+    The parts of a running proxy that a new configuration replaces, and how it replaces them (see the
+    module's docstring).
+
+    @ivar config: the configuration in force.
+    @ivar registry: where the services' upstreams are.
+    @ivar proxy: the proxy whose director and forwarding policy a reload replaces.
+    """
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        reactor: IReactorTime,
+        registry: MemoryRegistry,
+        proxy: Proxy,
+        services: Mapping[str, Service],
+        draining: DrainingService,
+        parent: service.MultiService,
+        checker: HealthChecker | None,
+    ) -> None:
+        """
+        @param config: the configuration that the other arguments were built from.
+        @param services: the services the director routes to, by name.
+        @param draining: the service that drains the proxy at shutdown.
+        @param parent: the service that the health checker runs under.
+        @param checker: the health checker running, if any.
+        """
+        self.config = config
+        self._reactor = reactor
+        self.registry = registry
+        self.proxy = proxy
+        self._services = dict(services)
+        self._draining = draining
+        self._parent = parent
+        self._checker = checker
+
+    def apply(self, config: ProxyConfig) -> ReloadSummary:
+        """
+        Put C{config} in force; return what changed.  Everything is built first: if that raises, nothing
+        has changed.
+        """
+        staging = MemoryRegistry()
+        built, _ = buildServices(config, self._reactor, staging)
+        members = {
+            name: self._upstreams(name, settings, staging.members(name)) for name, settings in config.services.items()
+        }
+        services = {name: self._service(name, settings, built[name]) for name, settings in config.services.items()}
+        director = buildDirector(config.routes, services)
+        forwarding = buildForwarding(config)
+        summary = ReloadSummary.between(self.config, config)
+
+        # Built: from here on, nothing fails and no request is served until all is done.
+        self._replaceUpstreams(members)
+        if healthCheckSettings(config) != healthCheckSettings(self.config):
+            self._replaceChecker(config)
+        self.proxy.director = director  # an exchange reads it once, as it starts
+        self.proxy.forwarding = forwarding
+        self._draining.grace = config.grace
+        self.config, self._services = config, services
+        return summary
+
+    def _upstreams(self, name: str, settings: ServiceConfig, built: Sequence[Upstream]) -> list[Upstream]:
+        """
+        The upstreams of service C{name} under its new C{settings}: each of those C{built} for them, or the
+        running one that it would be again.
+        """
+        previous = self.config.services.get(name)
+        if previous is None or (previous.pool, previous.passive) != (settings.pool, settings.passive):
+            return list(built)
+        running = list(self.registry.members(name))
+        chosen = []
+        for upstream in built:
+            same = next((each for each in running if _sameUpstream(each, upstream)), None)
+            if same is not None:
+                running.remove(same)  # a URL listed twice is two upstreams
+            chosen.append(upstream if same is None else same)
+        return chosen
+
+    def _service(self, name: str, settings: ServiceConfig, built: Service) -> Service:
+        """Service C{name} under its new C{settings}: the running one if they balance alike, else C{built}."""
+        previous, running = self.config.services.get(name), self._services.get(name)
+        if previous is not None and running is not None and _balancing(previous) == _balancing(settings):
+            return running
+        return replace(built, registry=self.registry)
+
+    def _replaceUpstreams(self, members: Mapping[str, Sequence[Upstream]]) -> None:
+        """Make C{members} (by service name) the registry's upstreams: remove (and drain) the others."""
+        registry = self.registry
+        for name in registry.services():
+            keep = members.get(name, ())
+            for upstream in registry.members(name):
+                if upstream not in keep:
+                    registry.remove(name, upstream)
+        for name, upstreams in members.items():
+            for upstream in upstreams:
+                registry.add(name, upstream)  # nothing for those that are there
+
+    def _replaceChecker(self, config: ProxyConfig) -> None:
+        """Stop the health checks, and start those of C{config} (their verdicts live on in the upstreams)."""
+        if self._checker is not None:
+            self._checker.disownServiceParent()
+        self._checker = healthChecker(config, self._reactor, self.registry)
+        if self._checker is not None:
+            self._checker.setServiceParent(self._parent)
+
+
+def _signature(path: str) -> bytes | None:
+    """What tells a version of file C{path} from another: its modification time, size and SHA-256; or C{None}."""
+    try:
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            digest = hashlib.sha256(f.read()).digest()
+    except OSError:
+        return None
+    return b"%d %d " % (stat.st_mtime_ns, stat.st_size) + digest
+
+
+class ConfigReloader(service.Service):
+    """
+    Reads the configuration of a running proxy again and puts it in force (L{LiveProxy.apply}): on SIGHUP,
+    and when the source is watched, when its file changes.  A configuration that is wrong is logged as an
+    error naming the file, the key and the mistake, and the previous one keeps serving.
+
+    @ivar live: the running proxy it reloads.
+    """
+
+    name = "config-reloader"
+    _log = Logger()
+
+    def __init__(
+        self,
+        source: ConfigSource,
+        live: LiveProxy,
+        reactor: IReactorTime,
+        signals: IReactorFromThreads | None = None,
+    ) -> None:
+        """
+        @param signals: the reactor to hand SIGHUP over to (from the signal handler), or C{None} to leave
+            SIGHUP alone.
+        """
+        self._source = source
+        self.live = live
+        self._reactor = reactor
+        self._signals = signals
+        self._previousHandler: Any = None
+        self._poll: LoopingCall | None = None
+        self._seen: bytes | None = None
+
+    def startService(self) -> None:
+        """Handle SIGHUP, and start watching the file."""
+        super().startService()
+        self._seen = _signature(self._source.path)
+        if self._signals is not None:
+            self._previousHandler = signal.signal(signal.SIGHUP, self._hangUp)
+        if self._source.watchInterval:
+            self._poll = LoopingCall(self._look)
+            self._poll.clock = self._reactor
+            self._poll.start(self._source.watchInterval, now=False)
+
+    def stopService(self) -> None:
+        """Stop watching, and give SIGHUP its previous handler back."""
+        if not self.running:
+            return
+        super().stopService()
+        if self._poll is not None:
+            self._poll.stop()
+            self._poll = None
+        if self._signals is not None:
+            previous, self._previousHandler = self._previousHandler, None
+            signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
+
+    def _hangUp(self, number: int, frame: FrameType | None) -> None:
+        """SIGHUP: reload from the reactor's thread, between two of its events (a handler may run amid one)."""
+        assert self._signals is not None
+        self._signals.callFromThread(self.reload, "SIGHUP")
+
+    def _look(self) -> None:
+        if _signature(self._source.path) != self._seen:
+            self.reload("the file changed")
+
+    def reload(self, trigger: str) -> ReloadSummary | None:
+        """
+        Read the configuration again and put it in force; say why (C{trigger}) in the log.  Return what
+        changed, or C{None} when the new configuration was rejected.
+        """
+        path = self._source.path
+        self._seen = _signature(path)  # taken first: a change made while it is read is seen next time
+        try:
+            config = self._source.load()
+        except (usage.UsageError, ConfigError) as e:
+            self._rejected(path, trigger, str(e))
+            return None
+        except SystemExit as e:  # a flag that prints and exits (version = true): never end a running proxy
+            self._rejected(path, trigger, f"it exits instead of configuring (status {e.code!r})")
+            return None
+        try:
+            summary = self.live.apply(config)
+        except Exception:
+            self._log.failure(
+                "{path}: not reloaded ({trigger}): the new configuration cannot be built", path=path, trigger=trigger
+            )
+            return None
+        self._log.info(
+            "{path}: configuration reloaded ({trigger}): {changes}",
+            path=path,
+            trigger=trigger,
+            changes=summary.describe(),
+            summary=summary,
+        )
+        if summary.notApplied:
+            self._log.warn(
+                "{path}: changed settings that apply only at the next restart (the running values stay): {settings}",
+                path=path,
+                settings="; ".join(summary.notApplied),
+            )
+        return summary
+
+    def _rejected(self, path: str, trigger: str, error: str) -> None:
+        self._log.error(
+            "{path}: not reloaded ({trigger}), the previous configuration keeps serving: {error}",
+            path=path,
+            trigger=trigger,
+            error=error,
+        )
