@@ -18,13 +18,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http_headers import Headers
 
 from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamError
 from rproxy.headers import ForwardingPolicy, Pairs, requestHeaderPairs, responseHeaderPairs
 from rproxy.interfaces import IDirector, IRequestFilter, IResponseFilter, Outcome
 from rproxy.message import InboundRequest, OutboundRequest
-from rproxy.request import sendError, stopKeepAlive
+from rproxy.request import sendError, stopKeepAlive, whenClientGone
 from rproxy.streaming import RequestBodyPipe
 from rproxy.upstream import Service, Upstream
 from rproxy.upstream.http1 import HTTP11Connection
@@ -112,17 +111,14 @@ class Exchange:
     def start(self) -> None:
         """Build the outbound request, route it and send it."""
         request = self.request
-        request.notifyFinish().addErrback(self._clientGone)
+        whenClientGone(request, self._clientGone)
         inbound = self.inbound
         pairs, acceptsTrailers = requestHeaderPairs(inbound.headers)
         version = inbound.version[5:] if inbound.version.startswith(b"HTTP/") else inbound.version
         pairs += self.proxy.forwarding.forwardingPairs(
             inbound.headers, inbound.clientHost, inbound.scheme, inbound.host, version
         )
-        headers = Headers()
-        for name, value in pairs:
-            headers.addRawHeader(name, value)
-        self.outbound = OutboundRequest(inbound.method, inbound.target, headers, inbound.host, acceptsTrailers)
+        self.outbound = OutboundRequest(inbound.method, inbound.target, pairs, inbound.host, acceptsTrailers)
         for requestFilter in self.proxy.requestFilters:
             answer = requestFilter.onRequest(self)
             if answer is not None:
@@ -267,9 +263,8 @@ class Exchange:
         target = _joinPath(upstream.url.basePath, outbound.target)
         host = outbound.host if outbound.host is not None else upstream.hostHeader
         lines = [outbound.method + b" " + target + b" HTTP/1.1", b"Host: " + host]
-        for name, values in outbound.headers.getAllRawHeaders():
-            for value in values:
-                lines.append(name + b": " + value)
+        for name, value in outbound.fields():
+            lines.append(name + b": " + value)
         if outbound.acceptsTrailers:
             lines.append(b"TE: trailers")
         body = self._body

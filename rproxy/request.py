@@ -12,6 +12,7 @@ C{_path}, C{_version}, private to Twisted); L{rproxy.test.test_twisted_contract}
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IPushProducer
@@ -38,6 +39,14 @@ def stopKeepAlive(request: Request) -> None:
         channel.persistent = False
         if not request.startedWriting:
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+
+def whenClientGone(request: Request, callback: Callable[[Failure], object]) -> None:
+    """Call C{callback} with the reason if the client's connection is lost before C{request} finishes."""
+    if isinstance(request, ProxyRequest):
+        request.clientGone = callback  # no Deferred per request on the proxy's own path
+    else:
+        request.notifyFinish().addErrback(callback)
 
 
 def abortClient(request: Request) -> None:
@@ -94,6 +103,8 @@ class ProxyRequest(server.Request):
 
     @ivar headReceived: whether the whole request head has arrived (and been checked).
     @ivar bodyPipe: the body on its way, for a streaming resource (C{None}: no body, or not streaming).
+    @ivar clientGone: called with the reason if the connection is lost before the response is finished
+        (what C{notifyFinish} would errback with).
     """
 
     defaultContentType = None  # a proxy never invents a Content-Type
@@ -102,6 +113,7 @@ class ProxyRequest(server.Request):
     content: Any
     headReceived = False
     bodyPipe: RequestBodyPipe | None = None
+    clientGone: Callable[[Failure], object] | None = None
     _streaming = False
     _refused = False
     _bodyBytes = 0
@@ -204,6 +216,16 @@ class ProxyRequest(server.Request):
             pipe.fail(error)
         stopKeepAlive(self)
         sendError(self, error)
+
+    def finish(self) -> None:
+        self.clientGone = None  # nothing left to cancel (and no request-exchange cycle left for the GC)
+        super().finish()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        callback, self.clientGone = self.clientGone, None
+        if callback is not None:
+            callback(reason)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._streaming or self._refused:
