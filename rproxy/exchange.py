@@ -23,7 +23,7 @@ from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamEr
 from rproxy.headers import ForwardingPolicy, Pairs, responseHeaderPairs
 from rproxy.interfaces import IDirector, IRequestFilter, IResponseFilter, Outcome
 from rproxy.message import InboundRequest, OutboundRequest
-from rproxy.request import sendError, stopKeepAlive
+from rproxy.request import sendError, sendResponseHead, stopKeepAlive, whenClientGone
 from rproxy.streaming import RequestBodyPipe
 from rproxy.upstream import Service, Upstream
 from rproxy.upstream.http1 import HTTP11Connection
@@ -111,7 +111,7 @@ class Exchange:
     def start(self) -> None:
         """Build the outbound request, route it and send it."""
         request = self.request
-        request.notifyFinish().addErrback(self._clientGone)
+        whenClientGone(request, self._clientGone)
         inbound = self.inbound
         self.outbound = OutboundRequest.fromInbound(inbound, self.proxy.forwarding)
         for requestFilter in self.proxy.requestFilters:
@@ -260,9 +260,8 @@ class Exchange:
         target = _joinPath(upstream.url.basePath, outbound.target)
         host = outbound.host if outbound.host is not None else upstream.hostHeader
         lines = [outbound.method + b" " + target + b" HTTP/1.1", b"Host: " + host]
-        for name, values in outbound.headers.getAllRawHeaders():
-            for value in values:
-                lines.append(name + b": " + value)
+        for name, value in outbound.fields():
+            lines.append(name + b": " + value)
         if outbound.acceptsTrailers:
             lines.append(b"TE: trailers")
         body = self._body
@@ -306,18 +305,17 @@ class Exchange:
                 connection.abort()
             self._end(proxyError(502, "a response filter failed on the upstream's response", "proxy_internal_error"))
             return
-        request.setResponseCode(status, reason or None)
-        out = request.responseHeaders
+        fields: Pairs = []
         via: list[bytes] = []
         for name, value in pairs:
             if name.lower() == b"via":
                 via.append(value)
             else:
-                out.addRawHeader(name, value)
-        out.addRawHeader(b"Via", self.proxy.forwarding.via(via, version))
+                fields.append((name, value))
+        fields.append((b"Via", self.proxy.forwarding.via(via, version)))
         if hasBody:
             request.registerProducer(self._connection, True)
-        request.write(b"")  # the head goes out now, even if the body is slow to come
+        sendResponseHead(request, status, reason or None, fields)
 
     def _responseFilters(self, service: Service) -> Sequence[IResponseFilter]:
         balancer = service.balancer

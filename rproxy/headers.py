@@ -57,8 +57,11 @@ def connectionListed(values: Sequence[bytes] | None) -> frozenset[bytes]:
     return frozenset(splitTokens(values))
 
 
-def _dropped(connectionValues: Sequence[bytes] | None) -> frozenset[bytes]:
-    return HOP_BY_HOP | connectionListed(connectionValues)
+def _dropped(always: frozenset[bytes], connectionValues: Sequence[bytes] | None) -> frozenset[bytes]:
+    return always | connectionListed(connectionValues) if connectionValues else always
+
+
+_REQUEST_DROPPED = HOP_BY_HOP | FRAMING | FORWARDING
 
 
 def requestHeaderPairs(headers: Headers) -> tuple[Pairs, bool]:
@@ -68,7 +71,7 @@ def requestHeaderPairs(headers: Headers) -> tuple[Pairs, bool]:
     Hop-by-hop, Connection-listed, framing and forwarding fields are left out; ``TE`` survives only as
     ``TE: trailers`` (added back by the caller when the second value is true).
     """
-    dropped = _dropped(headers.getRawHeaders(b"connection")) | FRAMING | FORWARDING
+    dropped = _dropped(_REQUEST_DROPPED, headers.getRawHeaders(b"connection"))
     pairs: Pairs = []
     for name, values in headers.getAllRawHeaders():
         lowered = name.lower()
@@ -84,7 +87,7 @@ def requestHeaderPairs(headers: Headers) -> tuple[Pairs, bool]:
 def responseHeaderPairs(pairs: Sequence[tuple[bytes, bytes]]) -> Pairs:
     """Remove hop-by-hop and Connection-listed fields from an upstream response's fields."""
     connection = [value for name, value in pairs if name.lower() == b"connection"]
-    dropped = _dropped(connection)
+    dropped = _dropped(HOP_BY_HOP, connection)
     return [(name, value) for name, value in pairs if name.lower() not in dropped]
 
 

@@ -8,11 +8,12 @@ client lists in ``Connection`` can delete what the proxy added.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from twisted.web.http_headers import Headers
 
-from rproxy.headers import ForwardingPolicy, requestHeaderPairs
+from rproxy.headers import ForwardingPolicy, Pairs, requestHeaderPairs
 
 
 @dataclass(frozen=True)
@@ -40,22 +41,53 @@ class InboundRequest:
         return values[0] if values else None
 
 
-@dataclass
 class OutboundRequest:
     """
     What will be sent upstream; directors and filters may change any of it.
 
+    @ivar method: the request method.
     @ivar target: the request-target, joined later with the chosen upstream's base path.
-    @ivar headers: end-to-end fields plus the proxy's forwarding fields.
     @ivar host: the ``Host`` to send; C{None} means the chosen upstream's own host.
     @ivar acceptsTrailers: whether ``TE: trailers`` is forwarded.
     """
 
-    method: bytes
-    target: bytes
-    headers: Headers = field(default_factory=Headers)
-    host: bytes | None = None
-    acceptsTrailers: bool = False
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        fields: Iterable[tuple[bytes, bytes]] = (),
+        host: bytes | None = None,
+        acceptsTrailers: bool = False,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.host = host
+        self.acceptsTrailers = acceptsTrailers
+        self._fields = list(fields)
+        self._headers: Headers | None = None
+
+    @property
+    def headers(self) -> Headers:
+        """
+        End-to-end fields plus the proxy's forwarding fields, to read or change.
+
+        Built from the field list on first use: most exchanges never look, and are sent from the list.
+        """
+        if self._headers is None:
+            self._headers = Headers()
+            for name, value in self._fields:
+                self._headers.addRawHeader(name, value)
+        return self._headers
+
+    @headers.setter
+    def headers(self, headers: Headers) -> None:
+        self._headers = headers
+
+    def fields(self) -> Pairs:
+        """The fields to send, in order (one pair per value)."""
+        if self._headers is None:
+            return self._fields
+        return [(name, value) for name, values in self._headers.getAllRawHeaders() for value in values]
 
     @classmethod
     def fromInbound(cls, inbound: InboundRequest, forwarding: ForwardingPolicy) -> OutboundRequest:
@@ -66,7 +98,4 @@ class OutboundRequest:
         pairs, acceptsTrailers = requestHeaderPairs(inbound.headers)
         version = inbound.version.removeprefix(b"HTTP/")
         pairs += forwarding.forwardingPairs(inbound.headers, inbound.clientHost, inbound.scheme, inbound.host, version)
-        headers = Headers()
-        for name, value in pairs:
-            headers.addRawHeader(name, value)
-        return cls(inbound.method, inbound.target, headers, inbound.host, acceptsTrailers)
+        return cls(inbound.method, inbound.target, pairs, inbound.host, acceptsTrailers)

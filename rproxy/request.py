@@ -12,16 +12,18 @@ C{_path}, C{_version}, private to Twisted); L{rproxy.test.test_twisted_contract}
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import HTTPChannel, Request, datetimeToString, unquote
+from twisted.web.http import NO_BODY_CODES, HTTPChannel, Request, datetimeToString, unquote
 from twisted.web.resource import IResource
 
 from rproxy.errors import ProxyError, clientError, proxyError
+from rproxy.headers import hasControl, isToken
 from rproxy.interfaces import IStreamingResource
 from rproxy.streaming import RequestBodyPipe
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from rproxy.server import ProxySite
 
 _log = Logger()
+
+Field = tuple[bytes, bytes]
 
 
 def stopKeepAlive(request: Request) -> None:
@@ -38,6 +42,30 @@ def stopKeepAlive(request: Request) -> None:
         channel.persistent = False
         if not request.startedWriting:
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+
+def whenClientGone(request: Request, callback: Callable[[Failure], object]) -> None:
+    """Call C{callback} with the reason if the client's connection is lost before C{request} finishes."""
+    if isinstance(request, ProxyRequest):
+        request.clientGone = callback  # no Deferred per request on the proxy's own path
+    else:
+        request.notifyFinish().addErrback(callback)
+
+
+def sendResponseHead(
+    request: Request, status: int, reason: bytes | None, fields: Sequence[tuple[bytes, bytes]]
+) -> None:
+    """
+    Send the head of C{request}'s response now (even if the body is slow to come): C{status}, then
+    C{fields} after those the proxy has set itself (C{Connection: close}).
+    """
+    if isinstance(request, ProxyRequest) and request.writeHead(status, reason, fields):
+        return
+    request.setResponseCode(status, reason)
+    headers = request.responseHeaders
+    for name, value in fields:
+        headers.addRawHeader(name, value)
+    request.write(b"")
 
 
 def abortClient(request: Request) -> None:
@@ -94,6 +122,8 @@ class ProxyRequest(server.Request):
 
     @ivar headReceived: whether the whole request head has arrived (and been checked).
     @ivar bodyPipe: the body on its way, for a streaming resource (C{None}: no body, or not streaming).
+    @ivar clientGone: called with the reason if the connection is lost before the response is finished
+        (what C{notifyFinish} would errback with).
     """
 
     defaultContentType = None  # a proxy never invents a Content-Type
@@ -102,7 +132,9 @@ class ProxyRequest(server.Request):
     content: Any
     headReceived = False
     bodyPipe: RequestBodyPipe | None = None
+    clientGone: Callable[[Failure], object] | None = None
     _streaming = False
+    _http1 = False
     _refused = False
     _bodyBytes = 0
     _resource: IResource | None = None
@@ -110,7 +142,8 @@ class ProxyRequest(server.Request):
     def gotLength(self, length: int | None) -> None:
         self.headReceived = True
         channel = self.channel
-        if isinstance(channel, HTTPChannel):
+        self._http1 = isinstance(channel, HTTPChannel)
+        if self._http1:
             self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
         else:
             self.method, self.uri, self.clientproto = channel.command, channel.path, b"HTTP/2"
@@ -204,6 +237,47 @@ class ProxyRequest(server.Request):
             pipe.fail(error)
         stopKeepAlive(self)
         sendError(self, error)
+
+    def writeHead(self, code: int, reason: bytes | None, fields: Sequence[Field]) -> bool:
+        """
+        Write an HTTP/1 response head with C{fields} as they are, the framing chosen the way Twisted's
+        C{write} does (chunked on HTTP/1.1 unless a length is given); C{False}, and nothing written, when
+        Twisted's own path must do it: HTTP/2, a closed connection, or a field that is not valid.
+
+        Twisted would copy every field into C{responseHeaders} and read them back to frame the body.
+        """
+        if not self._http1 or self._disconnected or self.startedWriting:
+            return False
+        names = [name for name, _ in fields]
+        if not all(names) or not isToken(b"".join(names)) or hasControl(b"".join([value for _, value in fields])):
+            return False  # what a filter added goes through Twisted's checks
+        self.setResponseCode(code, reason)
+        lines = [self.clientproto + b" %d " % code + self.code_message]
+        for name, values in self.responseHeaders.getAllRawHeaders():
+            for value in values:
+                lines.append(name + b": " + value)
+        hasLength = self.responseHeaders.hasHeader(b"content-length")
+        for name, value in fields:
+            lines.append(name + b": " + value)
+            if name.lower() == b"content-length":
+                hasLength = True
+        if self.clientproto == b"HTTP/1.1" and not hasLength and self.method != b"HEAD" and code not in NO_BODY_CODES:
+            lines.append(b"Transfer-Encoding: chunked")
+            self.chunked = 1
+        lines.append(b"\r\n")
+        self.startedWriting = 1
+        self.channel.write(b"\r\n".join(lines))
+        return True
+
+    def finish(self) -> None:
+        self.clientGone = None  # nothing left to cancel (and no request-exchange cycle left for the GC)
+        super().finish()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        callback, self.clientGone = self.clientGone, None
+        if callback is not None:
+            callback(reason)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._streaming or self._refused:

@@ -35,6 +35,7 @@ from twisted.web.http import (
     _IdentityTransferDecoder,
     _parseRequestLine,
 )
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
 from rproxy.errors import ProxyError, clientError, proxyError
@@ -78,12 +79,35 @@ class ProxyHTTPChannel(HTTPChannel):
     _awaitingHead = False
     _lengths: tuple[bytes, ...] = ()
     _host: Any = None
+    _peer: Any = None
+    _secure: bool | None = None
 
     def getHost(self) -> Any:
         """The local address, asked of the socket once (Twisted asks it for every request)."""
         if self._host is None:
             self._host = super().getHost()
         return self._host
+
+    def getPeer(self) -> Any:
+        """The client's address, built once (Twisted builds a new one for every request)."""
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
+
+    def isSecure(self) -> bool:
+        """Whether the connection is TLS, asked of the transport once (Twisted adapts it every time)."""
+        if self._secure is None:
+            self._secure = bool(super().isSecure())
+        return self._secure
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
+        """Write a response head as one piece (Twisted hands the transport two pieces per field)."""
+        lines = [version + b" " + code + b" " + reason]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines.append(name + b": " + value)
+        lines.append(b"\r\n")
+        self.transport.write(b"\r\n".join(lines))
 
     def lineReceived(self, line: bytes) -> None:
         limits = self.site.limits

@@ -26,7 +26,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from rproxy.exchange import Exchange, Proxy
-from rproxy.interfaces import IResponseFilter
+from rproxy.interfaces import IRequestFilter, IResponseFilter
 from rproxy.test.support import (
     ReceivedRequest,
     RunningProxy,
@@ -950,6 +950,26 @@ class ConformanceTests(unittest.TestCase):
             self.assertIn((b"x-hop", b"1"), headers)
             self.assertIn((b"te", b"trailers"), headers)
             self.assertEqual([v for n, v in headers if n == b"via"], [b"1.0 fred"])
+
+    @deferredTest
+    async def test_requestFilterEditsHeaders(self) -> None:
+        """What a request filter changes in the outbound headers is what the upstream receives."""
+        upstream, proxy = self.proxied(answer(OK))
+
+        @implementer(IRequestFilter)
+        class Edit:
+            def onRequest(self, exchange: Exchange) -> None:
+                exchange.outbound.headers.removeHeader(b"x-secret")
+                exchange.outbound.headers.addRawHeader(b"X-Added", b"yes")
+
+        proxyOf(proxy).requestFilters = (Edit(),)
+        response = parseResponse(await rawRequest(proxy.port, get(b"/", b"X-Secret: s\r\nX-Kept: k\r\n"), timeout=5))
+        self.assertEqual(response.status, 200)
+        [received] = upstream.requests
+        self.assertEqual(received.headers(b"x-secret"), [])
+        self.assertEqual(received.headers(b"x-kept"), [b"k"])
+        self.assertEqual(received.headers(b"x-added"), [b"yes"])
+        self.assertEqual(received.headers(b"x-forwarded-for"), [b"127.0.0.1"])
 
     @deferredTest
     async def test_modifyResponseClosesBody(self) -> None:
