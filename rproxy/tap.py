@@ -48,6 +48,7 @@ from rproxy.upstream import Service, Upstream
 from rproxy.upstream.pool import PoolSettings
 
 if TYPE_CHECKING:
+    from rproxy.admin import AdminSettings
     from rproxy.reload import ConfigSource
 
 _DEFAULT_POOL = PoolSettings()
@@ -176,6 +177,20 @@ class Options(usage.Options):
         ["health-timeout", None, _DEFAULT_HEALTH.timeout, "Seconds a health check may take in all."],
         ["health-rise", None, _DEFAULT_HEALTH.rise, "Passing checks in a row that bring a down upstream back."],
         ["health-fall", None, _DEFAULT_HEALTH.fall, "Failing checks in a row that take an upstream out."],
+        ["health-route", None, None, "Answer 200 ok at this path, e.g. /_rproxy/health, instead of proxying it."],
+        [
+            "ready-route",
+            None,
+            None,
+            "Answer 200 at this path when every service has an upstream available, else 503 (not proxied).",
+        ],
+        [
+            "admin-listen",
+            None,
+            None,
+            "Serve the admin API on this endpoint, e.g. tcp:9901:interface=127.0.0.1 (default: off).",
+        ],
+        ["admin-token-file", None, None, "A file holding the bearer token the admin API requires."],
     ]
 
     #: What the options and the config file describe, once parsed.
@@ -184,6 +199,8 @@ class Options(usage.Options):
     arguments: list[str]
     #: Seconds between two looks at the config file for changes (0: it is not watched).
     watchInterval: float
+    #: The local routes (and the admin listener), which apply at the next restart only.
+    admin: AdminSettings
 
     def __init__(self) -> None:
         super().__init__()
@@ -262,8 +279,12 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Build L{config} from the options and the file; with C{--check-config}, check it, say so and exit."""
+        from rproxy.admin import adminSettings  # here: rproxy.admin builds on rproxy.reload, which imports this
+
+        values = OptionValues(self, self._sources)
         try:
-            self.config = buildConfig(OptionValues(self, self._sources), self._file)
+            self.config = buildConfig(values, self._file)
+            self.admin = adminSettings(values)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["check-config"] is not None:
@@ -369,13 +390,16 @@ def buildService(
     reactor: IReactorTime,
     source: ConfigSource | None = None,
     signals: IReactorFromThreads | None = None,
+    admin: AdminSettings | None = None,
 ) -> service.MultiService:
     """
-    The proxy's services: a draining shutdown, health checks, then one listener per endpoint; and with a
-    C{source} to read the configuration again from, a L{ConfigReloader} (handling SIGHUP when given the
-    reactor to hand C{signals} to).
+    The proxy's services: a draining shutdown, health checks, then one listener per endpoint (answering
+    the local routes of C{admin} themselves) and the admin listener, if any; and with a C{source} to read
+    the configuration again from, a L{ConfigReloader} (handling SIGHUP when given the reactor to hand
+    C{signals} to).
     """
-    # Imported here: rproxy.reload builds on this module's functions.
+    # Imported here: rproxy.reload and rproxy.admin build on this module's functions.
+    from rproxy.admin import LocalRoutes, Registrations, adminSite, localRoutes
     from rproxy.reload import ConfigReloader, LiveProxy
 
     top = service.MultiService()
@@ -386,17 +410,26 @@ def buildService(
     registry = MemoryRegistry()
     services, _ = buildServices(config, reactor, registry)
     proxy = buildProxy(config, reactor, services)
-    site = ProxySite(buildResource(proxy), config.client, reactor, config.accessLog)
-    # Added first so that it is stopped last, after the listeners stop accepting.
-    draining = DrainingService([site], config.grace, reactor, lambda: closeUpstreams(registry))
+    # Added first so that it is stopped last, after the listeners stop accepting (its site is added below).
+    draining = DrainingService([], config.grace, reactor, lambda: closeUpstreams(registry))
     draining.setServiceParent(top)
     checker = healthChecker(config, reactor, registry)
     if checker is not None:
         checker.setServiceParent(top)
+    live = LiveProxy(config, reactor, registry, proxy, services, draining, top, checker)
+    resource = buildResource(proxy)
+    local = localRoutes(admin, live, draining) if admin is not None else {}
+    site = ProxySite(LocalRoutes(local, resource) if local else resource, config.client, reactor, config.accessLog)
+    draining.sites.append(site)
     for endpoint in config.listen:
         strports.service(endpoint, site).setServiceParent(top)
+    if admin is not None and admin.listen is not None:
+        assert admin.token is not None  # AdminSettings never has one without the other
+        registrations = Registrations(live, reactor)
+        registrations.setServiceParent(top)
+        api = adminSite(admin.token, live, draining, registrations, reactor)
+        strports.service(admin.listen, api).setServiceParent(top)
     if source is not None:
-        live = LiveProxy(config, reactor, registry, proxy, services, draining, top, checker)
         ConfigReloader(source, live, reactor, signals).setServiceParent(top)
     return top
 
@@ -438,4 +471,4 @@ def makeService(options: Options) -> service.MultiService:
     """The entry point of ``twist rproxy`` (and of rproxy.tac): a proxy that SIGHUP reloads."""
     from twisted.internet import reactor
 
-    return buildService(options.config, reactor, reloadSource(options), reactor)  # type: ignore[arg-type]
+    return buildService(options.config, reactor, reloadSource(options), reactor, options.admin)  # type: ignore[arg-type]

@@ -1,0 +1,607 @@
+"""
+What rproxy answers itself, never proxied: local routes on the proxy's listeners (health, readiness,
+anything mounted), and the admin API on a listener of its own.
+
+L{LocalRoutes} is the root of a listener's resource tree when there are local routes: a request whose raw
+path is exactly one of them is answered by its resource, any other goes to the L{ReverseProxyResource}
+below (one dictionary lookup on the proxy's path).  C{--health-route} answers C{200 ok} while rproxy runs;
+C{--ready-route} answers C{200 ready} when every service has an upstream available, and C{503} saying why
+not otherwise, or while rproxy shuts down.
+
+L{AdminAPI} is the whole of the admin listener (C{--admin-listen}, off by default): every request must
+carry the bearer token of C{--admin-token-file}; C{GET /state} describes the services, their upstreams
+and the routes.  docs/admin.md describes it all, docs/admin-openapi.json the API.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from twisted.application.service import IService, Service
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+
+from rproxy.config import OptionValues
+from rproxy.reload import LiveProxy, describeRoute
+from rproxy.server import ClientLimits, ProxySite
+from rproxy.upstream import Upstream
+
+_log = Logger()
+
+#: A local route: an absolute path of visible ASCII characters, without a query or fragment.
+_ROUTE = re.compile(r"/[!-~]*\Z")
+#: A bearer token (RFC 6750 section 2.1: b64token).
+_TOKEN = re.compile(rb"[A-Za-z0-9._~+/-]+=*\Z")
+#: The endpoint types that listen on an IP address, which must then be given.
+_IP_ENDPOINTS = frozenset({"tcp", "tcp6", "ssl"})
+#: What a client of the admin API may send and keep open.
+_ADMIN_LIMITS = ClientLimits(maxBodySize=65536, maxHeaders=50, maxConnections=100)
+#: The longest TTL a registration may ask for, in seconds.
+MAX_TTL = 86400.0
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """
+    The local routes of the proxy's listeners (raw paths, matched exactly) and the admin listener, from
+    the options.
+
+    @ivar healthRoute: where C{200 ok} is answered (C{None}: nowhere).
+    @ivar readyRoute: where readiness is answered (C{None}: nowhere).
+    @ivar listen: the admin API's server endpoint (C{None}: no admin API).
+    @ivar token: the bearer token the admin API requires (there whenever C{listen} is).
+    """
+
+    healthRoute: bytes | None = None
+    readyRoute: bytes | None = None
+    listen: str | None = None
+    token: bytes | None = field(default=None, repr=False)
+
+
+def _route(values: OptionValues, name: str) -> bytes | None:
+    path = values.text(name)
+    if path is None:
+        return None
+    if not _ROUTE.match(path) or "?" in path or "#" in path:
+        raise values.error(name, f"expected an absolute path such as /_rproxy/health (no query), got {path!r}")
+    return path.encode("ascii")
+
+
+def _adminEndpoint(values: OptionValues) -> str | None:
+    """C{--admin-listen}: a server endpoint string, with the address given when it listens on one."""
+    description = values.text("admin-listen")
+    if description is None:
+        return None
+    try:
+        endpoints.serverFromString(MemoryReactorClock(), description)
+    except (ValueError, TypeError) as e:
+        raise values.error("admin-listen", f"not a server endpoint ({e}): {description!r}") from None
+    kind, *parameters = re.split(r"(?<!\\):", description)
+    if kind in _IP_ENDPOINTS and not any(each.startswith("interface=") for each in parameters):
+        raise values.error(
+            "admin-listen",
+            f"give the address to listen on, e.g. tcp:9901:interface=127.0.0.1 (got {description!r}): "
+            "the admin API must not listen on every address by default",
+        )
+    return description
+
+
+def _token(values: OptionValues) -> bytes | None:
+    """The bearer token in the C{--admin-token-file} (surrounding whitespace dropped); never in an error."""
+    path = values.text("admin-token-file")
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise values.error("admin-token-file", f"cannot read {path}: {e.strerror}") from None
+    if not token:
+        raise values.error("admin-token-file", f"{path} is empty: it must hold the admin API's bearer token")
+    if not _TOKEN.match(token):
+        raise values.error(
+            "admin-token-file",
+            f"{path} does not hold a bearer token: letters, digits and -._~+/ (then = signs), on one line",
+        )
+    return token
+
+
+def adminSettings(values: OptionValues) -> AdminSettings:
+    """The settings that the options' C{values} give; raise L{ConfigError} naming the option at fault."""
+    health, ready = _route(values, "health-route"), _route(values, "ready-route")
+    if health is not None and health == ready:
+        raise values.error("ready-route", f"must differ from --health-route (both are {health.decode()})")
+    listen, token = _adminEndpoint(values), _token(values)
+    if listen is not None and token is None:
+        raise values.error("admin-listen", "needs --admin-token-file: the admin API requires a bearer token")
+    if listen is None and token is not None:
+        raise values.error("admin-token-file", "has no use without --admin-listen (the admin API is off)")
+    return AdminSettings(health, ready, listen, token)
+
+
+class LocalRoutes(Resource):
+    """
+    The root of a proxy listener's tree: requests for the exact raw paths of C{routes} are answered by
+    their resources, all others by C{proxy} (which sees the whole request-target, as if it were the root).
+    """
+
+    def __init__(self, routes: Mapping[bytes, IResource], proxy: IResource) -> None:
+        super().__init__()
+        self._routes = dict(routes)
+        self._proxy = proxy
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
+        prepath, postpath = request.prepath, request.postpath
+        assert prepath is not None and postpath is not None  # the traversal calling this has set them
+        local = self._routes.get(request.path)
+        if local is not None:
+            prepath.extend(postpath)  # all consumed: the route is the whole path
+            del postpath[:]
+            return local
+        postpath.insert(0, prepath.pop())  # the proxy is mounted at the root
+        return self._proxy
+
+
+class TextResource(Resource):
+    """
+    A leaf answering C{GET} and C{HEAD} with the status and the line of text that C{answer} gives at that
+    moment, never cached; other methods get 405.
+    """
+
+    isLeaf = True
+
+    def __init__(self, answer: Callable[[], tuple[int, str]]) -> None:
+        super().__init__()
+        self._answer = answer
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            return b"method not allowed: use GET or HEAD\n"
+        status, line = self._answer()
+        request.setResponseCode(status)
+        return line.encode("utf-8") + b"\n"
+
+
+def unready(live: LiveProxy, lifetime: IService) -> list[str]:
+    """
+    Why rproxy should not be sent requests now (none when it should): it is shutting down (C{lifetime}
+    is not running), or a service of the configuration in force has no upstream available.
+    """
+    if not lifetime.running:
+        return ["rproxy is shutting down"]
+    registry = live.registry
+    reasons = []
+    for name in live.config.services:
+        if registry.lookup(name):
+            continue
+        states = ", ".join(
+            f"{upstream.key} {upstream.health.state}"
+            + (f" ({upstream.health.reason})" if upstream.health.reason else "")
+            for upstream in registry.members(name)
+        )
+        reasons.append(f"service {name} has no upstream available: {states or 'it has none'}")
+    return reasons
+
+
+def readiness(live: LiveProxy, lifetime: IService) -> tuple[int, str]:
+    """The ready route's answer: C{200 ready}, or C{503} and the reasons L{unready} gives."""
+    reasons = unready(live, lifetime)
+    if reasons:
+        return 503, "not ready: " + "; ".join(reasons)
+    return 200, "ready"
+
+
+def localRoutes(settings: AdminSettings, live: LiveProxy, lifetime: IService) -> dict[bytes, IResource]:
+    """
+    The local routes that C{settings} ask for, by raw path, over the running proxy C{live}; C{lifetime}
+    stops running as rproxy starts to shut down.
+    """
+    routes: dict[bytes, IResource] = {}
+    if settings.healthRoute is not None:
+        routes[settings.healthRoute] = TextResource(lambda: (200, "ok"))
+    if settings.readyRoute is not None:
+        routes[settings.readyRoute] = TextResource(lambda: readiness(live, lifetime))
+    return routes
+
+
+class APIError(Exception):
+    """An admin API request that fails: its status, the one-line reason, and fields for the response."""
+
+    def __init__(self, status: int, reason: str, fields: Mapping[bytes, bytes] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.fields = dict(fields or {})
+
+
+def _upstreamState(upstream: Upstream, registration: Registration | None) -> dict[str, object]:
+    health = upstream.health
+    current = health.state
+    return {
+        "key": upstream.key,
+        "weight": upstream.configuredWeight,
+        "state": current,
+        "reason": health.reason if current != "up" else None,
+        "inFlight": upstream.inFlight,
+        "pool": {"open": upstream.pool.openCount, "idle": upstream.pool.idleCount},
+        "registration": None if registration is None else registration.describe(),
+    }
+
+
+def state(live: LiveProxy, lifetime: IService, registrations: Registrations) -> dict[str, object]:
+    """
+    What C{GET /state} answers: whether rproxy shuts down, the services of the configuration in force
+    (each with its balancer and upstreams, those registered through the API with their registration),
+    and its routes, in order.
+    """
+    registry = live.registry
+    return {
+        "shuttingDown": not lifetime.running,
+        "services": [
+            {
+                "name": name,
+                "balancer": settings.balancer,
+                "upstreams": [
+                    _upstreamState(upstream, registrations.of(upstream)) for upstream in registry.members(name)
+                ],
+            }
+            for name, settings in live.config.services.items()
+        ],
+        "routes": [{"description": describeRoute(route)} for route in live.config.routes],
+    }
+
+
+class Registration:
+    """
+    An upstream a service instance registered: it stays in its service while renewed within its TTL.
+
+    @ivar id: what the instance renews and deregisters it by.
+    @ivar service: the service's name.
+    @ivar url: the URL it was registered with (C{#weight=N} included).
+    @ivar ttl: seconds it stays without a renewal.
+    @ivar upstream: the upstream in the registry now.
+    """
+
+    def __init__(
+        self,
+        id: str,
+        service: str,
+        url: str,
+        ttl: float,
+        upstream: Upstream,
+        clock: IReactorTime,
+        expire: Callable[[Registration], object],
+    ) -> None:
+        """Registered now: C{expire} is called with it C{ttl} seconds from now, unless it is renewed or cancelled."""
+        self.id = id
+        self.service = service
+        self.url = url
+        self.ttl = ttl
+        self.upstream = upstream
+        self._clock = clock
+        self._expiry = clock.callLater(ttl, expire, self)
+
+    def renew(self, ttl: float) -> None:
+        """Keep it C{ttl} seconds from now (its new TTL)."""
+        self.ttl = ttl
+        self._expiry.reset(ttl)
+
+    def cancel(self) -> None:
+        """Stop its expiry timer (it no longer expires)."""
+        if self._expiry.active():
+            self._expiry.cancel()
+
+    def describe(self) -> dict[str, object]:
+        """The registration as the API shows it."""
+        return {
+            "id": self.id,
+            "service": self.service,
+            "key": self.upstream.key,
+            "weight": self.upstream.configuredWeight,
+            "ttl": self.ttl,
+            "expiresIn": round(max(0.0, self._expiry.getTime() - self._clock.seconds()), 3),
+        }
+
+
+class Registrations(Service):
+    """
+    The upstreams service instances registered through the admin API, each in the registry of the
+    running proxy C{live} while renewed within its TTL.  A registration that expires or is deregistered
+    leaves its service the way any removed upstream does: its exchanges in flight finish.
+
+    A live reload removes from the registry every upstream its configuration does not list; each
+    registration whose upstream it removed is registered again, as a new upstream with the settings of
+    its service in the new configuration, just after the reload (and dropped if its service is gone).
+    """
+
+    _log = Logger()
+
+    def __init__(self, live: LiveProxy, reactor: IReactorTime) -> None:
+        self._live = live
+        self._reactor = reactor
+        self._byID: dict[str, Registration] = {}
+        self._byUpstream: dict[Upstream, Registration] = {}
+        self._unwatch: Callable[[], None] | None = None
+        self._reconciling: IDelayedCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._unwatch = self._live.registry.watch(self._changed)
+
+    def stopService(self) -> None:
+        """Stop the expiry timers (the registrations end with the process)."""
+        super().stopService()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+        if self._reconciling is not None and self._reconciling.active():
+            self._reconciling.cancel()
+        for registration in self._byID.values():
+            registration.cancel()
+
+    def of(self, upstream: Upstream) -> Registration | None:
+        """The registration C{upstream} is in its service by, if any."""
+        return self._byUpstream.get(upstream)
+
+    def register(self, service: str, url: str, ttl: float) -> tuple[Registration, bool]:
+        """
+        Add an upstream at C{url} to C{service} for C{ttl} seconds; return its registration, and whether
+        it is new (C{False}: that URL was registered there already, and is renewed with C{ttl}).
+
+        @raise APIError: 404 for an unknown service, 400 for a bad URL, 409 when the URL is one of the
+            service's configured upstreams, or registered with another weight.
+        """
+        upstream = self._build(service, url)
+        for existing in self._live.registry.members(service):
+            if existing.key != upstream.key:
+                continue
+            registration = self._byUpstream.get(existing)
+            if registration is None:
+                raise APIError(409, f"{upstream.key} is already an upstream of service {service} (configured)")
+            if existing.configuredWeight != upstream.configuredWeight:
+                raise APIError(
+                    409,
+                    f"{upstream.key} is registered in service {service} with weight {existing.configuredWeight} "
+                    f"(id {registration.id}): deregister it first",
+                )
+            registration.renew(ttl)
+            return registration, False
+        id = secrets.token_hex(8)
+        registration = Registration(id, service, url, ttl, upstream, self._reactor, self._expire)
+        self._byID[id] = registration
+        self._byUpstream[upstream] = registration
+        self._live.registry.add(service, upstream)
+        self._log.info(
+            "admin API: {url} registered in service {service} for {ttl:g}s (id {id})",
+            url=upstream.key,
+            service=service,
+            ttl=ttl,
+            id=id,
+        )
+        return registration, True
+
+    def find(self, service: str, id: str) -> Registration:
+        """The registration C{id} of C{service}; raise a 404 L{APIError} when there is none."""
+        registration = self._byID.get(id)
+        if registration is None or registration.service != service:
+            raise APIError(
+                404, f"no registration {id!r} in service {service}: it expired or was deregistered (register again)"
+            )
+        return registration
+
+    def deregister(self, registration: Registration, why: str) -> None:
+        """Take C{registration}'s upstream out of its service (its exchanges in flight finish)."""
+        registration.cancel()
+        del self._byID[registration.id]
+        del self._byUpstream[registration.upstream]
+        self._live.registry.remove(registration.service, registration.upstream)
+        self._log.info(
+            "admin API: {url} left service {service} (id {id}): {why}",
+            url=registration.upstream.key,
+            service=registration.service,
+            id=registration.id,
+            why=why,
+        )
+
+    def _expire(self, registration: Registration) -> None:
+        self.deregister(registration, f"not renewed within its TTL of {registration.ttl:g}s")
+
+    def _build(self, service: str, url: str) -> Upstream:
+        """A new upstream for C{url} with the settings of C{service} in the configuration in force."""
+        settings = self._live.config.services.get(service)
+        if settings is None:
+            names = ", ".join(self._live.config.services)
+            raise APIError(404, f"no service named {service!r} (services: {names})")
+        try:
+            return Upstream.fromURL(url, self._reactor, settings.pool, settings.passive)
+        except ValueError as e:
+            raise APIError(400, f"url: {e}") from None
+
+    def _changed(self, service: str) -> None:
+        """The registry changed: if a registration's upstream was removed by someone else, mend it soon."""
+        if self._reconciling is not None and self._reconciling.active():
+            return
+        registry = self._live.registry
+        if any(each.upstream not in registry.members(each.service) for each in self._byID.values()):
+            # Later: a reload removes upstreams before it puts its new configuration in force.
+            self._reconciling = self._reactor.callLater(0, self._reconcile)
+
+    def _reconcile(self) -> None:
+        """Put back every registration whose upstream is no longer in the registry, as a new upstream."""
+        registry = self._live.registry
+        for registration in list(self._byID.values()):
+            if registration.upstream in registry.members(registration.service):
+                continue
+            del self._byUpstream[registration.upstream]
+            try:
+                upstream = self._build(registration.service, registration.url)
+            except APIError as e:
+                registration.cancel()
+                del self._byID[registration.id]
+                self._log.warn(
+                    "admin API: registration {id} of {url} dropped after a reload: {why}",
+                    id=registration.id,
+                    url=registration.upstream.key,
+                    why=e.reason,
+                )
+                continue
+            registration.upstream = upstream
+            self._byUpstream[upstream] = registration
+            registry.add(registration.service, upstream)
+
+
+class AdminAPI(Resource):
+    """
+    The admin listener's one resource: authenticates every request by its bearer token (a missing one:
+    401, a wrong one: 403), then answers it: C{GET /state}; C{POST /services/NAME/upstreams} (register),
+    C{PUT} and C{DELETE /services/NAME/upstreams/ID} (renew, deregister).  Every answer is JSON, every
+    error C{{"error": reason}}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, token: bytes, live: LiveProxy, lifetime: IService, registrations: Registrations) -> None:
+        """
+        @param token: the bearer token every request must carry.
+        @param live: the running proxy.
+        @param lifetime: a service that stops as rproxy starts to shut down.
+        @param registrations: the upstreams registered through the API.
+        """
+        super().__init__()
+        self._token = token
+        self._live = live
+        self._lifetime = lifetime
+        self._registrations = registrations
+
+    def render(self, request: Request) -> bytes:
+        try:
+            self._authenticate(request)
+            status, document = self._route(request)
+        except APIError as e:
+            for name, value in e.fields.items():
+                request.setHeader(name, value)
+            status, document = e.status, {"error": e.reason}
+        request.setResponseCode(status)
+        request.setHeader(b"cache-control", b"no-store")
+        if document is None:
+            return b""
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(document).encode("utf-8") + b"\n"
+
+    def _authenticate(self, request: Request) -> None:
+        """Raise L{APIError} unless C{request} carries the token: C{Authorization: Bearer TOKEN}."""
+        challenge = {b"www-authenticate": b'Bearer realm="rproxy-admin"'}
+        given = request.requestHeaders.getRawHeaders(b"authorization") or []
+        if len(given) != 1:
+            raise APIError(401, "send the admin token: Authorization: Bearer <token>", challenge)
+        scheme, _, credentials = given[0].strip().partition(b" ")
+        if scheme.lower() != b"bearer" or not credentials.strip():
+            raise APIError(401, "expected Authorization: Bearer <token>", challenge)
+        if not hmac.compare_digest(credentials.strip(), self._token):
+            _log.warn(
+                "admin API: a request with a wrong bearer token from {client}: {method} {path}",
+                client=request.getClientAddress(),
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1"),
+            )
+            raise APIError(403, "the bearer token is not the admin token")
+
+    def _route(self, request: Request) -> tuple[int, object]:
+        """The status and document (C{None}: no body) that answer an authenticated C{request}."""
+        path = request.path
+        if path == b"/state":
+            _allow(request, b"GET", b"HEAD")
+            return 200, state(self._live, self._lifetime, self._registrations)
+        segments = path.split(b"/")
+        if len(segments) in (4, 5) and segments[1] == b"services" and segments[3] == b"upstreams":
+            service = unquote(segments[2].decode("latin-1"))
+            if len(segments) == 4:
+                _allow(request, b"POST")
+                return self._register(request, service)
+            _allow(request, b"PUT", b"DELETE")
+            registration = self._registrations.find(service, unquote(segments[4].decode("latin-1")))
+            if request.method == b"PUT":
+                registration.renew(_ttl(_body(request, optional=True), registration.ttl))
+                return 200, registration.describe()
+            self._registrations.deregister(registration, "deregistered")
+            return 204, None
+        raise APIError(404, f"no such resource: {path.decode('latin-1')} (see docs/admin.md)")
+
+    def _register(self, request: Request, service: str) -> tuple[int, object]:
+        body = _body(request, optional=False)
+        url = body.get("url")
+        if not isinstance(url, str):
+            raise APIError(400, f"url: expected a string such as http://10.0.0.7:8080, got {_shown(url)}")
+        registration, new = self._registrations.register(service, url, _ttl(body, None))
+        location = f"/services/{service}/upstreams/{registration.id}"
+        request.setHeader(b"location", location.encode("utf-8"))
+        return (201 if new else 200), registration.describe()
+
+
+def _shown(value: object) -> str:
+    """A JSON value as an error shows it (cut short)."""
+    text = "nothing" if value is None else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _body(request: Request, optional: bool) -> dict[str, object]:
+    """
+    The JSON object in C{request}'s body, with only the keys C{url} and C{ttl} (an empty body is an
+    empty object when C{optional}); raise a 400 L{APIError} saying what is wrong.
+    """
+    assert request.content is not None
+    content = request.content.read()
+    if optional and not content.strip():
+        return {}
+    try:
+        body = json.loads(content)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise APIError(400, f"the body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(
+            400, f'expected a JSON object such as {{"url": "http://10.0.0.7:8080", "ttl": 30}}, got {_shown(body)}'
+        )
+    allowed = ("ttl",) if optional else ("url", "ttl")
+    for key in body:
+        if key not in allowed:
+            raise APIError(400, f"unknown key {key!r} (the keys: {', '.join(allowed)})")
+    return body
+
+
+def _ttl(body: Mapping[str, object], default: float | None) -> float:
+    """The body's C{ttl}: seconds, more than 0 and at most L{MAX_TTL} (C{default} when absent, if any)."""
+    ttl = body.get("ttl", default)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or not 0 < ttl <= MAX_TTL:
+        raise APIError(
+            400, f"ttl: expected a number of seconds, more than 0 and at most {MAX_TTL:g}, got {_shown(ttl)}"
+        )
+    return float(ttl)
+
+
+def _allow(request: Request, *methods: bytes) -> None:
+    """Raise a 405 L{APIError} unless C{request}'s method is one of C{methods}."""
+    if request.method not in methods:
+        allowed = b", ".join(methods)
+        raise APIError(405, f"use {allowed.decode()} here, not {request.method.decode('latin-1')}", {b"allow": allowed})
+
+
+def adminSite(
+    token: bytes, live: LiveProxy, lifetime: IService, registrations: Registrations, reactor: IReactorTime
+) -> ProxySite:
+    """The admin listener's site: L{AdminAPI} over C{live}, with small client limits and no access log."""
+    return ProxySite(AdminAPI(token, live, lifetime, registrations), _ADMIN_LIMITS, reactor, None)
