@@ -20,6 +20,7 @@ import json
 import math
 import re
 import secrets
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote
@@ -189,12 +190,10 @@ def unready(live: LiveProxy, lifetime: IService) -> list[str]:
     for name in live.config.services:
         if registry.lookup(name):
             continue
-        states = ", ".join(
-            f"{upstream.key} {upstream.health.state}"
-            + (f" ({upstream.health.reason})" if upstream.health.reason else "")
-            for upstream in registry.members(name)
-        )
-        reasons.append(f"service {name} has no upstream available: {states or 'it has none'}")
+        # Counts, not addresses: the route answers anyone; the admin API's /state has the details.
+        states = Counter(upstream.health.state for upstream in registry.members(name))
+        counts = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+        reasons.append(f"service {name} has no upstream available ({counts or 'it has none'})")
     return reasons
 
 

@@ -46,12 +46,7 @@ class RunningService:
 
     top: MultiService
     port: int
-    options: Options
     adminPort: int | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def adminURL(self) -> str:
@@ -86,7 +81,7 @@ def startService(testCase: unittest.TestCase, *arguments: str) -> RunningService
         return defer.maybeDeferred(top.stopService) if top.running else None
 
     testCase.addCleanup(stop)
-    return RunningService(top, port, options)
+    return RunningService(top, port)
 
 
 def tokenFile(testCase: unittest.TestCase, content: str = TOKEN + "\n") -> str:
@@ -137,7 +132,7 @@ class AdminClient:
         self, method: str, path: str, body: object = None, authorization: str | None = None, raw: bytes | None = None
     ) -> Answer:
         """C{method path} with C{body} as JSON (or C{raw} bytes), authorized with the token unless told otherwise."""
-        headers = {}
+        headers: dict[bytes | str, bytes | str] = {}
         if authorization is not None:
             headers["Authorization"] = authorization
         elif self.token is not None:
@@ -151,6 +146,19 @@ class AdminClient:
             name.decode().lower(): [v.decode() for v in values] for name, values in response.headers.getAllRawHeaders()
         }
         return Answer(response.code, fields, content)
+
+
+def slowCalls(testCase: unittest.TestCase) -> list[IDelayedCall]:
+    """A list for L{slowly}'s delayed answers, those still pending cancelled when the test ends."""
+    calls: list[IDelayedCall] = []
+
+    def cancel() -> None:
+        for call in calls:
+            if call.active():
+                call.cancel()
+
+    testCase.addCleanup(cancel)
+    return calls
 
 
 def status(head: bytes) -> int:
@@ -268,8 +276,7 @@ class ReadyRouteTests(unittest.TestCase):
         self.assertIn(status(head), (502, 503))  # 503 when the retry finds no other upstream
         head, body = await request(proxy.port, READY.encode())
         self.assertEqual(status(head), 503)
-        self.assertTrue(body.startswith(b"not ready: service default has no upstream available: "), body)
-        self.assertIn(dead.encode() + b" ejected (", body)
+        self.assertEqual(body, b"not ready: service default has no upstream available (1 ejected)\n")
 
     async def test_namesTheServiceDown(self) -> None:
         """With several services, the reason names those without an upstream, and only them."""
@@ -288,8 +295,7 @@ class ReadyRouteTests(unittest.TestCase):
             if status(head) == 503:
                 break
         self.assertEqual(status(head), 503, body)
-        self.assertTrue(body.startswith(f"not ready: service api has no upstream available: {dead} down (".encode()))
-        self.assertNotIn(b"web", body)
+        self.assertEqual(body, b"not ready: service api has no upstream available (1 down)\n")
         self.assertEqual(live.requests, [])
 
     async def test_shuttingDown(self) -> None:
@@ -441,9 +447,8 @@ class StateTests(unittest.TestCase):
     """C{GET /state}: the services, their upstreams (health, load, pool) and the routes, as they are now."""
 
     async def test_oneService(self) -> None:
-        calls: list[IDelayedCall] = []
+        calls = slowCalls(self)
         upstream = ScriptedUpstream(self, slowly(0.5, calls))
-        self.addCleanup(lambda: [call.cancel() for call in calls if call.active()])
         proxy = startAdmin(self, "--upstream", upstream.url + "#weight=3", "--balancer", "least_conn")
         client = AdminClient(self, proxy.adminURL)
         answer = await client.request("GET", "/state")
@@ -695,9 +700,7 @@ class RegistrationTests(unittest.TestCase):
 
     async def test_deregisterWhileInFlight(self) -> None:
         """DELETE takes it out at once; the request it is answering completes, then its connection closes."""
-        calls: list[IDelayedCall] = []
-        self.addCleanup(lambda: [call.cancel() for call in calls if call.active()])
-        slow = ScriptedUpstream(self, slowly(0.5, calls))
+        slow = ScriptedUpstream(self, slowly(0.5, slowCalls(self)))
         id = (await self.register(slow.url, 30)).json()["id"]
         exchanges = [defer.ensureDeferred(request(self.proxy.port, b"/%d" % i)) for i in range(2)]
         self.assertTrue(await waitFor(lambda: slow.requests))
