@@ -9,6 +9,10 @@
 # Units for systemd, plain and socket-activated, are in docs/systemd/.
 import os
 
+from rproxy.reactor import installUnlessChosen
+
+installUnlessChosen()  # before anything imports the reactor, unless twistd -r chose one (docs/operations.md)
+
 from twisted.application import service
 
 from rproxy.tap import makeService, optionsFromEnvironment

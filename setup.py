@@ -32,7 +32,8 @@ setup(
     ],
     extras_require={
         # setuptools: test_plugins builds the example plugin offline (--no-build-isolation).
-        "test": ["h2>=4.1,<5", "setuptools>=70.1"],
+        # PyHamcrest: Twisted's own reactor tests, which rproxy/test/test_reactor.py runs against rproxy's reactor.
+        "test": ["h2>=4.1,<5", "setuptools>=70.1", "PyHamcrest>=2.0"],
         "dev": ["mypy>=1.13", "mypy-zope>=1.0.9", "ruff>=0.8"],
         "bench": ["aiohttp>=3.10", "py-spy>=0.4"],
     },

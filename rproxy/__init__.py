@@ -5,6 +5,8 @@ The public API: L{ReverseProxyResource} (a drop-in for C{twisted.web.proxy}'s), 
 mounts, the interfaces of the pluggable parts, and the version.
 """
 
+from typing import TYPE_CHECKING
+
 from rproxy._version import __version__
 from rproxy.exchange import Exchange, Proxy
 from rproxy.interfaces import (
@@ -19,7 +21,9 @@ from rproxy.interfaces import (
     IStreamingResource,
     Outcome,
 )
-from rproxy.resource import ReverseProxyResource
+
+if TYPE_CHECKING:
+    from rproxy.resource import ReverseProxyResource
 
 __all__ = [
     "Exchange",
@@ -37,3 +41,13 @@ __all__ = [
     "ReverseProxyResource",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ReverseProxyResource is imported on first use: twisted.web.proxy, which it subclasses, imports the
+    # global reactor, and importing rproxy (rproxy.reactor, the rproxy plugin) must not install one.
+    if name == "ReverseProxyResource":
+        from rproxy.resource import ReverseProxyResource
+
+        return ReverseProxyResource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

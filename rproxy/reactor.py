@@ -1,0 +1,111 @@
+"""
+The epoll reactor, sending what a loop turn wrote at the end of that turn.
+
+Twisted's epoll reactor sends nothing when a protocol writes: C{startWriting} registers the socket for
+C{EPOLLOUT} (an C{epoll_ctl}), the next C{epoll_wait} reports it writable, C{doWrite} sends, and
+C{stopWriting} unregisters it (another C{epoll_ctl}).  A proxy writes twice per exchange (the request
+upstream, the response to the client), so each small request paid four system calls and two event
+dispatches for it.
+
+L{FlushingEPollReactor} instead keeps a connected socket that starts writing in a list, and calls its
+C{doWrite} once the turn's events are handled: everything the turn wrote to it goes out in one C{send}.
+Only what the kernel does not take waits for C{EPOLLOUT}, as before.  Events are dispatched as Twisted
+does; the flushes run without the per-connection legacy log context (C{callWithLogger}, as Twisted's
+asyncio reactor runs everything): a failure while sending is still logged, without the connection's
+log prefix.
+
+C{twist rproxy} installs it unless a reactor was chosen (C{twist --reactor epoll rproxy} keeps Twisted's);
+the rproxy plugin also names it C{rproxy}, for C{twistd -r rproxy}.  On systems without epoll, Twisted's
+default reactor is installed instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.internet import abstract
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+
+try:
+    from twisted.internet.epollreactor import EPOLLOUT, EPollReactor
+except ImportError:  # pragma: no cover (no epoll: not Linux)
+    EPollReactor = None  # type: ignore[assignment,misc]
+
+
+if EPollReactor is not None:
+
+    class FlushingEPollReactor(EPollReactor):  # type: ignore[misc]
+        """An epoll reactor that sends what each turn wrote at the end of the turn, without C{EPOLLOUT}."""
+
+        _flushingNow: IWriteDescriptor | None = None  # the writer being flushed, until it stops writing
+
+        def __init__(self) -> None:
+            # Writers to flush at the end of this turn, in the order they started writing.
+            self._flushing: dict[IWriteDescriptor, None] = {}
+            super().__init__()
+
+        def addWriter(self, writer: IWriteDescriptor) -> None:
+            if (
+                isinstance(writer, abstract.FileDescriptor)
+                and writer.connected
+                and not writer.disconnected
+                and writer.fileno() not in self._writes
+            ):
+                self._flushing[writer] = None
+            else:  # a socket still connecting, or anything else: as Twisted does
+                super().addWriter(writer)
+
+        def removeWriter(self, writer: IWriteDescriptor) -> None:
+            if writer is self._flushingNow:
+                self._flushingNow = None  # it sent everything (or is gone)
+            self._flushing.pop(writer, None)
+            super().removeWriter(writer)
+
+        def getWriters(self) -> list[IWriteDescriptor]:
+            return [*super().getWriters(), *self._flushing]
+
+        def removeAll(self) -> list[IReadDescriptor | IWriteDescriptor]:
+            flushing = list(self._flushing)
+            self._flushing.clear()
+            removed = super().removeAll()
+            return removed + [writer for writer in flushing if writer not in removed]
+
+        def doPoll(self, timeout: float | None) -> None:
+            """Handle the ready descriptors' events as Twisted does, then send what they wrote."""
+            if self._flushing:
+                timeout = 0  # written from a timer or a thread's call: send without waiting
+            super().doPoll(timeout)
+            self._flush()
+
+        doIteration = doPoll
+
+        def _flush(self) -> None:
+            """Send what this turn wrote; what the kernel does not take waits for C{EPOLLOUT}."""
+            flushing, self._flushing = self._flushing, {}
+            for writer in flushing:
+                fd = writer.fileno()
+                if fd == -1 or writer.disconnected:  # type: ignore[attr-defined]
+                    continue
+                self._flushingNow = writer
+                self._doReadOrWrite(writer, fd, EPOLLOUT)
+                if self._flushingNow is writer and writer not in self._flushing:
+                    EPollReactor.addWriter(self, writer)  # it did not stop writing: bytes are left
+            self._flushingNow = None
+
+
+def install() -> None:
+    """Install L{FlushingEPollReactor} (Twisted's default reactor where there is no epoll)."""
+    if EPollReactor is None:  # pragma: no cover
+        from twisted.internet import default
+
+        default.install()
+        return
+    from twisted.internet.main import installReactor
+
+    installReactor(FlushingEPollReactor())
+
+
+def installUnlessChosen() -> None:
+    """Install rproxy's reactor, unless one is installed already (chosen on the command line)."""
+    if "twisted.internet.reactor" not in sys.modules:
+        install()
