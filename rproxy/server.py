@@ -7,9 +7,11 @@ says what was wrong and uses the right status (414 for a long request line, 431 
 many header fields, 408 for a head that arrives too slowly), applies the strict framing rules a proxy
 needs against request smuggling, and never lets a broken body look complete to the upstream.
 
-It replaces C{HTTPChannel.headerReceived} and relies on private parts of C{HTTPChannel}
-(C{_transferDecoder}, C{_finishRequestBody}, C{_receivedHeaderSize}, C{_receivedHeaderCount},
-C{_respondToBadRequestAndDisconnect}) and subclasses C{_GenericHTTPChannelProtocol};
+It replaces C{HTTPChannel.headerReceived}, reads a request head that arrives whole without the
+line-by-line path, and relies on private parts of C{HTTPChannel} (C{_transferDecoder},
+C{_finishRequestBody}, C{_receivedHeaderSize}, C{_receivedHeaderCount}, C{__first_line},
+C{_respondToBadRequestAndDisconnect}) and of C{LineReceiver} (C{_buffer}, C{_busyReceiving}), and
+subclasses C{_GenericHTTPChannelProtocol};
 L{rproxy.test.test_twisted_contract} fails if a Twisted release changes them.
 """
 
@@ -25,10 +27,12 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import (
     HTTPChannel,
+    INonQueuedRequestFactory,
     Request,
     _ChunkedTransferDecoder,
     _GenericHTTPChannelProtocol,
@@ -108,6 +112,74 @@ class ProxyHTTPChannel(HTTPChannel):
                 lines.append(name + b": " + value)
         lines.append(b"\r\n")
         self.transport.write(b"\r\n".join(lines))
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Take a request head that arrived whole in one go (the usual case) without Twisted's line-by-line
+        path; anything else (a partial or folded head, one over a limit, a bad request line) takes it.
+        """
+        if not (
+            self.line_mode
+            and not self._buffer
+            and not self._busyReceiving
+            and self._HTTPChannel__first_line == 1
+            and self.persistent
+        ):
+            super().dataReceived(data)
+            return
+        end = data.find(b"\r\n\r\n")
+        if end <= 0:
+            super().dataReceived(data)
+            return
+        head = data[:end]
+        lines = head.split(b"\r\n")
+        limits = self.site.limits
+        size = end - 2 * (len(lines) - 1)  # what Twisted counts: the lines without their CRLF
+        if (
+            size > limits.maxHeaderBytes
+            or len(lines[0]) > limits.maxRequestLine
+            or b"\r\n " in head
+            or b"\r\n\t" in head
+        ):
+            super().dataReceived(data)
+            return
+        try:
+            command, path, version = _parseRequestLine(lines[0])
+        except ValueError:
+            super().dataReceived(data)
+            return
+        self.resetTimeout()
+        self._busyReceiving = True  # what arrives meanwhile (a response ending at once) waits, as in Twisted
+        try:
+            self._wholeHead(size, command, path, version, lines)
+        finally:
+            self._busyReceiving = False
+        rest, self._buffer = data[end + 4 :] + self._buffer, b""
+        if rest:
+            if self.transport.disconnecting:
+                self._buffer = rest
+            else:
+                LineReceiver.dataReceived(self, rest)
+
+    def _wholeHead(self, size: int, command: bytes, path: bytes, version: bytes, lines: list[bytes]) -> None:
+        """What HTTPChannel.lineReceived does for each line of a head, for all of them at once."""
+        self._lengths = ()
+        self._receivedHeaderSize = size
+        factory = self.requestFactory
+        if INonQueuedRequestFactory.providedBy(factory):
+            self.requests.append(factory(self))
+        else:
+            self.requests.append(factory(self, len(self.requests)))
+        self._HTTPChannel__first_line = 0
+        self._command, self._path, self._version = command, path, version
+        for line in lines[1:]:
+            if not self.headerReceived(line):
+                return
+        self.allHeadersReceived()
+        if self.length == 0:
+            self.allContentReceived()
+        else:
+            self.setRawMode()
 
     def lineReceived(self, line: bytes) -> None:
         limits = self.site.limits

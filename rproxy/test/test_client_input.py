@@ -8,8 +8,15 @@ reason, the fault header, that the connection is closed, and what the upstream s
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
+from twisted.web import resource, server
 
+from rproxy.server import ProxySite
 from rproxy.test.support import ReceivedRequest, ScriptedUpstream, rawRequest, sleep, splitResponses, startProxy
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -229,3 +236,85 @@ class ConnectionLimitTests(unittest.TestCase):
         await sleep(0.1)
         data = await rawRequest(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data)
+
+
+class _Recorder(resource.Resource):
+    """A local resource recording each request it renders."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bytes, bytes, bytes, list[tuple[bytes, list[bytes]]], bytes]] = []
+
+    def render(self, request: server.Request) -> bytes:
+        assert request.content is not None
+        headers = sorted((name, list(values)) for name, values in request.requestHeaders.getAllRawHeaders())
+        self.seen.append((request.method, request.uri, request.clientproto, headers, request.content.read()))
+        return b"ok"
+
+
+class _Transport(StringTransport):
+    def unregisterProducer(self) -> None:
+        self.producer = None  # a socket transport does not mind being asked twice
+
+
+class WholeHeadTests(unittest.TestCase):
+    """A head that arrives in one piece (ProxyHTTPChannel's own path) is read as Twisted reads it line by line."""
+
+    def feed(self, chunks: list[bytes]) -> tuple[list[object], bytes]:
+        recorder = _Recorder()
+        site = ProxySite(recorder, reactor=Clock())
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        assert protocol is not None
+        transport = _Transport(IPv4Address("TCP", "127.0.0.1", 8080), IPv4Address("TCP", "127.0.0.1", 5555))
+        protocol.makeConnection(transport)
+        for chunk in chunks:
+            if transport.disconnecting:
+                break  # a socket stops reading once it is closing
+            protocol.dataReceived(chunk)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        return list(recorder.seen), transport.value()
+
+    def assertSameAsByteByByte(self, payload: bytes) -> list[object]:
+        whole = self.feed([payload])
+        byteByByte = self.feed([payload[i : i + 1] for i in range(len(payload))])
+        self.assertEqual(whole, byteByByte)
+        return whole[0]
+
+    def test_pipelined(self) -> None:
+        """Requests in one piece, with bodies and repeated fields, in order."""
+        seen = self.assertSameAsByteByByte(
+            b"GET /a?x HTTP/1.1\r\nHost: h\r\nX-Multi: 1\r\nX-Multi: 2\r\n\r\n"
+            b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"
+            b"PUT /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+            b"GET /d HTTP/1.0\r\n\r\n"
+        )
+        self.assertEqual(
+            [(method, uri, body) for method, uri, _, _, body in seen],
+            [  # type: ignore[misc]
+                (b"GET", b"/a?x", b""),
+                (b"POST", b"/b", b"abc"),
+                (b"PUT", b"/c", b"hi"),
+                (b"GET", b"/d", b""),
+            ],
+        )
+
+    def test_foldedAndLeadingEmptyLine(self) -> None:
+        """An obsolete folded field and an empty line before the request line, as Twisted takes them."""
+        seen = self.assertSameAsByteByByte(b"\r\nGET / HTTP/1.1\r\nHost: h\r\nX-Fold: a\r\n  b\r\n\r\n")
+        self.assertEqual(len(seen), 1)
+
+    def test_refusals(self) -> None:
+        """Errors found in a whole head are the ones found line by line."""
+        for payload in (
+            b"GET / HTTP/1.1\r\nHost: h\r\nBad Name: v\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x00b\r\n\r\n",
+            b"GET / HTTP/9.9\r\nHost: h\r\n\r\n",
+            b"GET / HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n",
+            b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",
+        ):
+            whole, answer = self.feed([payload])
+            self.assertEqual((whole, answer), self.feed([payload[i : i + 1] for i in range(len(payload))]), payload)
+            self.assertTrue(answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 414 ", b"HTTP/1.1 431 ")), answer)

@@ -69,8 +69,14 @@ class HTTPChannelContractTests(unittest.TestCase):
             "persistent",
             "length",
             "_dataBuffer",
+            # ProxyHTTPChannel.dataReceived reads a whole head itself when the line reader is idle:
+            "_HTTPChannel__first_line",
+            "_buffer",
+            "_busyReceiving",
+            "line_mode",
         ):
             self.assertTrue(hasattr(channel, attribute), f"HTTPChannel.{attribute} is gone")
+        self.assertEqual(channel._HTTPChannel__first_line, 1, "HTTPChannel's 'waiting for a request line' state")
         self.assertEqual(
             list(inspect.signature(http._IdentityTransferDecoder).parameters),
             ["contentLength", "dataCallback", "finishCallback"],
