@@ -152,6 +152,10 @@ class Exchange:
         self._sentAt = now = self.proxy.reactor.seconds()
         if not self._startedAt:
             self._startedAt = now
+        connection = upstream.pool.takeIdle()
+        if connection is not None:  # the usual case: no Deferred
+            self._connected(connection)
+            return
         self._pending = upstream.pool.acquire()
         self._pending.addCallbacks(self._connected, self._connectFailed)
 

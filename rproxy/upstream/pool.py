@@ -94,17 +94,24 @@ class UpstreamPool:
         """Connections open or being opened."""
         return self._open
 
+    def takeIdle(self) -> HTTP11Connection | None:
+        """An idle connection for one exchange, if there is one now (L{acquire} without a Deferred)."""
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            if connection.isOpen:
+                return connection
+        return None
+
     def acquire(self) -> Deferred[HTTP11Connection]:
         """
         A connection for one exchange; give it back with L{release} or by closing it.
 
         Fails with a L{ProxyError}: 502/504 when connecting fails, 503 when the pool is saturated.
         """
-        idle = self._idle
-        while idle:
-            connection = idle.pop()
-            if connection.isOpen:
-                return succeed(connection)
+        connection = self.takeIdle()
+        if connection is not None:
+            return succeed(connection)
         if self._closedBecause is not None:
             return fail(proxyError(503, f"upstream {self.label} {self._closedBecause}", "destination_unavailable"))
         if self._open < self.settings.maxConnections:
