@@ -8,6 +8,7 @@ configured proxies: from anyone else they are replaced, so a client cannot forge
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -142,35 +143,61 @@ class ForwardingPolicy:
         @param peerHost: the address of the connection's peer, or C{None} (a UNIX socket).
         @param version: the inbound protocol version as in ``Via`` (C{b"1.1"}, C{b"1.0"}, C{b"2"}).
         """
-        trusted = self.trusts(peerHost)
-        client = peerHost.encode("ascii") if peerHost else b"unknown"
-        pairs: Pairs = []
-
-        priorFor = inbound.getRawHeaders(b"x-forwarded-for") if trusted else None
-        chain = b", ".join([*priorFor, client]) if priorFor else client
-        pairs.append((b"X-Forwarded-For", chain))
-
-        proto = inbound.getRawHeaders(b"x-forwarded-proto") if trusted else None
-        pairs.append((b"X-Forwarded-Proto", proto[-1] if proto else scheme))
-        forwardedHost = inbound.getRawHeaders(b"x-forwarded-host") if trusted else None
-        if forwardedHost:
-            pairs.append((b"X-Forwarded-Host", forwardedHost[-1]))
-        elif host is not None:
-            pairs.append((b"X-Forwarded-Host", host))
-
-        element = b"for=" + _forwardedNode(peerHost)
-        if host is not None:
-            element += b";host=" + _forwardedValue(host)
-        element += b";proto=" + scheme
-        priorForwarded = inbound.getRawHeaders(b"forwarded") if trusted else None
-        pairs.append((b"Forwarded", b", ".join([*priorForwarded, element]) if priorForwarded else element))
-        pairs.append((b"Via", self.via(inbound.getRawHeaders(b"via"), version)))
-        return pairs
+        if self.trusts(peerHost):
+            proto = inbound.getRawHeaders(b"x-forwarded-proto")
+            forwardedHost = inbound.getRawHeaders(b"x-forwarded-host")
+            fields = _forwardingFields.__wrapped__(  # not cached: the prior values can be anything
+                peerHost,
+                scheme,
+                host,
+                tuple(inbound.getRawHeaders(b"x-forwarded-for", ())),
+                proto[-1] if proto else None,
+                forwardedHost[-1] if forwardedHost else None,
+                tuple(inbound.getRawHeaders(b"forwarded", ())),
+            )
+        elif host is not None and len(host) > _CACHED_HOST:
+            fields = _forwardingFields.__wrapped__(peerHost, scheme, host, (), None, None, ())
+        else:
+            fields = _forwardingFields(peerHost, scheme, host, (), None, None, ())
+        return [*fields, (b"Via", self.via(inbound.getRawHeaders(b"via"), version))]
 
     def via(self, prior: Sequence[bytes] | None, version: bytes) -> bytes:
         """Append this proxy to a ``Via`` chain."""
         hop = version + b" " + self.viaName
         return b", ".join([*prior, hop]) if prior else hop
+
+
+#: Longest Host whose forwarding fields are cached (a DNS name and a port), so the cache stays small; only
+#: requests from untrusted peers (no prior values to keep) are cached.
+_CACHED_HOST = 300
+
+
+@functools.lru_cache(maxsize=1024)  # a client sends the same values on every request of a connection
+def _forwardingFields(
+    peerHost: str | None,
+    scheme: bytes,
+    host: bytes | None,
+    priorFor: tuple[bytes, ...],
+    proto: bytes | None,
+    forwardedHost: bytes | None,
+    priorForwarded: tuple[bytes, ...],
+) -> tuple[tuple[bytes, bytes], ...]:
+    """X-Forwarded-For/Proto/Host and Forwarded for a peer, after what trusted proxies before it said."""
+    client = peerHost.encode("ascii") if peerHost else b"unknown"
+    fields = [
+        (b"X-Forwarded-For", b", ".join([*priorFor, client])),
+        (b"X-Forwarded-Proto", proto if proto is not None else scheme),
+    ]
+    if forwardedHost is not None:
+        fields.append((b"X-Forwarded-Host", forwardedHost))
+    elif host is not None:
+        fields.append((b"X-Forwarded-Host", host))
+    element = b"for=" + _forwardedNode(peerHost)
+    if host is not None:
+        element += b";host=" + _forwardedValue(host)
+    element += b";proto=" + scheme
+    fields.append((b"Forwarded", b", ".join([*priorForwarded, element])))
+    return tuple(fields)
 
 
 def _forwardedNode(peerHost: str | None) -> bytes:

@@ -434,6 +434,31 @@ class ForwardingPolicyTests(unittest.TestCase):
         self.assertEqual(list(headers.getAllRawHeaders()), before)
 
 
+class ForwardingCacheTests(unittest.TestCase):
+    """The forwarding fields of untrusted peers are cached; each call still gets its own answer."""
+
+    def test_eachPeerAndHost(self) -> None:
+        policy = ForwardingPolicy()
+        seen = {}
+        for _ in range(2):
+            for peer in ("192.0.2.1", "192.0.2.2", "2001:db8::1"):
+                for host in (b"a.example", b"b.example:8080", None, b"x" * 400):
+                    pairs = policy.forwardingPairs(Headers(), peer, b"http", host, b"1.1")
+                    self.assertEqual(dict(pairs)[b"X-Forwarded-For"], peer.encode(), (peer, host))
+                    if host is not None:
+                        self.assertEqual(dict(pairs)[b"X-Forwarded-Host"], host)
+                    seen.setdefault((peer, host), list(pairs))
+                    self.assertEqual(seen[(peer, host)], pairs)
+                    pairs.append((b"X-Mutated", b"1"))  # the caller's list, not the cache's
+
+    def test_trustedPriorsNotCached(self) -> None:
+        policy = ForwardingPolicy(parseNetworks(["192.0.2.0/24"]))
+        for prior in (b"198.51.100.1", b"198.51.100.2"):
+            headers = Headers({b"X-Forwarded-For": [prior]})
+            pairs = policy.forwardingPairs(headers, "192.0.2.1", b"http", b"h", b"1.1")
+            self.assertEqual(dict(pairs)[b"X-Forwarded-For"], prior + b", 192.0.2.1")
+
+
 class ParseNetworksTests(unittest.TestCase):
     """L{parseNetworks}: CIDR strings for C{--trusted-proxy}."""
 

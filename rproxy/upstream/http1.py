@@ -33,6 +33,8 @@ MAX_RESPONSE_HEAD = 65536
 MAX_CHUNK_LINE = 4096
 MAX_TRAILERS = 65536
 
+#: What a reason phrase must not hold: control bytes other than HTAB.
+_REASON_CONTROLS = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
 _HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
 #: One well-formed field line; heads where every line matches take the fast path.
 #: (The value starts and ends with a non-blank byte: a lazy value before optional blanks costs 1.6x as much.)
@@ -328,7 +330,7 @@ class HTTP11Connection(TwistedProtocol):
             self._failProtocol(f"malformed status line {statusLine[:80]!r}")
             return None
         status = int(code)
-        if status < 100 or any(c < 0x20 and c != 0x09 or c == 0x7F for c in reason):
+        if status < 100 or len(reason.translate(None, _REASON_CONTROLS)) != len(reason):
             self._failProtocol(f"malformed status line {statusLine[:80]!r}")
             return None
         headers = self._parseFields(block)
