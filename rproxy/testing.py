@@ -641,14 +641,16 @@ class BalancerContractTests:
                 return MyBalancer()
     """
 
-    def makeBalancer(self) -> IBalancer:
-        """A new balancer to check."""
-        raise NotImplementedError(f"{type(self).__name__} must define makeBalancer()")
+    #: Defined by the test case: a new balancer to check.
+    makeBalancer: Callable[[], IBalancer]
 
     def _contract(self, check: Callable[[Maker], None]) -> None:
         """Run C{check}, its violations raised as the test framework's failures (trial's C{FailTest})."""
+        maker = getattr(self, "makeBalancer", None)
+        if maker is None:
+            raise TypeError(f"{type(self).__name__} must define makeBalancer()")
         try:
-            check(self.makeBalancer)
+            check(maker)
         except BalancerContractError as e:
             failure: type[BaseException] = getattr(self, "failureException", AssertionError)
             if isinstance(e, failure):

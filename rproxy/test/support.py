@@ -255,6 +255,21 @@ def rawRequest(port: int, payload: bytes, timeout: float = 10.0, halfClose: bool
     return done
 
 
+def responseStatus(head: bytes) -> int:
+    """The status code of a raw response head (or of a whole raw response)."""
+    return int(head.split(b"\r\n", 1)[0].split(b" ")[1])
+
+
+def headerValues(head: bytes, name: bytes) -> list[bytes]:
+    """Every value of field C{name} (case-insensitive) in a raw response head, in order."""
+    wanted = name.lower()
+    return [
+        value.strip()
+        for key, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+        if key.strip().lower() == wanted
+    ]
+
+
 def splitResponses(data: bytes) -> list[tuple[bytes, bytes]]:
     """Split a byte stream of Content-Length-framed (or bodiless) responses into (head, body)."""
     responses = []

@@ -29,7 +29,17 @@ from rproxy.reload import ConfigReloader
 from rproxy.resource import ReverseProxyResource
 from rproxy.server import ProxySite
 from rproxy.tap import Options, buildService, reloadSource
-from rproxy.test.support import ScriptedUpstream, freePort, listen, rawRequest, sleep, splitResponses, waitFor
+from rproxy.test.support import (
+    ScriptedUpstream,
+    freePort,
+    headerValues,
+    listen,
+    rawRequest,
+    responseStatus,
+    sleep,
+    splitResponses,
+    waitFor,
+)
 from rproxy.test.test_config import answerWith, writeConfig
 from rproxy.test.test_drain import ROOT, startExchange
 from rproxy.test.test_healthcheck import captureLog
@@ -161,21 +171,6 @@ def slowCalls(testCase: unittest.TestCase) -> list[IDelayedCall]:
     return calls
 
 
-def status(head: bytes) -> int:
-    """The status code of a response head."""
-    return int(head.split(b" ", 2)[1])
-
-
-def header(head: bytes, name: bytes) -> list[bytes]:
-    """The values of field C{name} in a response head."""
-    values = []
-    for line in head.split(b"\r\n")[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == name.lower():
-            values.append(value.strip())
-    return values
-
-
 class OptionsTests(unittest.TestCase):
     """The local routes' options: paths, checked and named in errors."""
 
@@ -226,17 +221,17 @@ class HealthRouteTests(unittest.TestCase):
     async def test_answeredLocally(self) -> None:
         for target in [HEALTH.encode(), HEALTH.encode() + b"?probe=1"]:
             head, body = await request(self.proxy.port, target)
-            self.assertEqual((status(head), body), (200, b"ok\n"), target)
-            self.assertEqual(header(head, b"content-type"), [b"text/plain; charset=utf-8"])
-            self.assertEqual(header(head, b"cache-control"), [b"no-store"])
+            self.assertEqual((responseStatus(head), body), (200, b"ok\n"), target)
+            self.assertEqual(headerValues(head, b"content-type"), [b"text/plain; charset=utf-8"])
+            self.assertEqual(headerValues(head, b"cache-control"), [b"no-store"])
         head, body = await request(self.proxy.port, HEALTH.encode(), b"HEAD")
-        self.assertEqual((status(head), body, header(head, b"content-length")), (200, b"", [b"3"]))
+        self.assertEqual((responseStatus(head), body, headerValues(head, b"content-length")), (200, b"", [b"3"]))
         self.assertEqual(self.upstream.requests, [])
 
     async def test_otherMethods(self) -> None:
         """Other methods get 405 from rproxy (the body read and dropped), not the upstream's answer."""
         head, body = await request(self.proxy.port, HEALTH.encode(), b"POST", b"data")
-        self.assertEqual((status(head), header(head, b"allow")), (405, [b"GET, HEAD"]))
+        self.assertEqual((responseStatus(head), headerValues(head, b"allow")), (405, [b"GET, HEAD"]))
         self.assertEqual(self.upstream.requests, [])
 
     async def test_otherPathsProxied(self) -> None:
@@ -251,7 +246,7 @@ class HealthRouteTests(unittest.TestCase):
         ]
         for target in targets:
             head, body = await request(self.proxy.port, target)
-            self.assertEqual((status(head), body), (200, b"upstream"), target)
+            self.assertEqual((responseStatus(head), body), (200, b"upstream"), target)
         self.assertEqual([r.requestLine for r in self.upstream.requests], [b"GET " + t + b" HTTP/1.1" for t in targets])
 
 
@@ -262,8 +257,8 @@ class ReadyRouteTests(unittest.TestCase):
         upstream = ScriptedUpstream(self, answerWith(b"upstream"))
         proxy = startService(self, "--upstream", upstream.url, "--ready-route", READY, "--health-route", HEALTH)
         head, body = await request(proxy.port, READY.encode())
-        self.assertEqual((status(head), body), (200, b"ready\n"))
-        self.assertEqual(header(head, b"cache-control"), [b"no-store"])
+        self.assertEqual((responseStatus(head), body), (200, b"ready\n"))
+        self.assertEqual(headerValues(head, b"cache-control"), [b"no-store"])
         self.assertEqual(upstream.requests, [])
 
     async def test_ejected(self) -> None:
@@ -271,11 +266,11 @@ class ReadyRouteTests(unittest.TestCase):
         dead = f"http://127.0.0.1:{freePort()}"
         proxy = startService(self, "--upstream", dead, "--ready-route", READY, "--max-fails", "1")
         head, body = await request(proxy.port, READY.encode())
-        self.assertEqual((status(head), body), (200, b"ready\n"))
+        self.assertEqual((responseStatus(head), body), (200, b"ready\n"))
         head, _ = await request(proxy.port, b"/anything")
-        self.assertIn(status(head), (502, 503))  # 503 when the retry finds no other upstream
+        self.assertIn(responseStatus(head), (502, 503))  # 503 when the retry finds no other upstream
         head, body = await request(proxy.port, READY.encode())
-        self.assertEqual(status(head), 503)
+        self.assertEqual(responseStatus(head), 503)
         self.assertEqual(body, b"not ready: service default has no upstream available (1 ejected)\n")
 
     async def test_namesTheServiceDown(self) -> None:
@@ -292,9 +287,9 @@ class ReadyRouteTests(unittest.TestCase):
         proxy = startService(self, "--config", path, "--ready-route", READY)
         for _ in range(200):
             head, body = await request(proxy.port, READY.encode())
-            if status(head) == 503:
+            if responseStatus(head) == 503:
                 break
-        self.assertEqual(status(head), 503, body)
+        self.assertEqual(responseStatus(head), 503, body)
         self.assertEqual(body, b"not ready: service api has no upstream available (1 down)\n")
         self.assertEqual(live.requests, [])
 
@@ -311,8 +306,8 @@ class ReadyRouteTests(unittest.TestCase):
         exchange.transport.write(b"x")
         await stopped
         [(interim, _), (head, body)] = splitResponses(exchange.received)
-        self.assertEqual(status(interim), 100)
-        self.assertEqual((status(head), body), (503, b"not ready: rproxy is shutting down\n"))
+        self.assertEqual(responseStatus(interim), 100)
+        self.assertEqual((responseStatus(head), body), (503, b"not ready: rproxy is shutting down\n"))
 
 
 class MountedTests(unittest.TestCase):
@@ -337,11 +332,11 @@ class MountedTests(unittest.TestCase):
 
     async def check(self, port: int) -> None:
         head, body = await request(port, b"/status")
-        self.assertEqual((status(head), body), (200, b"mine"))
+        self.assertEqual((responseStatus(head), body), (200, b"mine"))
         head, body = await request(port, b"/echo", b"POST", b"hello")
-        self.assertEqual((status(head), body), (200, b"echo hello"))
+        self.assertEqual((responseStatus(head), body), (200, b"echo hello"))
         head, body = await request(port, b"/status/x?y")
-        self.assertEqual((status(head), body), (200, b"upstream"))
+        self.assertEqual((responseStatus(head), body), (200, b"upstream"))
         self.assertEqual([r.requestLine for r in self.upstream.requests], [b"GET /base/status/x?y HTTP/1.1"])
 
     async def test_plainSite(self) -> None:
@@ -492,7 +487,7 @@ class StateTests(unittest.TestCase):
         )
         proxy = startAdmin(self, "--config", path)
         head, _ = await request(proxy.port, b"/api/x")
-        self.assertIn(status(head), (502, 503))
+        self.assertIn(responseStatus(head), (502, 503))
         document = (await AdminClient(self, proxy.adminURL).request("GET", "/state")).json()
         self.assertEqual(
             [(s["name"], s["balancer"]) for s in document["services"]], [("web", "round_robin"), ("api", "random")]

@@ -16,6 +16,7 @@ from rproxy.test.support import (
     UpstreamProcess,
     freePort,
     rawRequest,
+    responseStatus,
     sleep,
     splitResponses,
     startProxy,
@@ -37,15 +38,11 @@ def named(name: bytes) -> object:
     return lambda proto, request: answer(name + b" " + request.body)
 
 
-def status(head: bytes) -> int:
-    return int(head.split(b" ", 2)[1])
-
-
 class RetryTests(unittest.TestCase):
     async def request(self, port: int, raw: bytes) -> tuple[int, bytes, bytes]:
         data = await rawRequest(port, raw)
         [(head, body)] = splitResponses(data)
-        return status(head), head, body
+        return responseStatus(head), head, body
 
     async def test_connectFailureMovesAnyMethod(self) -> None:
         """A POST whose first upstream refuses the connection goes to the next, chunked body and all."""
@@ -198,13 +195,13 @@ class UnavailableTests(unittest.TestCase):
         dead = [f"http://127.0.0.1:{freePort()}" for _ in range(2)]
         proxy = startProxy(self, dead, "--max-fails", "1", "--max-ejected-percent", "100", "--ejection-time", "30")
         data = await rawRequest(proxy.port, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-        self.assertEqual(status(data), 503)  # both refused, so both ejected, and nothing was left to try
+        self.assertEqual(responseStatus(data), 503)  # both refused, so both ejected, and nothing was left to try
         self.assertEqual([u.health.state for u in proxy.upstreams], ["ejected", "ejected"])
         started = reactor.seconds()
         data = await rawRequest(proxy.port, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
         self.assertLess(reactor.seconds() - started, 1)
         [(head, body)] = splitResponses(data)
-        self.assertEqual(status(head), 503)
+        self.assertEqual(responseStatus(head), 503)
         self.assertIn(b"\r\nRetry-After: 30", head)
         self.assertIn(b"no upstream of service 'default' is available", body)
 
@@ -215,7 +212,7 @@ class UnavailableTests(unittest.TestCase):
         proxy = startProxy(self, [*dead, alive.url], "--max-fails", "1")
         for _ in range(6):
             data = await rawRequest(proxy.port, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-            self.assertEqual(status(data), 200)
+            self.assertEqual(responseStatus(data), 200)
         self.assertEqual(sorted(u.health.state for u in proxy.upstreams), ["ejected", "up", "up"])
 
     async def test_ejectedHostReturns(self) -> None:
@@ -225,7 +222,7 @@ class UnavailableTests(unittest.TestCase):
         other = ScriptedUpstream(self, named(b"other"))
         proxy = startProxy(self, [flaky.url, other.url], "--max-fails", "1", "--ejection-time", "0.3")
         data = await rawRequest(proxy.port, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-        self.assertEqual(status(data), 200)  # hung up, retried on "other"
+        self.assertEqual(responseStatus(data), 200)  # hung up, retried on "other"
         self.assertEqual(proxy.upstreams[0].health.state, "ejected")
         names.pop()
         await sleep(0.4)

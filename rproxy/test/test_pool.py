@@ -19,7 +19,9 @@ from twisted.trial import unittest
 from rproxy.test.support import (
     ReceivedRequest,
     ScriptedUpstream,
+    headerValues,
     rawRequest,
+    responseStatus,
     sleep,
     splitResponses,
     startProxy,
@@ -49,20 +51,6 @@ def target(request: ReceivedRequest) -> bytes:
 def echoTarget(proto: object, request: ReceivedRequest) -> bytes:
     """An upstream that answers every request with its target as the body."""
     return ok(target(request))
-
-
-def status(head: bytes) -> int:
-    return int(head.split(b"\r\n", 1)[0].split(b" ")[1])
-
-
-def header(head: bytes, name: bytes) -> list[bytes]:
-    """The values of field C{name} in a response head."""
-    values = []
-    for line in head.split(b"\r\n")[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == name.lower():
-            values.append(value.strip())
-    return values
 
 
 def single(testCase: unittest.TestCase, data: bytes) -> tuple[bytes, bytes]:
@@ -135,7 +123,7 @@ class PersistentUpstreamConnectionTests(unittest.TestCase):
         proxy = startProxy(self, [upstream.url])
         for i in range(10):
             head, body = single(self, await rawRequest(proxy.port, get(b"/r%d" % i)))
-            self.assertEqual(status(head), 200)
+            self.assertEqual(responseStatus(head), 200)
             self.assertEqual(body, b"/r%d" % i)
         self.assertEqual(len(upstream.requests), 10)
         self.assertEqual(len(upstream.connections), 1)
@@ -162,7 +150,7 @@ class PersistentUpstreamConnectionTests(unittest.TestCase):
             held.answer(i)
         for i, data in enumerate(await defer.gatherResults(pending)):
             head, body = single(self, data)
-            self.assertEqual((status(head), body), (200, b"/c%d" % i))
+            self.assertEqual((responseStatus(head), body), (200, b"/c%d" % i))
         pool = proxy.upstreams[0].pool
         self.assertTrue(await waitFor(lambda: len(upstream.lost) == 3), upstream.lost)
         self.assertEqual(pool.idleCount, 2)
@@ -178,7 +166,7 @@ class PersistentUpstreamConnectionTests(unittest.TestCase):
         held.answer(6)
         for i, data in enumerate(await defer.gatherResults(again)):
             head, body = single(self, data)
-            self.assertEqual((status(head), body), (200, b"/again%d" % i))
+            self.assertEqual((responseStatus(head), body), (200, b"/again%d" % i))
 
     async def test_idleTimeout(self) -> None:
         """With C{--upstream-idle-timeout 0.5}, the proxy closes an unused connection after ~0.5 s."""
@@ -186,7 +174,7 @@ class PersistentUpstreamConnectionTests(unittest.TestCase):
         proxy = startProxy(self, [upstream.url], "--upstream-idle-timeout", "0.5")
         pool = proxy.upstreams[0].pool
         head, _ = single(self, await rawRequest(proxy.port, get(b"/first")))
-        self.assertEqual(status(head), 200)
+        self.assertEqual(responseStatus(head), 200)
         idleSince = reactor.seconds()
         self.assertEqual(pool.idleCount, 1)
 
@@ -200,7 +188,7 @@ class PersistentUpstreamConnectionTests(unittest.TestCase):
         self.assertEqual((pool.idleCount, pool.openCount), (0, 0))
 
         head, body = single(self, await rawRequest(proxy.port, get(b"/second")))
-        self.assertEqual((status(head), body), (200, b"/second"))
+        self.assertEqual((responseStatus(head), body), (200, b"/second"))
         self.assertEqual(len(upstream.connections), 2)
 
 
@@ -211,10 +199,10 @@ class ConnectionLimitTests(unittest.TestCase):
 
     def assertSaturated(self, data: bytes, *reasons: bytes) -> None:
         head, body = single(self, data)
-        self.assertEqual(status(head), 503, data)
-        self.assertEqual(header(head, b"X-Rproxy-Fault"), [b"proxy"])
-        self.assertIn(b"connection_limit_reached", b"".join(header(head, b"Proxy-Status")))
-        self.assertEqual(header(head, b"Retry-After"), [b"1"])
+        self.assertEqual(responseStatus(head), 503, data)
+        self.assertEqual(headerValues(head, b"X-Rproxy-Fault"), [b"proxy"])
+        self.assertIn(b"connection_limit_reached", b"".join(headerValues(head, b"Proxy-Status")))
+        self.assertEqual(headerValues(head, b"Retry-After"), [b"1"])
         for reason in reasons:
             self.assertIn(reason, body)
 
@@ -248,7 +236,7 @@ class ConnectionLimitTests(unittest.TestCase):
         held.answer(2)
         for path, pending in ((b"/1", first), (b"/2", second), (b"/3", third)):
             head, body = single(self, await pending)
-            self.assertEqual((status(head), body), (200, path))
+            self.assertEqual((responseStatus(head), body), (200, path))
         self.assertEqual(len(upstream.connections), 2)
 
     async def test_queueTimeout(self) -> None:
@@ -268,13 +256,13 @@ class ConnectionLimitTests(unittest.TestCase):
 
         held.answer(0)
         head, body = single(self, await first)
-        self.assertEqual((status(head), body), (200, b"/1"))
+        self.assertEqual((responseStatus(head), body), (200, b"/1"))
         # The timed-out waiter is gone: the connection goes idle and serves the next request.
         third = rawRequest(proxy.port, get(b"/3"), timeout=5)
         self.assertTrue(await waitFor(lambda: len(held.requests) == 2))
         held.answer(1)
         head, body = single(self, await third)
-        self.assertEqual((status(head), body), (200, b"/3"))
+        self.assertEqual((responseStatus(head), body), (200, b"/3"))
         self.assertEqual(len(upstream.connections), 1)
 
 
@@ -299,13 +287,13 @@ class StaleConnectionTests(unittest.TestCase):
         upstream = ScriptedUpstream(self, respond)
         proxy = startProxy(self, [upstream.url])
         head, body = single(self, await rawRequest(proxy.port, get(b"/1")))
-        self.assertEqual((status(head), body), (200, b"/1"))
+        self.assertEqual((responseStatus(head), body), (200, b"/1"))
         pool = proxy.upstreams[0].pool
         self.assertTrue(await waitFor(lambda: pool.openCount == 0))
         self.assertEqual(pool.idleCount, 0)
 
         head, body = single(self, await rawRequest(proxy.port, get(b"/2")))
-        self.assertEqual((status(head), body), (200, b"/2"))
+        self.assertEqual((responseStatus(head), body), (200, b"/2"))
         self.assertEqual(len(upstream.connections), 2)
 
     async def closedWhenReused(self, *arguments: str) -> None:
@@ -323,11 +311,11 @@ class StaleConnectionTests(unittest.TestCase):
         upstream = ScriptedUpstream(self, respond)
         proxy = startProxy(self, [upstream.url], *arguments)
         head, body = single(self, await rawRequest(proxy.port, get(b"/1")))
-        self.assertEqual((status(head), body), (200, b"/1"))
+        self.assertEqual((responseStatus(head), body), (200, b"/1"))
         self.assertEqual(proxy.upstreams[0].pool.idleCount, 1)
 
         head, body = single(self, await rawRequest(proxy.port, get(b"/2")))
-        self.assertEqual((status(head), body), (200, b"/2"))
+        self.assertEqual((responseStatus(head), body), (200, b"/2"))
         self.assertEqual(len(upstream.connections), 2)
         self.assertEqual([target(r) for r in upstream.requests], [b"/1", b"/2", b"/2"])
 
@@ -354,12 +342,12 @@ class StaleConnectionTests(unittest.TestCase):
         upstream = ScriptedUpstream(self, respond)
         proxy = startProxy(self, [upstream.url])
         head, _ = single(self, await rawRequest(proxy.port, get(b"/1")))
-        self.assertEqual(status(head), 200)
+        self.assertEqual(responseStatus(head), 200)
 
         post = b"POST /2 HTTP/1.1\r\nHost: test.example\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
         head, _ = single(self, await rawRequest(proxy.port, post))
-        self.assertEqual(status(head), 502)
-        self.assertEqual(header(head, b"X-Rproxy-Fault"), [b"upstream"])
+        self.assertEqual(responseStatus(head), 502)
+        self.assertEqual(headerValues(head, b"X-Rproxy-Fault"), [b"upstream"])
         self.assertEqual(len(upstream.connections), 1)
         self.assertEqual(len(upstream.requests), 2)
 
@@ -391,7 +379,7 @@ class ClientConnectionTests(unittest.TestCase):
             self.assertTrue(answered, client.received)
         responses = splitResponses(client.received)
         self.assertEqual([body for _, body in responses], [b"/a", b"/b", b"/c"])
-        self.assertEqual([status(head) for head, _ in responses], [200, 200, 200])
+        self.assertEqual([responseStatus(head) for head, _ in responses], [200, 200, 200])
         await sleep(0.1)
         self.assertFalse(client.closed)
 
@@ -416,7 +404,7 @@ class ClientConnectionTests(unittest.TestCase):
         data = await rawRequest(proxy.port, payload, timeout=5)
         responses = splitResponses(data)
         self.assertEqual([body for _, body in responses], paths, data)
-        self.assertEqual([status(head) for head, _ in responses], [200] * len(paths))
+        self.assertEqual([responseStatus(head) for head, _ in responses], [200] * len(paths))
         self.assertEqual([target(r) for r in upstream.requests], paths)
 
     async def test_twoPipelined(self) -> None:
@@ -435,9 +423,9 @@ class ClientConnectionTests(unittest.TestCase):
         self.assertTrue(await waitFor(lambda: client.closed, 5.0), "the proxy kept it open")
         head, sep, body = client.received.partition(b"\r\n\r\n")
         self.assertTrue(sep, client.received)
-        self.assertEqual(status(head), 200)
+        self.assertEqual(responseStatus(head), 200)
         self.assertEqual(body, b"hello")
-        self.assertEqual(header(head, b"Transfer-Encoding"), [])
+        self.assertEqual(headerValues(head, b"Transfer-Encoding"), [])
         self.assertEqual(upstream.requests[0].requestLine, b"GET /old HTTP/1.1")
 
     async def test_http10Client(self) -> None:
@@ -460,12 +448,12 @@ class UpstreamConnectionCloseTests(unittest.TestCase):
         proxy = startProxy(self, [upstream.url])
         pool = proxy.upstreams[0].pool
         head, body = single(self, await rawRequest(proxy.port, get(b"/1")))
-        self.assertEqual((status(head), body), (200, b"ok"))
+        self.assertEqual((responseStatus(head), body), (200, b"ok"))
         # The upstream did not close: the proxy must.
         self.assertTrue(await waitFor(lambda: upstream.lost), "the proxy kept the connection")
         self.assertEqual((pool.idleCount, pool.openCount), (0, 0))
         head, body = single(self, await rawRequest(proxy.port, get(b"/2")))
-        self.assertEqual((status(head), body), (200, b"ok"))
+        self.assertEqual((responseStatus(head), body), (200, b"ok"))
         self.assertEqual(len(upstream.connections), 2)
 
     async def test_connectionClose(self) -> None:
@@ -483,6 +471,6 @@ class UpstreamConnectionCloseTests(unittest.TestCase):
         proxy = startProxy(self, [upstream.url])
         for path in (b"/1", b"/2"):
             head, body = single(self, await rawRequest(proxy.port, get(path)))
-            self.assertEqual((status(head), body), (200, b"ok"))
+            self.assertEqual((responseStatus(head), body), (200, b"ok"))
         self.assertEqual(len(upstream.connections), 1)
         self.assertEqual(upstream.lost, [])

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from rproxy.test.support import BIN, Listening, curl, listen, sleep, startProxy
+from rproxy.test.support import BIN, Listening, curl, headerValues, listen, sleep, startProxy
 from rproxy.upstream.http1 import HTTP11Connection
 
 KiB = 1024
@@ -93,15 +93,6 @@ def splitHead(data: bytes) -> tuple[bytes, bytes] | None:
     if end < 0:
         return None
     return data[:end], data[end + 4 :]
-
-
-def headerValues(head: bytes, name: bytes) -> list[bytes]:
-    wanted = name.lower()
-    return [
-        value.strip()
-        for key, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
-        if key.strip().lower() == wanted
-    ]
 
 
 def dechunk(data: bytes) -> tuple[bytes, bool]:
