@@ -237,17 +237,33 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _loadColumns() -> list[tuple[str, str]]:
+    """The columns of the small-response load runs: req/s, latency, errors, proxy CPU per payload."""
+    columns: list[tuple[str, str]] = []
+    for payload in SMALL:
+        columns += [(f"{payload} req/s", ">11"), ("p50 ms", ">7"), ("p99 ms", ">7"), ("err", ">5"), ("cpu%", ">5")]
+    return columns
+
+
+def _loadCells(result: Result) -> list[str]:
+    """One row's cells under L{_loadColumns}."""
+    cells: list[str] = []
+    for payload in SMALL:
+        load = result[payload]
+        cells += [
+            f"{load['rps']:.0f}",
+            f"{load['p50_ms']:.2f}",
+            f"{load['p99_ms']:.2f}",
+            f"{load['non_2xx']}/{load['socket_errors']}",
+            f"{load['cpu']['proxy']:.0f}",
+        ]
+    return cells
+
+
 def format_table(results: dict[str, Result]) -> str:
     """The results as one fixed-width table, one proxy per row."""
     columns: list[tuple[str, str]] = [("proxy", "<14")]
-    for payload in SMALL:
-        columns += [
-            (f"{payload} req/s", ">11"),
-            ("p50 ms", ">7"),
-            ("p99 ms", ">7"),
-            ("err", ">5"),
-            ("cpu%", ">5"),
-        ]
+    columns += _loadColumns()
     columns += [("MiB/s", ">7"), ("RSS load", ">8"), ("RSS strm", ">8")]
     for reference in ("stock", "nginx"):
         columns += [(f"x{reference} {payload}", ">12") for payload in SMALL]
@@ -259,15 +275,7 @@ def format_table(results: dict[str, Result]) -> str:
             lines.append(f"{name:<14}  FAILED: {result['error'].splitlines()[0][:150]}")
             continue
         cells: list[str] = [name]
-        for payload in SMALL:
-            load = result[payload]
-            cells += [
-                f"{load['rps']:.0f}",
-                f"{load['p50_ms']:.2f}",
-                f"{load['p99_ms']:.2f}",
-                f"{load['non_2xx']}/{load['socket_errors']}",
-                f"{load['cpu']['proxy']:.0f}",
-            ]
+        cells += _loadCells(result)
         cells += [
             f"{result['download_mib_s']:.0f}",
             f"{result['rss_load_mib']:.1f}",
@@ -283,14 +291,7 @@ def format_table(results: dict[str, Result]) -> str:
 def format_balancing_table(single: Result, runs: dict[str, Result]) -> str:
     """Single-upstream rproxy and each balancing run, with the ratios of their req/s, one run per row."""
     columns: list[tuple[str, str]] = [("run", "<16")]
-    for payload in SMALL:
-        columns += [
-            (f"{payload} req/s", ">11"),
-            ("p50 ms", ">7"),
-            ("p99 ms", ">7"),
-            ("err", ">5"),
-            ("cpu%", ">5"),
-        ]
+    columns += _loadColumns()
     columns += [("RSS load", ">8")]
     columns += [(f"x1up {payload}", ">10") for payload in SMALL]
     columns += [(f"within {100 * BALANCING_TOLERANCE:.0f}%", "<10")]
@@ -302,15 +303,7 @@ def format_balancing_table(single: Result, runs: dict[str, Result]) -> str:
             lines.append(f"{label:<16}  FAILED: {run['error'].splitlines()[0][:150]}")
             continue
         cells: list[str] = [label]
-        for payload in SMALL:
-            load = run[payload]
-            cells += [
-                f"{load['rps']:.0f}",
-                f"{load['p50_ms']:.2f}",
-                f"{load['p99_ms']:.2f}",
-                f"{load['non_2xx']}/{load['socket_errors']}",
-                f"{load['cpu']['proxy']:.0f}",
-            ]
+        cells += _loadCells(run)
         cells.append(f"{run['rss_load_mib']:.1f}")
         if run is single:
             cells += ["1.00" for _ in SMALL] + ["-"]
