@@ -23,10 +23,10 @@ from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamEr
 from rproxy.headers import ForwardingPolicy, Pairs, responseHeaderPairs
 from rproxy.interfaces import IDirector, IRequestFilter, IResponseFilter, Outcome
 from rproxy.message import InboundRequest, OutboundRequest
-from rproxy.request import sendError, sendResponseHead, stopKeepAlive, whenClientGone
+from rproxy.request import sendError, sendInterim, sendResponseHead, setTrailers, stopKeepAlive, whenClientGone
 from rproxy.streaming import RequestBodyPipe
 from rproxy.upstream import Service, Upstream
-from rproxy.upstream.http1 import HTTP11Connection
+from rproxy.upstream.connection import RequestHead, UpstreamConnection
 
 _log = Logger()
 
@@ -78,8 +78,8 @@ class Exchange:
 
     service: Service | None = None
     upstream: Upstream | None = None
-    _connection: HTTP11Connection | None = None
-    _pending: Deferred[HTTP11Connection] | None = None
+    _connection: UpstreamConnection | None = None
+    _pending: Deferred[UpstreamConnection] | None = None
     _bound: Upstream | None = None  # the upstream whose in-flight count this attempt holds
     _lastError: ProxyError | None = None
     _responded = False  # the response head went to the client: no retry from here on
@@ -159,25 +159,19 @@ class Exchange:
         self._pending = upstream.pool.acquire()
         self._pending.addCallbacks(self._connected, self._connectFailed)
 
-    def _connected(self, connection: HTTP11Connection) -> None:
+    def _connected(self, connection: UpstreamConnection) -> None:
         self._pending = None
         upstream = self.upstream
         assert upstream is not None
         if self._ended:
-            upstream.pool.release(connection)
+            connection.giveBack()
             return
         self._connection = connection
         body = self._body
         if body is not None and self._attempts == 0 and self._mayRepeat:
             body.keepForReplay(self.service.retry.replayBodySize)  # type: ignore[union-attr]
         self._attempts += 1
-        connection.sendRequest(
-            self._head(upstream),
-            body,
-            chunked=body is not None and body.length is None,
-            expectBody=self.outbound.method != b"HEAD",
-            receiver=self,
-        )
+        connection.sendRequest(self._head(upstream), body, self)
 
     def _connectFailed(self, failure: Failure) -> None:
         self._pending = None
@@ -258,28 +252,27 @@ class Exchange:
     def _loggedTarget(self) -> str:
         return self.inbound.method.decode("latin-1") + " " + self.inbound.target[:200].decode("latin-1")
 
-    def _head(self, upstream: Upstream) -> bytes:
-        """The request line and header section for C{upstream}, the target kept byte-exact."""
+    def _head(self, upstream: Upstream) -> RequestHead:
+        """The request for C{upstream}: the target kept byte-exact, joined with the upstream's base path."""
         outbound = self.outbound
-        target = _joinPath(upstream.url.basePath, outbound.target)
-        host = outbound.host if outbound.host is not None else upstream.hostHeader
-        lines = [outbound.method + b" " + target + b" HTTP/1.1", b"Host: " + host]
-        for name, value in outbound.fields():
-            lines.append(name + b": " + value)
-        if outbound.acceptsTrailers:
-            lines.append(b"TE: trailers")
         body = self._body
-        if body is not None:
-            if body.length is None:
-                lines.append(b"Transfer-Encoding: chunked")
-            else:
-                lines.append(b"Content-Length: %d" % body.length)
-        elif self.inbound.headers.hasHeader(b"content-length"):
-            lines.append(b"Content-Length: 0")
-        lines.append(b"\r\n")
-        return b"\r\n".join(lines)
+        declared = body is None and self.inbound.headers.hasHeader(b"content-length")
+        return RequestHead(
+            method=outbound.method,
+            target=_joinPath(upstream.url.basePath, outbound.target),
+            authority=outbound.host if outbound.host is not None else upstream.hostHeader,
+            scheme=upstream.url.requestScheme,
+            fields=outbound.fields(),
+            acceptsTrailers=outbound.acceptsTrailers,
+            bodyLength=0 if declared else (body.length if body is not None else None),
+            hasBody=body is not None or declared,
+        )
 
     # -- ResponseReceiver
+
+    def responseInterim(self, status: int, headers: Pairs) -> None:
+        if not self._ended:
+            sendInterim(self.request, status, responseHeaderPairs(headers))
 
     def responseHead(self, version: bytes, status: int, reason: bytes, headers: Pairs, hasBody: bool) -> None:
         service = self.service
@@ -340,6 +333,8 @@ class Exchange:
         request.unregisterProducer()
         if self._body is not None and not self._body.complete:
             stopKeepAlive(request)  # answered before the client finished sending
+        if trailers:
+            setTrailers(request, responseHeaderPairs(trailers))
         request.finish()
 
     def responseFailed(self, error: ProxyError, retrySafe: bool) -> None:

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import NO_BODY_CODES, HTTPChannel, Request, datetimeToString, unquote
+from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, Request, datetimeToString, unquote
 from twisted.web.resource import IResource
 
 from rproxy.errors import ProxyError, clientError, proxyError
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 _log = Logger()
 
 Field = tuple[bytes, bytes]
+
+#: Reason phrases of informational statuses Twisted does not name.
+_INTERIM_REASONS = {103: b"Early Hints"}
 
 
 def stopKeepAlive(request: Request) -> None:
@@ -66,6 +69,28 @@ def sendResponseHead(
     for name, value in fields:
         headers.addRawHeader(name, value)
     request.write(b"")
+
+
+def sendInterim(request: Request, status: int, fields: Sequence[Field]) -> None:
+    """
+    Forward an informational (1xx) response, such as 103 Early Hints, ahead of C{request}'s final one.
+
+    HTTP/1.0 clients get none (RFC 9110 section 15.2), and neither does a response already begun.
+    ``100 Continue`` is not forwarded: the client's channel answers ``Expect`` itself.
+    """
+    if request.startedWriting or request.finished or request._disconnected or status == 100:
+        return
+    if isinstance(request, ProxyRequest) and request._http1 and request.clientproto == b"HTTP/1.1":
+        lines = [b"HTTP/1.1 %d %s" % (status, _INTERIM_REASONS.get(status) or RESPONSES.get(status, b"Informational"))]
+        lines.extend(name + b": " + value for name, value in fields)
+        lines.append(b"\r\n")
+        request.channel.write(b"\r\n".join(lines))
+
+
+def setTrailers(request: Request, fields: Sequence[Field]) -> None:
+    """Send C{fields} as trailers after C{request}'s body, where the client's framing can carry them."""
+    if isinstance(request, ProxyRequest):
+        request.responseTrailers = list(fields)
 
 
 def abortClient(request: Request) -> None:
@@ -124,6 +149,8 @@ class ProxyRequest(server.Request):
     @ivar bodyPipe: the body on its way, for a streaming resource (C{None}: no body, or not streaming).
     @ivar clientGone: called with the reason if the connection is lost before the response is finished
         (what C{notifyFinish} would errback with).
+    @ivar responseTrailers: trailer fields sent after the response body when the framing allows
+        (chunked HTTP/1.1).
     """
 
     defaultContentType = None  # a proxy never invents a Content-Type
@@ -133,6 +160,7 @@ class ProxyRequest(server.Request):
     headReceived = False
     bodyPipe: RequestBodyPipe | None = None
     clientGone: Callable[[Failure], object] | None = None
+    responseTrailers: Sequence[Field] = ()
     _streaming = False
     _http1 = False
     _refused = False
@@ -271,6 +299,13 @@ class ProxyRequest(server.Request):
 
     def finish(self) -> None:
         self.clientGone = None  # nothing left to cancel (and no request-exchange cycle left for the GC)
+        trailers = self.responseTrailers
+        if trailers and self._http1 and self.chunked and not self._disconnected and not self.finished:
+            # Twisted's finish would end the chunked body with an empty trailer section.
+            self.channel.write(
+                b"0\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in trailers) + b"\r\n"
+            )
+            self.chunked = 0
         super().finish()
 
     def connectionLost(self, reason: Failure) -> None:

@@ -10,12 +10,14 @@ set size, it keeps a copy of what it sent, so that a retry on another upstream c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import IO, Protocol
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError
+from rproxy.headers import Pairs
 
 #: Bytes held while no upstream is attached (or it is paused) before the client is paused.
 HIGH_WATER = 65536
@@ -27,8 +29,8 @@ class BodyConsumer(Protocol):
     def writeBody(self, data: bytes) -> None:
         """Send body bytes."""
 
-    def finishBody(self) -> None:
-        """The body is complete."""
+    def finishBody(self, trailers: Pairs) -> None:
+        """The body is complete; C{trailers} are the client's trailer fields (often none)."""
 
     def failBody(self, error: ProxyError) -> None:
         """The body broke off: the consumer must not let it look complete."""
@@ -48,6 +50,7 @@ class RequestBodyPipe:
     @ivar length: the body's length when the client declared it, else C{None} (chunked).
     @ivar received: bytes received from the client so far.
     @ivar complete: whether the client has sent the whole body.
+    @ivar trailers: the trailer fields that followed the body, once it is complete.
     """
 
     _replay: list[bytes] | None = None  # what the current consumer was given, while it may be resent
@@ -58,6 +61,7 @@ class RequestBodyPipe:
         self.length = length
         self.received = 0
         self.complete = False
+        self.trailers: Pairs = []
         self._source = source
         self._held: list[bytes] = []
         self._heldBytes = 0
@@ -84,9 +88,10 @@ class RequestBodyPipe:
             # Re-assert: the client's channel may have resumed its transport on its own.
             self._pauseSource()
 
-    def finish(self) -> None:
-        """The client sent the whole body."""
+    def finish(self, trailers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """The client sent the whole body, then C{trailers}."""
         self.complete = True
+        self.trailers = list(trailers)
         if self._consumer is not None and not self._paused and not self._held:
             self._end()
 
@@ -185,7 +190,7 @@ class RequestBodyPipe:
         consumer, self._consumer = self._consumer, None
         assert consumer is not None
         consumer.unregisterBodyProducer()
-        consumer.finishBody()
+        consumer.finishBody(self.trailers)
 
     def _pauseSource(self) -> None:
         self._sourcePaused = True

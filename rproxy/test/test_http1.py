@@ -50,23 +50,33 @@ class FramingTests(unittest.TestCase):
         self.assertTrue(data.endswith(b"\r\n\r\nhello"), data)
 
     async def test_chunkedFragmented(self) -> None:
-        """Chunk extensions are ignored, trailers consumed; the client gets the body re-chunked."""
+        """
+        Chunk extensions are ignored; the client gets the body re-chunked, and the trailers after it
+        (a hop-by-hop one dropped).
+        """
         data = await self.through(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+            b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\nKeep-Alive: 1\r\nGrpc-Status: 0\r\n\r\n"
         )
         head, _, body = data.partition(b"\r\n\r\n")
         self.assertIn(b"Transfer-Encoding: chunked", head)
         self.assertEqual(dechunk(body), b"hello world")
+        self.assertTrue(body.endswith(b"\r\n0\r\nX-Trailer: t\r\nGrpc-Status: 0\r\n\r\n"), body)
 
-    async def test_interimResponsesSkipped(self) -> None:
-        """1xx before the final response are absorbed (forwarding them is a later feature)."""
+    async def test_interimResponsesForwarded(self) -> None:
+        """
+        103 Early Hints reaches the client ahead of the final response, without the fields its
+        Connection lists; a 100 Continue is the proxy's own business with the client, not forwarded.
+        """
         data = await self.through(
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\n"
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         )
-        self.assertTrue(data.startswith(b"HTTP/1.1 200 OK\r\n"), data)
-        self.assertTrue(data.endswith(b"ok"))
+        interim, _, final = data.partition(b"\r\n\r\n")
+        self.assertEqual(interim, b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload")
+        self.assertTrue(final.startswith(b"HTTP/1.1 200 OK\r\n"), data)
+        self.assertTrue(final.endswith(b"ok"))
 
     async def test_closeDelimited(self) -> None:
         """No length and no chunking: the body ends when the upstream closes, and that is success."""

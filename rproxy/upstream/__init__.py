@@ -71,6 +71,11 @@ class UpstreamURL:
             return host
         return f"{host}:{self.port}"
 
+    @property
+    def requestScheme(self) -> bytes:
+        """The scheme requests to it carry (HTTP/2's ``:scheme``)."""
+        return b"https" if self.scheme == "https" else b"http"
+
     def endpoint(self, reactor: IReactorTime, timeout: float) -> IStreamClientEndpoint:
         """A client endpoint for this upstream (TLS verified against the host name for https)."""
         tcp: IStreamClientEndpoint

@@ -11,7 +11,7 @@ never a guess.  The connection is an C{IPushProducer} of response bytes, so a sl
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from rproxy.errors import ProxyError, upstreamError
 from rproxy.headers import Pairs, hasControl, isToken
+from rproxy.upstream.connection import RequestHead, ResponseReceiver
 
 if TYPE_CHECKING:
     from rproxy.streaming import RequestBodyPipe
@@ -49,25 +50,6 @@ _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
 _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
 # What the connection's one timer currently stands for.
 _NO_DEADLINE, _RESPONSE_DEADLINE, _READ_DEADLINE, _IDLE_DEADLINE = range(4)
-
-
-class ResponseReceiver(Protocol):
-    """What an upstream connection tells about the response to the request it carries."""
-
-    def responseHead(self, version: bytes, status: int, reason: bytes, headers: Pairs, hasBody: bool) -> None:
-        """The final response head arrived (C{version} as in ``Via``: C{b"1.1"}); 1xx are not reported."""
-
-    def responseData(self, data: bytes) -> None:
-        """Some response body bytes arrived."""
-
-    def responseDone(self, trailers: Pairs) -> None:
-        """The response ended with correct framing (C{trailers} after a chunked body)."""
-
-    def responseFailed(self, error: ProxyError, retrySafe: bool) -> None:
-        """
-        The exchange with the upstream failed.  C{retrySafe} is true when the upstream provably did
-        not process the request: a reused connection closed before any response byte arrived.
-        """
 
 
 @implementer(IPushProducer)
@@ -117,27 +99,13 @@ class HTTP11Connection(TwistedProtocol):
 
     # -- the exchange's side
 
-    def sendRequest(
-        self,
-        head: bytes,
-        body: RequestBodyPipe | None,
-        chunked: bool,
-        expectBody: bool,
-        receiver: ResponseReceiver,
-    ) -> None:
-        """
-        Write a request and report its response to C{receiver}.
-
-        @param head: the request line and header section, ending with the empty line.
-        @param body: the request body, or C{None} when the request has none.
-        @param chunked: whether C{body} is sent with chunked framing (its length is unknown).
-        @param expectBody: C{False} for HEAD, whose response has no body whatever its fields say.
-        """
+    def sendRequest(self, head: RequestHead, body: RequestBodyPipe | None, receiver: ResponseReceiver) -> None:
+        """Write C{head}, stream C{body} (C{None}: none), and report the response to C{receiver}."""
         self._disarm()
         self._receiver = receiver
-        self._expectBody = expectBody
-        self._chunkedRequest = chunked
-        self.transport.write(head)
+        self._expectBody = head.expectsResponseBody
+        self._chunkedRequest = body is not None and head.bodyLength is None
+        self.transport.write(_serialize(head, self._chunkedRequest))
         if body is None:
             self._requestWritten()
         else:
@@ -153,13 +121,15 @@ class HTTP11Connection(TwistedProtocol):
         else:
             self.transport.write(data)
 
-    def finishBody(self) -> None:
-        """The request body is complete: end its framing."""
+    def finishBody(self, trailers: Pairs) -> None:
+        """The request body is complete: end its framing, with C{trailers} when it is chunked."""
         self._body = None
         if self._closed:
             return
         if self._chunkedRequest:
-            self.transport.write(b"0\r\n\r\n")
+            self.transport.write(
+                b"0\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in trailers) + b"\r\n"
+            )
         self._requestWritten()
 
     def failBody(self, error: ProxyError) -> None:
@@ -178,6 +148,10 @@ class HTTP11Connection(TwistedProtocol):
         """The body source is finished or gone."""
         if not self._closed:
             self.transport.unregisterProducer()
+
+    def giveBack(self) -> None:
+        """Return it, unused, to the pool."""
+        self._pool.release(self)
 
     def abort(self) -> None:
         """Drop the exchange and the connection: the client went away or its request broke."""
@@ -318,9 +292,9 @@ class HTTP11Connection(TwistedProtocol):
                 return None
             head, data = data[:end], data[end + 4 :]
             status = self._handleHead(head)
-            if status is None or status >= 200:
+            if status is None or status >= 200 or self._receiver is None:
                 return data
-            # 1xx interim responses are absorbed: the final response follows.
+            # After a 1xx interim response, the final response follows.
 
     def _handleHead(self, head: bytes) -> int | None:
         statusLine, _, block = head.partition(b"\r\n")
@@ -340,6 +314,9 @@ class HTTP11Connection(TwistedProtocol):
             if status == 101:
                 self._failProtocol("upstream switched protocols though no upgrade was requested")
                 return None
+            receiver = self._receiver
+            assert receiver is not None
+            receiver.responseInterim(status, headers)
             return status
         if not self._frame(version, status, headers):
             return None
@@ -588,3 +565,18 @@ class HTTP11Connection(TwistedProtocol):
             upstreamError(502, f"upstream {label} {how} the connection {detail}", "http_response_incomplete"),
             False,
         )
+
+
+def _serialize(head: RequestHead, chunked: bool) -> bytes:
+    """The request line and header section of C{head}, ending with the empty line."""
+    lines = [head.method + b" " + head.target + b" HTTP/1.1", b"Host: " + head.authority]
+    for name, value in head.fields:
+        lines.append(name + b": " + value)
+    if head.acceptsTrailers:
+        lines.append(b"TE: trailers")
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+    elif head.bodyLength is not None:
+        lines.append(b"Content-Length: %d" % head.bodyLength)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rproxy.errors import ProxyError, proxyError, upstreamError
+from rproxy.upstream.connection import UpstreamConnection
 from rproxy.upstream.http1 import HTTP11Connection
 
 
@@ -80,8 +81,8 @@ class UpstreamPool:
         self._factory = _ConnectionFactory(self)
         self._idle: list[HTTP11Connection] = []
         self._open = 0  # connections open or opening
-        self._waiters: deque[Deferred[HTTP11Connection]] = deque()
-        self._waitTimers: dict[Deferred[HTTP11Connection], IDelayedCall] = {}
+        self._waiters: deque[Deferred[UpstreamConnection]] = deque()
+        self._waitTimers: dict[Deferred[UpstreamConnection], IDelayedCall] = {}
         self._closedBecause: str | None = None  # set once the pool takes no new exchanges
 
     @property
@@ -94,7 +95,7 @@ class UpstreamPool:
         """Connections open or being opened."""
         return self._open
 
-    def takeIdle(self) -> HTTP11Connection | None:
+    def takeIdle(self) -> UpstreamConnection | None:
         """An idle connection for one exchange, if there is one now (L{acquire} without a Deferred)."""
         idle = self._idle
         while idle:
@@ -103,7 +104,7 @@ class UpstreamPool:
                 return connection
         return None
 
-    def acquire(self) -> Deferred[HTTP11Connection]:
+    def acquire(self) -> Deferred[UpstreamConnection]:
         """
         A connection for one exchange; give it back with L{release} or by closing it.
 
@@ -118,7 +119,7 @@ class UpstreamPool:
             return self._connect()
         if len(self._waiters) >= self.settings.maxQueue:
             return fail(self._saturated("queue is full"))
-        waiter: Deferred[HTTP11Connection] = Deferred(self._cancelWait)
+        waiter: Deferred[UpstreamConnection] = Deferred(self._cancelWait)
         self._waiters.append(waiter)
         self._waitTimers[waiter] = self.reactor.callLater(self.settings.queueTimeout, self._waitTimedOut, waiter)
         return waiter
@@ -150,7 +151,7 @@ class UpstreamPool:
         for connection in list(self._idle):
             connection.close()
 
-    def _connect(self, result: Deferred[HTTP11Connection] | None = None) -> Deferred[HTTP11Connection]:
+    def _connect(self, result: Deferred[UpstreamConnection] | None = None) -> Deferred[UpstreamConnection]:
         """Open a connection for C{result} (a new Deferred unless a waiter is given)."""
         self._open += 1
         if result is None:
@@ -194,7 +195,7 @@ class UpstreamPool:
             retryAfter=1,
         )
 
-    def _nextWaiter(self) -> Deferred[HTTP11Connection] | None:
+    def _nextWaiter(self) -> Deferred[UpstreamConnection] | None:
         while self._waiters:
             waiter = self._waiters.popleft()
             timer = self._waitTimers.pop(waiter, None)
@@ -204,7 +205,7 @@ class UpstreamPool:
                 return waiter
         return None
 
-    def _cancelWait(self, waiter: Deferred[HTTP11Connection]) -> None:
+    def _cancelWait(self, waiter: Deferred[UpstreamConnection]) -> None:
         timer = self._waitTimers.pop(waiter, None)
         if timer is not None and timer.active():
             timer.cancel()
@@ -213,7 +214,7 @@ class UpstreamPool:
         except ValueError:
             pass
 
-    def _waitTimedOut(self, waiter: Deferred[HTTP11Connection]) -> None:
+    def _waitTimedOut(self, waiter: Deferred[UpstreamConnection]) -> None:
         self._waitTimers.pop(waiter, None)
         try:
             self._waiters.remove(waiter)

@@ -1,0 +1,105 @@
+"""
+What an exchange and an upstream connection say to each other, whatever the protocol (HTTP/1.1 or HTTP/2).
+
+The exchange hands a connection a L{RequestHead} (the request as fields, not bytes: each protocol frames
+it its own way), the request body's pipe, and a L{ResponseReceiver}; the connection reports the response
+back to the receiver and is the C{IPushProducer} of its body, so a slow client pauses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from rproxy.headers import Pairs
+
+if TYPE_CHECKING:
+    from rproxy.errors import ProxyError
+    from rproxy.streaming import RequestBodyPipe
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """
+    A request as it goes to one upstream.
+
+    @ivar method: the request method.
+    @ivar target: the request-target, byte-exact, with the upstream's base path already joined.
+    @ivar authority: the ``Host`` (HTTP/1.1) or ``:authority`` (HTTP/2) to send.
+    @ivar scheme: C{b"http"} or C{b"https"}, the upstream's (HTTP/2's ``:scheme``).
+    @ivar fields: the end-to-end fields, in order, without framing fields (Host, Content-Length,
+        Transfer-Encoding, TE): each protocol adds its own.
+    @ivar acceptsTrailers: whether the client accepts trailers (``TE: trailers`` is sent).
+    @ivar bodyLength: the body's length when known; C{None} when it is streamed with no declared length.
+    @ivar hasBody: whether a body follows the head (one of length 0 counts when the client declared it).
+    """
+
+    method: bytes
+    target: bytes
+    authority: bytes
+    scheme: bytes
+    fields: Pairs
+    acceptsTrailers: bool = False
+    bodyLength: int | None = None
+    hasBody: bool = False
+
+    @property
+    def expectsResponseBody(self) -> bool:
+        """C{False} for HEAD, whose response has no body whatever its fields say."""
+        return self.method != b"HEAD"
+
+
+class ResponseReceiver(Protocol):
+    """What an upstream connection tells about the response to the request it carries."""
+
+    def responseInterim(self, status: int, headers: Pairs) -> None:
+        """An informational (1xx) response arrived, before the final one (101 is not reported so)."""
+
+    def responseHead(self, version: bytes, status: int, reason: bytes, headers: Pairs, hasBody: bool) -> None:
+        """The final response head arrived (C{version} as in ``Via``: C{b"1.1"}, C{b"2"})."""
+
+    def responseData(self, data: bytes) -> None:
+        """Some response body bytes arrived."""
+
+    def responseDone(self, trailers: Pairs) -> None:
+        """The response ended with correct framing (C{trailers}: the trailer fields, if any came)."""
+
+    def responseFailed(self, error: ProxyError, retrySafe: bool) -> None:
+        """
+        The exchange with the upstream failed.  C{retrySafe} is true when the upstream provably did
+        not process the request (a reused connection closed before any response byte arrived, or an
+        HTTP/2 stream the server refused or never processed).
+        """
+
+
+class UpstreamConnection(Protocol):
+    """
+    The exchange's handle on one request's way to an upstream: an HTTP/1.1 connection, or one stream
+    of an HTTP/2 connection.  It is the C{IPushProducer} of the response body.
+
+    @ivar reused: whether the underlying connection carried an earlier exchange.
+    """
+
+    reused: bool
+
+    @property
+    def isOpen(self) -> bool:
+        """Whether it can still carry an exchange."""
+
+    def sendRequest(self, head: RequestHead, body: RequestBodyPipe | None, receiver: ResponseReceiver) -> None:
+        """Send C{head} and stream C{body} (C{None}: the request has none); report to C{receiver}."""
+
+    def giveBack(self) -> None:
+        """Return it, unused, to its pool (the exchange ended while it was being opened)."""
+
+    def abort(self) -> None:
+        """Drop the exchange: the client went away, or the proxy gave up on the response."""
+
+    def pauseProducing(self) -> None:
+        """The client cannot take more response bytes now."""
+
+    def resumeProducing(self) -> None:
+        """The client can take response bytes again."""
+
+    def stopProducing(self) -> None:
+        """The client is gone: same as L{abort}."""
