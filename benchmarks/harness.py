@@ -35,7 +35,7 @@ MIB = 1024 * 1024
 HOST = "127.0.0.1"
 
 #: Tools the benchmarks run, and the Debian package of each.
-TOOLS = {"wrk": "wrk", "nginx": "nginx", "curl": "curl", "taskset": "util-linux"}
+TOOLS = {"wrk": "wrk", "nginx": "nginx", "curl": "curl", "taskset": "util-linux", "h2load": "nghttp2-client"}
 
 # nginx lives in /usr/sbin, which a non-login PATH may lack.
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
@@ -73,7 +73,7 @@ def find_tool(name: str) -> str | None:
 
 def ensure_tools() -> dict[str, str]:
     """
-    The paths of wrk, nginx, curl and taskset, installing the missing ones with apt-get.
+    The paths of the tools in L{TOOLS}, installing the missing ones with apt-get.
 
     Installing needs root (as on a fresh CI machine); otherwise the error says what to install.
     """
@@ -308,7 +308,7 @@ class Server:
             self.process.wait(timeout=5)
 
 
-def nginx_config(prefix: Path, port: int, server_body: str, http_extra: str = "") -> Path:
+def nginx_config(prefix: Path, port: int, server_body: str, http_extra: str = "", listen: bool = True) -> Path:
     """
     Write the config of an nginx with one worker and no access log, everything under C{prefix}.
 
@@ -317,6 +317,7 @@ def nginx_config(prefix: Path, port: int, server_body: str, http_extra: str = ""
 
     @param server_body: the directives of the one C{server} block (listening on C{port}).
     @param http_extra: more directives for the C{http} block (an C{upstream} block).
+    @param listen: whether to write the plain C{listen} on C{port} (C{False}: C{server_body} has its own).
     """
     for temp in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / temp).mkdir(parents=True, exist_ok=True)
@@ -341,7 +342,7 @@ http {{
     scgi_temp_path {prefix}/scgi;
 {http_extra}
     server {{
-        listen {HOST}:{port};
+{f"        listen {HOST}:{port};" if listen else ""}
 {server_body}
     }}
 }}

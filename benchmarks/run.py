@@ -45,6 +45,15 @@ from harness import (
     run_wrk,
     wrk_argv,
 )
+from http2 import (
+    HTTP2_PROXIES,
+    SHAPES,
+    add_http2_ratios,
+    format_http2_table,
+    h2load_argv,
+    measure_http2,
+    write_certificate,
+)
 from profiling import profile_rproxy
 
 Result = dict[str, Any]
@@ -393,6 +402,12 @@ def parse_arguments() -> argparse.Namespace:
         help=f"upstreams in rproxy's balancing run (default: {defaults.upstreams})",
     )
     parser.add_argument(
+        "--http2-proxies",
+        default=",".join(HTTP2_PROXIES),
+        help=f"comma-separated proxies for the HTTP/2 runs with h2load (default: {','.join(HTTP2_PROXIES)}; "
+        "'none': no HTTP/2 run)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="instead of the comparison, profile rproxy under wrk load with py-spy",
@@ -408,6 +423,10 @@ def parse_arguments() -> argparse.Namespace:
     args = parser.parse_args()
     args.proxies = [name.strip() for name in args.proxies.split(",") if name.strip()]
     args.balancers = [name.strip() for name in args.balancers.split(",") if name.strip() not in ("", "none")]
+    args.http2_proxies = [name.strip() for name in args.http2_proxies.split(",") if name.strip() not in ("", "none")]
+    unknown2 = sorted(set(args.http2_proxies) - set(HTTP2_PROXIES))
+    if unknown2:
+        parser.error(f"unknown HTTP/2 proxies {', '.join(unknown2)}; known: {', '.join(HTTP2_PROXIES)}")
     if args.upstreams < 2:
         parser.error("--upstreams must be at least 2 (use --balancers none to skip the balancing run)")
     if args.profile_upstreams < 1:
@@ -475,6 +494,17 @@ def main() -> int:
                     except BenchError as e:
                         print(f"  rproxy {label} FAILED: {e}", flush=True)
                         balancing[label] = {"balancer": balancer, "upstreams": settings.upstreams, "error": str(e)}
+        http2: dict[str, Result] = {}
+        if args.http2_proxies:
+            cert, key = write_certificate(bench.workdir)
+            for name in args.http2_proxies:
+                print(f"benchmarking {name} over HTTP/2 ...", flush=True)
+                try:
+                    http2[name] = measure_http2(bench, name, cert, key)
+                except BenchError as e:
+                    print(f"  {name} HTTP/2 FAILED: {e}", flush=True)
+                    http2[name] = {"proxy": name, "error": str(e)}
+    add_http2_ratios(http2)
     add_ratios(results)
     single = results.get("rproxy", {})
     add_balancing_ratios(balancing, single)
@@ -494,6 +524,12 @@ def main() -> int:
             "single_upstream": {payload: single.get(payload, {}).get("rps") for payload in SMALL},
             "runs": balancing,
         },
+        "http2": {
+            "load_command": " ".join(
+                h2load_argv("URL", SHAPES[0], settings.duration, settings.warmup, settings.load_cpu)
+            ),
+            "results": http2,
+        },
         "targets": targets,
         "notes": notes({**results, **{f"rproxy {label}": run for label, run in balancing.items()}}),
     }
@@ -511,6 +547,14 @@ def main() -> int:
             "same load; x1up = req/s / single-upstream rproxy's above"
         )
         print(format_balancing_table(single, balancing))
+    if http2:
+        print()
+        print(
+            "HTTP/2 (h2load on 1KiB.bin; runs named listener + connections x streams; "
+            "x nginx = same run through nginx; x rproxy h1 = rproxy's h2load --h1 50x1)"
+        )
+        print(format_http2_table(http2))
+        print(f"load: {report['http2']['load_command']} (and -c10 -m10)")
     if report["notes"]:
         print("\nnotes:")
         for note in report["notes"]:
@@ -521,7 +565,7 @@ def main() -> int:
             verdict = {True: "MET", False: "NOT MET", None: "n/a"}[entry["met"]]
             print(f"  [{verdict:>7}] {entry['target']}: {entry['measured']}")
     print(f"\nwritten: {RESULTS / 'latest.json'} ({report['seconds']}s)")
-    failed = any("error" in result for result in [*results.values(), *balancing.values()])
+    failed = any("error" in result for result in [*results.values(), *balancing.values(), *http2.values()])
     return 1 if failed else 0
 
 
