@@ -28,12 +28,18 @@ setup(
         "treq>=26.7.0",
         "pyOpenSSL>=26.0.0",
         "service-identity>=24.1.0",
+        # rproxy/certificates.py reads certificates itself (42: not_valid_after_utc).
+        "cryptography>=42",
         "zope.interface>=7.0",
+        # rproxy/wsframes.py parses WebSocket frames on message-aware routes.
+        "wsproto>=1.2",
     ],
     extras_require={
         # setuptools: test_plugins builds the example plugin offline (--no-build-isolation).
         # PyHamcrest: Twisted's own reactor tests, which rproxy/test/test_reactor.py runs against rproxy's reactor.
-        "test": ["h2>=4.1,<5", "setuptools>=70.1", "PyHamcrest>=2.0"],
+        # grpcio: rproxy/test/test_grpc.py runs a real gRPC client and server through the proxy.
+        # websockets: rproxy/test/test_upgrade.py and test_websocket.py run real WebSocket clients and servers.
+        "test": ["h2>=4.1,<5", "setuptools>=70.1", "PyHamcrest>=2.0", "grpcio>=1.60", "websockets>=13"],
         "dev": ["mypy>=1.13", "mypy-zope>=1.0.9", "ruff>=0.8"],
         "bench": ["aiohttp>=3.10", "py-spy>=0.4"],
     },

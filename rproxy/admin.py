@@ -246,7 +246,7 @@ def state(live: LiveProxy, lifetime: IService, registrations: Registrations) -> 
     """
     What C{GET /state} answers: whether rproxy shuts down, the services of the configuration in force
     (each with its balancer and upstreams, those registered through the API with their registration),
-    and its routes, in order.
+    its routes, in order, and the tunnels (upgraded connections) open and what they carried.
     """
     registry = live.registry
     return {
@@ -262,6 +262,7 @@ def state(live: LiveProxy, lifetime: IService, registrations: Registrations) -> 
             for name, settings in live.config.services.items()
         ],
         "routes": [{"description": describeRoute(route)} for route in live.config.routes],
+        "tunnels": live.proxy.tunnels.describe(),
     }
 
 

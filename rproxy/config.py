@@ -22,6 +22,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 from rproxy.balancers import FirstAvailable, balancerFactories
+from rproxy.certificates import CertificateFiles, TLSSettings, loadCertificate
 from rproxy.directors import BlueGreen, Route, ServiceVersion, WeightedSplit
 from rproxy.headers import isToken, parseNetworks
 from rproxy.health import PassivePolicy
@@ -30,8 +31,11 @@ from rproxy.interfaces import IBalancerFactory
 from rproxy.registry import MemoryRegistry
 from rproxy.retry import RetryPolicy
 from rproxy.server import ClientLimits
+from rproxy.upgrade import DEFAULT_IDLE_TIMEOUT
 from rproxy.upstream import Service, UpstreamURL, splitWeight
 from rproxy.upstream.pool import PoolSettings
+from rproxy.upstream.tls import UpstreamTLS, clientCertificate, trustRoot
+from rproxy.wsframes import MessageAwareService, WebSocketLimits
 
 _SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -141,11 +145,13 @@ RouteTarget = str | WeightedSplitConfig | BlueGreenConfig | ServiceVersionConfig
 class RouteConfig:
     """
     One route: where its requests go, when it matches, and how it rewrites them (the fields other than
-    C{target} and C{retry} are L{Route}'s keyword arguments).
+    C{target}, C{retry} and C{websocket} are L{Route}'s keyword arguments).
 
     @ivar target: a service name, a split, or L{ServiceVersionConfig}.
     @ivar retry: the retry policy the route gives each service it sends to (by service name), when it
         overrides the services' own; empty when it does not.
+    @ivar websocket: the message limits of the route's WebSockets, whose frames are then parsed
+        (L{rproxy.wsframes}); C{None}: they are spliced, bytes for bytes.
     """
 
     target: RouteTarget
@@ -160,6 +166,7 @@ class RouteConfig:
     addHeaders: tuple[tuple[str, str], ...] = ()
     removeHeaders: tuple[str, ...] = ()
     retry: Mapping[str, RetryPolicy] = field(default_factory=dict)
+    websocket: WebSocketLimits | None = None
 
     def serviceNames(self, defined: Mapping[str, Service]) -> tuple[str, ...]:
         """The names of the services among C{defined} that the route may send requests to."""
@@ -171,6 +178,12 @@ class RouteConfig:
         """The route, over C{services} (by name; each one the route retries its own way is copied with its policy)."""
         if self.retry:
             services = {**services, **{name: replace(services[name], retry=p) for name, p in self.retry.items()}}
+        if self.websocket is not None:
+            limits = self.websocket
+            services = {
+                **services,
+                **{name: MessageAwareService.of(services[name], limits) for name in self.serviceNames(services)},
+            }
         target = services[self.target] if isinstance(self.target, str) else self.target.build(services)
         return Route(
             target,
@@ -193,6 +206,8 @@ class ProxyConfig:
     Everything a running rproxy is built from.
 
     @ivar listen: server endpoint strings (C{tcp:8080}, C{ssl:443:...}, C{systemd:domain=INET:index=0}).
+    @ivar tls: the TLS listeners, whose certificates are chosen by host name and reloaded (L{rproxy.certificates}).
+    @ivar tunnelIdleTimeout: seconds an upgraded connection (a WebSocket) may be silent both ways; 0: no limit.
     @ivar accessLog: C{None} for none, C{"-"} for the Twisted log, or a file path.
     @ivar demoUpstream: an endpoint on which to also serve the built-in demo upstream.
     @ivar services: the services by name; without a config file's services, the one service C{default}
@@ -204,9 +219,11 @@ class ProxyConfig:
     trustedProxies: tuple[str, ...] = ()
     viaName: str = "rproxy"
     grace: float = 30.0
+    tunnelIdleTimeout: float = DEFAULT_IDLE_TIMEOUT
     accessLog: str | None = "-"
     demoUpstream: str | None = None
     client: ClientLimits = field(default_factory=ClientLimits)
+    tls: TLSSettings = field(default_factory=TLSSettings)
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
 
@@ -214,7 +231,7 @@ class ProxyConfig:
 # -- what a file's tables accept
 
 #: The options that may be given more than once.
-REPEATABLE = frozenset({"listen", "upstream", "trusted-proxy", "balancer-option"})
+REPEATABLE = frozenset({"listen", "upstream", "trusted-proxy", "balancer-option", "tls-listen", "tls-cert"})
 
 #: The options a service may override, by kind (the flags take C{true} or C{false}).
 POOL_OPTIONS = (
@@ -226,6 +243,11 @@ POOL_OPTIONS = (
     "upstream-idle-timeout",
     "upstream-queue",
     "queue-timeout",
+    "upstream-ping-interval",
+    "upstream-ping-timeout",
+    "upstream-ca",
+    "upstream-client-cert",
+    "upstream-tls-insecure",
 )
 RETRY_OPTIONS = ("retries", "try-duration", "retry-on-status", "retry-body-size", "retry-idempotency-key")
 PASSIVE_OPTIONS = (
@@ -248,7 +270,7 @@ HEALTH_OPTIONS = (
     "health-fall",
 )
 SERVICE_OPTIONS = ("balancer", "rewrite-host", *POOL_OPTIONS, *RETRY_OPTIONS, *PASSIVE_OPTIONS, *HEALTH_OPTIONS)
-SERVICE_FLAGS = frozenset({"rewrite-host", "retry-idempotency-key"})
+SERVICE_FLAGS = frozenset({"rewrite-host", "retry-idempotency-key", "upstream-tls-insecure"})
 
 #: Every key of a C{[services.NAME]} table.
 SERVICE_KEYS = frozenset({"upstreams", "balancer-options", *SERVICE_OPTIONS})
@@ -494,7 +516,33 @@ def _pool(values: OptionValues) -> PoolSettings:
         idleTimeout=_positive(values, "upstream-idle-timeout", float),
         maxQueue=_atLeastZero(values, "upstream-queue", int),
         queueTimeout=_positive(values, "queue-timeout", float),
+        pingInterval=_atLeastZero(values, "upstream-ping-interval", float),
+        pingTimeout=_positive(values, "upstream-ping-timeout", float),
+        tls=_upstreamTLS(values),
     )
+
+
+def _upstreamTLS(values: OptionValues) -> UpstreamTLS:
+    """The upstream TLS settings, their files loaded once to report a mistake now."""
+    client = values.text("upstream-client-cert")
+    certificate, _, key = (client or "").partition(":")
+    tls = UpstreamTLS(
+        caFile=values.text("upstream-ca"),
+        clientCertificate=certificate or None,
+        clientKey=key or None,
+        insecure=bool(values["upstream-tls-insecure"]),
+    )
+    try:
+        trustRoot(tls.caFile)
+    except ValueError as e:
+        raise values.error("upstream-ca", str(e)) from None
+    try:
+        clientCertificate(tls.clientCertificate, tls.clientKey)
+    except ValueError as e:
+        raise values.error("upstream-client-cert", str(e)) from None
+    if tls.insecure and tls.caFile is not None:
+        raise values.error("upstream-ca", "has no use with --upstream-tls-insecure (nothing is verified)")
+    return tls
 
 
 def _retry(values: OptionValues) -> RetryPolicy:
@@ -622,7 +670,34 @@ def _client(values: OptionValues) -> ClientLimits:
         headerTimeout=_positive(values, "header-timeout", float),
         idleTimeout=_positive(values, "client-timeout", float),
         maxConnections=_positive(values, "max-connections", int),
+        h2MaxConcurrentStreams=_positive(values, "h2-max-concurrent-streams", int),
+        h2MaxHeaderListSize=_size(values, "h2-max-header-list-size"),
+        h2ResetBurst=_positive(values, "h2-reset-burst", int),
+        h2ResetRate=_positive(values, "h2-reset-rate", int),
     )
+
+
+def _tls(values: OptionValues) -> TLSSettings:
+    """The TLS listeners (plain endpoints, which rproxy wraps) and their certificates, each read once to check it."""
+    listen = tuple(values.repeated("tls-listen"))
+    for description in listen:
+        if description.split(":", 1)[0] == "ssl":
+            raise values.error(
+                "tls-listen", f"give a plain endpoint such as tcp:8443, which rproxy wraps in TLS, not {description!r}"
+            )
+    certificates = []
+    for spec in values.repeated("tls-cert"):
+        try:
+            files = CertificateFiles.fromSpec(spec)
+            loadCertificate(files)
+        except ValueError as e:  # a CertificateError names the file
+            raise values.error("tls-cert", str(e)) from None
+        certificates.append(files)
+    if listen and not certificates:
+        raise values.error("tls-listen", "needs a certificate: give --tls-cert CERTFILE:KEYFILE")
+    if certificates and not listen:
+        raise values.error("tls-cert", "has no use without --tls-listen (there is no TLS listener)")
+    return TLSSettings(listen, tuple(certificates), _atLeastZero(values, "tls-watch", float))
 
 
 def _misplaced(where: str, key: str, values: OptionValues, allowed: str) -> ConfigError:
@@ -732,7 +807,32 @@ def _fieldLines(where: str, value: object) -> tuple[tuple[str, str], ...]:
     )
 
 
+#: The keys of a route's C{websocket} table, and the L{WebSocketLimits} field each sets.
+WEBSOCKET_KEYS = {"max-message-size": "maxMessageSize", "max-messages-per-second": "maxMessagesPerSecond"}
+
+
+def _websocket(where: str, value: object) -> WebSocketLimits:
+    """C{websocket = { max-message-size = "1MiB", max-messages-per-second = 100 }} (each optional)."""
+    limits: dict[str, int] = {}
+    for key, item in _table(where, value).items():
+        name = key.replace("_", "-")
+        keyWhere = f"{where}.{_key(key)}"
+        if name not in WEBSOCKET_KEYS:
+            raise ConfigError(f"{keyWhere}: not a key of websocket (its keys: {', '.join(WEBSOCKET_KEYS)})")
+        if name == "max-message-size" and isinstance(item, str):
+            try:
+                limits[WEBSOCKET_KEYS[name]] = parseSize(item)
+            except ValueError as e:
+                raise ConfigError(f"{keyWhere}: {e}") from None
+        elif isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            limits[WEBSOCKET_KEYS[name]] = item
+        else:
+            raise ConfigError(f"{keyWhere}: expected a whole number of at least 0 (0: no limit), got {item!r}")
+    return WebSocketLimits(**limits)
+
+
 _ROUTE_SETTINGS: dict[str, Callable[[str, object], object]] = {
+    "websocket": _websocket,
     "hosts": _strings,
     "path-prefix": _string,
     "headers": _matchers,
@@ -973,14 +1073,18 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
     if not isToken(viaName.encode("utf-8")):
         raise values.error("via-name", f"must be an HTTP token (letters, digits, -._~...), got {viaName!r}")
     accessLog = values.text("access-log")
+    tls = _tls(values)
     return ProxyConfig(
-        listen=tuple(values.repeated("listen")) or ("tcp:8080",),
+        # Without any listener, plain HTTP on 8080; with TLS listeners, only the listeners given.
+        listen=tuple(values.repeated("listen")) or (() if tls.listen else ("tcp:8080",)),
         trustedProxies=trustedProxies,
         viaName=viaName,
         grace=_atLeastZero(values, "grace", float),
+        tunnelIdleTimeout=_atLeastZero(values, "tunnel-idle-timeout", float),
         accessLog=None if accessLog == "off" else accessLog,
         demoUpstream=values.text("demo-upstream"),
         client=_client(values),
+        tls=tls,
         services=services,
         routes=routes,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -25,8 +26,10 @@ from rproxy.interfaces import IDirector, IRequestFilter, IResponseFilter, Outcom
 from rproxy.message import InboundRequest, OutboundRequest
 from rproxy.request import sendError, sendInterim, sendResponseHead, setTrailers, stopKeepAlive, whenClientGone
 from rproxy.streaming import RequestBodyPipe
+from rproxy.upgrade import Tunnels, requestedProtocols, splice, unrequestedProtocol
 from rproxy.upstream import Service, Upstream
 from rproxy.upstream.connection import RequestHead, UpstreamConnection
+from rproxy.wsframes import MessageAwareService, messageRelay
 
 _log = Logger()
 
@@ -43,6 +46,7 @@ class Proxy:
 
     @ivar director: routes requests to services.
     @ivar forwarding: the X-Forwarded-*/Forwarded/Via policy.
+    @ivar tunnels: the connections spliced after a 101, with their idle timeout and counts.
     """
 
     def __init__(
@@ -52,12 +56,14 @@ class Proxy:
         forwarding: ForwardingPolicy = ForwardingPolicy(),
         requestFilters: Sequence[IRequestFilter] = (),
         responseFilters: Sequence[IResponseFilter] = (),
+        tunnels: Tunnels | None = None,
     ) -> None:
         self.reactor = reactor
         self.director = director
         self.forwarding = forwarding
         self.requestFilters = tuple(requestFilters)
         self.responseFilters = tuple(responseFilters)
+        self.tunnels = Tunnels(reactor) if tunnels is None else tunnels
 
     def handle(self, request: http.Request, target: bytes, body: RequestBodyPipe | None) -> Exchange:
         """Proxy C{request}, whose request-target relative to the proxy's mount point is C{target}."""
@@ -89,6 +95,7 @@ class Exchange:
     _attempts = 0  # requests sent
     _retries = 0  # attempts repeated after a request was sent
     _staleRetries = 0
+    _upgrade: tuple[bytes, ...] = ()  # the protocols the client asked to switch to
 
     def __init__(self, proxy: Proxy, request: http.Request, target: bytes, body: RequestBodyPipe | None) -> None:
         self.proxy = proxy
@@ -114,6 +121,7 @@ class Exchange:
         whenClientGone(request, self._clientGone)
         inbound = self.inbound
         self.outbound = OutboundRequest.fromInbound(inbound, self.proxy.forwarding)
+        self._upgrade = upgrade = requestedProtocols(request) if inbound.headers.hasHeader(b"upgrade") else ()
         for requestFilter in self.proxy.requestFilters:
             answer = requestFilter.onRequest(self)
             if answer is not None:
@@ -126,6 +134,9 @@ class Exchange:
             self._end(clientError(404, f"no route matches host {host!r} and target {target!r}"))
             return
         self.service = service
+        if isinstance(service, MessageAwareService) and upgrade:
+            # Compressed frames could not be measured without inflating them: offer no extension.
+            self.outbound.headers.removeHeader(b"sec-websocket-extensions")
         if service.rewriteHost and self.outbound.host == inbound.host:  # a route that set Host wins
             self.outbound.host = None
         self._mayRepeat = service.retry.mayRepeat(inbound)
@@ -266,6 +277,7 @@ class Exchange:
             acceptsTrailers=outbound.acceptsTrailers,
             bodyLength=0 if declared else (body.length if body is not None else None),
             hasBody=body is not None or declared,
+            upgrade=self._upgrade,
         )
 
     # -- ResponseReceiver
@@ -290,18 +302,30 @@ class Exchange:
                 self._retry(error, True, False)
                 return
         self._responded = True
+        fields = self._responseFields(service, version, status, headers)
+        if fields is None:
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                connection.abort()
+            return
         request = self.request
+        if hasBody:
+            request.registerProducer(self._connection, True)
+        sendResponseHead(request, status, reason or None, fields, hasBody)
+
+    def _responseFields(self, service: Service, version: bytes, status: int, headers: Pairs) -> Pairs | None:
+        """
+        The fields of the response to send: the end-to-end ones, as the response filters leave them, with
+        this proxy added to ``Via``; C{None} (the exchange ended with a 502) when a filter failed.
+        """
         pairs = responseHeaderPairs(headers)
         try:
             for responseFilter in self._responseFilters(service):
                 responseFilter.onResponse(self, status, pairs)
         except Exception:
             _log.failure("response filter failed on {target}", target=self.inbound.target[:200])
-            connection, self._connection = self._connection, None
-            if connection is not None:
-                connection.abort()
             self._end(proxyError(502, "a response filter failed on the upstream's response", "proxy_internal_error"))
-            return
+            return None
         fields: Pairs = []
         via: list[bytes] = []
         for name, value in pairs:
@@ -310,9 +334,45 @@ class Exchange:
             else:
                 fields.append((name, value))
         fields.append((b"Via", self.proxy.forwarding.via(via, version)))
-        if hasBody:
-            request.registerProducer(self._connection, True)
-        sendResponseHead(request, status, reason or None, fields)
+        return fields
+
+    def responseSwitched(self, headers: Pairs, transport: Any, early: bytes) -> None:
+        """The upstream switched protocols: splice the client with it, if it switched to one asked for."""
+        service = self.service
+        assert service is not None
+        self._connection = None
+        self._status = 101
+        self._latency = self.proxy.reactor.seconds() - self._sentAt
+        label = self._bound.pool.label if self._bound is not None else "?"
+        why = unrequestedProtocol(self._upgrade, headers)
+        if why is not None:
+            transport.abortConnection()
+            self._end(upstreamError(502, f"upstream {label}: {why}", "http_protocol_error"))
+            return
+        self._responded = True
+        fields = self._responseFields(service, b"1.1", 101, headers)
+        if fields is None:
+            transport.abortConnection()
+            return
+        self._unbind(None)
+        self._ended = True
+        switched = [(name, value) for name, value in headers if name.lower() == b"upgrade"]
+        lines = [b"HTTP/1.1 101 Switching Protocols", b"Connection: Upgrade"]
+        lines.extend(name + b": " + value for name, value in [*switched, *fields])
+        lines.append(b"\r\n")
+        relay = None
+        limits = service.websocket if isinstance(service, MessageAwareService) else None
+        if limits is not None and any(value.strip().lower() == b"websocket" for _, value in switched):
+            relay = messageRelay(limits)
+        splice(
+            self.proxy.tunnels,
+            self.request,
+            b"\r\n".join(lines),
+            transport,
+            early,
+            f"{self._loggedTarget()} <-> {label}",
+            relay,
+        )
 
     def _responseFilters(self, service: Service) -> Sequence[IResponseFilter]:
         balancer = service.balancer

@@ -33,7 +33,12 @@ HOP_BY_HOP = frozenset(
 )
 
 #: Fields the proxy recomputes itself, so the inbound values are dropped with the hop-by-hop ones.
-FRAMING = frozenset({b"content-length", b"host", b"expect"})
+#: (``Expect`` is end-to-end: ``100-continue`` is forwarded, and the upstream's 100 relayed.)
+FRAMING = frozenset({b"content-length", b"host"})
+
+#: Fields a trailer section must not carry (RFC 9110 section 6.5.1): framing, routing, and the
+#: hop-by-hop ones; dropped from the trailers a client sends.
+NOT_TRAILERS = HOP_BY_HOP | FRAMING | frozenset({b"expect", b"content-type", b"content-encoding", b"authorization"})
 
 #: Fields the proxy rebuilds from the inbound ones (kept only from trusted proxies): see
 #: L{ForwardingPolicy.forwardingPairs}.
@@ -78,11 +83,33 @@ def requestHeaderPairs(headers: Headers) -> tuple[Pairs, bool]:
         lowered = name.lower()
         if lowered in dropped:
             continue
+        if lowered == b"expect":  # the only expectation defined; others are not passed on
+            pairs.extend((name, value) for value in values if value.strip().lower() == b"100-continue")
+            continue
         for value in values:
             pairs.append((name, value))
     te = headers.getRawHeaders(b"te")
     acceptsTrailers = b"trailers" in set(splitTokens(te)) if te else False
     return pairs, acceptsTrailers
+
+
+def trailerFields(lines: Iterable[bytes]) -> Pairs:
+    """
+    The fields of a trailer section's raw lines (``name: value``), without malformed lines and without
+    fields a trailer must not carry (L{NOT_TRAILERS}).
+    """
+    fields: Pairs = []
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if sep and isToken(name) and not hasControl(value):
+            fields.append((name, value))
+    return allowedTrailers(fields)
+
+
+def allowedTrailers(fields: Iterable[tuple[bytes, bytes]]) -> Pairs:
+    """C{fields} without those a trailer section must not carry (L{NOT_TRAILERS})."""
+    return [(name, value) for name, value in fields if name.lower() not in NOT_TRAILERS]
 
 
 def responseHeaderPairs(pairs: Sequence[tuple[bytes, bytes]]) -> Pairs:

@@ -16,10 +16,14 @@ previous one keeps serving.  A right one is put in force at once, between two ev
   open.  An upstream that is gone is removed from the registry, which drains it: its exchanges in
   flight finish, its idle connections close.  A new one is added;
 - the health checks are replaced when their settings changed;
-- the grace period applies to the next shutdown.
+- the grace period applies to the next shutdown, the tunnel idle timeout to the tunnels opened next.
+  Open tunnels (WebSockets and other upgraded connections) are never closed by a reload: like any
+  exchange in flight, they keep their upstream until they end.
 
 The listeners, the client limits, the access log and the demo upstream cannot change while rproxy runs:
-a change to them is logged as a warning and applies at the next restart.
+a change to them is logged as a warning and applies at the next restart.  So does a change to the TLS
+options (which files hold the certificates); what the files hold is read again by
+L{rproxy.certificates.CertificateStore}, which SIGHUP reloads too (L{HangUpReloader}).
 """
 
 from __future__ import annotations
@@ -55,13 +59,14 @@ from rproxy.server import DrainingService
 from rproxy.tap import buildDirector, buildForwarding, buildServices, healthChecker, healthCheckSettings
 from rproxy.upstream import Service, Upstream
 
-__all__ = ["ConfigReloader", "ConfigSource", "LiveProxy", "ReloadSummary", "describeRoute"]
+__all__ = ["ConfigReloader", "ConfigSource", "HangUpReloader", "LiveProxy", "ReloadSummary", "describeRoute"]
 
 #: The settings besides services and routes that a reload applies, by option name.
 _APPLIED: Mapping[str, Callable[[ProxyConfig], object]] = {
     "trusted-proxy": attrgetter("trustedProxies"),
     "via-name": attrgetter("viaName"),
     "grace": attrgetter("grace"),
+    "tunnel-idle-timeout": attrgetter("tunnelIdleTimeout"),
 }
 
 #: The settings that only a restart applies, by option name.
@@ -76,6 +81,9 @@ _NOT_APPLIED: Mapping[str, Callable[[ProxyConfig], object]] = {
     "header-timeout": attrgetter("client.headerTimeout"),
     "client-timeout": attrgetter("client.idleTimeout"),
     "max-connections": attrgetter("client.maxConnections"),
+    "tls-listen": attrgetter("tls.listen"),
+    "tls-cert": attrgetter("tls.certificates"),
+    "tls-watch": attrgetter("tls.watchInterval"),
 }
 
 
@@ -251,6 +259,7 @@ class LiveProxy:
         self.proxy.director = director  # an exchange reads it once, as it starts
         self.proxy.forwarding = forwarding
         self._draining.grace = config.grace
+        self.proxy.tunnels.idleTimeout = config.tunnelIdleTimeout  # for the tunnels opened from now on
         self.config, self._services = config, services
         return summary
 
@@ -310,11 +319,51 @@ def _signature(path: str) -> bytes | None:
     return b"%d %d " % (stat.st_mtime_ns, stat.st_size) + digest
 
 
+class HangUpReloader(service.Service):
+    """
+    SIGHUP, while it runs: each of its reloads (the configuration's, the certificates'), in order, from
+    the reactor's thread.
+    """
+
+    name = "sighup"
+
+    def __init__(self, reloads: Sequence[Callable[[str], object]], signals: IReactorFromThreads) -> None:
+        """
+        @param reloads: what to call with the trigger, C{"SIGHUP"}, as L{ConfigReloader.reload}.
+        @param signals: the reactor to hand SIGHUP over to, from the signal handler.
+        """
+        self._reloads = tuple(reloads)
+        self._signals = signals
+        self._previousHandler: Any = None
+
+    def startService(self) -> None:
+        """Handle SIGHUP."""
+        super().startService()
+        self._previousHandler = signal.signal(signal.SIGHUP, self._hangUp)
+
+    def stopService(self) -> None:
+        """Give SIGHUP its previous handler back."""
+        if not self.running:
+            return
+        super().stopService()
+        previous, self._previousHandler = self._previousHandler, None
+        signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
+
+    def _hangUp(self, number: int, frame: FrameType | None) -> None:
+        """Reload from the reactor's thread, between two of its events (a handler may run amid one)."""
+        self._signals.callFromThread(self._reloadAll)
+
+    def _reloadAll(self) -> None:
+        for reload in self._reloads:
+            reload("SIGHUP")
+
+
 class ConfigReloader(service.Service):
     """
-    Reads the configuration of a running proxy again and puts it in force (L{LiveProxy.apply}): on SIGHUP,
-    and when the source is watched, when its file changes.  A configuration that is wrong is logged as an
-    error naming the file, the key and the mistake, and the previous one keeps serving.
+    Reads the configuration of a running proxy again and puts it in force (L{LiveProxy.apply}): on SIGHUP
+    (by a L{HangUpReloader}), and when the source is watched, when its file changes.  A configuration
+    that is wrong is logged as an error naming the file, the key and the mistake, and the previous one
+    keeps serving.
 
     @ivar live: the running proxy it reloads.
     """
@@ -322,52 +371,30 @@ class ConfigReloader(service.Service):
     name = "config-reloader"
     _log = Logger()
 
-    def __init__(
-        self,
-        source: ConfigSource,
-        live: LiveProxy,
-        reactor: IReactorTime,
-        signals: IReactorFromThreads | None = None,
-    ) -> None:
-        """
-        @param signals: the reactor to hand SIGHUP over to (from the signal handler), or C{None} to leave
-            SIGHUP alone.
-        """
+    def __init__(self, source: ConfigSource, live: LiveProxy, reactor: IReactorTime) -> None:
         self._source = source
         self.live = live
         self._reactor = reactor
-        self._signals = signals
-        self._previousHandler: Any = None
         self._poll: LoopingCall | None = None
         self._seen: bytes | None = None
 
     def startService(self) -> None:
-        """Handle SIGHUP, and start watching the file."""
+        """Start watching the file."""
         super().startService()
         self._seen = _signature(self._source.path)
-        if self._signals is not None:
-            self._previousHandler = signal.signal(signal.SIGHUP, self._hangUp)
         if self._source.watchInterval:
             self._poll = LoopingCall(self._look)
             self._poll.clock = self._reactor
             self._poll.start(self._source.watchInterval, now=False)
 
     def stopService(self) -> None:
-        """Stop watching, and give SIGHUP its previous handler back."""
+        """Stop watching."""
         if not self.running:
             return
         super().stopService()
         if self._poll is not None:
             self._poll.stop()
             self._poll = None
-        if self._signals is not None:
-            previous, self._previousHandler = self._previousHandler, None
-            signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
-
-    def _hangUp(self, number: int, frame: FrameType | None) -> None:
-        """SIGHUP: reload from the reactor's thread, between two of its events (a handler may run amid one)."""
-        assert self._signals is not None
-        self._signals.callFromThread(self.reload, "SIGHUP")
 
     def _look(self) -> None:
         if _signature(self._source.path) != self._seen:

@@ -24,6 +24,7 @@ from twisted.web.resource import IResource
 
 from rproxy.errors import ProxyError, clientError, proxyError
 from rproxy.headers import hasControl, isToken
+from rproxy.http2 import ProxyH2Stream
 from rproxy.interfaces import IStreamingResource
 from rproxy.streaming import RequestBodyPipe
 
@@ -56,35 +57,47 @@ def whenClientGone(request: Request, callback: Callable[[Failure], object]) -> N
 
 
 def sendResponseHead(
-    request: Request, status: int, reason: bytes | None, fields: Sequence[tuple[bytes, bytes]]
+    request: Request, status: int, reason: bytes | None, fields: Sequence[tuple[bytes, bytes]], hasBody: bool = True
 ) -> None:
     """
     Send the head of C{request}'s response now (even if the body is slow to come): C{status}, then
     C{fields} after those the proxy has set itself (C{Connection: close}).
+
+    Without a body (C{hasBody} false), an HTTP/2 head waits for C{finish}, which follows at once, so that
+    it goes as one HEADERS frame ending the stream (gRPC's trailers-only responses must).
     """
-    if isinstance(request, ProxyRequest) and request.writeHead(status, reason, fields):
+    if isinstance(request, ProxyRequest) and (hasBody or request._http1) and request.writeHead(status, reason, fields):
         return
     request.setResponseCode(status, reason)
     headers = request.responseHeaders
     for name, value in fields:
         headers.addRawHeader(name, value)
-    request.write(b"")
+    if hasBody or not isinstance(request.channel, ProxyH2Stream):
+        request.write(b"")
 
 
 def sendInterim(request: Request, status: int, fields: Sequence[Field]) -> None:
     """
-    Forward an informational (1xx) response, such as 103 Early Hints, ahead of C{request}'s final one.
+    Forward an informational (1xx) response, such as 103 Early Hints or an upstream's 100 Continue,
+    ahead of C{request}'s final one: a status line on HTTP/1.1, a HEADERS frame on HTTP/2.
 
     HTTP/1.0 clients get none (RFC 9110 section 15.2), and neither does a response already begun.
-    ``100 Continue`` is not forwarded: the client's channel answers ``Expect`` itself.
+    101 is never sent this way: switching protocols is not an interim answer.
     """
-    if request.startedWriting or request.finished or request._disconnected or status == 100:
+    if request.startedWriting or request.finished or request._disconnected or status == 101:
         return
-    if isinstance(request, ProxyRequest) and request._http1 and request.clientproto == b"HTTP/1.1":
+    if not isinstance(request, ProxyRequest):
+        return  # a plain twisted.web request: Twisted answered Expect itself, and has no 1xx API
+    channel = request.channel
+    if status == 100:
+        request.continued = True
+    if isinstance(channel, ProxyH2Stream):
+        channel.writeInterim(status, fields)
+    elif request._http1 and request.clientproto == b"HTTP/1.1":
         lines = [b"HTTP/1.1 %d %s" % (status, _INTERIM_REASONS.get(status) or RESPONSES.get(status, b"Informational"))]
         lines.extend(name + b": " + value for name, value in fields)
         lines.append(b"\r\n")
-        request.channel.write(b"\r\n".join(lines))
+        channel.write(b"\r\n".join(lines))
 
 
 def setTrailers(request: Request, fields: Sequence[Field]) -> None:
@@ -150,7 +163,10 @@ class ProxyRequest(server.Request):
     @ivar clientGone: called with the reason if the connection is lost before the response is finished
         (what C{notifyFinish} would errback with).
     @ivar responseTrailers: trailer fields sent after the response body when the framing allows
-        (chunked HTTP/1.1).
+        (chunked HTTP/1.1, HTTP/2).
+    @ivar requestTrailers: the trailer fields the client sent after its body (chunked HTTP/1.1 or
+        HTTP/2), set before C{requestReceived}.
+    @ivar continued: whether a ``100 Continue`` was forwarded to the client.
     """
 
     defaultContentType = None  # a proxy never invents a Content-Type
@@ -161,6 +177,8 @@ class ProxyRequest(server.Request):
     bodyPipe: RequestBodyPipe | None = None
     clientGone: Callable[[Failure], object] | None = None
     responseTrailers: Sequence[Field] = ()
+    requestTrailers: Sequence[Field] = ()
+    continued = False
     _streaming = False
     _http1 = False
     _refused = False
@@ -239,9 +257,26 @@ class ProxyRequest(server.Request):
     def _refuse(self, error: ProxyError) -> None:
         """Answer now and close: the body (if any) will not be read."""
         self._refused = True
-        self.requestHeaders.removeHeader(b"expect")  # no 100 Continue for a refused body
         stopKeepAlive(self)
         sendError(self, error)
+
+    def continueAutomatically(self) -> bool:
+        """
+        Whether the client's channel should answer ``Expect: 100-continue`` itself, now that the head is
+        routed: yes for a resource that reads the body once it is in (health, admin); no for a streaming
+        one (the proxy forwards the expectation and relays the upstream's 100, or its final answer
+        without one), nor for a request already refused (its error goes out without soliciting the body).
+        """
+        return not (self._streaming or self.finished or self._refused) and self._expectsContinue()
+
+    def _unsolicitedBody(self) -> bool:
+        """Whether the client holds its body back until a ``100 Continue`` that was not sent."""
+        pipe = self.bodyPipe
+        return pipe is not None and not pipe.complete and not self.continued and self._expectsContinue()
+
+    def _expectsContinue(self) -> bool:
+        expect = self.requestHeaders.getRawHeaders(b"expect")
+        return expect is not None and expect[0].lower() == b"100-continue"
 
     def handleContentChunk(self, data: bytes) -> None:
         self._bodyBytes += len(data)
@@ -269,16 +304,21 @@ class ProxyRequest(server.Request):
     def writeHead(self, code: int, reason: bytes | None, fields: Sequence[Field]) -> bool:
         """
         Write an HTTP/1 response head with C{fields} as they are, the framing chosen the way Twisted's
-        C{write} does (chunked on HTTP/1.1 unless a length is given); C{False}, and nothing written, when
-        Twisted's own path must do it: HTTP/2, a closed connection, or a field that is not valid.
+        C{write} does (chunked on HTTP/1.1 unless a length is given), or an HTTP/2 one as a HEADERS frame
+        built from them; C{False}, and nothing written, when Twisted's own path must do it: a closed
+        connection, or a field that is not valid (or, on HTTP/2, that h2 must check itself).
 
         Twisted would copy every field into C{responseHeaders} and read them back to frame the body.
         """
-        if not self._http1 or self._disconnected or self.startedWriting:
+        if self._disconnected or self.startedWriting:
             return False
+        if not self._http1:
+            return self._writeHeadH2(code, reason, fields)
         names = [name for name, _ in fields]
         if not all(names) or not isToken(b"".join(names)) or hasControl(b"".join([value for _, value in fields])):
             return False  # what a filter added goes through Twisted's checks
+        if self._unsolicitedBody():
+            stopKeepAlive(self)  # the client waits for a 100 that will not come: its body is never read
         self.setResponseCode(code, reason)
         lines = [self.clientproto + b" %d " % code + self.code_message]
         for name, values in self.responseHeaders.getAllRawHeaders():
@@ -297,15 +337,38 @@ class ProxyRequest(server.Request):
         self.channel.write(b"\r\n".join(lines))
         return True
 
+    def _writeHeadH2(self, code: int, reason: bytes | None, fields: Sequence[Field]) -> bool:
+        """L{writeHead} on HTTP/2: the fields the proxy set itself, then C{fields}, as one HEADERS frame."""
+        channel = self.channel
+        if not isinstance(channel, ProxyH2Stream) or self.cookies or (self.lastModified or self.etag) is not None:
+            return False
+        own = [(name, value) for name, values in self.responseHeaders.getAllRawHeaders() for value in values]
+        self.setResponseCode(code, reason)
+        if not channel.writeHead(code, [*own, *fields] if own else fields):
+            return False
+        self.startedWriting = 1
+        return True
+
     def finish(self) -> None:
         self.clientGone = None  # nothing left to cancel (and no request-exchange cycle left for the GC)
         trailers = self.responseTrailers
-        if trailers and self._http1 and self.chunked and not self._disconnected and not self.finished:
-            # Twisted's finish would end the chunked body with an empty trailer section.
-            self.channel.write(
-                b"0\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in trailers) + b"\r\n"
-            )
-            self.chunked = 0
+        channel = self.channel
+        if not trailers and not self.startedWriting and isinstance(channel, ProxyH2Stream):
+            channel.endWithHead()
+        elif trailers and not self._disconnected and not self.finished:
+            if isinstance(channel, ProxyH2Stream):
+                channel.setTrailers(trailers)
+            elif self.chunked:
+                # Twisted's finish would end the chunked body with an empty trailer section.
+                channel.write(b"0\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in trailers) + b"\r\n")
+                self.chunked = 0
+            else:
+                _log.debug(
+                    "dropping {count} response trailer fields: the {version} response to {target} is not chunked",
+                    count=len(trailers),
+                    version=self.clientproto.decode("latin-1"),
+                    target=self.uri[:200].decode("latin-1"),
+                )
         super().finish()
 
     def connectionLost(self, reason: Failure) -> None:
@@ -317,7 +380,7 @@ class ProxyRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._streaming or self._refused:
             if self.bodyPipe is not None:
-                self.bodyPipe.finish()
+                self.bodyPipe.finish(self.requestTrailers)
             return
         super().requestReceived(command, path, version)
 

@@ -43,7 +43,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
 from rproxy.errors import ProxyError, clientError, proxyError
-from rproxy.headers import connectionListed, hasControl, isToken
+from rproxy.headers import connectionListed, hasControl, isToken, trailerFields
+from rproxy.http2 import PREFACE, ProxyH2Connection
 from rproxy.request import ProxyRequest
 
 _log = Logger()
@@ -61,6 +62,12 @@ class ClientLimits:
     @ivar headerTimeout: how long the request head may take to arrive (slower: 408).
     @ivar idleTimeout: how long an idle keep-alive connection is kept.
     @ivar maxConnections: client connections at once, per listener group (more: 503 and close).
+    @ivar h2MaxConcurrentStreams: HTTP/2 streams a client may have open at once
+        (C{SETTINGS_MAX_CONCURRENT_STREAMS}; a client that opens more gets GOAWAY).
+    @ivar h2MaxHeaderListSize: largest HTTP/2 header list, as RFC 9113 counts it
+        (C{SETTINGS_MAX_HEADER_LIST_SIZE}; a larger one gets GOAWAY).
+    @ivar h2ResetBurst: HTTP/2 streams a client may reset in a burst (Rapid Reset, CVE-2023-44487) ...
+    @ivar h2ResetRate: ... and per second after it; beyond, GOAWAY(ENHANCE_YOUR_CALM) and close.
     """
 
     maxRequestLine: int = 8192
@@ -70,6 +77,10 @@ class ClientLimits:
     headerTimeout: float = 10.0
     idleTimeout: float = 60.0
     maxConnections: int = 10000
+    h2MaxConcurrentStreams: int = 100
+    h2MaxHeaderListSize: int = 65536
+    h2ResetBurst: int = 200
+    h2ResetRate: int = 33
 
 
 class ProxyHTTPChannel(HTTPChannel):
@@ -256,8 +267,17 @@ class ProxyHTTPChannel(HTTPChannel):
         if self._transferDecoder is not None or data.strip().lower() != b"chunked":
             return self._framingError(f"unsupported Transfer-Encoding {data[:64].decode('latin-1')!r} (only chunked)")
         self.length = None
-        self._transferDecoder = _ChunkedTransferDecoder(self.requests[-1].handleContentChunk, self._finishRequestBody)
+        decoder = _ChunkedTransferDecoder(self.requests[-1].handleContentChunk, self._finishChunkedBody)
+        self._transferDecoder = decoder
         return True
+
+    def _finishChunkedBody(self, rest: bytes) -> None:
+        """The last chunk is in: give the request the trailers Twisted's decoder kept (and drops)."""
+        if self.requests:  # else answered (and removed) before its body ended
+            request: ProxyRequest = self.requests[-1]
+            decoder: Any = self._transferDecoder
+            request.requestTrailers = trailerFields(bytes(line) for line in decoder._trailerHeaders)
+        self._finishRequestBody(rest)
 
     def _framingError(self, reason: str) -> bool:
         self._reject(clientError(400, reason))
@@ -275,8 +295,17 @@ class ProxyHTTPChannel(HTTPChannel):
         return False
 
     def allHeadersReceived(self) -> None:
+        """
+        Twisted's, except that ``Expect: 100-continue`` is answered here only if the request says so
+        (L{ProxyRequest.continueAutomatically}): a proxied one waits for the upstream's 100.
+        """
         self._awaitingHead = False
-        super().allHeadersReceived()
+        request: ProxyRequest = self.requests[-1]
+        request.parseCookies()
+        self.persistent = self.checkPersistence(request, self._version)
+        request.gotLength(self.length)
+        if self._version == b"HTTP/1.1" and request.continueAutomatically():
+            self._send100Continue()
 
     def allContentReceived(self) -> None:
         if self.requests:  # else the body belonged to a request answered (and closed) early
@@ -326,9 +355,15 @@ class ProxyHTTPChannel(HTTPChannel):
 
 
 class _ProxyChannelProtocol(_GenericHTTPChannelProtocol):
-    """Registers each connection with its site, so shutdown can find and drain it."""
+    """
+    Registers each connection with its site, so shutdown can find and drain it, and chooses its
+    protocol: HTTP/2 after ALPN ``h2`` (as Twisted does) or, on a connection without ALPN, when the
+    client opens with the HTTP/2 preface (h2c with prior knowledge); HTTP/1.1 otherwise.
+    """
 
     _site: ProxySite
+    _negotiatedProtocol: bytes | None = None  # type: ignore[assignment]
+    _sniffed = b""  # the start of what might be the HTTP/2 preface, until there is enough to decide
 
     @property
     def transport(self) -> Any:
@@ -339,6 +374,38 @@ class _ProxyChannelProtocol(_GenericHTTPChannelProtocol):
         # Not connectionMade: the wrapper forwards makeConnection straight to its channel.
         self._site.connections.add(self)
         super().makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Twisted's protocol switch, which also recognises the HTTP/2 preface (however it is split)."""
+        if self._negotiatedProtocol is None:
+            negotiated = getattr(self._channel.transport, "negotiatedProtocol", None)
+            if negotiated is None:
+                data = self._sniffed + data
+                if len(data) < len(PREFACE) and PREFACE.startswith(data):
+                    self._sniffed = data
+                    return
+                self._sniffed = b""
+                negotiated = b"h2" if data.startswith(PREFACE) else b"http/1.1"
+            if negotiated == b"h2":
+                self._switchToHTTP2()
+            self._negotiatedProtocol = negotiated
+        self._channel.dataReceived(data)
+
+    def _switchToHTTP2(self) -> None:
+        """Replace the HTTP/1.1 channel with a L{ProxyH2Connection} on the same transport."""
+        old: Any = self._channel
+        networkProducer = old._networkProducer
+        networkProducer.unregisterProducer()
+        old.setTimeout(None)
+        channel = ProxyH2Connection(self._site.limits, self._site.reactor)
+        channel.requestFactory = self._requestFactory
+        channel.site = self._site
+        channel.factory = self._factory
+        channel.timeOut = self._timeOut
+        channel.callLater = self._callLater  # type: ignore[method-assign,assignment]
+        self._channel = channel
+        channel.makeConnection(old.transport)
+        networkProducer.registerProducer(channel, True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._site.connections.discard(self)

@@ -4,7 +4,8 @@
 Flags, a TOML file (C{--config}) and the environment (C{rproxy.tac}) all go through L{Options}, which
 produces one L{ProxyConfig}; L{buildService} turns a config into listeners, services of upstreams, the
 routes to them, health checks and a draining shutdown; with a config file, SIGHUP (and with
-C{--watch-config}, a change to the file) applies the file again (L{rproxy.reload}).  C{--check-config
+C{--watch-config}, a change to the file) applies the file again (L{rproxy.reload}), and SIGHUP reads
+the certificates of the TLS listeners again (L{rproxy.certificates}).  C{--check-config
 FILE} builds all but the listeners, and says whether the file is right.
 """
 
@@ -13,16 +14,18 @@ from __future__ import annotations
 import getopt
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.application import service, strports
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger
 from twisted.python import usage
 
 from rproxy import __version__
 from rproxy.balancers import balancerFactories
+from rproxy.certificates import CertificateStore, TLSSettings, tlsListener
 from rproxy.config import (
     REPEATABLE,
     ConfigError,
@@ -44,6 +47,7 @@ from rproxy.registry import MemoryRegistry
 from rproxy.resource import buildResource
 from rproxy.retry import RetryPolicy
 from rproxy.server import ClientLimits, DrainingService, ProxySite
+from rproxy.upgrade import DEFAULT_IDLE_TIMEOUT, Tunnels
 from rproxy.upstream import Service, Upstream
 from rproxy.upstream.pool import PoolSettings
 
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
     from rproxy.admin import AdminSettings
     from rproxy.reload import ConfigSource
 
+_log = Logger()
 _DEFAULT_POOL = PoolSettings()
 _DEFAULT_CLIENT = ClientLimits()
 _DEFAULT_RETRY = RetryPolicy()
@@ -75,6 +80,11 @@ class Options(usage.Options):
             "retry-idempotency-key",
             None,
             "Also retry requests of any method that carry an Idempotency-Key, once sent.",
+        ],
+        [
+            "upstream-tls-insecure",
+            None,
+            "Do not verify the certificates of https upstreams at all (logged as a warning).",
         ],
         ["list-balancers", None, "Print the installed balancers and exit."],
         ["version", None, "Print the version and exit."],
@@ -103,6 +113,12 @@ class Options(usage.Options):
             "Also serve the built-in demo upstream on this endpoint, and proxy to it when no --upstream is given.",
         ],
         ["grace", None, 30.0, "Seconds in-flight exchanges get to finish on shutdown."],
+        [
+            "tunnel-idle-timeout",
+            None,
+            DEFAULT_IDLE_TIMEOUT,
+            "Seconds an upgraded connection (a WebSocket) may be silent both ways before it is closed (0: no limit).",
+        ],
         ["connect-timeout", None, _DEFAULT_POOL.connectTimeout, "Seconds to connect to an upstream."],
         [
             "response-timeout",
@@ -131,6 +147,25 @@ class Options(usage.Options):
             _DEFAULT_POOL.queueTimeout,
             "Seconds a request may wait for an upstream connection (then 503).",
         ],
+        [
+            "upstream-ping-interval",
+            None,
+            _DEFAULT_POOL.pingInterval,
+            "Seconds of silence on an HTTP/2 upstream connection before a PING checks it (0: never).",
+        ],
+        [
+            "upstream-ping-timeout",
+            None,
+            _DEFAULT_POOL.pingTimeout,
+            "Seconds the answer to a PING may take before the HTTP/2 connection is closed.",
+        ],
+        ["upstream-ca", None, None, "A PEM file of CA certificates to verify https upstreams with (default: system)."],
+        [
+            "upstream-client-cert",
+            None,
+            None,
+            "CERTFILE[:KEYFILE], a PEM client certificate (and its key) to present to https upstreams.",
+        ],
         ["max-body-size", None, "0", "Largest request body, e.g. 10M (0: no limit; larger: 413)."],
         ["max-request-line", None, _DEFAULT_CLIENT.maxRequestLine, "Longest request line (longer: 414)."],
         ["max-header-size", None, str(_DEFAULT_CLIENT.maxHeaderBytes), "Largest request header section (larger: 431)."],
@@ -143,6 +178,25 @@ class Options(usage.Options):
         ],
         ["client-timeout", None, _DEFAULT_CLIENT.idleTimeout, "Seconds an idle client connection is kept open."],
         ["max-connections", None, _DEFAULT_CLIENT.maxConnections, "Client connections at once (more: 503)."],
+        [
+            "h2-max-concurrent-streams",
+            None,
+            _DEFAULT_CLIENT.h2MaxConcurrentStreams,
+            "HTTP/2 streams a client may have open at once (more: refused with REFUSED_STREAM).",
+        ],
+        [
+            "h2-max-header-list-size",
+            None,
+            str(_DEFAULT_CLIENT.h2MaxHeaderListSize),
+            "Largest HTTP/2 request header list (larger: GOAWAY).",
+        ],
+        [
+            "h2-reset-burst",
+            None,
+            _DEFAULT_CLIENT.h2ResetBurst,
+            "HTTP/2 stream resets a client may send in a burst (Rapid Reset; more: GOAWAY).",
+        ],
+        ["h2-reset-rate", None, _DEFAULT_CLIENT.h2ResetRate, "HTTP/2 stream resets per second after the burst."],
         ["retries", None, _DEFAULT_RETRY.retries, "Attempts repeated on another upstream once a request was sent."],
         ["try-duration", None, _DEFAULT_RETRY.tryDuration, "Seconds after which no new attempt starts (0: no limit)."],
         ["retry-on-status", None, "", "Response statuses retried like failures, e.g. 502,503 (default: none)."],
@@ -191,6 +245,12 @@ class Options(usage.Options):
             "Serve the admin API on this endpoint, e.g. tcp:9901:interface=127.0.0.1 (default: off).",
         ],
         ["admin-token-file", None, None, "A file holding the bearer token the admin API requires."],
+        [
+            "tls-watch",
+            None,
+            TLSSettings().watchInterval,
+            "Seconds between checks of the --tls-cert files for changes, which then apply (0: only on SIGHUP).",
+        ],
     ]
 
     #: What the options and the config file describe, once parsed.
@@ -212,6 +272,14 @@ class Options(usage.Options):
     def opt_listen(self, endpoint: str) -> None:
         """A server endpoint to listen on, e.g. tcp:8080 (repeatable; default tcp:8080)."""
         self["listen"].append(endpoint)
+
+    def opt_tls_listen(self, endpoint: str) -> None:
+        """A plain server endpoint to serve TLS on, with the --tls-cert certificates, e.g. tcp:8443 (repeatable)."""
+        self["tls-listen"].append(endpoint)
+
+    def opt_tls_cert(self, spec: str) -> None:
+        """CERTFILE[:KEYFILE[:HOSTNAME,...]], a certificate for --tls-listen; the first is the default (repeatable)."""
+        self["tls-cert"].append(spec)
 
     def opt_upstream(self, url: str) -> None:
         """An upstream URL, e.g. http://127.0.0.1:9000/base (repeatable)."""
@@ -355,7 +423,8 @@ def buildForwarding(config: ProxyConfig) -> ForwardingPolicy:
 
 def buildProxy(config: ProxyConfig, reactor: IReactorTime, services: Mapping[str, Service]) -> Proxy:
     """The proxy of C{config}, routing to C{services} (by name)."""
-    return Proxy(reactor, buildDirector(config.routes, services), buildForwarding(config))
+    tunnels = Tunnels(reactor, config.tunnelIdleTimeout)
+    return Proxy(reactor, buildDirector(config.routes, services), buildForwarding(config), tunnels=tunnels)
 
 
 def buildSite(
@@ -385,6 +454,16 @@ def closeUpstreams(registry: MemoryRegistry) -> None:
             upstream.pool.drain("is closing: the proxy is shutting down")
 
 
+def warnInsecureUpstreams(config: ProxyConfig) -> None:
+    """Say, once, which services do not verify their upstreams' TLS certificates."""
+    insecure = sorted(name for name, each in config.services.items() if each.pool.tls.insecure)
+    if insecure:
+        _log.warn(
+            "the TLS certificates of the https upstreams of {services} are not verified (--upstream-tls-insecure)",
+            services=", ".join(insecure),
+        )
+
+
 def buildService(
     config: ProxyConfig,
     reactor: IReactorTime,
@@ -394,13 +473,14 @@ def buildService(
 ) -> service.MultiService:
     """
     The proxy's services: a draining shutdown, health checks, then one listener per endpoint (answering
-    the local routes of C{admin} themselves) and the admin listener, if any; and with a C{source} to read
-    the configuration again from, a L{ConfigReloader} (handling SIGHUP when given the reactor to hand
-    C{signals} to).
+    the local routes of C{admin} themselves), the TLS listeners and their L{CertificateStore}, and the
+    admin listener, if any; with a C{source} to read the configuration again from, a L{ConfigReloader};
+    and given the reactor to hand C{signals} to, a L{HangUpReloader}: SIGHUP reloads the configuration
+    and the certificates.
     """
     # Imported here: rproxy.reload and rproxy.admin build on this module's functions.
     from rproxy.admin import LocalRoutes, Registrations, adminSite, localRoutes
-    from rproxy.reload import ConfigReloader, LiveProxy
+    from rproxy.reload import ConfigReloader, HangUpReloader, LiveProxy
 
     top = service.MultiService()
     if config.demoUpstream is not None:
@@ -409,6 +489,7 @@ def buildService(
         strports.service(config.demoUpstream, demoSite()).setServiceParent(top)
     registry = MemoryRegistry()
     services, _ = buildServices(config, reactor, registry)
+    warnInsecureUpstreams(config)
     proxy = buildProxy(config, reactor, services)
     # Added first so that it is stopped last, after the listeners stop accepting (its site is added below).
     draining = DrainingService([], config.grace, reactor, lambda: closeUpstreams(registry))
@@ -423,14 +504,27 @@ def buildService(
     draining.sites.append(site)
     for endpoint in config.listen:
         strports.service(endpoint, site).setServiceParent(top)
+    certificates = None
+    if config.tls.listen:
+        certificates = CertificateStore(config.tls.certificates, reactor, config.tls.watchInterval)
+        certificates.setServiceParent(top)
+        for endpoint in config.tls.listen:
+            tlsListener(endpoint, site, certificates).setServiceParent(top)
     if admin is not None and admin.listen is not None:
         assert admin.token is not None  # AdminSettings never has one without the other
         registrations = Registrations(live, reactor)
         registrations.setServiceParent(top)
         api = adminSite(admin.token, live, draining, registrations, reactor)
         strports.service(admin.listen, api).setServiceParent(top)
+    reloads: list[Callable[[str], object]] = []
     if source is not None:
-        ConfigReloader(source, live, reactor, signals).setServiceParent(top)
+        reloader = ConfigReloader(source, live, reactor)
+        reloader.setServiceParent(top)
+        reloads.append(reloader.reload)
+    if certificates is not None:
+        reloads.append(certificates.reload)
+    if signals is not None and reloads:
+        HangUpReloader(reloads, signals).setServiceParent(top)
     return top
 
 

@@ -370,3 +370,42 @@ class UpstreamProcess:
             return defer.succeed(None)
         proto.transport.signalProcess("KILL")
         return proto.exited
+
+
+def selfSignedCertificate(directory: str, hostName: str = "localhost") -> tuple[str, str]:
+    """
+    Write a new self-signed certificate for C{hostName} and its key, PEM, into C{directory}; return
+    their paths (key, certificate), e.g. for an ``ssl:0:privateKey=KEY:certKey=CERT`` endpoint.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostName)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostName)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    os.makedirs(directory, exist_ok=True)
+    keyPath, certificatePath = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    with open(keyPath, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    with open(certificatePath, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    return keyPath, certificatePath

@@ -464,6 +464,16 @@ class StateTests(unittest.TestCase):
                 "shuttingDown": False,
                 "services": [{"name": "default", "balancer": "least_conn", "upstreams": [upstreamState]}],
                 "routes": [{"description": "any host -> service default"}],
+                "tunnels": {
+                    "open": 0,
+                    "opened": 0,
+                    "bytesFromClients": 0,
+                    "bytesFromUpstreams": 0,
+                    "messagesFromClients": 0,
+                    "messagesFromUpstreams": 0,
+                    "closedByLimits": 0,
+                    "closedIdle": 0,
+                },
             },
         )
         inFlight = defer.ensureDeferred(request(proxy.port, b"/slow"))
@@ -609,7 +619,7 @@ class RegistrationTests(unittest.TestCase):
                 "/services/default/upstreams",
                 b'{"url": "ftp://h", "ttl": 30}',
                 400,
-                "url: upstream 'ftp://h': scheme must be http or https",
+                "url: upstream 'ftp://h': scheme must be one of http, h2c, https, https+h1, https+h2",
             ),
             (
                 "POST",

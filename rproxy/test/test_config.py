@@ -32,6 +32,7 @@ from rproxy.directors import BlueGreen, RoutingDirector, SingleServiceDirector, 
 from rproxy.healthcheck import HealthChecker
 from rproxy.retry import RetryPolicy
 from rproxy.tap import Options, buildDirector, buildService, checkConfig
+from rproxy.test.h2upstream import CertificateAuthority
 from rproxy.test.support import (
     BIN,
     ReceivedRequest,
@@ -184,6 +185,12 @@ SAMPLES: dict[str, object] = {
     "health-timeout": 1,
     "health-rise": 5,
     "health-fall": 6,
+    "upstream-ping-interval": 2,
+    "upstream-ping-timeout": 3,
+    "upstream-tls-insecure": True,
+    # Files under trial's working directory, written when first read.
+    "upstream-ca": "upstream-tls-samples/ca.pem",
+    "upstream-client-cert": "upstream-tls-samples/client.pem:upstream-tls-samples/client.key",
 }
 
 
@@ -193,6 +200,7 @@ class ServiceTests(ConfigTestCase):
     def test_eachSettingAsOnCommandLine(self) -> None:
         """Every setting a service may override gives the service what the option gives the command line's."""
         self.assertEqual(sorted(SAMPLES), sorted(SERVICE_OPTIONS))
+        CertificateAuthority().writeFiles("upstream-tls-samples")
         baseline = parse("--upstream", URL, "--health-path", "/healthz").services["default"]
         for option, value in SAMPLES.items():
             text = f'health-path = "/healthz"\n[services.s]\nupstreams = ["{URL}"]\n{option} = {json.dumps(value)}\n'

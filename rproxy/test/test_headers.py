@@ -85,7 +85,7 @@ class TokenTests(unittest.TestCase):
     def test_hopByHopSet(self) -> None:
         """The hop-by-hop set is the RFC 9110 list plus Proxy-Connection and HTTP2-Settings."""
         self.assertEqual(HOP_BY_HOP, {name.lower() for name, _ in HOP_FIELDS})
-        self.assertEqual(FRAMING, {b"content-length", b"host", b"expect"})
+        self.assertEqual(FRAMING, {b"content-length", b"host"})
 
 
 class RequestHeaderPairsTests(unittest.TestCase):
@@ -105,18 +105,22 @@ class RequestHeaderPairsTests(unittest.TestCase):
         self.assertFalse(trailers)
 
     def test_framingRemoved(self) -> None:
-        """Content-Length, Host and Expect are recomputed by the proxy, so left out."""
+        """
+        Content-Length and Host are recomputed by the proxy, so left out; Expect is forwarded only as
+        100-continue (the upstream's 100 is relayed), any other expectation dropped.
+        """
         pairs, _ = requestHeaderPairs(
             headersOf(
                 [
                     (b"Host", b"example.com"),
                     (b"Content-Length", b"5"),
-                    (b"Expect", b"100-continue"),
+                    (b"Expect", b"100-Continue"),
+                    (b"Expect", b"x-other"),
                     (b"X-Keep", b"yes"),
                 ]
             )
         )
-        self.assertEqual(pairs, [(b"X-Keep", b"yes")])
+        self.assertEqual(pairs, [(b"Expect", b"100-Continue"), (b"X-Keep", b"yes")])
 
     def test_connectionListedRemoved(self) -> None:
         """A field named in Connection is hop-by-hop for this message."""

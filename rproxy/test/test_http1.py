@@ -65,15 +65,16 @@ class FramingTests(unittest.TestCase):
 
     async def test_interimResponsesForwarded(self) -> None:
         """
-        103 Early Hints reaches the client ahead of the final response, without the fields its
-        Connection lists; a 100 Continue is the proxy's own business with the client, not forwarded.
+        Interim responses (100 Continue, 103 Early Hints) reach the client ahead of the final response,
+        without the fields their Connection lists (rproxy.test.test_continue covers Expect end to end).
         """
         data = await self.through(
             b"HTTP/1.1 100 Continue\r\n\r\n"
             b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\n"
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         )
-        interim, _, final = data.partition(b"\r\n\r\n")
+        continued, interim, final = data.split(b"\r\n\r\n", 2)
+        self.assertEqual(continued, b"HTTP/1.1 100 Continue")
         self.assertEqual(interim, b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload")
         self.assertTrue(final.startswith(b"HTTP/1.1 200 OK\r\n"), data)
         self.assertTrue(final.endswith(b"ok"))

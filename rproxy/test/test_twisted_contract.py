@@ -102,3 +102,95 @@ class AgentContractTests(unittest.TestCase):
 
         self.assertTrue(issubclass(_newclient.ParseError, Exception))
         self.assertIs(_newclient.ResponseFailed, ResponseFailed)
+
+
+class ChunkedTrailerContractTests(unittest.TestCase):
+    """ProxyHTTPChannel reads a chunked request's trailers from the decoder, which Twisted keeps and drops."""
+
+    def test_trailerHeadersKept(self) -> None:
+        finished: list[bytes] = []
+        decoder = http._ChunkedTransferDecoder(lambda data: None, finished.append)
+        seen: list[list[bytes]] = []
+        decoder.finishCallback = lambda rest: (seen.append([bytes(x) for x in decoder._trailerHeaders]), rest)
+        decoder.dataReceived(b"1\r\na\r\n0\r\nX-One: 1\r\nX-Two: 2\r\n\r\n")
+        self.assertEqual(seen, [[b"X-One: 1", b"X-Two: 2"]])
+
+
+class ProtocolSwitchContractTests(unittest.TestCase):
+    """_ProxyChannelProtocol switches to HTTP/2 itself, with what Twisted's switch uses."""
+
+    def test_genericChannelState(self) -> None:
+        wrapper = http._GenericHTTPChannelProtocol(http.HTTPChannel())
+        for attribute in ("_negotiatedProtocol", "_requestFactory", "_factory", "_site", "_timeOut", "_callLater"):
+            self.assertTrue(hasattr(wrapper, attribute), f"_GenericHTTPChannelProtocol.{attribute} is gone")
+        from twisted.internet.testing import StringTransport
+
+        channel = http.HTTPChannel()
+        channel.makeConnection(StringTransport())
+        self.assertTrue(callable(channel._send100Continue))
+        self.assertTrue(callable(channel._networkProducer.unregisterProducer), "HTTPChannel._networkProducer")
+        channel.connectionLost(None)
+
+
+class HTTP2ContractTests(unittest.TestCase):
+    """The private parts of twisted.web._http2 and of h2 that rproxy.http2 relies on."""
+
+    def test_connectionMethods(self) -> None:
+        from twisted.web import _http2
+
+        expected = {
+            "_requestReceived": ["self", "event"],
+            "_requestDataReceived": ["self", "event"],
+            "_requestEnded": ["self", "event"],
+            "_requestAborted": ["self", "event"],
+            "_requestDone": ["self", "streamID"],
+            "_handleWindowUpdate": ["self", "event"],
+            "_sendPrioritisedData": ["self", "args"],
+            "_tryToWriteControlData": ["self"],
+            "remainingOutboundWindow": ["self", "streamID"],
+            "writeHeaders": ["self", "version", "code", "reason", "headers", "streamID"],
+        }
+        for name, parameters in expected.items():
+            method = getattr(_http2.H2Connection, name, None)
+            self.assertIsNotNone(method, f"H2Connection.{name} is gone")
+            self.assertEqual(list(inspect.signature(method).parameters), parameters, name)
+        self.assertEqual(
+            list(inspect.signature(_http2.H2Stream).parameters),
+            ["streamID", "connection", "headers", "requestFactory", "site", "factory"],
+        )
+        for name in ("_convertHeaders", "_send100Continue", "requestComplete", "flowControlBlocked"):
+            self.assertTrue(callable(getattr(_http2.H2Stream, name, None)), f"H2Stream.{name} is gone")
+        self.assertTrue(hasattr(_http2, "_END_STREAM_SENTINEL"))
+
+    def test_connectionState(self) -> None:
+        from twisted.internet.task import Clock
+        from twisted.web import _http2
+
+        connection = _http2.H2Connection(Clock())
+        for attribute in (
+            "_outboundStreamQueues",
+            "_streamCleanupCallbacks",
+            "_consumerBlocked",
+            "_sendingDeferred",
+            "_stillProducing",
+            "_resetTokens",
+            "_resetTokenBurst",
+            "_resetTokenRate",
+            "_reactor",
+            "priority",
+            "streams",
+        ):
+            self.assertTrue(hasattr(connection, attribute), f"H2Connection.{attribute} is gone")
+
+    def test_h2Internals(self) -> None:
+        import h2.connection
+        import h2.events
+        import h2.stream
+
+        state = h2.connection.H2Connection()
+        self.assertTrue(callable(state._receive_headers_frame))
+        self.assertTrue(hasattr(state, "_closed_streams"))
+        self.assertTrue(hasattr(state, "highest_inbound_stream_id"))
+        self.assertTrue(callable(h2.connection._decode_headers))
+        self.assertEqual(h2.stream.StreamClosedBy.SEND_RST_STREAM.name, "SEND_RST_STREAM")
+        self.assertIn("stream_ended", vars(h2.events.RequestReceived)["__annotations__"])

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from twisted.internet import endpoints
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.ssl import optionsForClientTLS
 
 from rproxy.health import PassivePolicy, UpstreamHealth
 from rproxy.retry import RetryPolicy
-from rproxy.upstream.pool import PoolSettings, UpstreamPool
+from rproxy.upstream.pool import HTTP1, HTTP2, NEGOTIATED, PoolSettings, UpstreamPool
+from rproxy.upstream.tls import UpstreamTLS, connectionCreator
 
 if TYPE_CHECKING:
     from rproxy.interfaces import IBalancer, IRegistry
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+@dataclass(frozen=True)
+class _Scheme:
+    """What an upstream URL's scheme means: default port, TLS, the protocol and what ALPN offers."""
+
+    port: int
+    tls: bool
+    protocol: str
+    alpn: tuple[bytes, ...] = ()
+
+
+#: The upstream URL schemes (see docs/upstreams.md).
+SCHEMES = {
+    "http": _Scheme(80, False, HTTP1),
+    "h2c": _Scheme(80, False, HTTP2),
+    "https": _Scheme(443, True, NEGOTIATED, (b"h2", b"http/1.1")),
+    "https+h1": _Scheme(443, True, HTTP1, (b"http/1.1",)),
+    "https+h2": _Scheme(443, True, HTTP2, (b"h2",)),
+}
 
 
 def splitWeight(spec: str) -> tuple[str, int]:
@@ -40,23 +59,29 @@ def splitWeight(spec: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class UpstreamURL:
-    """A parsed upstream URL: C{scheme://host:port/base} (the base path is prefixed to every target)."""
+    """
+    A parsed upstream URL: C{scheme://host:port/base} (the base path is prefixed to every target).
+
+    @ivar tls: the TLS settings its connections use, for the https schemes.
+    """
 
     scheme: str
     host: str
     port: int
     basePath: bytes
+    tls: UpstreamTLS = field(default_factory=UpstreamTLS)
 
     @classmethod
     def parse(cls, url: str) -> UpstreamURL:
         """Parse C{url}; raise C{ValueError} saying what is wrong with it."""
         parts = urlsplit(url)
-        if parts.scheme not in _DEFAULT_PORTS:
-            raise ValueError(f"upstream {url!r}: scheme must be http or https, not {parts.scheme!r}")
+        if parts.scheme not in SCHEMES:
+            known = ", ".join(SCHEMES)
+            raise ValueError(f"upstream {url!r}: scheme must be one of {known}, not {parts.scheme!r}")
         if parts.query or parts.fragment or parts.username or parts.password:
             raise ValueError(f"upstream {url!r}: no query, fragment or credentials allowed")
         try:
-            port = parts.port or _DEFAULT_PORTS[parts.scheme]
+            port = parts.port or SCHEMES[parts.scheme].port
         except ValueError:
             raise ValueError(f"upstream {url!r}: invalid port") from None
         if not parts.hostname:
@@ -67,17 +92,20 @@ class UpstreamURL:
     def authority(self) -> str:
         """C{host:port}, the port left out when it is the scheme's default."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.port == _DEFAULT_PORTS[self.scheme]:
+        if self.port == SCHEMES[self.scheme].port:
             return host
         return f"{host}:{self.port}"
 
     @property
     def requestScheme(self) -> bytes:
         """The scheme requests to it carry (HTTP/2's ``:scheme``)."""
-        return b"https" if self.scheme == "https" else b"http"
+        return b"https" if SCHEMES[self.scheme].tls else b"http"
 
-    def endpoint(self, reactor: IReactorTime, timeout: float) -> IStreamClientEndpoint:
-        """A client endpoint for this upstream (TLS verified against the host name for https)."""
+    def endpoint(self, reactor: IReactorTime, timeout: float, alpn: Sequence[bytes] = ()) -> IStreamClientEndpoint:
+        """
+        A client endpoint for this upstream (for the https schemes, TLS as L{tls} says, offering C{alpn}:
+        by default nothing, so that the server speaks HTTP/1.1, for clients such as health checks).
+        """
         tcp: IStreamClientEndpoint
         if isIPAddress(self.host):
             tcp = endpoints.TCP4ClientEndpoint(reactor, self.host, self.port, timeout=timeout)
@@ -85,9 +113,15 @@ class UpstreamURL:
             tcp = endpoints.TCP6ClientEndpoint(reactor, self.host, self.port, timeout=timeout)
         else:
             tcp = endpoints.HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
-        if self.scheme == "https":
-            return endpoints.wrapClientTLS(optionsForClientTLS(self.host), tcp)
+        if SCHEMES[self.scheme].tls:
+            return endpoints.wrapClientTLS(connectionCreator(self.host, self.tls, alpn), tcp)
         return tcp
+
+    def pool(self, reactor: IReactorTime, settings: PoolSettings) -> UpstreamPool:
+        """A new pool of connections to this upstream, in the protocol its scheme says."""
+        scheme = SCHEMES[self.scheme]
+        endpoint = self.endpoint(reactor, settings.connectTimeout, scheme.alpn)
+        return UpstreamPool(reactor, endpoint, self.authority, settings, scheme.protocol, scheme.tls)
 
 
 class Upstream:
@@ -125,10 +159,8 @@ class Upstream:
     ) -> Upstream:
         """An upstream for C{url} (which may end in C{#weight=N}) with a new pool."""
         url, weight = splitWeight(url)
-        parsed = UpstreamURL.parse(url)
-        endpoint = parsed.endpoint(reactor, settings.connectTimeout)
-        pool = UpstreamPool(reactor, endpoint, parsed.authority, settings)
-        return cls(parsed, pool, UpstreamHealth(reactor, passive or PassivePolicy()), weight)
+        parsed = replace(UpstreamURL.parse(url), tls=settings.tls)
+        return cls(parsed, parsed.pool(reactor, settings), UpstreamHealth(reactor, passive or PassivePolicy()), weight)
 
     @property
     def weight(self) -> float:

@@ -9,7 +9,7 @@ back to the receiver and is the C{IPushProducer} of its body, so a slow client p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rproxy.headers import Pairs
 
@@ -32,6 +32,8 @@ class RequestHead:
     @ivar acceptsTrailers: whether the client accepts trailers (``TE: trailers`` is sent).
     @ivar bodyLength: the body's length when known; C{None} when it is streamed with no declared length.
     @ivar hasBody: whether a body follows the head (one of length 0 counts when the client declared it).
+    @ivar upgrade: the protocols the client asked to switch to (``Upgrade``), as sent; empty for a request
+        that is no upgrade (L{rproxy.upgrade.requestedProtocols} chooses them).
     """
 
     method: bytes
@@ -42,6 +44,7 @@ class RequestHead:
     acceptsTrailers: bool = False
     bodyLength: int | None = None
     hasBody: bool = False
+    upgrade: tuple[bytes, ...] = ()
 
     @property
     def expectsResponseBody(self) -> bool:
@@ -63,6 +66,13 @@ class ResponseReceiver(Protocol):
 
     def responseDone(self, trailers: Pairs) -> None:
         """The response ended with correct framing (C{trailers}: the trailer fields, if any came)."""
+
+    def responseSwitched(self, headers: Pairs, transport: Any, early: bytes) -> None:
+        """
+        The upstream answered an upgrade request with 101 (Switching Protocols): C{transport} (the
+        connection's, which never goes back to its pool) is the receiver's to splice from now on;
+        C{early} holds the bytes that followed the 101 head.
+        """
 
     def responseFailed(self, error: ProxyError, retrySafe: bool) -> None:
         """

@@ -69,6 +69,8 @@ class HTTP11Connection(TwistedProtocol):
     # read inactivity, pool idleness): a new DelayedCall per exchange costs more than a reset.
     _timer: IDelayedCall | None = None
     _timerMode = _NO_DEADLINE
+    _upgrade = False  # the exchange asked to switch protocols
+    _switchedHeaders: Pairs = []  # the fields of the 101 that switched them
 
     def __init__(self, pool: UpstreamPool, reactor: IReactorTime) -> None:
         self._pool = pool
@@ -104,6 +106,7 @@ class HTTP11Connection(TwistedProtocol):
         self._disarm()
         self._receiver = receiver
         self._expectBody = head.expectsResponseBody
+        self._upgrade = bool(head.upgrade)
         self._chunkedRequest = body is not None and head.bodyLength is None
         self.transport.write(_serialize(head, self._chunkedRequest))
         if body is None:
@@ -292,6 +295,9 @@ class HTTP11Connection(TwistedProtocol):
                 return None
             head, data = data[:end], data[end + 4 :]
             status = self._handleHead(head)
+            if status == 101 and self._receiver is not None:
+                self._switchProtocols(data)
+                return None
             if status is None or status >= 200 or self._receiver is None:
                 return data
             # After a 1xx interim response, the final response follows.
@@ -312,8 +318,11 @@ class HTTP11Connection(TwistedProtocol):
             return None
         if status < 200:
             if status == 101:
-                self._failProtocol("upstream switched protocols though no upgrade was requested")
-                return None
+                if not self._upgrade:
+                    self._failProtocol("upstream switched protocols though no upgrade was requested")
+                    return None
+                self._switchedHeaders = headers
+                return status
             receiver = self._receiver
             assert receiver is not None
             receiver.responseInterim(status, headers)
@@ -332,6 +341,21 @@ class HTTP11Connection(TwistedProtocol):
         if not hasBody and self._receiver is not None:
             self._complete([])
         return status
+
+    def _switchProtocols(self, early: bytes) -> None:
+        """
+        The upstream answered the upgrade request with 101: hand the transport to the receiver, with
+        the bytes that followed the head.  The connection is spent: it never goes back to the pool
+        (its C{connectionLost} still tells the pool when the tunnel ends).
+        """
+        if not self._requestDone:  # body bytes and tunnel bytes would be indistinguishable upstream
+            self._failProtocol("upstream switched protocols before the request body was sent")
+            return
+        self._stopTimer()
+        self._responseDone = True
+        receiver, self._receiver = self._receiver, None
+        assert receiver is not None
+        receiver.responseSwitched(self._switchedHeaders, self.transport, early)
 
     def _parseFields(self, block: bytes) -> Pairs | None:
         """The fields of a head's field block, in order; C{None} (after failing) when malformed."""
@@ -572,6 +596,9 @@ def _serialize(head: RequestHead, chunked: bool) -> bytes:
     lines = [head.method + b" " + head.target + b" HTTP/1.1", b"Host: " + head.authority]
     for name, value in head.fields:
         lines.append(name + b": " + value)
+    if head.upgrade:
+        lines.append(b"Connection: Upgrade")
+        lines.append(b"Upgrade: " + b", ".join(head.upgrade))
     if head.acceptsTrailers:
         lines.append(b"TE: trailers")
     if chunked:

@@ -1,26 +1,44 @@
 """
 Persistent connections to one upstream: reuse, an idle cap and timeout, and a hard cap on concurrency.
 
-A request takes an idle connection if there is one, opens a new one while fewer than
-C{maxConnections} exist, and otherwise waits in a bounded queue for a connection to come back.
-A full queue or a wait longer than C{queueTimeout} answers 503 at once instead of piling requests up.
+Over HTTP/1.1 a request takes an idle connection if there is one, opens a new one while fewer than
+C{maxConnections} exist, and otherwise waits in a bounded queue for a connection to come back.  Over
+HTTP/2 a request takes a stream on an open connection with a free stream slot, waits for a connection
+being opened, or opens one; C{maxConnections} still counts connections, and a request finding every
+stream of every connection busy waits in the same queue for a slot.  A full queue or a wait longer than
+C{queueTimeout} answers 503 at once instead of piling requests up.
+
+Over TLS, the protocol is the one the server chooses by ALPN among those offered, so a pool learns it
+from its connections.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rproxy.errors import ProxyError, proxyError, upstreamError
 from rproxy.upstream.connection import UpstreamConnection
 from rproxy.upstream.http1 import HTTP11Connection
+from rproxy.upstream.http2 import HTTP2Connection
+from rproxy.upstream.tls import UpstreamTLS, describeFailure
+
+#: The protocols a pool speaks: HTTP/1.1, HTTP/2, or the one ALPN selects (TLS only).
+HTTP1 = "http/1.1"
+HTTP2 = "h2"
+NEGOTIATED = "alpn"
+
+#: Streams a connection being opened is expected to carry, until a server says how many it takes.
+_STREAMS_EXPECTED = 100
 
 
 @dataclass(frozen=True)
@@ -28,7 +46,7 @@ class PoolSettings:
     """
     Limits and timeouts for the connections to one upstream (seconds, counts).
 
-    @ivar connectTimeout: how long a TCP connect may take.
+    @ivar connectTimeout: how long a connect may take (with the TLS handshake and HTTP/2 SETTINGS).
     @ivar responseTimeout: how long, once the request is written, the response head may take.
     @ivar readTimeout: how long the upstream may stay silent in the middle of a response.
     @ivar maxConnections: connections open or opening at once.
@@ -36,6 +54,9 @@ class PoolSettings:
     @ivar idleTimeout: how long an idle connection is kept (below the upstream's keep-alive timeout).
     @ivar maxQueue: requests that may wait for a connection when all are busy.
     @ivar queueTimeout: how long a request may wait for a connection.
+    @ivar pingInterval: HTTP/2: a PING when a connection was silent this long (0: never).
+    @ivar pingTimeout: HTTP/2: how long the answer to a PING may take before the connection is closed.
+    @ivar tls: certificates and verification, for https upstreams.
     """
 
     connectTimeout: float = 5.0
@@ -46,16 +67,111 @@ class PoolSettings:
     idleTimeout: float = 30.0
     maxQueue: int = 1024
     queueTimeout: float = 10.0
+    pingInterval: float = 30.0
+    pingTimeout: float = 10.0
+    tls: UpstreamTLS = field(default_factory=UpstreamTLS)
 
 
 class _ConnectionFactory(Factory):
     noisy = False
 
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: UpstreamPool, protocol: str, tls: bool) -> None:
         self.pool = pool
+        self.upstreamProtocol = protocol
+        self.tls = tls
 
-    def buildProtocol(self, addr: object) -> HTTP11Connection:
-        return HTTP11Connection(self.pool, self.pool.reactor)
+    def buildProtocol(self, addr: object) -> Protocol:
+        pool = self.pool
+        if self.tls:
+            return _Negotiating(pool, self.upstreamProtocol)
+        if self.upstreamProtocol == HTTP2:
+            return HTTP2Connection(pool, pool.reactor)
+        return HTTP11Connection(pool, pool.reactor)
+
+
+@implementer(IHandshakeListener)
+class _Negotiating(Protocol):
+    """
+    A TLS connection until its handshake is done: then the protocol ALPN selected takes it over.
+
+    With C{required} set to HTTP/2, a server that does not select it is refused.
+    """
+
+    transport: Any
+    _chosen: Protocol | None = None
+    _timer: IDelayedCall | None = None
+
+    def __init__(self, pool: UpstreamPool, required: str) -> None:
+        self._pool = pool
+        self._required = required
+        self._ready: Deferred[Protocol] | None = Deferred()
+
+    def whenReady(self) -> Deferred[Protocol]:
+        """Fires with the connection once the handshake (and, for HTTP/2, its SETTINGS) are done."""
+        assert self._ready is not None
+        return self._ready
+
+    def connectionMade(self) -> None:
+        timeout = self._pool.settings.connectTimeout
+        self._timer = self._pool.reactor.callLater(timeout, self._timedOut, timeout)
+
+    def _timedOut(self, timeout: float) -> None:
+        self._timer = None
+        self._fail(
+            upstreamError(
+                504,
+                f"upstream {self._pool.label} did not complete the TLS handshake within {timeout:g}s",
+                "tls_protocol_error",
+            )
+        )
+        self.transport.abortConnection()
+
+    def _fail(self, error: ProxyError | Failure) -> None:
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            ready.errback(error)
+
+    def handshakeCompleted(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        pool = self._pool
+        ready, self._ready = self._ready, None
+        if ready is None:
+            return
+        negotiated = getattr(self.transport, "negotiatedProtocol", None)
+        if negotiated == b"h2":
+            multiplexed = HTTP2Connection(pool, pool.reactor)
+            self._chosen = multiplexed
+            multiplexed.makeConnection(self.transport)
+            multiplexed.whenReady().chainDeferred(ready)  # type: ignore[arg-type]
+        elif self._required == HTTP2:
+            ready.errback(
+                upstreamError(
+                    502,
+                    f"upstream {pool.label} did not agree to HTTP/2 by ALPN (it chose {negotiated!r})",
+                    "tls_protocol_error",
+                )
+            )
+            self.transport.abortConnection()
+        else:
+            connection = HTTP11Connection(pool, pool.reactor)
+            self._chosen = connection
+            connection.makeConnection(self.transport)
+            ready.callback(connection)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._chosen is not None:
+            self._chosen.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._chosen is not None:
+            self._chosen.connectionLost(reason)
+        else:
+            self._fail(reason)
 
 
 class UpstreamPool:
@@ -73,22 +189,34 @@ class UpstreamPool:
         endpoint: IStreamClientEndpoint,
         label: str,
         settings: PoolSettings,
+        protocol: str = HTTP1,
+        tls: bool = False,
     ) -> None:
+        """
+        @param protocol: L{HTTP1}, L{HTTP2} (with prior knowledge, or required by ALPN over TLS), or
+            L{NEGOTIATED} (what the TLS server selects by ALPN).
+        @param tls: whether C{endpoint} is a TLS one (its connections are ready after the handshake).
+        """
         self.reactor = reactor
         self.label = label
         self.settings = settings
         self._endpoint = endpoint
-        self._factory = _ConnectionFactory(self)
+        self._factory = _ConnectionFactory(self, protocol, tls)
         self._idle: list[HTTP11Connection] = []
+        self._multiplexed: list[HTTP2Connection] = []  # open HTTP/2 connections that take new streams
+        # Whether the connections carry streams: known for h1 and h2c, learned from ALPN otherwise.
+        self._multiplexing: bool | None = {HTTP1: False, HTTP2: True}.get(protocol)
+        self._streamsExpected = _STREAMS_EXPECTED
         self._open = 0  # connections open or opening
+        self._connecting = 0
         self._waiters: deque[Deferred[UpstreamConnection]] = deque()
         self._waitTimers: dict[Deferred[UpstreamConnection], IDelayedCall] = {}
         self._closedBecause: str | None = None  # set once the pool takes no new exchanges
 
     @property
     def idleCount(self) -> int:
-        """Connections waiting in the pool."""
-        return len(self._idle)
+        """Connections waiting in the pool, with no exchange."""
+        return len(self._idle) + sum(1 for connection in self._multiplexed if connection.isIdle)
 
     @property
     def openCount(self) -> int:
@@ -96,12 +224,18 @@ class UpstreamPool:
         return self._open
 
     def takeIdle(self) -> UpstreamConnection | None:
-        """An idle connection for one exchange, if there is one now (L{acquire} without a Deferred)."""
+        """
+        An idle HTTP/1.1 connection, or a stream on an HTTP/2 connection with a free slot, for one
+        exchange, if there is one now (L{acquire} without a Deferred).
+        """
         idle = self._idle
         while idle:
             connection = idle.pop()
             if connection.isOpen:
                 return connection
+        for multiplexed in self._multiplexed:
+            if multiplexed.capacity > 0:
+                return multiplexed.newStream()
         return None
 
     def acquire(self) -> Deferred[UpstreamConnection]:
@@ -115,17 +249,21 @@ class UpstreamPool:
             return succeed(connection)
         if self._closedBecause is not None:
             return fail(proxyError(503, f"upstream {self.label} {self._closedBecause}", "destination_unavailable"))
-        if self._open < self.settings.maxConnections:
-            return self._connect()
+        if self._multiplexing is False:
+            if self._open < self.settings.maxConnections:
+                result: Deferred[UpstreamConnection] = Deferred()
+                self._connect(result)
+                return result
+        elif self._open < self.settings.maxConnections or len(self._waiters) < self._promised():
+            waiter = self._wait()
+            self._maybeConnect()
+            return waiter
         if len(self._waiters) >= self.settings.maxQueue:
             return fail(self._saturated("queue is full"))
-        waiter: Deferred[UpstreamConnection] = Deferred(self._cancelWait)
-        self._waiters.append(waiter)
-        self._waitTimers[waiter] = self.reactor.callLater(self.settings.queueTimeout, self._waitTimedOut, waiter)
-        return waiter
+        return self._wait()
 
     def release(self, connection: HTTP11Connection) -> None:
-        """Take back a connection whose exchange ended cleanly."""
+        """Take back an HTTP/1.1 connection whose exchange ended cleanly."""
         waiter = self._nextWaiter()
         if waiter is not None:
             connection.recycle()
@@ -136,44 +274,125 @@ class UpstreamPool:
         else:
             connection.close()
 
-    def connectionLost(self, connection: HTTP11Connection) -> None:
+    def streamFreed(self, connection: HTTP2Connection) -> None:
+        """A stream slot of C{connection} is free: it goes to a waiting request, if any."""
+        if self._waiters:
+            self._serveWaiters()
+
+    def connectionUnusable(self, connection: HTTP2Connection) -> None:
+        """C{connection} takes no new streams (GOAWAY, or its stream ids are spent): open another if needed."""
+        if connection in self._multiplexed:
+            self._multiplexed.remove(connection)
+        self._maybeConnect()
+
+    def connectionLost(self, connection: HTTP11Connection | HTTP2Connection) -> None:
         """A connection closed: forget it, and let a waiting request open a replacement."""
         self._open -= 1
-        if connection in self._idle:
+        if isinstance(connection, HTTP2Connection):
+            if connection in self._multiplexed:
+                self._multiplexed.remove(connection)
+        elif connection in self._idle:
             self._idle.remove(connection)
-        waiter = self._nextWaiter()
-        if waiter is not None:
-            self._connect(waiter)
+        if self._multiplexing is False:
+            waiter = self._nextWaiter()
+            if waiter is not None:
+                self._connect(waiter)
+        else:
+            self._maybeConnect()
 
     def drain(self, why: str = "was removed from its service") -> None:
         """Take no new exchanges (saying C{why}), close idle connections; busy ones close as they finish."""
         self._closedBecause = why
         for connection in list(self._idle):
             connection.close()
+        multiplexed, self._multiplexed = self._multiplexed, []
+        for each in multiplexed:
+            each.close()
 
-    def _connect(self, result: Deferred[UpstreamConnection] | None = None) -> Deferred[UpstreamConnection]:
-        """Open a connection for C{result} (a new Deferred unless a waiter is given)."""
+    def _wait(self) -> Deferred[UpstreamConnection]:
+        waiter: Deferred[UpstreamConnection] = Deferred(self._cancelWait)
+        self._waiters.append(waiter)
+        self._waitTimers[waiter] = self.reactor.callLater(self.settings.queueTimeout, self._waitTimedOut, waiter)
+        return waiter
+
+    def _promised(self) -> int:
+        """Exchanges the connections being opened are expected to take."""
+        return self._connecting * (1 if self._multiplexing is False else self._streamsExpected)
+
+    def _maybeConnect(self) -> None:
+        """Open connections for the waiting requests that those being opened will not take, within the limit."""
+        while (
+            self._closedBecause is None
+            and len(self._waiters) > self._promised()
+            and self._open < self.settings.maxConnections
+        ):
+            self._connect(None)
+
+    def _serveWaiters(self) -> None:
+        for connection in list(self._multiplexed):
+            while connection.capacity > 0:
+                waiter = self._nextWaiter()
+                if waiter is None:
+                    return
+                waiter.callback(connection.newStream())
+
+    def _connect(self, result: Deferred[UpstreamConnection] | None) -> None:
+        """Open a connection for C{result}, or (C{None}) for the waiting requests."""
         self._open += 1
-        if result is None:
-            result = Deferred()
+        self._connecting += 1
         attempt = self._endpoint.connect(self._factory)
 
-        def connected(connection: HTTP11Connection) -> None:
-            if result.called:  # the requester went away while we connected: keep it for the next one
-                self.release(connection)
+        def connected(protocol: Protocol) -> None:
+            if isinstance(protocol, HTTP11Connection):  # plain HTTP/1.1: ready at once
+                ready(protocol)
             else:
-                result.callback(connection)
+                protocol.whenReady().addCallbacks(ready, failed)  # type: ignore[attr-defined]
+
+        def ready(connection: HTTP11Connection | HTTP2Connection) -> None:
+            self._connecting -= 1
+            if isinstance(connection, HTTP2Connection):
+                self._multiplexing = True
+                self._streamsExpected = max(1, connection.capacity)
+                if result is not None and not result.called:
+                    result.callback(connection.newStream())
+                if self._closedBecause is not None:
+                    connection.close()
+                    return
+                self._multiplexed.append(connection)
+                self._serveWaiters()
+            else:
+                self._multiplexing = False
+                if result is not None and not result.called:
+                    result.callback(connection)
+                else:  # the requester went away while we connected: keep it for the next one
+                    self.release(connection)
+            self._maybeConnect()
 
         def failed(reason: Failure) -> None:
             self._open -= 1
-            if not result.called:
-                result.errback(self._connectError(reason))
+            self._connecting -= 1
+            error = self._connectError(reason)
+            if result is not None:
+                if not result.called:
+                    result.errback(error)
+                return
+            if self._open == self._connecting:  # no open connection the waiting requests could have
+                while len(self._waiters) > self._promised():
+                    waiter = self._nextWaiter()
+                    if waiter is None:
+                        break
+                    waiter.errback(error)
 
         attempt.addCallbacks(connected, failed)
-        return result
 
     def _connectError(self, reason: Failure) -> ProxyError:
         label = self.label
+        if isinstance(reason.value, ProxyError):
+            return reason.value
+        tls = describeFailure(reason)
+        if tls is not None:
+            detail, errorType = tls
+            return upstreamError(502, f"upstream {label} {detail}", errorType)
         if reason.check(ierror.ConnectionRefusedError):
             return upstreamError(502, f"upstream {label} refused the connection", "connection_refused")
         if reason.check(ierror.DNSLookupError):
