@@ -28,7 +28,7 @@ from rproxy.request import sendError, sendInterim, sendResponseHead, setTrailers
 from rproxy.streaming import RequestBodyPipe
 from rproxy.upgrade import Tunnels, requestedProtocols, splice, unrequestedProtocol
 from rproxy.upstream import Service, Upstream
-from rproxy.upstream.connection import RequestHead, UpstreamConnection
+from rproxy.upstream.connection import Delivery, RequestHead, UpstreamConnection
 from rproxy.wsframes import MessageAwareService, messageRelay
 
 _log = Logger()
@@ -179,7 +179,7 @@ class Exchange:
             return
         self._connection = connection
         body = self._body
-        if body is not None and self._attempts == 0 and self._mayRepeat:
+        if body is not None and self._attempts == 0 and (self._mayRepeat or connection.reportsUnprocessed):
             body.keepForReplay(self.service.retry.replayBodySize)  # type: ignore[union-attr]
         self._attempts += 1
         connection.sendRequest(self._head(upstream), body, self)
@@ -190,25 +190,25 @@ class Exchange:
             return
         self._retryOrEnd(_asProxyError(failure), sent=False)
 
-    def _retryOrEnd(self, error: ProxyError, sent: bool, stale: bool = False) -> None:
+    def _retryOrEnd(self, error: ProxyError, sent: bool, delivery: Delivery = Delivery.MAYBE) -> None:
         """
         An attempt failed with C{error}: try again where the rules allow it, else answer with the error.
 
         @param sent: whether the request may have reached the upstream.
-        @param stale: whether it failed on a reused connection the upstream closed before answering.
+        @param delivery: once sent, whether the upstream may have processed it.
         """
         self._unbind(error)
         if self._ended:
             return
-        why = self._whyNotRetry(error, sent, stale)
+        why = self._whyNotRetry(error, sent, delivery)
         if why is None:
-            self._retry(error, sent, stale)
+            self._retry(error, sent, delivery)
             return
         if why:
             _log.info("not retrying {target}: {why}", target=self._loggedTarget(), why=why)
         self._end(error)
 
-    def _whyNotRetry(self, error: ProxyError, sent: bool, stale: bool) -> str | None:
+    def _whyNotRetry(self, error: ProxyError, sent: bool, delivery: Delivery) -> str | None:
         """Why the failed attempt may not be repeated (empty: no need to say), or C{None} if it may."""
         if error.fault is Fault.CLIENT or self._responded:
             return ""
@@ -217,21 +217,21 @@ class Exchange:
             return f"the try duration of {policy.tryDuration:g}s is spent"
         if not sent:
             return None
-        if not self._mayRepeat:
+        if not self._mayRepeat and delivery is not Delivery.UNPROCESSED:
             return f"{self.inbound.method.decode('latin-1')} requests are not repeated once sent"
         if self._body is not None and not self._body.replayable:
             return f"its body was larger than the {policy.replayBodySize} bytes kept for a retry"
-        if stale and self._staleRetries < _STALE_RETRIES:
+        if delivery is not Delivery.MAYBE and self._staleRetries < _STALE_RETRIES:
             return None
         if self._retries >= policy.retries:
             return f"{policy.retries} retries are spent"
         return None
 
-    def _retry(self, error: ProxyError, sent: bool, stale: bool) -> None:
+    def _retry(self, error: ProxyError, sent: bool, delivery: Delivery) -> None:
         if sent:
-            if stale and self._staleRetries < _STALE_RETRIES:
-                # The upstream closed an idle connection as the request went out: not its fault, so it
-                # may take the retry, and the retry budget is not spent.
+            if delivery is not Delivery.MAYBE and self._staleRetries < _STALE_RETRIES:
+                # The upstream closed an idle connection as the request went out, or refused the
+                # request: it may take the retry, and the retry budget is not spent.
                 self._staleRetries += 1
                 if self.upstream in self._tried:
                     self._tried.remove(self.upstream)  # type: ignore[arg-type]
@@ -294,12 +294,12 @@ class Exchange:
         if status in service.retry.retryStatuses:
             label = self._bound.pool.label if self._bound is not None else "?"
             error = upstreamError(502, f"upstream {label} answered {status}", "http_response_status")
-            if self._whyNotRetry(error, True, False) is None:
+            if self._whyNotRetry(error, True, Delivery.MAYBE) is None:
                 connection, self._connection = self._connection, None
                 assert connection is not None
                 connection.abort()
                 self._unbind(error)
-                self._retry(error, True, False)
+                self._retry(error, True, Delivery.MAYBE)
                 return
         self._responded = True
         fields = self._responseFields(service, version, status, headers)
@@ -397,9 +397,9 @@ class Exchange:
             setTrailers(request, responseHeaderPairs(trailers))
         request.finish()
 
-    def responseFailed(self, error: ProxyError, retrySafe: bool) -> None:
+    def responseFailed(self, error: ProxyError, delivery: Delivery) -> None:
         self._connection = None
-        self._retryOrEnd(error, sent=True, stale=retrySafe)
+        self._retryOrEnd(error, sent=True, delivery=delivery)
 
     # -- endings
 

@@ -277,6 +277,41 @@ class ResetAndGoAwayTests(unittest.TestCase):
         self.assertEqual((responseStatus(head), body), (200, b"GET /r "))
         self.assertEqual(len(server.streams), 2)
 
+    async def test_refusedPostIsRetriedWithItsBody(self) -> None:
+        """
+        A refused stream was provably not processed, so even a POST is sent again (on HTTP/1.1 a POST is
+        never repeated once sent), with its body kept for it.
+        """
+
+        def handler(stream: ServerStream) -> None:
+            if len(server.streams) == 1:
+                stream.reset(ErrorCodes.REFUSED_STREAM)
+            else:
+                echo(stream)
+
+        server = H2Upstream(self, handler)
+        proxy = startProxy(self, [server.url], "--retries", "0")
+        response = await rawRequest(
+            proxy.port, b"POST /r HTTP/1.1\r\nHost: app\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        head, body = splitResponse(response)
+        self.assertEqual((responseStatus(head), body), (200, b"POST /r hello"))
+        self.assertEqual(len(server.streams), 2)
+
+    async def test_postResetOtherwiseIsNotRetried(self) -> None:
+        """A POST whose stream is reset with another code may have been processed: 502, not sent again."""
+
+        def handler(stream: ServerStream) -> None:
+            stream.reset(ErrorCodes.INTERNAL_ERROR)
+
+        server = H2Upstream(self, handler)
+        proxy = startProxy(self, [server.url], "--retries", "2")
+        response = await rawRequest(
+            proxy.port, b"POST /r HTTP/1.1\r\nHost: app\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        self.assertEqual(responseStatus(response), 502)
+        self.assertEqual(len(server.streams), 1)
+
     async def test_resetBeforeResponse(self) -> None:
         """Another reset before the head: a 502 naming it."""
         server = H2Upstream(self, lambda stream: stream.reset(ErrorCodes.INTERNAL_ERROR))

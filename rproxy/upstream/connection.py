@@ -9,6 +9,7 @@ back to the receiver and is the C{IPushProducer} of its body, so a slow client p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rproxy.headers import Pairs
@@ -52,6 +53,19 @@ class RequestHead:
         return self.method != b"HEAD"
 
 
+class Delivery(Enum):
+    """What the upstream may have done with a request whose exchange failed: what a retry may assume."""
+
+    #: It may have been processed (the request was sent, the exchange broke after).
+    MAYBE = "maybe"
+    #: Almost surely not: a reused HTTP/1.1 connection closed before any response byte (the upstream
+    #: closed it as idle as the request went out).  Only idempotent requests are sent again.
+    STALE = "stale"
+    #: Certainly not: the upstream said so (HTTP/2 REFUSED_STREAM, or a stream above a GOAWAY's last
+    #: stream id).  Any request may be sent again.
+    UNPROCESSED = "unprocessed"
+
+
 class ResponseReceiver(Protocol):
     """What an upstream connection tells about the response to the request it carries."""
 
@@ -74,12 +88,8 @@ class ResponseReceiver(Protocol):
         C{early} holds the bytes that followed the 101 head.
         """
 
-    def responseFailed(self, error: ProxyError, retrySafe: bool) -> None:
-        """
-        The exchange with the upstream failed.  C{retrySafe} is true when the upstream provably did
-        not process the request (a reused connection closed before any response byte arrived, or an
-        HTTP/2 stream the server refused or never processed).
-        """
+    def responseFailed(self, error: ProxyError, delivery: Delivery) -> None:
+        """The exchange with the upstream failed; C{delivery} says whether the request may have been processed."""
 
 
 class UpstreamConnection(Protocol):
@@ -88,9 +98,12 @@ class UpstreamConnection(Protocol):
     of an HTTP/2 connection.  It is the C{IPushProducer} of the response body.
 
     @ivar reused: whether the underlying connection carried an earlier exchange.
+    @ivar reportsUnprocessed: whether it can fail with L{Delivery.UNPROCESSED} (HTTP/2): then the
+        exchange keeps the request body of any method, to send it again.
     """
 
     reused: bool
+    reportsUnprocessed: bool
 
     @property
     def isOpen(self) -> bool:

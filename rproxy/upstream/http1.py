@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from rproxy.errors import ProxyError, upstreamError
 from rproxy.headers import Pairs, hasControl, isToken
-from rproxy.upstream.connection import RequestHead, ResponseReceiver
+from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
 
 if TYPE_CHECKING:
     from rproxy.streaming import RequestBodyPipe
@@ -63,6 +63,7 @@ class HTTP11Connection(TwistedProtocol):
     # A TCP (or TLS) transport: ITCPTransport, IConsumer and IPushProducer at once.
     transport: Any
     reused = False
+    reportsUnprocessed = False
     _receiver: ResponseReceiver | None = None
     _body: RequestBodyPipe | None = None
     # One timer per connection, re-aimed with reset() as its meaning changes (response deadline,
@@ -551,7 +552,7 @@ class HTTP11Connection(TwistedProtocol):
         else:
             self.transport.loseConnection()
 
-    def _fail(self, error: ProxyError, retrySafe: bool = False) -> None:
+    def _fail(self, error: ProxyError, delivery: Delivery = Delivery.MAYBE) -> None:
         self._disarm()
         receiver = self._receiver
         self._receiver = None
@@ -560,7 +561,7 @@ class HTTP11Connection(TwistedProtocol):
         if body is not None:
             body.detach()  # the exchange decides whether it is sent again or dropped
         if receiver is not None:
-            receiver.responseFailed(error, retrySafe)
+            receiver.responseFailed(error, delivery)
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
         self._closed = True
@@ -572,14 +573,14 @@ class HTTP11Connection(TwistedProtocol):
                 self._fail(*self._lostError(reason))
         self._pool.connectionLost(self)
 
-    def _lostError(self, reason: Failure) -> tuple[ProxyError, bool]:
+    def _lostError(self, reason: Failure) -> tuple[ProxyError, Delivery]:
         how = "reset" if reason.check(ierror.ConnectionLost) else "closed"
         label = self._pool.label
         if not self._headSeen:
-            retrySafe = self.reused and self._received == 0
+            delivery = Delivery.STALE if self.reused and self._received == 0 else Delivery.MAYBE
             return (
                 upstreamError(502, f"upstream {label} {how} the connection before responding", "connection_terminated"),
-                retrySafe,
+                delivery,
             )
         if self._framing == _LENGTH:
             detail = f"with {self._remaining} bytes of the body still due"
@@ -587,7 +588,7 @@ class HTTP11Connection(TwistedProtocol):
             detail = "in the middle of the chunked body"
         return (
             upstreamError(502, f"upstream {label} {how} the connection {detail}", "http_response_incomplete"),
-            False,
+            Delivery.MAYBE,
         )
 
 

@@ -46,7 +46,7 @@ from zope.interface import implementer
 
 from rproxy.errors import ProxyError, clientError, upstreamError
 from rproxy.headers import Pairs
-from rproxy.upstream.connection import RequestHead, ResponseReceiver
+from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
 
 if TYPE_CHECKING:
     from rproxy.streaming import RequestBodyPipe
@@ -338,7 +338,7 @@ class HTTP2Connection(TwistedProtocol):
         """Fail every stream with C{error} (the connection is going down)."""
         self._goAway()
         for stream in list(self._streams.values()):
-            stream.failed(error, False)
+            stream.failed(error, Delivery.MAYBE)
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
         self._closed = True
@@ -444,6 +444,7 @@ class HTTP2Stream:
     def __init__(self, connection: HTTP2Connection, reused: bool) -> None:
         self._connection = connection
         self.reused = reused
+        self.reportsUnprocessed = True
         self._done = False  # the slot is freed
         self._requestDone = False
         self._headSeen = False
@@ -478,7 +479,7 @@ class HTTP2Stream:
                     f" ({b', '.join(head.upgrade).decode('latin-1')})",
                     "http_protocol_error",
                 ),
-                False,
+                Delivery.MAYBE,
             )
             return
         self._expectBody = head.expectsResponseBody
@@ -502,7 +503,7 @@ class HTTP2Stream:
         except ProtocolError as e:
             self._resetQuietly()
             self._finish()
-            self._report(clientError(400, f"the request cannot be sent over HTTP/2: {e}"), False)
+            self._report(clientError(400, f"the request cannot be sent over HTTP/2: {e}"), Delivery.MAYBE)
             return
         connection.flush()
         if body is None:
@@ -554,7 +555,7 @@ class HTTP2Stream:
         self._body = None
         if not self._done:
             self._resetQuietly()
-        self.failed(error, False)
+        self.failed(error, Delivery.MAYBE)
 
     def registerBodyProducer(self, producer: IPushProducer) -> None:
         """The body's pipe: paused while the windows are exhausted."""
@@ -616,7 +617,7 @@ class HTTP2Stream:
                 connection.h2.end_stream(self.streamId)
         except ProtocolError as e:
             self._resetQuietly()
-            self.failed(clientError(400, f"the request trailers cannot be sent over HTTP/2: {e}"), False)
+            self.failed(clientError(400, f"the request trailers cannot be sent over HTTP/2: {e}"), Delivery.MAYBE)
             return
         connection.flush()
         self._requestWritten()
@@ -671,7 +672,7 @@ class HTTP2Stream:
                 upstreamError(
                     502, f"upstream {self._connection.label} sent a response without a status", "http_protocol_error"
                 ),
-                False,
+                Delivery.MAYBE,
             )
             return
         self._headSeen = True
@@ -726,11 +727,12 @@ class HTTP2Stream:
             error = upstreamError(
                 502, f"upstream {label} reset the stream ({_codeName(code)}) before responding", "connection_terminated"
             )
-        self.failed(error, False)
+        self.failed(error, Delivery.MAYBE)
 
     def refused(self, why: str) -> None:
         """The server provably did not process the request: it may be sent again."""
-        self.failed(upstreamError(502, f"upstream {self._connection.label} {why}", "connection_terminated"), True)
+        error = upstreamError(502, f"upstream {self._connection.label} {why}", "connection_terminated")
+        self.failed(error, Delivery.UNPROCESSED)
 
     def connectionLost(self, how: str) -> None:
         """The connection went down under this stream."""
@@ -739,12 +741,12 @@ class HTTP2Stream:
             error = upstreamError(
                 502, f"upstream {label} {how} the connection mid-response", "http_response_incomplete"
             )
-            self.failed(error, False)
+            self.failed(error, Delivery.MAYBE)
         else:
             error = upstreamError(
                 502, f"upstream {label} {how} the connection before responding", "connection_terminated"
             )
-            self.failed(error, self.reused and self._received == 0)
+            self.failed(error, Delivery.STALE if self.reused and self._received == 0 else Delivery.MAYBE)
 
     # -- endings
 
@@ -763,20 +765,20 @@ class HTTP2Stream:
         if receiver is not None:
             receiver.responseDone(self._trailers)
 
-    def failed(self, error: ProxyError, retrySafe: bool) -> None:
+    def failed(self, error: ProxyError, delivery: Delivery) -> None:
         """The exchange on this stream failed (the stream is already reset, or needs no reset)."""
         body, self._body = self._body, None
         if body is not None:
             body.detach()  # the exchange decides whether it is sent again or dropped
         if not self._done:
             self._finish()
-        self._report(error, retrySafe)
+        self._report(error, delivery)
 
-    def _report(self, error: ProxyError, retrySafe: bool) -> None:
+    def _report(self, error: ProxyError, delivery: Delivery) -> None:
         receiver = self._receiver
         self._receiver = None
         if receiver is not None:
-            receiver.responseFailed(error, retrySafe)
+            receiver.responseFailed(error, delivery)
 
     def _finish(self) -> None:
         self._done = True
@@ -828,7 +830,7 @@ class HTTP2Stream:
                 "connection_read_timeout",
             )
         self._resetQuietly()
-        self.failed(error, False)
+        self.failed(error, Delivery.MAYBE)
 
 
 def _status(headers: Pairs) -> int | None:
