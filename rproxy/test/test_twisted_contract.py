@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 
+from twisted.internet import defer, protocol
 from twisted.trial import unittest
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -194,3 +195,43 @@ class HTTP2ContractTests(unittest.TestCase):
         self.assertTrue(callable(h2.connection._decode_headers))
         self.assertEqual(h2.stream.StreamClosedBy.SEND_RST_STREAM.name, "SEND_RST_STREAM")
         self.assertIn("stream_ended", vars(h2.events.RequestReceived)["__annotations__"])
+
+
+class _Receiver(protocol.Protocol):
+    def __init__(self) -> None:
+        self.received = defer.Deferred[bytes]()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.received.called:
+            self.received.callback(data)
+
+
+class _Handover(protocol.Protocol):
+    """Hands its TCP transport to another protocol as soon as it is connected, as rproxy/upgrade.py does."""
+
+    def __init__(self, successor: protocol.Protocol) -> None:
+        self.successor = successor
+
+    def connectionMade(self) -> None:
+        self.transport.protocol = self.successor  # type: ignore[union-attr]
+
+
+class TransportHandoverContractTests(unittest.TestCase):
+    """
+    rproxy/upgrade.py splices two connections by making the tunnel the protocol of each transport: a TCP
+    connection delivers to its C{protocol} attribute, a TLS one to its C{wrappedProtocol}.
+    """
+
+    async def test_tcpDeliversToItsProtocolAttribute(self) -> None:
+        successor = _Receiver()
+        factory = protocol.Factory.forProtocol(lambda: _Handover(successor))
+        listening = listen(self, factory)
+        await rawRequest(listening.port, b"after the switch", timeout=0.5)
+        from twisted.internet import reactor
+
+        self.assertEqual(await successor.received.addTimeout(5, reactor), b"after the switch")
+
+    def test_tlsWrapperAttribute(self) -> None:
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+        self.assertIn("wrappedProtocol", inspect.signature(TLSMemoryBIOProtocol.__init__).parameters)
