@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import inspect
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, reactor
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial import unittest
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -227,11 +228,7 @@ class TransportHandoverContractTests(unittest.TestCase):
         factory = protocol.Factory.forProtocol(lambda: _Handover(successor))
         listening = listen(self, factory)
         await rawRequest(listening.port, b"after the switch", timeout=0.5)
-        from twisted.internet import reactor
-
         self.assertEqual(await successor.received.addTimeout(5, reactor), b"after the switch")
 
     def test_tlsWrapperAttribute(self) -> None:
-        from twisted.protocols.tls import TLSMemoryBIOProtocol
-
         self.assertIn("wrappedProtocol", inspect.signature(TLSMemoryBIOProtocol.__init__).parameters)
