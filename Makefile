@@ -24,6 +24,7 @@ ifeq ($(UPSTREAM),)
 	@echo "  curl -N 'http://127.0.0.1:8080/stream?n=5&interval=1'"
 	@echo "  curl -o /dev/null http://127.0.0.1:8080/large?size=1G"
 	@echo "  curl http://127.0.0.1:8080/slow?delay=2"
+	@echo "  curl --http2-prior-knowledge http://127.0.0.1:8080/echo -d hello   (HTTP/2, h2c)"
 	$(BIN)/twist --log-format=text rproxy --listen $(LISTEN) --demo-upstream tcp:9000:interface=127.0.0.1
 else
 	@echo "rproxy on http://127.0.0.1:8080 in front of $(UPSTREAM). Try: curl -i http://127.0.0.1:8080/"
