@@ -27,7 +27,7 @@ from urllib.parse import unquote
 
 from twisted.application.service import IService, Service
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
@@ -324,9 +324,8 @@ class Registrations(Service):
     running proxy C{live} while renewed within its TTL.  A registration that expires or is deregistered
     leaves its service the way any removed upstream does: its exchanges in flight finish.
 
-    A live reload removes from the registry every upstream its configuration does not list; each
-    registration whose upstream it removed is registered again, as a new upstream with the settings of
-    its service in the new configuration, just after the reload (and dropped if its service is gone).
+    A live reload leaves registered upstreams alone (they keep their pools, health and the settings their
+    service had when they registered), and drops the registrations of a service it removes.
     """
 
     _log = Logger()
@@ -337,7 +336,6 @@ class Registrations(Service):
         self._byID: dict[str, Registration] = {}
         self._byUpstream: dict[Upstream, Registration] = {}
         self._unwatch: Callable[[], None] | None = None
-        self._reconciling: IDelayedCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -349,8 +347,6 @@ class Registrations(Service):
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
-        if self._reconciling is not None and self._reconciling.active():
-            self._reconciling.cancel()
         for registration in self._byID.values():
             registration.cancel()
 
@@ -433,36 +429,23 @@ class Registrations(Service):
             raise APIError(400, f"url: {e}") from None
 
     def _changed(self, service: str) -> None:
-        """The registry changed: if a registration's upstream was removed by someone else, mend it soon."""
-        if self._reconciling is not None and self._reconciling.active():
-            return
-        registry = self._live.registry
-        if any(each.upstream not in registry.members(each.service) for each in self._byID.values()):
-            # Later: a reload removes upstreams before it puts its new configuration in force.
-            self._reconciling = self._reactor.callLater(0, self._reconcile)
-
-    def _reconcile(self) -> None:
-        """Put back every registration whose upstream is no longer in the registry, as a new upstream."""
-        registry = self._live.registry
+        """
+        The registry changed: a registration whose upstream someone else took out (a reload that dropped
+        its service) ends.
+        """
+        members = self._live.registry.members(service)
         for registration in list(self._byID.values()):
-            if registration.upstream in registry.members(registration.service):
-                continue
-            del self._byUpstream[registration.upstream]
-            try:
-                upstream = self._build(registration.service, registration.url)
-            except APIError as e:
+            if registration.service == service and registration.upstream not in members:
                 registration.cancel()
                 del self._byID[registration.id]
+                del self._byUpstream[registration.upstream]
                 self._log.warn(
-                    "admin API: registration {id} of {url} dropped after a reload: {why}",
+                    "admin API: registration {id} of {url} dropped after a reload: "
+                    "its service {service!r} is no longer configured",
                     id=registration.id,
                     url=registration.upstream.key,
-                    why=e.reason,
+                    service=service,
                 )
-                continue
-            registration.upstream = upstream
-            self._byUpstream[upstream] = registration
-            registry.add(registration.service, upstream)
 
 
 class AdminAPI(Resource):

@@ -236,6 +236,9 @@ class LiveProxy:
         self._draining = draining
         self._parent = parent
         self._checker = checker
+        # The upstreams the configuration put in the registry, by service: a reload replaces these and
+        # leaves alone what others (the admin API's registrations) added.
+        self._configured = {name: list(registry.members(name)) for name in config.services}
 
     def apply(self, config: ProxyConfig) -> ReloadSummary:
         """
@@ -271,7 +274,7 @@ class LiveProxy:
         previous = self.config.services.get(name)
         if previous is None or (previous.pool, previous.passive) != (settings.pool, settings.passive):
             return list(built)
-        running = list(self.registry.members(name))
+        running = list(self._configured.get(name, ()))
         chosen = []
         for upstream in built:
             same = next((each for each in running if _sameUpstream(each, upstream)), None)
@@ -288,16 +291,21 @@ class LiveProxy:
         return replace(built, registry=self.registry)
 
     def _replaceUpstreams(self, members: Mapping[str, Sequence[Upstream]]) -> None:
-        """Make C{members} (by service name) the registry's upstreams: remove (and drain) the others."""
+        """
+        Make C{members} (by service name) the configured upstreams: remove (and drain) those configured
+        before and not now, and every upstream of a service that is gone; others' upstreams stay.
+        """
         registry = self.registry
         for name in registry.services():
-            keep = members.get(name, ())
-            for upstream in registry.members(name):
-                if upstream not in keep:
+            keep = members.get(name)
+            leaving = registry.members(name) if keep is None else self._configured.get(name, ())
+            for upstream in list(leaving):
+                if keep is None or upstream not in keep:
                     registry.remove(name, upstream)
         for name, upstreams in members.items():
             for upstream in upstreams:
                 registry.add(name, upstream)  # nothing for those that are there
+        self._configured = {name: list(upstreams) for name, upstreams in members.items()}
 
     def _replaceChecker(self, config: ProxyConfig) -> None:
         """Stop the health checks, and start those of C{config} (their verdicts live on in the upstreams)."""
