@@ -1,10 +1,9 @@
 """
-Test fixtures for HTTP/2 and TLS upstreams: a scripted HTTP/2 server on the C{h2} library, and a
-certificate authority that issues server and client certificates at test time.
+A scripted HTTP/2 server on the C{h2} library, for tests of HTTP/2 upstreams (h2c, or TLS with ALPN h2 given
+options from L{rproxy.test.certs}).
 
-    ca = CertificateAuthority()
-    files = ca.writeFiles(self.mktemp(), serverNames=["localhost"], serverIPs=["127.0.0.1"])
     server = H2Upstream(self, handler, maxConcurrentStreams=2)          # h2c on 127.0.0.1
+    files = CertificateAuthority().writeFiles(self.mktemp())
     tlsServer = H2Upstream(self, handler, tls=serverTLS(files))         # TLS, ALPN h2
     proxy = startProxy(self, [server.url])                               # h2c://127.0.0.1:PORT
 
@@ -17,16 +16,9 @@ client sent, pings, connections.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
@@ -46,124 +38,6 @@ from twisted.internet import defer, protocol, reactor, ssl
 from twisted.trial import unittest
 
 Pairs = list[tuple[bytes, bytes]]
-
-
-# -- certificates
-
-
-@dataclass
-class CertificateFiles:
-    """PEM files written by L{CertificateAuthority.writeFiles}."""
-
-    ca: str
-    serverCertificate: str
-    serverKey: str
-    clientCertificate: str
-    clientKey: str
-
-
-class CertificateAuthority:
-    """A throwaway CA (an EC P-256 key), issuing certificates valid for a day."""
-
-    def __init__(self, name: str = "rproxy test CA") -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        self.certificate = (
-            self._builder(subject, subject, self.key.public_key())
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-
-    @staticmethod
-    def _builder(
-        subject: x509.Name, issuer: x509.Name, publicKey: ec.EllipticCurvePublicKey
-    ) -> x509.CertificateBuilder:
-        now = datetime.datetime.now(datetime.UTC)
-        return (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer)
-            .public_key(publicKey)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-        )
-
-    def issue(
-        self, commonName: str, dnsNames: Sequence[str] = (), ips: Sequence[str] = (), client: bool = False
-    ) -> tuple[bytes, bytes]:
-        """A certificate signed by this CA and its key, both PEM."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        names: list[x509.GeneralName] = [x509.DNSName(name) for name in dnsNames]
-        names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-        builder = self._builder(
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)]),
-            self.certificate.subject,
-            key.public_key(),
-        ).add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        if names:
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        certificate = builder.sign(self.key, hashes.SHA256())
-        keyPEM = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        return certificate.public_bytes(serialization.Encoding.PEM), keyPEM
-
-    @property
-    def pem(self) -> bytes:
-        """The CA's certificate, PEM."""
-        return self.certificate.public_bytes(serialization.Encoding.PEM)
-
-    def writeFiles(
-        self, directory: str, serverNames: Sequence[str] = ("localhost",), serverIPs: Sequence[str] = ("127.0.0.1",)
-    ) -> CertificateFiles:
-        """Write the CA, a server certificate for C{serverNames} and C{serverIPs}, and a client certificate."""
-        os.makedirs(directory, exist_ok=True)
-        serverCertificate, serverKey = self.issue("upstream", serverNames, serverIPs)
-        clientCertificate, clientKey = self.issue("rproxy client", client=True)
-        paths = {}
-        for name, content in [
-            ("ca.pem", self.pem),
-            ("server.pem", serverCertificate),
-            ("server.key", serverKey),
-            ("client.pem", clientCertificate),
-            ("client.key", clientKey),
-        ]:
-            path = paths[name] = os.path.join(directory, name)
-            with open(path, "wb") as f:
-                f.write(content)
-        return CertificateFiles(
-            paths["ca.pem"], paths["server.pem"], paths["server.key"], paths["client.pem"], paths["client.key"]
-        )
-
-
-def serverTLS(
-    files: CertificateFiles, protocols: Sequence[bytes] = (b"h2",), requireClientCertificate: bool = False
-) -> ssl.CertificateOptions:
-    """TLS options for a test server with C{files}' server certificate, selecting among C{protocols} by ALPN."""
-    with open(files.serverCertificate, "rb") as f:
-        certificate = f.read()
-    with open(files.serverKey, "rb") as f:
-        key = f.read()
-    private = ssl.PrivateCertificate.loadPEM(key + certificate)
-    extra: dict[str, object] = {}
-    if requireClientCertificate:
-        with open(files.ca, "rb") as f:
-            extra = {
-                "verify": True,
-                "caCerts": [ssl.Certificate.loadPEM(f.read()).original],
-                "requireCertificate": True,
-            }
-    return ssl.CertificateOptions(
-        privateKey=private.privateKey.original,
-        certificate=private.original,
-        acceptableProtocols=list(protocols),
-        **extra,  # type: ignore[arg-type]
-    )
-
-
-# -- the scripted HTTP/2 server
 
 
 @dataclass

@@ -9,19 +9,15 @@ working, and a broken replacement is logged, naming its file, and changes nothin
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import os
 import signal
 import ssl
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
 from twisted.application.service import MultiService
@@ -43,88 +39,12 @@ from rproxy.certificates import (
     loadCertificate,
 )
 from rproxy.tap import Options, buildService, optionsFromEnvironment
+from rproxy.test.certs import CertificateAuthority, Issued
 from rproxy.test.support import BIN, ScriptedUpstream, curl, freePort, listen, waitFor
 from rproxy.test.test_config import answerWith, writeConfig
 from rproxy.test.test_drain import ProxyProcess, assertCleanExit, waitUntilListening
 from rproxy.test.test_healthcheck import captureLog
 from rproxy.test.test_reload import messages
-
-_DAY = datetime.timedelta(days=1)
-
-
-def _name(commonName: str) -> x509.Name:
-    """A subject of this common name (none if empty)."""
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)] if commonName else [])
-
-
-def _pem(certificate: x509.Certificate) -> bytes:
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
-def _sign(
-    subject: x509.Name,
-    publicKey: ec.EllipticCurvePublicKey,
-    issuer: x509.Name,
-    issuerKey: ec.EllipticCurvePrivateKey,
-    extension: x509.ExtensionType | None = None,
-) -> x509.Certificate:
-    """A certificate valid from yesterday to tomorrow, with C{extension} (critical only for a CA's constraints)."""
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(publicKey)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _DAY)
-        .not_valid_after(now + _DAY)
-    )
-    if extension is not None:
-        builder = builder.add_extension(extension, critical=isinstance(extension, x509.BasicConstraints))
-    return builder.sign(issuerKey, hashes.SHA256())
-
-
-@dataclass(frozen=True)
-class Issued:
-    """
-    A certificate and its key, as files hold them.
-
-    @ivar certificatePEM: the certificate, then the certificates of its chain up to (not including) the root.
-    """
-
-    certificate: x509.Certificate
-    certificatePEM: bytes
-    keyPEM: bytes
-
-
-class CertificateAuthority:
-    """
-    A CA made for one test (or an intermediate CA under one): it issues certificates for host names.
-
-    @ivar certificate: its own certificate; a root's is what clients trust.
-    """
-
-    def __init__(self, name: str = "rproxy test CA", parent: CertificateAuthority | None = None) -> None:
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        self._parent = parent
-        issuer, issuerKey = (parent.certificate.subject, parent._key) if parent else (_name(name), self._key)
-        constraints = x509.BasicConstraints(ca=True, path_length=None)
-        self.certificate = _sign(_name(name), self._key.public_key(), issuer, issuerKey, constraints)
-        self.pem = _pem(self.certificate)
-
-    def _chain(self) -> bytes:
-        """The PEM of the intermediate certificates from this CA up to the root (which is left out)."""
-        return b"" if self._parent is None else self.pem + self._parent._chain()
-
-    def issue(self, commonName: str, hostNames: Sequence[str] = ()) -> Issued:
-        """A certificate for C{hostNames} (its subjectAltName; none if empty), with a new key."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        alternative = x509.SubjectAlternativeName([x509.DNSName(name) for name in hostNames]) if hostNames else None
-        certificate = _sign(_name(commonName), key.public_key(), self.certificate.subject, self._key, alternative)
-        keyPEM = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        return Issued(certificate, _pem(certificate) + self._chain(), keyPEM)
 
 
 def writeFile(path: str, data: bytes) -> None:

@@ -32,7 +32,7 @@ from rproxy.directors import BlueGreen, RoutingDirector, SingleServiceDirector, 
 from rproxy.healthcheck import HealthChecker
 from rproxy.retry import RetryPolicy
 from rproxy.tap import Options, buildDirector, buildService, checkConfig
-from rproxy.test.h2upstream import CertificateAuthority
+from rproxy.test.certs import CertificateAuthority
 from rproxy.test.support import (
     BIN,
     ReceivedRequest,

@@ -20,7 +20,7 @@ from twisted.internet import reactor, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.trial import unittest
 
-from rproxy.test.h2upstream import CertificateAuthority
+from rproxy.test.certs import CertificateAuthority
 from rproxy.test.support import freePort, startProxy
 
 SERVICE = "rproxy.test.Echo"

@@ -5,14 +5,7 @@ verdicts and reasons, and L{HealthChecker} marking upstreams down and up.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from twisted.trial import unittest
@@ -22,6 +15,7 @@ import rproxy
 from rproxy.healthcheck import BODY_LIMIT, USER_AGENT, HealthChecker, HealthCheckSettings, HTTPHealthCheck
 from rproxy.interfaces import HealthResult, IHealthCheck
 from rproxy.registry import MemoryRegistry
+from rproxy.test.certs import CertificateAuthority
 from rproxy.test.support import ReceivedRequest, ScriptedUpstream, listen, sleep, waitFor
 from rproxy.upstream import Upstream
 from rproxy.upstream.pool import PoolSettings
@@ -276,33 +270,11 @@ class HTTPHealthCheckTests(unittest.TestCase):
         self.assertEqual(await healthCheck.abortAll(), None, "nothing left in flight")
 
 
-def selfSignedCertificate() -> ssl.PrivateCertificate:
-    """A certificate for localhost and 127.0.0.1 that no one trusts."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ) + certificate.public_bytes(serialization.Encoding.PEM)
-    return ssl.PrivateCertificate.loadPEM(pem)
-
-
 class TLSUpstream:
-    """An https upstream on 127.0.0.1 with a self-signed certificate, answering 200 to anything."""
+    """
+    An https upstream on 127.0.0.1 with a certificate for localhost and 127.0.0.1 that no one trusts (its CA
+    is its own), answering 200 to anything.
+    """
 
     def __init__(self, testCase: unittest.TestCase) -> None:
         self.requests: list[bytes] = []
@@ -318,7 +290,8 @@ class TLSUpstream:
                 self.transport.write(response(200))
 
         factory = protocol.Factory.forProtocol(Answer)
-        port = reactor.listenSSL(0, factory, selfSignedCertificate().options(), interface="127.0.0.1")
+        untrusted = CertificateAuthority().issue("localhost", ["localhost"], ["127.0.0.1"])
+        port = reactor.listenSSL(0, factory, untrusted.privateCertificate().options(), interface="127.0.0.1")
         testCase.addCleanup(port.stopListening)
 
         def closeAll() -> None:

@@ -25,6 +25,7 @@ from rproxy.demo import demoSite
 from rproxy.http2 import PREFACE, ProxyH2Connection, _RoundRobin, responseFields
 from rproxy.request import sendResponseHead
 from rproxy.server import ClientLimits, ProxyHTTPChannel, ProxySite
+from rproxy.test.certs import CertificateAuthority
 from rproxy.test.h2client import H2Client
 from rproxy.test.support import (
     ReceivedRequest,
@@ -32,7 +33,6 @@ from rproxy.test.support import (
     curl,
     rawRequest,
     responseStatus,
-    selfSignedCertificate,
     sleep,
     startProxy,
     startUpstream,
@@ -174,7 +174,7 @@ class TLSTests(unittest.TestCase):
     async def test_alpn(self) -> None:
         upstream = startUpstream(self, demoSite())
         proxy = startProxy(self, [upstream.url])
-        key, certificate = selfSignedCertificate(self.mktemp())
+        certificate, key = CertificateAuthority().issue("localhost", ["localhost"]).writeTo(self.mktemp(), "server")
         port = await serverFromString(
             reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}"
         ).listen(proxy.site)

@@ -15,7 +15,8 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from rproxy.tap import Options, buildService
-from rproxy.test.h2upstream import CertificateAuthority, CertificateFiles, H2Upstream, serverTLS
+from rproxy.test.certs import CertificateAuthority, CertificateFiles, serverTLS
+from rproxy.test.h2upstream import H2Upstream
 from rproxy.test.support import RunningProxy, rawRequest, responseStatus, sleep, startProxy, waitFor
 from rproxy.test.test_upstream_http2 import get, splitResponse
 
