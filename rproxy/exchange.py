@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 
 from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamError
+from rproxy.h2tunnel import WebSocketOverH2, webSocketOverH2
 from rproxy.headers import ForwardingPolicy, Pairs, responseHeaderPairs
 from rproxy.interfaces import IDirector, IRequestFilter, IResponseFilter, Outcome
 from rproxy.message import InboundRequest, OutboundRequest
@@ -96,6 +97,7 @@ class Exchange:
     _retries = 0  # attempts repeated after a request was sent
     _staleRetries = 0
     _upgrade: tuple[bytes, ...] = ()  # the protocols the client asked to switch to
+    _overH2: WebSocketOverH2 | None = None  # an HTTP/2 client's extended CONNECT (RFC 8441)
 
     def __init__(self, proxy: Proxy, request: http.Request, target: bytes, body: RequestBodyPipe | None) -> None:
         self.proxy = proxy
@@ -122,6 +124,11 @@ class Exchange:
         inbound = self.inbound
         self.outbound = OutboundRequest.fromInbound(inbound, self.proxy.forwarding)
         self._upgrade = upgrade = requestedProtocols(request) if inbound.headers.hasHeader(b"upgrade") else ()
+        if inbound.method == b"CONNECT":
+            self._overH2 = webSocketOverH2(request)
+            if self._overH2 is not None:
+                self._overH2.prepare(self.outbound)
+                self._upgrade = upgrade = self._overH2.upgrade
         for requestFilter in self.proxy.requestFilters:
             answer = requestFilter.onRequest(self)
             if answer is not None:
@@ -301,6 +308,15 @@ class Exchange:
                 self._unbind(error)
                 self._retry(error, True, Delivery.MAYBE)
                 return
+        if self._overH2 is not None and 200 <= status < 300:
+            # A 2xx to an extended CONNECT would tell the client its tunnel is open.
+            connection, self._connection = self._connection, None
+            assert connection is not None
+            connection.abort()
+            label = self._bound.pool.label if self._bound is not None else "?"
+            why = f"upstream {label} answered {status} to a WebSocket handshake"
+            self._end(upstreamError(502, why, "http_protocol_error"))
+            return
         self._responded = True
         fields = self._responseFields(service, version, status, headers)
         if fields is None:
@@ -345,6 +361,8 @@ class Exchange:
         self._latency = self.proxy.reactor.seconds() - self._sentAt
         label = self._bound.pool.label if self._bound is not None else "?"
         why = unrequestedProtocol(self._upgrade, headers)
+        if why is None and self._overH2 is not None:
+            why = self._overH2.refusal(headers)
         if why is not None:
             transport.abortConnection()
             self._end(upstreamError(502, f"upstream {label}: {why}", "http_protocol_error"))
@@ -356,12 +374,17 @@ class Exchange:
             return
         self._unbind(None)
         self._ended = True
+        relay = None
+        limits = service.websocket if isinstance(service, MessageAwareService) else None
+        label = f"{self._loggedTarget()} <-> {label}"
+        if self._overH2 is not None:
+            relay = messageRelay(limits) if limits is not None else None
+            self._overH2.splice(self.proxy.tunnels, self.request, fields, transport, early, label, relay)
+            return
         switched = [(name, value) for name, value in headers if name.lower() == b"upgrade"]
         lines = [b"HTTP/1.1 101 Switching Protocols", b"Connection: Upgrade"]
         lines.extend(name + b": " + value for name, value in [*switched, *fields])
         lines.append(b"\r\n")
-        relay = None
-        limits = service.websocket if isinstance(service, MessageAwareService) else None
         if limits is not None and any(value.strip().lower() == b"websocket" for _, value in switched):
             relay = messageRelay(limits)
         splice(
@@ -370,7 +393,7 @@ class Exchange:
             b"\r\n".join(lines),
             transport,
             early,
-            f"{self._loggedTarget()} <-> {label}",
+            label,
             relay,
         )
 

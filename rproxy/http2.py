@@ -170,6 +170,7 @@ class _H2State(h2.connection.H2Connection):
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2MaxConcurrentStreams,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.h2MaxHeaderListSize,
+                h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441: WebSocket (rproxy.h2tunnel)
             },
         )
         self.decoder.max_header_list_size = limits.h2MaxHeaderListSize
@@ -212,9 +213,14 @@ class _H2State(h2.connection.H2Connection):
 
 
 class ProxyH2Stream(H2Stream):
-    """One HTTP/2 request/response exchange, routed once the connection has registered it."""
+    """
+    One HTTP/2 request/response exchange, routed once the connection has registered it.
+
+    @ivar connectProtocol: the ``:protocol`` of an extended CONNECT (RFC 8441), C{None} for any other.
+    """
 
     _conn: ProxyH2Connection
+    connectProtocol: bytes | None = None
     _request: Any  # a ProxyRequest
     _headers: list[tuple[bytes, bytes]] = []
     _endWithHead = False
@@ -242,7 +248,13 @@ class ProxyH2Stream(H2Stream):
                 self.path = value
             elif name == b":authority":
                 add(b"host", value)
+            elif name == b":protocol":
+                self.connectProtocol = value
         del self._headers
+        if self.connectProtocol is not None:
+            # Its DATA is a tunnel's (rproxy.h2tunnel), not a body: held, unacknowledged, until it opens.
+            length = 0
+            self.pauseProducing()
         if length is None and (ended or self.command in (b"GET", b"HEAD")):
             length = 0
         request.parseCookies()

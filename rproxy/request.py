@@ -23,6 +23,7 @@ from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, Request, dat
 from twisted.web.resource import IResource
 
 from rproxy.errors import ProxyError, clientError, proxyError
+from rproxy.h2tunnel import connectRefusal
 from rproxy.headers import hasControl, isToken
 from rproxy.http2 import ProxyH2Stream
 from rproxy.interfaces import IStreamingResource
@@ -215,12 +216,14 @@ class ProxyRequest(server.Request):
 
     def _checkHead(self, length: int | None) -> ProxyError | None:
         """Refuse what must not reach any resource: bad targets and announced oversize bodies."""
+        if self.method == b"CONNECT":
+            refusal = connectRefusal(getattr(self.channel, "connectProtocol", None))
+            if refusal is not None:
+                return refusal
         uri = self.uri
         if uri[:1] != b"/":
             if uri == b"*" and self.method == b"OPTIONS":
                 pass
-            elif self.method == b"CONNECT":
-                return clientError(405, "CONNECT is not supported: this is a reverse proxy")
             elif uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://":
                 self._absoluteForm(uri)
             else:
