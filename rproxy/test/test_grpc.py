@@ -109,6 +109,19 @@ def inThread(function: Callable[[], T]) -> Any:
     return threads.deferToThread(function)
 
 
+def failureOf(function: Callable[[], object]) -> Any:
+    """Run a grpcio call that must fail in a thread; a Deferred of its C{grpc.RpcError}."""
+
+    def call() -> grpc.RpcError:
+        try:
+            function()
+        except grpc.RpcError as e:
+            return e
+        raise AssertionError("the call did not fail")
+
+    return inThread(call)
+
+
 class GrpcThroughProxyTests(unittest.TestCase):
     """A grpcio client talks to a grpcio server through rproxy, h2c on both sides."""
 
@@ -163,16 +176,7 @@ class GrpcThroughProxyTests(unittest.TestCase):
         """A status sent after messages (so in trailers) reaches the client with its message."""
         call = self.method("unary_stream", "ServerStream")
         received: list[bytes] = []
-
-        def consume() -> grpc.RpcError:
-            try:
-                for message in call(b"-1", timeout=10):
-                    received.append(message)
-            except grpc.RpcError as e:
-                return e
-            raise AssertionError("the call did not fail")
-
-        error = await inThread(consume)
+        error = await failureOf(lambda: received.extend(call(b"-1", timeout=10)))
         self.assertEqual(received, [b"first", b"second"])
         self.assertEqual(error.code(), grpc.StatusCode.PERMISSION_DENIED)
         self.assertEqual(error.details(), "stream refused after two messages")
@@ -180,30 +184,14 @@ class GrpcThroughProxyTests(unittest.TestCase):
     async def test_errorStatusTrailersOnly(self) -> None:
         """An immediate error (a trailers-only response) reaches the client with its message."""
         call = self.method("unary_unary", "Unary")
-
-        def fail() -> grpc.RpcError:
-            try:
-                call(b"fail", timeout=10)
-            except grpc.RpcError as e:
-                return e
-            raise AssertionError("the call did not fail")
-
-        error = await inThread(fail)
+        error = await failureOf(lambda: call(b"fail", timeout=10))
         self.assertEqual(error.code(), grpc.StatusCode.NOT_FOUND)
         self.assertEqual(error.details(), "no such thing: fail")
 
     async def test_deadlineExceeded(self) -> None:
         """The client's deadline reaches the server (grpc-timeout) and expires as DEADLINE_EXCEEDED."""
         call = self.method("unary_unary", "Unary")
-
-        def slow() -> grpc.RpcError:
-            try:
-                call(b"slow", timeout=0.5)
-            except grpc.RpcError as e:
-                return e
-            raise AssertionError("the call did not fail")
-
-        error = await inThread(slow)
+        error = await failureOf(lambda: call(b"slow", timeout=0.5))
         self.assertEqual(error.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
         remaining = self.servicer.timeRemaining
         self.assertIsNotNone(remaining)
