@@ -14,7 +14,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as ierror
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES
@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from rproxy.errors import ProxyError, upstreamError
 from rproxy.headers import Pairs, hasControl, isToken
+from rproxy.upstream import deadline
 from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
 # Chunked decoder states.
 _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
 # What the connection's one timer currently stands for.
-_NO_DEADLINE, _RESPONSE_DEADLINE, _READ_DEADLINE, _IDLE_DEADLINE = range(4)
 
 
 @implementer(IPushProducer)
@@ -66,18 +66,14 @@ class HTTP11Connection(TwistedProtocol):
     reportsUnprocessed = False
     _receiver: ResponseReceiver | None = None
     _body: RequestBodyPipe | None = None
-    # One timer per connection, re-aimed with reset() as its meaning changes (response deadline,
-    # read inactivity, pool idleness): a new DelayedCall per exchange costs more than a reset.
-    _timer: IDelayedCall | None = None
-    _timerMode = _NO_DEADLINE
     _upgrade = False  # the exchange asked to switch protocols
     _switchedHeaders: Pairs = []  # the fields of the 101 that switched them
 
     def __init__(self, pool: UpstreamPool, reactor: IReactorTime) -> None:
         self._pool = pool
-        self._reactor = reactor
         self._closed = False
         self._paused = False
+        self._deadline = deadline.Deadline(reactor, self._deadlinePassed)
         self._resetExchangeState()
 
     def _resetExchangeState(self) -> None:
@@ -104,7 +100,7 @@ class HTTP11Connection(TwistedProtocol):
 
     def sendRequest(self, head: RequestHead, body: RequestBodyPipe | None, receiver: ResponseReceiver) -> None:
         """Write C{head}, stream C{body} (C{None}: none), and report the response to C{receiver}."""
-        self._disarm()
+        self._deadline.disarm()
         self._receiver = receiver
         self._expectBody = head.expectsResponseBody
         self._upgrade = bool(head.upgrade)
@@ -159,7 +155,7 @@ class HTTP11Connection(TwistedProtocol):
 
     def abort(self) -> None:
         """Drop the exchange and the connection: the client went away or its request broke."""
-        self._disarm()
+        self._deadline.disarm()
         self._receiver = None
         body, self._body = self._body, None
         if body is not None:
@@ -171,14 +167,14 @@ class HTTP11Connection(TwistedProtocol):
 
     def pauseProducing(self) -> None:
         self._paused = True
-        self._disarm()  # a slow client is not the upstream's fault
+        self._deadline.disarm()  # a slow client is not the upstream's fault
         if not self._closed:
             self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
         if self._receiver is not None and self._headSeen and not self._responseDone:
-            self._arm(_READ_DEADLINE, self._pool.settings.readTimeout)
+            self._deadline.arm(deadline.READ, self._pool.settings.readTimeout)
         if not self._closed:
             self.transport.resumeProducing()
 
@@ -199,56 +195,20 @@ class HTTP11Connection(TwistedProtocol):
     def idle(self, timeout: float) -> None:
         """Wait in the pool; close after C{timeout} seconds unused."""
         self.recycle()
-        self._arm(_IDLE_DEADLINE, timeout)
+        self._deadline.arm(deadline.IDLE, timeout)
 
     def close(self) -> None:
         """Close the connection once what was written is sent."""
         if not self._closed:
             self.transport.loseConnection()
 
-    # -- the timer
-
-    def _arm(self, mode: int, seconds: float) -> None:
-        self._timerMode = mode
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(seconds)
-        else:
-            self._timer = self._reactor.callLater(seconds, self._timedOut)
-
-    def _disarm(self) -> None:
-        """No deadline now; the pending call, if any, lapses unless re-aimed first."""
-        self._timerMode = _NO_DEADLINE
-
-    def _stopTimer(self) -> None:
-        self._timerMode = _NO_DEADLINE
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        mode, self._timerMode = self._timerMode, _NO_DEADLINE
-        if mode == _NO_DEADLINE or self._closed:
+    def _deadlinePassed(self, mode: int) -> None:
+        if self._closed:
             return
-        if mode == _IDLE_DEADLINE:
+        if mode == deadline.IDLE:
             self.transport.loseConnection()
             return
-        settings = self._pool.settings
-        if mode == _RESPONSE_DEADLINE:
-            error = upstreamError(
-                504,
-                f"upstream {self._pool.label} sent no response within {settings.responseTimeout:g}s",
-                "http_response_timeout",
-            )
-        else:
-            error = upstreamError(
-                504,
-                f"upstream {self._pool.label} sent nothing for {settings.readTimeout:g}s mid-response",
-                "connection_read_timeout",
-            )
-        self._fail(error)
+        self._fail(deadline.timeoutError(mode, self._pool.label, self._pool.settings))
         if not self._closed:
             self.transport.abortConnection()
 
@@ -257,7 +217,7 @@ class HTTP11Connection(TwistedProtocol):
         if self._responseDone:
             self._release()
         elif not self._headSeen:
-            self._arm(_RESPONSE_DEADLINE, self._pool.settings.responseTimeout)
+            self._deadline.arm(deadline.RESPONSE, self._pool.settings.responseTimeout)
 
     # -- parsing the response
 
@@ -276,8 +236,8 @@ class HTTP11Connection(TwistedProtocol):
             if rest is None or self._receiver is None:
                 return
             data = rest
-        elif self._timerMode == _READ_DEADLINE and self._timer is not None:
-            self._timer.reset(self._pool.settings.readTimeout)
+        else:
+            self._deadline.postpone(deadline.READ, self._pool.settings.readTimeout)
         if data:
             self._parseBody(data)
 
@@ -333,9 +293,9 @@ class HTTP11Connection(TwistedProtocol):
         self._headSeen = True
         hasBody = self._framing != _NONE
         if not hasBody:
-            self._disarm()
+            self._deadline.disarm()
         elif self._requestDone:
-            self._arm(_READ_DEADLINE, self._pool.settings.readTimeout)
+            self._deadline.arm(deadline.READ, self._pool.settings.readTimeout)
         receiver = self._receiver
         assert receiver is not None
         receiver.responseHead(version[5:], status, reason, headers, hasBody)
@@ -352,7 +312,7 @@ class HTTP11Connection(TwistedProtocol):
         if not self._requestDone:  # body bytes and tunnel bytes would be indistinguishable upstream
             self._failProtocol("upstream switched protocols before the request body was sent")
             return
-        self._stopTimer()
+        self._deadline.stop()
         self._responseDone = True
         receiver, self._receiver = self._receiver, None
         assert receiver is not None
@@ -531,7 +491,7 @@ class HTTP11Connection(TwistedProtocol):
 
     def _complete(self, trailers: Pairs) -> None:
         self._responseDone = True
-        self._disarm()
+        self._deadline.disarm()
         receiver = self._receiver
         self._receiver = None
         assert receiver is not None
@@ -553,7 +513,7 @@ class HTTP11Connection(TwistedProtocol):
             self.transport.loseConnection()
 
     def _fail(self, error: ProxyError, delivery: Delivery = Delivery.MAYBE) -> None:
-        self._disarm()
+        self._deadline.disarm()
         receiver = self._receiver
         self._receiver = None
         self._responseDone = True
@@ -565,7 +525,7 @@ class HTTP11Connection(TwistedProtocol):
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
         self._closed = True
-        self._stopTimer()
+        self._deadline.stop()
         if self._receiver is not None:
             if self._headSeen and self._framing == _CLOSE:
                 self._complete([])

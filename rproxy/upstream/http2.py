@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from rproxy.errors import ProxyError, clientError, upstreamError
 from rproxy.headers import Pairs
+from rproxy.upstream import deadline
 from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
 
 if TYPE_CHECKING:
@@ -66,7 +67,6 @@ _NOT_FORWARDED = frozenset(
 )
 
 # What a stream's one timer currently stands for.
-_NO_DEADLINE, _RESPONSE_DEADLINE, _READ_DEADLINE = range(3)
 
 
 def _codeName(code: int) -> str:
@@ -438,12 +438,11 @@ class HTTP2Stream:
     _body: RequestBodyPipe | None = None
     _bodyProducer: IPushProducer | None = None
     _finishWith: Pairs | None = None  # trailers to send once the pending body bytes are sent
-    _timer: IDelayedCall | None = None
-    _timerMode = _NO_DEADLINE
 
     def __init__(self, connection: HTTP2Connection, reused: bool) -> None:
         self._connection = connection
         self.reused = reused
+        self._deadline = deadline.Deadline(connection.reactor, self._deadlinePassed)
         self.reportsUnprocessed = True
         self._done = False  # the slot is freed
         self._requestDone = False
@@ -627,13 +626,13 @@ class HTTP2Stream:
         if self._ended and not self._held:
             self._complete()
         elif not self._headSeen:
-            self._arm(_RESPONSE_DEADLINE, self._connection.settings.responseTimeout)
+            self._deadline.arm(deadline.RESPONSE, self._connection.settings.responseTimeout)
 
     # -- IPushProducer for the response body: acknowledgements follow the client
 
     def pauseProducing(self) -> None:
         self._paused = True
-        self._timerMode = _NO_DEADLINE  # a slow client is not the upstream's fault
+        self._deadline.disarm()  # a slow client is not the upstream's fault
 
     def resumeProducing(self) -> None:
         self._paused = False
@@ -647,7 +646,7 @@ class HTTP2Stream:
         if self._ended:
             self._complete()
         elif self._headSeen:
-            self._arm(_READ_DEADLINE, self._connection.settings.readTimeout)
+            self._deadline.arm(deadline.READ, self._connection.settings.readTimeout)
 
     def stopProducing(self) -> None:
         self.abort()
@@ -678,9 +677,9 @@ class HTTP2Stream:
         self._headSeen = True
         self._hasBody = not endStream and self._expectBody and status not in NO_BODY_CODES
         if self._hasBody and self._requestDone:
-            self._arm(_READ_DEADLINE, self._connection.settings.readTimeout)
+            self._deadline.arm(deadline.READ, self._connection.settings.readTimeout)
         else:
-            self._timerMode = _NO_DEADLINE
+            self._deadline.disarm()
         receiver.responseHead(b"2", status, b"", _fields(headers), self._hasBody)
 
     def dataReceived(self, data: bytes, size: int) -> None:
@@ -692,8 +691,7 @@ class HTTP2Stream:
         if self._paused or self._held:
             self._held.append((data, size))
             return
-        if self._timerMode == _READ_DEADLINE and self._timer is not None:
-            self._timer.reset(self._connection.settings.readTimeout)
+        self._deadline.postpone(deadline.READ, self._connection.settings.readTimeout)
         self._deliver(data, size)
 
     def _deliver(self, data: bytes, size: int) -> None:
@@ -753,7 +751,7 @@ class HTTP2Stream:
     def _complete(self) -> None:
         receiver = self._receiver
         self._receiver = None
-        self._timerMode = _NO_DEADLINE
+        self._deadline.disarm()
         if not self._requestDone:
             # The upstream answered before the whole request body was sent: stop sending it.
             body, self._body = self._body, None
@@ -782,7 +780,7 @@ class HTTP2Stream:
 
     def _finish(self) -> None:
         self._done = True
-        self._stopTimer()
+        self._deadline.stop()
         self._held = []
         self._pending = []
         self._connection.streamDone(self)
@@ -796,41 +794,11 @@ class HTTP2Stream:
             return
         self._connection.flush()
 
-    # -- the timer
-
-    def _arm(self, mode: int, seconds: float) -> None:
-        self._timerMode = mode
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(seconds)
-        else:
-            self._timer = self._connection.reactor.callLater(seconds, self._timedOut)
-
-    def _stopTimer(self) -> None:
-        self._timerMode = _NO_DEADLINE
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        mode, self._timerMode = self._timerMode, _NO_DEADLINE
-        if mode == _NO_DEADLINE or self._done:
+    def _deadlinePassed(self, mode: int) -> None:
+        if self._done:
             return
-        settings = self._connection.settings
-        label = self._connection.label
-        if mode == _RESPONSE_DEADLINE:
-            error = upstreamError(
-                504, f"upstream {label} sent no response within {settings.responseTimeout:g}s", "http_response_timeout"
-            )
-        else:
-            error = upstreamError(
-                504,
-                f"upstream {label} sent nothing for {settings.readTimeout:g}s mid-response",
-                "connection_read_timeout",
-            )
         self._resetQuietly()
-        self.failed(error, Delivery.MAYBE)
+        self.failed(deadline.timeoutError(mode, self._connection.label, self._connection.settings), Delivery.MAYBE)
 
 
 def _status(headers: Pairs) -> int | None:

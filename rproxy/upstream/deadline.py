@@ -1,0 +1,80 @@
+"""
+The one timer of an upstream connection (HTTP/1.1) or stream (HTTP/2), whose meaning changes as an
+exchange goes on: waiting for the response head, waiting for more of the body, idling in the pool.
+
+It is re-aimed with C{reset} rather than replaced: a new C{DelayedCall} per exchange costs more than a
+reset, and disarming only changes what the pending call means (it lapses unless re-aimed first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from rproxy.errors import ProxyError, upstreamError
+
+if TYPE_CHECKING:
+    from rproxy.upstream.pool import PoolSettings
+
+#: What the deadline stands for.
+NONE, RESPONSE, READ, IDLE = range(4)
+
+
+class Deadline:
+    """
+    One re-aimable deadline; C{expired(mode)} is called when it passes while armed.
+
+    @ivar mode: what it stands for now (L{NONE}: nothing).
+    """
+
+    mode = NONE
+    _call: IDelayedCall | None = None
+
+    def __init__(self, reactor: IReactorTime, expired: Callable[[int], None]) -> None:
+        self._reactor = reactor
+        self._expired = expired
+
+    def arm(self, mode: int, seconds: float) -> None:
+        """Stand for C{mode}, C{seconds} from now."""
+        self.mode = mode
+        call = self._call
+        if call is not None and call.active():
+            call.reset(seconds)
+        else:
+            self._call = self._reactor.callLater(seconds, self._passed)
+
+    def postpone(self, mode: int, seconds: float) -> None:
+        """If it stands for C{mode}, move it to C{seconds} from now (progress was made)."""
+        if self.mode == mode and self._call is not None:
+            self._call.reset(seconds)
+
+    def disarm(self) -> None:
+        """Stand for nothing: the pending call, if any, lapses unless re-aimed first."""
+        self.mode = NONE
+
+    def stop(self) -> None:
+        """Stand for nothing and cancel the pending call (the connection or stream is over)."""
+        self.mode = NONE
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    def _passed(self) -> None:
+        self._call = None
+        mode, self.mode = self.mode, NONE
+        if mode != NONE:
+            self._expired(mode)
+
+
+def timeoutError(mode: int, label: str, settings: PoolSettings) -> ProxyError:
+    """The 504 for a L{RESPONSE} or L{READ} deadline that passed on upstream C{label}."""
+    if mode == RESPONSE:
+        return upstreamError(
+            504, f"upstream {label} sent no response within {settings.responseTimeout:g}s", "http_response_timeout"
+        )
+    return upstreamError(
+        504, f"upstream {label} sent nothing for {settings.readTimeout:g}s mid-response", "connection_read_timeout"
+    )
