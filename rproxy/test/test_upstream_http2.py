@@ -20,6 +20,30 @@ def get(port: int, path: bytes, fields: bytes = b"", timeout: float = 10.0) -> d
     )
 
 
+def post(port: int, path: bytes, body: bytes) -> defer.Deferred[bytes]:
+    """One POST of C{body} through the proxy on its own connection; the raw response."""
+    return rawRequest(
+        port,
+        b"POST "
+        + path
+        + b" HTTP/1.1\r\nHost: app\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body,
+    )
+
+
+def refusingFirstStream(testCase: unittest.TestCase) -> H2Upstream:
+    """An HTTP/2 upstream that refuses its first stream (REFUSED_STREAM) and echoes the others."""
+
+    def handler(stream: ServerStream) -> None:
+        if len(server.streams) == 1:
+            stream.reset(ErrorCodes.REFUSED_STREAM)
+        else:
+            echo(stream)
+
+    server = H2Upstream(testCase, handler)
+    return server
+
+
 def splitResponse(response: bytes) -> tuple[bytes, bytes]:
     """The head and the (de-chunked) body of one raw response."""
     head, _, rest = response.partition(b"\r\n\r\n")
@@ -80,9 +104,7 @@ class BasicTests(unittest.TestCase):
         """A body with a length is sent as DATA with content-length."""
         server = H2Upstream(self)
         proxy = startProxy(self, [server.url])
-        response = await rawRequest(
-            proxy.port, b"POST /p HTTP/1.1\r\nHost: app\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello"
-        )
+        response = await post(proxy.port, b"/p", b"hello")
         head, body = splitResponse(response)
         self.assertEqual((responseStatus(head), body), (200, b"POST /p hello"))
         self.assertEqual(server.streams[0].header(b"content-length"), b"5")
@@ -264,14 +286,7 @@ class ResetAndGoAwayTests(unittest.TestCase):
 
     async def test_refusedStreamIsRetried(self) -> None:
         """REFUSED_STREAM means the request was not processed: it is sent again, and the client sees 200."""
-
-        def handler(stream: ServerStream) -> None:
-            if len(server.streams) == 1:
-                stream.reset(ErrorCodes.REFUSED_STREAM)
-            else:
-                echo(stream)
-
-        server = H2Upstream(self, handler)
+        server = refusingFirstStream(self)
         proxy = startProxy(self, [server.url], "--retries", "0")
         head, body = splitResponse(await get(proxy.port, b"/r"))
         self.assertEqual((responseStatus(head), body), (200, b"GET /r "))
@@ -282,18 +297,9 @@ class ResetAndGoAwayTests(unittest.TestCase):
         A refused stream was provably not processed, so even a POST is sent again (on HTTP/1.1 a POST is
         never repeated once sent), with its body kept for it.
         """
-
-        def handler(stream: ServerStream) -> None:
-            if len(server.streams) == 1:
-                stream.reset(ErrorCodes.REFUSED_STREAM)
-            else:
-                echo(stream)
-
-        server = H2Upstream(self, handler)
+        server = refusingFirstStream(self)
         proxy = startProxy(self, [server.url], "--retries", "0")
-        response = await rawRequest(
-            proxy.port, b"POST /r HTTP/1.1\r\nHost: app\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello"
-        )
+        response = await post(proxy.port, b"/r", b"hello")
         head, body = splitResponse(response)
         self.assertEqual((responseStatus(head), body), (200, b"POST /r hello"))
         self.assertEqual(len(server.streams), 2)
@@ -306,9 +312,7 @@ class ResetAndGoAwayTests(unittest.TestCase):
 
         server = H2Upstream(self, handler)
         proxy = startProxy(self, [server.url], "--retries", "2")
-        response = await rawRequest(
-            proxy.port, b"POST /r HTTP/1.1\r\nHost: app\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello"
-        )
+        response = await post(proxy.port, b"/r", b"hello")
         self.assertEqual(responseStatus(response), 502)
         self.assertEqual(len(server.streams), 1)
 
