@@ -9,10 +9,12 @@ dispatches for it.
 
 L{FlushingEPollReactor} instead keeps a connected socket that starts writing in a list, and calls its
 C{doWrite} once the turn's events are handled: everything the turn wrote to it goes out in one C{send}.
-Only what the kernel does not take waits for C{EPOLLOUT}, as before.  Events are dispatched as Twisted
-does; the flushes run without the per-connection legacy log context (C{callWithLogger}, as Twisted's
-asyncio reactor runs everything): a failure while sending is still logged, without the connection's
-log prefix.
+Only what the kernel does not take waits for C{EPOLLOUT}, as before.
+
+Each event (and each flush) runs in its connection's legacy log context, as Twisted's
+C{callWithLogger} sets it (C{system} is the connection's C{logPrefix()}), but pushed straight onto the
+reactor thread's context stack: Twisted's way copies the context twice and looks the thread's stack up
+twice per event, about 6% of a small proxied request's CPU.
 
 C{twist rproxy} installs it unless a reactor was chosen (C{twist --reactor epoll rproxy} keeps Twisted's);
 the rproxy plugin also names it C{rproxy}, for C{twistd -r rproxy}.  On systems without epoll, Twisted's
@@ -21,10 +23,14 @@ default reactor is installed instead.
 
 from __future__ import annotations
 
+import errno
 import sys
+from typing import Any
 
 from twisted.internet import abstract
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.python import context, log
+from twisted.python.log import ILogContext
 
 try:
     from twisted.internet.epollreactor import EPOLLOUT, EPollReactor
@@ -74,10 +80,44 @@ if EPollReactor is not None:
             """Handle the ready descriptors' events as Twisted does, then send what they wrote."""
             if self._flushing:
                 timeout = 0  # written from a timer or a thread's call: send without waiting
-            super().doPoll(timeout)
+            try:
+                events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    return
+                raise
+            selectables = self._selectables
+            for fd, event in events:
+                selectable = selectables.get(fd)
+                if selectable is not None:
+                    self._dispatch(selectable, fd, event)
             self._flush()
 
         doIteration = doPoll
+
+        def _dispatch(self, selectable: Any, fd: int, event: int) -> None:
+            """C{callWithLogger(selectable, self._doReadOrWrite, selectable, fd, event)}, for less."""
+            tracker = context.theContextTracker
+            if not isinstance(tracker, context.ThreadedContextTracker):  # someone installed their own
+                log.callWithLogger(selectable, self._doReadOrWrite, selectable, fd, event)
+                return
+            try:
+                prefix = selectable.logPrefix()
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                prefix = "(buggy logPrefix method)"
+                log.err(system=prefix)
+            stack = tracker.currentContext()
+            stack.contexts.append({ILogContext: {**stack.getContext(ILogContext), "system": prefix}})
+            try:
+                self._doReadOrWrite(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                log.err(system=prefix)
+            finally:
+                stack.contexts.pop()
 
         def _flush(self) -> None:
             """Send what this turn wrote; what the kernel does not take waits for C{EPOLLOUT}."""
@@ -87,7 +127,7 @@ if EPollReactor is not None:
                 if fd == -1 or writer.disconnected:  # type: ignore[attr-defined]
                     continue
                 self._flushingNow = writer
-                self._doReadOrWrite(writer, fd, EPOLLOUT)
+                self._dispatch(writer, fd, EPOLLOUT)
                 if self._flushingNow is writer and writer not in self._flushing:
                     EPollReactor.addWriter(self, writer)  # it did not stop writing: bytes are left
             self._flushingNow = None
