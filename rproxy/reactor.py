@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import abstract
@@ -86,40 +87,17 @@ if EPollReactor is not None:
                 if e.errno == errno.EINTR:
                     return
                 raise
+            logged = _LogContexts.ofThisThread()
             selectables = self._selectables
             for fd, event in events:
                 selectable = selectables.get(fd)
                 if selectable is not None:
-                    self._dispatch(selectable, fd, event)
-            self._flush()
+                    logged.call(selectable, self._doReadOrWrite, fd, event)
+            self._flush(logged)
 
         doIteration = doPoll
 
-        def _dispatch(self, selectable: Any, fd: int, event: int) -> None:
-            """C{callWithLogger(selectable, self._doReadOrWrite, selectable, fd, event)}, for less."""
-            tracker = context.theContextTracker
-            if not isinstance(tracker, context.ThreadedContextTracker):  # someone installed their own
-                log.callWithLogger(selectable, self._doReadOrWrite, selectable, fd, event)
-                return
-            try:
-                prefix = selectable.logPrefix()
-            except KeyboardInterrupt:
-                raise
-            except BaseException:
-                prefix = "(buggy logPrefix method)"
-                log.err(system=prefix)
-            stack = tracker.currentContext()
-            stack.contexts.append({ILogContext: {**stack.getContext(ILogContext), "system": prefix}})
-            try:
-                self._doReadOrWrite(selectable, fd, event)
-            except KeyboardInterrupt:
-                raise
-            except BaseException:
-                log.err(system=prefix)
-            finally:
-                stack.contexts.pop()
-
-        def _flush(self) -> None:
+        def _flush(self, logged: _LogContexts) -> None:
             """Send what this turn wrote; what the kernel does not take waits for C{EPOLLOUT}."""
             flushing, self._flushing = self._flushing, {}
             for writer in flushing:
@@ -127,10 +105,51 @@ if EPollReactor is not None:
                 if fd == -1 or writer.disconnected:  # type: ignore[attr-defined]
                     continue
                 self._flushingNow = writer
-                self._dispatch(writer, fd, EPOLLOUT)
+                logged.call(writer, self._doReadOrWrite, fd, EPOLLOUT)
                 if self._flushingNow is writer and writer not in self._flushing:
                     EPollReactor.addWriter(self, writer)  # it did not stop writing: bytes are left
             self._flushingNow = None
+
+
+class _LogContexts:
+    """
+    What C{log.callWithLogger} does for each event, for one reactor turn: the thread's context stack and
+    the log context the turn started in are looked up once, and each call pushes one new context.
+    """
+
+    def __init__(self, stack: context.ContextTracker | None) -> None:
+        self._stack = stack
+        self._base: dict[str, Any] = stack.getContext(ILogContext) if stack is not None else {}
+
+    @classmethod
+    def ofThisThread(cls) -> _LogContexts:
+        """The contexts of the calling thread (none to push onto if a custom tracker is installed)."""
+        tracker = context.theContextTracker
+        return cls(tracker.currentContext() if isinstance(tracker, context.ThreadedContextTracker) else None)
+
+    def call(self, selectable: Any, function: Callable[[Any, int, int], object], fd: int, event: int) -> None:
+        """C{log.callWithLogger(selectable, function, selectable, fd, event)}."""
+        stack = self._stack
+        if stack is None:
+            log.callWithLogger(selectable, function, selectable, fd, event)
+            return
+        try:
+            prefix = selectable.logPrefix()
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            prefix = "(buggy logPrefix method)"
+            log.err(system=prefix)
+        contexts = stack.contexts
+        contexts.append({ILogContext: {**self._base, "system": prefix}})
+        try:
+            function(selectable, fd, event)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            log.err(system=prefix)
+        finally:
+            contexts.pop()
 
 
 def install() -> None:
