@@ -92,6 +92,12 @@ class ProxyHTTPChannel(HTTPChannel):
     # DelayedCall per request); it only counts while _awaitingHead.
     _headerTimer: IDelayedCall | None = None
     _awaitingHead = False
+    # The idle timeout's timer.  HTTPChannel turns the timeout off while it handles each request and on
+    # again after it; TimeoutMixin would cancel its timer and schedule a new one every time.  Here the
+    # timer stays scheduled while a request turns it off (it lapses unused if the request takes long),
+    # and is re-aimed when the timeout comes back on.
+    _idleTimer: IDelayedCall | None = None
+    _handingOver = False  # in allContentReceived: the request is being handed over
     _lengths: tuple[bytes, ...] = ()
     _host: Any = None
     _peer: Any = None
@@ -309,7 +315,35 @@ class ProxyHTTPChannel(HTTPChannel):
 
     def allContentReceived(self) -> None:
         if self.requests:  # else the body belonged to a request answered (and closed) early
-            super().allContentReceived()
+            self._handingOver = True
+            try:
+                super().allContentReceived()
+            finally:
+                self._handingOver = False
+
+    def setTimeout(self, period: int | None) -> int | None:
+        """TimeoutMixin's, except that turning the timeout off for a request keeps the timer."""
+        previous, self.timeOut = self.timeOut, period
+        timer = self._idleTimer
+        if period is None:
+            if timer is not None and not self._handingOver:
+                self._idleTimer = None
+                timer.cancel()
+        elif timer is not None:
+            timer.reset(period)
+        else:
+            self._idleTimer = self.callLater(period, self._idleTimedOut)
+        return previous
+
+    def resetTimeout(self) -> None:
+        timer = self._idleTimer
+        if timer is not None and self.timeOut is not None:
+            timer.reset(self.timeOut)
+
+    def _idleTimedOut(self) -> None:
+        self._idleTimer = None
+        if self.timeOut is not None:  # else a request turned the timeout off: it lapses unused
+            self.timeoutConnection()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         """Twisted's own checks (chunked framing) end up here: say what broke."""

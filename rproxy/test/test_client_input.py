@@ -7,8 +7,11 @@ reason, the fault header, that the connection is closed, and what the upstream s
 
 from __future__ import annotations
 
-from twisted.internet import defer
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -17,7 +20,15 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from rproxy.server import ProxySite
-from rproxy.test.support import ReceivedRequest, ScriptedUpstream, rawRequest, sleep, splitResponses, startProxy
+from rproxy.test.support import (
+    ReceivedRequest,
+    ScriptedUpstream,
+    rawRequest,
+    sleep,
+    splitResponses,
+    startProxy,
+    waitFor,
+)
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -238,6 +249,93 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data)
 
 
+class _KeepAliveClient(protocol.Protocol):
+    """A client on one connection: what it received, and when the proxy closed it."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closedAt: float | None = None
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    @property
+    def answered(self) -> int:
+        """How many 200 responses arrived."""
+        return self.received.count(b"HTTP/1.1 200 OK\r\n")
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.closedAt = reactor.seconds()
+        self.closed.callback(None)
+
+    async def ask(self, target: bytes) -> None:
+        """Send a GET for C{target} and wait for its whole response."""
+        answered = self.answered
+        self.transport.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        await waitFor(lambda: self.answered > answered or self.closedAt, timeout=5)
+
+
+def _answerSlowly(protocol: Any, request: ReceivedRequest) -> bytes:
+    """Answer C{/slow} after 1.5 s, anything else at once."""
+    if request.requestLine.split(b" ")[1] != b"/slow":
+        return OK
+    reactor.callLater(1.5, protocol.transport.write, OK)
+    return b""
+
+
+class IdleTimeoutTests(unittest.TestCase):
+    """
+    --client-timeout closes a client connection idle for that long: before its first request and
+    between requests, never while a request is handled however long it takes.
+    """
+
+    def setUp(self) -> None:
+        upstream = ScriptedUpstream(self, _answerSlowly)
+        self.proxy = startProxy(self, [upstream.url], "--client-timeout", "0.5")
+
+    async def connect(self) -> _KeepAliveClient:
+        client = _KeepAliveClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.port), client)
+        self.addCleanup(lambda: client.transport.abortConnection() if client.closedAt is None else None)
+        return client
+
+    async def assertClosedIdle(self, client: _KeepAliveClient) -> None:
+        """The proxy closes C{client} after half a second of silence, counted from now."""
+        idleSince = reactor.seconds()
+        self.assertTrue(await waitFor(lambda: client.closedAt is not None, timeout=5))
+        assert client.closedAt is not None
+        self.assertGreaterEqual(client.closedAt - idleSince, 0.4)
+
+    async def test_beforeFirstRequest(self) -> None:
+        """A connection that never sends a request is closed."""
+        await self.assertClosedIdle(await self.connect())
+
+    async def test_afterResponse(self) -> None:
+        """The idle time is counted from the end of the last response."""
+        client = await self.connect()
+        await client.ask(b"/")
+        self.assertEqual(client.answered, 1)
+        await self.assertClosedIdle(client)
+
+    async def test_slowResponse(self) -> None:
+        """A request that takes three times the timeout is answered, and the idle count starts after it."""
+        client = await self.connect()
+        await client.ask(b"/slow")
+        self.assertEqual(client.answered, 1, client.received)
+        self.assertIsNone(client.closedAt)
+        await self.assertClosedIdle(client)
+
+    async def test_busyConnectionKept(self) -> None:
+        """Requests 0.3 s apart keep one connection open well past the timeout."""
+        client = await self.connect()
+        for _ in range(5):
+            await client.ask(b"/")
+            await sleep(0.3)
+        self.assertEqual(client.answered, 5)
+        self.assertIsNone(client.closedAt)
+
+
 class _Recorder(resource.Resource):
     """A local resource recording each request it renders."""
 
@@ -318,3 +416,26 @@ class WholeHeadTests(unittest.TestCase):
             whole, answer = self.feed([payload])
             self.assertEqual((whole, answer), self.feed([payload[i : i + 1] for i in range(len(payload))]), payload)
             self.assertTrue(answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 414 ", b"HTTP/1.1 431 ")), answer)
+
+
+class IdleTimerTests(unittest.TestCase):
+    """The idle timeout's timer, on a simulated clock."""
+
+    def test_oneTimerPerConnection(self) -> None:
+        """Requests re-aim the connection's one timer rather than schedule a new one each; it still fires."""
+        clock = Clock()
+        site = ProxySite(_Recorder(), reactor=clock)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        assert channel is not None
+        transport = _Transport(IPv4Address("TCP", "127.0.0.1", 8080), IPv4Address("TCP", "127.0.0.1", 5555))
+        channel.makeConnection(transport)
+        [timer] = clock.getDelayedCalls()
+        for _ in range(3):
+            clock.advance(site.limits.idleTimeout / 2)
+            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            self.assertEqual(clock.getDelayedCalls(), [timer])
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 3)
+        clock.advance(site.limits.idleTimeout - 1)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(transport.disconnecting)
