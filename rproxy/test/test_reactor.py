@@ -15,9 +15,11 @@ from unittest import skip as skipped
 
 from twisted.internet import protocol, tcp
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.test import test_core, test_fdset, test_process, test_tcp, test_threads, test_tls, test_unix
 from twisted.internet.test.reactormixins import ReactorBuilder
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from rproxy.reactor import FlushingEPollReactor
 
@@ -59,6 +61,21 @@ for _builder in _builders:
 class _Echo(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
+
+
+@implementer(IPushProducer)
+class _CountingProducer:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
 
 
 class FlushingTestsBuilder(ReactorBuilder):
@@ -125,6 +142,29 @@ class FlushingTestsBuilder(ReactorBuilder):
         self.assertIn("modify", calls)
         self.assertEqual(self._receive(reactor, client, len(payload)), payload)
         self.assertEqual(reactor.getWriters(), [])
+
+    def test_pausedProducerResumed(self) -> None:
+        """A streaming producer paused by a full buffer is resumed once a flush has sent everything."""
+        reactor, client, transport, calls = self._start()
+        producer = _CountingProducer()
+        transport.registerProducer(producer, True)
+        transport.bufferSize = 4
+        transport.write(b"more than four")
+        self.assertEqual(producer.calls, ["pause"])
+        self.assertEqual(self._receive(reactor, client, 14), b"more than four")
+        self.assertEqual(producer.calls, ["pause", "resume"])
+
+    def test_closeAfterFlush(self) -> None:
+        """A connection closed right after a write sends what it wrote, then closes, as Twisted does."""
+        reactor, client, transport, calls = self._start()
+        transport.write(b"last words")
+        transport.loseConnection()
+        self.assertEqual(self._receive(reactor, client, 10), b"last words")
+        for _ in range(100):
+            if transport.disconnected:
+                break
+            reactor.iterate(0.01)
+        self.assertTrue(transport.disconnected)
 
     def test_removeAllIncludesPendingWriters(self) -> None:
         """A writer whose bytes are still to be flushed is disconnected at shutdown like the others."""

@@ -232,3 +232,33 @@ class TransportHandoverContractTests(unittest.TestCase):
 
     def test_tlsWrapperAttribute(self) -> None:
         self.assertIn("wrappedProtocol", inspect.signature(TLSMemoryBIOProtocol.__init__).parameters)
+
+
+class _Capture(protocol.Protocol):
+    def __init__(self, made: defer.Deferred[protocol.Protocol]) -> None:
+        self.made = made
+
+    def connectionMade(self) -> None:
+        self.made.callback(self)
+
+
+class WriteBufferContractTests(unittest.TestCase):
+    """
+    rproxy.reactor._sendWhole does what C{FileDescriptor.doWrite} does in its usual case, on the same
+    state: the buffers C{write} fills, the producer flags and the pending-close flags.
+    """
+
+    async def test_bufferState(self) -> None:
+        made: defer.Deferred[protocol.Protocol] = defer.Deferred()
+        listening = listen(self, protocol.Factory.forProtocol(lambda: _Capture(made)))
+        client = rawRequest(listening.port, b"", timeout=5)
+        transport = (await made).transport
+        transport.write(b"ab")
+        transport.write(b"cd")
+        self.assertEqual((transport.dataBuffer, transport.offset), (b"", 0))
+        self.assertEqual((transport._tempDataBuffer, transport._tempDataLen), ([b"ab", b"cd"], 4))
+        self.assertEqual(transport.SEND_LIMIT, 128 * 1024)
+        for flag in ("producer", "streamingProducer", "producerPaused", "disconnecting", "_writeDisconnecting"):
+            self.assertFalse(getattr(transport, flag), flag)
+        transport.loseConnection()
+        self.assertEqual(await client, b"abcd")
