@@ -60,7 +60,7 @@ if EPollReactor is not None:
                 isinstance(writer, abstract.FileDescriptor)
                 and writer.connected
                 and not writer.disconnected
-                and writer.fileno() not in self._writes
+                and (not self._writes or writer.fileno() not in self._writes)
             ):
                 self._flushing[writer] = None
             else:  # a socket still connecting, or anything else: as Twisted does

@@ -38,12 +38,10 @@ MAX_TRAILERS = 65536
 #: What a reason phrase must not hold: control bytes other than HTAB.
 _REASON_CONTROLS = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
 _HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
-#: One well-formed field line; heads where every line matches take the fast path.
-#: (The value starts and ends with a non-blank byte: a lazy value before optional blanks costs 1.6x as much.)
-_FIELD = re.compile(
-    rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[^\r\n\x00 \t](?:[^\r\n\x00]*[^\r\n\x00 \t])?)?)[ \t]*\r\n",
-    re.MULTILINE,
-)
+#: One well-formed field line whose value has no trailing blanks; heads where every line matches take the
+#: fast path.  (Heads with trailing blanks, which are rare, take the slow path: excluding them in the
+#: pattern makes every match a third slower.)
+_FIELD = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*)\r\n", re.MULTILINE)
 
 # Body framings of a response.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
@@ -323,9 +321,10 @@ class HTTP11Connection(TwistedProtocol):
         if not block:
             return []
         block += b"\r\n"
-        fields: Pairs = _FIELD.findall(block)
-        if len(fields) == block.count(b"\n"):
-            return fields  # every line is a well-formed field
+        if b" \r\n" not in block and b"\t\r\n" not in block:
+            fields: Pairs = _FIELD.findall(block)
+            if len(fields) == block.count(b"\n"):
+                return fields  # every line is a well-formed field
         fields = []
         for line in block[:-2].split(b"\r\n"):
             if line[:1] in (b" ", b"\t"):  # obsolete line folding: join with a space (RFC 9112 5.2)
@@ -354,11 +353,11 @@ class HTTP11Connection(TwistedProtocol):
         for name, value in headers:
             lowered = name.lower()
             if lowered == b"content-length":
-                lengths.extend(v.strip() for v in value.split(b","))
+                lengths.extend([v.strip() for v in value.split(b",")])
             elif lowered == b"transfer-encoding":
-                codings.extend(v.strip().lower() for v in value.split(b",") if v.strip())
+                codings.extend([v.strip().lower() for v in value.split(b",") if v.strip()])
             elif lowered == b"connection":
-                connection.extend(v.strip().lower() for v in value.split(b","))
+                connection.extend([v.strip().lower() for v in value.split(b",")])
         if version == b"HTTP/1.0":
             self._keepAlive = b"keep-alive" in connection
         else:
