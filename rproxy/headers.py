@@ -93,20 +93,6 @@ def requestHeaderPairs(headers: Headers) -> tuple[Pairs, bool]:
     return pairs, acceptsTrailers
 
 
-def trailerFields(lines: Iterable[bytes]) -> Pairs:
-    """
-    The fields of a trailer section's raw lines (``name: value``), without malformed lines and without
-    fields a trailer must not carry (L{NOT_TRAILERS}).
-    """
-    fields: Pairs = []
-    for line in lines:
-        name, sep, value = line.partition(b":")
-        value = value.strip(b" \t")
-        if sep and isToken(name) and not hasControl(value):
-            fields.append((name, value))
-    return allowedTrailers(fields)
-
-
 def allowedTrailers(fields: Iterable[tuple[bytes, bytes]]) -> Pairs:
     """C{fields} without those a trailer section must not carry (L{NOT_TRAILERS})."""
     return [(name, value) for name, value in fields if name.lower() not in NOT_TRAILERS]

@@ -54,10 +54,16 @@ from h2.stream import StreamClosedBy
 from h2.utilities import CONNECTION_HEADERS
 from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection, H2Stream
 
+from rproxy.errors import ProxyError
+from rproxy.h2frames import FrameWatch, connectionErrorCode, withGoAwayCode
+from rproxy.h2request import HeadLimits, requestHead
 from rproxy.headers import allowedTrailers, hasControl, isToken
 
 if TYPE_CHECKING:
@@ -73,7 +79,24 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: DATA bytes the send loop writes in one reactor turn before letting other work run.
 SEND_BUDGET = 262144
 
+#: Response bytes held for one stream, and for all the streams of a connection, before the streams'
+#: producers (their upstreams) are paused, whatever flow-control window the client advertises: a client
+#: that opens a huge window and then stops reading costs at most this much.
+STREAM_BUFFER = 65536
+CONNECTION_BUFFER = 1048576
+
+#: Seconds a client has to let a connection close after rproxy's GOAWAY before it is reset (a TLS
+#: connection otherwise waits for the client's close_notify, which a hostile client never sends).
+CLOSE_GRACE = 3.0
+
 Fields = list[tuple[bytes, bytes]]
+
+#: How many times the advertised header list size a client may send before its connection is ended
+#: (below it, a larger head is refused with 431).
+HEADER_LIST_HARD_CAP = 4
+
+#: The method and target a refused request is logged with, when its own cannot be trusted.
+_REFUSED = (b"-", b"-")
 
 #: Response fields h2 would rewrite (never-indexed in HPACK) or refuse (C{te}): left to its normalisation.
 _H2_NORMALISED = frozenset([b"authorization", b"proxy-authorization", b"cookie", b"te"])
@@ -173,7 +196,11 @@ class _H2State(h2.connection.H2Connection):
                 h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441: WebSocket (rproxy.h2tunnel)
             },
         )
-        self.decoder.max_header_list_size = limits.h2MaxHeaderListSize
+        # Decode header lists larger than the advertised limit (up to a hard cap, beyond which the
+        # connection ends), so that the request is refused with 431 and the connection goes on.
+        self.decoder.max_header_list_size = HEADER_LIST_HARD_CAP * max(
+            limits.h2MaxHeaderListSize, limits.maxHeaderBytes
+        )
         self.pendingTrailers: dict[int, Sequence[tuple[bytes, bytes]]] = {}
         self.receivedTrailers: dict[int, Fields] = {}
 
@@ -231,26 +258,22 @@ class ProxyH2Stream(H2Stream):
 
     def headersReceived(self, ended: bool) -> None:
         """
-        Give the request its fields, then its length (routing it); C{ended}: the HEADERS frame ended
-        the stream, so there is no body.
+        Give the request its fields, then its length (routing it), or the reason its head is refused;
+        C{ended}: the HEADERS frame ended the stream, so there is no body.
         """
         request = self._request
-        add = request.requestHeaders.addRawHeader
-        length: int | None = None
-        for name, value in self._headers:
-            if name[:1] != b":":
-                add(name, value)
-                if name == b"content-length":
-                    length = int(value)  # h2 has checked it is a number, and will check the DATA against it
-            elif name == b":method":
-                self.command = value
-            elif name == b":path":
-                self.path = value
-            elif name == b":authority":
-                add(b"host", value)
-            elif name == b":protocol":
-                self.connectProtocol = value
+        head = requestHead(self._headers, self._conn.headLimits)
         del self._headers
+        if isinstance(head, ProxyError):
+            self.command, self.path = _REFUSED
+            request.gotLength(0, head)
+            return
+        self.command, self.path = head.method, head.target
+        add = request.requestHeaders.addRawHeader
+        for name, value in head.fields:
+            add(name, value)
+        length = head.length
+        self.connectProtocol = head.protocol
         if self.connectProtocol is not None:
             # Its DATA is a tunnel's (rproxy.h2tunnel), not a body: held, unacknowledged, until it opens.
             length = 0
@@ -321,6 +344,12 @@ class ProxyH2Connection(H2Connection):
     factory: Any
 
     _idle = False  # whether the send loop waits for a stream to have something to send
+    _queuedTotal = 0  # response bytes queued, all streams together
+    _connectionFull = False  # streams were paused because the connection holds CONNECTION_BUFFER
+    _idleTimeout: float | None = None  # the idle timeout, which runs only while no stream is open
+    _headTimer: IDelayedCall | None = None  # the deadline of an incomplete frame or header block
+    _headStarted = -1  # which one (FrameWatch.started) the deadline is for
+    _closer: IDelayedCall | None = None  # resets the connection if the client does not let it close
     _host: Any = None
     _peer: Any = None
     _secure: bool | None = None
@@ -328,15 +357,120 @@ class ProxyH2Connection(H2Connection):
     def __init__(self, limits: ClientLimits, reactor: IReactorTime | None = None) -> None:
         super().__init__(reactor)
         self.conn = _H2State(limits)
+        self.headLimits = HeadLimits(limits.maxHeaders, limits.maxHeaderBytes, limits.h2MaxHeaderListSize)
+        self._headerTimeout = limits.headerTimeout
+        self._watch = FrameWatch()
+        self._queued: dict[int, int] = {}  # response bytes queued per stream
         self.priority: Any = _RoundRobin()
         self._resetTokenBurst = self._resetTokens = limits.h2ResetBurst
         self._resetTokenRate = limits.h2ResetRate
+
+    # -- the connection's life: deadlines, errors, closing
+
+    def connectionMade(self) -> None:
+        """Twisted's; the idle timeout is kept aside, to run only while no stream is open."""
+        self._idleTimeout = self.timeOut
+        super().connectionMade()
+
+    def resetTimeout(self) -> None:
+        """
+        Nothing: traffic does not postpone the idle timeout (a client that sends PING frames or a byte
+        at a time is not busy); it runs only while the connection has no stream.
+        """
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Twisted's, with a deadline for whatever is incomplete besides request body data (the preface, a
+        frame, a header block): it must arrive within the header timeout of its first byte.
+        """
+        watch = self._watch
+        watch.feed(data)
+        timer = self._headTimer
+        if watch.pending:
+            if timer is None:
+                self._headTimer = self.callLater(self._headerTimeout, self._headTimedOut)
+            elif watch.started != self._headStarted:
+                timer.reset(self._headerTimeout)
+            self._headStarted = watch.started
+        elif timer is not None:
+            self._headTimer = None
+            timer.cancel()
+        super().dataReceived(data)
+        if not self._stillProducing:  # Twisted ended the connection (the client's GOAWAY, say)
+            self._closeTransport()
+
+    def _headTimedOut(self) -> None:
+        self._headTimer = None
+        _log.warn(
+            "client {client}: an HTTP/2 frame or header block did not arrive within {timeout:g}s; closing",
+            client=self.getPeer(),
+            timeout=self._headerTimeout,
+        )
+        self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self._terminate(Failure(ConnectionLost("the client was too slow to send a frame")))
+
+    def timeoutConnection(self) -> None:
+        """No stream for the idle timeout: GOAWAY, and close."""
+        _log.info(
+            "client {client}: HTTP/2 connection idle for {timeout:g}s; closing",
+            client=self.getPeer(),
+            timeout=self._idleTimeout,
+        )
+        self.conn.close_connection()
+        self._terminate(Failure(ConnectionDone("idle timeout")))
+
+    def _terminate(self, reason: Failure) -> None:
+        """
+        End the connection after an error or a timeout: send what h2 queued (ending with its GOAWAY, whose
+        error code is made the one RFC 9113 and RFC 7541 name), close, and reset the connection if the
+        client does not let it close within L{CLOSE_GRACE} seconds.
+        """
+        pending = self.conn.data_to_send()
+        if reason.check(h2.exceptions.ProtocolError):
+            error: Any = reason.value
+            code = connectionErrorCode(error, self._watch)
+            pending = withGoAwayCode(pending, code)
+            _log.warn(
+                "client {client}: HTTP/2 connection error {code}: {error}",
+                client=self.getPeer(),
+                code=code.name,
+                error=str(error),
+            )
+        transport = self.transport
+        for control in self._bufferedControlFrames:
+            transport.write(control)
+        self._bufferedControlFrames.clear()
+        transport.write(pending)
+        self.connectionLost(reason)
+        self._closeTransport()
+
+    def _closeTransport(self) -> None:
+        """Close once what is written is sent; reset after L{CLOSE_GRACE} seconds if still open."""
+        if self._closer is not None:
+            return
+        transport = self.transport
+        transport.unregisterProducer()  # else TLS would wait for this producer before its close_notify
+        transport.loseConnection()
+        self._closer = self.callLater(CLOSE_GRACE, transport.abortConnection)
+
+    def connectionLost(self, reason: Failure = connectionDone, _cancelTimeouts: bool = True) -> None:
+        if self._headTimer is not None:
+            self._headTimer.cancel()
+            self._headTimer = None
+        if _cancelTimeouts and self._closer is not None and self._closer.active():
+            self._closer.cancel()
+        super().connectionLost(reason, _cancelTimeouts)
+
+    # -- streams
 
     def _requestReceived(self, event: h2.events.RequestReceived) -> None:
         """Twisted's, with the stream registered before its request is routed."""
         if not self._stillProducing:
             return  # closed by an earlier event of the same read (a reset flood)
         streamID = event.stream_id
+        if not self.streams:
+            self.setTimeout(None)  # busy: the idle timeout waits for the last stream to end
+        self._queued[streamID] = 0
         stream = ProxyH2Stream(streamID, self, event.headers, self.requestFactory, self.site, self.factory)
         self.streams[streamID] = stream
         self._streamCleanupCallbacks[streamID] = Deferred()
@@ -385,7 +519,10 @@ class ProxyH2Connection(H2Connection):
             else:
                 self._tryToWriteControlData()
         self.conn.pendingTrailers.pop(streamID, None)
+        self._queuedTotal -= self._queued.pop(streamID, 0)
         super()._requestDone(streamID)
+        if not self.streams and self._stillProducing:
+            self.setTimeout(self._idleTimeout)
 
     def _handleWindowUpdate(self, event: h2.events.WindowUpdated) -> None:
         """Twisted's, and wake the send loop: a stream it set aside on a shut window may go on."""
@@ -398,9 +535,25 @@ class ProxyH2Connection(H2Connection):
             self.priority = self.priority.tree()
         super()._handlePriorityUpdate(event)
 
+    def remainingOutboundWindow(self, streamID: int) -> int:
+        """
+        What a stream may still queue before its producer is paused: the client's window for it, but
+        never more than L{STREAM_BUFFER} for the stream and L{CONNECTION_BUFFER} for the connection.
+        """
+        queued = self._queued.get(streamID, 0)
+        return min(
+            self.conn.local_flow_control_window(streamID) - queued,
+            STREAM_BUFFER - queued,
+            CONNECTION_BUFFER - self._queuedTotal,
+        )
+
     def writeDataToStream(self, streamID: int, data: bytes) -> None:
         """Twisted's: queue C{data}, and wake the send loop if the client's window lets it go."""
         self._outboundStreamQueues[streamID].append(data)
+        self._queued[streamID] += len(data)
+        self._queuedTotal += len(data)
+        if self._queuedTotal >= CONNECTION_BUFFER:
+            self._connectionFull = True
         if self.conn.local_flow_control_window(streamID) > 0:
             self.priority.unblock(streamID)
             self._wake()
@@ -481,7 +634,6 @@ class ProxyH2Connection(H2Connection):
 
     def _sendFrame(self, streamID: int) -> int:
         """Send one frame from C{streamID}'s queue; return its DATA size."""
-        self.resetTimeout()
         queue = self._outboundStreamQueues[streamID]
         frameData = queue.popleft()
         if frameData is _END_STREAM_SENTINEL:
@@ -499,10 +651,23 @@ class ProxyH2Connection(H2Connection):
         if len(frameData) > maxFrameSize:
             queue.appendleft(frameData[maxFrameSize:])
             frameData = frameData[:maxFrameSize]
-        if frameData:
+        sent = len(frameData)
+        if sent:
             self.conn.send_data(streamID, frameData)
+            self._dequeued(streamID, sent)
         if not queue:
             self.priority.block(streamID)
         if self.remainingOutboundWindow(streamID) <= 0:
             self.streams[streamID].flowControlBlocked()
-        return len(frameData) or 1
+        return sent or 1
+
+    def _dequeued(self, streamID: int, size: int) -> None:
+        """C{size} bytes of a stream went out: resume its producer, or every stream's, once below half."""
+        queued = self._queued[streamID] = self._queued[streamID] - size
+        self._queuedTotal -= size
+        if self._connectionFull and self._queuedTotal <= CONNECTION_BUFFER // 2:
+            self._connectionFull = False
+            for stream in list(self.streams.values()):
+                stream.windowUpdated()
+        elif queued <= STREAM_BUFFER // 2:
+            self.streams[streamID].windowUpdated()

@@ -28,6 +28,7 @@ from rproxy.headers import hasControl, isToken
 from rproxy.http2 import ProxyH2Stream
 from rproxy.interfaces import IStreamingResource
 from rproxy.streaming import RequestBodyPipe
+from rproxy.validation import authorityProblem, targetProblem
 
 if TYPE_CHECKING:
     from rproxy.server import ProxySite
@@ -186,7 +187,11 @@ class ProxyRequest(server.Request):
     _bodyBytes = 0
     _resource: IResource | None = None
 
-    def gotLength(self, length: int | None) -> None:
+    def gotLength(self, length: int | None, refusal: ProxyError | None = None) -> None:
+        """
+        The head is in (C{length}: the declared body length, C{None} if chunked): check it, route it, and
+        start a streaming resource.  C{refusal}: the protocol found the head malformed already.
+        """
         self.headReceived = True
         channel = self.channel
         self._http1 = isinstance(channel, HTTPChannel)
@@ -195,7 +200,7 @@ class ProxyRequest(server.Request):
         else:
             self.method, self.uri, self.clientproto = channel.command, channel.path, b"HTTP/2"
         self.site = channel.site
-        error = self._checkHead(length)
+        error = refusal or self._checkHead(length)
         if error is not None:
             super().gotLength(0)
             self._refuse(error)
@@ -215,32 +220,58 @@ class ProxyRequest(server.Request):
             super().gotLength(length)
 
     def _checkHead(self, length: int | None) -> ProxyError | None:
-        """Refuse what must not reach any resource: bad targets and announced oversize bodies."""
+        """
+        Refuse what must not reach any resource: bad targets, a missing, repeated or invalid ``Host``
+        (RFC 9112 section 3.2; HTTP/2 heads were checked by L{rproxy.h2request}), and announced oversize
+        bodies.
+        """
         if self.method == b"CONNECT":
             refusal = connectRefusal(getattr(self.channel, "connectProtocol", None))
             if refusal is not None:
                 return refusal
         uri = self.uri
-        if uri[:1] != b"/":
-            if uri == b"*" and self.method == b"OPTIONS":
-                pass
-            elif uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://":
-                self._absoluteForm(uri)
-            else:
-                return clientError(400, "the request target must be an absolute path or absolute URL")
+        if self._http1:
+            problem = targetProblem(uri) or self._hostProblem()
+            if problem is not None:
+                return clientError(400, problem)
+            if uri[:1] != b"/":
+                if uri == b"*" and self.method == b"OPTIONS":
+                    pass
+                elif uri[:7].lower() == b"http://" or uri[:8].lower() == b"https://":
+                    problem = self._absoluteForm(uri)
+                    if problem is not None:
+                        return clientError(400, problem)
+                else:
+                    return clientError(400, "the request target must be an absolute path or absolute URL")
         self.path = self.uri.split(b"?", 1)[0]
         limit = self.site.limits.maxBodySize
         if limit and length is not None and length > limit:
             return clientError(413, f"the request body of {length} bytes exceeds the limit of {limit}")
         return None
 
-    def _absoluteForm(self, uri: bytes) -> None:
-        """RFC 9112 section 3.2.2: the authority of an absolute-form target replaces ``Host``."""
+    def _hostProblem(self) -> str | None:
+        """Why the ``Host`` of an HTTP/1 request is not acceptable: none on HTTP/1.1, several, or invalid."""
+        hosts = self.requestHeaders.getRawHeaders(b"host")
+        if hosts is None:
+            return "an HTTP/1.1 request must have a Host field" if self.clientproto == b"HTTP/1.1" else None
+        if len(hosts) > 1:
+            return "the request has more than one Host field"
+        return authorityProblem(hosts[0])
+
+    def _absoluteForm(self, uri: bytes) -> str | None:
+        """
+        RFC 9112 section 3.2.2: the authority of an absolute-form target replaces ``Host``; why it cannot,
+        if its authority is not valid.
+        """
         rest = uri.split(b"://", 1)[1]
         slash = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
         authority, target = rest[:slash], rest[slash:]
+        problem = authorityProblem(authority)
+        if problem is not None:
+            return problem
         self.requestHeaders.setRawHeaders(b"host", [authority])
         self.uri = target if target.startswith(b"/") else b"/" + target
+        return None
 
     def _locate(self) -> IResource | None:
         self.prepath = []

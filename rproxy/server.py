@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -34,7 +34,6 @@ from twisted.web.http import (
     HTTPChannel,
     INonQueuedRequestFactory,
     Request,
-    _ChunkedTransferDecoder,
     _GenericHTTPChannelProtocol,
     _IdentityTransferDecoder,
     _parseRequestLine,
@@ -43,7 +42,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
 from rproxy.errors import ProxyError, clientError, proxyError
-from rproxy.headers import connectionListed, hasControl, isToken, trailerFields
+from rproxy.framing import ChunkedDecoder, MalformedBodyError, contentLength
+from rproxy.headers import Pairs, allowedTrailers, connectionListed, hasControl, isToken
 from rproxy.http2 import PREFACE, ProxyH2Connection
 from rproxy.request import ProxyRequest
 
@@ -98,7 +98,7 @@ class ProxyHTTPChannel(HTTPChannel):
     # and is re-aimed when the timeout comes back on.
     _idleTimer: IDelayedCall | None = None
     _handingOver = False  # in allContentReceived: the request is being handed over
-    _lengths: tuple[bytes, ...] = ()
+    _lengths: tuple[bytes, ...] = ()  # the values of the request's Content-Length fields
     _host: Any = None
     _peer: Any = None
     _secure: bool | None = None
@@ -142,11 +142,11 @@ class ProxyHTTPChannel(HTTPChannel):
             and self._HTTPChannel__first_line == 1
             and self.persistent
         ):
-            super().dataReceived(data)
+            self._slowPath(data)
             return
         end = data.find(b"\r\n\r\n")
         if end <= 0:
-            super().dataReceived(data)
+            self._slowPath(data)
             return
         head = data[:end]
         lines = head.split(b"\r\n")
@@ -158,12 +158,12 @@ class ProxyHTTPChannel(HTTPChannel):
             or b"\r\n " in head
             or b"\r\n\t" in head
         ):
-            super().dataReceived(data)
+            self._slowPath(data)
             return
         try:
             command, path, version = _parseRequestLine(lines[0])
         except ValueError:
-            super().dataReceived(data)
+            self._slowPath(data)
             return
         self.resetTimeout()
         self._busyReceiving = True  # what arrives meanwhile (a response ending at once) waits, as in Twisted
@@ -177,6 +177,27 @@ class ProxyHTTPChannel(HTTPChannel):
                 self._buffer = rest
             else:
                 LineReceiver.dataReceived(self, rest)
+
+    def _slowPath(self, data: bytes) -> None:
+        """Twisted's line-by-line path; a request head that begins here must end within the header timeout."""
+        if data and self.line_mode:
+            self.headStarted()
+        super().dataReceived(data)
+
+    def headStarted(self) -> None:
+        """
+        The first bytes of a request head arrived: the whole head, request line included, must follow
+        within the header timeout (408), however slowly its bytes trickle in.
+        """
+        if self._awaitingHead:
+            return
+        self._awaitingHead = True
+        timeout = self.site.limits.headerTimeout
+        timer = self._headerTimer
+        if timer is not None and timer.active():
+            timer.reset(timeout)
+        else:
+            self._headerTimer = self.callLater(timeout, self._headerTimedOut)
 
     def _wholeHead(self, size: int, command: bytes, path: bytes, version: bytes, lines: list[bytes]) -> None:
         """What HTTPChannel.lineReceived does for each line of a head, for all of them at once."""
@@ -210,12 +231,7 @@ class ProxyHTTPChannel(HTTPChannel):
                 self._reject(clientError(400, f"malformed request line ({e})"))
                 return
             self._lengths = ()
-            self._awaitingHead = True
-            timer = self._headerTimer
-            if timer is not None and timer.active():
-                timer.reset(limits.headerTimeout)
-            else:
-                self._headerTimer = self.callLater(limits.headerTimeout, self._headerTimedOut)
+            self.headStarted()
         elif self._receivedHeaderSize + len(line) > limits.maxHeaderBytes:
             self._reject(clientError(431, f"the request header section exceeds {limits.maxHeaderBytes} bytes"))
             return
@@ -255,15 +271,14 @@ class ProxyHTTPChannel(HTTPChannel):
     def _chooseFraming(self, header: bytes, data: bytes) -> bool:
         """Pick the body framing, refusing anything two parsers could read differently (RFC 9112 6.3)."""
         if header == b"content-length":
-            values = tuple(v.strip() for v in data.split(b","))
-            if not all(v.isdigit() for v in values):
-                return self._framingError("invalid Content-Length")
-            self._lengths += values
-            if len(set(self._lengths)) != 1:
-                return self._framingError("conflicting Content-Length values")
-            if isinstance(self._transferDecoder, _ChunkedTransferDecoder):
+            self._lengths += (data,)
+            try:
+                length = contentLength(self._lengths)
+            except MalformedBodyError as e:
+                return self._framingError(str(e))
+            if isinstance(self._transferDecoder, _ChunkedRequestBody):
                 return self._framingError("both Content-Length and Transfer-Encoding")
-            self.length = int(values[0])
+            self.length = length
             self._transferDecoder = _IdentityTransferDecoder(
                 self.length, self.requests[-1].handleContentChunk, self._finishRequestBody
             )
@@ -272,17 +287,17 @@ class ProxyHTTPChannel(HTTPChannel):
             return self._framingError("both Content-Length and Transfer-Encoding")
         if self._transferDecoder is not None or data.strip().lower() != b"chunked":
             return self._framingError(f"unsupported Transfer-Encoding {data[:64].decode('latin-1')!r} (only chunked)")
+        if self._version != b"HTTP/1.1":
+            return self._framingError("Transfer-Encoding in an HTTP/1.0 request")
         self.length = None
-        decoder = _ChunkedTransferDecoder(self.requests[-1].handleContentChunk, self._finishChunkedBody)
-        self._transferDecoder = decoder
+        self._transferDecoder = _ChunkedRequestBody(self, self.requests[-1])
         return True
 
-    def _finishChunkedBody(self, rest: bytes) -> None:
-        """The last chunk is in: give the request the trailers Twisted's decoder kept (and drops)."""
+    def _finishChunkedBody(self, trailers: Pairs, rest: bytes) -> None:
+        """The last chunk is in: give the request its trailers (those a trailer may carry)."""
         if self.requests:  # else answered (and removed) before its body ended
             request: ProxyRequest = self.requests[-1]
-            decoder: Any = self._transferDecoder
-            request.requestTrailers = trailerFields(bytes(line) for line in decoder._trailerHeaders)
+            request.requestTrailers = allowedTrailers(trailers)
         self._finishRequestBody(rest)
 
     def _framingError(self, reason: str) -> bool:
@@ -346,11 +361,8 @@ class ProxyHTTPChannel(HTTPChannel):
             self.timeoutConnection()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        """Twisted's own checks (chunked framing) end up here: say what broke."""
-        if isinstance(self._transferDecoder, _ChunkedTransferDecoder):
-            self._reject(clientError(400, "malformed chunked request body"))
-        else:
-            self._reject(clientError(400, "malformed request"))
+        """Twisted's own checks end up here."""
+        self._reject(clientError(400, "malformed request"))
 
     def _headerTimedOut(self) -> None:
         self._headerTimer = None
@@ -358,7 +370,8 @@ class ProxyHTTPChannel(HTTPChannel):
             return  # the head arrived; the timer lapsed unused
         self._reject(clientError(408, f"the request head did not arrive within {self.site.limits.headerTimeout:g}s"))
 
-    def _cancelHeaderTimer(self) -> None:
+    def cancelHeaderTimer(self) -> None:
+        """The head is in, or the connection is gone (or no longer HTTP/1.1): no deadline is left."""
         if self._headerTimer is not None:
             if self._headerTimer.active():
                 self._headerTimer.cancel()
@@ -366,7 +379,7 @@ class ProxyHTTPChannel(HTTPChannel):
 
     def _reject(self, error: ProxyError) -> None:
         """Answer a malformed request with C{error} and close the connection."""
-        self._cancelHeaderTimer()
+        self.cancelHeaderTimer()
         request = self.requests[-1] if self.requests else None
         if isinstance(request, ProxyRequest) and request.headReceived:
             request.refuseBody(error)  # the head was accepted: fail its streaming body
@@ -384,8 +397,22 @@ class ProxyHTTPChannel(HTTPChannel):
         self.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancelHeaderTimer()
+        self.cancelHeaderTimer()
         super().connectionLost(reason)
+
+
+class _ChunkedRequestBody:
+    """The transfer decoder of a chunked request body: L{ChunkedDecoder}, a malformed body refused with 400."""
+
+    def __init__(self, channel: ProxyHTTPChannel, request: ProxyRequest) -> None:
+        self._channel = channel
+        self._decoder = ChunkedDecoder(request.handleContentChunk, channel._finishChunkedBody)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self._decoder.feed(data)
+        except MalformedBodyError as e:
+            self._channel._reject(clientError(400, f"malformed chunked request body: {e}"))
 
 
 class _ProxyChannelProtocol(_GenericHTTPChannelProtocol):
@@ -417,6 +444,7 @@ class _ProxyChannelProtocol(_GenericHTTPChannelProtocol):
                 data = self._sniffed + data
                 if len(data) < len(PREFACE) and PREFACE.startswith(data):
                     self._sniffed = data
+                    cast(ProxyHTTPChannel, self._channel).headStarted()  # it may be an HTTP/1.1 head
                     return
                 self._sniffed = b""
                 negotiated = b"h2" if data.startswith(PREFACE) else b"http/1.1"
@@ -431,6 +459,7 @@ class _ProxyChannelProtocol(_GenericHTTPChannelProtocol):
         networkProducer = old._networkProducer
         networkProducer.unregisterProducer()
         old.setTimeout(None)
+        old.cancelHeaderTimer()
         channel = ProxyH2Connection(self._site.limits, self._site.reactor)
         channel.requestFactory = self._requestFactory
         channel.site = self._site

@@ -74,7 +74,9 @@ class RequestBodyPipe:
     # -- the client's side
 
     def dataReceived(self, data: bytes) -> None:
-        """Body bytes from the client."""
+        """Body bytes from the client (an empty piece, such as an empty HTTP/2 DATA frame, carries nothing)."""
+        if not data:
+            return
         self.received += len(data)
         if self._discarding:
             return

@@ -15,6 +15,10 @@ GOAWAY, and the flow-control window (acknowledge received data automatically, or
     client.close()
 
 Everything is bounded by a timeout: a response that does not come fails the test instead of hanging.
+
+An attacker's client (C{strict=False}) sends what h2 would refuse to send (spaces in pseudo-header
+fields, absolute URLs in ``:path``, anything h2's outbound validation checks), and L{H2Client.writeRaw}
+sends any bytes at all, for frames no library would build.
 """
 
 from __future__ import annotations
@@ -100,8 +104,14 @@ class H2Client:
         server's windows shrink until L{acknowledge} is called.
     """
 
-    def __init__(self, initialWindow: int | None = None, autoAcknowledge: bool = True) -> None:
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    def __init__(self, initialWindow: int | None = None, autoAcknowledge: bool = True, strict: bool = True) -> None:
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=strict,
+            normalize_outbound_headers=strict,
+        )
+        self.conn = h2.connection.H2Connection(config)
         self.streams: dict[int, StreamRecord] = {}
         self.remoteSettings: dict[int, int] | None = None
         self.goAway: h2.events.ConnectionTerminated | None = None
@@ -120,12 +130,14 @@ class H2Client:
         tls: bool = False,
         initialWindow: int | None = None,
         autoAcknowledge: bool = True,
+        strict: bool = True,
     ) -> H2Client:
         """
         Open a connection to C{host}:C{port}: h2c with prior knowledge, or TLS (any certificate) with
-        ALPN ``h2``.  C{initialWindow} sets the streams' receive window (SETTINGS_INITIAL_WINDOW_SIZE).
+        ALPN ``h2``.  C{initialWindow} sets the streams' receive window (SETTINGS_INITIAL_WINDOW_SIZE);
+        C{strict=False} sends request heads as given, unchecked and unnormalised.
         """
-        client = cls(initialWindow, autoAcknowledge)
+        client = cls(initialWindow, autoAcknowledge, strict)
         if tls:
             options = ssl.CertificateOptions(acceptableProtocols=[b"h2"])
             endpoint: Any = SSL4ClientEndpoint(reactor, host, port, options)
@@ -144,15 +156,37 @@ class H2Client:
     # -- sending
 
     def request(
-        self, method: bytes, path: bytes, fields: Sequence[tuple[bytes, bytes]] = (), endStream: bool = True
+        self,
+        method: bytes,
+        path: bytes,
+        fields: Sequence[tuple[bytes, bytes]] = (),
+        endStream: bool = True,
+        authority: bytes | None = b"127.0.0.1",
     ) -> int:
-        """Open a stream with a request head (``:authority`` is the server's address); return its ID."""
+        """Open a stream with a request head (C{authority}, if any, as ``:authority``); return its ID."""
+        head = [(b":method", method), (b":path", path), (b":scheme", b"http")]
+        if authority is not None:
+            head.append((b":authority", authority))
+        return self.requestHead(head + list(fields), endStream)
+
+    def requestHead(self, fields: Sequence[tuple[bytes, bytes]], endStream: bool = True) -> int:
+        """Open a stream with exactly C{fields} as its header block; return its ID."""
         streamID = self.conn.get_next_available_stream_id()
-        head = [(b":method", method), (b":path", path), (b":scheme", b"http"), (b":authority", b"127.0.0.1")]
         self.streams[streamID] = StreamRecord()
-        self.conn.send_headers(streamID, head + list(fields), end_stream=endStream)
+        self.conn.send_headers(streamID, list(fields), end_stream=endStream)
         self._flush()
         return streamID
+
+    def writeRaw(self, data: bytes) -> None:
+        """Write C{data} to the connection as it is (after anything h2 has queued)."""
+        self._flush()
+        assert self._protocol is not None
+        self._protocol.transport.write(data)
+
+    def stopReading(self) -> None:
+        """Read nothing more from the socket (a client that does not read what it asked for)."""
+        assert self._protocol is not None
+        self._protocol.transport.pauseProducing()
 
     def send(self, streamID: int, data: bytes, endStream: bool = False, trailers: Fields | None = None) -> None:
         """

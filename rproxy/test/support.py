@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 from twisted.internet import defer, protocol, reactor, task, utils
 from twisted.internet.interfaces import IListeningPort
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import server
+from zope.interface import provider
 
 from rproxy.registry import MemoryRegistry
 from rproxy.server import ProxySite
@@ -116,11 +118,13 @@ class _ScriptedProtocol(protocol.Protocol):
     def __init__(self, upstream: ScriptedUpstream) -> None:
         self.upstream = upstream
         self.buffer = b""
+        self.received = b""  # every byte that arrived, exactly
 
     def connectionMade(self) -> None:
         self.upstream.connections.append(self)
 
     def dataReceived(self, data: bytes) -> None:
+        self.received += data
         self.buffer += data
         while True:
             request = _takeRequest(self)
@@ -209,6 +213,11 @@ class ScriptedUpstream:
     @property
     def port(self) -> int:
         return self.listening.port
+
+    @property
+    def received(self) -> list[bytes]:
+        """The exact bytes each connection received, in the order the connections were made."""
+        return [connection.received for connection in self.connections]
 
     def connectionLost(self) -> defer.Deferred[None]:
         """Fires when the next upstream connection closes."""
@@ -370,3 +379,26 @@ class UpstreamProcess:
             return defer.succeed(None)
         proto.transport.signalProcess("KILL")
         return proto.exited
+
+
+class LogCapture:
+    """Collects the log events of rproxy's namespaces for the duration of a test."""
+
+    def __init__(self, testCase: unittest.TestCase) -> None:
+        self.events: list[LogEvent] = []
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            if event.get("log_namespace", "").startswith("rproxy"):
+                self.events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        testCase.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def withStatus(self, status: int) -> list[LogEvent]:
+        """The events of errors answered with C{status}."""
+        return [e for e in self.events if e.get("status") == status]
+
+    def formatted(self) -> list[str]:
+        """Every event as its message reads."""
+        return [formatEvent(event) for event in self.events]

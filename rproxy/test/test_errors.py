@@ -12,11 +12,10 @@ import socket
 import time
 
 from twisted.internet import reactor
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial import unittest
-from zope.interface import provider
 
 from rproxy.test.support import (
+    LogCapture,
     ReceivedRequest,
     ScriptedUpstream,
     rawRequest,
@@ -26,24 +25,6 @@ from rproxy.test.support import (
 )
 
 GET = b"GET /resource HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-
-
-class LogCapture:
-    """Collects the log events of rproxy's namespaces for the duration of a test."""
-
-    def __init__(self, testCase: unittest.TestCase) -> None:
-        self.events: list[LogEvent] = []
-
-        @provider(ILogObserver)
-        def observe(event: LogEvent) -> None:
-            if event.get("log_namespace", "").startswith("rproxy"):
-                self.events.append(event)
-
-        globalLogPublisher.addObserver(observe)
-        testCase.addCleanup(globalLogPublisher.removeObserver, observe)
-
-    def withStatus(self, status: int) -> list[LogEvent]:
-        return [e for e in self.events if e.get("status") == status]
 
 
 def answer(response: bytes, close: bool = False, closeDelay: float = 0.0):  # type: ignore[no-untyped-def]
@@ -165,7 +146,9 @@ class ErrorBeforeResponseTests(unittest.TestCase):
         upstream = ScriptedUpstream(
             self, answer(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd")
         )
-        await self.errorResponse(upstream.url, 502, b"http_response_content_length", b"invalid Content-Length")
+        await self.errorResponse(
+            upstream.url, 502, b"http_response_content_length", b"conflicting Content-Length values"
+        )
 
     async def test_badHeaderLine(self) -> None:
         upstream = ScriptedUpstream(self, answer(b"HTTP/1.1 200 OK\r\nBad Header: x\r\nContent-Length: 0\r\n\r\n"))

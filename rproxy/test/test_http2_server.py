@@ -317,7 +317,10 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(len(upstream.requests), 3)
 
     async def test_headerListSize(self) -> None:
-        """The limit is announced; a larger header list closes the connection, and goes nowhere."""
+        """
+        The limit is announced; a larger header list is refused with 431 and goes nowhere, and the
+        connection goes on; one beyond four times the limits ends the connection (ENHANCE_YOUR_CALM).
+        """
         upstream = ScriptedUpstream(self, lambda proto, request: _OK)
         proxy = startProxy(self, [upstream.url], "--h2-max-header-list-size", "4096")
         client = await h2Connect(self, proxy.port)
@@ -326,10 +329,16 @@ class LimitTests(unittest.TestCase):
         fine = await client.response(client.request(b"GET", b"/", [(b"x-small", b"a" * 1000)]))
         self.assertEqual(fine.status, 200)
         client.conn.remote_settings = h2.settings.Settings(client=False)  # send it anyway
-        client.request(b"GET", b"/", [(b"x-big", b"a" * 8000)])
+        big = await client.response(client.request(b"GET", b"/", [(b"x-big", b"a" * 8000)]))
+        self.assertEqual(big.status, 431)
+        self.assertIn(b"the request header list exceeds 4096 bytes", big.data)
+        after = await client.response(client.request(b"GET", b"/"))
+        self.assertEqual(after.status, 200)
+        client.request(b"GET", b"/", [(b"x-huge", b"a" * 140000)])
         await client.waitUntil(lambda: client.closed.called)
-        self.assertIsNotNone(client.goAway)
-        self.assertEqual(len(upstream.requests), 1)
+        assert client.goAway is not None
+        self.assertEqual(client.goAway.error_code, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertEqual(len(upstream.requests), 2)
 
     async def test_rapidReset(self) -> None:
         """

@@ -21,6 +21,7 @@ from twisted.web.http import NO_BODY_CODES
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, upstreamError
+from rproxy.framing import ChunkedDecoder, MalformedBodyError, contentLength
 from rproxy.headers import Pairs, hasControl, isToken
 from rproxy.upstream import deadline
 from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
@@ -31,13 +32,11 @@ if TYPE_CHECKING:
 
 #: Largest response head (status line and fields) accepted from an upstream.
 MAX_RESPONSE_HEAD = 65536
-#: Largest chunk-size line (with extensions) and trailer section accepted.
-MAX_CHUNK_LINE = 4096
+#: Largest trailer section accepted.
 MAX_TRAILERS = 65536
 
 #: What a reason phrase must not hold: control bytes other than HTAB.
 _REASON_CONTROLS = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
-_HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
 #: One well-formed field line whose value has no trailing blanks; heads where every line matches take the
 #: fast path.  (Heads with trailing blanks, which are rare, take the slow path: excluding them in the
 #: pattern makes every match a third slower.)
@@ -45,9 +44,6 @@ _FIELD = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*)\r\n"
 
 # Body framings of a response.
 _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
-# Chunked decoder states.
-_SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
-# What the connection's one timer currently stands for.
 
 
 @implementer(IPushProducer)
@@ -79,9 +75,7 @@ class HTTP11Connection(TwistedProtocol):
         self._headSeen = False
         self._framing = _NONE
         self._remaining = 0
-        self._chunkState = _SIZE
-        self._trailerLines: list[bytes] = []
-        self._trailerBytes = 0
+        self._chunks: ChunkedDecoder | None = None
         self._requestDone = False
         self._responseDone = False
         self._keepAlive = True
@@ -112,8 +106,8 @@ class HTTP11Connection(TwistedProtocol):
 
     def writeBody(self, data: bytes) -> None:
         """Write request body bytes with the framing announced in the head."""
-        if self._closed:
-            return
+        if self._closed or not data:
+            return  # an empty chunk would be the last-chunk marker
         if self._chunkedRequest:
             self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
@@ -353,7 +347,7 @@ class HTTP11Connection(TwistedProtocol):
         for name, value in headers:
             lowered = name.lower()
             if lowered == b"content-length":
-                lengths.extend([v.strip() for v in value.split(b",")])
+                lengths.append(value)
             elif lowered == b"transfer-encoding":
                 codings.extend([v.strip().lower() for v in value.split(b",") if v.strip()])
             elif lowered == b"connection":
@@ -379,15 +373,14 @@ class HTTP11Connection(TwistedProtocol):
                 )
                 return False
             self._framing = _CHUNKED
+            self._chunks = ChunkedDecoder(self._chunkData, self._chunksEnded, MAX_TRAILERS)
             return True
         if lengths:
-            if len(set(lengths)) != 1 or not lengths[0].isdigit():
-                self._failProtocol(
-                    f"invalid Content-Length {b', '.join(lengths).decode('latin-1')!r}",
-                    "http_response_content_length",
-                )
+            try:
+                self._remaining = contentLength(lengths)
+            except MalformedBodyError as e:
+                self._failProtocol(str(e), "http_response_content_length")
                 return False
-            self._remaining = int(lengths[0])
             self._framing = _LENGTH if self._remaining else _NONE
             return True
         self._framing = _CLOSE
@@ -413,73 +406,26 @@ class HTTP11Connection(TwistedProtocol):
             if self._receiver is not None:
                 self._complete([])
         elif framing == _CHUNKED:
-            self._parseChunked(self._buffer + data if self._buffer else data)
+            assert self._chunks is not None
+            try:
+                self._chunks.feed(data)
+            except MalformedBodyError as e:
+                self._failProtocol(f"malformed chunked response body: {e}", "http_response_transfer_coding")
         elif framing == _CLOSE:
             receiver.responseData(data)
         else:
             self._keepAlive = False  # bytes after a body-less response
 
-    def _parseChunked(self, data: bytes) -> None:
-        pos = 0
-        end = len(data)
-        while pos < end and self._receiver is not None:
-            state = self._chunkState
-            if state == _DATA:
-                take = min(self._remaining, end - pos)
-                self._remaining -= take
-                chunk = data[pos : pos + take] if pos or take != end else data
-                pos += take
-                if self._remaining == 0:
-                    self._chunkState = _DATA_CRLF
-                self._receiver.responseData(chunk)
-                continue
-            eol = data.find(b"\r\n", pos)
-            if eol < 0:
-                rest = data[pos:]
-                limit = 2 if state == _DATA_CRLF else MAX_CHUNK_LINE
-                if len(rest) > limit:
-                    self._failChunk()
-                else:
-                    self._buffer = rest
-                return
-            line = data[pos:eol]
-            pos = eol + 2
-            if state == _SIZE:
-                size = line.split(b";", 1)[0].rstrip(b" \t")
-                if len(line) > MAX_CHUNK_LINE or not _HEX.fullmatch(size):
-                    self._failChunk()
-                    return
-                self._remaining = int(size, 16)
-                self._chunkState = _DATA if self._remaining else _TRAILER
-            elif state == _DATA_CRLF:
-                if line:
-                    self._failChunk()
-                    return
-                self._chunkState = _SIZE
-            else:  # _TRAILER
-                if line:
-                    self._trailerBytes += len(line)
-                    if self._trailerBytes > MAX_TRAILERS:
-                        self._failChunk()
-                        return
-                    self._trailerLines.append(line)
-                    continue
-                if pos < end:
-                    self._keepAlive = False
-                self._complete(self._trailers())
-                return
-        self._buffer = b""
+    def _chunkData(self, data: bytes) -> None:
+        receiver = self._receiver
+        if receiver is not None:
+            receiver.responseData(data)
 
-    def _trailers(self) -> Pairs:
-        trailers: Pairs = []
-        for line in self._trailerLines:
-            name, sep, value = line.partition(b":")
-            if sep and isToken(name):
-                trailers.append((name, value.strip(b" \t")))
-        return trailers
-
-    def _failChunk(self) -> None:
-        self._failProtocol("malformed chunked response body", "http_response_transfer_coding")
+    def _chunksEnded(self, trailers: Pairs, rest: bytes) -> None:
+        if rest:
+            self._keepAlive = False  # bytes beyond the response: do not trust the connection
+        if self._receiver is not None:
+            self._complete(trailers)
 
     def _failProtocol(self, detail: str, errorType: str = "http_protocol_error") -> None:
         self._fail(upstreamError(502, f"upstream {self._pool.label} sent a bad response: {detail}", errorType))
@@ -513,6 +459,8 @@ class HTTP11Connection(TwistedProtocol):
 
     def _fail(self, error: ProxyError, delivery: Delivery = Delivery.MAYBE) -> None:
         self._deadline.disarm()
+        if self._chunks is not None:
+            self._chunks.stop()
         receiver = self._receiver
         self._receiver = None
         self._responseDone = True
