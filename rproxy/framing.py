@@ -139,6 +139,16 @@ class ChunkedDecoder:
                     self._state = _DATA_END
                 self._onData(chunk)
                 continue
+            if self._state == _DATA_END:
+                end2 = data[pos : pos + 2]
+                if end2 == b"\r\n":
+                    pos += 2
+                    self._state = _SIZE
+                    continue
+                if end2 != b"\r":
+                    self._fail("chunk data is not followed by CRLF")
+                self._buffer = end2
+                return
             lf = data.find(b"\n", pos)
             if lf < 0:
                 self._hold(data[pos:])
@@ -156,10 +166,7 @@ class ChunkedDecoder:
 
     def _hold(self, rest: bytes) -> None:
         """Keep an incomplete line until more bytes come, within the limit for its kind."""
-        if self._state == _DATA_END:
-            if rest != b"\r"[: len(rest)]:
-                self._fail("chunk data is not followed by CRLF")
-        elif self._state == _SIZE:
+        if self._state == _SIZE:
             if len(rest) > MAX_CHUNK_LINE + 1:
                 self._fail(f"a chunk-size line exceeds {MAX_CHUNK_LINE} bytes")
         elif self._trailerBytes + len(rest) > self._maxTrailerBytes:
@@ -178,10 +185,6 @@ class ChunkedDecoder:
                 self.finished = True
                 raise
             self._state = _DATA if self._remaining else _TRAILER
-        elif state == _DATA_END:
-            if line:
-                self._fail("chunk data is not followed by CRLF")
-            self._state = _SIZE
         elif line:  # a trailer field
             self._trailerBytes += len(line) + 2
             if self._trailerBytes > self._maxTrailerBytes:

@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet import defer, protocol, reactor, task, utils
 from twisted.internet.interfaces import IListeningPort
@@ -262,6 +263,54 @@ def rawRequest(port: int, payload: bytes, timeout: float = 10.0, halfClose: bool
     call = reactor.callLater(timeout, timedOut)
     done.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
     return done
+
+
+class _Trickler(protocol.Protocol):
+    """Sends its payload a piece at a time, C{interval} seconds apart, and keeps what comes back."""
+
+    def __init__(self, payload: bytes, piece: int, interval: float, done: defer.Deferred[bytes]) -> None:
+        self.payload = payload
+        self.piece = piece
+        self.interval = interval
+        self.done = done
+        self.received = b""
+        self.call: Any = None
+
+    def connectionMade(self) -> None:
+        self.sendPiece()
+
+    def sendPiece(self) -> None:
+        piece, self.payload = self.payload[: self.piece], self.payload[self.piece :]
+        self.transport.write(piece)
+        if self.payload:
+            self.call = reactor.callLater(self.interval, self.sendPiece)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object) -> None:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.done.callback(self.received)
+
+
+async def trickle(
+    port: int, payload: bytes, interval: float, piece: int = 1, timeout: float = 10.0
+) -> tuple[bytes, float]:
+    """
+    Send C{payload} to 127.0.0.1:C{port} C{piece} bytes at a time, C{interval} seconds apart (a slowloris
+    client); return what came back once the server closed, and after how many seconds.
+    """
+    done: defer.Deferred[bytes] = defer.Deferred()
+    started = reactor.seconds()
+    connected = await protocol.ClientCreator(reactor, _Trickler, payload, piece, interval, done).connectTCP(
+        "127.0.0.1", port
+    )
+    call = reactor.callLater(timeout, connected.transport.abortConnection)
+    received = await done
+    if call.active():
+        call.cancel()
+    return received, reactor.seconds() - started
 
 
 def responseStatus(head: bytes) -> int:

@@ -27,6 +27,7 @@ from rproxy.test.support import (
     sleep,
     splitResponses,
     startProxy,
+    trickle,
     waitFor,
 )
 
@@ -185,6 +186,138 @@ class ClientInputTests(unittest.TestCase):
     async def test_headTooSlow(self) -> None:
         """A head still incomplete after --header-timeout (slowloris): 408."""
         await self.refused(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ", 408, b"did not arrive within 1s")
+
+    async def test_requestLineTrickled(self) -> None:
+        """
+        A request line sent a byte every 0.2 s keeps sending, yet the whole head must arrive within the
+        header timeout (1 s): 408 and closed, counted from its first byte.
+        """
+        data, elapsed = await trickle(self.proxy.port, b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 0.2)
+        self.assertTrue(data.startswith(b"HTTP/1.1 408 "), data)
+        self.assertIn(b"did not arrive within 1s", data)
+        self.assertLess(elapsed, 3)
+        self.assertEqual(self.upstream.connections, [])
+
+    async def test_headerLinesTrickled(self) -> None:
+        """Header lines that each arrive in time, but not the whole head: 408."""
+        fields = b"".join(b"X-F%d: v\r\n" % i for i in range(20))
+        data, elapsed = await trickle(self.proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n", 0.1, 8)
+        self.assertTrue(data.startswith(b"HTTP/1.1 408 "), data)
+        self.assertLess(elapsed, 3)
+        self.assertEqual(self.upstream.connections, [])
+
+    async def test_prefaceTrickled(self) -> None:
+        """The start of the HTTP/2 preface, held while it may be one, counts against the header timeout."""
+        data, elapsed = await trickle(self.proxy.port, b"PRI * HTTP/2.0\r\n\r\nSM\r", 0.2)
+        self.assertTrue(data.startswith(b"HTTP/1.1 408 "), data)
+        self.assertLess(elapsed, 3)
+
+    async def test_contentLengthPast63Bits(self) -> None:
+        """
+        An upstream that keeps lengths in 64 bits would wrap these, read 5 bytes, and take the rest for
+        another request: 400, closed, nothing forwarded.
+        """
+        for value in (b"9223372036854775808", b"18446744073709551621", b"0" * 30 + b"18446744073709551621"):
+            await self.refused(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + value + b"\r\n\r\n"
+                b"helloGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+                400,
+                b"exceeds 9223372036854775807",
+            )
+        self.assertEqual(self.upstream.connections, [])
+
+    async def test_contentLengthHugeNumber(self) -> None:
+        """Thousands of digits (past what int() converts): 400, not a traceback."""
+        await self.refused(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400, b"exceeds"
+        )
+        self.assertEqual(self.upstream.connections, [])
+
+    async def chunkedRefused(self, body: bytes, reasonPart: bytes) -> None:
+        """A chunked body C{body}: 400 naming what broke, and the upstream never sees a complete request."""
+        reason = await self.refused(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body, 400, reasonPart
+        )
+        self.assertIn(b"malformed chunked request body: ", reason)
+        await sleep(0.1)
+        self.assertEqual(self.upstream.requests, [], "the upstream saw a complete request")
+        self.assertEqual(self.upstream.lost, self.upstream.connections, "an upstream request was left open")
+
+    async def test_chunkSizePast63Bits(self) -> None:
+        """17 hex digits, and a 16-digit size past 2**63 - 1: 400."""
+        await self.chunkedRefused(b"10000000000000005\r\nhello\r\n0\r\n\r\n", b"invalid chunk size")
+        await self.chunkedRefused(b"8000000000000000\r\nhello\r\n0\r\n\r\n", b"exceeds 9223372036854775807")
+
+    async def test_chunkSizeOf24Digits(self) -> None:
+        """Twisted's decoder waited for that many bytes, leaving the upstream request open: now 400."""
+        await self.chunkedRefused(b"0" * 20 + b"0005\r\nhello\r\n0\r\n\r\n", b"invalid chunk size")
+        await self.chunkedRefused(b"1" * 24 + b"\r\nhello\r\n0\r\n\r\n", b"invalid chunk size")
+
+    async def test_lastChunkWithBareLF(self) -> None:
+        """A last chunk followed by bare LFs: 400 at once (Twisted's decoder waited for a CRLF for ever)."""
+        await self.chunkedRefused(b"5\r\nhello\r\n0\n\n", b"bare LF")
+        await self.chunkedRefused(b"5\r\nhello\r\n0\r\n\nGET /smuggled HTTP/1.1\r\n\r\n", b"bare LF")
+
+    async def test_chunkSizeWithBareLF(self) -> None:
+        await self.chunkedRefused(b"5\nhello\r\n0\r\n\r\n", b"bare LF")
+
+    async def test_chunkDataWithoutCRLF(self) -> None:
+        """Data longer than its chunk size (the "funky chunks" of h11's CVE-2025-43859): 400."""
+        await self.chunkedRefused(b"5\r\nhelloXX\r\n0\r\n\r\n", b"not followed by CRLF")
+
+    async def test_chunkExtensionWithControl(self) -> None:
+        await self.chunkedRefused(b"5;a=\x01\r\nhello\r\n0\r\n\r\n", b"control character")
+
+    async def test_chunkExtensionAllowed(self) -> None:
+        """A chunk extension is read past (and not forwarded)."""
+        data = await rawRequest(
+            self.proxy.port,
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b'5 ; name="v"\r\nhello\r\n0\r\n\r\n',
+        )
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data)
+        self.assertEqual(self.upstream.requests[0].body, b"hello")
+
+    async def test_transferEncodingOnHTTP10(self) -> None:
+        """RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing."""
+        await self.refused(
+            b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            400,
+            b"Transfer-Encoding in an HTTP/1.0 request",
+        )
+        self.assertEqual(self.upstream.connections, [])
+
+    async def test_missingHost(self) -> None:
+        """RFC 9112 section 3.2: an HTTP/1.1 request without Host is 400."""
+        await self.refused(b"GET / HTTP/1.1\r\nX-A: b\r\n\r\n", 400, b"must have a Host field")
+        self.assertEqual(self.upstream.connections, [])
+
+    async def test_twoHosts(self) -> None:
+        """Which one would the upstream believe?  400."""
+        await self.refused(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, b"more than one Host field")
+        self.assertEqual(self.upstream.connections, [])
+
+    async def test_invalidHost(self) -> None:
+        """A space, a slash, a tab, userinfo, a bad port: 400 each."""
+        for host in (b"a b", b"a/b", b"a\tb", b"user@a", b"a:8o", b"[::zz]"):
+            await self.refused(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", 400, b"invalid host")
+        self.assertEqual(self.upstream.connections, [])
+
+    async def test_http10WithoutHost(self) -> None:
+        """HTTP/1.0 has no Host requirement: forwarded (with the upstream's own Host)."""
+        data = await rawRequest(self.proxy.port, b"GET /old HTTP/1.0\r\n\r\n")
+        self.assertTrue(data.startswith(b"HTTP/1.0 200 "), data)
+        self.assertEqual(self.upstream.requests[0].requestLine, b"GET /old HTTP/1.1")
+
+    async def test_absoluteFormWithInvalidAuthority(self) -> None:
+        await self.refused(b"GET http://a b/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, b"malformed request line")
+        await self.refused(b"GET http://u@evil/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, b"invalid host 'u@evil'")
+        self.assertEqual(self.upstream.connections, [])
+
+    async def test_deleteInTarget(self) -> None:
+        """Twisted's request-line check lets DEL through; rproxy does not."""
+        await self.refused(b"GET /a\x7fb HTTP/1.1\r\nHost: x\r\n\r\n", 400, b"space or a control character")
+        self.assertEqual(self.upstream.connections, [])
 
     async def test_connectRefused(self) -> None:
         """CONNECT has no meaning for a reverse proxy: 405."""

@@ -1,0 +1,287 @@
+"""
+HTTP/2 clients that try to exhaust the proxy (rproxy/http2.py, rproxy/h2frames.py), over h2c and TLS:
+
+ - a client that opens a huge flow-control window and stops reading holds a bounded amount of memory,
+   and the upstream is paused;
+ - a broken frame ends the connection with the error code RFC 9113 and RFC 7541 name, and the connection
+   closes even over TLS, where a client that does not answer the close would otherwise hold it open;
+ - a frame or header block trickled a byte at a time gets the header timeout, and PING frames do not
+   keep an idle connection open.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import h2.errors
+import hpack
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.trial import unittest
+
+from rproxy.http2 import CLOSE_GRACE, CONNECTION_BUFFER, STREAM_BUFFER
+from rproxy.test.certs import CertificateAuthority
+from rproxy.test.h2client import H2Client
+from rproxy.test.support import LogCapture, RunningProxy, ScriptedUpstream, sleep, startProxy, waitFor
+from rproxy.test.test_streaming import MiB, _LargeUpstream, serve
+
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+ErrorCodes = h2.errors.ErrorCodes
+
+
+def frame(kind: int, flags: int, streamID: int, payload: bytes) -> bytes:
+    """One raw HTTP/2 frame (RFC 9113 section 4.1), whatever its contents."""
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", streamID) + payload
+
+
+_HEADERS, _PRIORITY, _RST, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = 1, 2, 3, 4, 6, 7, 8, 9
+_END_STREAM, _END_HEADERS, _ACK = 0x1, 0x4, 0x1
+
+
+async def listenTLS(testCase: unittest.TestCase, proxy: RunningProxy) -> int:
+    """Serve C{proxy}'s site on a TLS port too (ALPN h2); return the port."""
+    certificate, key = CertificateAuthority().issue("localhost", ["localhost"]).writeTo(testCase.mktemp(), "server")
+    port = await serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}").listen(
+        proxy.site
+    )
+    testCase.addCleanup(port.stopListening)
+    return int(port.getHost().port)
+
+
+class ResponseMemoryTests(unittest.TestCase):
+    """
+    A client that advertises the largest windows (2**31 - 1) and then stops reading: the proxy holds at
+    most its own buffers for it, and the upstream waits.
+    """
+
+    async def unreadResponse(self, tls: bool) -> None:
+        listening, built = serve(self, lambda: _LargeUpstream(256 * MiB))
+        proxy = startProxy(self, [listening.url])
+        port = await listenTLS(self, proxy) if tls else proxy.port
+        client = await H2Client.connect(port, tls=tls, initialWindow=2**31 - 1)
+        self.addCleanup(client.close)
+        client.conn.increment_flow_control_window(2**31 - 1 - 65535)  # the connection's window too
+        stream = client.request(b"GET", b"/large")
+        await client.waitUntil(lambda: len(client.streams[stream].data) > 0)
+        client.stopReading()
+        large = built[0]
+        sent = -1
+        for _ in range(40):  # until the upstream has been paused for a while
+            if large.sent == sent and large.paused:
+                break
+            sent = large.sent
+            await sleep(0.25)
+        self.assertTrue(large.paused, "the upstream was not paused")
+        self.assertLess(large.sent, 48 * MiB, "the upstream wrote far more than the sockets hold")
+        [connection] = [c._channel for c in proxy.site.connections]
+        held = connection._queued[stream]
+        self.assertLessEqual(held, STREAM_BUFFER + 65536, "the proxy buffers what the client does not read")
+        self.assertLessEqual(connection._queuedTotal, CONNECTION_BUFFER)
+
+    async def test_h2c(self) -> None:
+        await self.unreadResponse(tls=False)
+
+    async def test_tls(self) -> None:
+        await self.unreadResponse(tls=True)
+
+    async def test_manyStreams(self) -> None:
+        """Twenty unread streams of one connection: the connection's buffer bounds them together."""
+        listening, built = serve(self, lambda: _LargeUpstream(64 * MiB))
+        proxy = startProxy(self, [listening.url])
+        client = await H2Client.connect(proxy.port, initialWindow=2**31 - 1)
+        self.addCleanup(client.close)
+        client.conn.increment_flow_control_window(2**31 - 1 - 65535)
+        streams = [client.request(b"GET", b"/large/%d" % i) for i in range(20)]
+        await client.waitUntil(lambda: all(client.streams[s].data for s in streams))
+        client.stopReading()
+        total = -1
+        for _ in range(40):
+            now = sum(u.sent for u in built)
+            if now == total:
+                break
+            total = now
+            await sleep(0.25)
+        [connection] = [c._channel for c in proxy.site.connections]
+        self.assertLessEqual(connection._queuedTotal, CONNECTION_BUFFER + 20 * 65536)
+        self.assertLess(total, 20 * 48 * MiB)
+        self.assertTrue(all(u.paused for u in built))
+
+
+class ConnectionErrorTests(unittest.TestCase):
+    """A broken frame: GOAWAY with the code the RFCs name, then the connection closes."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.upstream = ScriptedUpstream(self, lambda proto, request: _OK)
+        self.proxy = startProxy(self, [self.upstream.url])
+        self.logs = LogCapture(self)
+
+    async def goAway(self, payload: bytes, port: int | None = None, tls: bool = False) -> tuple[int, float]:
+        """Send C{payload} after the preface and SETTINGS; the GOAWAY's code, and how soon it closed."""
+        client = await H2Client.connect(port or self.proxy.port, tls=tls)
+        self.addCleanup(client.close)
+        started = reactor.seconds()
+        client.writeRaw(payload)
+        await client.waitUntil(lambda: client.closed.called, timeout=CLOSE_GRACE + 5)
+        assert client.goAway is not None
+        return client.goAway.error_code, reactor.seconds() - started
+
+    async def test_codes(self) -> None:
+        good = hpack.Encoder().encode([(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")])
+        cases = {
+            "an HPACK index past the table": (frame(_HEADERS, 5, 1, b"\xff\xff\xff\x7f"), ErrorCodes.COMPRESSION_ERROR),
+            "a Huffman string that does not decode": (
+                frame(_HEADERS, 5, 1, b"\x82\x84\x86\x41\x8f" + b"\xff" * 15),
+                ErrorCodes.COMPRESSION_ERROR,
+            ),
+            "a table size update past the setting": (
+                frame(_HEADERS, 5, 1, b"\x3f\xe1\xff\x03" + good),
+                ErrorCodes.COMPRESSION_ERROR,
+            ),
+            "a field block cut short": (frame(_HEADERS, 5, 1, good + b"\x41"), ErrorCodes.COMPRESSION_ERROR),
+            "a SETTINGS acknowledgement with a payload": (
+                frame(_SETTINGS, _ACK, 0, bytes(6)),
+                ErrorCodes.FRAME_SIZE_ERROR,
+            ),
+            "a PING of 7 bytes": (frame(_PING, 0, 0, bytes(7)), ErrorCodes.FRAME_SIZE_ERROR),
+            "a SETTINGS of 5 bytes": (frame(_SETTINGS, 0, 0, bytes(5)), ErrorCodes.FRAME_SIZE_ERROR),
+            "a WINDOW_UPDATE of 3 bytes": (frame(_WINDOW_UPDATE, 0, 0, bytes(3)), ErrorCodes.FRAME_SIZE_ERROR),
+            "a frame over SETTINGS_MAX_FRAME_SIZE": (frame(0, 0, 1, bytes(20000)), ErrorCodes.FRAME_SIZE_ERROR),
+            "a WINDOW_UPDATE of 0": (frame(_WINDOW_UPDATE, 0, 0, bytes(4)), ErrorCodes.PROTOCOL_ERROR),
+            "a window past 2**31 - 1": (
+                frame(_WINDOW_UPDATE, 0, 0, b"\x7f\xff\xff\xff"),
+                ErrorCodes.FLOW_CONTROL_ERROR,
+            ),
+            "HEADERS on stream 0": (frame(_HEADERS, 5, 0, good), ErrorCodes.PROTOCOL_ERROR),
+            "a CONTINUATION without HEADERS": (frame(_CONTINUATION, 4, 1, good), ErrorCodes.PROTOCOL_ERROR),
+        }
+        for name, (payload, code) in cases.items():
+            got, elapsed = await self.goAway(payload)
+            self.assertEqual(ErrorCodes(got), code, name)
+            self.assertLess(elapsed, 2, name)
+        self.assertEqual(self.upstream.connections, [])
+        logged = "\n".join(self.logs.formatted())
+        self.assertIn("HTTP/2 connection error COMPRESSION_ERROR", logged)
+        self.assertIn("HTTP/2 connection error FRAME_SIZE_ERROR", logged)
+
+    async def test_tlsClosesAfterGoAway(self) -> None:
+        """
+        Over TLS, a client that neither reads nor answers the close: reset after the grace period
+        (it used to stay open over a minute).
+        """
+        port = await listenTLS(self, self.proxy)
+        client = await H2Client.connect(port, tls=True)
+        self.addCleanup(client.close)
+        started = reactor.seconds()
+        client.writeRaw(frame(_PING, 0, 0, bytes(7)))
+        await client.waitUntil(lambda: client.goAway is not None)
+        client.stopReading()  # it never reads the close_notify, nor answers it
+        await client.waitUntil(lambda: client.closed.called, timeout=CLOSE_GRACE + 5)
+        self.assertEqual(ErrorCodes(client.goAway.error_code), ErrorCodes.FRAME_SIZE_ERROR)
+        self.assertLess(reactor.seconds() - started, CLOSE_GRACE + 1.5)
+        self.assertTrue(await waitFor(lambda: not self.proxy.site.connections, 1))
+
+    async def test_tlsCodes(self) -> None:
+        """The codes are the same over TLS, and the close is as quick for a client that reads."""
+        port = await listenTLS(self, self.proxy)
+        code, elapsed = await self.goAway(frame(_HEADERS, 5, 1, b"\xff\xff\xff\x7f"), port, tls=True)
+        self.assertEqual(ErrorCodes(code), ErrorCodes.COMPRESSION_ERROR)
+        self.assertLess(elapsed, CLOSE_GRACE + 1)
+
+    async def test_otherConnectionsUnaffected(self) -> None:
+        """A connection ended for its errors takes no other with it."""
+        polite = await H2Client.connect(self.proxy.port)
+        self.addCleanup(polite.close)
+        await self.goAway(frame(_HEADERS, 5, 1, b"\xff\xff\xff\x7f"))
+        response = await polite.response(polite.request(b"GET", b"/"))
+        self.assertEqual((response.status, response.data), (200, b"ok"))
+
+
+class SlowClientTests(unittest.TestCase):
+    """Frames trickled a byte at a time get the header timeout (1 s here); PINGs do not hold idle connections."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.upstream = ScriptedUpstream(self, lambda proto, request: _OK)
+        self.proxy = startProxy(self, [self.upstream.url], "--header-timeout", "1", "--client-timeout", "2")
+
+    async def trickled(self, payload: bytes, interval: float = 0.2) -> tuple[Any, float]:
+        client = await H2Client.connect(self.proxy.port)
+        self.addCleanup(client.close)
+        started = reactor.seconds()
+        for byte in payload:
+            if client.closed.called:
+                break
+            client.writeRaw(bytes([byte]))
+            await sleep(interval)
+        await client.waitUntil(lambda: client.closed.called, timeout=5)
+        return client.goAway, reactor.seconds() - started
+
+    async def test_headersTrickled(self) -> None:
+        """A HEADERS frame whose bytes keep coming, too slowly: GOAWAY(ENHANCE_YOUR_CALM) after 1 s."""
+        block = hpack.Encoder().encode([(b":method", b"GET"), (b":path", b"/" + b"a" * 50), (b":scheme", b"http")])
+        goAway, elapsed = await self.trickled(frame(_HEADERS, 5, 1, block + b"\x40"))
+        assert goAway is not None
+        self.assertEqual(ErrorCodes(goAway.error_code), ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertLess(elapsed, 3)
+        self.assertEqual(self.upstream.connections, [])
+
+    async def test_continuationsTrickled(self) -> None:
+        """Each CONTINUATION arriving in time does not extend the header block's deadline."""
+        block = hpack.Encoder().encode([(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")])
+        client = await H2Client.connect(self.proxy.port)
+        self.addCleanup(client.close)
+        started = reactor.seconds()
+        client.writeRaw(frame(_HEADERS, 0, 1, block[:2]))
+        for byte in block[2:] + b"\x40\x01a\x01b" * 5:
+            if client.closed.called:
+                break
+            await sleep(0.3)
+            client.writeRaw(frame(_CONTINUATION, 0, 1, bytes([byte])))
+        await client.waitUntil(lambda: client.closed.called, timeout=5)
+        assert client.goAway is not None
+        self.assertEqual(ErrorCodes(client.goAway.error_code), ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertLess(reactor.seconds() - started, 3)
+
+    async def test_prefaceTrickled(self) -> None:
+        """A TLS client's preface trickled (no sniffing on the way): the same deadline."""
+        port = await listenTLS(self, self.proxy)
+        client = await H2Client.connect(port, tls=True)
+        self.addCleanup(client.close)
+        # The client sent its preface and SETTINGS already; a PING trickled after them.
+        started = reactor.seconds()
+        for byte in frame(_PING, 0, 0, bytes(8)):
+            if client.closed.called:
+                break
+            client.writeRaw(bytes([byte]))
+            await sleep(0.2)
+        await client.waitUntil(lambda: client.closed.called, timeout=5)
+        self.assertLess(reactor.seconds() - started, 3)
+
+    async def test_pingsDoNotHoldIdle(self) -> None:
+        """A connection without streams closes after the idle timeout (2 s), PINGs or not."""
+        client = await H2Client.connect(self.proxy.port)
+        self.addCleanup(client.close)
+        started = reactor.seconds()
+        for _ in range(20):
+            if client.closed.called:
+                break
+            client.conn.ping(b"12345678")
+            client.writeRaw(b"")
+            await sleep(0.25)
+        await client.waitUntil(lambda: client.closed.called, timeout=5)
+        assert client.goAway is not None
+        self.assertEqual(ErrorCodes(client.goAway.error_code), ErrorCodes.NO_ERROR)
+        self.assertLess(reactor.seconds() - started, 4)
+
+    async def test_quietStreamKeepsConnection(self) -> None:
+        """A stream whose response takes longer than the idle timeout keeps its connection."""
+        slow = ScriptedUpstream(self, lambda proto, request: b"")
+        proxy = startProxy(self, [slow.url], "--client-timeout", "1")
+        client = await H2Client.connect(proxy.port)
+        self.addCleanup(client.close)
+        stream = client.request(b"GET", b"/slow")
+        await sleep(2.5)
+        self.assertFalse(client.closed.called, "the idle timeout closed a busy connection")
+        slow.connections[0].transport.write(_OK)
+        response = await client.response(stream)
+        self.assertEqual((response.status, response.data), (200, b"ok"))
