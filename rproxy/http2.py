@@ -52,7 +52,7 @@ import priority
 from h2.connection import _decode_headers
 from h2.stream import StreamClosedBy
 from h2.utilities import CONNECTION_HEADERS
-from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -350,6 +350,7 @@ class ProxyH2Connection(H2Connection):
     _headTimer: IDelayedCall | None = None  # the deadline of an incomplete frame or header block
     _headStarted = -1  # which one (FrameWatch.started) the deadline is for
     _closer: IDelayedCall | None = None  # resets the connection if the client does not let it close
+    _draining = False  # GOAWAY sent for shutdown: close once the last stream ends
     _host: Any = None
     _peer: Any = None
     _secure: bool | None = None
@@ -444,14 +445,41 @@ class ProxyH2Connection(H2Connection):
         self.connectionLost(reason)
         self._closeTransport()
 
-    def _closeTransport(self) -> None:
-        """Close once what is written is sent; reset after L{CLOSE_GRACE} seconds if still open."""
+    def drain(self) -> None:
+        """
+        Shutdown: GOAWAY now, so the client opens no new stream, and close once the streams in flight
+        have ended.  The GOAWAY is written here, not by h2, whose state machine would then send no more
+        frames at all, so that the streams in flight could not finish.
+        """
+        if self._draining or not self._stillProducing:
+            return
+        self._draining = True
+        self._tryToWriteControlData()
+        goAway = GoAwayFrame(0)
+        goAway.last_stream_id = self.conn.highest_inbound_stream_id
+        goAway.error_code = h2.errors.ErrorCodes.NO_ERROR
+        self.transport.write(goAway.serialize())
+        if not self.streams:
+            self._drained()
+
+    def _drained(self) -> None:
+        """The last stream of a draining connection ended: close it."""
+        self.conn.close_connection(last_stream_id=self.conn.highest_inbound_stream_id)
+        self._tryToWriteControlData()
+        self._closeTransport(None)
+
+    def _closeTransport(self, grace: float | None = CLOSE_GRACE) -> None:
+        """
+        Close once what is written is sent; reset after C{grace} seconds if still open (C{None}: wait, as
+        a shutdown does, which has its own grace period).
+        """
+        transport = self.transport
         if self._closer is not None:
             return
-        transport = self.transport
         transport.unregisterProducer()  # else TLS would wait for this producer before its close_notify
         transport.loseConnection()
-        self._closer = self.callLater(CLOSE_GRACE, transport.abortConnection)
+        if grace is not None:
+            self._closer = self.callLater(grace, transport.abortConnection)
 
     def connectionLost(self, reason: Failure = connectionDone, _cancelTimeouts: bool = True) -> None:
         if self._headTimer is not None:
@@ -468,6 +496,10 @@ class ProxyH2Connection(H2Connection):
         if not self._stillProducing:
             return  # closed by an earlier event of the same read (a reset flood)
         streamID = event.stream_id
+        if self._draining:
+            # It crossed the GOAWAY of a shutdown: refused, so the client may send it again elsewhere.
+            self.conn.reset_stream(streamID, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
         if not self.streams:
             self.setTimeout(None)  # busy: the idle timeout waits for the last stream to end
         self._queued[streamID] = 0
@@ -522,7 +554,10 @@ class ProxyH2Connection(H2Connection):
         self._queuedTotal -= self._queued.pop(streamID, 0)
         super()._requestDone(streamID)
         if not self.streams and self._stillProducing:
-            self.setTimeout(self._idleTimeout)
+            if self._draining:
+                self._drained()
+            else:
+                self.setTimeout(self._idleTimeout)
 
     def _handleWindowUpdate(self, event: h2.events.WindowUpdated) -> None:
         """Twisted's, and wake the send loop: a stream it set aside on a shut window may go on."""

@@ -396,6 +396,15 @@ class ProxyHTTPChannel(HTTPChannel):
         self.persistent = False
         self.loseConnection()
 
+    def drain(self) -> None:
+        """Shutdown: close after the response in flight (now if there is none), keeping no connection alive."""
+        self.persistent = False
+        for request in self.requests:
+            if not request.startedWriting:
+                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        if not self.requests:
+            self.loseConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.cancelHeaderTimer()
         super().connectionLost(reason)
@@ -475,18 +484,9 @@ class _ProxyChannelProtocol(_GenericHTTPChannelProtocol):
         super().connectionLost(reason)
 
     def drain(self) -> None:
-        """Close once idle: now if no request is in flight, else after the current response."""
-        channel: Any = self._channel
-        if isinstance(channel, HTTPChannel):
-            channel.persistent = False
-            for request in channel.requests:
-                if not request.startedWriting:
-                    request.responseHeaders.setRawHeaders(b"connection", [b"close"])
-            if not channel.requests:
-                channel.loseConnection()
-        else:  # HTTP/2: GOAWAY, then the connection ends when its streams do
-            channel.conn.close_connection()
-            channel.transport.write(channel.conn.data_to_send())
+        """Close once idle: now if no request is in flight, else after the current responses."""
+        channel: ProxyHTTPChannel | ProxyH2Connection = self._channel  # type: ignore[assignment]
+        channel.drain()
 
 
 class _Refuse(Protocol):

@@ -104,7 +104,13 @@ class H2Client:
         server's windows shrink until L{acknowledge} is called.
     """
 
-    def __init__(self, initialWindow: int | None = None, autoAcknowledge: bool = True, strict: bool = True) -> None:
+    def __init__(
+        self,
+        initialWindow: int | None = None,
+        autoAcknowledge: bool = True,
+        strict: bool = True,
+        gracefulGoAway: bool = False,
+    ) -> None:
         config = h2.config.H2Configuration(
             client_side=True,
             header_encoding=None,
@@ -118,6 +124,8 @@ class H2Client:
         self.closed: defer.Deferred[None] = defer.Deferred()
         self.autoAcknowledge = autoAcknowledge
         self._initialWindow = initialWindow
+        self._gracefulGoAway = gracefulGoAway
+        self._unframed = b""
         self._protocol: _H2ClientProtocol | None = None
         self._pending: dict[int, list[tuple[bytes, bool, Fields | None]]] = {}
         self._waiters: list[tuple[Callable[[], bool], defer.Deferred[None]]] = []
@@ -131,13 +139,16 @@ class H2Client:
         initialWindow: int | None = None,
         autoAcknowledge: bool = True,
         strict: bool = True,
+        gracefulGoAway: bool = False,
     ) -> H2Client:
         """
         Open a connection to C{host}:C{port}: h2c with prior knowledge, or TLS (any certificate) with
         ALPN ``h2``.  C{initialWindow} sets the streams' receive window (SETTINGS_INITIAL_WINDOW_SIZE);
-        C{strict=False} sends request heads as given, unchecked and unnormalised.
+        C{strict=False} sends request heads as given, unchecked and unnormalised.  C{gracefulGoAway}: a
+        GOAWAY only records C{goAway}, and the streams below its last stream ID go on, as RFC 9113 section
+        6.8 intends (h2 ends the whole connection, python-hyper/h2#1181).
         """
-        client = cls(initialWindow, autoAcknowledge, strict)
+        client = cls(initialWindow, autoAcknowledge, strict, gracefulGoAway)
         if tls:
             options = ssl.CertificateOptions(acceptableProtocols=[b"h2"])
             endpoint: Any = SSL4ClientEndpoint(reactor, host, port, options)
@@ -249,6 +260,8 @@ class H2Client:
         self._flush()
 
     def _received(self, data: bytes) -> None:
+        if self._gracefulGoAway:
+            data = self._withoutGoAway(data)
         for event in self.conn.receive_data(data):
             self._handle(event)
         self._flush()
@@ -285,6 +298,25 @@ class H2Client:
         elif isinstance(event, h2.events.StreamReset):
             record.resetCode = event.error_code
             self._pending.pop(event.stream_id, None)
+
+    def _withoutGoAway(self, data: bytes) -> bytes:
+        """The complete frames of what arrived, but GOAWAY frames, which are recorded in C{goAway}."""
+        buffered = self._unframed + data
+        kept = []
+        while len(buffered) >= 9:
+            end = 9 + int.from_bytes(buffered[:3], "big")
+            if len(buffered) < end:
+                break
+            frame, buffered = buffered[:end], buffered[end:]
+            if frame[3] == 7:  # GOAWAY
+                event = h2.events.ConnectionTerminated()
+                event.last_stream_id = int.from_bytes(frame[9:13], "big") & 0x7FFFFFFF
+                event.error_code = h2.errors.ErrorCodes(int.from_bytes(frame[13:17], "big"))
+                self.goAway = event
+            else:
+                kept.append(frame)
+        self._unframed = buffered
+        return b"".join(kept)
 
     def _sendPending(self, streamID: int) -> None:
         queue = self._pending.get(streamID)

@@ -190,6 +190,76 @@ class TLSTests(unittest.TestCase):
         self.assertEqual(json.loads(response.data)["method"], "GET")
 
 
+class DrainTests(unittest.TestCase):
+    """
+    Shutdown of an HTTP/2 connection: GOAWAY at once, the streams in flight finish, then the connection
+    closes (over TLS too, where a registered producer used to hold the close until the grace ended).
+
+    The client of the stream in flight is curl: h2, on which the test client is built, treats any
+    GOAWAY as the end of the connection (python-hyper/h2#1181) and so cannot take a graceful one.
+    """
+
+    async def drained(self, tls: bool) -> None:
+        calls: list[Any] = []
+
+        def respond(proto: Any, request: ReceivedRequest) -> bytes:
+            calls.append(reactor.callLater(0.5, proto.transport.write, _OK))
+            return b""
+
+        self.addCleanup(lambda: [call.cancel() for call in calls if call.active()])
+        upstream = ScriptedUpstream(self, respond)
+        proxy = startProxy(self, [upstream.url])
+        if tls:
+            certificate, key = CertificateAuthority().issue("localhost", ["localhost"]).writeTo(self.mktemp(), "s")
+            listening = await serverFromString(
+                reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}"
+            ).listen(proxy.site)
+            self.addCleanup(listening.stopListening)
+            url, flags = f"https://127.0.0.1:{listening.getHost().port}/slow", ["-k", "--http2"]
+            port = listening.getHost().port
+        else:
+            url, flags, port = f"{proxy.url}/slow", ["--http2-prior-knowledge"], proxy.port
+        idle = await h2Connect(self, port, tls=tls)
+        busy = curl(["-s", *flags, "-w", " %{http_version}", url])
+        self.assertTrue(await waitFor(lambda: upstream.requests))
+        started = reactor.seconds()
+        drained = proxy.site.drain(10, reactor)
+        await idle.waitUntil(lambda: idle.closed.called, timeout=2)
+        assert idle.goAway is not None
+        self.assertEqual(idle.goAway.error_code, h2.errors.ErrorCodes.NO_ERROR)
+        code, out, err = await busy
+        self.assertEqual((code, out), (0, b"ok 2"), err)
+        await drained
+        self.assertLess(reactor.seconds() - started, 3, "the drain waited for the grace period")
+
+    async def test_h2c(self) -> None:
+        await self.drained(tls=False)
+
+    async def test_tls(self) -> None:
+        await self.drained(tls=True)
+
+    async def test_streamAfterGoAwayRefused(self) -> None:
+        """A stream that crosses the shutdown's GOAWAY is refused (REFUSED_STREAM: safe to send again)."""
+        upstream = ScriptedUpstream(self, lambda proto, request: _OK)
+        proxy = startProxy(self, [upstream.url])
+        client = await h2Connect(self, proxy.port, gracefulGoAway=True)
+        [connection] = [c._channel for c in proxy.site.connections]
+        busy = client.request(b"POST", b"/held", endStream=False)  # keeps the connection draining
+        self.assertTrue(await waitFor(lambda: connection.streams))
+        connection.drain()
+        # What a client sends before the GOAWAY reaches it (h2 would not send it after).
+        late = client.request(b"GET", b"/late")
+        response = await client.response(late)
+        self.assertEqual(response.resetCode, h2.errors.ErrorCodes.REFUSED_STREAM)
+        self.assertEqual([r.requestLine for r in upstream.requests], [])
+        assert client.goAway is not None
+        self.assertEqual((client.goAway.error_code, client.goAway.last_stream_id), (0, busy))
+        client.send(busy, b"body", endStream=True)  # the stream below the GOAWAY goes on, and ends it all
+        response = await client.response(busy)
+        self.assertEqual((response.status, response.data), (200, b"ok"))
+        await client.waitUntil(lambda: client.closed.called)
+
+
 class StreamingTests(unittest.TestCase):
     """Request and response bodies stream through HTTP/2 streams with flow control as backpressure."""
 

@@ -176,6 +176,23 @@ class BasicTests(unittest.TestCase):
         self.assertEqual(responseStatus(response), 200)
         self.assertTrue(response.endswith(b"\r\n\r\n"))
 
+    async def test_contentLengthPast63Bits(self) -> None:
+        """
+        An HTTP/2 upstream's content-length that an HTTP/1.1 client keeping lengths in 64 bits would wrap
+        (reading 5 bytes, then the rest as another response): 502, never relayed, the stream reset.
+        """
+
+        def handler(stream: ServerStream) -> None:
+            stream.respond(200, [(b"content-length", b"18446744073709551621")])
+            stream.send(b"helloHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfake")
+
+        server = H2Upstream(self, handler)
+        proxy = startProxy(self, [server.url])
+        head, body = splitResponses(await get(proxy.port, b"/x"))[0]
+        self.assertEqual(responseStatus(head), 502)
+        self.assertIn(b"sent a bad response: Content-Length 18446744073709551621 exceeds", body)
+        self.assertTrue(await waitFor(lambda: server.streams[0].resetCode is not None, 2))
+
 
 class MultiplexingTests(unittest.TestCase):
     """Streams share connections up to the server's limit."""

@@ -45,6 +45,7 @@ from twisted.web.http import NO_BODY_CODES
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, clientError, upstreamError
+from rproxy.framing import MalformedBodyError, contentLength
 from rproxy.headers import Pairs
 from rproxy.upstream import deadline
 from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
@@ -674,6 +675,21 @@ class HTTP2Stream:
                 Delivery.MAYBE,
             )
             return
+        lengths = [value for name, value in headers if name == b"content-length"]
+        if lengths:
+            try:
+                contentLength(lengths)  # relayed to HTTP/1.1 clients: never one they could read differently
+            except MalformedBodyError as e:
+                self._resetQuietly()
+                self.failed(
+                    upstreamError(
+                        502,
+                        f"upstream {self._connection.label} sent a bad response: {e}",
+                        "http_response_content_length",
+                    ),
+                    Delivery.MAYBE,
+                )
+                return
         self._headSeen = True
         self._hasBody = not endStream and self._expectBody and status not in NO_BODY_CODES
         if self._hasBody and self._requestDone:
