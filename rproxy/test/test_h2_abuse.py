@@ -16,6 +16,7 @@ from typing import Any
 
 import h2.errors
 import hpack
+from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.trial import unittest
@@ -23,7 +24,7 @@ from twisted.trial import unittest
 from rproxy.http2 import CLOSE_GRACE, CONNECTION_BUFFER, STREAM_BUFFER
 from rproxy.test.certs import CertificateAuthority
 from rproxy.test.h2client import H2Client
-from rproxy.test.support import LogCapture, RunningProxy, ScriptedUpstream, sleep, startProxy, waitFor
+from rproxy.test.support import LogCapture, RunningProxy, ScriptedUpstream, sleep, startProxy, trickle, waitFor
 from rproxy.test.test_streaming import MiB, _LargeUpstream, serve
 
 _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -256,6 +257,17 @@ class SlowClientTests(unittest.TestCase):
             await sleep(0.2)
         await client.waitUntil(lambda: client.closed.called, timeout=5)
         self.assertLess(reactor.seconds() - started, 3)
+
+    async def test_tlsHandshakeTrickled(self) -> None:
+        """A TLS ClientHello sent a byte at a time does not postpone the client timeout (2 s)."""
+        port = await listenTLS(self, self.proxy)
+        hello = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        hello.set_connect_state()
+        with self.assertRaises(SSL.WantReadError):
+            hello.do_handshake()
+        data, elapsed = await trickle(port, hello.bio_read(65536), 0.1, timeout=10)
+        self.assertEqual(data, b"")
+        self.assertLess(elapsed, 4)
 
     async def test_pingsDoNotHoldIdle(self) -> None:
         """A connection without streams closes after the idle timeout (2 s), PINGs or not."""
