@@ -23,11 +23,20 @@ L{ProxyH2Connection} adds, per connection:
    streams in turn until a client signals RFC 7540 priorities (then through Twisted's priority tree),
    and woken without a Deferred;
  - a response head built from the proxy's field list directly (L{ProxyH2Stream.writeHead}), without
-   the C{Headers} round trip nor h2's normalisation when the fields need none.
+   the C{Headers} round trip nor h2's normalisation when the fields need none;
+ - request heads checked before they become HTTP/1.1 requests (L{rproxy.h2request}), with the
+   HTTP/1.1 head limits (431 on the stream);
+ - response bytes held per stream and per connection bounded by L{STREAM_BUFFER} and
+   L{CONNECTION_BUFFER}, whatever window the client advertises;
+ - deadlines: the header timeout for any incomplete frame but DATA and any header block
+   (L{rproxy.h2frames.FrameWatch}), and the idle timeout only while no stream is open;
+ - connection errors sent with the code the RFCs name, and a close that a client cannot hold off
+   (L{CLOSE_GRACE}); a graceful shutdown that lets the streams in flight finish.
 
 It relies on private parts of C{twisted.web._http2} (C{H2Connection._requestReceived},
 C{_handleWindowUpdate}, C{_requestDataReceived}, C{_requestEnded}, C{_requestAborted}, C{_requestDone},
 C{_sendPrioritisedData}, C{_outboundStreamQueues}, C{_streamCleanupCallbacks}, C{_tryToWriteControlData},
+C{_terminate}, C{_bufferedControlFrames}, the C{_cancelTimeouts} argument of C{connectionLost},
 C{_resetTokenBurst}/C{_resetTokenRate}/C{_resetTokens}, C{_consumerBlocked}, C{_stillProducing},
 C{_sendingDeferred}, C{_handlePriorityUpdate}, C{_isSecure}, C{priority}, C{_END_STREAM_SENTINEL};
 C{H2Stream._request}, C{_conn}, C{_convertHeaders}, C{_send100Continue}), and of h2
@@ -251,6 +260,7 @@ class ProxyH2Stream(H2Stream):
     _request: Any  # a ProxyRequest
     _headers: list[tuple[bytes, bytes]] = []
     _endWithHead = False
+    blocked = False  # whether its producer is paused
 
     def _convertHeaders(self, headers: list[tuple[bytes, bytes]]) -> None:
         """Keep the fields for L{headersReceived}: the stream is not registered yet."""
@@ -284,6 +294,17 @@ class ProxyH2Stream(H2Stream):
         request.gotLength(length)
         if request.continueAutomatically():
             self._send100Continue()
+
+    def flowControlBlocked(self) -> None:
+        """Twisted's: the producer is paused (the window is shut, or the proxy's buffers are full)."""
+        self.blocked = True
+        super().flowControlBlocked()
+
+    def windowUpdated(self) -> None:
+        """Twisted's: the producer resumes if the stream may queue more."""
+        if self.blocked and self._conn.remainingOutboundWindow(self.streamID) > 0:
+            self.blocked = False
+            super().windowUpdated()
 
     def requestComplete(self) -> None:
         """The client ended its request, perhaps with trailers: hand them to the request first."""
@@ -703,6 +724,9 @@ class ProxyH2Connection(H2Connection):
         if self._connectionFull and self._queuedTotal <= CONNECTION_BUFFER // 2:
             self._connectionFull = False
             for stream in list(self.streams.values()):
-                stream.windowUpdated()
+                if stream.blocked:
+                    stream.windowUpdated()
         elif queued <= STREAM_BUFFER // 2:
-            self.streams[streamID].windowUpdated()
+            stream = self.streams[streamID]
+            if stream.blocked:
+                stream.windowUpdated()

@@ -231,7 +231,8 @@ class ProxyRequest(server.Request):
                 return refusal
         uri = self.uri
         if self._http1:
-            problem = targetProblem(uri) or self._hostProblem()
+            # The request line's parse refused whitespace and other control characters, but not DEL.
+            problem = (targetProblem(uri) if b"\x7f" in uri else None) or self._hostProblem()
             if problem is not None:
                 return clientError(400, problem)
             if uri[:1] != b"/":

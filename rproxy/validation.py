@@ -10,6 +10,7 @@ a well-formed value, else the one-line reason for the 400.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -40,6 +41,7 @@ def targetProblem(target: bytes) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)  # a client sends the same Host on every request
 def authorityProblem(authority: bytes) -> str | None:
     """Why C{authority} (a ``Host`` value or ``:authority``) is not C{host[:port]}, or C{None}."""
     match = _AUTHORITY.fullmatch(authority)

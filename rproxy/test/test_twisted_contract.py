@@ -149,6 +149,8 @@ class HTTP2ContractTests(unittest.TestCase):
             "_handleWindowUpdate": ["self", "event"],
             "_sendPrioritisedData": ["self", "args"],
             "_tryToWriteControlData": ["self"],
+            "_terminate": ["self", "reason"],
+            "connectionLost": ["self", "reason", "_cancelTimeouts"],
             "remainingOutboundWindow": ["self", "streamID"],
             "writeHeaders": ["self", "version", "code", "reason", "headers", "streamID"],
         }
@@ -160,7 +162,7 @@ class HTTP2ContractTests(unittest.TestCase):
             list(inspect.signature(_http2.H2Stream).parameters),
             ["streamID", "connection", "headers", "requestFactory", "site", "factory"],
         )
-        for name in ("_convertHeaders", "_send100Continue", "requestComplete", "flowControlBlocked"):
+        for name in ("_convertHeaders", "_send100Continue", "requestComplete", "flowControlBlocked", "windowUpdated"):
             self.assertTrue(callable(getattr(_http2.H2Stream, name, None)), f"H2Stream.{name} is gone")
         self.assertTrue(hasattr(_http2, "_END_STREAM_SENTINEL"))
 
@@ -175,6 +177,7 @@ class HTTP2ContractTests(unittest.TestCase):
             "_consumerBlocked",
             "_sendingDeferred",
             "_stillProducing",
+            "_bufferedControlFrames",
             "_resetTokens",
             "_resetTokenBurst",
             "_resetTokenRate",
