@@ -20,7 +20,7 @@ not move the end of the message, and a trailer is only ever advice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from rproxy.headers import Pairs, hasControl, isToken
 
@@ -40,7 +40,7 @@ class MalformedBodyError(ValueError):
     """The framing of a body is broken; C{str()} says how, in one line."""
 
 
-def contentLength(values: Iterable[bytes]) -> int:
+def contentLength(values: Sequence[bytes]) -> int:
     """
     The body length that the values of a message's Content-Length fields declare (each value may be a
     comma-separated list, whose members must all be equal).
@@ -48,6 +48,10 @@ def contentLength(values: Iterable[bytes]) -> int:
     @raise MalformedBodyError: a value is not a decimal number, the values differ, or the length exceeds
         L{MAX_LENGTH}.
     """
+    if len(values) == 1:  # the usual case: one plain number
+        value = values[0]
+        if value.isdigit() and len(value) < 19:
+            return int(value)
     declared = {member.strip(b" \t") for value in values for member in value.split(b",")}
     if len(declared) != 1:
         raise MalformedBodyError("conflicting Content-Length values" if declared else "empty Content-Length")

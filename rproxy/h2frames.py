@@ -64,6 +64,10 @@ class FrameWatch:
                 self._remaining -= taken
                 pos += taken
                 continue
+            if not self._header and pos + 9 <= end:  # a whole frame header: read it in place
+                self._frame(int.from_bytes(data[pos : pos + 3], "big"), data[pos + 3], data[pos + 4])
+                pos += 9
+                continue
             header = self._header + data[pos : pos + 9 - len(self._header)]
             pos += len(header) - len(self._header)
             if len(header) < 9:

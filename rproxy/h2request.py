@@ -71,21 +71,22 @@ def requestHead(block: Sequence[tuple[bytes, bytes]], limits: HeadLimits) -> H2R
     answer it with.
     """
     pseudo: dict[bytes, bytes] = {}
-    fields: Pairs = []
+    fields: Pairs = [(b"host", b"")]  # the authority goes first, once it is known
     hosts: list[bytes] = []
     lengths: list[bytes] = []
     size = 0
-    for name, value in block:
+    for field in block:
+        name, value = field
         size += len(name) + len(value)
-        if name[:1] == b":":
+        if name[0] == 0x3A:  # ":", a pseudo-header field (h2 refused empty names)
             pseudo[name] = value
         elif name == b"host":
             hosts.append(value)
         else:
             if name == b"content-length":
                 lengths.append(value)
-            fields.append((name, value))
-    if len(fields) + len(hosts) > limits.maxHeaders:
+            fields.append(field)
+    if len(fields) - 1 + len(hosts) > limits.maxHeaders:
         return clientError(431, f"the request has more than {limits.maxHeaders} header fields")
     if size > limits.maxHeaderBytes:
         return clientError(431, f"the request header section exceeds {limits.maxHeaderBytes} bytes")
@@ -93,10 +94,10 @@ def requestHead(block: Sequence[tuple[bytes, bytes]], limits: HeadLimits) -> H2R
         return clientError(431, f"the request header list exceeds {limits.maxHeaderListSize} bytes")
 
     method = pseudo.get(b":method", b"")
-    protocol = pseudo.get(b":protocol")
     problem = methodProblem(method)
-    if problem is None and b":scheme" in pseudo:
-        problem = schemeProblem(pseudo[b":scheme"])
+    scheme = pseudo.get(b":scheme")
+    if problem is None and scheme is not None and scheme != b"https" and scheme != b"http":
+        problem = schemeProblem(scheme)
     authority = pseudo.get(b":authority")
     if authority is None:
         if len(hosts) > 1:
@@ -120,8 +121,11 @@ def requestHead(block: Sequence[tuple[bytes, bytes]], limits: HeadLimits) -> H2R
             length = contentLength(lengths)
         except MalformedBodyError as e:
             return clientError(400, str(e))
-    head: Pairs = [(b"host", authority)] if authority is not None else []
-    return H2RequestHead(method, target, head + fields, length, protocol)
+    if authority is None:
+        del fields[0]
+    else:
+        fields[0] = (b"host", authority)
+    return H2RequestHead(method, target, fields, length, pseudo.get(b":protocol"))
 
 
 def _pathProblem(method: bytes, path: bytes) -> str | None:

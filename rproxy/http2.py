@@ -368,6 +368,7 @@ class ProxyH2Connection(H2Connection):
     _queuedTotal = 0  # response bytes queued, all streams together
     _connectionFull = False  # streams were paused because the connection holds CONNECTION_BUFFER
     _idleTimeout: float | None = None  # the idle timeout, which runs only while no stream is open
+    _idleSince = 0.0  # when the last stream ended (or the connection began)
     _headTimer: IDelayedCall | None = None  # the deadline of an incomplete frame or header block
     _headStarted = -1  # which one (FrameWatch.started) the deadline is for
     _closer: IDelayedCall | None = None  # resets the connection if the client does not let it close
@@ -392,6 +393,7 @@ class ProxyH2Connection(H2Connection):
     def connectionMade(self) -> None:
         """Twisted's; the idle timeout is kept aside, to run only while no stream is open."""
         self._idleTimeout = self.timeOut
+        self._idleSince = self._reactor.seconds()
         super().connectionMade()
 
     def resetTimeout(self) -> None:
@@ -432,7 +434,18 @@ class ProxyH2Connection(H2Connection):
         self._terminate(Failure(ConnectionLost("the client was too slow to send a frame")))
 
     def timeoutConnection(self) -> None:
-        """No stream for the idle timeout: GOAWAY, and close."""
+        """
+        The idle timer ran out: if the connection had no stream for the idle timeout, GOAWAY and close;
+        else wait again.  (The timer is not moved at each stream's start and end, which would cost two
+        timer operations per request: it only ever fires late, and looks.)
+        """
+        timeout = self._idleTimeout
+        if timeout is None:
+            return
+        idle = self._reactor.seconds() - self._idleSince
+        if self.streams or idle < timeout:
+            self.setTimeout(timeout if self.streams else timeout - idle)
+            return
         _log.info(
             "client {client}: HTTP/2 connection idle for {timeout:g}s; closing",
             client=self.getPeer(),
@@ -521,8 +534,6 @@ class ProxyH2Connection(H2Connection):
             # It crossed the GOAWAY of a shutdown: refused, so the client may send it again elsewhere.
             self.conn.reset_stream(streamID, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
-        if not self.streams:
-            self.setTimeout(None)  # busy: the idle timeout waits for the last stream to end
         self._queued[streamID] = 0
         stream = ProxyH2Stream(streamID, self, event.headers, self.requestFactory, self.site, self.factory)
         self.streams[streamID] = stream
@@ -578,7 +589,7 @@ class ProxyH2Connection(H2Connection):
             if self._draining:
                 self._drained()
             else:
-                self.setTimeout(self._idleTimeout)
+                self._idleSince = self._reactor.seconds()
 
     def _handleWindowUpdate(self, event: h2.events.WindowUpdated) -> None:
         """Twisted's, and wake the send loop: a stream it set aside on a shut window may go on."""
