@@ -14,7 +14,7 @@ $(BIN)/twist: setup.py
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,dev]' --config-settings editable_mode=compat
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
-	$(BIN)/python -c "from rproxy.balancers import balancerFactories; balancerFactories()"
+	$(BIN)/python -c "from rproxy.proxy.balancers import balancerFactories; balancerFactories()"
 	touch $@
 
 run: $(BIN)/twist

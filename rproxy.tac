@@ -9,13 +9,13 @@
 # Units for systemd, plain and socket-activated, are in docs/systemd/.
 import os
 
-from rproxy.reactor import installUnlessChosen
+from rproxy.app.reactor import installUnlessChosen
 
 installUnlessChosen()  # before anything imports the reactor, unless twistd -r chose one (docs/operations.md)
 
 from twisted.application import service
 
-from rproxy.tap import makeService, optionsFromEnvironment
+from rproxy.app.tap import makeService, optionsFromEnvironment
 
 application = service.Application("rproxy")
 makeService(optionsFromEnvironment(os.environ)).setServiceParent(application)

@@ -28,10 +28,10 @@ setup(
         "treq>=26.7.0",
         "pyOpenSSL>=26.0.0",
         "service-identity>=24.1.0",
-        # rproxy/certificates.py reads certificates itself (42: not_valid_after_utc).
+        # rproxy/downstream/tls.py reads certificates itself (42: not_valid_after_utc).
         "cryptography>=42",
         "zope.interface>=7.0",
-        # rproxy/wsframes.py parses WebSocket frames on message-aware routes.
+        # rproxy/tunnel/messages.py parses WebSocket frames on message-aware routes.
         "wsproto>=1.2",
     ],
     extras_require={

@@ -8,7 +8,6 @@ mounts, the interfaces of the pluggable parts, and the version.
 from typing import TYPE_CHECKING
 
 from rproxy._version import __version__
-from rproxy.exchange import Exchange, Proxy
 from rproxy.interfaces import (
     HealthResult,
     IBalancer,
@@ -21,9 +20,10 @@ from rproxy.interfaces import (
     IStreamingResource,
     Outcome,
 )
+from rproxy.proxy.exchange import Exchange, Proxy
 
 if TYPE_CHECKING:
-    from rproxy.resource import ReverseProxyResource
+    from rproxy.proxy.resource import ReverseProxyResource
 
 __all__ = [
     "Exchange",
@@ -45,9 +45,9 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     # ReverseProxyResource is imported on first use: twisted.web.proxy, which it subclasses, imports the
-    # global reactor, and importing rproxy (rproxy.reactor, the rproxy plugin) must not install one.
+    # global reactor, and importing rproxy (rproxy.app.reactor, the rproxy plugin) must not install one.
     if name == "ReverseProxyResource":
-        from rproxy.resource import ReverseProxyResource
+        from rproxy.proxy.resource import ReverseProxyResource
 
         return ReverseProxyResource
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

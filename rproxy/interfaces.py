@@ -19,10 +19,10 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from rproxy.downstream.request import ProxyRequest
     from rproxy.errors import ProxyError
-    from rproxy.exchange import Exchange
-    from rproxy.message import InboundRequest, OutboundRequest
-    from rproxy.request import ProxyRequest
+    from rproxy.proxy.exchange import Exchange
+    from rproxy.proxy.message import InboundRequest, OutboundRequest
     from rproxy.upstream import Service, Upstream
 
 
@@ -53,7 +53,7 @@ class IStreamingResource(IResource):
     """
     A resource that answers as soon as the request head is in, while the body still arrives.
 
-    L{rproxy.request.ProxyRequest} calls L{renderStreaming} instead of C{render} for such a resource;
+    L{rproxy.downstream.request.ProxyRequest} calls L{renderStreaming} instead of C{render} for such a resource;
     under a plain C{twisted.web.server.Request} the resource's C{render} runs as usual.
     """
 

@@ -14,7 +14,7 @@ Test a balancer without sockets: fake upstreams, a clock, a simulator, a contrac
     result = simulation.run(1000, interval=0.01)         # arrivals every 10 ms of simulated time
     result.served                                        # Counter: upstream -> requests it answered
 
-The L{Simulation} drives a balancer the way L{rproxy.exchange.Exchange} does: C{pick} with the available
+The L{Simulation} drives a balancer the way L{rproxy.proxy.exchange.Exchange} does: C{pick} with the available
 set and the upstreams already tried, C{inFlight} raised while an attempt runs and lowered before
 C{report}, retries on another upstream, and C{onResponse} for a balancer that is also an
 L{IResponseFilter}.  L{BalancerContractTests} is the contract check as a C{TestCase} mixin.
@@ -34,14 +34,14 @@ from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
 from rproxy.errors import ProxyError, upstreamError
-from rproxy.health import PassivePolicy
+from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import IBalancer, IBalancerFactory, IResponseFilter, Outcome
-from rproxy.message import InboundRequest
+from rproxy.proxy.message import InboundRequest
 from rproxy.upstream import Upstream
 from rproxy.upstream.pool import PoolSettings
 
 if TYPE_CHECKING:
-    from rproxy.exchange import Exchange
+    from rproxy.proxy.exchange import Exchange
 
 __all__ = [
     "CONTRACT_CHECKS",
@@ -683,7 +683,7 @@ class BalancerContractTests:
 
 if TYPE_CHECKING:
     from rproxy.interfaces import IDirector
-    from rproxy.message import OutboundRequest
+    from rproxy.proxy.message import OutboundRequest
     from rproxy.upstream import Service
 
 __all__ += ["countServices", "directRequest", "makeService"]
@@ -694,8 +694,8 @@ def makeService(name: str = "default", upstreams: int | Sequence[int] = 1, clock
     A L{Service} named C{name}, of fake upstreams (L{makeUpstreams}: weights, or how many) in a registry
     of its own, balanced round robin: something for a director to choose, with no socket.
     """
-    from rproxy.balancers import RoundRobin
-    from rproxy.registry import MemoryRegistry
+    from rproxy.proxy.balancers import RoundRobin
+    from rproxy.proxy.registry import MemoryRegistry
     from rproxy.upstream import Service
 
     registry = MemoryRegistry()
@@ -715,7 +715,7 @@ def directRequest(director: IDirector, request: InboundRequest) -> tuple[Service
         director left it.
     """
     from rproxy.headers import ForwardingPolicy
-    from rproxy.message import OutboundRequest
+    from rproxy.proxy.message import OutboundRequest
 
     outbound = OutboundRequest.fromInbound(request, ForwardingPolicy())
     return director.direct(request, outbound), outbound

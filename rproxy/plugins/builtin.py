@@ -13,7 +13,9 @@ from collections.abc import Callable, Mapping
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from rproxy.balancers import (
+from rproxy.headers import isToken
+from rproxy.interfaces import IBalancer, IBalancerFactory
+from rproxy.proxy.balancers import (
     BalancerOptions,
     FirstAvailable,
     LeastConnections,
@@ -27,8 +29,6 @@ from rproxy.balancers import (
     balancerFactories,
     hashKey,
 )
-from rproxy.headers import isToken
-from rproxy.interfaces import IBalancer, IBalancerFactory
 
 
 @implementer(IPlugin, IBalancerFactory)

@@ -25,9 +25,9 @@ from twisted.trial import unittest
 from twisted.web import server
 from zope.interface import provider
 
-from rproxy.registry import MemoryRegistry
-from rproxy.server import ProxySite
-from rproxy.tap import Options, buildSite, healthChecker
+from rproxy.app.tap import Options, buildSite, healthChecker
+from rproxy.downstream.site import ProxySite
+from rproxy.proxy.registry import MemoryRegistry
 from rproxy.upstream import Upstream
 
 #: Python of this environment, for subprocess-based tests.

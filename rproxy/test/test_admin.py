@@ -1,5 +1,5 @@
 """
-L{rproxy.admin}: the local routes of the proxy's listeners (health, readiness, resources a user mounts),
+L{rproxy.app.admin}: the local routes of the proxy's listeners (health, readiness, resources a user mounts),
 answered by rproxy and never proxied, and the admin listener; real sockets, a real client (treq) and a
 proxy built as C{twist rproxy} builds it.
 """
@@ -24,11 +24,11 @@ from twisted.web import server, static
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 
-from rproxy.admin import AdminSettings, LocalRoutes
-from rproxy.reload import ConfigReloader
-from rproxy.resource import ReverseProxyResource
-from rproxy.server import ProxySite
-from rproxy.tap import Options, buildService, reloadSource
+from rproxy.app.admin import AdminSettings, LocalRoutes
+from rproxy.app.reload import ConfigReloader
+from rproxy.app.tap import Options, buildService, reloadSource
+from rproxy.downstream.site import ProxySite
+from rproxy.proxy.resource import ReverseProxyResource
 from rproxy.test.support import (
     ScriptedUpstream,
     freePort,

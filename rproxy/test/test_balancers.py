@@ -8,7 +8,10 @@ from collections import Counter
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from rproxy.balancers import (
+from rproxy.errors import upstreamError
+from rproxy.health.state import PassivePolicy
+from rproxy.interfaces import IBalancer, IBalancerFactory, IResponseFilter, Outcome
+from rproxy.proxy.balancers import (
     BalancerOptions,
     FirstAvailable,
     LeastConnections,
@@ -22,10 +25,7 @@ from rproxy.balancers import (
     balancerFactories,
     hashKey,
 )
-from rproxy.errors import upstreamError
-from rproxy.health import PassivePolicy
-from rproxy.interfaces import IBalancer, IBalancerFactory, IResponseFilter, Outcome
-from rproxy.message import InboundRequest
+from rproxy.proxy.message import InboundRequest
 from rproxy.testing import (
     Clock,
     Simulation,

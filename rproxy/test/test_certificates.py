@@ -1,5 +1,5 @@
 """
-TLS listeners (L{rproxy.certificates}), with certificates that a small CA makes at test time: the store
+TLS listeners (L{rproxy.downstream.tls}), with certificates that a small CA makes at test time: the store
 that chooses them by host name and reloads them (with a L{Clock}), the options, and proxies with
 C{--tls-listen} in front of a real upstream, reached on 127.0.0.1 by real clients -- curl over h2 and
 http/1.1, and Python's C{ssl} module, which shows the certificate each handshake got: each host name
@@ -31,14 +31,14 @@ from twisted.trial import unittest
 from twisted.web.server import Site
 from twisted.web.static import Data
 
-from rproxy.certificates import (
+from rproxy.app.tap import Options, buildService, optionsFromEnvironment
+from rproxy.downstream.tls import (
     CertificateError,
     CertificateFiles,
     CertificateStore,
     TLSSettings,
     loadCertificate,
 )
-from rproxy.tap import Options, buildService, optionsFromEnvironment
 from rproxy.test.certs import CertificateAuthority, Issued
 from rproxy.test.support import BIN, ScriptedUpstream, curl, freePort, listen, waitFor
 from rproxy.test.test_config import answerWith, writeConfig

@@ -1,5 +1,5 @@
 """
-Bad client input gets a precise error and never reaches the upstream (rproxy/server.py, request.py).
+Bad client input gets a precise error and never reaches the upstream (rproxy/downstream/site.py, request.py).
 
 Each case sends raw bytes to a real proxy listening on 127.0.0.1 and checks the status, the one-line
 reason, the fault header, that the connection is closed, and what the upstream saw.
@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from rproxy.server import ProxySite
+from rproxy.downstream.site import ProxySite
 from rproxy.test.support import (
     ReceivedRequest,
     ScriptedUpstream,

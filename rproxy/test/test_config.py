@@ -1,5 +1,5 @@
 """
-The config file (L{rproxy.config}): services, routes and splits from TOML, one model with the command line,
+The config file (L{rproxy.app.config}): services, routes and splits from TOML, one model with the command line,
 errors naming the file and the key, C{--check-config}, and a proxy built from a file, end to end.
 """
 
@@ -18,7 +18,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
-from rproxy.config import (
+from rproxy.app.config import (
     SERVICE_OPTIONS,
     BlueGreenConfig,
     ConfigError,
@@ -28,10 +28,10 @@ from rproxy.config import (
     ServiceVersionConfig,
     WeightedSplitConfig,
 )
-from rproxy.directors import BlueGreen, RoutingDirector, SingleServiceDirector, WeightedSplit
-from rproxy.healthcheck import HealthChecker
-from rproxy.retry import RetryPolicy
-from rproxy.tap import Options, buildDirector, buildService, checkConfig
+from rproxy.app.tap import Options, buildDirector, buildService, checkConfig
+from rproxy.health.checks import HealthChecker
+from rproxy.proxy.directors import BlueGreen, RoutingDirector, SingleServiceDirector, WeightedSplit
+from rproxy.proxy.retry import RetryPolicy
 from rproxy.test.certs import CertificateAuthority
 from rproxy.test.support import (
     BIN,
@@ -270,7 +270,7 @@ class ServiceTests(ConfigTestCase):
 
 
 class RouteTests(ConfigTestCase):
-    """C{[[routes]]}: the target, the conditions and rewrites of L{rproxy.directors.Route}, retries per route."""
+    """C{[[routes]]}: the target, the conditions and rewrites of L{rproxy.proxy.directors.Route}, retries per route."""
 
     SERVICES = "".join(
         f'[services.{name}]\nupstreams = ["{URL}"]\n' for name in ("api", "web", "canary", '"users:v1"', '"users:v2"')
@@ -310,7 +310,7 @@ class RouteTests(ConfigTestCase):
         )
 
     def test_builtRoute(self) -> None:
-        """A route's keys mean what L{rproxy.directors.Route}'s arguments mean."""
+        """A route's keys mean what L{rproxy.proxy.directors.Route}'s arguments mean."""
         [route] = self.routes(
             '[[routes]]\nservice = "web"\nhosts = "www.example"\npath-prefix = "/v1"\nreplace-prefix = "/api"\n'
             'headers = { X-Env = "staging" }\nset-host = "web.internal"\nset-headers = { X-Route = "web" }\n'

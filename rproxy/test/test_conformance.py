@@ -25,8 +25,8 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from zope.interface import implementer
 
-from rproxy.exchange import Exchange, Proxy
 from rproxy.interfaces import IRequestFilter, IResponseFilter
+from rproxy.proxy.exchange import Exchange, Proxy
 from rproxy.test.support import (
     ReceivedRequest,
     RunningProxy,

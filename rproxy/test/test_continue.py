@@ -9,8 +9,8 @@ from __future__ import annotations
 from twisted.internet import protocol, reactor
 from twisted.trial import unittest
 
-from rproxy.demo import demoSite
-from rproxy.server import ProxySite
+from rproxy.app.demo import demoSite
+from rproxy.downstream.site import ProxySite
 from rproxy.test.h2client import H2Client
 from rproxy.test.support import listen, rawRequest, responseStatus, sleep, startProxy, waitFor
 from rproxy.test.test_streaming import serve

@@ -1,5 +1,5 @@
 """
-Tests for L{rproxy.directors}: matching, ordering, rewrites and splits without sockets, then routes
+Tests for L{rproxy.proxy.directors}: matching, ordering, rewrites and splits without sockets, then routes
 through a real proxy to real upstreams.
 """
 
@@ -17,8 +17,10 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from rproxy.balancers import RoundRobin
-from rproxy.directors import (
+from rproxy.downstream.site import ClientLimits, ProxySite
+from rproxy.interfaces import IDirector
+from rproxy.proxy.balancers import RoundRobin
+from rproxy.proxy.directors import (
     BlueGreen,
     ISplit,
     Route,
@@ -27,12 +29,10 @@ from rproxy.directors import (
     SingleServiceDirector,
     WeightedSplit,
 )
-from rproxy.exchange import Proxy
-from rproxy.interfaces import IDirector
-from rproxy.message import InboundRequest, OutboundRequest
-from rproxy.registry import MemoryRegistry
-from rproxy.resource import buildResource
-from rproxy.server import ClientLimits, ProxySite
+from rproxy.proxy.exchange import Proxy
+from rproxy.proxy.message import InboundRequest, OutboundRequest
+from rproxy.proxy.registry import MemoryRegistry
+from rproxy.proxy.resource import buildResource
 from rproxy.test.support import ScriptedUpstream, rawRequest, splitResponses
 from rproxy.testing import countServices, directRequest, inboundRequest, makeService
 from rproxy.upstream import Service, Upstream

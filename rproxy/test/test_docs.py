@@ -1,5 +1,5 @@
 """
-The documentation against the code: docs/options.md documents every option of L{rproxy.tap.Options}, and
+The documentation against the code: docs/options.md documents every option of L{rproxy.app.tap.Options}, and
 nothing else, with the code's defaults; docs/configuration.md documents every key of a config file's
 tables, and its examples are what C{--check-config} says of them; README.md shows the commands a newcomer
 runs.
@@ -9,7 +9,7 @@ docs/options.md describes each option as a C{### --name} heading whose first lin
     Default: `5.0`          an optParameter whose code default is 5.0
     Default: none           an optParameter whose code default is None
     Default: off            a flag
-    Default: (repeatable)   an option that may be given more than once (rproxy.config.REPEATABLE)
+    Default: (repeatable)   an option that may be given more than once (rproxy.app.config.REPEATABLE)
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import shlex
 from twisted.trial import unittest
 
 import rproxy
-from rproxy.config import BLUE_GREEN_KEYS, REPEATABLE, ROUTE_KEYS, SERVICE_KEYS, WEIGHTED_SPLIT_KEYS
-from rproxy.tap import Options
+from rproxy.app.config import BLUE_GREEN_KEYS, REPEATABLE, ROUTE_KEYS, SERVICE_KEYS, WEIGHTED_SPLIT_KEYS
+from rproxy.app.tap import Options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(rproxy.__file__)))
 OPTIONS_MD = os.path.join(ROOT, "docs", "options.md")
@@ -88,7 +88,7 @@ def codeOptions() -> dict[str, str]:
 
 
 class OptionsReferenceTests(unittest.TestCase):
-    """docs/options.md and rproxy.tap.Options describe the same options."""
+    """docs/options.md and rproxy.app.tap.Options describe the same options."""
 
     def setUp(self) -> None:
         self.documented = documentedOptions(_read(OPTIONS_MD))

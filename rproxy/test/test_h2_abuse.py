@@ -1,5 +1,6 @@
 """
-HTTP/2 clients that try to exhaust the proxy (rproxy/http2.py, rproxy/h2frames.py), over h2c and TLS:
+HTTP/2 clients that try to exhaust the proxy (rproxy/downstream/http2.py, rproxy/downstream/h2frames.py),
+over h2c and TLS:
 
  - a client that opens a huge flow-control window and stops reading holds a bounded amount of memory,
    and the upstream is paused;
@@ -21,7 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.trial import unittest
 
-from rproxy.http2 import CLOSE_GRACE, CONNECTION_BUFFER, STREAM_BUFFER
+from rproxy.downstream.http2 import CLOSE_GRACE, CONNECTION_BUFFER, STREAM_BUFFER
 from rproxy.test.certs import CertificateAuthority
 from rproxy.test.h2client import H2Client
 from rproxy.test.support import LogCapture, RunningProxy, ScriptedUpstream, sleep, startProxy, trickle, waitFor

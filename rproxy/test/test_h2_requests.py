@@ -1,5 +1,6 @@
 """
-HTTP/2 requests are checked before they become HTTP/1.1 ones (rproxy/h2request.py, rproxy/validation.py).
+HTTP/2 requests are checked before they become HTTP/1.1 ones (rproxy/downstream/h2request.py,
+rproxy/downstream/validation.py).
 
 An attacker's HTTP/2 client (h2 with its outbound checks switched off) sends what well-behaved clients
 never do: spaces and control characters in pseudo-header fields, absolute URLs in ``:path``, hostile

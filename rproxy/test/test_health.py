@@ -1,11 +1,11 @@
-"""Passive ejection, active verdicts and slow start of one upstream (L{rproxy.health}), on a fake clock."""
+"""Passive ejection, active verdicts and slow start of one upstream (L{rproxy.health.state}), on a fake clock."""
 
 from __future__ import annotations
 
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from rproxy.health import PassivePolicy, UpstreamHealth
+from rproxy.health.state import PassivePolicy, UpstreamHealth
 from rproxy.interfaces import HealthResult
 
 

@@ -12,9 +12,9 @@ from twisted.trial import unittest
 from zope.interface import verify
 
 import rproxy
-from rproxy.healthcheck import BODY_LIMIT, USER_AGENT, HealthChecker, HealthCheckSettings, HTTPHealthCheck
+from rproxy.health.checks import BODY_LIMIT, USER_AGENT, HealthChecker, HealthCheckSettings, HTTPHealthCheck
 from rproxy.interfaces import HealthResult, IHealthCheck
-from rproxy.registry import MemoryRegistry
+from rproxy.proxy.registry import MemoryRegistry
 from rproxy.test.certs import CertificateAuthority
 from rproxy.test.support import ReceivedRequest, ScriptedUpstream, listen, sleep, waitFor
 from rproxy.upstream import Upstream
@@ -459,7 +459,7 @@ class HealthCheckerTests(unittest.TestCase):
         self.assertLess(reactor.seconds() - started, 1.0)
         self.assertFalse(checker.running)
         self.assertTrue(await waitFor(lambda: len(hung.lost) == 1, timeout=1.0))
-        leftover = [call for call in reactor.getDelayedCalls() if call.func.__module__ == "rproxy.healthcheck"]
+        leftover = [call for call in reactor.getDelayedCalls() if call.func.__module__ == "rproxy.health.checks"]
         self.assertEqual(leftover, [], "no check is scheduled, no check's deadline is pending")
         registry.add("default", upstreamAt(idle.server.url + "/other"))
         await sleep(0.1)

@@ -1,6 +1,7 @@
 """
 HTTP/2 on the client side, over real sockets: h2c with prior knowledge, TLS with ALPN, streaming and
-flow control both ways, cancellation, and the per-connection limits (rproxy/http2.py, rproxy/server.py).
+flow control both ways, cancellation, and the per-connection limits (rproxy/downstream/http2.py,
+rproxy/downstream/site.py).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from twisted.test.proto_helpers import StringTransport
 from twisted.trial import unittest
 from twisted.web.http_headers import InvalidHeaderName
 
-from rproxy.demo import demoSite
-from rproxy.http2 import PREFACE, ProxyH2Connection, _RoundRobin, responseFields
-from rproxy.request import sendResponseHead
-from rproxy.server import ClientLimits, ProxyHTTPChannel, ProxySite
+from rproxy.app.demo import demoSite
+from rproxy.downstream.http2 import PREFACE, ProxyH2Connection, _RoundRobin, responseFields
+from rproxy.downstream.request import sendResponseHead
+from rproxy.downstream.site import ClientLimits, ProxyHTTPChannel, ProxySite
 from rproxy.test.certs import CertificateAuthority
 from rproxy.test.h2client import H2Client
 from rproxy.test.support import (

@@ -1,11 +1,11 @@
-"""Tests for L{rproxy.message}."""
+"""Tests for L{rproxy.proxy.message}."""
 
 from __future__ import annotations
 
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
-from rproxy.message import OutboundRequest
+from rproxy.proxy.message import OutboundRequest
 
 
 class OutboundRequestTests(unittest.TestCase):

@@ -1,5 +1,5 @@
 """
-Tests for L{rproxy.reactor}: Twisted's own reactor tests (TCP, TLS, UNIX sockets, processes, file
+Tests for L{rproxy.app.reactor}: Twisted's own reactor tests (TCP, TLS, UNIX sockets, processes, file
 descriptor sets, threads, system events) run against L{FlushingEPollReactor}, plus what it does
 differently.
 """
@@ -21,7 +21,7 @@ from twisted.internet.test.reactormixins import ReactorBuilder
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from rproxy.reactor import FlushingEPollReactor
+from rproxy.app.reactor import FlushingEPollReactor
 
 _REACTORS = [f"{FlushingEPollReactor.__module__}.{FlushingEPollReactor.__qualname__}"]
 _EPOLL_SKIP = "like Twisted's epoll reactor, it cannot detect a file descriptor replaced under it"

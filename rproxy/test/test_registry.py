@@ -6,9 +6,9 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from rproxy.health import PassivePolicy
+from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import IRegistry
-from rproxy.registry import MemoryRegistry
+from rproxy.proxy.registry import MemoryRegistry
 from rproxy.test.support import ReceivedRequest, ScriptedUpstream, rawRequest, splitResponses, startProxy, waitFor
 from rproxy.upstream import Upstream
 from rproxy.upstream.pool import PoolSettings

@@ -1,5 +1,5 @@
 """
-Live reload (L{rproxy.reload}): a proxy built from a config file, in front of real upstreams, reloaded by
+Live reload (L{rproxy.app.reload}): a proxy built from a config file, in front of real upstreams, reloaded by
 calling its L{ConfigReloader}, by a change to the file, by SIGHUP to this process and to a ``twist rproxy``
 process; what changed is in force at once, what did not keeps running, and a wrong file changes nothing.
 """
@@ -20,11 +20,11 @@ from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
-from rproxy.config import ProxyConfig, RouteConfig
-from rproxy.directors import RoutingDirector
-from rproxy.healthcheck import HealthChecker
-from rproxy.reload import ConfigReloader, LiveProxy, ReloadSummary, describeRoute
-from rproxy.tap import Options, buildService, optionsFromEnvironment, reloadSource
+from rproxy.app.config import ProxyConfig, RouteConfig
+from rproxy.app.reload import ConfigReloader, LiveProxy, ReloadSummary, describeRoute
+from rproxy.app.tap import Options, buildService, optionsFromEnvironment, reloadSource
+from rproxy.health.checks import HealthChecker
+from rproxy.proxy.directors import RoutingDirector
 from rproxy.test.support import (
     BIN,
     ReceivedRequest,
@@ -469,7 +469,7 @@ class SummaryTests(unittest.TestCase):
         self.assertEqual(ReloadSummary.between(old, new).describe(), "routes reordered")
 
     def test_describeRoute(self) -> None:
-        from rproxy.config import BlueGreenConfig, ServiceVersionConfig, WeightedSplitConfig
+        from rproxy.app.config import BlueGreenConfig, ServiceVersionConfig, WeightedSplitConfig
 
         self.assertEqual(
             describeRoute(RouteConfig("api", hosts=("a.example", "*.b.example"))),

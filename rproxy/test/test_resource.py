@@ -9,7 +9,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from rproxy import ReverseProxyResource
-from rproxy.server import ProxySite
+from rproxy.downstream.site import ProxySite
 from rproxy.test.support import ReceivedRequest, ScriptedUpstream, listen, rawRequest
 
 

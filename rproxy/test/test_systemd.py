@@ -16,8 +16,8 @@ import signal
 from twisted.internet import utils
 from twisted.trial import unittest
 
-from rproxy.config import REPEATABLE
-from rproxy.tap import Options
+from rproxy.app.config import REPEATABLE
+from rproxy.app.tap import Options
 from rproxy.test.support import BIN, PYTHON, ScriptedUpstream, waitFor
 from rproxy.test.test_config import answerWith, writeConfig
 from rproxy.test.test_drain import ROOT, ProxyProcess, assertCleanExit, freePort, waitUntilListening

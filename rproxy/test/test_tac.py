@@ -11,8 +11,8 @@ from twisted.python import usage
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
-from rproxy.config import ConfigFile, argumentsFromMapping
-from rproxy.tap import Options, fileOptionNames, optionsFromEnvironment
+from rproxy.app.config import ConfigFile, argumentsFromMapping
+from rproxy.app.tap import Options, fileOptionNames, optionsFromEnvironment
 from rproxy.test.support import BIN, ReceivedRequest, ScriptedUpstream, curl
 from rproxy.test.test_drain import (
     ProxyProcess,
@@ -326,7 +326,7 @@ class BalancingOptionsTests(unittest.TestCase):
     def test_weightApplied(self) -> None:
         from twisted.internet.task import Clock
 
-        from rproxy.tap import buildSite
+        from rproxy.app.tap import buildSite
 
         config = self.parse("--upstream", "http://127.0.0.1:2/base#weight=3").config
         _, upstreams = buildSite(config, Clock())
@@ -358,8 +358,8 @@ class BalancingOptionsTests(unittest.TestCase):
         """--health-path adds a health checker to the service tree; without it there is none."""
         from twisted.internet.task import Clock
 
-        from rproxy.healthcheck import HealthChecker
-        from rproxy.tap import buildService
+        from rproxy.app.tap import buildService
+        from rproxy.health.checks import HealthChecker
 
         def checkers(*arguments: str) -> list[object]:
             top = buildService(self.parse(*arguments).config, Clock())

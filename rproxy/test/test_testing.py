@@ -8,11 +8,11 @@ from collections.abc import Collection, Sequence
 from twisted.trial import reporter, unittest
 from zope.interface import implementer
 
-from rproxy.balancers import FirstAvailable, RoundRobin, balancerFactories
 from rproxy.errors import Fault
-from rproxy.health import PassivePolicy
+from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import IBalancer, IBalancerFactory, IResponseFilter, Outcome
-from rproxy.message import InboundRequest
+from rproxy.proxy.balancers import FirstAvailable, RoundRobin, balancerFactories
+from rproxy.proxy.message import InboundRequest
 from rproxy.testing import (
     BalancerContractTests,
     Clock,

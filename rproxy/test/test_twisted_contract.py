@@ -98,7 +98,7 @@ class AgentContractTests(unittest.TestCase):
     """The private parts of Twisted's HTTP client that the health checks rely on."""
 
     def test_parseErrorIsResponseFailureCause(self) -> None:
-        """rproxy.healthcheck names a non-HTTP answer by _newclient.ParseError, which Agent wraps."""
+        """rproxy.health.checks names a non-HTTP answer by _newclient.ParseError, which Agent wraps."""
         from twisted.web import _newclient
         from twisted.web.client import ResponseFailed
 
@@ -135,7 +135,7 @@ class ProtocolSwitchContractTests(unittest.TestCase):
 
 
 class HTTP2ContractTests(unittest.TestCase):
-    """The private parts of twisted.web._http2 and of h2 that rproxy.http2 relies on."""
+    """The private parts of twisted.web._http2 and of h2 that rproxy.downstream.http2 relies on."""
 
     def test_connectionMethods(self) -> None:
         from twisted.web import _http2
@@ -211,7 +211,7 @@ class _Receiver(protocol.Protocol):
 
 
 class _Handover(protocol.Protocol):
-    """Hands its TCP transport to another protocol as soon as it is connected, as rproxy/upgrade.py does."""
+    """Hands its TCP transport to another protocol as soon as it is connected, as rproxy/tunnel/splice.py does."""
 
     def __init__(self, successor: protocol.Protocol) -> None:
         self.successor = successor
@@ -222,7 +222,7 @@ class _Handover(protocol.Protocol):
 
 class TransportHandoverContractTests(unittest.TestCase):
     """
-    rproxy/upgrade.py splices two connections by making the tunnel the protocol of each transport: a TCP
+    rproxy/tunnel/splice.py splices two connections by making the tunnel the protocol of each transport: a TCP
     connection delivers to its C{protocol} attribute, a TLS one to its C{wrappedProtocol}.
     """
 
@@ -247,7 +247,7 @@ class _Capture(protocol.Protocol):
 
 class WriteBufferContractTests(unittest.TestCase):
     """
-    rproxy.reactor._sendWhole does what C{FileDescriptor.doWrite} does in its usual case, on the same
+    rproxy.app.reactor._sendWhole does what C{FileDescriptor.doWrite} does in its usual case, on the same
     state: the buffers C{write} fills, the producer flags and the pending-close flags.
     """
 

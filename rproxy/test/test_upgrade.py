@@ -1,5 +1,5 @@
 """
-Tests for L{rproxy.upgrade}: HTTP/1.1 Upgrade spliced between real sockets, with raw peers on both
+Tests for L{rproxy.tunnel.splice}: HTTP/1.1 Upgrade spliced between real sockets, with raw peers on both
 ends (a protocol that is not WebSocket, so every byte is checked); WebSocket itself is in test_websocket.
 
 The Go counterparts (``reverseproxy_test.go``) are named in the docstrings.
@@ -17,10 +17,10 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from rproxy.resource import ReverseProxyResource
+from rproxy.proxy.resource import ReverseProxyResource
 from rproxy.test.support import RunningProxy, headerValues, listen, responseStatus, sleep, startProxy, waitFor
 from rproxy.test.test_reload import route, services, startReloadable
-from rproxy.upgrade import Tunnels
+from rproxy.tunnel.splice import Tunnels
 
 #: What a raw client sends to switch to the test protocol, and what the upstream answers.
 UPGRADE = b"GET /chat HTTP/1.1\r\nHost: example\r\nConnection: Upgrade\r\nUpgrade: rawproto/1\r\n\r\n"

@@ -14,7 +14,7 @@ from twisted.python.usage import UsageError
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from rproxy.tap import Options, buildService
+from rproxy.app.tap import Options, buildService
 from rproxy.test.certs import CertificateAuthority, CertificateFiles, serverTLS
 from rproxy.test.h2upstream import H2Upstream
 from rproxy.test.support import RunningProxy, rawRequest, responseStatus, sleep, startProxy, waitFor

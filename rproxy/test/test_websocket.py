@@ -1,6 +1,6 @@
 """
 WebSocket through rproxy with the C{websockets} library on both ends: spliced routes (bytes copied) and
-message-aware routes (L{rproxy.wsframes}: frames parsed, limits enforced, messages counted).
+message-aware routes (L{rproxy.tunnel.messages}: frames parsed, limits enforced, messages counted).
 
 The library is asyncio's: its client and upstream server run on an event loop in a thread of their own
 (L{AsyncioThread}), while the proxy runs on the test's reactor.

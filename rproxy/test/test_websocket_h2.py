@@ -1,5 +1,5 @@
 """
-WebSocket over HTTP/2 (RFC 8441, L{rproxy.h2tunnel}): an h2-library client (L{H2Client}) opens WebSockets
+WebSocket over HTTP/2 (RFC 8441, L{rproxy.tunnel.h2connect}): an h2-library client (L{H2Client}) opens WebSockets
 with extended CONNECT, over h2c and over TLS with ALPN, through rproxy to a C{websockets} server that
 speaks HTTP/1.1; the client frames its messages with wsproto's frame layer.
 """

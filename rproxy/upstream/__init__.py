@@ -11,8 +11,8 @@ from twisted.internet import endpoints
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
-from rproxy.health import PassivePolicy, UpstreamHealth
-from rproxy.retry import RetryPolicy
+from rproxy.health.state import PassivePolicy, UpstreamHealth
+from rproxy.proxy.retry import RetryPolicy
 from rproxy.upstream.pool import HTTP1, HTTP2, NEGOTIATED, PoolSettings, UpstreamPool
 from rproxy.upstream.tls import UpstreamTLS, connectionCreator
 

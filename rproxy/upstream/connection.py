@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from rproxy.headers import Pairs
 
 if TYPE_CHECKING:
+    from rproxy.downstream.body import RequestBodyPipe
     from rproxy.errors import ProxyError
-    from rproxy.streaming import RequestBodyPipe
 
 
 class RequestHead(NamedTuple):
@@ -33,7 +33,7 @@ class RequestHead(NamedTuple):
     @ivar bodyLength: the body's length when known; C{None} when it is streamed with no declared length.
     @ivar hasBody: whether a body follows the head (one of length 0 counts when the client declared it).
     @ivar upgrade: the protocols the client asked to switch to (``Upgrade``), as sent; empty for a request
-        that is no upgrade (L{rproxy.upgrade.requestedProtocols} chooses them).
+        that is no upgrade (L{rproxy.tunnel.splice.requestedProtocols} chooses them).
     """
 
     method: bytes

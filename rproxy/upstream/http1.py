@@ -2,7 +2,7 @@
 The HTTP/1.1 client side of an exchange: one persistent connection to an upstream.
 
 It writes a request head the exchange built (byte-exact target, cleaned headers), streams the request
-body from a L{rproxy.streaming.RequestBodyPipe}, and parses the response strictly: anything that could
+body from a L{rproxy.downstream.body.RequestBodyPipe}, and parses the response strictly: anything that could
 make the proxy and the upstream disagree about where a message ends (conflicting or malformed
 Content-Length, Transfer-Encoding with Content-Length, broken chunk framing, a short body) is an error,
 never a guess.  The connection is an C{IPushProducer} of response bytes, so a slow client pauses it.
@@ -20,14 +20,14 @@ from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES
 from zope.interface import implementer
 
+from rproxy import deadline
 from rproxy.errors import ProxyError, upstreamError
 from rproxy.framing import ChunkedDecoder, MalformedBodyError, contentLength
 from rproxy.headers import Pairs, hasControl, isToken
-from rproxy.upstream import deadline
 from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
 
 if TYPE_CHECKING:
-    from rproxy.streaming import RequestBodyPipe
+    from rproxy.downstream.body import RequestBodyPipe
     from rproxy.upstream.pool import UpstreamPool
 
 #: Largest response head (status line and fields) accepted from an upstream.

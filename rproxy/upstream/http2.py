@@ -44,14 +44,14 @@ from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES
 from zope.interface import implementer
 
+from rproxy import deadline
 from rproxy.errors import ProxyError, clientError, upstreamError
 from rproxy.framing import MalformedBodyError, contentLength
 from rproxy.headers import Pairs
-from rproxy.upstream import deadline
 from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
 
 if TYPE_CHECKING:
-    from rproxy.streaming import RequestBodyPipe
+    from rproxy.downstream.body import RequestBodyPipe
     from rproxy.upstream.pool import UpstreamPool
 
 #: The receive window of each stream: what a paused stream may hold, unacknowledged, at most.

@@ -11,7 +11,7 @@ class _ProxyServiceMaker(ServiceMaker):
 
     @property
     def options(self) -> Any:
-        from rproxy.reactor import installUnlessChosen
+        from rproxy.app.reactor import installUnlessChosen
 
         installUnlessChosen()
         return super().options
@@ -19,13 +19,13 @@ class _ProxyServiceMaker(ServiceMaker):
 
 rproxy = _ProxyServiceMaker(
     "rproxy",
-    "rproxy.tap",
+    "rproxy.app.tap",
     "A streaming HTTP/1.1 reverse proxy with pooled upstream connections.",
     "rproxy",
 )
 
 rproxyReactor = Reactor(
     "rproxy",
-    "rproxy.reactor",
+    "rproxy.app.reactor",
     "epoll, sending what each loop turn wrote at the end of the turn (rproxy's default; Linux)",
 )

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from rproxy.balancers import BalancerOptions, RoundRobin
 from rproxy.interfaces import IBalancer, IBalancerFactory, Outcome
-from rproxy.message import InboundRequest
+from rproxy.proxy.balancers import BalancerOptions, RoundRobin
+from rproxy.proxy.message import InboundRequest
 from rproxy.upstream import Upstream
 
 #: The hosts that count as local when the C{local} option is not given: this machine.

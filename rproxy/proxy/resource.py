@@ -17,13 +17,13 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from rproxy.balancers import RoundRobin
-from rproxy.directors import SingleServiceDirector
-from rproxy.exchange import Proxy
+from rproxy.downstream.body import RequestBodyPipe, fileBody
+from rproxy.downstream.request import ProxyRequest
 from rproxy.interfaces import IStreamingResource
-from rproxy.registry import MemoryRegistry
-from rproxy.request import ProxyRequest
-from rproxy.streaming import RequestBodyPipe, fileBody
+from rproxy.proxy.balancers import RoundRobin
+from rproxy.proxy.directors import SingleServiceDirector
+from rproxy.proxy.exchange import Proxy
+from rproxy.proxy.registry import MemoryRegistry
 from rproxy.upstream import Service, Upstream
 from rproxy.upstream.pool import PoolSettings
 

@@ -3,7 +3,7 @@ The configuration model: one L{ProxyConfig}, however it was given (flags, enviro
 
 The command line, the environment (``RPROXY_UPSTREAM=...``, for ``rproxy.tac``) and the top level of a
 TOML file (whose keys are the options' long names) all become command-line arguments for
-L{rproxy.tap.Options}; L{buildConfig} turns the options' values into the model.  The file may also
+L{rproxy.app.tap.Options}; L{buildConfig} turns the options' values into the model.  The file may also
 define services (C{[services.NAME]}) and routes (C{[[routes]]}).  A service's settings are overrides of
 options under the options' names, and go through the same converters as the options, so a value is
 checked one way wherever it is given.  Every error names where the value was given and what is wrong
@@ -21,21 +21,21 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, TypeVar
 
-from rproxy.balancers import FirstAvailable, balancerFactories
-from rproxy.certificates import CertificateFiles, TLSSettings, loadCertificate
-from rproxy.directors import BlueGreen, Route, ServiceVersion, WeightedSplit
+from rproxy.downstream.site import ClientLimits
+from rproxy.downstream.tls import CertificateFiles, TLSSettings, loadCertificate
 from rproxy.headers import isToken, parseNetworks
-from rproxy.health import PassivePolicy
-from rproxy.healthcheck import HealthCheckSettings
+from rproxy.health.checks import HealthCheckSettings
+from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import IBalancerFactory
-from rproxy.registry import MemoryRegistry
-from rproxy.retry import RetryPolicy
-from rproxy.server import ClientLimits
-from rproxy.upgrade import DEFAULT_IDLE_TIMEOUT
+from rproxy.proxy.balancers import FirstAvailable, balancerFactories
+from rproxy.proxy.directors import BlueGreen, Route, ServiceVersion, WeightedSplit
+from rproxy.proxy.registry import MemoryRegistry
+from rproxy.proxy.retry import RetryPolicy
+from rproxy.tunnel.messages import MessageAwareService, WebSocketLimits
+from rproxy.tunnel.splice import DEFAULT_IDLE_TIMEOUT
 from rproxy.upstream import Service, UpstreamURL, splitWeight
 from rproxy.upstream.pool import PoolSettings
 from rproxy.upstream.tls import UpstreamTLS, clientCertificate, trustRoot
-from rproxy.wsframes import MessageAwareService, WebSocketLimits
 
 _SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -151,7 +151,7 @@ class RouteConfig:
     @ivar retry: the retry policy the route gives each service it sends to (by service name), when it
         overrides the services' own; empty when it does not.
     @ivar websocket: the message limits of the route's WebSockets, whose frames are then parsed
-        (L{rproxy.wsframes}); C{None}: they are spliced, bytes for bytes.
+        (L{rproxy.tunnel.messages}); C{None}: they are spliced, bytes for bytes.
     """
 
     target: RouteTarget
@@ -206,7 +206,7 @@ class ProxyConfig:
     Everything a running rproxy is built from.
 
     @ivar listen: server endpoint strings (C{tcp:8080}, C{ssl:443:...}, C{systemd:domain=INET:index=0}).
-    @ivar tls: the TLS listeners, whose certificates are chosen by host name and reloaded (L{rproxy.certificates}).
+    @ivar tls: the TLS listeners, whose certificates are chosen by host name and reloaded (L{rproxy.downstream.tls}).
     @ivar tunnelIdleTimeout: seconds an upgraded connection (a WebSocket) may be silent both ways; 0: no limit.
     @ivar accessLog: C{None} for none, C{"-"} for the Twisted log, or a file path.
     @ivar demoUpstream: an endpoint on which to also serve the built-in demo upstream.

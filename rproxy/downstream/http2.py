@@ -1,7 +1,7 @@
 """
 The client side of HTTP/2: Twisted's C{H2Connection} and C{H2Stream} with what a proxy needs added.
 
-Twisted (C{twisted.web._http2}) serves HTTP/2 once TLS negotiates it with ALPN; L{rproxy.server} also
+Twisted (C{twisted.web._http2}) serves HTTP/2 once TLS negotiates it with ALPN; L{rproxy.downstream.site} also
 switches to it on a plain connection that opens with the HTTP/2 preface (h2c with prior knowledge).
 L{ProxyH2Connection} adds, per connection:
 
@@ -24,12 +24,12 @@ L{ProxyH2Connection} adds, per connection:
    and woken without a Deferred;
  - a response head built from the proxy's field list directly (L{ProxyH2Stream.writeHead}), without
    the C{Headers} round trip nor h2's normalisation when the fields need none;
- - request heads checked before they become HTTP/1.1 requests (L{rproxy.h2request}), with the
+ - request heads checked before they become HTTP/1.1 requests (L{rproxy.downstream.h2request}), with the
    HTTP/1.1 head limits (431 on the stream);
  - response bytes held per stream and per connection bounded by L{STREAM_BUFFER} and
    L{CONNECTION_BUFFER}, whatever window the client advertises;
  - deadlines: the header timeout for any incomplete frame but DATA and any header block
-   (L{rproxy.h2frames.FrameWatch}), and the idle timeout only while no stream is open;
+   (L{rproxy.downstream.h2frames.FrameWatch}), and the idle timeout only while no stream is open;
  - connection errors sent with the code the RFCs name, and a close that a client cannot hold off
    (L{CLOSE_GRACE}); a graceful shutdown that lets the streams in flight finish.
 
@@ -70,15 +70,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection, H2Stream
 
+from rproxy.downstream.h2frames import FrameWatch, connectionErrorCode, withGoAwayCode
+from rproxy.downstream.h2request import HeadLimits, requestHead
 from rproxy.errors import ProxyError
-from rproxy.h2frames import FrameWatch, connectionErrorCode, withGoAwayCode
-from rproxy.h2request import HeadLimits, requestHead
 from rproxy.headers import allowedTrailers, hasControl, isToken
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-    from rproxy.server import ClientLimits
+    from rproxy.downstream.site import ClientLimits
 
 _log = Logger()
 
@@ -202,7 +202,7 @@ class _H2State(h2.connection.H2Connection):
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2MaxConcurrentStreams,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.h2MaxHeaderListSize,
-                h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441: WebSocket (rproxy.h2tunnel)
+                h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441: WebSocket (rproxy.tunnel.h2connect)
             },
         )
         # Decode header lists larger than the advertised limit (up to a hard cap, beyond which the
@@ -285,7 +285,7 @@ class ProxyH2Stream(H2Stream):
         length = head.length
         self.connectProtocol = head.protocol
         if self.connectProtocol is not None:
-            # Its DATA is a tunnel's (rproxy.h2tunnel), not a body: held, unacknowledged, until it opens.
+            # Its DATA is a tunnel's (rproxy.tunnel.h2connect), not a body: held, unacknowledged, until it opens.
             length = 0
             self.pauseProducing()
         if length is None and (ended or self.command in (b"GET", b"HEAD")):

@@ -11,7 +11,7 @@ upstream's transports in a L{Tunnel}: each transport is the producer of the othe
 directions), the bytes either side sent early (after the client's request head, after the upstream's 101
 head) are replayed first, a FIN from one side becomes a half-close of the other (plain TCP; a TLS
 transport has no half-close, so the other side is closed), and an idle timeout ends a silent tunnel.
-On a route with message limits (L{rproxy.wsframes}), the WebSocket frames are parsed on their way
+On a route with message limits (L{rproxy.tunnel.messages}), the WebSocket frames are parsed on their way
 instead of being copied.
 
 L{Tunnels} is the registry of a proxy's open tunnels and their counts (the admin API's ``/state`` shows

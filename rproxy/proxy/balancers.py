@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 from zope.interface import implementer
 
 from rproxy.interfaces import IBalancer, IBalancerFactory, IResponseFilter, Outcome
-from rproxy.message import InboundRequest
+from rproxy.proxy.message import InboundRequest
 from rproxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from twisted.web.http_headers import Headers
 
-    from rproxy.exchange import Exchange
+    from rproxy.proxy.exchange import Exchange
 
 
 class BalancerOptions:

@@ -33,9 +33,9 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from rproxy.config import OptionValues
-from rproxy.reload import LiveProxy, describeRoute
-from rproxy.server import ClientLimits, ProxySite
+from rproxy.app.config import OptionValues
+from rproxy.app.reload import LiveProxy, describeRoute
+from rproxy.downstream.site import ClientLimits, ProxySite
 from rproxy.upstream import Upstream
 
 _log = Logger()

@@ -22,16 +22,16 @@ from twisted.web import server
 from twisted.web.http import NO_BODY_CODES, RESPONSES, HTTPChannel, Request, datetimeToString, unquote
 from twisted.web.resource import IResource
 
+from rproxy.downstream.body import RequestBodyPipe
+from rproxy.downstream.http2 import ProxyH2Stream
+from rproxy.downstream.validation import authorityProblem, targetProblem
 from rproxy.errors import ProxyError, clientError, proxyError
-from rproxy.h2tunnel import connectRefusal
 from rproxy.headers import hasControl, isToken
-from rproxy.http2 import ProxyH2Stream
 from rproxy.interfaces import IStreamingResource
-from rproxy.streaming import RequestBodyPipe
-from rproxy.validation import authorityProblem, targetProblem
+from rproxy.tunnel.h2connect import connectRefusal
 
 if TYPE_CHECKING:
-    from rproxy.server import ProxySite
+    from rproxy.downstream.site import ProxySite
 
 _log = Logger()
 
@@ -222,7 +222,7 @@ class ProxyRequest(server.Request):
     def _checkHead(self, length: int | None) -> ProxyError | None:
         """
         Refuse what must not reach any resource: bad targets, a missing, repeated or invalid ``Host``
-        (RFC 9112 section 3.2; HTTP/2 heads were checked by L{rproxy.h2request}), and announced oversize
+        (RFC 9112 section 3.2; HTTP/2 heads were checked by L{rproxy.downstream.h2request}), and announced oversize
         bodies.
         """
         if self.method == b"CONNECT":

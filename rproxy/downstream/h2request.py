@@ -24,10 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from rproxy.downstream.validation import authorityProblem, methodProblem, schemeProblem, targetProblem
 from rproxy.errors import ProxyError, clientError
 from rproxy.framing import MalformedBodyError, contentLength
 from rproxy.headers import Pairs
-from rproxy.validation import authorityProblem, methodProblem, schemeProblem, targetProblem
 
 #: What RFC 9113 section 4.3.1 counts for each field besides its name and value.
 FIELD_OVERHEAD = 32

@@ -23,7 +23,7 @@ previous one keeps serving.  A right one is put in force at once, between two ev
 The listeners, the client limits, the access log and the demo upstream cannot change while rproxy runs:
 a change to them is logged as a warning and applies at the next restart.  So does a change to the TLS
 options (which files hold the certificates); what the files hold is read again by
-L{rproxy.certificates.CertificateStore}, which SIGHUP reloads too (L{HangUpReloader}).
+L{rproxy.downstream.tls.CertificateStore}, which SIGHUP reloads too (L{HangUpReloader}).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
-from rproxy.config import (
+from rproxy.app.config import (
     BlueGreenConfig,
     ConfigError,
     ProxyConfig,
@@ -52,11 +52,11 @@ from rproxy.config import (
     ServiceVersionConfig,
     WeightedSplitConfig,
 )
-from rproxy.exchange import Proxy
-from rproxy.healthcheck import HealthChecker
-from rproxy.registry import MemoryRegistry
-from rproxy.server import DrainingService
-from rproxy.tap import buildDirector, buildForwarding, buildServices, healthChecker, healthCheckSettings
+from rproxy.app.tap import buildDirector, buildForwarding, buildServices, healthChecker, healthCheckSettings
+from rproxy.downstream.site import DrainingService
+from rproxy.health.checks import HealthChecker
+from rproxy.proxy.exchange import Proxy
+from rproxy.proxy.registry import MemoryRegistry
 from rproxy.upstream import Service, Upstream
 
 __all__ = ["ConfigReloader", "ConfigSource", "HangUpReloader", "LiveProxy", "ReloadSummary", "describeRoute"]

@@ -20,17 +20,24 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 
+from rproxy.downstream.body import RequestBodyPipe
+from rproxy.downstream.request import (
+    sendError,
+    sendInterim,
+    sendResponseHead,
+    setTrailers,
+    stopKeepAlive,
+    whenClientGone,
+)
 from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamError
-from rproxy.h2tunnel import WebSocketOverH2, webSocketOverH2
 from rproxy.headers import ForwardingPolicy, Pairs, responseHeaderPairs
 from rproxy.interfaces import IDirector, IRequestFilter, IResponseFilter, Outcome
-from rproxy.message import InboundRequest, OutboundRequest
-from rproxy.request import sendError, sendInterim, sendResponseHead, setTrailers, stopKeepAlive, whenClientGone
-from rproxy.streaming import RequestBodyPipe
-from rproxy.upgrade import Tunnels, requestedProtocols, splice, unrequestedProtocol
+from rproxy.proxy.message import InboundRequest, OutboundRequest
+from rproxy.tunnel.h2connect import WebSocketOverH2, webSocketOverH2
+from rproxy.tunnel.messages import MessageAwareService, messageRelay
+from rproxy.tunnel.splice import Tunnels, requestedProtocols, splice, unrequestedProtocol
 from rproxy.upstream import Service, Upstream
 from rproxy.upstream.connection import Delivery, RequestHead, UpstreamConnection
-from rproxy.wsframes import MessageAwareService, messageRelay
 
 _log = Logger()
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields, replace
 from twisted.logger import Logger
 from wsproto.frame_protocol import CloseReason, Frame, FrameProtocol, Opcode, ParseFailed
 
-from rproxy.upgrade import Deliver, Tunnel
+from rproxy.tunnel.splice import Deliver, Tunnel
 from rproxy.upstream import Service
 
 _log = Logger()
@@ -173,7 +173,7 @@ class _MessageRelay:
 
 
 def messageRelay(limits: WebSocketLimits) -> Callable[[Tunnel], None]:
-    """What L{rproxy.upgrade.splice} calls to parse a WebSocket tunnel's frames under C{limits}."""
+    """What L{rproxy.tunnel.splice.splice} calls to parse a WebSocket tunnel's frames under C{limits}."""
 
     def relay(tunnel: Tunnel) -> None:
         _MessageRelay(tunnel, limits)

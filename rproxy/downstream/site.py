@@ -41,11 +41,11 @@ from twisted.web.http import (
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
+from rproxy.downstream.http2 import PREFACE, ProxyH2Connection
+from rproxy.downstream.request import ProxyRequest
 from rproxy.errors import ProxyError, clientError, proxyError
 from rproxy.framing import ChunkedDecoder, MalformedBodyError, contentLength
 from rproxy.headers import Pairs, allowedTrailers, connectionListed, hasControl, isToken
-from rproxy.http2 import PREFACE, ProxyH2Connection
-from rproxy.request import ProxyRequest
 
 _log = Logger()
 

@@ -4,8 +4,8 @@
 Flags, a TOML file (C{--config}) and the environment (C{rproxy.tac}) all go through L{Options}, which
 produces one L{ProxyConfig}; L{buildService} turns a config into listeners, services of upstreams, the
 routes to them, health checks and a draining shutdown; with a config file, SIGHUP (and with
-C{--watch-config}, a change to the file) applies the file again (L{rproxy.reload}), and SIGHUP reads
-the certificates of the TLS listeners again (L{rproxy.certificates}).  C{--check-config
+C{--watch-config}, a change to the file) applies the file again (L{rproxy.app.reload}), and SIGHUP reads
+the certificates of the TLS listeners again (L{rproxy.downstream.tls}).  C{--check-config
 FILE} builds all but the listeners, and says whether the file is right.
 """
 
@@ -24,9 +24,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from rproxy import __version__
-from rproxy.balancers import balancerFactories
-from rproxy.certificates import CertificateStore, TLSSettings, tlsListener
-from rproxy.config import (
+from rproxy.app.config import (
     REPEATABLE,
     ConfigError,
     ConfigFile,
@@ -37,23 +35,25 @@ from rproxy.config import (
     argumentsFromMapping,
     buildConfig,
 )
-from rproxy.directors import RoutingDirector, SingleServiceDirector
-from rproxy.exchange import Proxy
+from rproxy.downstream.site import ClientLimits, DrainingService, ProxySite
+from rproxy.downstream.tls import CertificateStore, TLSSettings, tlsListener
 from rproxy.headers import ForwardingPolicy, parseNetworks
-from rproxy.health import PassivePolicy
-from rproxy.healthcheck import HealthChecker, HealthCheckSettings
+from rproxy.health.checks import HealthChecker, HealthCheckSettings
+from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import IDirector
-from rproxy.registry import MemoryRegistry
-from rproxy.resource import buildResource
-from rproxy.retry import RetryPolicy
-from rproxy.server import ClientLimits, DrainingService, ProxySite
-from rproxy.upgrade import DEFAULT_IDLE_TIMEOUT, Tunnels
+from rproxy.proxy.balancers import balancerFactories
+from rproxy.proxy.directors import RoutingDirector, SingleServiceDirector
+from rproxy.proxy.exchange import Proxy
+from rproxy.proxy.registry import MemoryRegistry
+from rproxy.proxy.resource import buildResource
+from rproxy.proxy.retry import RetryPolicy
+from rproxy.tunnel.splice import DEFAULT_IDLE_TIMEOUT, Tunnels
 from rproxy.upstream import Service, Upstream
 from rproxy.upstream.pool import PoolSettings
 
 if TYPE_CHECKING:
-    from rproxy.admin import AdminSettings
-    from rproxy.reload import ConfigSource
+    from rproxy.app.admin import AdminSettings
+    from rproxy.app.reload import ConfigSource
 
 _log = Logger()
 _DEFAULT_POOL = PoolSettings()
@@ -347,7 +347,9 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Build L{config} from the options and the file; with C{--check-config}, check it, say so and exit."""
-        from rproxy.admin import adminSettings  # here: rproxy.admin builds on rproxy.reload, which imports this
+        from rproxy.app.admin import (
+            adminSettings,  # here: rproxy.app.admin builds on rproxy.app.reload, which imports this
+        )
 
         values = OptionValues(self, self._sources)
         try:
@@ -478,13 +480,13 @@ def buildService(
     and given the reactor to hand C{signals} to, a L{HangUpReloader}: SIGHUP reloads the configuration
     and the certificates.
     """
-    # Imported here: rproxy.reload and rproxy.admin build on this module's functions.
-    from rproxy.admin import LocalRoutes, Registrations, adminSite, localRoutes
-    from rproxy.reload import ConfigReloader, HangUpReloader, LiveProxy
+    # Imported here: rproxy.app.reload and rproxy.app.admin build on this module's functions.
+    from rproxy.app.admin import LocalRoutes, Registrations, adminSite, localRoutes
+    from rproxy.app.reload import ConfigReloader, HangUpReloader, LiveProxy
 
     top = service.MultiService()
     if config.demoUpstream is not None:
-        from rproxy.demo import demoSite
+        from rproxy.app.demo import demoSite
 
         strports.service(config.demoUpstream, demoSite()).setServiceParent(top)
     registry = MemoryRegistry()
@@ -546,7 +548,7 @@ def reloadSource(options: Options) -> ConfigSource | None:
     Where the configuration of C{options} is read again from on a reload: its config file, with the same
     arguments around it (C{None} without a config file: nothing could change).
     """
-    from rproxy.reload import ConfigSource  # here, as in buildService
+    from rproxy.app.reload import ConfigSource  # here, as in buildService
 
     path = options["config"]
     if path is None:

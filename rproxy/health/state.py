@@ -3,7 +3,7 @@ Whether an upstream may take requests: passive ejection, active check verdicts a
 
 Each L{Upstream} carries one L{UpstreamHealth}.  Exchanges feed it their outcomes (through the
 registry, which also caps how much of a service may be ejected at once); active checks feed it their
-verdicts (L{rproxy.healthcheck}).  A host is I{available} when it is neither ejected nor marked down by
+verdicts (L{rproxy.health.checks}).  A host is I{available} when it is neither ejected nor marked down by
 its checks; a host that comes back ramps its weight up over the slow-start period.
 """
 

@@ -7,7 +7,7 @@ as for proxied requests.  Every failure becomes a L{HealthResult} with a one-lin
 
 L{HealthChecker} is the service that runs probes for every upstream of the services it is given,
 every C{interval} seconds (with jitter), and feeds the verdicts to each upstream's
-L{rproxy.health.UpstreamHealth}, which marks the upstream down after C{fall} failures in a row and up
+L{rproxy.health.state.UpstreamHealth}, which marks the upstream down after C{fall} failures in a row and up
 after C{rise} passes.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rproxy.message import InboundRequest
+from rproxy.proxy.message import InboundRequest
 
 #: Methods whose repetition has the effect of one request (RFC 9110 section 9.2.2).
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})

@@ -28,10 +28,10 @@ from itertools import accumulate
 
 from zope.interface import implementer
 
-from rproxy.balancers import hashKey
 from rproxy.headers import FRAMING, HOP_BY_HOP
 from rproxy.interfaces import IDirector, ISplit
-from rproxy.message import InboundRequest, OutboundRequest
+from rproxy.proxy.balancers import hashKey
+from rproxy.proxy.message import InboundRequest, OutboundRequest
 from rproxy.upstream import Service
 
 #: A name to service lookup for L{ServiceVersion}: a mapping, or a callable returning C{None} for an unknown name.

@@ -1,6 +1,6 @@
 """
 WebSocket over HTTP/2 (RFC 8441): an extended CONNECT from an HTTP/2 client, carried to an HTTP/1.1
-upstream as a WebSocket Upgrade, and spliced with L{rproxy.upgrade}'s tunnel.
+upstream as a WebSocket Upgrade, and spliced with L{rproxy.tunnel.splice}'s tunnel.
 
 rproxy's HTTP/2 server advertises C{SETTINGS_ENABLE_CONNECT_PROTOCOL}.  A stream that opens with
 ``:method CONNECT`` and ``:protocol websocket`` is proxied as ``GET :path`` with ``Connection: Upgrade``,
@@ -40,11 +40,11 @@ from twisted.web.http import Request
 from wsproto.utilities import generate_accept_token, generate_nonce
 from zope.interface import implementer
 
+from rproxy.downstream.http2 import ProxyH2Stream
 from rproxy.errors import ProxyError, clientError
 from rproxy.headers import Pairs
-from rproxy.http2 import ProxyH2Stream
-from rproxy.message import OutboundRequest
-from rproxy.upgrade import Tunnel, Tunnels
+from rproxy.proxy.message import OutboundRequest
+from rproxy.tunnel.splice import Tunnel, Tunnels
 
 #: The only ``:protocol`` carried (RFC 8441 section 4).
 WEBSOCKET = b"websocket"
@@ -118,7 +118,7 @@ class WebSocketOverH2:
     ) -> Tunnel:
         """
         Answer the client's CONNECT with 200 and C{fields} (the upstream 101's end-to-end ones), then
-        splice the stream with C{upstream}'s transport, as L{rproxy.upgrade.splice} does a connection.
+        splice the stream with C{upstream}'s transport, as L{rproxy.tunnel.splice.splice} does a connection.
         """
         stream = self.stream
         head = [(name.lower(), value) for name, value in fields if name.lower() not in _HANDSHAKE_ONLY]
@@ -138,7 +138,7 @@ class StreamTransport:
     An HTTP/2 stream as the transport of a tunnel's side: it takes the place of the stream's request,
     so that the stream hands it the client's DATA, END_STREAM and reset, and tells its C{protocol}.
 
-    @ivar protocol: what it tells; first the request, whose place it took (L{rproxy.upgrade} puts its
+    @ivar protocol: what it tells; first the request, whose place it took (L{rproxy.tunnel.splice} puts its
         tunnel end here and tells the request when the stream is over).
     """
 

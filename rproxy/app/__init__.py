@@ -1,0 +1,1 @@
+"""The application: command line, configuration, live reload, admin API, demo upstream, reactor."""
