@@ -1,32 +1,104 @@
 """
 rproxy: a streaming HTTP reverse proxy and edge gateway on Twisted.
 
-The public API: L{ReverseProxyResource} (a drop-in for C{twisted.web.proxy}'s), the L{Proxy} it
-mounts, the interfaces of the pluggable parts, and the version.
+The public API, importable from here: L{ReverseProxyResource} (a drop-in for C{twisted.web.proxy}'s) and
+the L{Proxy} it mounts; the site that serves it; the parts a proxy is assembled from (services of
+upstreams, a registry, directors, balancers, forwarding rules, health checks); the interfaces of the
+pluggable parts; and the version.  Plug-in authors also use L{rproxy.interfaces} and L{rproxy.testing}.
+
+Each name is imported from its module on first use: importing C{rproxy} imports nothing else, so that
+no part of rproxy depends on this module, and importing it installs no reactor.
 """
 
+from __future__ import annotations
+
+import importlib
 from typing import TYPE_CHECKING
 
 from rproxy._version import __version__
-from rproxy.interfaces import (
-    HealthResult,
-    IBalancer,
-    IBalancerFactory,
-    IDirector,
-    IHealthCheck,
-    IRegistry,
-    IRequestFilter,
-    IResponseFilter,
-    IStreamingResource,
-    Outcome,
-)
-from rproxy.proxy.exchange import Exchange, Proxy
 
 if TYPE_CHECKING:
+    from rproxy.app.admin import LocalRoutes
+    from rproxy.downstream.limits import ClientLimits
+    from rproxy.downstream.site import ProxySite
+    from rproxy.headers import ForwardingPolicy, parseNetworks
+    from rproxy.health.checks import HealthChecker, HealthCheckSettings
+    from rproxy.interfaces import (
+        HealthResult,
+        IBalancer,
+        IBalancerFactory,
+        IDirector,
+        IHealthCheck,
+        IRegistry,
+        IRequestFilter,
+        IResponseFilter,
+        IStreamingResource,
+        Outcome,
+    )
+    from rproxy.proxy.balancers import BalancerOptions, RoundRobin, balancerFactories
+    from rproxy.proxy.directors import (
+        BlueGreen,
+        Route,
+        RoutingDirector,
+        ServiceVersion,
+        SingleServiceDirector,
+        WeightedSplit,
+    )
+    from rproxy.proxy.exchange import Exchange, Proxy
+    from rproxy.proxy.message import InboundRequest, OutboundRequest
+    from rproxy.proxy.registry import MemoryRegistry
     from rproxy.proxy.resource import ReverseProxyResource
+    from rproxy.proxy.service import Service
+    from rproxy.upstream.settings import PoolSettings
+    from rproxy.upstream.upstreams import Upstream
+
+#: Where each public name is defined.
+_PUBLIC = {
+    "BalancerOptions": "rproxy.proxy.balancers",
+    "BlueGreen": "rproxy.proxy.directors",
+    "ClientLimits": "rproxy.downstream.limits",
+    "Exchange": "rproxy.proxy.exchange",
+    "ForwardingPolicy": "rproxy.headers",
+    "HealthCheckSettings": "rproxy.health.checks",
+    "HealthChecker": "rproxy.health.checks",
+    "HealthResult": "rproxy.interfaces",
+    "IBalancer": "rproxy.interfaces",
+    "IBalancerFactory": "rproxy.interfaces",
+    "IDirector": "rproxy.interfaces",
+    "IHealthCheck": "rproxy.interfaces",
+    "IRegistry": "rproxy.interfaces",
+    "IRequestFilter": "rproxy.interfaces",
+    "IResponseFilter": "rproxy.interfaces",
+    "IStreamingResource": "rproxy.interfaces",
+    "InboundRequest": "rproxy.proxy.message",
+    "LocalRoutes": "rproxy.app.admin",
+    "MemoryRegistry": "rproxy.proxy.registry",
+    "Outcome": "rproxy.interfaces",
+    "OutboundRequest": "rproxy.proxy.message",
+    "PoolSettings": "rproxy.upstream.settings",
+    "Proxy": "rproxy.proxy.exchange",
+    "ProxySite": "rproxy.downstream.site",
+    "ReverseProxyResource": "rproxy.proxy.resource",
+    "RoundRobin": "rproxy.proxy.balancers",
+    "Route": "rproxy.proxy.directors",
+    "RoutingDirector": "rproxy.proxy.directors",
+    "Service": "rproxy.proxy.service",
+    "ServiceVersion": "rproxy.proxy.directors",
+    "SingleServiceDirector": "rproxy.proxy.directors",
+    "Upstream": "rproxy.upstream.upstreams",
+    "WeightedSplit": "rproxy.proxy.directors",
+    "balancerFactories": "rproxy.proxy.balancers",
+    "parseNetworks": "rproxy.headers",
+}
 
 __all__ = [
+    "BalancerOptions",
+    "BlueGreen",
+    "ClientLimits",
     "Exchange",
+    "ForwardingPolicy",
+    "HealthCheckSettings",
+    "HealthChecker",
     "HealthResult",
     "IBalancer",
     "IBalancerFactory",
@@ -36,18 +108,31 @@ __all__ = [
     "IRequestFilter",
     "IResponseFilter",
     "IStreamingResource",
+    "InboundRequest",
+    "LocalRoutes",
+    "MemoryRegistry",
+    "OutboundRequest",
     "Outcome",
+    "PoolSettings",
     "Proxy",
+    "ProxySite",
     "ReverseProxyResource",
+    "RoundRobin",
+    "Route",
+    "RoutingDirector",
+    "Service",
+    "ServiceVersion",
+    "SingleServiceDirector",
+    "Upstream",
+    "WeightedSplit",
     "__version__",
+    "balancerFactories",
+    "parseNetworks",
 ]
 
 
 def __getattr__(name: str) -> object:
-    # ReverseProxyResource is imported on first use: twisted.web.proxy, which it subclasses, imports the
-    # global reactor, and importing rproxy (rproxy.app.reactor, the rproxy plugin) must not install one.
-    if name == "ReverseProxyResource":
-        from rproxy.proxy.resource import ReverseProxyResource
-
-        return ReverseProxyResource
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

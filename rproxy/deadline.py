@@ -9,14 +9,8 @@ reset, and disarming only changes what the pending call means (it lapses unless 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-
-from rproxy.errors import ProxyError, upstreamError
-
-if TYPE_CHECKING:
-    from rproxy.upstream.pool import PoolSettings
 
 #: What the deadline stands for.
 NONE, RESPONSE, READ, IDLE = range(4)
@@ -67,14 +61,3 @@ class Deadline:
         mode, self.mode = self.mode, NONE
         if mode != NONE:
             self._expired(mode)
-
-
-def timeoutError(mode: int, label: str, settings: PoolSettings) -> ProxyError:
-    """The 504 for a L{RESPONSE} or L{READ} deadline that passed on upstream C{label}."""
-    if mode == RESPONSE:
-        return upstreamError(
-            504, f"upstream {label} sent no response within {settings.responseTimeout:g}s", "http_response_timeout"
-        )
-    return upstreamError(
-        504, f"upstream {label} sent nothing for {settings.readTimeout:g}s mid-response", "connection_read_timeout"
-    )

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from rproxy.errors import ProxyError
     from rproxy.proxy.exchange import Exchange
     from rproxy.proxy.message import InboundRequest, OutboundRequest
-    from rproxy.upstream import Service, Upstream
+    from rproxy.proxy.service import Service
+    from rproxy.upstream.upstreams import Upstream
 
 
 @dataclass(frozen=True)

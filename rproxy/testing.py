@@ -37,8 +37,8 @@ from rproxy.errors import ProxyError, upstreamError
 from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import IBalancer, IBalancerFactory, IResponseFilter, Outcome
 from rproxy.proxy.message import InboundRequest
-from rproxy.upstream import Upstream
-from rproxy.upstream.pool import PoolSettings
+from rproxy.upstream.settings import PoolSettings
+from rproxy.upstream.upstreams import Upstream
 
 if TYPE_CHECKING:
     from rproxy.proxy.exchange import Exchange
@@ -684,7 +684,7 @@ class BalancerContractTests:
 if TYPE_CHECKING:
     from rproxy.interfaces import IDirector
     from rproxy.proxy.message import OutboundRequest
-    from rproxy.upstream import Service
+    from rproxy.proxy.service import Service
 
 __all__ += ["countServices", "directRequest", "makeService"]
 
@@ -696,7 +696,7 @@ def makeService(name: str = "default", upstreams: int | Sequence[int] = 1, clock
     """
     from rproxy.proxy.balancers import RoundRobin
     from rproxy.proxy.registry import MemoryRegistry
-    from rproxy.upstream import Service
+    from rproxy.proxy.service import Service
 
     registry = MemoryRegistry()
     for upstream in makeUpstreams(upstreams, clock):

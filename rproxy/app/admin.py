@@ -28,15 +28,15 @@ from urllib.parse import unquote
 from twisted.application.service import IService, Service
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from rproxy.app.config import OptionValues
 from rproxy.app.reload import LiveProxy, describeRoute
-from rproxy.downstream.site import ClientLimits, ProxySite
-from rproxy.upstream import Upstream
+from rproxy.downstream.limits import ClientLimits
+from rproxy.downstream.site import ProxySite
+from rproxy.upstream.upstreams import Upstream
 
 _log = Logger()
 
@@ -84,8 +84,10 @@ def _adminEndpoint(values: OptionValues) -> str | None:
     description = values.text("admin-listen")
     if description is None:
         return None
+    from twisted.internet import reactor  # only to describe the endpoint: it does not listen here
+
     try:
-        endpoints.serverFromString(MemoryReactorClock(), description)
+        endpoints.serverFromString(reactor, description)
     except (ValueError, TypeError) as e:
         raise values.error("admin-listen", f"not a server endpoint ({e}): {description!r}") from None
     kind, *parameters = re.split(r"(?<!\\):", description)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, TypeVar
 
-from rproxy.downstream.site import ClientLimits
+from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.tls import CertificateFiles, TLSSettings, loadCertificate
 from rproxy.headers import isToken, parseNetworks
 from rproxy.health.checks import HealthCheckSettings
@@ -31,11 +31,12 @@ from rproxy.proxy.balancers import FirstAvailable, balancerFactories
 from rproxy.proxy.directors import BlueGreen, Route, ServiceVersion, WeightedSplit
 from rproxy.proxy.registry import MemoryRegistry
 from rproxy.proxy.retry import RetryPolicy
+from rproxy.proxy.service import Service
 from rproxy.tunnel.messages import MessageAwareService, WebSocketLimits
 from rproxy.tunnel.splice import DEFAULT_IDLE_TIMEOUT
-from rproxy.upstream import Service, UpstreamURL, splitWeight
-from rproxy.upstream.pool import PoolSettings
+from rproxy.upstream.settings import PoolSettings
 from rproxy.upstream.tls import UpstreamTLS, clientCertificate, trustRoot
+from rproxy.upstream.upstreams import UpstreamURL, splitWeight
 
 _SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

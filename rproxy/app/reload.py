@@ -43,6 +43,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
+from rproxy.app.build import buildDirector, buildForwarding, buildServices, healthChecker, healthCheckSettings
 from rproxy.app.config import (
     BlueGreenConfig,
     ConfigError,
@@ -52,12 +53,12 @@ from rproxy.app.config import (
     ServiceVersionConfig,
     WeightedSplitConfig,
 )
-from rproxy.app.tap import buildDirector, buildForwarding, buildServices, healthChecker, healthCheckSettings
 from rproxy.downstream.site import DrainingService
 from rproxy.health.checks import HealthChecker
 from rproxy.proxy.exchange import Proxy
 from rproxy.proxy.registry import MemoryRegistry
-from rproxy.upstream import Service, Upstream
+from rproxy.proxy.service import Service
+from rproxy.upstream.upstreams import Upstream
 
 __all__ = ["ConfigReloader", "ConfigSource", "HangUpReloader", "LiveProxy", "ReloadSummary", "describeRoute"]
 

@@ -14,46 +14,39 @@ from __future__ import annotations
 import getopt
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 from twisted.python import usage
 
 from rproxy import __version__
+from rproxy.app.admin import AdminSettings, LocalRoutes, Registrations, adminSite, localRoutes
+from rproxy.app.build import buildProxy, buildServices, buildSite, closeUpstreams, healthChecker, warnInsecureUpstreams
 from rproxy.app.config import (
     REPEATABLE,
     ConfigError,
     ConfigFile,
     OptionValues,
     ProxyConfig,
-    RouteConfig,
     argumentsFromEnvironment,
     argumentsFromMapping,
     buildConfig,
 )
-from rproxy.downstream.site import ClientLimits, DrainingService, ProxySite
+from rproxy.app.reload import ConfigReloader, ConfigSource, HangUpReloader, LiveProxy
+from rproxy.downstream.limits import ClientLimits
+from rproxy.downstream.site import DrainingService, ProxySite
 from rproxy.downstream.tls import CertificateStore, TLSSettings, tlsListener
-from rproxy.headers import ForwardingPolicy, parseNetworks
-from rproxy.health.checks import HealthChecker, HealthCheckSettings
+from rproxy.health.checks import HealthCheckSettings
 from rproxy.health.state import PassivePolicy
-from rproxy.interfaces import IDirector
 from rproxy.proxy.balancers import balancerFactories
-from rproxy.proxy.directors import RoutingDirector, SingleServiceDirector
-from rproxy.proxy.exchange import Proxy
 from rproxy.proxy.registry import MemoryRegistry
 from rproxy.proxy.resource import buildResource
 from rproxy.proxy.retry import RetryPolicy
-from rproxy.tunnel.splice import DEFAULT_IDLE_TIMEOUT, Tunnels
-from rproxy.upstream import Service, Upstream
-from rproxy.upstream.pool import PoolSettings
-
-if TYPE_CHECKING:
-    from rproxy.app.admin import AdminSettings
-    from rproxy.app.reload import ConfigSource
+from rproxy.tunnel.splice import DEFAULT_IDLE_TIMEOUT
+from rproxy.upstream.settings import PoolSettings
 
 _log = Logger()
 _DEFAULT_POOL = PoolSettings()
@@ -391,81 +384,6 @@ def fileOptionNames() -> tuple[list[str], list[str]]:
     return parameters + sorted(REPEATABLE), [str(f[0]) for f in Options.optFlags]
 
 
-def buildServices(
-    config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry
-) -> tuple[dict[str, Service], list[Upstream]]:
-    """Each service of C{config}, by name, with its balancer; and all their upstreams, registered in C{registry}."""
-    factories = balancerFactories()
-    services: dict[str, Service] = {}
-    upstreams: list[Upstream] = []
-    for name, settings in config.services.items():
-        for url in settings.upstreams:
-            upstream = Upstream.fromURL(url, reactor, settings.pool, settings.passive)
-            registry.add(name, upstream)
-            upstreams.append(upstream)
-        balancer = factories[settings.balancer].build(settings.balancerOptions)
-        services[name] = Service(name, registry, balancer, settings.rewriteHost, settings.retry)
-    return services, upstreams
-
-
-def buildDirector(routes: Sequence[RouteConfig], services: Mapping[str, Service]) -> IDirector:
-    """
-    The director of C{routes} over C{services} (by name): a L{RoutingDirector}; for the one catch-all route to
-    a service, without rewrites, that service's L{SingleServiceDirector} (the same answers, less work).
-    """
-    if len(routes) == 1 and isinstance(routes[0].target, str) and routes[0] == RouteConfig(routes[0].target):
-        return SingleServiceDirector(services[routes[0].target])
-    return RoutingDirector(route.build(services) for route in routes)
-
-
-def buildForwarding(config: ProxyConfig) -> ForwardingPolicy:
-    """The X-Forwarded-*/Forwarded/Via policy of C{config}."""
-    return ForwardingPolicy(parseNetworks(config.trustedProxies), config.viaName.encode("ascii"))
-
-
-def buildProxy(config: ProxyConfig, reactor: IReactorTime, services: Mapping[str, Service]) -> Proxy:
-    """The proxy of C{config}, routing to C{services} (by name)."""
-    tunnels = Tunnels(reactor, config.tunnelIdleTimeout)
-    return Proxy(reactor, buildDirector(config.routes, services), buildForwarding(config), tunnels=tunnels)
-
-
-def buildSite(
-    config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry | None = None
-) -> tuple[ProxySite, list[Upstream]]:
-    """The proxy's site, routing to its services, and their upstreams (whose pools shutdown closes)."""
-    services, upstreams = buildServices(config, reactor, MemoryRegistry() if registry is None else registry)
-    proxy = buildProxy(config, reactor, services)
-    return ProxySite(buildResource(proxy), config.client, reactor, config.accessLog), upstreams
-
-
-def healthCheckSettings(config: ProxyConfig) -> dict[str, HealthCheckSettings]:
-    """The active health checks of the services that have them, by service name."""
-    return {name: each.healthCheck for name, each in config.services.items() if each.healthCheck is not None}
-
-
-def healthChecker(config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry) -> HealthChecker | None:
-    """The active health checks of the services that have them (C{None} if none has), over C{registry}."""
-    settings = healthCheckSettings(config)
-    return HealthChecker(reactor, registry, settings) if settings else None
-
-
-def closeUpstreams(registry: MemoryRegistry) -> None:
-    """Close the idle connections to every upstream in C{registry}; busy ones close when their exchange ends."""
-    for name in registry.services():
-        for upstream in registry.members(name):
-            upstream.pool.drain("is closing: the proxy is shutting down")
-
-
-def warnInsecureUpstreams(config: ProxyConfig) -> None:
-    """Say, once, which services do not verify their upstreams' TLS certificates."""
-    insecure = sorted(name for name, each in config.services.items() if each.pool.tls.insecure)
-    if insecure:
-        _log.warn(
-            "the TLS certificates of the https upstreams of {services} are not verified (--upstream-tls-insecure)",
-            services=", ".join(insecure),
-        )
-
-
 def buildService(
     config: ProxyConfig,
     reactor: IReactorTime,
@@ -480,10 +398,6 @@ def buildService(
     and given the reactor to hand C{signals} to, a L{HangUpReloader}: SIGHUP reloads the configuration
     and the certificates.
     """
-    # Imported here: rproxy.app.reload and rproxy.app.admin build on this module's functions.
-    from rproxy.app.admin import LocalRoutes, Registrations, adminSite, localRoutes
-    from rproxy.app.reload import ConfigReloader, HangUpReloader, LiveProxy
-
     top = service.MultiService()
     if config.demoUpstream is not None:
         from rproxy.app.demo import demoSite
@@ -533,9 +447,11 @@ def buildService(
 def checkConfig(path: str, config: ProxyConfig) -> str:
     """
     Build what C{config} describes but its listeners: upstreams, balancers, routes and health checks,
-    over a reactor that never runs (nothing connects); say that C{path} is fine, and what it holds.
+    over the reactor, which does not run before the process exits (nothing connects); say that C{path} is
+    fine, and what it holds.
     """
-    reactor = MemoryReactorClock()
+    from twisted.internet import reactor
+
     registry = MemoryRegistry()
     buildSite(config, reactor, registry)
     healthChecker(config, reactor, registry)
@@ -548,8 +464,6 @@ def reloadSource(options: Options) -> ConfigSource | None:
     Where the configuration of C{options} is read again from on a reload: its config file, with the same
     arguments around it (C{None} without a config file: nothing could change).
     """
-    from rproxy.app.reload import ConfigSource  # here, as in buildService
-
     path = options["config"]
     if path is None:
         return None

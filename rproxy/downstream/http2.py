@@ -78,7 +78,7 @@ from rproxy.headers import allowedTrailers, hasControl, isToken
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-    from rproxy.downstream.site import ClientLimits
+    from rproxy.downstream.limits import ClientLimits
 
 _log = Logger()
 

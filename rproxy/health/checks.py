@@ -46,7 +46,7 @@ from zope.interface import implementer
 
 from rproxy._version import __version__
 from rproxy.interfaces import HealthResult, IHealthCheck, IRegistry
-from rproxy.upstream import Upstream
+from rproxy.upstream.upstreams import Upstream
 
 __all__ = ["BODY_LIMIT", "USER_AGENT", "HTTPHealthCheck", "HealthCheckSettings", "HealthChecker"]
 

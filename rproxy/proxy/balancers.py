@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from rproxy.interfaces import IBalancer, IBalancerFactory, IResponseFilter, Outcome
 from rproxy.proxy.message import InboundRequest
-from rproxy.upstream import Upstream
+from rproxy.upstream.upstreams import Upstream
 
 if TYPE_CHECKING:
     from twisted.web.http_headers import Headers

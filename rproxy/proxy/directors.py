@@ -32,7 +32,7 @@ from rproxy.headers import FRAMING, HOP_BY_HOP
 from rproxy.interfaces import IDirector, ISplit
 from rproxy.proxy.balancers import hashKey
 from rproxy.proxy.message import InboundRequest, OutboundRequest
-from rproxy.upstream import Service
+from rproxy.proxy.service import Service
 
 #: A name to service lookup for L{ServiceVersion}: a mapping, or a callable returning C{None} for an unknown name.
 ServiceLookup = Mapping[str, Service] | Callable[[str], Service | None]

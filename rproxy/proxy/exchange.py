@@ -33,11 +33,12 @@ from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamEr
 from rproxy.headers import ForwardingPolicy, Pairs, responseHeaderPairs
 from rproxy.interfaces import IDirector, IRequestFilter, IResponseFilter, Outcome
 from rproxy.proxy.message import InboundRequest, OutboundRequest
+from rproxy.proxy.service import Service
 from rproxy.tunnel.h2connect import WebSocketOverH2, webSocketOverH2
 from rproxy.tunnel.messages import MessageAwareService, messageRelay
 from rproxy.tunnel.splice import Tunnels, requestedProtocols, splice, unrequestedProtocol
-from rproxy.upstream import Service, Upstream
 from rproxy.upstream.connection import Delivery, RequestHead, UpstreamConnection
+from rproxy.upstream.upstreams import Upstream
 
 _log = Logger()
 

@@ -8,7 +8,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from rproxy.interfaces import IRegistry
-from rproxy.upstream import Upstream
+from rproxy.upstream.upstreams import Upstream
 
 
 @implementer(IRegistry)

@@ -24,8 +24,9 @@ from rproxy.proxy.balancers import RoundRobin
 from rproxy.proxy.directors import SingleServiceDirector
 from rproxy.proxy.exchange import Proxy
 from rproxy.proxy.registry import MemoryRegistry
-from rproxy.upstream import Service, Upstream
-from rproxy.upstream.pool import PoolSettings
+from rproxy.proxy.service import Service
+from rproxy.upstream.settings import PoolSettings
+from rproxy.upstream.upstreams import Upstream
 
 with warnings.catch_warnings():
     # Importing twisted.web.proxy warns because its HTTPClient is deprecated; we use none of it.

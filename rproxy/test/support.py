@@ -25,10 +25,11 @@ from twisted.trial import unittest
 from twisted.web import server
 from zope.interface import provider
 
-from rproxy.app.tap import Options, buildSite, healthChecker
+from rproxy.app.build import buildSite, healthChecker
+from rproxy.app.tap import Options
 from rproxy.downstream.site import ProxySite
 from rproxy.proxy.registry import MemoryRegistry
-from rproxy.upstream import Upstream
+from rproxy.upstream.upstreams import Upstream
 
 #: Python of this environment, for subprocess-based tests.
 PYTHON = sys.executable

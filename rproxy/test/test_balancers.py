@@ -36,7 +36,7 @@ from rproxy.testing import (
     makeUpstreams,
     verifyBalancer,
 )
-from rproxy.upstream import Upstream
+from rproxy.upstream.upstreams import Upstream
 
 REQUEST = inboundRequest()
 BUILTIN = {

@@ -18,6 +18,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
+from rproxy.app.build import buildDirector
 from rproxy.app.config import (
     SERVICE_OPTIONS,
     BlueGreenConfig,
@@ -28,7 +29,7 @@ from rproxy.app.config import (
     ServiceVersionConfig,
     WeightedSplitConfig,
 )
-from rproxy.app.tap import Options, buildDirector, buildService, checkConfig
+from rproxy.app.tap import Options, buildService, checkConfig
 from rproxy.health.checks import HealthChecker
 from rproxy.proxy.directors import BlueGreen, RoutingDirector, SingleServiceDirector, WeightedSplit
 from rproxy.proxy.retry import RetryPolicy

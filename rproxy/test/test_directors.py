@@ -17,7 +17,8 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from rproxy.downstream.site import ClientLimits, ProxySite
+from rproxy.downstream.limits import ClientLimits
+from rproxy.downstream.site import ProxySite
 from rproxy.interfaces import IDirector
 from rproxy.proxy.balancers import RoundRobin
 from rproxy.proxy.directors import (
@@ -33,10 +34,11 @@ from rproxy.proxy.exchange import Proxy
 from rproxy.proxy.message import InboundRequest, OutboundRequest
 from rproxy.proxy.registry import MemoryRegistry
 from rproxy.proxy.resource import buildResource
+from rproxy.proxy.service import Service
 from rproxy.test.support import ScriptedUpstream, rawRequest, splitResponses
 from rproxy.testing import countServices, directRequest, inboundRequest, makeService
-from rproxy.upstream import Service, Upstream
-from rproxy.upstream.pool import PoolSettings
+from rproxy.upstream.settings import PoolSettings
+from rproxy.upstream.upstreams import Upstream
 
 #: Targets a proxy must pass on byte for byte: encoded slashes, empty segments, dot segments, parameters.
 AWKWARD = b"/a%2Fb//c/../d;p=1/%2e%2E/x?q=%2F&r=a+b;s"

@@ -17,8 +17,8 @@ from rproxy.interfaces import HealthResult, IHealthCheck
 from rproxy.proxy.registry import MemoryRegistry
 from rproxy.test.certs import CertificateAuthority
 from rproxy.test.support import ReceivedRequest, ScriptedUpstream, listen, sleep, waitFor
-from rproxy.upstream import Upstream
-from rproxy.upstream.pool import PoolSettings
+from rproxy.upstream.settings import PoolSettings
+from rproxy.upstream.upstreams import Upstream
 
 
 def response(status: int = 200, body: bytes = b"ok") -> bytes:

@@ -24,8 +24,9 @@ from twisted.web.http_headers import InvalidHeaderName
 
 from rproxy.app.demo import demoSite
 from rproxy.downstream.http2 import PREFACE, ProxyH2Connection, _RoundRobin, responseFields
+from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.request import sendResponseHead
-from rproxy.downstream.site import ClientLimits, ProxyHTTPChannel, ProxySite
+from rproxy.downstream.site import ProxyHTTPChannel, ProxySite
 from rproxy.test.certs import CertificateAuthority
 from rproxy.test.h2client import H2Client
 from rproxy.test.support import (

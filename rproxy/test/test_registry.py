@@ -10,8 +10,8 @@ from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import IRegistry
 from rproxy.proxy.registry import MemoryRegistry
 from rproxy.test.support import ReceivedRequest, ScriptedUpstream, rawRequest, splitResponses, startProxy, waitFor
-from rproxy.upstream import Upstream
-from rproxy.upstream.pool import PoolSettings
+from rproxy.upstream.settings import PoolSettings
+from rproxy.upstream.upstreams import Upstream
 
 
 def upstreams(count: int, **policy: float) -> tuple[Clock, list[Upstream]]:

@@ -326,7 +326,7 @@ class BalancingOptionsTests(unittest.TestCase):
     def test_weightApplied(self) -> None:
         from twisted.internet.task import Clock
 
-        from rproxy.app.tap import buildSite
+        from rproxy.app.build import buildSite
 
         config = self.parse("--upstream", "http://127.0.0.1:2/base#weight=3").config
         _, upstreams = buildSite(config, Clock())

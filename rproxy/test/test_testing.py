@@ -25,7 +25,7 @@ from rproxy.testing import (
     shares,
     verifyBalancer,
 )
-from rproxy.upstream import Upstream
+from rproxy.upstream.upstreams import Upstream
 
 REQUEST = inboundRequest()
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, fields, replace
 from twisted.logger import Logger
 from wsproto.frame_protocol import CloseReason, Frame, FrameProtocol, Opcode, ParseFailed
 
+from rproxy.proxy.service import Service
 from rproxy.tunnel.splice import Deliver, Tunnel
-from rproxy.upstream import Service
 
 _log = Logger()
 

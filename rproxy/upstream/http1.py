@@ -25,6 +25,7 @@ from rproxy.errors import ProxyError, upstreamError
 from rproxy.framing import ChunkedDecoder, MalformedBodyError, contentLength
 from rproxy.headers import Pairs, hasControl, isToken
 from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
+from rproxy.upstream.settings import timeoutError
 
 if TYPE_CHECKING:
     from rproxy.downstream.body import RequestBodyPipe
@@ -200,7 +201,7 @@ class HTTP11Connection(TwistedProtocol):
         if mode == deadline.IDLE:
             self.transport.loseConnection()
             return
-        self._fail(deadline.timeoutError(mode, self._pool.label, self._pool.settings))
+        self._fail(timeoutError(mode, self._pool.label, self._pool.settings))
         if not self._closed:
             self.transport.abortConnection()
 

@@ -49,6 +49,7 @@ from rproxy.errors import ProxyError, clientError, upstreamError
 from rproxy.framing import MalformedBodyError, contentLength
 from rproxy.headers import Pairs
 from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
+from rproxy.upstream.settings import timeoutError
 
 if TYPE_CHECKING:
     from rproxy.downstream.body import RequestBodyPipe
@@ -814,7 +815,7 @@ class HTTP2Stream:
         if self._done:
             return
         self._resetQuietly()
-        self.failed(deadline.timeoutError(mode, self._connection.label, self._connection.settings), Delivery.MAYBE)
+        self.failed(timeoutError(mode, self._connection.label, self._connection.settings), Delivery.MAYBE)
 
 
 def _status(headers: Pairs) -> int | None:

@@ -15,7 +15,6 @@ from its connections.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import error as ierror
@@ -30,7 +29,8 @@ from rproxy.errors import ProxyError, proxyError, upstreamError
 from rproxy.upstream.connection import UpstreamConnection
 from rproxy.upstream.http1 import HTTP11Connection
 from rproxy.upstream.http2 import HTTP2Connection
-from rproxy.upstream.tls import UpstreamTLS, describeFailure
+from rproxy.upstream.settings import PoolSettings
+from rproxy.upstream.tls import describeFailure
 
 #: The protocols a pool speaks: HTTP/1.1, HTTP/2, or the one ALPN selects (TLS only).
 HTTP1 = "http/1.1"
@@ -39,37 +39,6 @@ NEGOTIATED = "alpn"
 
 #: Streams a connection being opened is expected to carry, until a server says how many it takes.
 _STREAMS_EXPECTED = 100
-
-
-@dataclass(frozen=True)
-class PoolSettings:
-    """
-    Limits and timeouts for the connections to one upstream (seconds, counts).
-
-    @ivar connectTimeout: how long a connect may take (with the TLS handshake and HTTP/2 SETTINGS).
-    @ivar responseTimeout: how long, once the request is written, the response head may take.
-    @ivar readTimeout: how long the upstream may stay silent in the middle of a response.
-    @ivar maxConnections: connections open or opening at once.
-    @ivar maxIdle: idle connections kept for reuse.
-    @ivar idleTimeout: how long an idle connection is kept (below the upstream's keep-alive timeout).
-    @ivar maxQueue: requests that may wait for a connection when all are busy.
-    @ivar queueTimeout: how long a request may wait for a connection.
-    @ivar pingInterval: HTTP/2: a PING when a connection was silent this long (0: never).
-    @ivar pingTimeout: HTTP/2: how long the answer to a PING may take before the connection is closed.
-    @ivar tls: certificates and verification, for https upstreams.
-    """
-
-    connectTimeout: float = 5.0
-    responseTimeout: float = 60.0
-    readTimeout: float = 60.0
-    maxConnections: int = 512
-    maxIdle: int = 64
-    idleTimeout: float = 30.0
-    maxQueue: int = 1024
-    queueTimeout: float = 10.0
-    pingInterval: float = 30.0
-    pingTimeout: float = 10.0
-    tls: UpstreamTLS = field(default_factory=UpstreamTLS)
 
 
 class _ConnectionFactory(Factory):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
+from rproxy import balancerFactories
 from rproxy.interfaces import IBalancer
 from rproxy.plugins import prefer_local  # installed by this package
-from rproxy.proxy.balancers import balancerFactories
 from rproxy.testing import (
     BalancerContractTests,
     Clock,

@@ -21,10 +21,8 @@ from urllib.parse import urlsplit
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from rproxy import BalancerOptions, InboundRequest, RoundRobin, Upstream
 from rproxy.interfaces import IBalancer, IBalancerFactory, Outcome
-from rproxy.proxy.balancers import BalancerOptions, RoundRobin
-from rproxy.proxy.message import InboundRequest
-from rproxy.upstream import Upstream
 
 #: The hosts that count as local when the C{local} option is not given: this machine.
 DEFAULT_LOCAL = ("127.", "localhost", "::1")

@@ -1,0 +1,103 @@
+"""
+What a configuration becomes: its services of upstreams, the director over them, the proxy and its site, the
+health checks.  Used at start (L{rproxy.app.tap}), by a live reload (L{rproxy.app.reload}) and by
+C{--check-config}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from rproxy.app.config import ProxyConfig, RouteConfig
+from rproxy.downstream.site import ProxySite
+from rproxy.headers import ForwardingPolicy, parseNetworks
+from rproxy.health.checks import HealthChecker, HealthCheckSettings
+from rproxy.interfaces import IDirector
+from rproxy.proxy.balancers import balancerFactories
+from rproxy.proxy.directors import RoutingDirector, SingleServiceDirector
+from rproxy.proxy.exchange import Proxy
+from rproxy.proxy.registry import MemoryRegistry
+from rproxy.proxy.resource import buildResource
+from rproxy.proxy.service import Service
+from rproxy.tunnel.splice import Tunnels
+from rproxy.upstream.upstreams import Upstream
+
+_log = Logger()
+
+
+def buildServices(
+    config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry
+) -> tuple[dict[str, Service], list[Upstream]]:
+    """Each service of C{config}, by name, with its balancer; and all their upstreams, registered in C{registry}."""
+    factories = balancerFactories()
+    services: dict[str, Service] = {}
+    upstreams: list[Upstream] = []
+    for name, settings in config.services.items():
+        for url in settings.upstreams:
+            upstream = Upstream.fromURL(url, reactor, settings.pool, settings.passive)
+            registry.add(name, upstream)
+            upstreams.append(upstream)
+        balancer = factories[settings.balancer].build(settings.balancerOptions)
+        services[name] = Service(name, registry, balancer, settings.rewriteHost, settings.retry)
+    return services, upstreams
+
+
+def buildDirector(routes: Sequence[RouteConfig], services: Mapping[str, Service]) -> IDirector:
+    """
+    The director of C{routes} over C{services} (by name): a L{RoutingDirector}; for the one catch-all route to
+    a service, without rewrites, that service's L{SingleServiceDirector} (the same answers, less work).
+    """
+    if len(routes) == 1 and isinstance(routes[0].target, str) and routes[0] == RouteConfig(routes[0].target):
+        return SingleServiceDirector(services[routes[0].target])
+    return RoutingDirector(route.build(services) for route in routes)
+
+
+def buildForwarding(config: ProxyConfig) -> ForwardingPolicy:
+    """The X-Forwarded-*/Forwarded/Via policy of C{config}."""
+    return ForwardingPolicy(parseNetworks(config.trustedProxies), config.viaName.encode("ascii"))
+
+
+def buildProxy(config: ProxyConfig, reactor: IReactorTime, services: Mapping[str, Service]) -> Proxy:
+    """The proxy of C{config}, routing to C{services} (by name)."""
+    tunnels = Tunnels(reactor, config.tunnelIdleTimeout)
+    return Proxy(reactor, buildDirector(config.routes, services), buildForwarding(config), tunnels=tunnels)
+
+
+def buildSite(
+    config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry | None = None
+) -> tuple[ProxySite, list[Upstream]]:
+    """The proxy's site, routing to its services, and their upstreams (whose pools shutdown closes)."""
+    services, upstreams = buildServices(config, reactor, MemoryRegistry() if registry is None else registry)
+    proxy = buildProxy(config, reactor, services)
+    return ProxySite(buildResource(proxy), config.client, reactor, config.accessLog), upstreams
+
+
+def healthCheckSettings(config: ProxyConfig) -> dict[str, HealthCheckSettings]:
+    """The active health checks of the services that have them, by service name."""
+    return {name: each.healthCheck for name, each in config.services.items() if each.healthCheck is not None}
+
+
+def healthChecker(config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry) -> HealthChecker | None:
+    """The active health checks of the services that have them (C{None} if none has), over C{registry}."""
+    settings = healthCheckSettings(config)
+    return HealthChecker(reactor, registry, settings) if settings else None
+
+
+def closeUpstreams(registry: MemoryRegistry) -> None:
+    """Close the idle connections to every upstream in C{registry}; busy ones close when their exchange ends."""
+    for name in registry.services():
+        for upstream in registry.members(name):
+            upstream.pool.drain("is closing: the proxy is shutting down")
+
+
+def warnInsecureUpstreams(config: ProxyConfig) -> None:
+    """Say, once, which services do not verify their upstreams' TLS certificates."""
+    insecure = sorted(name for name, each in config.services.items() if each.pool.tls.insecure)
+    if insecure:
+        _log.warn(
+            "the TLS certificates of the https upstreams of {services} are not verified (--upstream-tls-insecure)",
+            services=", ".join(insecure),
+        )

@@ -1,0 +1,27 @@
+"""A service: a named set of interchangeable upstreams, and how requests are spread over them and retried."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from rproxy.proxy.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from rproxy.interfaces import IBalancer, IRegistry
+
+
+@dataclass(frozen=True)
+class Service:
+    """
+    A named set of interchangeable upstreams and how to choose among them.
+
+    @ivar rewriteHost: send the chosen upstream's host as ``Host`` instead of the client's.
+    @ivar retry: when a failed attempt is tried again on another upstream.
+    """
+
+    name: str
+    registry: IRegistry
+    balancer: IBalancer
+    rewriteHost: bool = False
+    retry: RetryPolicy = RetryPolicy()
