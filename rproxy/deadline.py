@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-#: What the deadline stands for.
-NONE, RESPONSE, READ, IDLE = range(4)
+#: What a deadline stands for: nothing; an upstream's response head, or the rest of its response; an idle
+#: connection; a client's request head.
+NONE, RESPONSE, READ, IDLE, HEAD = range(5)
 
 
 class Deadline:

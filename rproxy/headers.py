@@ -1,5 +1,5 @@
 """
-Header rules of a proxy: what must never cross it, and what it adds.
+Header rules of a proxy: what must never cross it, and what it adds; and how an HTTP/1 head is written.
 
 Hop-by-hop fields (RFC 9110 section 7.6.1) and every field a ``Connection`` header names are removed in
 both directions.  Forwarding fields (``X-Forwarded-*``, RFC 7239 ``Forwarded``) are trusted only from
@@ -239,3 +239,14 @@ def isToken(value: bytes) -> bool:
 def hasControl(value: bytes) -> bool:
     """Whether a field value holds NUL, CR or LF (never allowed, RFC 9110 section 5.5)."""
     return len(value.translate(None, b"\x00\r\n")) != len(value)
+
+
+def serializeHead(startLine: bytes, fields: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """
+    An HTTP/1 head: C{startLine} (a request or status line), one line per field, and the empty line that
+    ends it.  Every HTTP/1 head rproxy writes, on either side, is written here.
+    """
+    lines = [startLine]
+    lines.extend([name + b": " + value for name, value in fields])
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)

@@ -64,7 +64,7 @@ from h2.utilities import CONNECTION_HEADERS
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -81,9 +81,6 @@ if TYPE_CHECKING:
     from rproxy.downstream.limits import ClientLimits
 
 _log = Logger()
-
-#: What opens an HTTP/2 connection with prior knowledge (RFC 9113 section 3.4).
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 #: DATA bytes the send loop writes in one reactor turn before letting other work run.
 SEND_BUDGET = 262144
@@ -274,11 +271,12 @@ class ProxyH2Stream(H2Stream):
         request = self._request
         head = requestHead(self._headers, self._conn.headLimits)
         del self._headers
+        request.clientproto = b"HTTP/2"
         if isinstance(head, ProxyError):
-            self.command, self.path = _REFUSED
+            request.method, request.uri = _REFUSED
             request.gotLength(0, head)
             return
-        self.command, self.path = head.method, head.target
+        request.method, request.uri = head.method, head.target
         add = request.requestHeaders.addRawHeader
         for name, value in head.fields:
             add(name, value)
@@ -288,12 +286,10 @@ class ProxyH2Stream(H2Stream):
             # Its DATA is a tunnel's (rproxy.tunnel.h2connect), not a body: held, unacknowledged, until it opens.
             length = 0
             self.pauseProducing()
-        if length is None and (ended or self.command in (b"GET", b"HEAD")):
+        if length is None and (ended or head.method in (b"GET", b"HEAD")):
             length = 0
         request.parseCookies()
         request.gotLength(length)
-        if request.continueAutomatically():
-            self._send100Continue()
 
     def flowControlBlocked(self) -> None:
         """Twisted's: the producer is paused (the window is shut, or the proxy's buffers are full)."""
@@ -313,27 +309,68 @@ class ProxyH2Stream(H2Stream):
             self._request.requestTrailers = allowedTrailers(trailers)
         super().requestComplete()
 
+    # -- RequestChannel
+
+    upgradable = False
+
+    @property
+    def extendedConnect(self) -> bytes | None:
+        return self.connectProtocol
+
+    @property
+    def bodySource(self) -> ProxyH2Stream:
+        """The stream itself: paused, it holds back the client's flow-control window."""
+        return self
+
     def writeInterim(self, status: int, fields: Sequence[tuple[bytes, bytes]]) -> None:
         """Send an informational (1xx) response: a HEADERS frame without END_STREAM."""
         self._conn.sendHeadersNow(self.streamID, [(b":status", b"%d" % status), *fields])
 
-    def endWithHead(self) -> None:
-        """
-        The response has no body and no trailers: its HEADERS frame ends the stream, one frame instead of
-        HEADERS and an empty DATA (what gRPC requires of a trailers-only response).
-        """
-        self._endWithHead = True
-
-    def writeHead(self, code: int, fields: Sequence[tuple[bytes, bytes]]) -> bool:
+    def writeHead(
+        self, request: Any, status: int, reason: bytes | None, fields: Sequence[tuple[bytes, bytes]], hasBody: bool
+    ) -> bool:
         """
         Send the response head now as one HEADERS frame built from C{fields} directly (see
-        L{responseFields}); C{False}, and nothing sent, when h2's checks must see the fields.
+        L{responseFields}); C{False}, and nothing sent, when h2's checks must see the fields.  Without a
+        body, the head waits for the end of the response, so that one HEADERS frame ends the stream
+        (instead of HEADERS and an empty DATA, which gRPC clients do not accept for trailers-only).
         """
-        head = responseFields(code, fields)
+        if not hasBody:
+            self._endWithHead = True
+            return False
+        if request.cookies or (request.lastModified or request.etag) is not None:
+            return False
+        own = [(name, value) for name, values in request.responseHeaders.getAllRawHeaders() for value in values]
+        head = responseFields(status, [*own, *fields] if own else fields)
         if head is None:
             return False
+        request.setResponseCode(status, reason)
         self._conn.sendHeadersNow(self.streamID, head, normalised=True)
+        request.startedWriting = 1
         return True
+
+    def writeTrailers(self, request: Any, trailers: Sequence[tuple[bytes, bytes]]) -> bool:
+        """End the response with C{trailers} as a trailer HEADERS frame, after the last DATA."""
+        self._endWithHead = False
+        self._conn.conn.pendingTrailers[self.streamID] = trailers
+        return True
+
+    def abort(self) -> None:
+        """Reset the stream."""
+        self.abortConnection()
+
+    def stopKeepAlive(self, request: Any) -> None:
+        """Nothing: other streams go on, and a stream answered before its body ended is reset anyway."""
+
+    def sendContinue(self) -> None:
+        self._send100Continue()
+
+    def switchProtocols(self, request: Any, status: int, fields: Sequence[tuple[bytes, bytes]]) -> StreamTransport:
+        """Answer the extended CONNECT with C{status} (no END_STREAM), and hand the stream to a tunnel."""
+        self._conn.sendHeadersNow(self.streamID, [(b":status", b"%d" % status), *fields])
+        return StreamTransport(self)
+
+    # -- what twisted.web's request writes
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         if not self._endWithHead:
@@ -347,10 +384,6 @@ class ProxyH2Stream(H2Stream):
             super().requestDone(request)
         elif self.streamID in self._conn.streams:  # else the client reset it meanwhile
             self._conn._requestDone(self.streamID)
-
-    def setTrailers(self, fields: Sequence[tuple[bytes, bytes]]) -> None:
-        """End the response with C{fields} as a trailer HEADERS frame, after the last DATA."""
-        self._conn.conn.pendingTrailers[self.streamID] = fields
 
 
 class ProxyH2Connection(H2Connection):
@@ -741,3 +774,137 @@ class ProxyH2Connection(H2Connection):
             stream = self.streams[streamID]
             if stream.blocked:
                 stream.windowUpdated()
+
+
+class StreamTransport:
+    """
+    An HTTP/2 stream as a tunnel's side (L{rproxy.tunnel.sides.TunnelSide}, RFC 8441): it takes the place
+    of the stream's request, so that the stream hands it the client's DATA, END_STREAM and reset, which
+    it passes to the tunnel, and tells the request when the stream is over.
+
+    A client's END_STREAM becomes the tunnel's half-close; the end of the stream that an upstream FIN
+    causes ends the tunnel (the stream is then reset with NO_ERROR if the client had not ended its side):
+    HTTP/2 keeps no answered stream open for the client's DATA, so a half-open tunnel holds only in the
+    client's direction.
+    """
+
+    halfCloses = True
+
+    def __init__(self, stream: ProxyH2Stream) -> None:
+        self.stream = stream
+        self._request: Any = stream._request
+        self.protocol: Any = None  # the tunnel's end, once attached
+        stream._request = self
+        self._ending = False  # END_STREAM is queued
+        self._lost = False
+        self._reason: Failure = Failure(ConnectionDone("the stream ended"))
+        cleanup = stream._conn._streamCleanupCallbacks.get(stream.streamID)
+        if cleanup is None:  # the client reset the stream meanwhile
+            self._lost = True
+        else:
+            cleanup.addCallback(lambda _: self.connectionLost(self._reason))
+
+    def attach(self, receiver: Any) -> bytes:
+        """Deliver the client's DATA to C{receiver}; what it sent early waits, unacknowledged, in the stream."""
+        self.protocol = receiver
+        return b""
+
+    # -- the stream's side (what it would tell its request)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Client DATA (acknowledged by the stream once this returns, or when it resumes)."""
+        self.protocol.dataReceived(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """The client ended its side of the stream (END_STREAM)."""
+        self.readConnectionLost(self._reason)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The stream is over: reset by the client, its connection lost, or both ends ended."""
+        if self._lost:
+            return
+        self._lost = True
+        if self.protocol is not None:
+            self.protocol.connectionLost(reason)
+        self._request.connectionLost(reason)
+
+    def readConnectionLost(self, reason: Failure) -> None:
+        """The client will send nothing more."""
+        if not self._lost:
+            self.protocol.readConnectionLost()
+
+    # -- the transport, as the tunnel uses it
+
+    def write(self, data: bytes) -> None:
+        """Send C{data} in DATA frames, as the stream's window allows."""
+        if not (self._lost or self._ending):
+            self.stream.write(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        """Send each of C{data}."""
+        for chunk in data:
+            self.write(chunk)
+
+    def loseWriteConnection(self) -> None:
+        """End the stream (END_STREAM) once what is written is sent."""
+        if not (self._lost or self._ending):
+            self._ending = True
+            self.stream.unregisterProducer()  # a paused producer would hold the end back
+            self.stream.loseConnection()
+
+    def loseConnection(self) -> None:
+        """End the stream once what is written is sent (HTTP/2 resets the client's side then)."""
+        self.loseWriteConnection()
+
+    def abortConnection(self) -> None:
+        """Reset the stream with CONNECT_ERROR (RFC 9113 section 8.5: the upstream connection failed)."""
+        if self._lost:
+            return
+        self._reason = Failure(ConnectionLost("the stream was reset"))
+        connection = self.stream._conn
+        try:
+            connection.conn.reset_stream(self.stream.streamID, h2.errors.ErrorCodes.CONNECT_ERROR)
+        except h2.exceptions.StreamClosedError:
+            pass  # it ended meanwhile; its state is cleaned up all the same
+        if connection._tryToWriteControlData():
+            connection._requestDone(self.stream.streamID)
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        """C{producer} is paused while the stream's window is shut."""
+        if not self._lost:
+            self.stream.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.stream.unregisterProducer()
+
+    def getPeer(self) -> Any:
+        return self.stream.getPeer()
+
+    def getHost(self) -> Any:
+        return self.stream.getHost()
+
+    # -- IPushProducer: the client's DATA, paused by holding back its acknowledgement
+
+    def pauseProducing(self) -> None:
+        self.stream.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self._lost:
+            self.stream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.abortConnection()
+
+
+def http2Server(connection: Any) -> ProxyH2Connection:
+    """The HTTP/2 protocol of a client connection, on its transport (see L{rproxy.downstream.connection})."""
+    site = connection.site
+    protocol = ProxyH2Connection(site.limits, site.reactor)
+    protocol.requestFactory = site.requestFactory
+    protocol.site = protocol.factory = site
+    protocol.timeOut = site.limits.idleTimeout
+    protocol.callLater = site.reactor.callLater  # type: ignore[method-assign]
+    transport = connection.transport
+    protocol.makeConnection(transport)
+    transport.registerProducer(protocol, True)
+    return protocol

@@ -4,31 +4,22 @@ One proxied exchange: filters, director, balancer, upstream connection, response
 An L{Exchange} is created per request by L{Proxy.handle}.  It builds the outbound request (hop-by-hop
 fields removed, forwarding fields set, then request filters and the director), picks an upstream,
 sends the request head and streams the body, and relays the response head and body to the client with
-the upstream connection registered as the client request's producer (a slow client pauses the
-upstream).  It reports every outcome to the balancer and the registry.
+the upstream connection registered as the body's producer (a slow client pauses the upstream).  It speaks
+to the client only through its L{Downstream} and to the upstream only through an L{UpstreamConnection},
+whatever their protocols.  It reports every outcome to the balancer and the registry.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
 
-from rproxy.downstream.body import RequestBodyPipe
-from rproxy.downstream.request import (
-    sendError,
-    sendInterim,
-    sendResponseHead,
-    setTrailers,
-    stopKeepAlive,
-    whenClientGone,
-)
 from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamError
 from rproxy.headers import ForwardingPolicy, Pairs, responseHeaderPairs
 from rproxy.interfaces import IDirector, IRequestFilter, IResponseFilter, Outcome
@@ -39,6 +30,10 @@ from rproxy.tunnel.messages import MessageAwareService, messageRelay
 from rproxy.tunnel.splice import Tunnels, requestedProtocols, splice, unrequestedProtocol
 from rproxy.upstream.connection import Delivery, RequestHead, UpstreamConnection
 from rproxy.upstream.upstreams import Upstream
+
+if TYPE_CHECKING:
+    from rproxy.downstream.contract import Downstream
+    from rproxy.tunnel.sides import TunnelSide
 
 _log = Logger()
 
@@ -74,9 +69,9 @@ class Proxy:
         self.responseFilters = tuple(responseFilters)
         self.tunnels = Tunnels(reactor) if tunnels is None else tunnels
 
-    def handle(self, request: http.Request, target: bytes, body: RequestBodyPipe | None) -> Exchange:
-        """Proxy C{request}, whose request-target relative to the proxy's mount point is C{target}."""
-        exchange = Exchange(self, request, target, body)
+    def handle(self, downstream: Downstream, target: bytes) -> Exchange:
+        """Proxy C{downstream}'s request, whose request-target relative to the proxy's mount point is C{target}."""
+        exchange = Exchange(self, downstream, target)
         exchange.start()
         return exchange
 
@@ -85,6 +80,7 @@ class Exchange:
     """
     One request on its way through the proxy and its response on the way back.
 
+    @ivar downstream: the client, as the exchange answers it.
     @ivar inbound: the request as received (read-only).
     @ivar outbound: the request as it will be sent (directors and filters change it).
     @ivar service: the service the director chose, once it has.
@@ -107,33 +103,32 @@ class Exchange:
     _upgrade: tuple[bytes, ...] = ()  # the protocols the client asked to switch to
     _overH2: WebSocketOverH2 | None = None  # an HTTP/2 client's extended CONNECT (RFC 8441)
 
-    def __init__(self, proxy: Proxy, request: http.Request, target: bytes, body: RequestBodyPipe | None) -> None:
+    def __init__(self, proxy: Proxy, downstream: Downstream, target: bytes) -> None:
         self.proxy = proxy
-        self.request = request
-        self._body = body
+        self.downstream = downstream
+        self._body = downstream.bodyPipe
         self._tried: list[Upstream] = []
         self._ended = False
         self._sentAt = 0.0
-        peer = request.getClientAddress()
-        secure = request.isSecure()
+        peer = downstream.getClientAddress()
         self.inbound = InboundRequest(
-            method=request.method,
+            method=downstream.method,
             target=target,
-            headers=request.requestHeaders,
+            headers=downstream.requestHeaders,
             clientHost=getattr(peer, "host", None),
-            scheme=b"https" if secure else b"http",
-            version=request.clientproto,
+            scheme=b"https" if downstream.isSecure() else b"http",
+            version=downstream.clientproto,
         )
 
     def start(self) -> None:
         """Build the outbound request, route it and send it."""
-        request = self.request
-        whenClientGone(request, self._clientGone)
+        downstream = self.downstream
+        downstream.whenGone(self._clientGone)
         inbound = self.inbound
         self.outbound = OutboundRequest.fromInbound(inbound, self.proxy.forwarding)
-        self._upgrade = upgrade = requestedProtocols(request) if inbound.headers.hasHeader(b"upgrade") else ()
+        self._upgrade = upgrade = requestedProtocols(downstream) if inbound.headers.hasHeader(b"upgrade") else ()
         if inbound.method == b"CONNECT":
-            self._overH2 = webSocketOverH2(request)
+            self._overH2 = webSocketOverH2(downstream)
             if self._overH2 is not None:
                 self._overH2.prepare(self.outbound)
                 self._upgrade = upgrade = self._overH2.upgrade
@@ -299,7 +294,7 @@ class Exchange:
 
     def responseInterim(self, status: int, headers: Pairs) -> None:
         if not self._ended:
-            sendInterim(self.request, status, responseHeaderPairs(headers))
+            self.downstream.sendInterim(status, responseHeaderPairs(headers))
 
     def responseHead(self, version: bytes, status: int, reason: bytes, headers: Pairs, hasBody: bool) -> None:
         service = self.service
@@ -332,10 +327,11 @@ class Exchange:
             if connection is not None:
                 connection.abort()
             return
-        request = self.request
+        downstream = self.downstream
         if hasBody:
-            request.registerProducer(self._connection, True)
-        sendResponseHead(request, status, reason or None, fields, hasBody)
+            assert self._connection is not None
+            downstream.registerProducer(self._connection, True)
+        downstream.sendHead(status, reason or None, fields, hasBody)
 
     def _responseFields(self, service: Service, version: bytes, status: int, headers: Pairs) -> Pairs | None:
         """
@@ -360,7 +356,7 @@ class Exchange:
         fields.append((b"Via", self.proxy.forwarding.via(via, version)))
         return fields
 
-    def responseSwitched(self, headers: Pairs, transport: Any, early: bytes) -> None:
+    def responseSwitched(self, headers: Pairs, side: TunnelSide) -> None:
         """The upstream switched protocols: splice the client with it, if it switched to one asked for."""
         service = self.service
         assert service is not None
@@ -372,13 +368,13 @@ class Exchange:
         if why is None and self._overH2 is not None:
             why = self._overH2.refusal(headers)
         if why is not None:
-            transport.abortConnection()
+            side.abortConnection()
             self._end(upstreamError(502, f"upstream {label}: {why}", "http_protocol_error"))
             return
         self._responded = True
         fields = self._responseFields(service, b"1.1", 101, headers)
         if fields is None:
-            transport.abortConnection()
+            side.abortConnection()
             return
         self._unbind(None)
         self._ended = True
@@ -387,23 +383,13 @@ class Exchange:
         label = f"{self._loggedTarget()} <-> {label}"
         if self._overH2 is not None:
             relay = messageRelay(limits) if limits is not None else None
-            self._overH2.splice(self.proxy.tunnels, self.request, fields, transport, early, label, relay)
-            return
-        switched = [(name, value) for name, value in headers if name.lower() == b"upgrade"]
-        lines = [b"HTTP/1.1 101 Switching Protocols", b"Connection: Upgrade"]
-        lines.extend(name + b": " + value for name, value in [*switched, *fields])
-        lines.append(b"\r\n")
-        if limits is not None and any(value.strip().lower() == b"websocket" for _, value in switched):
-            relay = messageRelay(limits)
-        splice(
-            self.proxy.tunnels,
-            self.request,
-            b"\r\n".join(lines),
-            transport,
-            early,
-            label,
-            relay,
-        )
+            status, fields = 200, self._overH2.responseFields(fields)
+        else:
+            switched = [(name, value) for name, value in headers if name.lower() == b"upgrade"]
+            status, fields = 101, [(b"Connection", b"Upgrade"), *switched, *fields]
+            if limits is not None and any(value.strip().lower() == b"websocket" for _, value in switched):
+                relay = messageRelay(limits)
+        splice(self.proxy.tunnels, self.downstream, status, fields, side, label, relay)
 
     def _responseFilters(self, service: Service) -> Sequence[IResponseFilter]:
         balancer = service.balancer
@@ -412,7 +398,7 @@ class Exchange:
         return self.proxy.responseFilters
 
     def responseData(self, data: bytes) -> None:
-        self.request.write(data)
+        self.downstream.write(data)
 
     def responseDone(self, trailers: Pairs) -> None:
         self._connection = None
@@ -420,13 +406,11 @@ class Exchange:
         if self._ended:
             return
         self._ended = True
-        request = self.request
-        request.unregisterProducer()
+        downstream = self.downstream
+        downstream.unregisterProducer()
         if self._body is not None and not self._body.complete:
-            stopKeepAlive(request)  # answered before the client finished sending
-        if trailers:
-            setTrailers(request, responseHeaderPairs(trailers))
-        request.finish()
+            downstream.stopKeepAlive()  # answered before the client finished sending
+        downstream.finish(responseHeaderPairs(trailers) if trailers else ())
 
     def responseFailed(self, error: ProxyError, delivery: Delivery) -> None:
         self._connection = None
@@ -439,13 +423,11 @@ class Exchange:
         if self._ended:
             return
         self._ended = True
-        request = self.request
-        if request.finished:  # already answered: the client's own input was refused
-            return
+        downstream = self.downstream
         if self._body is not None and not self._body.complete:
             self._body.stopProducing()
-            stopKeepAlive(request)
-        sendError(request, error)
+            downstream.stopKeepAlive()
+        downstream.fail(error)
 
     def _clientGone(self, reason: Failure) -> None:
         if self._ended:

@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from rproxy.downstream.body import RequestBodyPipe, fileBody
 from rproxy.downstream.request import ProxyRequest
+from rproxy.downstream.webrequest import WebRequestDownstream
 from rproxy.interfaces import IStreamingResource
 from rproxy.proxy.balancers import RoundRobin
 from rproxy.proxy.directors import SingleServiceDirector
@@ -73,7 +74,7 @@ class ReverseProxyResource(_stockProxy.ReverseProxyResource):
 
     def renderStreaming(self, request: ProxyRequest) -> None:
         """Start proxying while the body is still arriving (the L{ProxyRequest} path)."""
-        self.proxy.handle(request, _target(request), request.bodyPipe)
+        self.proxy.handle(request, _target(request))
 
     def render(self, request: http.Request) -> int:
         """Proxy a request whose body Twisted already buffered (a plain C{twisted.web} site)."""
@@ -84,7 +85,7 @@ class ReverseProxyResource(_stockProxy.ReverseProxyResource):
         content.seek(0)
         if size or request.getHeader(b"content-length") is not None or request.getHeader(b"transfer-encoding"):
             body = fileBody(content, size)
-        self.proxy.handle(request, _target(request), body)
+        self.proxy.handle(WebRequestDownstream(request, body), _target(request))
         return NOT_DONE_YET
 
 

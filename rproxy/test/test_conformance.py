@@ -190,7 +190,7 @@ class ResponseFilter:
         self.seen.append(
             {
                 "inboundTarget": exchange.inbound.target,
-                "requestURI": exchange.request.uri,
+                "requestURI": exchange.downstream.uri,  # type: ignore[attr-defined]
                 "inboundHeaders": [
                     (name.lower(), value)
                     for name, values in exchange.inbound.headers.getAllRawHeaders()
@@ -198,7 +198,7 @@ class ResponseFilter:
                 ],
                 "clientHeaders": [
                     (name.lower(), value)
-                    for name, values in exchange.request.requestHeaders.getAllRawHeaders()
+                    for name, values in exchange.downstream.requestHeaders.getAllRawHeaders()
                     for value in values
                 ],
                 "outboundTarget": exchange.outbound.target,

@@ -76,7 +76,7 @@ class ResponseMemoryTests(unittest.TestCase):
             await sleep(0.25)
         self.assertTrue(large.paused, "the upstream was not paused")
         self.assertLess(large.sent, 48 * MiB, "the upstream wrote far more than the sockets hold")
-        [connection] = [c._channel for c in proxy.site.connections]
+        [connection] = [c.handler for c in proxy.site.connections]
         held = connection._queued[stream]
         self.assertLessEqual(held, STREAM_BUFFER + 65536, "the proxy buffers what the client does not read")
         self.assertLessEqual(connection._queuedTotal, CONNECTION_BUFFER)
@@ -104,7 +104,7 @@ class ResponseMemoryTests(unittest.TestCase):
                 break
             total = now
             await sleep(0.25)
-        [connection] = [c._channel for c in proxy.site.connections]
+        [connection] = [c.handler for c in proxy.site.connections]
         self.assertLessEqual(connection._queuedTotal, CONNECTION_BUFFER + 20 * 65536)
         self.assertLess(total, 20 * 48 * MiB)
         self.assertTrue(all(u.paused for u in built))

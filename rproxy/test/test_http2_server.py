@@ -23,10 +23,11 @@ from twisted.trial import unittest
 from twisted.web.http_headers import InvalidHeaderName
 
 from rproxy.app.demo import demoSite
-from rproxy.downstream.http2 import PREFACE, ProxyH2Connection, _RoundRobin, responseFields
+from rproxy.downstream.connection import PREFACE
+from rproxy.downstream.http1 import HTTP11Server
+from rproxy.downstream.http2 import ProxyH2Connection, _RoundRobin, responseFields
 from rproxy.downstream.limits import ClientLimits
-from rproxy.downstream.request import sendResponseHead
-from rproxy.downstream.site import ProxyHTTPChannel, ProxySite
+from rproxy.downstream.site import ProxySite
 from rproxy.test.certs import CertificateAuthority
 from rproxy.test.h2client import H2Client
 from rproxy.test.support import (
@@ -107,7 +108,7 @@ class PriorKnowledgeTests(unittest.TestCase):
         """
         site = ProxySite(demoSite().resource, ClientLimits(), reactor=task.Clock())
         for opening, expected in (
-            ([b"P", b"UT / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"], ProxyHTTPChannel),
+            ([b"P", b"UT / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"], HTTP11Server),
             ([PREFACE[:5], PREFACE[5:]], ProxyH2Connection),
         ):
             wrapper = site.buildProtocol(None)
@@ -116,8 +117,8 @@ class PriorKnowledgeTests(unittest.TestCase):
             wrapper.dataReceived(opening[0])
             self.assertEqual(transport.value(), b"", "nothing is decided on a prefix of the preface")
             wrapper.dataReceived(opening[1])
-            self.assertIsInstance(wrapper._channel, expected)
-            if expected is ProxyHTTPChannel:
+            self.assertIsInstance(wrapper.handler, expected)
+            if expected is HTTP11Server:
                 self.assertTrue(transport.value().startswith(b"HTTP/1.1 501 "), transport.value())  # PUT /: no such
             else:
                 self.assertEqual(transport.value()[3:4], b"\x04", "the server's SETTINGS frame")
@@ -245,7 +246,7 @@ class DrainTests(unittest.TestCase):
         upstream = ScriptedUpstream(self, lambda proto, request: _OK)
         proxy = startProxy(self, [upstream.url])
         client = await h2Connect(self, proxy.port, gracefulGoAway=True)
-        [connection] = [c._channel for c in proxy.site.connections]
+        [connection] = [c.handler for c in proxy.site.connections]
         busy = client.request(b"POST", b"/held", endStream=False)  # keeps the connection draining
         self.assertTrue(await waitFor(lambda: connection.streams))
         connection.drain()
@@ -309,7 +310,7 @@ class StreamingTests(unittest.TestCase):
         self.assertTrue(large.paused, "the upstream was not paused")
         self.assertEqual(large.sent, sent, "the upstream kept writing")
         self.assertLess(sent, 16 * MiB)
-        connection = next(iter(proxy.site.connections))._channel
+        connection = next(iter(proxy.site.connections)).handler
         held = sum(len(chunk) for chunk in connection._outboundStreamQueues[stream] if isinstance(chunk, bytes))
         self.assertLess(held, MiB, "the proxy buffers what the client cannot take")
 
@@ -451,7 +452,7 @@ def _openStream(testCase: unittest.TestCase) -> tuple[Any, StringTransport, h2.c
     client.send_headers(1, [(b":method", b"POST"), (b":path", b"/echo"), (b":scheme", b"http"), (b":authority", b"x")])
     wrapper.dataReceived(client.data_to_send())
     clock.advance(0)  # the send loop starts, and waits for something to send
-    channel = wrapper._channel
+    channel = wrapper.handler
     testCase.assertIsInstance(channel, ProxyH2Connection)
     transport.clear()
     return channel.streams[1]._request, transport, client
@@ -473,7 +474,7 @@ def _grouped(fields: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
 
 class HeadFastPathTests(unittest.TestCase):
     """
-    L{ProxyRequest.writeHead} on HTTP/2 builds the HEADERS frame from the field list, as Twisted's
+    The HTTP/2 stream's C{writeHead} builds the HEADERS frame from the field list, as Twisted's
     C{Headers} path and h2's normalisation would, and leaves what must be checked to them.
     """
 
@@ -500,8 +501,8 @@ class HeadFastPathTests(unittest.TestCase):
             request, transport, client = _openStream(self)
             request.responseHeaders.addRawHeader(b"X-Own", b"set by the proxy")
             if fast:
-                self.assertTrue(request.writeHead(200, b"OK", self.fields))
-            else:  # sendResponseHead's way when writeHead declines
+                self.assertTrue(request.channel.writeHead(request, 200, b"OK", self.fields, True))
+            else:  # ProxyRequest.sendHead's way when writeHead declines
                 request.setResponseCode(200, b"OK")
                 for name, value in self.fields:
                     request.responseHeaders.addRawHeader(name, value)
@@ -529,7 +530,7 @@ class HeadFastPathTests(unittest.TestCase):
     def test_noFields(self) -> None:
         """A head without fields is just its status."""
         request, transport, client = _openStream(self)
-        self.assertTrue(request.writeHead(404, None, []))
+        self.assertTrue(request.channel.writeHead(request, 404, None, [], True))
         self.assertEqual(_responseHead(client, transport), [(b":status", b"404")])
 
     def test_invalidLeftToTwisted(self) -> None:
@@ -540,16 +541,16 @@ class HeadFastPathTests(unittest.TestCase):
         for name in (b"Bad Name", b"x:y", b"", b"caf\xe9", b"x\r\ny"):
             self.assertIsNone(responseFields(200, [(b"ok", b"1"), (name, b"v")]), name)
             request, transport, client = _openStream(self)
-            self.assertFalse(request.writeHead(200, None, [(b"ok", b"1"), (name, b"v")]))
+            self.assertFalse(request.channel.writeHead(request, 200, None, [(b"ok", b"1"), (name, b"v")], True))
             self.assertEqual(transport.value(), b"", "nothing sent")
             self.assertFalse(request.startedWriting)
             with self.assertRaises(InvalidHeaderName):
-                sendResponseHead(request, 200, None, [(name, b"v")])
+                request.sendHead(200, None, [(name, b"v")], True)
             self.assertEqual(transport.value(), b"")
         for value in (b"a\r\nb", b"a\nb", b"a\x00b"):
             self.assertIsNone(responseFields(200, [(b"x-bad", value)]), value)
         request, transport, client = _openStream(self)
-        sendResponseHead(request, 200, None, [(b"x-bad", b"a\r\nb")])
+        request.sendHead(200, None, [(b"x-bad", b"a\r\nb")], True)
         self.assertEqual(_grouped(_responseHead(client, transport))[b"x-bad"], [b"a b"])
 
     def test_specialFieldsLeftToH2(self) -> None:
@@ -557,14 +558,14 @@ class HeadFastPathTests(unittest.TestCase):
         for name in (b"Authorization", b"proxy-authorization", b"Cookie", b"TE"):
             self.assertIsNone(responseFields(200, [(name, b"v")]), name)
         request, transport, client = _openStream(self)
-        sendResponseHead(request, 200, None, [(b"Authorization", b"secret")])
+        request.sendHead(200, None, [(b"Authorization", b"secret")], True)
         head = _responseHead(client, transport)
         self.assertEqual(_grouped(head)[b"authorization"], [b"secret"])
 
     def test_bodilessWaitsForFinish(self) -> None:
         """Without a body the head still waits for C{finish}, to go as one HEADERS frame ending the stream."""
         request, transport, client = _openStream(self)
-        sendResponseHead(request, 204, None, [(b"grpc-status", b"5")], hasBody=False)
+        request.sendHead(204, None, [(b"grpc-status", b"5")], False)
         self.assertEqual(transport.value(), b"")
         request.finish()
         events = client.receive_data(transport.value())
@@ -611,7 +612,7 @@ class SchedulerTests(unittest.TestCase):
         client.prioritize(1, weight=32)
         connection.dataReceived(client.data_to_send())
         self.assertIsInstance(connection.priority, priority.PriorityTree)
-        request.writeHead(200, None, [(b"content-length", b"2")])
+        request.channel.writeHead(request, 200, None, [(b"content-length", b"2")], True)
         request.write(b"ok")
         request.finish()
         events = client.receive_data(transport.value())

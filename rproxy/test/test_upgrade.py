@@ -283,7 +283,7 @@ class EndingTests(UpgradeTestCase):
         server.transport.write(b"last words")
         server.transport.loseConnection()
         await client.lost
-        self.assertTrue(client.received.endswith(b"last words"))
+        self.assertTrue(client.received.endswith(b"last words"), client.received)
 
     async def test_idleTimeout(self) -> None:
         """A tunnel silent both ways for C{--tunnel-idle-timeout} is closed; one carrying bytes is not."""

@@ -153,8 +153,8 @@ class _MessageRelay:
         self.limits = limits
         self.closed = False
         client, upstream = tunnel.client, tunnel.upstream
-        self.fromClient = _Direction(self, True, upstream.transport.write)
-        self.fromUpstream = _Direction(self, False, client.transport.write)
+        self.fromClient = _Direction(self, True, upstream.side.write)
+        self.fromUpstream = _Direction(self, False, client.side.write)
         client.deliver = self.fromClient.dataReceived
         upstream.deliver = self.fromUpstream.dataReceived
 

@@ -6,11 +6,13 @@ upstream as an upgrade request (L{requestedProtocols}); ``h2c`` is never among t
 through a proxy is a known way to smuggle requests past it).  Requests of HTTP/1.0 and HTTP/2 clients
 have their ``Upgrade`` dropped as the hop-by-hop field it is, and are proxied as usual, as Go does.
 
-When the upstream answers 101 with protocols the client asked for, L{splice} joins the client's and the
-upstream's transports in a L{Tunnel}: each transport is the producer of the other (backpressure in both
-directions), the bytes either side sent early (after the client's request head, after the upstream's 101
-head) are replayed first, a FIN from one side becomes a half-close of the other (plain TCP; a TLS
-transport has no half-close, so the other side is closed), and an idle timeout ends a silent tunnel.
+When the upstream answers 101 with protocols the client asked for, L{splice} answers the client and joins
+its side and the upstream's (L{rproxy.tunnel.sides.TunnelSide}: a connection, or an HTTP/2 stream for
+RFC 8441, L{rproxy.tunnel.h2connect}) in a L{Tunnel}: each side is the producer of the other
+(backpressure in both directions), the bytes either side sent early (after the client's request head,
+after the upstream's 101 head) are replayed first, a FIN from one side becomes a half-close of the other
+(plain TCP; a TLS connection has no half-close, so the other side is closed), and an idle timeout ends a
+silent tunnel.
 On a route with message limits (L{rproxy.tunnel.messages}), the WebSocket frames are parsed on their way
 instead of being copied.
 
@@ -23,18 +25,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableDescriptor, IHalfCloseableProtocol, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, Request
-from zope.interface import implementer
 
 from rproxy.headers import Pairs, isToken, splitTokens
+
+if TYPE_CHECKING:
+    from rproxy.downstream.contract import Downstream
+    from rproxy.tunnel.sides import TunnelSide
 
 _log = Logger()
 
@@ -45,16 +48,18 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 _H2C = b"h2c"
 
 
-def requestedProtocols(request: Request) -> tuple[bytes, ...]:
+def requestedProtocols(downstream: Downstream) -> tuple[bytes, ...]:
     """
-    The protocols C{request} asks to switch to, as sent, without ``h2c`` and without names that are not
-    C{token[/token]}; empty when it is no upgrade request, or one that is not honoured (not HTTP/1.1, or
-    ``upgrade`` not listed in ``Connection``): its ``Upgrade`` is then dropped as hop-by-hop.
+    The protocols C{downstream}'s request asks to switch to, as sent, without ``h2c`` and without names
+    that are not C{token[/token]}; empty when it is no upgrade request, or one that is not honoured (its
+    connection cannot switch: not HTTP/1.1; or ``upgrade`` is not listed in ``Connection``): its
+    ``Upgrade`` is then dropped as hop-by-hop.
     """
-    values = request.requestHeaders.getRawHeaders(b"upgrade")
-    if not values or request.clientproto != b"HTTP/1.1" or not isinstance(request.channel, HTTPChannel):
+    headers = downstream.requestHeaders
+    values = headers.getRawHeaders(b"upgrade")
+    if not values or not downstream.upgradable:
         return ()
-    if b"upgrade" not in set(splitTokens(request.requestHeaders.getRawHeaders(b"connection", ()))):
+    if b"upgrade" not in set(splitTokens(headers.getRawHeaders(b"connection", ()))):
         return ()
     protocols = []
     for value in values:
@@ -140,39 +145,29 @@ class Tunnels:
             tunnel.close()
 
 
-#: Where the bytes one side of a tunnel sends go: straight to the other transport, or through a parser.
+#: Where the bytes one side of a tunnel sends go: straight to the other side, or through a parser.
 Deliver = Callable[[bytes], None]
 
 
-@implementer(IHalfCloseableProtocol)
-class _TunnelEnd(Protocol):
+class _TunnelEnd:
     """
-    One side of a tunnel: the protocol of its transport from the switch on.
+    One side of a tunnel: what receives the side's bytes, FIN and end (a L{TunnelReceiver}).
 
-    @ivar previous: the protocol it replaced, told when the connection is lost (so that the client's
-        site and the upstream's pool forget the connection as usual).
+    @ivar side: the side.
+    @ivar peer: the other end.
+    @ivar deliver: where the side's bytes go.
     """
 
-    transport: Any
     peer: _TunnelEnd
     deliver: Deliver
 
-    def __init__(self, tunnel: Tunnel, fromClient: bool, transport: Any) -> None:
+    def __init__(self, tunnel: Tunnel, fromClient: bool, side: TunnelSide) -> None:
         self.tunnel = tunnel
         self.fromClient = fromClient
-        self.transport = transport
-        self.connected = 1
-        self.halfCloses = IHalfCloseableDescriptor.providedBy(transport)  # plain TCP, not TLS
+        self.side = side
         self._readDone = False
         self._writeDone = False
         self.lost = False
-        # The transport calls its protocol from now on: the TLS wrapper's wrapped protocol, or TCP's own.
-        if isinstance(transport, ProtocolWrapper):
-            self.previous = transport.wrappedProtocol
-            transport.wrappedProtocol = self
-        else:
-            self.previous = transport.protocol
-            transport.protocol = self
 
     def dataReceived(self, data: bytes) -> None:
         self.tunnel.carried(self.fromClient, len(data))
@@ -190,47 +185,39 @@ class _TunnelEnd(Protocol):
 
     def shutDownWrite(self) -> None:
         """Nothing more will be written to this side: a FIN after what is buffered, or a close."""
-        if self.lost:
-            return
-        self.transport.unregisterProducer()  # a paused producer would hold the FIN back
-        if self.halfCloses:
-            self.transport.loseWriteConnection()
-        else:
-            self.transport.loseConnection()
+        if not self.lost:
+            self.side.loseWriteConnection()
 
     def _closeIfDone(self) -> None:
         if self._readDone and self._writeDone:
-            self.transport.loseConnection()
+            self.side.loseConnection()
 
     def close(self, abort: bool = False) -> None:
         """Close this side (C{abort}: reset it, dropping what is not sent yet)."""
         if self.lost:
             return
-        self.transport.unregisterProducer()
         if abort:
-            self.transport.abortConnection()
+            self.side.abortConnection()
         else:
-            self.transport.loseConnection()
+            self.side.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
-        self.connected = 0
-        self.previous.connectionLost(reason)
         self.tunnel.sideLost(self, reason)
 
 
 class Tunnel:
     """
-    A client and an upstream connection spliced after a 101.
+    A client's side and an upstream's side spliced after a protocol switch.
 
     @ivar label: how logs name it (the request and the upstream).
-    @ivar client: the client's side.
-    @ivar upstream: the upstream's side.
+    @ivar client: the client's end.
+    @ivar upstream: the upstream's end.
     """
 
     _idleTimer: IDelayedCall | None = None
 
-    def __init__(self, tunnels: Tunnels, label: str, client: Any, upstream: Any) -> None:
+    def __init__(self, tunnels: Tunnels, label: str, client: TunnelSide, upstream: TunnelSide) -> None:
         self.tunnels = tunnels
         self.label = label
         self.client = _TunnelEnd(self, True, client)
@@ -257,18 +244,20 @@ class Tunnel:
             self.bytesFromUpstream += length
             counts.bytesFromUpstreams += length
 
-    def start(self, clientEarly: bytes, upstreamEarly: bytes) -> None:
-        """Replay the early bytes of each side, then let both flow, each transport pacing the other."""
-        client, upstream = self.client.transport, self.upstream.transport
-        for transport in (client, upstream):
-            transport.unregisterProducer()  # the HTTP channel, or the request body's source
+    def start(self) -> None:
+        """Replay the early bytes of each side, then let both flow, each side pacing the other."""
+        client, upstream = self.client.side, self.upstream.side
+        clientEarly = client.attach(self.client)
+        upstreamEarly = upstream.attach(self.upstream)
+        for side in (client, upstream):
+            side.unregisterProducer()  # the HTTP response's, or the request body's
         if upstreamEarly:
             self.upstream.dataReceived(upstreamEarly)
         if clientEarly:
             self.client.dataReceived(clientEarly)
         client.registerProducer(upstream, True)
         upstream.registerProducer(client, True)
-        client.resumeProducing()  # the channel pauses a client that sends much before its response
+        client.resumeProducing()  # a client that sent much before its response may have been paused
         upstream.resumeProducing()
 
     def close(self, abort: bool = False) -> None:
@@ -287,9 +276,9 @@ class Tunnel:
         _log.info("closing tunnel {tunnel}: silent for {timeout:g}s", tunnel=self.label, timeout=self._idleTimeout)
         self.close(abort=True)
 
-    def sideLost(self, side: _TunnelEnd, reason: Failure) -> None:
-        """One side's connection is gone: close the other (reset it, if this one was reset)."""
-        other = side.peer
+    def sideLost(self, end: _TunnelEnd, reason: Failure) -> None:
+        """One side is gone: close the other (reset it, if this one was reset)."""
+        other = end.peer
         if not other.lost:
             other.close(abort=not reason.check(ConnectionDone))
             return
@@ -309,26 +298,19 @@ class Tunnel:
 
 def splice(
     tunnels: Tunnels,
-    request: Request,
-    head: bytes,
-    upstream: Any,
-    upstreamEarly: bytes,
+    downstream: Downstream,
+    status: int,
+    fields: Sequence[tuple[bytes, bytes]],
+    upstream: TunnelSide,
     label: str,
     relay: Callable[[Tunnel], None] | None = None,
 ) -> Tunnel:
     """
-    Send the 101 C{head} to C{request}'s client and splice its connection with C{upstream}'s
-    transport, after replaying C{upstreamEarly} (what followed the upstream's 101) and what the client
-    sent after its request head.  C{relay}, if given, puts a parser between the two sides first.
+    Answer C{downstream}'s client with C{status} and C{fields} (a 101, or the 200 of an extended CONNECT)
+    and splice its side with C{upstream}'s.  C{relay}, if given, puts a parser between the two sides first.
     """
-    channel: Any = request.channel
-    clientEarly = b"".join(channel._dataBuffer)  # HTTPChannel keeps what follows a request in handling
-    channel._dataBuffer = []
-    client = channel.transport
-    request.startedWriting = 1  # the response is the tunnel: nothing else may write one
-    client.write(head)
-    tunnel = Tunnel(tunnels, label, client, upstream)
+    tunnel = Tunnel(tunnels, label, downstream.switchProtocols(status, fields), upstream)
     if relay is not None:
         relay(tunnel)
-    tunnel.start(clientEarly, upstreamEarly)
+    tunnel.start()
     return tunnel

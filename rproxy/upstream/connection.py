@@ -9,13 +9,14 @@ back to the receiver and is the C{IPushProducer} of its body, so a slow client p
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from rproxy.headers import Pairs
 
 if TYPE_CHECKING:
     from rproxy.downstream.body import RequestBodyPipe
     from rproxy.errors import ProxyError
+    from rproxy.tunnel.sides import TunnelSide
 
 
 class RequestHead(NamedTuple):
@@ -80,11 +81,11 @@ class ResponseReceiver(Protocol):
     def responseDone(self, trailers: Pairs) -> None:
         """The response ended with correct framing (C{trailers}: the trailer fields, if any came)."""
 
-    def responseSwitched(self, headers: Pairs, transport: Any, early: bytes) -> None:
+    def responseSwitched(self, headers: Pairs, side: TunnelSide) -> None:
         """
-        The upstream answered an upgrade request with 101 (Switching Protocols): C{transport} (the
-        connection's, which never goes back to its pool) is the receiver's to splice from now on;
-        C{early} holds the bytes that followed the 101 head.
+        The upstream answered an upgrade request with 101 (Switching Protocols): the connection, which
+        never goes back to its pool, is the receiver's to splice as C{side} from now on (with the bytes
+        that followed the 101 head, delivered when the side is attached).
         """
 
     def responseFailed(self, error: ProxyError, delivery: Delivery) -> None:

@@ -14,7 +14,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as ierror
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES
@@ -24,6 +24,7 @@ from rproxy import deadline
 from rproxy.errors import ProxyError, upstreamError
 from rproxy.framing import ChunkedDecoder, MalformedBodyError, contentLength
 from rproxy.headers import Pairs, hasControl, isToken
+from rproxy.tunnel.sides import TransportSide
 from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
 from rproxy.upstream.settings import timeoutError
 
@@ -47,7 +48,7 @@ _FIELD = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*)\r\n"
 _NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class HTTP11Connection(TwistedProtocol):
     """
     A persistent HTTP/1.1 connection to one upstream, carrying one exchange at a time.
@@ -63,6 +64,7 @@ class HTTP11Connection(TwistedProtocol):
     _body: RequestBodyPipe | None = None
     _upgrade = False  # the exchange asked to switch protocols
     _switchedHeaders: Pairs = []  # the fields of the 101 that switched them
+    _side: TransportSide | None = None  # after a 101: the tunnel's side this connection became
 
     def __init__(self, pool: UpstreamPool, reactor: IReactorTime) -> None:
         self._pool = pool
@@ -218,6 +220,9 @@ class HTTP11Connection(TwistedProtocol):
         self.transport.setTcpNoDelay(True)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._side is not None:
+            self._side.dataReceived(data)
+            return
         if self._receiver is None:
             if not self._closed:  # unsolicited bytes on an idle connection: it cannot be trusted
                 self.transport.abortConnection()
@@ -309,7 +314,8 @@ class HTTP11Connection(TwistedProtocol):
         self._responseDone = True
         receiver, self._receiver = self._receiver, None
         assert receiver is not None
-        receiver.responseSwitched(self._switchedHeaders, self.transport, early)
+        self._side = side = TransportSide(self.transport, early)
+        receiver.responseSwitched(self._switchedHeaders, side)
 
     def _parseFields(self, block: bytes) -> Pairs | None:
         """The fields of a head's field block, in order; C{None} (after failing) when malformed."""
@@ -471,7 +477,24 @@ class HTTP11Connection(TwistedProtocol):
         if receiver is not None:
             receiver.responseFailed(error, delivery)
 
+    def readConnectionLost(self) -> None:
+        """
+        The upstream sent its FIN: a tunnel passes it on (a half-close); otherwise the connection is over
+        (what is written goes first), as if no half-close existed.
+        """
+        if self._side is not None:
+            self._side.readConnectionLost()
+        elif not self._closed:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN to the upstream is out (only ever sent by a tunnel)."""
+        if self._side is not None:
+            self._side.writeConnectionLost()
+
     def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
+        if self._side is not None:
+            self._side.connectionLost(reason)
         self._closed = True
         self._deadline.stop()
         if self._receiver is not None:
