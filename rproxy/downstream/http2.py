@@ -1,55 +1,40 @@
 """
-The client side of HTTP/2: Twisted's C{H2Connection} and C{H2Stream} with what a proxy needs added.
+The HTTP/2 server protocol of a client connection, on the h2 library's public API: one h2 state machine
+per connection, a stream object per request that twisted.web's request writes to, and a send loop that
+serves the streams in turn under flow control.
 
-Twisted (C{twisted.web._http2}) serves HTTP/2 once TLS negotiates it with ALPN; L{rproxy.downstream.site} also
-switches to it on a plain connection that opens with the HTTP/2 preface (h2c with prior knowledge).
-L{ProxyH2Connection} adds, per connection:
+Each stream's request head is checked before it becomes an HTTP/1.1 request upstream
+(L{rproxy.downstream.h2request}); its body streams to the request with flow control as backpressure (the
+client's window is given back only as the upstream takes the body); its response goes out as one HEADERS
+frame and DATA frames, the last of which ends the stream (or a trailer HEADERS frame does; a response
+without a body is a single HEADERS frame, as gRPC's trailers-only responses must be).  Per connection:
 
- - limits: C{SETTINGS_MAX_CONCURRENT_STREAMS} (a stream beyond it is refused with REFUSED_STREAM, where
-   h2 would end the whole connection), C{SETTINGS_MAX_HEADER_LIST_SIZE}, and the Rapid Reset
-   bound (CVE-2023-44487) as Twisted's reset token bucket, sized from L{ClientLimits};
- - trailers both ways: those a client sends after its body reach the request (C{requestTrailers}),
-   and a response ends with a trailer HEADERS frame (END_STREAM) instead of an empty DATA frame when
-   the request has trailers to send;
- - informational (1xx) responses on a stream, and ``Expect: 100-continue`` left to the request;
- - a request routed only once its whole head is in (Twisted calls C{gotLength} from inside the header
-   loop, before C{Host} may be set, and before the stream is registered so a response written at once
-   would fail), and frames for a stream already answered ignored instead of raising C{KeyError};
- - a stream answered before its request body ended is reset with C{NO_ERROR} (RFC 9113 section 8.1),
-   so the client stops sending it;
- - a response without body or trailers sent as one HEADERS frame with END_STREAM (Twisted adds an
-   empty DATA frame, which gRPC clients do not accept for a trailers-only response);
- - a send loop that writes several DATA frames per reactor turn (Twisted writes one), serving the
-   streams in turn until a client signals RFC 7540 priorities (then through Twisted's priority tree),
-   and woken without a Deferred;
- - a response head built from the proxy's field list directly (L{ProxyH2Stream.writeHead}), without
-   the C{Headers} round trip nor h2's normalisation when the fields need none;
- - request heads checked before they become HTTP/1.1 requests (L{rproxy.downstream.h2request}), with the
-   HTTP/1.1 head limits (431 on the stream);
- - response bytes held per stream and per connection bounded by L{STREAM_BUFFER} and
-   L{CONNECTION_BUFFER}, whatever window the client advertises;
+ - C{SETTINGS_MAX_CONCURRENT_STREAMS}: a stream beyond it is refused with REFUSED_STREAM, which a client
+   may retry, while the others go on (h2 would end the connection: it is told a higher limit than the
+   client, and rproxy refuses the excess itself);
+ - C{SETTINGS_MAX_HEADER_LIST_SIZE} and the HTTP/1.1 head limits: 431 on the stream; a header list past
+   four times the limits is not decoded further (GOAWAY(ENHANCE_YOUR_CALM));
+ - Rapid Reset (CVE-2023-44487): a token bucket of the streams a client resets; beyond it,
+   GOAWAY(ENHANCE_YOUR_CALM);
+ - response bytes held per stream and per connection bounded by L{STREAM_BUFFER} and L{CONNECTION_BUFFER}
+   whatever window the client advertises, and control frames a client makes us queue while it does not
+   read bounded by L{CONTROL_BUFFER};
  - deadlines: the header timeout for any incomplete frame but DATA and any header block
    (L{rproxy.downstream.h2frames.FrameWatch}), and the idle timeout only while no stream is open;
  - connection errors sent with the code the RFCs name, and a close that a client cannot hold off
-   (L{CLOSE_GRACE}); a graceful shutdown that lets the streams in flight finish.
+   (L{CLOSE_GRACE}); a graceful shutdown that lets the streams in flight finish;
+ - streams served in turn, a DATA frame each, until a client sends RFC 7540 priorities: then by the
+   C{priority} library's tree.
 
-It relies on private parts of C{twisted.web._http2} (C{H2Connection._requestReceived},
-C{_handleWindowUpdate}, C{_requestDataReceived}, C{_requestEnded}, C{_requestAborted}, C{_requestDone},
-C{_sendPrioritisedData}, C{_outboundStreamQueues}, C{_streamCleanupCallbacks}, C{_tryToWriteControlData},
-C{_terminate}, C{_bufferedControlFrames}, the C{_cancelTimeouts} argument of C{connectionLost},
-C{_resetTokenBurst}/C{_resetTokenRate}/C{_resetTokens}, C{_consumerBlocked}, C{_stillProducing},
-C{_sendingDeferred}, C{_handlePriorityUpdate}, C{_isSecure}, C{priority}, C{_END_STREAM_SENTINEL};
-C{H2Stream._request}, C{_conn}, C{_convertHeaders}, C{_send100Continue}), and of h2
-(C{H2Connection._receive_headers_frame}, C{_closed_streams}, C{h2.connection._decode_headers}, the
-C{H2Configuration} of its streams read at each C{send_headers}); L{rproxy.test.test_twisted_contract}
-fails if a Twisted or h2 release changes them.
+An extended CONNECT (RFC 8441) is answered with 200 and its stream handed to a tunnel
+(L{rproxy.tunnel.h2connect}) as a L{rproxy.tunnel.sides.TunnelSide}.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import h2.config
 import h2.connection
@@ -58,27 +43,26 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import priority
-from h2.connection import _decode_headers
-from h2.stream import StreamClosedBy
-from h2.utilities import CONNECTION_HEADERS
-from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
-from twisted.internet.defer import Deferred
+from hpack import NeverIndexedHeaderTuple
+from hyperframe.frame import GoAwayFrame
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection, H2Stream
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
+from rproxy import deadline
 from rproxy.downstream.h2frames import FrameWatch, connectionErrorCode, withGoAwayCode
 from rproxy.downstream.h2request import HeadLimits, requestHead
 from rproxy.errors import ProxyError
-from rproxy.headers import allowedTrailers, hasControl, isToken
+from rproxy.headers import Pairs, allowedTrailers, hasControl, isToken
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
-
-    from rproxy.downstream.limits import ClientLimits
+    from rproxy.downstream.connection import ClientConnection
+    from rproxy.downstream.contract import Producer
+    from rproxy.downstream.request import ProxyRequest
+    from rproxy.tunnel.sides import TunnelReceiver
 
 _log = Logger()
 
@@ -91,52 +75,62 @@ SEND_BUDGET = 262144
 STREAM_BUFFER = 65536
 CONNECTION_BUFFER = 1048576
 
+#: Control frames (SETTINGS and PING acknowledgements, WINDOW_UPDATE, RST_STREAM) held for a client that
+#: does not read, before its connection is ended (the ping and settings floods of CVE-2019-9512/9515).
+CONTROL_BUFFER = 65536
+
 #: Seconds a client has to let a connection close after rproxy's GOAWAY before it is reset (a TLS
 #: connection otherwise waits for the client's close_notify, which a hostile client never sends).
 CLOSE_GRACE = 3.0
-
-Fields = list[tuple[bytes, bytes]]
 
 #: How many times the advertised header list size a client may send before its connection is ended
 #: (below it, a larger head is refused with 431).
 HEADER_LIST_HARD_CAP = 4
 
+#: Streams h2 lets a client open beyond the advertised limit: rproxy refuses those itself, one by one.
+_EXCESS_STREAMS = 100
+
 #: The method and target a refused request is logged with, when its own cannot be trusted.
 _REFUSED = (b"-", b"-")
 
-#: Response fields h2 would rewrite (never-indexed in HPACK) or refuse (C{te}): left to its normalisation.
-_H2_NORMALISED = frozenset([b"authorization", b"proxy-authorization", b"cookie", b"te"])
+#: Fields that describe an HTTP/1.1 connection: never sent on HTTP/2 (RFC 9113 section 8.2.2).
+_CONNECTION_FIELDS = frozenset(
+    [b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"]
+)
+#: Fields HPACK must never index (what h2's own normalisation does: RFC 7541 section 7.1.3).
+_SECRET_FIELDS = frozenset([b"authorization", b"proxy-authorization"])
 
 
-def responseFields(code: int, fields: Sequence[tuple[bytes, bytes]]) -> Fields | None:
+def responseFields(status: int, fields: Sequence[tuple[bytes, bytes]]) -> list[Any] | None:
     """
     The HEADERS field list of a response head: C{:status}, then C{fields} as h2's outbound normalisation
-    would make them (names lowercased, values stripped, connection-specific fields dropped), in the
-    order given; C{None} when a field is not valid (a name that is not a token, a value with NUL, CR or
-    LF) or is one h2 treats specially, so that the caller takes the checked path instead.
+    would make them (names lowercased, values stripped, connection-specific fields dropped, credentials
+    never indexed), in the order given; C{None} when a field is not valid (a name that is not a token, a
+    value with NUL, CR or LF).
     """
+    head: list[Any] = [(b":status", b"%d" % status)]
     if not fields:
-        return [(b":status", b"%d" % code)]
-    names = b"".join([name for name, _ in fields])
-    if not all([name for name, _ in fields]) or not isToken(names) or hasControl(b"".join([v for _, v in fields])):
+        return head
+    names = [name for name, _ in fields]
+    if not all(names) or not isToken(b"".join(names)) or hasControl(b"".join([v for _, v in fields])):
         return None
-    head = [(b":status", b"%d" % code)]
     for name, value in fields:
         name = name.lower()
-        if name in CONNECTION_HEADERS:
+        if name in _CONNECTION_FIELDS:
             continue
-        if name in _H2_NORMALISED:
-            return None
-        head.append((name, value.strip()))
+        value = value.strip(b" \t")
+        if name in _SECRET_FIELDS or (name == b"cookie" and len(value) < 20):
+            head.append(NeverIndexedHeaderTuple(name, value))
+        else:
+            head.append((name, value))
     return head
 
 
 class _RoundRobin:
     """
-    The streams of a connection with something to send, served in turn: the scheduler in place of
-    Twisted's C{priority.PriorityTree}, whose every pick walks the whole tree (it weighs RFC 7540
-    priorities, which RFC 9113 deprecated, and that most clients no longer send).  It has the tree's
-    interface, for Twisted's code, and hands its state to a tree when a client does send priorities.
+    The streams of a connection with something to send, served in turn: the scheduler until a client
+    sends RFC 7540 priorities (which RFC 9113 deprecated, and that most clients no longer send), when it
+    hands its state to a C{priority.PriorityTree}, whose interface it has.
     """
 
     def __init__(self) -> None:
@@ -186,92 +180,486 @@ class _RoundRobin:
         return tree
 
 
-class _H2State(h2.connection.H2Connection):
+@implementer(IPushProducer)
+class HTTP2Server:
     """
-    h2's connection state machine, which ends a stream with trailers when some are pending and
-    remembers the trailers a client sent, until the stream's end is handled.
+    The HTTP/2 protocol of one client connection (see the module).
+
+    @ivar conn: the h2 state machine.
+    @ivar streams: the open streams, by ID.
+    @ivar priority: the scheduler of the streams' DATA.
     """
 
-    def __init__(self, limits: ClientLimits) -> None:
-        super().__init__(h2.config.H2Configuration(client_side=False, header_encoding=None))
-        self.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2MaxConcurrentStreams,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.h2MaxHeaderListSize,
-                h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441: WebSocket (rproxy.tunnel.h2connect)
-            },
+    _paused = False  # the transport's buffer is full: send nothing more until it drains
+    _sendScheduled = False  # the send loop runs at the next turn
+    _queuedTotal = 0  # response bytes queued, all streams together
+    _connectionFull = False  # streams were paused because the connection holds CONNECTION_BUFFER
+    _heldControl = b""  # control frames written while the transport is paused
+    _headStarted = -1  # which incomplete frame or header block (FrameWatch.started) the deadline is for
+    _closing = False  # GOAWAY sent after an error: the connection ends
+    _draining = False  # GOAWAY sent for shutdown: close once the last stream ends
+    _closer: Any = None  # resets the connection if the client does not let it close
+    _idleSince = 0.0  # when the last stream ended (or the connection began)
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+        site = connection.site
+        self.site = site
+        self.transport = connection.transport
+        limits = site.limits
+        self._limits = limits
+        self._reactor = site.reactor
+        self.headLimits = HeadLimits(limits.maxHeaders, limits.maxHeaderBytes, limits.h2MaxHeaderListSize)
+        self.streams: dict[int, H2Stream] = {}
+        self.priority: Any = _RoundRobin()
+        self._heads: list[tuple[H2Stream, list[Any], bool]] = []
+        self._watch = FrameWatch()
+        self._resetTokens = float(limits.h2ResetBurst)
+        self._resetAt = self._reactor.seconds()
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            # rproxy builds every field list it sends valid and normalised (responseFields).
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
-        # Decode header lists larger than the advertised limit (up to a hard cap, beyond which the
-        # connection ends), so that the request is refused with 431 and the connection goes on.
-        self.decoder.max_header_list_size = HEADER_LIST_HARD_CAP * max(
+        conn = self.conn = h2.connection.H2Connection(config)
+        advertised = {
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2MaxConcurrentStreams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.h2MaxHeaderListSize,
+            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441: WebSocket (rproxy.tunnel.h2connect)
+        }
+        conn.local_settings = h2.settings.Settings(client=False, initial_values=advertised)
+        conn.initiate_connection()
+        # What h2 enforces, once the client has been told the limit above: more streams, which rproxy
+        # refuses one by one, and larger header lists, which it refuses with 431.
+        enforced = {
+            **advertised,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2MaxConcurrentStreams + _EXCESS_STREAMS,
+        }
+        conn.local_settings = h2.settings.Settings(client=False, initial_values=enforced)
+        conn.decoder.max_header_list_size = HEADER_LIST_HARD_CAP * max(
             limits.h2MaxHeaderListSize, limits.maxHeaderBytes
         )
-        self.pendingTrailers: dict[int, Sequence[tuple[bytes, bytes]]] = {}
-        self.receivedTrailers: dict[int, Fields] = {}
+        self._headDeadline = deadline.Deadline(self._reactor, self._headTimedOut)
+        self._idleDeadline = deadline.Deadline(self._reactor, self._idleTimedOut)
+        self._idleSince = self._reactor.seconds()
+        self._idleDeadline.arm(deadline.IDLE, limits.idleTimeout)
+        self.transport.registerProducer(self, True)
+        self._flush()
 
-    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[h2.events.Event]]:
-        """
-        Refuse a stream beyond C{SETTINGS_MAX_CONCURRENT_STREAMS} with RST_STREAM(REFUSED_STREAM), which a
-        client may retry, instead of h2's connection error that would end every stream of the connection.
-        """
-        streamID = frame.stream_id
-        if (
-            streamID not in self.streams
-            and streamID % 2 == 1
-            and streamID > self.highest_inbound_stream_id
-            and self.open_inbound_streams >= self.local_settings.max_concurrent_streams
-        ):
-            _decode_headers(self.decoder, frame.data)  # keeps the HPACK state in step with the client's
-            self.highest_inbound_stream_id = streamID
-            self._closed_streams[streamID] = StreamClosedBy.SEND_RST_STREAM  # its later frames: ignored
-            refusal = RstStreamFrame(streamID)
-            refusal.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
-            return [refusal], []
-        return super()._receive_headers_frame(frame)
+    # -- reading
 
-    def end_stream(self, stream_id: int) -> None:
-        trailers = self.pendingTrailers.pop(stream_id, None)
-        if trailers:
-            self.send_headers(stream_id, list(trailers), end_stream=True)
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        watch = self._watch
+        watch.feed(data)
+        if watch.pending:
+            if watch.started != self._headStarted:
+                self._headStarted = watch.started
+                self._headDeadline.arm(deadline.HEAD, self._limits.headerTimeout)
         else:
-            super().end_stream(stream_id)
-
-    def receive_data(self, data: Buffer) -> list[h2.events.Event]:
-        events = super().receive_data(data)
+            self._headDeadline.disarm()
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as error:
+            self._connectionError(error)
+            return
         for event in events:
-            if isinstance(event, h2.events.TrailersReceived):
-                self.receivedTrailers[event.stream_id] = list(event.headers)
-        return events
+            handler = _HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, event)
+            if self._closing:
+                return
+        self._flush()
 
+    def _requestReceived(self, event: h2.events.RequestReceived) -> None:
+        streamID = event.stream_id
+        if self._draining or len(self.streams) >= self._limits.h2MaxConcurrentStreams:
+            # Beyond the limit, or after the GOAWAY of a shutdown: refused, so the client may send it again.
+            self._reset(streamID, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        stream = H2Stream(self, streamID)
+        self.streams[streamID] = stream
+        try:
+            self.priority.insert_stream(streamID)
+        except priority.DuplicateStreamError:
+            pass  # a PRIORITY frame came first, and _priorityUpdated inserted it
+        self.priority.block(streamID)
+        stream.headReceived(event.headers, event.stream_ended is not None)
 
-class ProxyH2Stream(H2Stream):
-    """
-    One HTTP/2 request/response exchange, routed once the connection has registered it.
+    def _dataReceived(self, event: h2.events.DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:  # answered already: drop the data, but give the connection's window back
+            self._acknowledge(event.flow_controlled_length, event.stream_id)
+            return
+        stream.dataReceived(event.data, event.flow_controlled_length)
 
-    @ivar connectProtocol: the ``:protocol`` of an extended CONNECT (RFC 8441), C{None} for any other.
-    """
+    def _trailersReceived(self, event: h2.events.TrailersReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.trailers = allowedTrailers(event.headers)
 
-    _conn: ProxyH2Connection
-    connectProtocol: bytes | None = None
-    _request: Any  # a ProxyRequest
-    _headers: list[tuple[bytes, bytes]] = []
-    _endWithHead = False
-    blocked = False  # whether its producer is paused
+    def _streamEnded(self, event: h2.events.StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.clientEnded()
 
-    def _convertHeaders(self, headers: list[tuple[bytes, bytes]]) -> None:
-        """Keep the fields for L{headersReceived}: the stream is not registered yet."""
-        self._headers = headers
+    def _streamReset(self, event: h2.events.StreamReset) -> None:
+        """A client reset a stream: it ends, and spends a token of the Rapid Reset bucket."""
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.lost(Failure(ConnectionLost(f"Stream reset with code {event.error_code}")))
+        now = self._reactor.seconds()
+        limits = self._limits
+        self._resetTokens = min(
+            limits.h2ResetBurst, self._resetTokens + max(0.0, now - self._resetAt) * limits.h2ResetRate
+        )
+        self._resetAt = now
+        if self._resetTokens < 1:
+            _log.warn(
+                "client {client} reset streams faster than {rate}/s (burst {burst}): closed with ENHANCE_YOUR_CALM",
+                client=self.connection.peer,
+                rate=limits.h2ResetRate,
+                burst=limits.h2ResetBurst,
+            )
+            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many stream resets")
+        else:
+            self._resetTokens -= 1
 
-    def headersReceived(self, ended: bool) -> None:
+    def _windowUpdated(self, event: h2.events.WindowUpdated) -> None:
+        """The client opened a window: streams set aside on a shut one may send again."""
+        if event.stream_id:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.windowOpened()
+        else:
+            for stream in list(self.streams.values()):
+                stream.windowOpened()
+        self.scheduleSend()
+
+    def _settingsChanged(self, event: h2.events.RemoteSettingsChanged) -> None:
+        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            for stream in list(self.streams.values()):
+                stream.windowOpened()
+            self.scheduleSend()
+
+    def _priorityUpdated(self, event: h2.events.PriorityUpdated) -> None:
+        """The client sends RFC 7540 priorities: from now on, the priority tree weighs them."""
+        if isinstance(self.priority, _RoundRobin):
+            self.priority = self.priority.tree()
+        try:
+            self.priority.reprioritize(
+                stream_id=event.stream_id,
+                depends_on=event.depends_on or None,
+                weight=event.weight,
+                exclusive=event.exclusive,
+            )
+        except priority.MissingStreamError:
+            # A PRIORITY frame before its stream's HEADERS: the stream waits in the tree, blocked.
+            self.priority.insert_stream(
+                stream_id=event.stream_id,
+                depends_on=event.depends_on or None,
+                weight=event.weight,
+                exclusive=event.exclusive,
+            )
+            self.priority.block(event.stream_id)
+        except priority.PriorityLoop:
+            self._connectionError(h2.exceptions.ProtocolError("a stream depends on itself"))
+
+    def _goAwayReceived(self, event: h2.events.ConnectionTerminated) -> None:
+        """The client ends the connection (h2 sends nothing after a GOAWAY, python-hyper/h2#1181)."""
+        self._closing = True
+        self._fail(Failure(ConnectionLost("the client sent GOAWAY")))
+        self._close()
+
+    # -- writing
+
+    def _flush(self) -> None:
+        """Write what h2 has to send, or hold it while the client does not read (within CONTROL_BUFFER)."""
+        data = self.conn.data_to_send()
+        if not data:
+            return
+        if not self._paused:
+            self.transport.write(data)
+            return
+        self._heldControl += data
+        if len(self._heldControl) > CONTROL_BUFFER and not self._closing:
+            _log.warn(
+                "client {client} does not read while it makes the proxy queue frames ({size} bytes): closed",
+                client=self.connection.peer,
+                size=len(self._heldControl),
+            )
+            self._closing = True
+            self._fail(Failure(ConnectionLost("the client does not read")))
+            self.transport.abortConnection()
+
+    def scheduleSend(self) -> None:
         """
-        Give the request its fields, then its length (routing it), or the reason its head is refused;
-        C{ended}: the HEADERS frame ended the stream, so there is no body.
+        Run the send loop at the next turn, once for everything queued until then: what a response's
+        head, body and end queue together then goes out as frames of one write, and the last DATA frame
+        ends the stream.
         """
-        request = self._request
-        head = requestHead(self._headers, self._conn.headLimits)
-        del self._headers
+        if not self._sendScheduled and not self._closing:
+            self._sendScheduled = True
+            self._reactor.callLater(0, self._send)
+
+    def sendHeaders(self, stream: H2Stream, head: list[Any], end: bool) -> None:
+        """Queue a HEADERS frame of C{stream} (C{end}: it ends the stream) for the next send."""
+        self._heads.append((stream, head, end))
+        self.scheduleSend()
+
+    def _send(self) -> None:
+        """
+        Send the queued HEADERS frames, then DATA from the streams that have some, in turn, as their windows
+        allow, until L{SEND_BUDGET} bytes went out (the rest at the next turn), in one write.
+        """
+        self._sendScheduled = False
+        if self._closing:
+            return
+        conn = self.conn
+        heads, self._heads = self._heads, []
+        for stream, head, end in heads:
+            stream.sendHead(conn, head, end)
+        budget = SEND_BUDGET
+        scheduler = self.priority
+        while budget > 0 and not self._paused and not self._closing:
+            try:
+                streamID = next(scheduler)
+            except priority.DeadlockError:
+                break
+            budget -= self.streams[streamID].sendFrame(conn)
+        else:
+            if budget <= 0:
+                self.scheduleSend()
+        self._flush()
+
+    def queued(self, stream: H2Stream, size: int) -> None:
+        """C{size} bytes joined C{stream}'s queue (negative: left it)."""
+        self._queuedTotal += size
+        if size > 0:
+            if self._queuedTotal >= CONNECTION_BUFFER:
+                self._connectionFull = True
+        elif self._connectionFull and self._queuedTotal <= CONNECTION_BUFFER // 2:
+            self._connectionFull = False
+            for each in list(self.streams.values()):
+                each.windowOpened()
+
+    # -- IPushProducer: the transport's buffer paces the send loop
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        held, self._heldControl = self._heldControl, b""
+        if held:
+            self.transport.write(held)
+        self.scheduleSend()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    # -- streams ending
+
+    def streamDone(self, stream: H2Stream) -> None:
+        """C{stream} is over (answered, reset, or its connection lost): forget it."""
+        streamID = stream.streamID
+        if self.streams.pop(streamID, None) is None:
+            return
+        try:
+            self.priority.remove_stream(streamID)
+        except priority.MissingStreamError:
+            pass
+        if not self.streams and not self._closing:
+            if self._draining:
+                self._drained()
+            else:
+                self._idleSince = self._reactor.seconds()
+
+    def _reset(self, streamID: int, code: int) -> None:
+        try:
+            self.conn.reset_stream(streamID, code)
+        except h2.exceptions.ProtocolError:
+            pass  # closed meanwhile (or the connection is closing)
+
+    def _acknowledge(self, size: int, streamID: int) -> None:
+        """Give the client back C{size} bytes of window (the connection's, and the stream's if open)."""
+        if size:
+            try:
+                self.conn.acknowledge_received_data(size, streamID)
+            except h2.exceptions.ProtocolError:
+                pass
+
+    # -- the connection's life: deadlines, errors, closing
+
+    def _headTimedOut(self, mode: int) -> None:
+        _log.warn(
+            "client {client}: an HTTP/2 frame or header block did not arrive within {timeout:g}s; closing",
+            client=self.connection.peer,
+            timeout=self._limits.headerTimeout,
+        )
+        self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "the client was too slow to send a frame")
+
+    def _idleTimedOut(self, mode: int) -> None:
+        """
+        The idle timer ran out: if the connection had no stream for the idle timeout, GOAWAY and close;
+        else wait again.  (The timer is not moved at each stream's start and end, which would cost timer
+        operations per request: it only ever fires late, and looks.)
+        """
+        timeout = self._limits.idleTimeout
+        idle = self._reactor.seconds() - self._idleSince
+        if self.streams or idle < timeout:
+            self._idleDeadline.arm(deadline.IDLE, timeout if self.streams else timeout - idle)
+            return
+        _log.info(
+            "client {client}: HTTP/2 connection idle for {timeout:g}s; closing",
+            client=self.connection.peer,
+            timeout=timeout,
+        )
+        self._goAwayAndClose(h2.errors.ErrorCodes.NO_ERROR, "idle timeout")
+
+    def _connectionError(self, error: h2.exceptions.ProtocolError) -> None:
+        """A broken frame: GOAWAY with the code the RFCs name (h2 queued one), then close."""
+        code = connectionErrorCode(error, self._watch)
+        _log.warn(
+            "client {client}: HTTP/2 connection error {code}: {error}",
+            client=self.connection.peer,
+            code=code.name,
+            error=str(error),
+        )
+        try:
+            self.conn.close_connection(error_code=code)  # h2 queued a GOAWAY already, unless rproxy found it
+        except h2.exceptions.ProtocolError:
+            pass
+        self._closing = True
+        pending = withGoAwayCode(self.conn.data_to_send(), code)
+        self._writeLast(pending)
+        self._fail(Failure(error))
+        self._close()
+
+    def _goAwayAndClose(self, code: int, why: str) -> None:
+        self._closing = True
+        try:
+            self.conn.close_connection(error_code=code)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._writeLast(self.conn.data_to_send())
+        self._fail(Failure(ConnectionLost(why)))
+        self._close()
+
+    def _writeLast(self, data: bytes) -> None:
+        """Write what is held and C{data}, the connection's last frames, whether the client reads or not."""
+        held, self._heldControl = self._heldControl, b""
+        if held or data:
+            self.transport.write(held + data)
+
+    def _fail(self, reason: Failure) -> None:
+        """Every stream is over: their requests hear why."""
+        for stream in list(self.streams.values()):
+            stream.lost(reason)
+
+    def _close(self, grace: float | None = CLOSE_GRACE) -> None:
+        """
+        Close once what is written is sent; reset after C{grace} seconds if still open (C{None}: wait, as
+        a shutdown does, which has its own grace period).
+        """
+        self._headDeadline.stop()
+        self._idleDeadline.stop()
+        transport = self.transport
+        transport.unregisterProducer()  # else TLS would wait for this producer before its close_notify
+        transport.loseConnection()
+        if grace is not None and self._closer is None:
+            self._closer = self._reactor.callLater(grace, transport.abortConnection)
+
+    def drain(self) -> None:
+        """
+        Shutdown: GOAWAY now, so the client opens no new stream, and close once the streams in flight
+        have ended.  The GOAWAY is written here, not by h2, whose state machine would then send no more
+        frames at all, so that the streams in flight could not finish.
+        """
+        if self._draining or self._closing:
+            return
+        self._draining = True
+        self._flush()
+        goAway = GoAwayFrame(0)
+        goAway.last_stream_id = self.conn.highest_inbound_stream_id
+        goAway.error_code = h2.errors.ErrorCodes.NO_ERROR
+        self.transport.write(goAway.serialize())
+        if not self.streams:
+            self._drained()
+
+    def _drained(self) -> None:
+        """The last stream of a draining connection ended: close it."""
+        self._closing = True
+        self.conn.close_connection(last_stream_id=self.conn.highest_inbound_stream_id)
+        self._writeLast(self.conn.data_to_send())
+        self._close(None)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._closing = True
+        self._headDeadline.stop()
+        self._idleDeadline.stop()
+        if self._closer is not None and self._closer.active():
+            self._closer.cancel()
+        self._fail(reason)
+
+
+_HANDLERS: dict[type, Callable[[HTTP2Server, Any], None]] = {
+    h2.events.RequestReceived: HTTP2Server._requestReceived,
+    h2.events.DataReceived: HTTP2Server._dataReceived,
+    h2.events.TrailersReceived: HTTP2Server._trailersReceived,
+    h2.events.StreamEnded: HTTP2Server._streamEnded,
+    h2.events.StreamReset: HTTP2Server._streamReset,
+    h2.events.WindowUpdated: HTTP2Server._windowUpdated,
+    h2.events.RemoteSettingsChanged: HTTP2Server._settingsChanged,
+    h2.events.PriorityUpdated: HTTP2Server._priorityUpdated,
+    h2.events.ConnectionTerminated: HTTP2Server._goAwayReceived,
+}
+
+
+@implementer(IPushProducer)
+class H2Stream:
+    """
+    One request and its response on an HTTP/2 connection: the channel twisted.web's request writes to
+    (and the L{RequestChannel} of L{ProxyRequest}), and, after an extended CONNECT, a tunnel's side.
+
+    @ivar trailers: the trailer fields the client sent after its body.
+    """
+
+    upgradable = False
+    trailers: Pairs = []
+    extendedConnect: bytes | None = None
+    _producer: Producer | None = None
+    _producerPaused = False
+    _paused = False  # the request's body pipe paused it: the client's DATA waits, unacknowledged
+    _held: deque[tuple[bytes, int]] | None = None  # DATA received while paused, with its flow-controlled size
+    _heldEnd = False  # the client ended the stream while it was paused
+    _headPending: list[Any] | None = None  # a bodiless response's head, sent with END_STREAM at the end
+    _ending = False  # the response is complete: END_STREAM once the queue is sent
+    _endTrailers: Any = None  # the trailers that end the response
+    _clientDone = False  # the client ended its side
+    _done = False
+    _tunnel: TunnelReceiver | None = None
+
+    def __init__(self, server: HTTP2Server, streamID: int) -> None:
+        self.server = server
+        self.streamID = streamID
+        self.site = self.factory = server.site
+        self.transport = server.transport
+        self.bodySource = self
+        self._queue: deque[bytes] = deque()
+        self._queuedBytes = 0
+        self.request = cast("ProxyRequest", server.site.requestFactory(self))
+
+    # -- the request's head and body, from the client
+
+    def headReceived(self, block: list[tuple[bytes, bytes]], ended: bool) -> None:
+        """Give the request its head (routing it), or the reason it is refused; C{ended}: there is no body."""
+        request = self.request
         request.clientproto = b"HTTP/2"
+        head = requestHead(block, self.server.headLimits)
         if isinstance(head, ProxyError):
             request.method, request.uri = _REFUSED
             request.gotLength(0, head)
@@ -281,63 +669,252 @@ class ProxyH2Stream(H2Stream):
         for name, value in head.fields:
             add(name, value)
         length = head.length
-        self.connectProtocol = head.protocol
-        if self.connectProtocol is not None:
+        if head.protocol is not None:
             # Its DATA is a tunnel's (rproxy.tunnel.h2connect), not a body: held, unacknowledged, until it opens.
+            self.extendedConnect = head.protocol
             length = 0
             self.pauseProducing()
-        if length is None and (ended or head.method in (b"GET", b"HEAD")):
+        elif length is None and (ended or head.method in (b"GET", b"HEAD")):
             length = 0
         request.parseCookies()
-        request.gotLength(length)
+        request.gotLength(length)  # (a HEADERS frame that ends the stream is followed by its StreamEnded)
 
-    def flowControlBlocked(self) -> None:
-        """Twisted's: the producer is paused (the window is shut, or the proxy's buffers are full)."""
-        self.blocked = True
-        super().flowControlBlocked()
+    def dataReceived(self, data: bytes, size: int) -> None:
+        if self._paused:
+            if self._held is None:
+                self._held = deque()
+            self._held.append((data, size))
+            return
+        self._deliver(data)
+        self.server._acknowledge(size, self.streamID)
 
-    def windowUpdated(self) -> None:
-        """Twisted's: the producer resumes if the stream may queue more."""
-        if self.blocked and self._conn.remainingOutboundWindow(self.streamID) > 0:
-            self.blocked = False
-            super().windowUpdated()
+    def _deliver(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.dataReceived(data)
+        elif data:
+            self.request.handleContentChunk(data)
 
-    def requestComplete(self) -> None:
-        """The client ended its request, perhaps with trailers: hand them to the request first."""
-        trailers = self._conn.conn.receivedTrailers.pop(self.streamID, None)
-        if trailers is not None:
-            self._request.requestTrailers = allowedTrailers(trailers)
-        super().requestComplete()
+    def clientEnded(self) -> None:
+        """The client sent END_STREAM (after its trailers, if any)."""
+        self._clientDone = True
+        if self._paused:
+            self._heldEnd = True
+            return
+        self._endOfBody()
+
+    def _endOfBody(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.readConnectionLost()
+            return
+        request = self.request
+        if not self._done and not request.finished:
+            request.requestTrailers = self.trailers
+            request.requestReceived(request.method, request.uri, b"HTTP/2")
+
+    # -- IPushProducer: what the request body's pipe (or a tunnel) pauses
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        held, self._held = self._held, None
+        size = 0
+        while held:
+            data, length = held.popleft()
+            size += length
+            self._deliver(data)
+            if self._paused:  # paused again: keep the rest
+                self._held = held
+                break
+        self.server._acknowledge(size, self.streamID)
+        if self._heldEnd and not self._paused:
+            self._heldEnd = False
+            self._endOfBody()
+        self.server._flush()
+
+    def stopProducing(self) -> None:
+        """The body's reader (or the tunnel's other side) is gone."""
+        if self._tunnel is not None:
+            self.abortConnection()
+        else:
+            self.resumeProducing()  # read and drop what the client still sends
+
+    # -- the response, from twisted.web's request
+
+    def getPeer(self) -> Any:
+        return self.server.connection.peer
+
+    def getHost(self) -> Any:
+        return self.server.connection.host
+
+    def isSecure(self) -> bool:
+        return self.server.connection.secure
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
+        """The head twisted.web's request writes (a local resource's, or the proxy's when writeHead declined)."""
+        fields = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+        head = responseFields(int(code), fields)
+        self._sendHeaders(head if head is not None else [(b":status", code)], False)
+
+    def _sendHeaders(self, head: list[Any], end: bool) -> None:
+        """Send a HEADERS frame with the connection's next send (in order with the stream's DATA)."""
+        if not self._done:
+            self.server.sendHeaders(self, head, end)
+
+    def write(self, data: bytes) -> None:
+        if self._done or not data or self._ending:
+            return
+        self._queue.append(data)
+        size = len(data)
+        self._queuedBytes += size
+        server = self.server
+        server.queued(self, size)
+        if server.conn.local_flow_control_window(self.streamID) > 0:
+            server.priority.unblock(self.streamID)
+            server.scheduleSend()
+        if self._producer is not None and not self._producerPaused and self._mayQueue() <= 0:
+            self._producerPaused = True
+            self._producer.pauseProducing()
+
+    def writeSequence(self, data: Sequence[bytes]) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def _mayQueue(self) -> int:
+        """What the stream may still queue before its producer is paused."""
+        server = self.server
+        return min(
+            server.conn.local_flow_control_window(self.streamID) - self._queuedBytes,
+            STREAM_BUFFER - self._queuedBytes,
+            CONNECTION_BUFFER - server._queuedTotal,
+        )
+
+    def windowOpened(self) -> None:
+        """A window opened, or the connection's buffer drained: the producer may go on, and DATA may go."""
+        if self._queue or self._ending:
+            self.server.priority.unblock(self.streamID)
+        if self._producerPaused and self._mayQueue() > 0:
+            self._producerPaused = False
+            if self._producer is not None:
+                self._producer.resumeProducing()
+
+    def sendHead(self, conn: h2.connection.H2Connection, head: list[Any], end: bool) -> None:
+        """Send a HEADERS frame the stream queued (C{end}: it is the whole response)."""
+        if self._done:
+            return
+        try:
+            conn.send_headers(self.streamID, head, end_stream=end)
+        except h2.exceptions.ProtocolError:
+            self._abandon()  # the client reset the stream meanwhile
+            return
+        if end:
+            self._ended()
+
+    def sendFrame(self, conn: h2.connection.H2Connection) -> int:
+        """Send one DATA frame from the queue (the last ends the stream); return what it cost the budget."""
+        streamID = self.streamID
+        queue = self._queue
+        if not queue:
+            self.server.priority.block(streamID)
+            if self._ending:
+                self._end(conn)
+            return 1
+        window = min(conn.max_outbound_frame_size, conn.local_flow_control_window(streamID))
+        if window <= 0:
+            # The client's window is shut: the stream waits for its WINDOW_UPDATE (windowOpened).
+            self.server.priority.block(streamID)
+            return 1
+        data = queue.popleft()
+        if len(data) > window:
+            queue.appendleft(data[window:])
+            data = data[:window]
+        size = len(data)
+        self._queuedBytes -= size
+        last = not queue and self._ending and self._endTrailers is None
+        try:
+            conn.send_data(streamID, data, end_stream=last)
+        except h2.exceptions.ProtocolError:
+            self._abandon()
+            return 1
+        self.server.queued(self, -size)
+        if last:
+            self._ended()
+        elif not queue:
+            self.server.priority.block(streamID)
+            if self._ending:
+                self._end(conn)
+        if self._producerPaused and self._queuedBytes <= STREAM_BUFFER // 2 and self._mayQueue() > 0:
+            self._producerPaused = False
+            if self._producer is not None:
+                self._producer.resumeProducing()
+        return size
+
+    def _end(self, conn: h2.connection.H2Connection) -> None:
+        """The queue is sent: end the stream, with trailers if there are some."""
+        try:
+            if self._endTrailers is not None:
+                conn.send_headers(self.streamID, self._endTrailers, end_stream=True)
+            else:
+                conn.end_stream(self.streamID)
+        except h2.exceptions.ProtocolError:
+            self._abandon()
+            return
+        self._ended()
+
+    def _ended(self) -> None:
+        """The response is out: stop the client sending a body nobody reads, and forget the stream."""
+        if not self._clientDone and self._tunnel is None:
+            self.server._reset(self.streamID, h2.errors.ErrorCodes.NO_ERROR)  # RFC 9113 section 8.1
+        self._finish(Failure(ConnectionDone("the stream ended")))
+
+    def registerProducer(self, producer: Producer, streaming: bool) -> None:
+        self._producer = producer
+        self._producerPaused = False
+        if self._mayQueue() <= 0:
+            self._producerPaused = True
+            producer.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+        self._producerPaused = False
+
+    def requestDone(self, request: Any) -> None:
+        """The response is complete: END_STREAM once the queue is sent."""
+        self._endResponse()
+
+    def loseConnection(self) -> None:
+        """What twisted.web's request means by it: the response ends here."""
+        self._endResponse()
+
+    def _endResponse(self) -> None:
+        if self._done or self._ending:
+            return
+        self._ending = True
+        head, self._headPending = self._headPending, None
+        if head is not None:
+            if self._endTrailers is None and not self._queue:
+                self._sendHeaders(head, True)  # one HEADERS frame is the whole response
+                return
+            self._sendHeaders(head, False)
+        self.server.priority.unblock(self.streamID)
+        self.server.scheduleSend()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """What twisted.web's request calls when a form body does not parse."""
+        self.abort()
 
     # -- RequestChannel
-
-    upgradable = False
-
-    @property
-    def extendedConnect(self) -> bytes | None:
-        return self.connectProtocol
-
-    @property
-    def bodySource(self) -> ProxyH2Stream:
-        """The stream itself: paused, it holds back the client's flow-control window."""
-        return self
-
-    def writeInterim(self, status: int, fields: Sequence[tuple[bytes, bytes]]) -> None:
-        """Send an informational (1xx) response: a HEADERS frame without END_STREAM."""
-        self._conn.sendHeadersNow(self.streamID, [(b":status", b"%d" % status), *fields])
 
     def writeHead(
         self, request: Any, status: int, reason: bytes | None, fields: Sequence[tuple[bytes, bytes]], hasBody: bool
     ) -> bool:
         """
-        Send the response head now as one HEADERS frame built from C{fields} directly (see
-        L{responseFields}); C{False}, and nothing sent, when h2's checks must see the fields.  Without a
-        body, the head waits for the end of the response, so that one HEADERS frame ends the stream
-        (instead of HEADERS and an empty DATA, which gRPC clients do not accept for trailers-only).
+        Send the response head as one HEADERS frame built from C{fields} directly; without a body, the
+        head waits for the end of the response, so that one HEADERS frame ends the stream.  C{False} when
+        twisted.web's path must do it (cookies, Last-Modified or ETag set on the request, or fields that are
+        not valid).
         """
-        if not hasBody:
-            self._endWithHead = True
-            return False
         if request.cookies or (request.lastModified or request.etag) is not None:
             return False
         own = [(name, value) for name, values in request.responseHeaders.getAllRawHeaders() for value in values]
@@ -345,14 +922,25 @@ class ProxyH2Stream(H2Stream):
         if head is None:
             return False
         request.setResponseCode(status, reason)
-        self._conn.sendHeadersNow(self.streamID, head, normalised=True)
         request.startedWriting = 1
+        if hasBody:
+            self._sendHeaders(head, False)
+        else:
+            self._headPending = head
         return True
 
+    def writeInterim(self, status: int, fields: Sequence[tuple[bytes, bytes]]) -> None:
+        """Send an informational (1xx) response: a HEADERS frame without END_STREAM."""
+        head = responseFields(status, fields)
+        if head is not None:
+            self._sendHeaders(head, False)
+
     def writeTrailers(self, request: Any, trailers: Sequence[tuple[bytes, bytes]]) -> bool:
-        """End the response with C{trailers} as a trailer HEADERS frame, after the last DATA."""
-        self._endWithHead = False
-        self._conn.conn.pendingTrailers[self.streamID] = trailers
+        """End the response with C{trailers}: a HEADERS frame with END_STREAM, after the last DATA."""
+        fields = responseFields(0, trailers)
+        if fields is None:
+            return False
+        self._endTrailers = fields[1:]
         return True
 
     def abort(self) -> None:
@@ -363,548 +951,60 @@ class ProxyH2Stream(H2Stream):
         """Nothing: other streams go on, and a stream answered before its body ended is reset anyway."""
 
     def sendContinue(self) -> None:
-        self._send100Continue()
+        self._sendHeaders([(b":status", b"100")], False)
 
-    def switchProtocols(self, request: Any, status: int, fields: Sequence[tuple[bytes, bytes]]) -> StreamTransport:
+    def switchProtocols(self, request: Any, status: int, fields: Sequence[tuple[bytes, bytes]]) -> H2Stream:
         """Answer the extended CONNECT with C{status} (no END_STREAM), and hand the stream to a tunnel."""
-        self._conn.sendHeadersNow(self.streamID, [(b":status", b"%d" % status), *fields])
-        return StreamTransport(self)
+        head = responseFields(status, fields) or [(b":status", b"%d" % status)]
+        self._sendHeaders(head, False)
+        return self
 
-    # -- what twisted.web's request writes
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        if not self._endWithHead:
-            super().writeHeaders(version, code, reason, headers)
-            return
-        fields = [(b":status", code), *((name, v) for name, values in headers.getAllRawHeaders() for v in values)]
-        self._conn.sendHeadersNow(self.streamID, fields, endStream=True)
-
-    def requestDone(self, request: object) -> None:
-        if not self._endWithHead:
-            super().requestDone(request)
-        elif self.streamID in self._conn.streams:  # else the client reset it meanwhile
-            self._conn._requestDone(self.streamID)
-
-
-class ProxyH2Connection(H2Connection):
-    """An HTTP/2 server connection with rproxy's limits, trailers, 1xx and send loop (see the module)."""
-
-    conn: _H2State
-    transport: Any
-    streams: dict[int, ProxyH2Stream]
-    # Set by the channel protocol that switches to HTTP/2, as Twisted's does.
-    requestFactory: Any
-    site: Any
-    factory: Any
-
-    _idle = False  # whether the send loop waits for a stream to have something to send
-    _queuedTotal = 0  # response bytes queued, all streams together
-    _connectionFull = False  # streams were paused because the connection holds CONNECTION_BUFFER
-    _idleTimeout: float | None = None  # the idle timeout, which runs only while no stream is open
-    _idleSince = 0.0  # when the last stream ended (or the connection began)
-    _headTimer: IDelayedCall | None = None  # the deadline of an incomplete frame or header block
-    _headStarted = -1  # which one (FrameWatch.started) the deadline is for
-    _closer: IDelayedCall | None = None  # resets the connection if the client does not let it close
-    _draining = False  # GOAWAY sent for shutdown: close once the last stream ends
-    _host: Any = None
-    _peer: Any = None
-    _secure: bool | None = None
-
-    def __init__(self, limits: ClientLimits, reactor: IReactorTime | None = None) -> None:
-        super().__init__(reactor)
-        self.conn = _H2State(limits)
-        self.headLimits = HeadLimits(limits.maxHeaders, limits.maxHeaderBytes, limits.h2MaxHeaderListSize)
-        self._headerTimeout = limits.headerTimeout
-        self._watch = FrameWatch()
-        self._queued: dict[int, int] = {}  # response bytes queued per stream
-        self.priority: Any = _RoundRobin()
-        self._resetTokenBurst = self._resetTokens = limits.h2ResetBurst
-        self._resetTokenRate = limits.h2ResetRate
-
-    # -- the connection's life: deadlines, errors, closing
-
-    def connectionMade(self) -> None:
-        """Twisted's; the idle timeout is kept aside, to run only while no stream is open."""
-        self._idleTimeout = self.timeOut
-        self._idleSince = self._reactor.seconds()
-        super().connectionMade()
-
-    def resetTimeout(self) -> None:
-        """
-        Nothing: traffic does not postpone the idle timeout (a client that sends PING frames or a byte
-        at a time is not busy); it runs only while the connection has no stream.
-        """
-
-    def dataReceived(self, data: bytes) -> None:
-        """
-        Twisted's, with a deadline for whatever is incomplete besides request body data (the preface, a
-        frame, a header block): it must arrive within the header timeout of its first byte.
-        """
-        watch = self._watch
-        watch.feed(data)
-        timer = self._headTimer
-        if watch.pending:
-            if timer is None:
-                self._headTimer = self.callLater(self._headerTimeout, self._headTimedOut)
-            elif watch.started != self._headStarted:
-                timer.reset(self._headerTimeout)
-            self._headStarted = watch.started
-        elif timer is not None:
-            self._headTimer = None
-            timer.cancel()
-        super().dataReceived(data)
-        if not self._stillProducing:  # Twisted ended the connection (the client's GOAWAY, say)
-            self._closeTransport()
-
-    def _headTimedOut(self) -> None:
-        self._headTimer = None
-        _log.warn(
-            "client {client}: an HTTP/2 frame or header block did not arrive within {timeout:g}s; closing",
-            client=self.getPeer(),
-            timeout=self._headerTimeout,
-        )
-        self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-        self._terminate(Failure(ConnectionLost("the client was too slow to send a frame")))
-
-    def timeoutConnection(self) -> None:
-        """
-        The idle timer ran out: if the connection had no stream for the idle timeout, GOAWAY and close;
-        else wait again.  (The timer is not moved at each stream's start and end, which would cost two
-        timer operations per request: it only ever fires late, and looks.)
-        """
-        timeout = self._idleTimeout
-        if timeout is None:
-            return
-        idle = self._reactor.seconds() - self._idleSince
-        if self.streams or idle < timeout:
-            self.setTimeout(timeout if self.streams else timeout - idle)
-            return
-        _log.info(
-            "client {client}: HTTP/2 connection idle for {timeout:g}s; closing",
-            client=self.getPeer(),
-            timeout=self._idleTimeout,
-        )
-        self.conn.close_connection()
-        self._terminate(Failure(ConnectionDone("idle timeout")))
-
-    def _terminate(self, reason: Failure) -> None:
-        """
-        End the connection after an error or a timeout: send what h2 queued (ending with its GOAWAY, whose
-        error code is made the one RFC 9113 and RFC 7541 name), close, and reset the connection if the
-        client does not let it close within L{CLOSE_GRACE} seconds.
-        """
-        pending = self.conn.data_to_send()
-        if reason.check(h2.exceptions.ProtocolError):
-            error: Any = reason.value
-            code = connectionErrorCode(error, self._watch)
-            pending = withGoAwayCode(pending, code)
-            _log.warn(
-                "client {client}: HTTP/2 connection error {code}: {error}",
-                client=self.getPeer(),
-                code=code.name,
-                error=str(error),
-            )
-        transport = self.transport
-        for control in self._bufferedControlFrames:
-            transport.write(control)
-        self._bufferedControlFrames.clear()
-        transport.write(pending)
-        self.connectionLost(reason)
-        self._closeTransport()
-
-    def drain(self) -> None:
-        """
-        Shutdown: GOAWAY now, so the client opens no new stream, and close once the streams in flight
-        have ended.  The GOAWAY is written here, not by h2, whose state machine would then send no more
-        frames at all, so that the streams in flight could not finish.
-        """
-        if self._draining or not self._stillProducing:
-            return
-        self._draining = True
-        self._tryToWriteControlData()
-        goAway = GoAwayFrame(0)
-        goAway.last_stream_id = self.conn.highest_inbound_stream_id
-        goAway.error_code = h2.errors.ErrorCodes.NO_ERROR
-        self.transport.write(goAway.serialize())
-        if not self.streams:
-            self._drained()
-
-    def _drained(self) -> None:
-        """The last stream of a draining connection ended: close it."""
-        self.conn.close_connection(last_stream_id=self.conn.highest_inbound_stream_id)
-        self._tryToWriteControlData()
-        self._closeTransport(None)
-
-    def _closeTransport(self, grace: float | None = CLOSE_GRACE) -> None:
-        """
-        Close once what is written is sent; reset after C{grace} seconds if still open (C{None}: wait, as
-        a shutdown does, which has its own grace period).
-        """
-        transport = self.transport
-        if self._closer is not None:
-            return
-        transport.unregisterProducer()  # else TLS would wait for this producer before its close_notify
-        transport.loseConnection()
-        if grace is not None:
-            self._closer = self.callLater(grace, transport.abortConnection)
-
-    def connectionLost(self, reason: Failure = connectionDone, _cancelTimeouts: bool = True) -> None:
-        if self._headTimer is not None:
-            self._headTimer.cancel()
-            self._headTimer = None
-        if _cancelTimeouts and self._closer is not None and self._closer.active():
-            self._closer.cancel()
-        super().connectionLost(reason, _cancelTimeouts)
-
-    # -- streams
-
-    def _requestReceived(self, event: h2.events.RequestReceived) -> None:
-        """Twisted's, with the stream registered before its request is routed."""
-        if not self._stillProducing:
-            return  # closed by an earlier event of the same read (a reset flood)
-        streamID = event.stream_id
-        if self._draining:
-            # It crossed the GOAWAY of a shutdown: refused, so the client may send it again elsewhere.
-            self.conn.reset_stream(streamID, h2.errors.ErrorCodes.REFUSED_STREAM)
-            return
-        self._queued[streamID] = 0
-        stream = ProxyH2Stream(streamID, self, event.headers, self.requestFactory, self.site, self.factory)
-        self.streams[streamID] = stream
-        self._streamCleanupCallbacks[streamID] = Deferred()
-        self._outboundStreamQueues[streamID] = deque()
-        try:
-            self.priority.insert_stream(streamID)
-        except priority.DuplicateStreamError:
-            pass  # a PRIORITY frame came first, and _handlePriorityUpdate inserted it
-        else:
-            self.priority.block(streamID)
-        stream.headersReceived(event.stream_ended is not None)
-
-    def _requestDataReceived(self, event: h2.events.DataReceived) -> None:
-        if event.stream_id in self.streams:
-            super()._requestDataReceived(event)
-        else:  # answered already: drop the data, but give the connection's window back
-            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-
-    def _requestEnded(self, event: h2.events.StreamEnded) -> None:
-        if event.stream_id in self.streams:
-            super()._requestEnded(event)
-        else:
-            self.conn.receivedTrailers.pop(event.stream_id, None)
-
-    def _requestAborted(self, event: h2.events.StreamReset) -> None:
-        """A client reset a stream: Twisted cancels it and spends a token of the Rapid Reset bucket."""
-        if event.stream_id not in self.streams:
-            return
-        super()._requestAborted(event)
-        if not self._stillProducing:  # the bucket was empty: Twisted sent GOAWAY and closed
-            _log.warn(
-                "client {client} reset streams faster than {rate}/s (burst {burst}): closed with ENHANCE_YOUR_CALM",
-                client=self.transport.getPeer(),
-                rate=self._resetTokenRate,
-                burst=self._resetTokenBurst,
-            )
-
-    def _requestDone(self, streamID: int) -> None:
-        """The response is sent (or the stream reset): stop the client sending a body nobody reads."""
-        stream = self.conn.streams.get(streamID)
-        if self._stillProducing and stream is not None and not stream.closed:
-            try:
-                self.conn.reset_stream(streamID, h2.errors.ErrorCodes.NO_ERROR)
-            except h2.exceptions.ProtocolError:
-                pass  # the connection is closing
-            else:
-                self._tryToWriteControlData()
-        self.conn.pendingTrailers.pop(streamID, None)
-        self._queuedTotal -= self._queued.pop(streamID, 0)
-        super()._requestDone(streamID)
-        if not self.streams and self._stillProducing:
-            if self._draining:
-                self._drained()
-            else:
-                self._idleSince = self._reactor.seconds()
-
-    def _handleWindowUpdate(self, event: h2.events.WindowUpdated) -> None:
-        """Twisted's, and wake the send loop: a stream it set aside on a shut window may go on."""
-        super()._handleWindowUpdate(event)
-        self._wake()
-
-    def _handlePriorityUpdate(self, event: h2.events.PriorityUpdated) -> None:
-        """The client sends RFC 7540 priorities: from now on, Twisted's priority tree weighs them."""
-        if isinstance(self.priority, _RoundRobin):
-            self.priority = self.priority.tree()
-        super()._handlePriorityUpdate(event)
-
-    def remainingOutboundWindow(self, streamID: int) -> int:
-        """
-        What a stream may still queue before its producer is paused: the client's window for it, but
-        never more than L{STREAM_BUFFER} for the stream and L{CONNECTION_BUFFER} for the connection.
-        """
-        queued = self._queued.get(streamID, 0)
-        return min(
-            self.conn.local_flow_control_window(streamID) - queued,
-            STREAM_BUFFER - queued,
-            CONNECTION_BUFFER - self._queuedTotal,
-        )
-
-    def writeDataToStream(self, streamID: int, data: bytes) -> None:
-        """Twisted's: queue C{data}, and wake the send loop if the client's window lets it go."""
-        self._outboundStreamQueues[streamID].append(data)
-        self._queued[streamID] += len(data)
-        self._queuedTotal += len(data)
-        if self._queuedTotal >= CONNECTION_BUFFER:
-            self._connectionFull = True
-        if self.conn.local_flow_control_window(streamID) > 0:
-            self.priority.unblock(streamID)
-            self._wake()
-        if self.remainingOutboundWindow(streamID) <= 0:
-            self.streams[streamID].flowControlBlocked()
-
-    def endRequest(self, streamID: int) -> None:
-        """Twisted's: the response is complete once the send loop reaches the end of its queue."""
-        self._outboundStreamQueues[streamID].append(_END_STREAM_SENTINEL)
-        self.priority.unblock(streamID)
-        self._wake()
-
-    def _wake(self) -> None:
-        """Run the send loop now if it was waiting for something to send (what Twisted's Deferred did)."""
-        if self._idle:
-            self._idle = False
-            self._sendPrioritisedData()
-
-    def getHost(self) -> Any:
-        """The transport's, asked once: every request asks (a C{getsockname} call each time)."""
-        if self._host is None:
-            self._host = self.transport.getHost()
-        return self._host
-
-    def getPeer(self) -> Any:
-        if self._peer is None:
-            self._peer = self.transport.getPeer()
-        return self._peer
-
-    def _isSecure(self) -> bool:
-        if self._secure is None:
-            self._secure = bool(super()._isSecure())
-        return self._secure
-
-    def sendHeadersNow(self, streamID: int, fields: Fields, endStream: bool = False, normalised: bool = False) -> None:
-        """
-        Send a HEADERS frame now (it is not flow-controlled): an interim, a response head, or a whole
-        bodiless response.  C{normalised}: the fields are as h2's normalisation would leave them and
-        valid (L{responseFields} made them), so h2 skips its own pass over them.
-        """
-        config = self.conn.config
-        if normalised:
-            config.normalize_outbound_headers = config.validate_outbound_headers = False
-        try:
-            self.conn.send_headers(streamID, fields, end_stream=endStream)
-        except h2.exceptions.StreamClosedError:
-            return  # the client reset the stream meanwhile
-        finally:
-            if normalised:
-                config.normalize_outbound_headers = config.validate_outbound_headers = True
-        self._tryToWriteControlData()
-
-    def _sendPrioritisedData(self, *args: object) -> None:
-        """
-        Twisted's send loop, writing DATA frames until L{SEND_BUDGET} bytes are out in one reactor turn
-        instead of one frame per turn (which held a fast client to about a third of HTTP/1.1's rate).
-        """
-        budget = SEND_BUDGET
-        try:
-            while self._stillProducing:
-                try:
-                    streamID = next(self.priority)
-                except priority.DeadlockError:
-                    # Every stream is blocked or idle: wait until one has something to send (_wake).
-                    self._idle = True
-                    return
-                if self._consumerBlocked is not None:  # behind the transport
-                    self._consumerBlocked.addCallback(self._sendPrioritisedData)
-                    return
-                if budget <= 0:
-                    self._reactor.callLater(0, self._sendPrioritisedData)
-                    return
-                budget -= self._sendFrame(streamID)
-        finally:
-            pending = self.conn.data_to_send()  # the DATA frames of this turn, in one write
-            if pending and self._stillProducing:
-                self.transport.write(pending)
-
-    def _sendFrame(self, streamID: int) -> int:
-        """Send one frame from C{streamID}'s queue; return its DATA size."""
-        queue = self._outboundStreamQueues[streamID]
-        frameData = queue.popleft()
-        if frameData is _END_STREAM_SENTINEL:
-            self.conn.end_stream(streamID)
-            self.transport.write(self.conn.data_to_send())  # before _requestDone's control frames
-            self._requestDone(streamID)
-            return 1
-        maxFrameSize = min(self.conn.max_outbound_frame_size, self.conn.local_flow_control_window(streamID))
-        if maxFrameSize <= 0:
-            # The client's window is shut: set the stream aside until its WINDOW_UPDATE
-            # (_handleWindowUpdate), rather than coming back to it every turn as Twisted's loop does.
-            queue.appendleft(frameData)
-            self.priority.block(streamID)
-            return 1
-        if len(frameData) > maxFrameSize:
-            queue.appendleft(frameData[maxFrameSize:])
-            frameData = frameData[:maxFrameSize]
-        sent = len(frameData)
-        if sent:
-            self.conn.send_data(streamID, frameData)
-            self._dequeued(streamID, sent)
-        if not queue:
-            self.priority.block(streamID)
-        if self.remainingOutboundWindow(streamID) <= 0:
-            self.streams[streamID].flowControlBlocked()
-        return sent or 1
-
-    def _dequeued(self, streamID: int, size: int) -> None:
-        """C{size} bytes of a stream went out: resume its producer, or every stream's, once below half."""
-        queued = self._queued[streamID] = self._queued[streamID] - size
-        self._queuedTotal -= size
-        if self._connectionFull and self._queuedTotal <= CONNECTION_BUFFER // 2:
-            self._connectionFull = False
-            for stream in list(self.streams.values()):
-                if stream.blocked:
-                    stream.windowUpdated()
-        elif queued <= STREAM_BUFFER // 2:
-            stream = self.streams[streamID]
-            if stream.blocked:
-                stream.windowUpdated()
-
-
-class StreamTransport:
-    """
-    An HTTP/2 stream as a tunnel's side (L{rproxy.tunnel.sides.TunnelSide}, RFC 8441): it takes the place
-    of the stream's request, so that the stream hands it the client's DATA, END_STREAM and reset, which
-    it passes to the tunnel, and tells the request when the stream is over.
-
-    A client's END_STREAM becomes the tunnel's half-close; the end of the stream that an upstream FIN
-    causes ends the tunnel (the stream is then reset with NO_ERROR if the client had not ended its side):
-    HTTP/2 keeps no answered stream open for the client's DATA, so a half-open tunnel holds only in the
-    client's direction.
-    """
+    # -- TunnelSide (after an extended CONNECT)
 
     halfCloses = True
 
-    def __init__(self, stream: ProxyH2Stream) -> None:
-        self.stream = stream
-        self._request: Any = stream._request
-        self.protocol: Any = None  # the tunnel's end, once attached
-        stream._request = self
-        self._ending = False  # END_STREAM is queued
-        self._lost = False
-        self._reason: Failure = Failure(ConnectionDone("the stream ended"))
-        cleanup = stream._conn._streamCleanupCallbacks.get(stream.streamID)
-        if cleanup is None:  # the client reset the stream meanwhile
-            self._lost = True
-        else:
-            cleanup.addCallback(lambda _: self.connectionLost(self._reason))
-
-    def attach(self, receiver: Any) -> bytes:
+    def attach(self, receiver: TunnelReceiver) -> bytes:
         """Deliver the client's DATA to C{receiver}; what it sent early waits, unacknowledged, in the stream."""
-        self.protocol = receiver
+        self._tunnel = receiver
+        if self._clientDone and not self._paused:
+            receiver.readConnectionLost()
         return b""
-
-    # -- the stream's side (what it would tell its request)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        """Client DATA (acknowledged by the stream once this returns, or when it resumes)."""
-        self.protocol.dataReceived(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        """The client ended its side of the stream (END_STREAM)."""
-        self.readConnectionLost(self._reason)
-
-    def connectionLost(self, reason: Failure) -> None:
-        """The stream is over: reset by the client, its connection lost, or both ends ended."""
-        if self._lost:
-            return
-        self._lost = True
-        if self.protocol is not None:
-            self.protocol.connectionLost(reason)
-        self._request.connectionLost(reason)
-
-    def readConnectionLost(self, reason: Failure) -> None:
-        """The client will send nothing more."""
-        if not self._lost:
-            self.protocol.readConnectionLost()
-
-    # -- the transport, as the tunnel uses it
-
-    def write(self, data: bytes) -> None:
-        """Send C{data} in DATA frames, as the stream's window allows."""
-        if not (self._lost or self._ending):
-            self.stream.write(data)
-
-    def writeSequence(self, data: list[bytes]) -> None:
-        """Send each of C{data}."""
-        for chunk in data:
-            self.write(chunk)
 
     def loseWriteConnection(self) -> None:
         """End the stream (END_STREAM) once what is written is sent."""
-        if not (self._lost or self._ending):
-            self._ending = True
-            self.stream.unregisterProducer()  # a paused producer would hold the end back
-            self.stream.loseConnection()
-
-    def loseConnection(self) -> None:
-        """End the stream once what is written is sent (HTTP/2 resets the client's side then)."""
-        self.loseWriteConnection()
+        self.unregisterProducer()  # a paused producer would hold the end back
+        self._endResponse()
 
     def abortConnection(self) -> None:
-        """Reset the stream with CONNECT_ERROR (RFC 9113 section 8.5: the upstream connection failed)."""
-        if self._lost:
+        """Reset the stream (CONNECT_ERROR for a tunnel, RFC 9113 section 8.5; CANCEL otherwise)."""
+        if self._done:
             return
-        self._reason = Failure(ConnectionLost("the stream was reset"))
-        connection = self.stream._conn
-        try:
-            connection.conn.reset_stream(self.stream.streamID, h2.errors.ErrorCodes.CONNECT_ERROR)
-        except h2.exceptions.StreamClosedError:
-            pass  # it ended meanwhile; its state is cleaned up all the same
-        if connection._tryToWriteControlData():
-            connection._requestDone(self.stream.streamID)
+        code = h2.errors.ErrorCodes.CONNECT_ERROR if self._tunnel is not None else h2.errors.ErrorCodes.CANCEL
+        self.server._reset(self.streamID, code)
+        self.server._flush()
+        self._finish(Failure(ConnectionLost("the stream was reset")))
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
-        """C{producer} is paused while the stream's window is shut."""
-        if not self._lost:
-            self.stream.registerProducer(producer, streaming)
+    # -- the end
 
-    def unregisterProducer(self) -> None:
-        self.stream.unregisterProducer()
+    def lost(self, reason: Failure) -> None:
+        """The client reset the stream, or the connection is gone."""
+        self._finish(reason)
 
-    def getPeer(self) -> Any:
-        return self.stream.getPeer()
+    def _abandon(self) -> None:
+        self._finish(Failure(ConnectionLost("the stream was closed")))
 
-    def getHost(self) -> Any:
-        return self.stream.getHost()
-
-    # -- IPushProducer: the client's DATA, paused by holding back its acknowledgement
-
-    def pauseProducing(self) -> None:
-        self.stream.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        if not self._lost:
-            self.stream.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.abortConnection()
-
-
-def http2Server(connection: Any) -> ProxyH2Connection:
-    """The HTTP/2 protocol of a client connection, on its transport (see L{rproxy.downstream.connection})."""
-    site = connection.site
-    protocol = ProxyH2Connection(site.limits, site.reactor)
-    protocol.requestFactory = site.requestFactory
-    protocol.site = protocol.factory = site
-    protocol.timeOut = site.limits.idleTimeout
-    protocol.callLater = site.reactor.callLater  # type: ignore[method-assign]
-    transport = connection.transport
-    protocol.makeConnection(transport)
-    transport.registerProducer(protocol, True)
-    return protocol
+    def _finish(self, reason: Failure) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._queuedBytes:
+            self.server.queued(self, -self._queuedBytes)
+            self._queuedBytes = 0
+        self._queue.clear()
+        self.server.streamDone(self)
+        tunnel, self._tunnel = self._tunnel, None
+        if tunnel is not None:
+            tunnel.connectionLost(reason)
+        request = self.request
+        if not request.finished:
+            request.connectionLost(reason)

@@ -21,7 +21,7 @@ from twisted.web.resource import IResource
 
 from rproxy.downstream.connection import ClientConnection
 from rproxy.downstream.http1 import HTTP11Server
-from rproxy.downstream.http2 import http2Server
+from rproxy.downstream.http2 import HTTP2Server
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.request import ProxyRequest
 from rproxy.errors import ProxyError, proxyError
@@ -80,9 +80,9 @@ class ProxySite(server.Site):
         """The HTTP/1.1 protocol of C{connection}."""
         return HTTP11Server(connection)
 
-    def http2(self, connection: ClientConnection) -> Any:
+    def http2(self, connection: ClientConnection) -> HTTP2Server:
         """The HTTP/2 protocol of C{connection} (after ALPN h2, or the h2c preface)."""
-        return http2Server(connection)
+        return HTTP2Server(connection)
 
     def startFactory(self) -> None:
         if self._accessLog:

@@ -77,7 +77,7 @@ class ResponseMemoryTests(unittest.TestCase):
         self.assertTrue(large.paused, "the upstream was not paused")
         self.assertLess(large.sent, 48 * MiB, "the upstream wrote far more than the sockets hold")
         [connection] = [c.handler for c in proxy.site.connections]
-        held = connection._queued[stream]
+        held = connection.streams[stream]._queuedBytes
         self.assertLessEqual(held, STREAM_BUFFER + 65536, "the proxy buffers what the client does not read")
         self.assertLessEqual(connection._queuedTotal, CONNECTION_BUFFER)
 

@@ -16,6 +16,7 @@ import h2.errors
 import h2.events
 import h2.settings
 import priority
+from hpack import NeverIndexedHeaderTuple
 from twisted.internet import protocol, reactor, task
 from twisted.internet.endpoints import serverFromString
 from twisted.test.proto_helpers import StringTransport
@@ -25,7 +26,7 @@ from twisted.web.http_headers import InvalidHeaderName
 from rproxy.app.demo import demoSite
 from rproxy.downstream.connection import PREFACE
 from rproxy.downstream.http1 import HTTP11Server
-from rproxy.downstream.http2 import ProxyH2Connection, _RoundRobin, responseFields
+from rproxy.downstream.http2 import HTTP2Server, _RoundRobin, responseFields
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.site import ProxySite
 from rproxy.test.certs import CertificateAuthority
@@ -109,7 +110,7 @@ class PriorKnowledgeTests(unittest.TestCase):
         site = ProxySite(demoSite().resource, ClientLimits(), reactor=task.Clock())
         for opening, expected in (
             ([b"P", b"UT / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"], HTTP11Server),
-            ([PREFACE[:5], PREFACE[5:]], ProxyH2Connection),
+            ([PREFACE[:5], PREFACE[5:]], HTTP2Server),
         ):
             wrapper = site.buildProtocol(None)
             transport = StringTransport()
@@ -311,7 +312,7 @@ class StreamingTests(unittest.TestCase):
         self.assertEqual(large.sent, sent, "the upstream kept writing")
         self.assertLess(sent, 16 * MiB)
         connection = next(iter(proxy.site.connections)).handler
-        held = sum(len(chunk) for chunk in connection._outboundStreamQueues[stream] if isinstance(chunk, bytes))
+        held = connection.streams[stream]._queuedBytes
         self.assertLess(held, MiB, "the proxy buffers what the client cannot take")
 
         other = await client.response(client.request(b"GET", b"/small"))
@@ -438,8 +439,9 @@ class LimitTests(unittest.TestCase):
 
 def _openStream(testCase: unittest.TestCase) -> tuple[Any, StringTransport, h2.connection.H2Connection]:
     """
-    A L{ProxyH2Connection} on a memory transport with stream 1 open (a POST whose body has not come,
-    so that nothing answers it), the stream's request, and the client's h2 state.
+    An L{HTTP2Server} on a memory transport with stream 1 open (a POST whose body has not come, so that
+    nothing answers it), the stream's request, and the client's h2 state.  The transport's C{clock} runs
+    the send loop.
     """
     clock = task.Clock()
     site = ProxySite(demoSite().resource, ClientLimits(), reactor=clock)
@@ -451,15 +453,22 @@ def _openStream(testCase: unittest.TestCase) -> tuple[Any, StringTransport, h2.c
     client.initiate_connection()
     client.send_headers(1, [(b":method", b"POST"), (b":path", b"/echo"), (b":scheme", b"http"), (b":authority", b"x")])
     wrapper.dataReceived(client.data_to_send())
-    clock.advance(0)  # the send loop starts, and waits for something to send
+    clock.advance(0)  # the send loop sends the server's first frames
     channel = wrapper.handler
-    testCase.assertIsInstance(channel, ProxyH2Connection)
+    testCase.assertIsInstance(channel, HTTP2Server)
     transport.clear()
-    return channel.streams[1]._request, transport, client
+    transport.clock = clock  # type: ignore[attr-defined]
+    return channel.streams[1].request, transport, client
+
+
+def _sent(transport: StringTransport) -> bytes:
+    """What the server wrote, once its send loop has run."""
+    transport.clock.advance(0)  # type: ignore[attr-defined]
+    return transport.value()
 
 
 def _responseHead(client: h2.connection.H2Connection, transport: StringTransport) -> list[tuple[bytes, bytes]]:
-    events = client.receive_data(transport.value())
+    events = client.receive_data(_sent(transport))
     (head,) = [event.headers for event in events if isinstance(event, h2.events.ResponseReceived)]
     return list(head)
 
@@ -542,33 +551,42 @@ class HeadFastPathTests(unittest.TestCase):
             self.assertIsNone(responseFields(200, [(b"ok", b"1"), (name, b"v")]), name)
             request, transport, client = _openStream(self)
             self.assertFalse(request.channel.writeHead(request, 200, None, [(b"ok", b"1"), (name, b"v")], True))
-            self.assertEqual(transport.value(), b"", "nothing sent")
+            self.assertEqual(_sent(transport), b"", "nothing sent")
             self.assertFalse(request.startedWriting)
             with self.assertRaises(InvalidHeaderName):
                 request.sendHead(200, None, [(name, b"v")], True)
-            self.assertEqual(transport.value(), b"")
+            self.assertEqual(_sent(transport), b"")
         for value in (b"a\r\nb", b"a\nb", b"a\x00b"):
             self.assertIsNone(responseFields(200, [(b"x-bad", value)]), value)
         request, transport, client = _openStream(self)
         request.sendHead(200, None, [(b"x-bad", b"a\r\nb")], True)
         self.assertEqual(_grouped(_responseHead(client, transport))[b"x-bad"], [b"a b"])
 
-    def test_specialFieldsLeftToH2(self) -> None:
-        """Fields h2 never-indexes or refuses (C{te} other than trailers) go through its normalisation."""
-        for name in (b"Authorization", b"proxy-authorization", b"Cookie", b"TE"):
-            self.assertIsNone(responseFields(200, [(name, b"v")]), name)
+    def test_secretsNeverIndexed(self) -> None:
+        """
+        Credentials and short cookies are sent as HPACK never-indexed fields (what h2's normalisation
+        does, RFC 7541 section 7.1.3); ``TE`` is connection-specific and dropped.
+        """
         request, transport, client = _openStream(self)
-        request.sendHead(200, None, [(b"Authorization", b"secret")], True)
+        fields = [(b"Authorization", b"secret"), (b"proxy-authorization", b"p"), (b"Cookie", b"a=1"), (b"TE", b"x")]
+        request.sendHead(200, None, [*fields, (b"x-plain", b"v")], True)
         head = _responseHead(client, transport)
-        self.assertEqual(_grouped(head)[b"authorization"], [b"secret"])
+        grouped = _grouped(head)
+        self.assertEqual(grouped[b"authorization"], [b"secret"])
+        self.assertNotIn(b"te", grouped)
+        kinds = {field[0]: type(field) for field in head}
+        self.assertEqual(kinds[b"authorization"], NeverIndexedHeaderTuple)
+        self.assertEqual(kinds[b"proxy-authorization"], NeverIndexedHeaderTuple)
+        self.assertEqual(kinds[b"cookie"], NeverIndexedHeaderTuple)
+        self.assertNotEqual(kinds[b"x-plain"], NeverIndexedHeaderTuple)
 
     def test_bodilessWaitsForFinish(self) -> None:
         """Without a body the head still waits for C{finish}, to go as one HEADERS frame ending the stream."""
         request, transport, client = _openStream(self)
         request.sendHead(204, None, [(b"grpc-status", b"5")], False)
-        self.assertEqual(transport.value(), b"")
+        self.assertEqual(_sent(transport), b"")
         request.finish()
-        events = client.receive_data(transport.value())
+        events = client.receive_data(_sent(transport))
         (head,) = [event for event in events if isinstance(event, h2.events.ResponseReceived)]
         self.assertIsNotNone(head.stream_ended)
         self.assertEqual(_grouped(list(head.headers))[b"grpc-status"], [b"5"])
@@ -607,7 +625,7 @@ class SchedulerTests(unittest.TestCase):
     def test_prioritiesUseTheTree(self) -> None:
         """A client sending RFC 7540 priorities gets Twisted's priority tree, with its streams in it."""
         request, transport, client = _openStream(self)
-        connection = request.channel._conn
+        connection = request.channel.server
         self.assertIsInstance(connection.priority, _RoundRobin)
         client.prioritize(1, weight=32)
         connection.dataReceived(client.data_to_send())
@@ -615,7 +633,7 @@ class SchedulerTests(unittest.TestCase):
         request.channel.writeHead(request, 200, None, [(b"content-length", b"2")], True)
         request.write(b"ok")
         request.finish()
-        events = client.receive_data(transport.value())
+        events = client.receive_data(_sent(transport))
         data = b"".join(event.data for event in events if isinstance(event, h2.events.DataReceived))
         self.assertEqual(data, b"ok")
         self.assertTrue(any(isinstance(event, h2.events.StreamEnded) for event in events))
