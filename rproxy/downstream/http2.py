@@ -54,8 +54,8 @@ from zope.interface import implementer
 
 from rproxy import deadline
 from rproxy.downstream.h2frames import FrameWatch, connectionErrorCode, withGoAwayCode
-from rproxy.downstream.h2request import HeadLimits, requestHead
-from rproxy.errors import ProxyError
+from rproxy.downstream.h2request import HeadLimits, requestHead, trailerProblem
+from rproxy.errors import ProxyError, clientError
 from rproxy.headers import Pairs, allowedTrailers, hasControl, isToken
 
 if TYPE_CHECKING:
@@ -219,9 +219,12 @@ class HTTP2Server:
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
-            # rproxy builds every field list it sends valid and normalised (responseFields).
+            # rproxy builds every field list it sends valid and normalised (responseFields), and checks
+            # what it receives itself (rproxy.downstream.h2request: a malformed request is a stream error,
+            # where h2 would end the connection).
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
+            validate_inbound_headers=False,
         )
         conn = self.conn = h2.connection.H2Connection(config)
         advertised = {
@@ -299,7 +302,7 @@ class HTTP2Server:
     def _trailersReceived(self, event: h2.events.TrailersReceived) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is not None:
-            stream.trailers = allowedTrailers(event.headers)
+            stream.trailersReceived(event.headers)
 
     def _streamEnded(self, event: h2.events.StreamEnded) -> None:
         stream = self.streams.get(event.stream_id)
@@ -693,6 +696,14 @@ class H2Stream:
             self._tunnel.dataReceived(data)
         elif data:
             self.request.handleContentChunk(data)
+
+    def trailersReceived(self, block: list[tuple[bytes, bytes]]) -> None:
+        """The client's trailers: kept for the end of the body, or, malformed, the body is refused."""
+        problem = trailerProblem(block)
+        if problem is not None:
+            self.request.refuseBody(clientError(400, problem))
+            return
+        self.trailers = allowedTrailers(block)
 
     def clientEnded(self) -> None:
         """The client sent END_STREAM (after its trailers, if any)."""
