@@ -71,8 +71,11 @@ class Stream(resource.Resource):
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
 
+        gone: list[object] = []
+        request.notifyFinish().addErrback(gone.append)
+
         def send(i: int) -> None:
-            if request.finished or request._disconnected:
+            if request.finished or gone:
                 return
             request.write(b"id: %d\ndata: event %d of %d\n\n" % (i, i, count))
             if i < count:
@@ -91,10 +94,9 @@ class Slow(resource.Resource):
     def render_GET(self, request: Request) -> int:
         delay = float(_arg(request, b"delay", "2"))
 
-        def answer() -> None:
-            if not request._disconnected:
-                request.write(b"answered after %gs\n" % delay)
-                request.finish()
+        def answer() -> None:  # cancelled below if the client goes away first
+            request.write(b"answered after %gs\n" % delay)
+            request.finish()
 
         call = globalReactor.callLater(delay, answer)
 

@@ -37,7 +37,6 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web._newclient import ParseError  # not re-exported; what Agent raises for a response that is not HTTP
 from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -362,7 +361,8 @@ class _Attempt:
                 return f"TLS handshake failed: {_sslMessage(reason.getErrorMessage(), reason.value)}"
             if reason.check(VerificationError):
                 return f"TLS certificate is not valid for {upstream.url.host}"
-            if reason.check(ParseError):
+            # What Agent raises for a response that is not HTTP; twisted.web does not export its class.
+            if type(reason.value).__name__ == "ParseError":
                 return f"invalid HTTP response: {_oneLine(str(reason.value.args[0]))}"  # type: ignore[union-attr]
             if reason.check(error.ConnectionLost, error.ConnectionDone, PotentialDataLoss):
                 if self._phase == "reading the body":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -22,9 +22,6 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
-
-if TYPE_CHECKING:
-    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
@@ -54,8 +51,11 @@ def _read(path: str, what: str) -> bytes:
         raise ValueError(f"cannot read the {what} {path!r}: {e.strerror}") from None
 
 
-def trustRoot(caFile: str | None) -> IOpenSSLTrustRoot:
-    """The CA certificates of C{caFile} (the system's roots if C{None}); C{ValueError} saying what is wrong."""
+def trustRoot(caFile: str | None) -> Any:
+    """
+    The CA certificates of C{caFile} (the system's roots if C{None}), an C{IOpenSSLTrustRoot} (which
+    Twisted does not export); C{ValueError} saying what is wrong.
+    """
     if caFile is None:
         return ssl.platformTrust()
     pems = _PEM_CERTIFICATE.findall(_read(caFile, "CA file"))
