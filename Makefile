@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The oldest dependencies setup.py admits (requirements/oldest.txt): the suite runs on them too.
+OLDEST := .venv-oldest
 UPSTREAM ?=
 LISTEN ?= tcp:8080:interface=127.0.0.1
 
@@ -31,8 +33,17 @@ else
 	$(BIN)/twist --log-format=text rproxy --listen $(LISTEN) --upstream $(UPSTREAM)
 endif
 
-test: $(BIN)/twist
-	$(BIN)/trial --jobs=2 rproxy
+$(OLDEST)/bin/trial: setup.py requirements/oldest.txt
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install --quiet --upgrade pip
+	$(OLDEST)/bin/pip install --quiet -c requirements/oldest.txt -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+# The whole suite on rproxy's reactor (the one `twist rproxy` installs), with the newest dependencies and
+# with the oldest that setup.py admits.
+test: $(BIN)/twist $(OLDEST)/bin/trial
+	$(BIN)/trial --reactor=rproxy --jobs=2 rproxy
+	$(OLDEST)/bin/trial --reactor=rproxy --jobs=2 rproxy
 
 lint: $(BIN)/twist
 	$(BIN)/ruff check rproxy benchmarks twisted docs/examples
@@ -46,4 +57,4 @@ bench: $(BIN)/twist
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) _trial_temp* *.egg-info
+	rm -rf $(VENV) $(OLDEST) _trial_temp* *.egg-info

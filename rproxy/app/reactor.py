@@ -21,8 +21,26 @@ pending: those go out with one C{socket.send} straight from the connection's buf
 skipping C{doWrite}'s bookkeeping and the dispatch around it; anything else takes Twisted's C{doWrite}.
 
 C{twist rproxy} installs it unless a reactor was chosen (C{twist --reactor epoll rproxy} keeps Twisted's);
-the rproxy plugin also names it C{rproxy}, for C{twistd -r rproxy}.  On systems without epoll, Twisted's
-default reactor is installed instead.
+the rproxy plugin also names it C{rproxy}, for C{twistd -r rproxy}; the test suite runs on it
+(C{trial --reactor=rproxy}).  On systems without epoll, Twisted's default reactor is installed instead.
+
+This is the one module of rproxy that uses private names of Twisted (C{rproxy.test.test_layout} fails
+on one anywhere else).  Each, and why:
+
+  - C{EPollReactor._poller}, C{._selectables}, C{._writes}, C{._doReadOrWrite(selectable, fd, event)}:
+    the reactor's loop turn (L{FlushingEPollReactor.doPoll}) is Twisted's own, with the flush added at its
+    end; there is no public hook at the end of a turn.
+  - C{FileDescriptor._tempDataBuffer}, C{._tempDataLen}, C{._writeDisconnecting} (with the public-named
+    C{dataBuffer}, C{offset}, C{SEND_LIMIT}, C{producerPaused}): L{_sendWhole} sends a TCP connection's
+    buffer the way C{doWrite} would, without its bookkeeping; it only stands in for classes whose
+    C{doWrite} and C{writeSomeData} are Twisted's.
+  - C{ContextTracker.contexts} of C{twisted.python.context.theContextTracker}: L{_LogContexts} pushes a
+    connection's log context as C{log.callWithLogger} would, without copying the stack twice per event.
+
+C{rproxy.test.test_twisted_contract} checks each of them on the installed Twisted, and
+L{compatibleTwisted} checks them when the reactor is installed: if one is gone, Twisted's own epoll
+reactor is installed instead, with a warning, so a Twisted release that reshapes them makes rproxy
+slower, not wrong.
 """
 
 from __future__ import annotations
@@ -34,6 +52,7 @@ from typing import Any
 
 from twisted.internet import abstract, tcp
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.logger import Logger
 from twisted.python import context, log
 from twisted.python.log import ILogContext
 
@@ -206,8 +225,28 @@ class _LogContexts:
             contexts.pop()
 
 
+#: The private state L{FlushingEPollReactor} and L{_sendWhole} use (see the module's docstring).
+REACTOR_STATE = ("_poller", "_selectables", "_writes", "_doReadOrWrite")
+WRITER_STATE = ("_tempDataBuffer", "_tempDataLen", "_writeDisconnecting", "dataBuffer", "offset", "SEND_LIMIT")
+
+
+def missingPrivateNames(reactor: object) -> list[str]:
+    """The private names this module uses that C{reactor} (an epoll reactor) or Twisted's TCP connections lack."""
+    writer = abstract.FileDescriptor(reactor)  # type: ignore[arg-type]
+    missing = [f"EPollReactor.{name}" for name in REACTOR_STATE if not hasattr(reactor, name)]
+    missing += [f"tcp.Connection.{name}" for name in WRITER_STATE if not hasattr(writer, name)]
+    if not hasattr(context.theContextTracker, "currentContext") or not isinstance(
+        getattr(context.theContextTracker.currentContext(), "contexts", None), list
+    ):
+        missing.append("ContextTracker.contexts")
+    return missing
+
+
 def install() -> None:
-    """Install L{FlushingEPollReactor} (Twisted's default reactor where there is no epoll)."""
+    """
+    Install L{FlushingEPollReactor}; Twisted's epoll reactor if this Twisted lacks a private name it uses
+    (with a warning), Twisted's default reactor where there is no epoll.
+    """
     if EPollReactor is None:  # pragma: no cover
         from twisted.internet import default
 
@@ -215,7 +254,15 @@ def install() -> None:
         return
     from twisted.internet.main import installReactor
 
-    installReactor(FlushingEPollReactor())
+    reactor: EPollReactor = FlushingEPollReactor()
+    missing = missingPrivateNames(reactor)
+    if missing:
+        reactor = EPollReactor()
+        Logger().warn(
+            "rproxy's reactor needs {missing}, which this Twisted lacks: Twisted's epoll reactor runs instead",
+            missing=", ".join(missing),
+        )
+    installReactor(reactor)
 
 
 def installUnlessChosen() -> None:

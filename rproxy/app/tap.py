@@ -38,7 +38,7 @@ from rproxy.app.config import (
 from rproxy.app.reload import ConfigReloader, ConfigSource, HangUpReloader, LiveProxy
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.site import DrainingService, ProxySite
-from rproxy.downstream.tls import CertificateStore, TLSSettings, tlsListener
+from rproxy.downstream.tls import CertificateStore, TLSSettings, plainListener, tlsListener
 from rproxy.health.checks import HealthCheckSettings
 from rproxy.health.state import PassivePolicy
 from rproxy.proxy.balancers import balancerFactories
@@ -419,7 +419,7 @@ def buildService(
     site = ProxySite(LocalRoutes(local, resource) if local else resource, config.client, reactor, config.accessLog)
     draining.sites.append(site)
     for endpoint in config.listen:
-        strports.service(endpoint, site).setServiceParent(top)
+        plainListener(endpoint, site).setServiceParent(top)
     certificates = None
     if config.tls.listen:
         certificates = CertificateStore(config.tls.certificates, reactor, config.tls.watchInterval)

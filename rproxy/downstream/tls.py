@@ -3,13 +3,18 @@ TLS on the client side: the certificate chosen by the host name a client asks fo
 1.3 only, ALPN, and certificates read again when their files change.
 
 A L{CertificateStore} holds each certificate of C{--tls-cert} as a ready server context: its private
-key, its certificate and chain, no TLS version older than 1.2, and ALPN offering what the site speaks
-(C{h2} and C{http/1.1}: L{twisted.web.server.Site.acceptableProtocols}).  The options of a
-C{--tls-listen} listener (L{CertificateStore.serverOptions}) carry no certificate of their own: OpenSSL
-calls L{CertificateStore.contextForServerName} during every handshake, with the name the client sent
-or C{None}, and the connection switches to the context of the certificate for that name -- the exact
-name, else a wildcard one label up (C{*.example.com} for C{www.example.com}), else the default, the
-first certificate.
+key, its certificate and chain, no TLS version older than 1.2, ALPN choosing C{h2} or C{http/1.1}
+(L{ALPN_PROTOCOLS}), and the store's SNI callback.  A handshake starts on the default certificate's
+context (the first); when the client names a host, the connection switches to the context of the
+certificate for that name -- the exact name, else a wildcard one label up (C{*.example.com} for
+C{www.example.com}), else it stays on the default.
+
+The contexts are set up once, before any connection uses them, and never changed after: pyOpenSSL 26.2
+refuses to change a context that made a connection.  So rproxy's listeners (L{TLSServerEndpoint}) do
+their TLS on Twisted's public L{TLSMemoryBIOFactory} with rproxy's own connection creator, the same on
+every Twisted rproxy admits -- Twisted 25.5 would otherwise set ALPN on the context at each connection
+(twisted/twisted#12639).  C{--listen ssl:...} is Twisted's own endpoint; on that combination it cannot
+offer ALPN (L{sslEndpointsOfferALPN}), and rproxy serves it HTTP/1.1 only, saying so in the log.
 
 A reload (on SIGHUP, and every C{watchInterval} seconds when a file changed) reads the files again and
 replaces the context of each certificate whose files changed and are right: new handshakes get it, a
@@ -21,8 +26,10 @@ serving.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -33,25 +40,45 @@ from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 __all__ = [
+    "ALPN_PROTOCOLS",
     "MINIMUM_TLS_VERSION",
     "CertificateError",
     "CertificateFiles",
     "CertificateStore",
     "LoadedCertificate",
+    "ServerConnections",
+    "TLSServerEndpoint",
     "TLSSettings",
     "loadCertificate",
+    "offerProtocols",
+    "plainListener",
+    "sslEndpointsOfferALPN",
     "tlsListener",
 ]
 
 #: The oldest TLS version a client may use; the newest is the newest OpenSSL has (1.3).
 MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
+
+#: What rproxy's TLS listeners choose by ALPN, most preferred first.
+ALPN_PROTOCOLS = (b"h2", b"http/1.1")
+
+_log = Logger()
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOST_NAME = re.compile(rf"(?:\*\.)?(?:{_LABEL}\.)*{_LABEL}\Z")
@@ -204,6 +231,24 @@ def _load(files: CertificateFiles, contents: tuple[bytes, bytes]) -> LoadedCerti
     return LoadedCertificate(files, contents, hostNames, leaf, context)
 
 
+def offerProtocols(context: SSL.Context, protocols: Sequence[bytes]) -> None:
+    """
+    Make the handshakes of C{context} (a server's, not yet used) choose by ALPN the first of C{protocols}
+    that the client offers.  A handshake that offers none of them goes on without ALPN, as one without
+    the extension does: RFC 7301 section 3.2 wants the C{no_application_protocol} alert, but pyOpenSSL
+    can only end such a handshake with C{internal_error}, which would send the client looking for a bug.
+    """
+    ours = tuple(protocols)
+
+    def select(connection: SSL.Connection, offered: list[bytes]) -> Any:
+        for protocol in ours:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    context.set_alpn_select_callback(select)
+
+
 def loadCertificate(files: CertificateFiles) -> LoadedCertificate:
     """Read the certificate in C{files}; raise L{CertificateError} naming the file at fault."""
     return _load(files, _read(files))
@@ -226,7 +271,7 @@ class CertificateStore(service.Service):
         """
         if not certificates:
             raise ValueError("a CertificateStore needs a certificate")
-        self._serving = [loadCertificate(files) for files in certificates]
+        self._serving = [self._ready(loadCertificate(files)) for files in certificates]
         # What each certificate's files held at the last look (or why they could not be read).
         self._seen: list[tuple[bytes, bytes] | str] = [each.contents for each in self._serving]
         self._byName: dict[str, LoadedCertificate] = {}
@@ -234,6 +279,18 @@ class CertificateStore(service.Service):
         self._reactor = reactor
         self._watchInterval = watchInterval
         self._poll: LoopingCall | None = None
+
+    def _ready(self, loaded: LoadedCertificate) -> LoadedCertificate:
+        """C{loaded}, its context (which no connection used yet) choosing the protocol and the certificate."""
+        offerProtocols(loaded.context, ALPN_PROTOCOLS)
+        loaded.context.set_tlsext_servername_callback(self._serverNameReceived)
+        return loaded
+
+    def _serverNameReceived(self, connection: SSL.Connection) -> None:
+        """OpenSSL's SNI callback: switch C{connection} to the context of the name it asks for."""
+        context = self.contextForServerName(connection.get_servername())
+        if context is not connection.get_context():
+            connection.set_context(context)
 
     def _index(self) -> None:
         """Find each certificate by its host names; the first that names a host serves it."""
@@ -260,12 +317,9 @@ class CertificateStore(service.Service):
         """The server context of a handshake whose client sent C{serverName} (SNI), or none."""
         return self.certificateFor(None if serverName is None else serverName.decode("ascii", "replace")).context
 
-    def serverOptions(self) -> CertificateOptions:
-        """
-        The TLS options of a listener (for L{endpoints.wrapServerTLS}): TLS 1.2 and newer, each handshake
-        served by the context of L{contextForServerName}.
-        """
-        return CertificateOptions(raiseMinimumTo=MINIMUM_TLS_VERSION, contextForServerName=self.contextForServerName)
+    def serverConnections(self) -> ServerConnections:
+        """The TLS side of a listener (for L{TLSServerEndpoint}): each handshake starts on the default context."""
+        return ServerConnections(lambda: self._serving[0].context)
 
     def startService(self) -> None:
         """Say which certificate serves which names, and start watching the files."""
@@ -318,7 +372,7 @@ class CertificateStore(service.Service):
                 self._rejected(serving, trigger, state)
                 continue
             try:
-                fresh = _load(serving.files, state)
+                fresh = self._ready(_load(serving.files, state))
             except CertificateError as e:
                 self._rejected(serving, trigger, str(e))
                 continue
@@ -354,6 +408,96 @@ class CertificateStore(service.Service):
         }
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerConnections:
+    """
+    The TLS side of a server: each handshake's connection starts on the context C{context()} gives;
+    callbacks set on the contexts beforehand (L{offerProtocols}, SNI) choose the rest.
+    """
+
+    def __init__(self, context: Callable[[], SSL.Context]) -> None:
+        self._context = context
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        """A connection for the handshake of C{tlsProtocol}."""
+        return SSL.Connection(self._context(), None)
+
+
+@implementer(IProtocolFactory)
+class _WithoutNegotiation:
+    """
+    C{factory} without L{twisted.internet.interfaces.IProtocolNegotiationFactory}: so that Twisted 25.5's
+    TLS does not set ALPN on a context in use (the contexts choose the protocol themselves).
+    """
+
+    def __init__(self, factory: IProtocolFactory) -> None:
+        self._factory = factory
+
+    def buildProtocol(self, addr: object) -> Protocol | None:
+        """The wrapped factory's protocol for C{addr}."""
+        return self._factory.buildProtocol(addr)  # type: ignore[arg-type,return-value]
+
+    def doStart(self) -> None:
+        """The wrapped factory starts."""
+        self._factory.doStart()
+
+    def doStop(self) -> None:
+        """The wrapped factory stops."""
+        self._factory.doStop()
+
+
+@implementer(IStreamServerEndpoint)
+class TLSServerEndpoint:
+    """
+    A server endpoint that speaks TLS on C{endpoint} (a plain one), with the connections of
+    C{connections} (a L{ServerConnections}, a L{CertificateStore}'s or another IOpenSSLServerConnectionCreator).
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, connections: IOpenSSLServerConnectionCreator) -> None:
+        self._endpoint = endpoint
+        self._connections = connections
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        """Listen on the plain endpoint, serving C{protocolFactory} through TLS."""
+        tls = TLSMemoryBIOFactory(self._connections, False, _WithoutNegotiation(protocolFactory))
+        return self._endpoint.listen(tls)
+
+
+def sslEndpointsOfferALPN() -> bool:
+    """
+    Whether Twisted's own C{ssl:} server endpoints can offer ALPN here: not on Twisted 25.5 (whose
+    CertificateOptions are not yet connection creators) with a pyOpenSSL that refuses to change a context
+    in use (26.2 and newer): twisted/twisted#12639.
+    """
+    if IOpenSSLServerConnectionCreator.implementedBy(CertificateOptions):
+        return True
+    context = SSL.Context(SSL.TLS_METHOD)
+    SSL.Connection(context, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            context.set_alpn_protos([b"h2"])
+        except ValueError:
+            return False
+    return True
+
+
+def plainListener(description: str, factory: IProtocolFactory) -> StreamServerEndpointService:
+    """
+    A listener serving C{factory} on the endpoint C{description} (a C{--listen}); like
+    L{strports.service}'s, its start raises when it cannot listen.  An C{ssl:} endpoint that cannot offer
+    ALPN (L{sslEndpointsOfferALPN}) serves without it, HTTP/1.1, with a warning.
+    """
+    if description.partition(":")[0].lower() == "ssl" and not sslEndpointsOfferALPN():
+        _log.warn(
+            "--listen {description}: this Twisted cannot offer HTTP/2 by ALPN with this pyOpenSSL "
+            "(twisted/twisted#12639), so it serves HTTP/1.1 only; --tls-listen offers both",
+            description=description,
+        )
+        factory = _WithoutNegotiation(factory)
+    return strports.service(description, factory)
+
+
 def tlsListener(
     description: str, factory: IProtocolFactory, certificates: CertificateStore
 ) -> StreamServerEndpointService:
@@ -362,5 +506,5 @@ def tlsListener(
     C{description} (C{tcp:8443}); like L{strports.service}'s, its start raises when it cannot listen.
     """
     listener = strports.service(description, factory)
-    listener.endpoint = endpoints.wrapServerTLS(certificates.serverOptions(), listener.endpoint)
+    listener.endpoint = TLSServerEndpoint(listener.endpoint, certificates.serverConnections())
     return listener

@@ -1,13 +1,18 @@
 """
 Certificates made at test time: a throwaway L{CertificateAuthority} (or an intermediate CA under one)
-issues server and client certificates for host names and IP addresses, as PEM, as files, or as Twisted's
-TLS options for a test server.
+issues server and client certificates for host names and IP addresses, as PEM, as files, or as the TLS
+side of a test server, which L{listenTLS} serves a factory with.
 
     ca = CertificateAuthority()
     issued = ca.issue("a", ["a.example.test"], ["127.0.0.1"])       # .certificate, .certificatePEM, .keyPEM
     options = issued.privateCertificate().options()                  # for reactor.listenSSL
     files = ca.writeFiles(self.mktemp())                             # ca.pem, server.pem/.key, client.pem/.key
     tls = serverTLS(files, protocols=[b"h2"], requireClientCertificate=True)
+    port = listenTLS(self, factory, tls)                             # on 127.0.0.1, closed when the test ends
+
+L{listenTLS} listens as rproxy's own TLS listeners do (L{rproxy.downstream.tls.TLSServerEndpoint}): a
+twisted.web site behind C{reactor.listenSSL} or an C{ssl:} endpoint would have Twisted 25.5 set ALPN on
+a context in use, which pyOpenSSL 26.2 refuses.
 
 A certificate issued by a fresh CA that the client is not given is one no one trusts.
 """
@@ -24,7 +29,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet import ssl
+from twisted.internet import reactor, ssl
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
+from twisted.trial import unittest
+
+from rproxy.downstream.tls import CertificateFiles as ServedCertificate
+from rproxy.downstream.tls import CertificateStore, ServerConnections, TLSServerEndpoint, offerProtocols
 
 _DAY = datetime.timedelta(days=1)
 
@@ -159,8 +170,8 @@ class CertificateAuthority:
 
 def serverTLS(
     files: CertificateFiles, protocols: Sequence[bytes] = (b"h2",), requireClientCertificate: bool = False
-) -> ssl.CertificateOptions:
-    """TLS options for a test server with C{files}' server certificate, selecting among C{protocols} by ALPN."""
+) -> ServerConnections:
+    """The TLS side of a test server with C{files}' server certificate, selecting among C{protocols} by ALPN."""
     with open(files.serverCertificate, "rb") as f:
         certificate = f.read()
     with open(files.serverKey, "rb") as f:
@@ -174,9 +185,28 @@ def serverTLS(
                 "caCerts": [ssl.Certificate.loadPEM(f.read()).original],
                 "requireCertificate": True,
             }
-    return ssl.CertificateOptions(
+    context = ssl.CertificateOptions(
         privateKey=private.privateKey.original,
         certificate=private.original,
-        acceptableProtocols=list(protocols),
         **extra,  # type: ignore[arg-type]
-    )
+    ).getContext()
+    offerProtocols(context, protocols)
+    return ServerConnections(lambda: context)
+
+
+def listenTLS(testCase: unittest.TestCase, factory: IProtocolFactory, tls: IOpenSSLServerConnectionCreator) -> int:
+    """Serve C{factory} through TLS (C{tls}: see L{serverTLS}) on 127.0.0.1 until the test ends; its port."""
+    endpoint = TLSServerEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), tls)
+    port = testCase.successResultOf(endpoint.listen(factory))
+    testCase.addCleanup(port.stopListening)
+    return port.getHost().port  # type: ignore[no-any-return]
+
+
+def listenSiteTLS(testCase: unittest.TestCase, factory: IProtocolFactory, names: Sequence[str] = ("localhost",)) -> int:
+    """
+    Serve C{factory} (a proxy's site) as a C{--tls-listen} listener does, with a certificate for C{names}
+    from a fresh CA; its port.
+    """
+    certificate, key = CertificateAuthority().issue(names[0], list(names)).writeTo(testCase.mktemp(), "server")
+    store = CertificateStore([ServedCertificate(certificate, key)], reactor)
+    return listenTLS(testCase, factory, store.serverConnections())

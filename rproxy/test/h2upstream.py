@@ -34,8 +34,12 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
-from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.trial import unittest
+
+from rproxy.downstream.tls import TLSServerEndpoint
 
 Pairs = list[tuple[bytes, bytes]]
 
@@ -249,7 +253,7 @@ class H2Upstream:
         testCase: unittest.TestCase,
         handler: Callable[[ServerStream], None] = echo,
         maxConcurrentStreams: int = 100,
-        tls: ssl.CertificateOptions | None = None,
+        tls: IOpenSSLServerConnectionCreator | None = None,
         initialWindow: int | None = None,
     ) -> None:
         self.handler = handler
@@ -266,7 +270,8 @@ class H2Upstream:
         if tls is None:
             self.listener = reactor.listenTCP(0, factory, interface="127.0.0.1")
         else:
-            self.listener = reactor.listenSSL(0, factory, tls, interface="127.0.0.1")
+            endpoint = TLSServerEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), tls)
+            self.listener = testCase.successResultOf(endpoint.listen(factory))
         self.tls = tls is not None
         self.port: int = self.listener.getHost().port
         testCase.addCleanup(self.stop)

@@ -36,10 +36,12 @@ from rproxy.downstream.tls import (
     CertificateError,
     CertificateFiles,
     CertificateStore,
+    ServerConnections,
     TLSSettings,
     loadCertificate,
+    sslEndpointsOfferALPN,
 )
-from rproxy.test.certs import CertificateAuthority, Issued
+from rproxy.test.certs import CertificateAuthority, Issued, listenTLS
 from rproxy.test.support import BIN, ScriptedUpstream, curl, freePort, listen, waitFor
 from rproxy.test.test_config import answerWith, writeConfig
 from rproxy.test.test_drain import ProxyProcess, assertCleanExit, waitUntilListening
@@ -333,13 +335,14 @@ class StoreTests(TLSTestCase):
 
     def test_versions(self) -> None:
         """
-        The listener's context, which the handshake's version is chosen with, and each certificate's, exclude
-        every version before TLS 1.2 and none after.  (OpenSSL's default security level refuses TLS 1.1 on
-        its own too, so a handshake alone, as in L{ListenerTests.test_tlsVersions}, cannot tell.)
+        Each certificate's context (the default one is the handshake's first, which the version is chosen
+        with) excludes every version before TLS 1.2 and none after.  (OpenSSL's default security level
+        refuses TLS 1.1 on its own too, so a handshake alone, as in L{ListenerTests.test_tlsVersions},
+        cannot tell.)
         """
         store, _ = self.store(self.files("a", self.a), self.files("b", self.b))
         older = SSL.OP_NO_SSLv3 | SSL.OP_NO_TLSv1 | SSL.OP_NO_TLSv1_1
-        for context in [store.serverOptions().getContext(), *(each.context for each in store.certificates)]:
+        for context in [each.context for each in store.certificates]:
             options = context.set_options(0)  # adds nothing, returns the options set
             self.assertEqual(options & older, older)
             self.assertEqual(options & (SSL.OP_NO_TLSv1_2 | SSL.OP_NO_TLSv1_3), 0)
@@ -509,10 +512,10 @@ class ListenerTests(TLSTestCase):
             certificate=X509.from_cryptography(self.a.certificate),
             insecurelyLowerMinimumTo=TLSVersion.TLSv1_1,
         )
-        permissive.getContext().set_cipher_list(b"DEFAULT:@SECLEVEL=0")
-        old = reactor.listenSSL(0, Site(Data(b"old", "text/plain")), permissive, interface="127.0.0.1")
-        self.addCleanup(old.stopListening)
-        client = self.client(old.getHost().port, "a.example.test", tls11Only(self.ca.pem))
+        context = permissive.getContext()
+        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        old = listenTLS(self, Site(Data(b"old", "text/plain")), ServerConnections(lambda: context))
+        client = self.client(old, "a.example.test", tls11Only(self.ca.pem))
         await threads.deferToThread(client.connect)
         self.assertEqual(client.sock.version(), "TLSv1.1")
 
@@ -520,6 +523,29 @@ class ListenerTests(TLSTestCase):
         with self.assertRaises(ssl.SSLError) as raised:
             await threads.deferToThread(client.connect)
         self.assertEqual(raised.exception.reason, "TLSV1_ALERT_PROTOCOL_VERSION")
+
+    async def test_alpn(self) -> None:
+        """
+        ALPN chooses h2 before http/1.1, whatever the client's order, on each certificate's context; a
+        client that offers neither, or no ALPN at all, goes on without it and is served HTTP/1.1.
+        """
+        _, port = self.startTLSProxy()
+        for hostName in ("a.example.test", "b.example.test", None):
+            for offered, chosen in (
+                (["http/1.1", "h2"], "h2"),
+                (["http/1.1"], "http/1.1"),
+                (["acme-tls/1"], None),
+                ([], None),
+            ):
+                context = trusting(self.ca.pem, checkHostName=False)
+                if offered:
+                    context.set_alpn_protocols(offered)
+                client = self.client(port, hostName, context)
+                await threads.deferToThread(client.connect)
+                self.assertEqual(client.sock.selected_alpn_protocol(), chosen, (hostName, offered))
+                if chosen is None:
+                    self.assertEqual(await threads.deferToThread(client.fetch), (200, b"hello"))
+                client.close()
 
     async def test_chain(self) -> None:
         """The intermediate certificates in the certificate's file are sent: a client that trusts the root verifies."""
@@ -589,21 +615,28 @@ class ListenerTests(TLSTestCase):
         self.assertEqual(await self.certificateFor(port, "b.example.test"), b2.certificate)
 
     async def test_sslListen(self) -> None:
-        """--listen ssl:... is Twisted's own TLS endpoint, as before: one certificate, h2 by ALPN."""
+        """
+        --listen ssl:... is Twisted's own TLS endpoint, as before: one certificate, h2 by ALPN.  Where that
+        endpoint cannot offer ALPN (Twisted 25.5 with pyOpenSSL 26.2 or newer), it serves HTTP/1.1 and the
+        log says why.
+        """
         port = freePort()
         self.install("a", self.a)
-        options = parse(
-            "--upstream",
-            self.upstream.url,
-            "--access-log",
-            "off",
-            "--listen",
-            f"ssl:{port}:interface=127.0.0.1:privateKey={self.path('a.key')}:certKey={self.path('a.pem')}",
-        )
+        events = captureLog(self)
+        description = f"ssl:{port}:interface=127.0.0.1:privateKey={self.path('a.key')}:certKey={self.path('a.pem')}"
+        options = parse("--upstream", self.upstream.url, "--access-log", "off", "--listen", description)
         top = buildService(options.config, reactor)  # type: ignore[arg-type]
         top.startService()
         self.addCleanup(top.stopService)
-        self.assertEqual(await self.curl(port, "a.example.test"), (0, b"hello 2", b""))
+        warned = [formatEvent(e) for e in events if "twisted/twisted#12639" in formatEvent(e)]
+        if sslEndpointsOfferALPN():
+            self.assertEqual(await self.curl(port, "a.example.test"), (0, b"hello 2", b""))
+            self.assertEqual(warned, [])
+        else:
+            self.assertEqual(await self.curl(port, "a.example.test"), (0, b"hello 1.1", b""))
+            self.assertEqual(len(warned), 1)
+            self.assertIn(f"--listen {description}: ", warned[0])
+        self.assertEqual(await self.curl(port, "a.example.test", "--http1.1"), (0, b"hello 1.1", b""))
 
 
 class ProcessTests(TLSTestCase):

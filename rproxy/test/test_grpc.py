@@ -16,11 +16,11 @@ from concurrent import futures
 from typing import Any, TypeVar
 
 import grpc
-from twisted.internet import reactor, threads
-from twisted.internet.endpoints import serverFromString
+from twisted.internet import threads
 from twisted.trial import unittest
 
-from rproxy.test.certs import CertificateAuthority
+from rproxy.downstream.tls import ALPN_PROTOCOLS
+from rproxy.test.certs import CertificateAuthority, listenTLS, serverTLS
 from rproxy.test.support import freePort, startProxy
 
 SERVICE = "rproxy.test.Echo"
@@ -227,12 +227,6 @@ class GrpcOverTLSTests(GrpcThroughProxyTests):
             key = f.read()
         upstreamPort = startGrpcServer(self, self.servicer, grpc.ssl_server_credentials([(key, certificate)]))
         proxy = startProxy(self, [f"https://localhost:{upstreamPort}"], "--upstream-ca", files.ca)
-        endpoint = serverFromString(
-            reactor,
-            f"ssl:0:interface=127.0.0.1:privateKey={files.serverKey}:certKey={files.serverCertificate}",
-        )
-        listening = endpoint.listen(proxy.site)
-        port = self.successResultOf(listening)
-        self.addCleanup(port.stopListening)
+        port = listenTLS(self, proxy.site, serverTLS(files, ALPN_PROTOCOLS))
         credentials = grpc.ssl_channel_credentials(root_certificates=authority.pem)
-        return grpc.secure_channel(f"localhost:{port.getHost().port}", credentials, options=_OPTIONS)
+        return grpc.secure_channel(f"localhost:{port}", credentials, options=_OPTIONS)

@@ -19,13 +19,12 @@ import h2.errors
 import hpack
 from OpenSSL import SSL
 from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
 from twisted.trial import unittest
 
 from rproxy.downstream.http2 import CLOSE_GRACE, CONNECTION_BUFFER, STREAM_BUFFER
-from rproxy.test.certs import CertificateAuthority
+from rproxy.test.certs import listenSiteTLS
 from rproxy.test.h2client import H2Client
-from rproxy.test.support import LogCapture, RunningProxy, ScriptedUpstream, sleep, startProxy, trickle, waitFor
+from rproxy.test.support import LogCapture, ScriptedUpstream, sleep, startProxy, trickle, waitFor
 from rproxy.test.test_streaming import MiB, _LargeUpstream, serve
 
 _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -41,16 +40,6 @@ _HEADERS, _PRIORITY, _RST, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUAT
 _END_STREAM, _END_HEADERS, _ACK = 0x1, 0x4, 0x1
 
 
-async def listenTLS(testCase: unittest.TestCase, proxy: RunningProxy) -> int:
-    """Serve C{proxy}'s site on a TLS port too (ALPN h2); return the port."""
-    certificate, key = CertificateAuthority().issue("localhost", ["localhost"]).writeTo(testCase.mktemp(), "server")
-    port = await serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}").listen(
-        proxy.site
-    )
-    testCase.addCleanup(port.stopListening)
-    return int(port.getHost().port)
-
-
 class ResponseMemoryTests(unittest.TestCase):
     """
     A client that advertises the largest windows (2**31 - 1) and then stops reading: the proxy holds at
@@ -60,7 +49,7 @@ class ResponseMemoryTests(unittest.TestCase):
     async def unreadResponse(self, tls: bool) -> None:
         listening, built = serve(self, lambda: _LargeUpstream(256 * MiB))
         proxy = startProxy(self, [listening.url])
-        port = await listenTLS(self, proxy) if tls else proxy.port
+        port = listenSiteTLS(self, proxy.site) if tls else proxy.port
         client = await H2Client.connect(port, tls=tls, initialWindow=2**31 - 1)
         self.addCleanup(client.close)
         client.conn.increment_flow_control_window(2**31 - 1 - 65535)  # the connection's window too
@@ -171,7 +160,7 @@ class ConnectionErrorTests(unittest.TestCase):
         Over TLS, a client that neither reads nor answers the close: reset after the grace period
         (it used to stay open over a minute).
         """
-        port = await listenTLS(self, self.proxy)
+        port = listenSiteTLS(self, self.proxy.site)
         client = await H2Client.connect(port, tls=True)
         self.addCleanup(client.close)
         started = reactor.seconds()
@@ -185,7 +174,7 @@ class ConnectionErrorTests(unittest.TestCase):
 
     async def test_tlsCodes(self) -> None:
         """The codes are the same over TLS, and the close is as quick for a client that reads."""
-        port = await listenTLS(self, self.proxy)
+        port = listenSiteTLS(self, self.proxy.site)
         code, elapsed = await self.goAway(frame(_HEADERS, 5, 1, b"\xff\xff\xff\x7f"), port, tls=True)
         self.assertEqual(ErrorCodes(code), ErrorCodes.COMPRESSION_ERROR)
         self.assertLess(elapsed, CLOSE_GRACE + 1)
@@ -246,7 +235,7 @@ class SlowClientTests(unittest.TestCase):
 
     async def test_prefaceTrickled(self) -> None:
         """A TLS client's preface trickled (no sniffing on the way): the same deadline."""
-        port = await listenTLS(self, self.proxy)
+        port = listenSiteTLS(self, self.proxy.site)
         client = await H2Client.connect(port, tls=True)
         self.addCleanup(client.close)
         # The client sent its preface and SETTINGS already; a PING trickled after them.
@@ -261,7 +250,7 @@ class SlowClientTests(unittest.TestCase):
 
     async def test_tlsHandshakeTrickled(self) -> None:
         """A TLS ClientHello sent a byte at a time does not postpone the client timeout (2 s)."""
-        port = await listenTLS(self, self.proxy)
+        port = listenSiteTLS(self, self.proxy.site)
         hello = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
         hello.set_connect_state()
         with self.assertRaises(SSL.WantReadError):

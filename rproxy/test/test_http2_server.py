@@ -18,7 +18,6 @@ import h2.settings
 import priority
 from hpack import NeverIndexedHeaderTuple
 from twisted.internet import protocol, reactor, task
-from twisted.internet.endpoints import serverFromString
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial import unittest
 from twisted.web.http_headers import InvalidHeaderName
@@ -29,7 +28,7 @@ from rproxy.downstream.http1 import HTTP11Server
 from rproxy.downstream.http2 import HTTP2Server, _RoundRobin, responseFields
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.site import ProxySite
-from rproxy.test.certs import CertificateAuthority
+from rproxy.test.certs import listenSiteTLS
 from rproxy.test.h2client import H2Client
 from rproxy.test.support import (
     ReceivedRequest,
@@ -178,16 +177,12 @@ class TLSTests(unittest.TestCase):
     async def test_alpn(self) -> None:
         upstream = startUpstream(self, demoSite())
         proxy = startProxy(self, [upstream.url])
-        certificate, key = CertificateAuthority().issue("localhost", ["localhost"]).writeTo(self.mktemp(), "server")
-        port = await serverFromString(
-            reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}"
-        ).listen(proxy.site)
-        self.addCleanup(port.stopListening)
-        url = f"https://127.0.0.1:{port.getHost().port}/echo"
+        port = listenSiteTLS(self, proxy.site)
+        url = f"https://127.0.0.1:{port}/echo"
         for flag, version in (("--http2", b"2"), ("--http1.1", b"1.1")):
             code, out, err = await curl(["-sk", flag, "-o", "/dev/null", "-w", "%{http_version}", url])
             self.assertEqual((code, out), (0, version), err)
-        client = await h2Connect(self, port.getHost().port, tls=True)
+        client = await h2Connect(self, port, tls=True)
         self.assertEqual(client.negotiatedProtocol, b"h2")
         response = await client.response(client.request(b"GET", b"/echo"))
         self.assertEqual(response.status, 200)
@@ -214,13 +209,8 @@ class DrainTests(unittest.TestCase):
         upstream = ScriptedUpstream(self, respond)
         proxy = startProxy(self, [upstream.url])
         if tls:
-            certificate, key = CertificateAuthority().issue("localhost", ["localhost"]).writeTo(self.mktemp(), "s")
-            listening = await serverFromString(
-                reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}"
-            ).listen(proxy.site)
-            self.addCleanup(listening.stopListening)
-            url, flags = f"https://127.0.0.1:{listening.getHost().port}/slow", ["-k", "--http2"]
-            port = listening.getHost().port
+            port = listenSiteTLS(self, proxy.site)
+            url, flags = f"https://127.0.0.1:{port}/slow", ["-k", "--http2"]
         else:
             url, flags, port = f"{proxy.url}/slow", ["--http2-prior-knowledge"], proxy.port
         idle = await h2Connect(self, port, tls=tls)

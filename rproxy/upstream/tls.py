@@ -94,25 +94,26 @@ def connectionCreator(host: str, settings: UpstreamTLS, protocols: Sequence[byte
         return ssl.optionsForClientTLS(
             host, trustRoot(settings.caFile), client, acceptableProtocols=list(protocols) or None
         )
-    options = ssl.CertificateOptions(
+    context = ssl.CertificateOptions(
         privateKey=client.privateKey.original if client is not None else None,
         certificate=client.original if client is not None else None,
         verify=False,
-        acceptableProtocols=list(protocols) or None,
-    )
-    return _Unverified(options, None if isIPAddress(host) or isIPv6Address(host) else host.encode("idna"))
+    ).getContext()
+    if protocols:
+        context.set_alpn_protos(list(protocols))  # before any connection uses it
+    return _Unverified(context, None if isIPAddress(host) or isIPv6Address(host) else host.encode("idna"))
 
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _Unverified:
     """A client side that accepts any certificate, still sending SNI."""
 
-    def __init__(self, options: ssl.CertificateOptions, serverName: bytes | None) -> None:
-        self._options = options
+    def __init__(self, context: SSL.Context, serverName: bytes | None) -> None:
+        self._context = context
         self._serverName = serverName
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection = SSL.Connection(self._context, None)
         if self._serverName is not None:
             connection.set_tlsext_host_name(self._serverName)
         return connection
