@@ -44,7 +44,7 @@ setup(
         # websockets: rproxy/test/test_upgrade.py and test_websocket.py run real WebSocket clients and servers.
         "test": ["setuptools>=70.1", "PyHamcrest>=2.0", "grpcio>=1.60", "websockets>=13"],
         "dev": ["mypy>=1.13", "mypy-zope>=1.0.9", "ruff>=0.8"],
-        "bench": ["aiohttp>=3.10", "py-spy>=0.4"],
+        "bench": ["aiohttp>=3.10", "py-spy>=0.4", "uvloop>=0.21"],
     },
     classifiers=[
         "Framework :: Twisted",

@@ -446,8 +446,56 @@ def download_mib_s(url: str, size: int, cpu: int) -> float:
     return float(speed) / MIB
 
 
-#: The proxies under test, in the order they run and appear in the table.
-PROXIES = ("rproxy", "twisted-stock", "aiohttp", "nginx")
+@dataclass(frozen=True)
+class RproxyVariant:
+    """
+    One way the benchmark runs rproxy: a row of its tables.
+
+    @ivar launcher: what runs C{twist}'s command line, C{rproxy ...} appended (C{None}: this venv's
+        C{twist}; a baseline's is given on the command line).
+    @ivar options: what it is given after its listeners and upstreams.
+    @ivar description: what the row is, for the README and --help.
+    """
+
+    launcher: tuple[str, ...] | None
+    options: tuple[str, ...]
+    description: str
+
+
+_TWIST = (str(VENV_BIN / "twist"),)
+#: rproxy's rows, by name.  The first is the default configuration a user gets (the access log on, in
+#: the log output, which the benchmark writes to a file as twist does to a redirected stdout).
+RPROXY_VARIANTS = {
+    "rproxy": RproxyVariant(_TWIST, (), "the default configuration, on rproxy's reactor"),
+    "rproxy-nolog": RproxyVariant(_TWIST, ("--access-log", "off"), "--access-log off"),
+    "rproxy-epoll": RproxyVariant((*_TWIST, "--reactor", "epoll"), (), "Twisted's epoll reactor"),
+    "rproxy-asyncio": RproxyVariant((*_TWIST, "--reactor", "asyncio"), (), "Twisted's asyncio reactor"),
+    "rproxy-uvloop": RproxyVariant(
+        (sys.executable, str(HERE / "uvloop_twist.py")), (), "Twisted's asyncio reactor on uvloop"
+    ),
+    "baseline": RproxyVariant(None, (), "another checkout's rproxy (--baseline VENV), default configuration"),
+    "baseline-nolog": RproxyVariant(None, ("--access-log", "off"), "the baseline with --access-log off"),
+}
+#: The proxies under test, in the order they run and appear in the table (the baselines run only
+#: when a baseline is given).
+PROXIES = (*(name for name in RPROXY_VARIANTS if not name.startswith("baseline")), "twisted-stock", "aiohttp", "nginx")
+ALL_PROXIES = (*RPROXY_VARIANTS, "twisted-stock", "aiohttp", "nginx")
+
+
+def rproxy_argv(name: str, baseline: Path | None, arguments: Sequence[str]) -> list[str]:
+    """
+    The command running rproxy's variant C{name} with C{arguments} (its listeners and upstreams);
+    C{baseline}: the bin directory of the virtualenv the baselines run from.
+    """
+    variant = RPROXY_VARIANTS[name]
+    launcher = variant.launcher
+    if launcher is None:
+        if baseline is None:
+            raise BenchError(f"{name} needs --baseline VENV")
+        launcher = (str(baseline / "twist"),)
+    return [*launcher, "rproxy", *arguments, *variant.options]
+
+
 #: The small files wrk requests, by name.
 SMALL = {"100B": 100, "1KiB": 1024}
 #: The large file curl downloads.
@@ -467,6 +515,7 @@ class Settings:
         on this many ports).
     @ivar proxy_cpu: the CPU the proxy under test is pinned to.
     @ivar load_cpu: the CPU the origin, wrk and curl are pinned to.
+    @ivar baseline: the bin directory of the virtualenv whose rproxy the baseline rows run, if any.
     """
 
     duration: int = 10
@@ -476,6 +525,7 @@ class Settings:
     upstreams: int = 3
     proxy_cpu: int = 0
     load_cpu: int = 1
+    baseline: Path | None = None
 
 
 class Bench:
@@ -572,15 +622,15 @@ class Bench:
         @param balancer: rproxy only: its C{--balancer} (None: rproxy's default, no option).
         """
         origin = self.origin_port
-        if name == "rproxy":
+        if name in RPROXY_VARIANTS:
             if not 1 <= upstreams <= len(self.origin_ports):
                 raise BenchError(f"{upstreams} upstreams asked, the origin listens on {len(self.origin_ports)} ports")
-            argv = [str(VENV_BIN / "twist"), "rproxy", "--listen", f"tcp:{port}:interface={HOST}"]
+            arguments = ["--listen", f"tcp:{port}:interface={HOST}"]
             for upstream_port in self.origin_ports[:upstreams]:
-                argv += ["--upstream", f"http://{HOST}:{upstream_port}"]
+                arguments += ["--upstream", f"http://{HOST}:{upstream_port}"]
             if balancer is not None:
-                argv += ["--balancer", balancer]
-            return [*argv, "--access-log", "off"]
+                arguments += ["--balancer", balancer]
+            return rproxy_argv(name, self.settings.baseline, arguments)
         if upstreams != 1 or balancer is not None:
             raise BenchError(f"only rproxy is run with several upstreams or a balancer, not {name}")
         if name in ("twisted-stock", "aiohttp"):
@@ -611,7 +661,7 @@ class Bench:
     }}""",
             )
             return nginx_argv(self.tools["nginx"], prefix, config)
-        raise BenchError(f"unknown proxy {name!r}; known: {', '.join(PROXIES)}")
+        raise BenchError(f"unknown proxy {name!r}; known: {', '.join(ALL_PROXIES)}")
 
     @contextmanager
     def proxy(self, name: str, upstreams: int = 1, balancer: str | None = None) -> Iterator[tuple[Server, str]]:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from harness import (
     HOST,
-    VENV_BIN,
+    RPROXY_VARIANTS,
     Bench,
     BenchError,
     CpuMeter,
@@ -30,11 +30,13 @@ from harness import (
     nginx_argv,
     nginx_config,
     pinned,
+    rproxy_argv,
     run_command,
 )
 
-#: The HTTP/2 proxies, in the order they run.
-HTTP2_PROXIES = ("rproxy", "nginx")
+#: The HTTP/2 proxies, in the order they run (any of rproxy's variants may be named too).
+HTTP2_PROXIES = ("rproxy", "rproxy-nolog", "nginx")
+ALL_HTTP2_PROXIES = (*RPROXY_VARIANTS, "nginx")
 #: The payload every HTTP/2 run requests.
 HTTP2_PAYLOAD = "1KiB"
 
@@ -143,19 +145,10 @@ def write_certificate(directory: Path) -> tuple[Path, Path]:
 def proxy_argv(bench: Bench, name: str, plainPort: int, tlsPort: int, cert: Path, key: Path) -> list[str]:
     """The command (not yet pinned) running HTTP/2 proxy C{name} on both ports."""
     origin = f"{HOST}:{bench.origin_port}"
-    if name == "rproxy":
-        return [
-            str(VENV_BIN / "twist"),
-            "rproxy",
-            "--listen",
-            f"tcp:{plainPort}:interface={HOST}",
-            "--listen",
-            f"ssl:{tlsPort}:interface={HOST}:privateKey={key}:certKey={cert}",
-            "--upstream",
-            f"http://{origin}",
-            "--access-log",
-            "off",
-        ]
+    if name in RPROXY_VARIANTS:
+        arguments = ["--listen", f"tcp:{plainPort}:interface={HOST}"]
+        arguments += ["--tls-listen", f"tcp:{tlsPort}:interface={HOST}", "--tls-cert", f"{cert}:{key}"]
+        return rproxy_argv(name, bench.settings.baseline, [*arguments, "--upstream", f"http://{origin}"])
     if name == "nginx":
         prefix = bench.workdir / f"nginx-h2-{plainPort}"
         config = nginx_config(
@@ -180,7 +173,7 @@ def proxy_argv(bench: Bench, name: str, plainPort: int, tlsPort: int, cert: Path
             listen=False,
         )
         return nginx_argv(bench.tools["nginx"], prefix, config)
-    raise BenchError(f"unknown HTTP/2 proxy {name!r}; known: {', '.join(HTTP2_PROXIES)}")
+    raise BenchError(f"unknown HTTP/2 proxy {name!r}; known: {', '.join(ALL_HTTP2_PROXIES)}")
 
 
 @contextmanager
@@ -205,7 +198,7 @@ def measure_http2(bench: Bench, name: str, cert: Path, key: Path) -> dict[str, A
     with http2_proxy(bench, name, cert, key) as (server, plainPort, tlsPort):
         result["command"] = server.argv
         listeners = {"h2c": f"http://{HOST}:{plainPort}", "h2 TLS": f"https://{HOST}:{tlsPort}"}
-        if name == "rproxy":
+        if name in RPROXY_VARIANTS:
             listeners["h1"] = f"http://{HOST}:{plainPort}"
         for listener, base in listeners.items():
             for shape in SHAPES:
@@ -231,20 +224,23 @@ def measure_http2(bench: Bench, name: str, cert: Path, key: Path) -> dict[str, A
 
 
 def add_http2_ratios(results: dict[str, dict[str, Any]]) -> None:
-    """Add to rproxy's runs the ratio to nginx's same run, and to rproxy's own HTTP/1.1 run."""
-    mine, nginx = results.get("rproxy", {}), results.get("nginx", {})
-    h1 = mine.get("h1 50x1", {}).get("rps")
-    for label, run in mine.items():
-        if not isinstance(run, dict) or "rps" not in run:
+    """Add to each rproxy row's runs the ratio to nginx's same run, and to that row's own HTTP/1.1 run."""
+    nginx = results.get("nginx", {})
+    for name, mine in results.items():
+        if name not in RPROXY_VARIANTS:
             continue
-        theirs = nginx.get(label, {}).get("rps") if isinstance(nginx.get(label), dict) else None
-        run["vs_nginx"] = round(run["rps"] / theirs, 2) if theirs else None
-        run["vs_rproxy_h1"] = round(run["rps"] / h1, 2) if h1 else None
+        h1 = mine.get("h1 50x1", {}).get("rps")
+        for label, run in mine.items():
+            if not isinstance(run, dict) or "rps" not in run:
+                continue
+            theirs = nginx.get(label, {}).get("rps") if isinstance(nginx.get(label), dict) else None
+            run["vs_nginx"] = round(run["rps"] / theirs, 2) if theirs else None
+            run["vs_rproxy_h1"] = round(run["rps"] / h1, 2) if h1 else None
 
 
 def format_http2_table(results: dict[str, dict[str, Any]]) -> str:
     """The HTTP/2 table: one row per proxy and run."""
-    rows = [("proxy", "run", "req/s", "mean ms", "failed", "x nginx", "x rproxy h1")]
+    rows = [("proxy", "run", "req/s", "mean ms", "failed", "x nginx", "x own h1")]
     for name, result in results.items():
         if "error" in result:
             rows.append((name, "FAILED", result["error"].splitlines()[0][:60], "", "", "", ""))

@@ -28,6 +28,7 @@ from types import FrameType
 from typing import Any
 
 from harness import (
+    ALL_PROXIES,
     LARGE_NAME,
     LARGE_SIZE,
     PROXIES,
@@ -46,6 +47,7 @@ from harness import (
     wrk_argv,
 )
 from http2 import (
+    ALL_HTTP2_PROXIES,
     HTTP2_PROXIES,
     SHAPES,
     add_http2_ratios,
@@ -338,17 +340,37 @@ def _version(argv: list[str]) -> str:
     return output.splitlines()[0] if output else "unknown"
 
 
-def environment(tools: dict[str, str]) -> dict[str, Any]:
-    """What the numbers depend on: versions, CPU, kernel, the rproxy commit."""
+def _commit(directory: Path) -> str | None:
+    """The git commit checked out in C{directory}, if it is in a git checkout."""
     try:
         commit = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+            ["git", "-C", str(directory), "rev-parse", "HEAD"],
             capture_output=True,
             text=True,
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         commit = ""
+    return commit or None
+
+
+def _baselineCommit(bin: Path) -> str | None:
+    """The commit of the rproxy that the virtualenv of C{bin} imports."""
+    try:
+        where = subprocess.run(
+            [str(bin / "python"), "-c", "import rproxy, os; print(os.path.dirname(rproxy.__file__))"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return _commit(Path(where)) if where else None
+
+
+def environment(tools: dict[str, str], baseline: Path | None) -> dict[str, Any]:
+    """What the numbers depend on: versions, CPU, kernel, the rproxy commit (and the baseline's)."""
+    commit = _commit(REPO)
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -358,7 +380,8 @@ def environment(tools: dict[str, str]) -> dict[str, Any]:
         platform.processor(),
     )
     return {
-        "commit": commit or None,
+        "commit": commit,
+        "baseline_commit": None if baseline is None else _baselineCommit(baseline),
         "python": platform.python_version(),
         "twisted": metadata.version("twisted"),
         "aiohttp": metadata.version("aiohttp"),
@@ -382,8 +405,15 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip("` \n"))
     parser.add_argument(
         "--proxies",
-        default=",".join(PROXIES),
-        help=f"comma-separated proxies to run (default: {','.join(PROXIES)})",
+        default=None,
+        help=f"comma-separated proxies to run (default: {','.join(PROXIES)}, and the baselines after "
+        f"rproxy's rows with --baseline; known: {','.join(ALL_PROXIES)})",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a virtualenv with another rproxy installed (another commit): its rows 'baseline' and "
+        "'baseline-nolog' run in the same session, for a before/after comparison",
     )
     parser.add_argument("--duration", type=int, default=defaults.duration, help="seconds per wrk run")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="seconds of warm-up wrk")
@@ -403,9 +433,9 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--http2-proxies",
-        default=",".join(HTTP2_PROXIES),
-        help=f"comma-separated proxies for the HTTP/2 runs with h2load (default: {','.join(HTTP2_PROXIES)}; "
-        "'none': no HTTP/2 run)",
+        default=None,
+        help=f"comma-separated proxies for the HTTP/2 runs with h2load (default: {','.join(HTTP2_PROXIES)}, "
+        "and the baselines with --baseline; 'none': no HTTP/2 run)",
     )
     parser.add_argument(
         "--profile",
@@ -421,19 +451,28 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument("--profile-balancer", help="rproxy's --balancer while profiled (default: rproxy's default)")
     args = parser.parse_args()
+    baselines = ("baseline", "baseline-nolog") if args.baseline is not None else ()
+    if args.baseline is not None and not (args.baseline / "bin" / "twist").exists():
+        parser.error(f"--baseline {args.baseline}: no bin/twist in it (give a virtualenv with rproxy installed)")
+    if args.proxies is None:
+        args.proxies = ",".join([*PROXIES[:2], *baselines, *PROXIES[2:]])
+    if args.http2_proxies is None:
+        args.http2_proxies = ",".join([*HTTP2_PROXIES[:2], *baselines, *HTTP2_PROXIES[2:]])
     args.proxies = [name.strip() for name in args.proxies.split(",") if name.strip()]
     args.balancers = [name.strip() for name in args.balancers.split(",") if name.strip() not in ("", "none")]
     args.http2_proxies = [name.strip() for name in args.http2_proxies.split(",") if name.strip() not in ("", "none")]
-    unknown2 = sorted(set(args.http2_proxies) - set(HTTP2_PROXIES))
+    unknown2 = sorted(set(args.http2_proxies) - set(ALL_HTTP2_PROXIES))
     if unknown2:
-        parser.error(f"unknown HTTP/2 proxies {', '.join(unknown2)}; known: {', '.join(HTTP2_PROXIES)}")
+        parser.error(f"unknown HTTP/2 proxies {', '.join(unknown2)}; known: {', '.join(ALL_HTTP2_PROXIES)}")
+    if args.baseline is None and any(name.startswith("baseline") for name in args.proxies + args.http2_proxies):
+        parser.error("the baseline rows need --baseline VENV")
     if args.upstreams < 2:
         parser.error("--upstreams must be at least 2 (use --balancers none to skip the balancing run)")
     if args.profile_upstreams < 1:
         parser.error("--profile-upstreams must be at least 1")
-    unknown = sorted(set(args.proxies) - set(PROXIES))
+    unknown = sorted(set(args.proxies) - set(ALL_PROXIES))
     if unknown:
-        parser.error(f"unknown proxies {', '.join(unknown)}; known: {', '.join(PROXIES)}")
+        parser.error(f"unknown proxies {', '.join(unknown)}; known: {', '.join(ALL_PROXIES)}")
     return args
 
 
@@ -450,6 +489,7 @@ def main() -> int:
         connections=args.connections,
         downloads=args.downloads,
         upstreams=max(args.upstreams, args.profile_upstreams),
+        baseline=None if args.baseline is None else args.baseline.resolve() / "bin",
     )
     tools = ensure_tools()
     RESULTS.mkdir(exist_ok=True)
@@ -512,9 +552,9 @@ def main() -> int:
     report: Result = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.monotonic() - started, 1),
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "baseline": None if args.baseline is None else str(args.baseline)},
         "load_command": " ".join(wrk_argv("URL", settings.duration, settings.connections, settings.load_cpu)),
-        "environment": environment(tools),
+        "environment": environment(tools, settings.baseline),
         "results": results,
         "balancing": {
             "upstreams": settings.upstreams,
@@ -551,7 +591,7 @@ def main() -> int:
         print()
         print(
             "HTTP/2 (h2load on 1KiB.bin; runs named listener + connections x streams; "
-            "x nginx = same run through nginx; x rproxy h1 = rproxy's h2load --h1 50x1)"
+            "x nginx = same run through nginx; x own h1 = the same rproxy's h2load --h1 50x1)"
         )
         print(format_http2_table(http2))
         print(f"load: {report['http2']['load_command']} (and -c10 -m10)")
