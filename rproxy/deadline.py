@@ -1,6 +1,9 @@
 """
-The one timer of an upstream connection (HTTP/1.1) or stream (HTTP/2), whose meaning changes as an
-exchange goes on: waiting for the response head, waiting for more of the body, idling in the pool.
+The re-aimable timer of both sides: of a client connection (its request head, its idleness between
+requests), of an upstream connection (HTTP/1.1) or stream (HTTP/2), whose meaning changes as an
+exchange goes on (waiting for the response head, for more of the body, idling in the pool), and of an
+HTTP/2 upstream connection without streams.  One-shot timers (connecting, a PING's answer) are plain
+C{callLater}s.
 
 It is re-aimed with C{reset} rather than replaced: a new C{DelayedCall} per exchange costs more than a
 reset, and disarming only changes what the pending call means (it lapses unless re-aimed first).

@@ -390,6 +390,24 @@ class ResetAndGoAwayTests(unittest.TestCase):
         self.assertEqual(responseStatus(await get(proxy.port, b"/2")), 200)
         self.assertEqual(len(server.connections), 2)
 
+    async def test_idleTimeout(self) -> None:
+        """
+        A connection without streams is closed after --upstream-idle-timeout; one that got a stream in
+        time stays open (the timer is re-aimed when its streams come and go).
+        """
+        server = H2Upstream(self)
+        proxy = startProxy(self, [server.url], "--upstream-idle-timeout", "0.3")
+        for path in (b"/1", b"/2", b"/3"):
+            self.assertEqual(responseStatus(await get(proxy.port, path)), 200)
+            await sleep(0.15)
+        self.assertEqual(len(server.connections), 1)
+        self.assertFalse(server.connections[0].closed.called)
+        started = reactor.seconds()
+        await server.connections[0].closed
+        self.assertLess(reactor.seconds() - started, 1.0)
+        self.assertEqual(responseStatus(await get(proxy.port, b"/4")), 200)
+        self.assertEqual(len(server.connections), 2)
+
 
 class KeepaliveTests(unittest.TestCase):
     """PINGs on silent connections."""

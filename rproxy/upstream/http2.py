@@ -94,7 +94,6 @@ class HTTP2Connection(TwistedProtocol):
     _readyTimer: IDelayedCall | None = None
     _pingTimer: IDelayedCall | None = None
     _pingDeadline: IDelayedCall | None = None
-    _idleTimer: IDelayedCall | None = None
     _log = Logger()
 
     def __init__(self, pool: UpstreamPool, reactor: IReactorTime) -> None:
@@ -116,6 +115,7 @@ class HTTP2Connection(TwistedProtocol):
         self._closeWhenIdle = False
         self.transportPaused = False
         self._heard = False  # frames arrived since the last keepalive tick
+        self._idle = deadline.Deadline(reactor, lambda mode: self.close())  # re-aimed as streams come and go
 
     # -- the pool's side
 
@@ -345,10 +345,11 @@ class HTTP2Connection(TwistedProtocol):
 
     def connectionLost(self, reason: Failure = ierror.ConnectionDone()) -> None:  # type: ignore[assignment]
         self._closed = True
-        for timer in (self._readyTimer, self._pingTimer, self._pingDeadline, self._idleTimer):
+        for timer in (self._readyTimer, self._pingTimer, self._pingDeadline):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._readyTimer = self._pingTimer = self._pingDeadline = self._idleTimer = None
+        self._readyTimer = self._pingTimer = self._pingDeadline = None
+        self._idle.stop()
         if self._ready is not None:
             # Twisted before 26 checks the certificate's name after the handshake completed: such a
             # failure ends the connection here, before the upstream's SETTINGS.
@@ -392,12 +393,10 @@ class HTTP2Connection(TwistedProtocol):
         if self._pool.settings.maxIdle == 0:
             self.close()
             return
-        self._idleTimer = self._reactor.callLater(self._pool.settings.idleTimeout, self.close)
+        self._idle.arm(deadline.IDLE, self._pool.settings.idleTimeout)
 
     def _cancelIdle(self) -> None:
-        if self._idleTimer is not None and self._idleTimer.active():
-            self._idleTimer.cancel()
-        self._idleTimer = None
+        self._idle.disarm()
 
     def _startKeepalive(self) -> None:
         interval = self._pool.settings.pingInterval
