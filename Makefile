@@ -7,7 +7,7 @@ OLDEST := .venv-oldest
 UPSTREAM ?=
 LISTEN ?= tcp:8080:interface=127.0.0.1
 
-.PHONY: run test lint typecheck bench clean
+.PHONY: run test lint typecheck bench docs clean
 
 # The editable install uses "compat" mode so that twisted/plugins/rproxy_plugin.py is found on sys.path
 # (twist discovers plugins by scanning sys.path entries, which the default editable finder bypasses).
@@ -52,9 +52,14 @@ lint: $(BIN)/twist
 typecheck: $(BIN)/twist
 	$(BIN)/mypy rproxy
 
+# The API reference of rproxy's public API (pydoctor's settings are in pyproject.toml).
+docs: $(BIN)/twist
+	$(BIN)/python -m pydoctor --quiet
+	@echo "API reference: build/apidocs/index.html"
+
 bench: $(BIN)/twist
 	$(BIN)/pip install --quiet -e '.[bench]' --config-settings editable_mode=compat
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(OLDEST) _trial_temp* *.egg-info
+	rm -rf $(VENV) $(OLDEST) build/apidocs _trial_temp* *.egg-info

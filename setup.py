@@ -31,8 +31,12 @@ setup(
         "service-identity>=24.1.0",
         # rproxy/downstream/tls.py reads certificates itself.
         "cryptography>=45.0.7",
-        # rproxy's HTTP/2 on both sides is on h2's public API.
+        # rproxy's HTTP/2 on both sides is on h2's public API, with hpack's never-indexed fields, hyperframe's
+        # GOAWAY frame and priority's tree (for clients that send RFC 7540 priorities) used directly.
         "h2>=4.2,<5",
+        "hpack>=4.1,<5",
+        "hyperframe>=6.1,<7",
+        "priority>=1.1,<2",
         "zope.interface>=7.0",
         # rproxy/tunnel/messages.py parses WebSocket frames on message-aware routes.
         "wsproto>=1.2",
@@ -42,7 +46,8 @@ setup(
         # PyHamcrest: Twisted's own reactor tests, which rproxy/test/test_reactor.py runs against rproxy's reactor.
         # grpcio: rproxy/test/test_grpc.py runs a real gRPC client and server through the proxy.
         # websockets: rproxy/test/test_upgrade.py and test_websocket.py run real WebSocket clients and servers.
-        "test": ["setuptools>=70.1", "PyHamcrest>=2.0", "grpcio>=1.60", "websockets>=13"],
+        # pydoctor: `make docs` builds the API reference, and rproxy/test/test_docs.py checks that it builds.
+        "test": ["setuptools>=70.1", "pydoctor>=25.10", "PyHamcrest>=2.0", "grpcio>=1.60", "websockets>=13"],
         "dev": ["mypy>=1.13", "mypy-zope>=1.0.9", "ruff>=0.8"],
         "bench": ["aiohttp>=3.10", "py-spy>=0.4", "uvloop>=0.21"],
     },

@@ -1,6 +1,8 @@
 """
 Test a balancer without sockets: fake upstreams, a clock, a simulator, a contract check and spread assertions.
 
+For example::
+
     from rproxy.testing import Clock, Simulation, assertSpread, countPicks, makeUpstreams, verifyBalancer
 
     clock = Clock()
@@ -634,7 +636,7 @@ def verifyBalancer(subject: IBalancer | IBalancerFactory | Maker, options: Mappi
 
 class BalancerContractTests:
     """
-    The contract check as tests: mix into a C{TestCase} and define L{makeBalancer}.
+    The contract check as tests: mix into a C{TestCase} and define L{makeBalancer}::
 
         class MyBalancerContractTests(BalancerContractTests, unittest.TestCase):
             def makeBalancer(self):
@@ -707,7 +709,7 @@ def makeService(name: str = "default", upstreams: int | Sequence[int] = 1, clock
 def directRequest(director: IDirector, request: InboundRequest) -> tuple[Service | None, OutboundRequest]:
     """
     Route C{request} as an exchange does: build the outbound copy (its target and ``Host``, its end-to-end
-    fields and the default forwarding fields), then call C{director.direct}.
+    fields and the default forwarding fields), then call C{director.direct}::
 
         service, outbound = directRequest(director, inboundRequest(b"/api/x", headers=[(b"host", b"a.example")]))
 

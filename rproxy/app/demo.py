@@ -1,5 +1,5 @@
 """
-A demo upstream to try rproxy against (``make run``): echo, streaming, slow and large responses.
+A demo upstream to try rproxy against (``make run``): echo, streaming, slow and large responses::
 
     /echo            the request as received (method, target, headers, body size and digest), as JSON
     /stream?n=5&interval=1   Server-Sent Events, one per interval

@@ -38,7 +38,7 @@ on one anywhere else).  Each, and why:
     connection's log context as C{log.callWithLogger} would, without copying the stack twice per event.
 
 C{rproxy.test.test_twisted_contract} checks each of them on the installed Twisted, and
-L{compatibleTwisted} checks them when the reactor is installed: if one is gone, Twisted's own epoll
+L{missingPrivateNames} checks them when the reactor is installed: if one is gone, Twisted's own epoll
 reactor is installed instead, with a warning, so a Twisted release that reshapes them makes rproxy
 slower, not wrong.
 """

@@ -6,19 +6,19 @@ environment around it) and hands it to L{LiveProxy.apply}, which builds everythi
 anything: a configuration that is wrong in any way changes nothing, its error is logged, and the
 previous one keeps serving.  A right one is put in force at once, between two events of the reactor:
 
-- the proxy's director (its routes) and forwarding policy are replaced, each in one assignment.
-  Requests that start from then on are routed by the new routes; an exchange in flight keeps the
-  service and upstream it already has until it ends, whatever changed;
-- a service whose balancing settings (balancer and its options, retries, C{rewrite-host}) did not
-  change keeps its L{Service}, and so its balancer's state;
-- an upstream whose URL, weight, pool and passive health settings did not change stays the same
-  L{Upstream}: its connection pool, health and in-flight count are carried over, its connections stay
-  open.  An upstream that is gone is removed from the registry, which drains it: its exchanges in
-  flight finish, its idle connections close.  A new one is added;
-- the health checks are replaced when their settings changed;
-- the grace period applies to the next shutdown, the tunnel idle timeout to the tunnels opened next.
-  Open tunnels (WebSockets and other upgraded connections) are never closed by a reload: like any
-  exchange in flight, they keep their upstream until they end.
+  - the proxy's director (its routes) and forwarding policy are replaced, each in one assignment.
+    Requests that start from then on are routed by the new routes; an exchange in flight keeps the
+    service and upstream it already has until it ends, whatever changed;
+  - a service whose balancing settings (balancer and its options, retries, C{rewrite-host}) did not
+    change keeps its L{Service}, and so its balancer's state;
+  - an upstream whose URL, weight, pool and passive health settings did not change stays the same
+    L{Upstream}: its connection pool, health and in-flight count are carried over, its connections stay
+    open.  An upstream that is gone is removed from the registry, which drains it: its exchanges in
+    flight finish, its idle connections close.  A new one is added;
+  - the health checks are replaced when their settings changed;
+  - the grace period applies to the next shutdown, the tunnel idle timeout to the tunnels opened next.
+    Open tunnels (WebSockets and other upgraded connections) are never closed by a reload: like any
+    exchange in flight, they keep their upstream until they end.
 
 The listeners, the client limits, the access log and the demo upstream cannot change while rproxy runs:
 a change to them is logged as a warning and applies at the next restart.  So does a change to the TLS

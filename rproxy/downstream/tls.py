@@ -111,7 +111,7 @@ class CertificateFiles:
 
     @classmethod
     def fromSpec(cls, spec: str) -> CertificateFiles:
-        """Parse C{CERTFILE[:KEYFILE[:HOSTNAME,...]]}; raise L{ValueError} saying what is wrong."""
+        """Parse C{CERTFILE[:KEYFILE[:HOSTNAME,...]]}; raise C{ValueError} saying what is wrong."""
         parts = spec.split(":")
         if len(parts) > 3 or not parts[0]:
             raise ValueError(f"expected CERTFILE[:KEYFILE[:HOSTNAME,...]], got {spec!r}")

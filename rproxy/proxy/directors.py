@@ -5,7 +5,7 @@ A L{Route} sends the requests that meet its conditions (host, path prefix, heade
 L{Service}, to a split between services (L{WeightedSplit} for canaries and A/B tests, L{BlueGreen} for a
 switch), or to the service its path names (L{ServiceVersion}), and rewrites what is sent (prefix, ``Host``,
 fields).  L{RoutingDirector} tries its routes most specific first (see there; docs/routing.md has the
-whole model):
+whole model)::
 
     director = RoutingDirector([
         Route(shop, hosts=["shop.example.com", "*.shop.example.com"]),

@@ -1,7 +1,7 @@
 """
 Certificates made at test time: a throwaway L{CertificateAuthority} (or an intermediate CA under one)
 issues server and client certificates for host names and IP addresses, as PEM, as files, or as the TLS
-side of a test server, which L{listenTLS} serves a factory with.
+side of a test server, which L{listenTLS} serves a factory with::
 
     ca = CertificateAuthority()
     issued = ca.issue("a", ["a.example.test"], ["127.0.0.1"])       # .certificate, .certificatePEM, .keyPEM

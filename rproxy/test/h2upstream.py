@@ -1,6 +1,6 @@
 """
 A scripted HTTP/2 server on the C{h2} library, for tests of HTTP/2 upstreams (h2c, or TLS with ALPN h2 given
-options from L{rproxy.test.certs}).
+options from L{rproxy.test.certs})::
 
     server = H2Upstream(self, handler, maxConcurrentStreams=2)          # h2c on 127.0.0.1
     files = CertificateAuthority().writeFiles(self.mktemp())

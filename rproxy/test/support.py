@@ -1,5 +1,5 @@
 """
-Real-socket fixtures for rproxy's tests: a proxy and upstreams on 127.0.0.1, and real clients.
+Real-socket fixtures for rproxy's tests: a proxy and upstreams on 127.0.0.1, and real clients::
 
     upstream = startUpstream(self, demoSite())        # any twisted.web site as an upstream
     scripted = ScriptedUpstream(self, respond)        # a raw upstream that answers with exact bytes

@@ -1,5 +1,5 @@
 """
-An upstream server in its own process, for tests that kill and restart one.
+An upstream server in its own process, for tests that kill and restart one::
 
     python -m rproxy.test.upstream_process PORT NAME
 
