@@ -14,6 +14,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
@@ -60,6 +61,7 @@ class HTTP11Connection(TwistedProtocol):
     transport: Any
     reused = False
     reportsUnprocessed = False
+    multiplexes = False  # one exchange at a time (see rproxy.upstream.pool.Pooled)
     _receiver: ResponseReceiver | None = None
     _body: RequestBodyPipe | None = None
     _upgrade = False  # the exchange asked to switch protocols
@@ -186,6 +188,10 @@ class HTTP11Connection(TwistedProtocol):
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
+
+    def whenReady(self) -> Deferred[HTTP11Connection]:
+        """It can carry an exchange at once (see L{rproxy.upstream.pool.Opening})."""
+        return succeed(self)
 
     def idle(self, timeout: float) -> None:
         """Wait in the pool; close after C{timeout} seconds unused."""

@@ -91,6 +91,7 @@ class HTTP2Connection(TwistedProtocol):
     """
 
     transport: Any
+    multiplexes = True  # many exchanges at once, as streams (see rproxy.upstream.pool.Pooled)
     _readyTimer: IDelayedCall | None = None
     _pingTimer: IDelayedCall | None = None
     _pingDeadline: IDelayedCall | None = None

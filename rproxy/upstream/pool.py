@@ -15,7 +15,8 @@ from its connections.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -39,6 +40,21 @@ NEGOTIATED = "alpn"
 
 #: Streams a connection being opened is expected to carry, until a server says how many it takes.
 _STREAMS_EXPECTED = 100
+
+
+class Opening(TypingProtocol):
+    """
+    What a pool asks of a connection it opened, whatever its protocol: when it can be used.  An
+    HTTP/1.1 connection can at once; an HTTP/2 one once the server's SETTINGS came; a TLS connection
+    once its handshake chose one of those by ALPN.
+
+    The connection it gives says whether it C{multiplexes}: an HTTP/2 connection carries many exchanges
+    at once, and the pool hands out its streams; an HTTP/1.1 one carries one at a time, and the pool hands
+    out the connection itself, keeping it idle between exchanges.
+    """
+
+    def whenReady(self) -> Deferred[HTTP11Connection | HTTP2Connection]:
+        """Fires with the connection once it can be used."""
 
 
 class _ConnectionFactory(Factory):
@@ -257,9 +273,9 @@ class UpstreamPool:
     def connectionLost(self, connection: HTTP11Connection | HTTP2Connection) -> None:
         """A connection closed: forget it, and let a waiting request open a replacement."""
         self._open -= 1
-        if isinstance(connection, HTTP2Connection):
+        if connection.multiplexes:
             if connection in self._multiplexed:
-                self._multiplexed.remove(connection)
+                self._multiplexed.remove(connection)  # type: ignore[arg-type]
         elif connection in self._idle:
             self._idle.remove(connection)
         if self._multiplexing is False:
@@ -311,30 +327,29 @@ class UpstreamPool:
         self._connecting += 1
         attempt = self._endpoint.connect(self._factory)
 
-        def connected(protocol: Protocol) -> None:
-            if isinstance(protocol, HTTP11Connection):  # plain HTTP/1.1: ready at once
-                ready(protocol)
-            else:
-                protocol.whenReady().addCallbacks(ready, failed)  # type: ignore[attr-defined]
+        def connected(protocol: Opening) -> None:
+            protocol.whenReady().addCallbacks(ready, failed)
 
         def ready(connection: HTTP11Connection | HTTP2Connection) -> None:
             self._connecting -= 1
-            if isinstance(connection, HTTP2Connection):
+            if connection.multiplexes:
+                multiplexed = cast(HTTP2Connection, connection)
                 self._multiplexing = True
-                self._streamsExpected = max(1, connection.capacity)
+                self._streamsExpected = max(1, multiplexed.capacity)
                 if result is not None and not result.called:
-                    result.callback(connection.newStream())
+                    result.callback(multiplexed.newStream())
                 if self._closedBecause is not None:
-                    connection.close()
+                    multiplexed.close()
                     return
-                self._multiplexed.append(connection)
+                self._multiplexed.append(multiplexed)
                 self._serveWaiters()
             else:
+                single = cast(HTTP11Connection, connection)
                 self._multiplexing = False
                 if result is not None and not result.called:
-                    result.callback(connection)
+                    result.callback(single)
                 else:  # the requester went away while we connected: keep it for the next one
-                    self.release(connection)
+                    self.release(single)
             self._maybeConnect()
 
         def failed(reason: Failure) -> None:
