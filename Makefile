@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 OLDEST := .venv-oldest
 UPSTREAM ?=
 LISTEN ?= tcp:8080:interface=127.0.0.1
+# Arguments for benchmarks/run.py, e.g. BENCH_ARGS="--baseline /path/to/venv" (see benchmarks/README.md).
+BENCH_ARGS ?=
 
 .PHONY: run test lint typecheck bench docs clean
 
@@ -59,7 +61,7 @@ docs: $(BIN)/twist
 
 bench: $(BIN)/twist
 	$(BIN)/pip install --quiet -e '.[bench]' --config-settings editable_mode=compat
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OLDEST) build/apidocs _trial_temp* *.egg-info
