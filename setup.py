@@ -49,7 +49,7 @@ setup(
         # pydoctor: `make docs` builds the API reference, and rproxy/test/test_docs.py checks that it builds.
         "test": ["setuptools>=70.1", "pydoctor>=25.10", "PyHamcrest>=2.0", "grpcio>=1.60", "websockets>=13"],
         "dev": ["mypy>=1.13", "mypy-zope>=1.0.9", "ruff>=0.8"],
-        "bench": ["aiohttp>=3.10", "py-spy>=0.4", "uvloop>=0.21"],
+        "bench": ["aiohttp>=3.10", "py-spy>=0.4", "uvloop>=0.21", "httptools>=0.6"],
     },
     classifiers=[
         "Framework :: Twisted",
