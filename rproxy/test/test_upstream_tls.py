@@ -126,6 +126,16 @@ class VerificationTests(TLSTestCase):
         self.assertIn(b"presented a TLS certificate that is not valid for its name", response)
         self.assertIn(b"error=tls_certificate_error", response)
 
+    async def test_wrongHostNameHTTP1(self) -> None:
+        """The same with a server that speaks only HTTP/1.1 (the connection is ready as soon as TLS is)."""
+        self.files = self.ca.writeFiles(self.mktemp(), serverNames=["other.example"], serverIPs=[])
+        port = self.twistedSite((b"http/1.1",))
+        proxy = self.proxy(f"https://127.0.0.1:{port}", "--upstream-ca", self.files.ca)
+        response = await get(proxy.port, b"/")
+        self.assertEqual(responseStatus(response), 502)
+        self.assertIn(b"presented a TLS certificate that is not valid for its name", response)
+        self.assertIn(b"error=tls_certificate_error", response)
+
     async def test_hostNameVerified(self) -> None:
         """A certificate for the URL's host name passes (SNI and the name check agree)."""
         self.files = self.ca.writeFiles(self.mktemp(), serverNames=["localhost"], serverIPs=[])

@@ -50,7 +50,6 @@ from rproxy.framing import MalformedBodyError, contentLength
 from rproxy.headers import Pairs
 from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
 from rproxy.upstream.settings import timeoutError
-from rproxy.upstream.tls import describeFailure
 
 if TYPE_CHECKING:
     from rproxy.downstream.body import RequestBodyPipe
@@ -352,13 +351,6 @@ class HTTP2Connection(TwistedProtocol):
         self._readyTimer = self._pingTimer = self._pingDeadline = None
         self._idle.stop()
         if self._ready is not None:
-            # Twisted before 26 checks the certificate's name after the handshake completed: such a
-            # failure ends the connection here, before the upstream's SETTINGS.
-            tls = describeFailure(reason)
-            if tls is not None:
-                detail, errorType = tls
-                self._failReady(upstreamError(502, f"upstream {self.label} {detail}", errorType))
-                return
             how = "reset" if reason.check(ierror.ConnectionLost) else "closed"
             self._failReady(
                 upstreamError(

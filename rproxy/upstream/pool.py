@@ -117,6 +117,10 @@ class _Negotiating(Protocol):
             ready.errback(error)
 
     def handshakeCompleted(self) -> None:
+        if self.transport.disconnecting:
+            # Twisted before 26 checks the certificate's name once the handshake is done, and reports a
+            # mismatch by aborting the connection just before this: connectionLost gives the reason.
+            return
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
