@@ -8,6 +8,7 @@ fields go into a structured log event.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 from http import HTTPStatus
 
@@ -29,15 +30,25 @@ class ProxyError(Exception):
     @ivar fault: who caused it.
     @ivar errorType: the RFC 9209 error type (``connection_refused``, ``http_response_timeout``, ...).
     @ivar retryAfter: seconds after which the client may try again (sent as ``Retry-After``), if known.
+    @ivar headers: more fields for the response, in order (C{WWW-Authenticate}, rate-limit fields, ...).
     """
 
-    def __init__(self, status: int, reason: str, fault: Fault, errorType: str, retryAfter: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        fault: Fault,
+        errorType: str,
+        retryAfter: int | None = None,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.fault = fault
         self.errorType = errorType
         self.retryAfter = retryAfter
+        self.headers = list(headers)
 
     def __repr__(self) -> str:
         return f"<ProxyError {self.status} {self.errorType}: {self.reason}>"
@@ -61,6 +72,7 @@ class ProxyError(Exception):
         ]
         if self.retryAfter is not None:
             fields.append((b"Retry-After", b"%d" % self.retryAfter))
+        fields += self.headers
         return fields
 
     def body(self) -> bytes:
@@ -85,9 +97,9 @@ def _oneLine(text: str) -> bytes:
     return " ".join(text.split()).encode("utf-8", "replace")
 
 
-def clientError(status: int, reason: str) -> ProxyError:
+def clientError(status: int, reason: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> ProxyError:
     """A request the proxy refuses (RFC 9209 ``http_request_error``)."""
-    return ProxyError(status, reason, Fault.CLIENT, "http_request_error")
+    return ProxyError(status, reason, Fault.CLIENT, "http_request_error", headers=headers)
 
 
 def upstreamError(status: int, reason: str, errorType: str) -> ProxyError:
@@ -95,6 +107,8 @@ def upstreamError(status: int, reason: str, errorType: str) -> ProxyError:
     return ProxyError(status, reason, Fault.UPSTREAM, errorType)
 
 
-def proxyError(status: int, reason: str, errorType: str, retryAfter: int | None = None) -> ProxyError:
+def proxyError(
+    status: int, reason: str, errorType: str, retryAfter: int | None = None, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> ProxyError:
     """A limit or failure of the proxy itself."""
-    return ProxyError(status, reason, Fault.PROXY, errorType, retryAfter)
+    return ProxyError(status, reason, Fault.PROXY, errorType, retryAfter, headers)

@@ -142,6 +142,27 @@ class ForwardingPolicy:
             return False
         return any(address in network for network in self.trustedProxies)
 
+    def client(self, peerHost: str | None, inbound: Headers) -> str | None:
+        """
+        The client's address: the peer's, unless the peer is a trusted proxy, in which case the last
+        address of ``X-Forwarded-For`` that is not a trusted proxy (the first one a client could not forge).
+        """
+        if not self.trusts(peerHost):
+            return peerHost
+        values = inbound.getRawHeaders(b"x-forwarded-for")
+        if not values:
+            return peerHost
+        client = peerHost
+        for hop in reversed([part.strip() for value in values for part in value.split(b",")]):
+            try:
+                address = str(ipaddress.ip_address(hop.decode("ascii")))
+            except (UnicodeDecodeError, ValueError):
+                return client  # garbage: the last address a trusted proxy vouched for
+            client = address
+            if not self.trusts(address):
+                return address
+        return client
+
     def forwardingPairs(
         self,
         inbound: Headers,

@@ -1,14 +1,15 @@
 """
 The pluggable parts of rproxy.
 
-An exchange runs: request filters, then the L{IDirector} (which service, and how to rewrite the request),
-then the service's L{IBalancer} (which upstream from the L{IRegistry}), then the upstream, then response
-filters.  Each built-in part implements these interfaces, so third parties plug in the same way.
+An exchange runs: the L{IDirector} (which service, and how to rewrite the request), then the request
+filters of the route's chain, then the service's L{IBalancer} (which upstream from the L{IRegistry}), then
+the upstream, then the chain's response filters in reverse order.  Each built-in part implements these
+interfaces, so third parties plug in the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,8 +22,7 @@ if TYPE_CHECKING:
 
     from rproxy.downstream.request import ProxyRequest
     from rproxy.errors import ProxyError
-    from rproxy.proxy.exchange import Exchange
-    from rproxy.proxy.message import InboundRequest, OutboundRequest
+    from rproxy.proxy.message import FilterVerdict, InboundRequest, OutboundRequest, RequestContext
     from rproxy.proxy.service import Service
     from rproxy.upstream.upstreams import Upstream
 
@@ -145,14 +145,69 @@ class IHealthCheck(Interface):
 
 
 class IRequestFilter(Interface):
-    """Runs on every request before the director; may change it or answer it."""
+    """
+    A step of a route's filter chain on the way in (authentication, rate limits, CORS, header rules, ...).
 
-    def onRequest(exchange: Exchange) -> ProxyError | None:
-        """Return C{None} to go on, or an error to answer the client with instead of proxying."""
+    It reads C{context.inbound} (as the client sent it), may change C{context.outbound} (what the upstream
+    gets), may note what it learned on the context (C{user}, C{claims}, C{notes}) for the filters after it,
+    and decides: go on, or answer the client itself.
+    """
+
+    consumes = Attribute(
+        "The request fields (lower-case bytes names) it reads and that are removed from the outbound request, "
+        "so that the credentials it checked never reach the upstream: an empty collection for none."
+    )
+
+    def onRequest(context: RequestContext) -> FilterVerdict | Awaitable[FilterVerdict]:
+        """
+        Decide on the request: C{None} to go on, a L{LocalResponse} or a L{ProxyError} to answer the client
+        instead of proxying (the filters before it see that answer as a response); or a Deferred or coroutine
+        of one of those when the decision needs I/O (the exchange waits, and cancels it if the client leaves).
+        """
+
+
+class IBodyTransform(Interface):
+    """A rewrite of one response body as it streams (compression); bounded memory whatever the body's size."""
+
+    def transform(data: bytes) -> bytes:
+        """The bytes to send for C{data}, the next part of the body (may be empty while it buffers)."""
+
+    def finish() -> bytes:
+        """The body has ended: the last bytes to send."""
 
 
 class IResponseFilter(Interface):
-    """Runs on every upstream response head before it reaches the client."""
+    """A step of a route's filter chain on the way out: it sees the response head before the client does."""
 
-    def onResponse(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """Change C{headers} (end-to-end fields, in order) in place."""
+    def onResponse(context: RequestContext, status: int, headers: list[tuple[bytes, bytes]]) -> IBodyTransform | None:
+        """
+        Change C{headers} (the end-to-end fields, in order) in place; return a transform to rewrite the
+        body, or C{None}.  Called for upstream responses and for the answers of filters later in the chain
+        and of the proxy itself (errors), whose bodies are never transformed.
+        """
+
+
+class IFilterFactory(IPlugin):
+    """A named filter kind, found with C{getPlugins(IFilterFactory, rproxy.plugins)}."""
+
+    name = Attribute("The name that selects it, as C{type = NAME} in a C{[filters.X]} table.")
+    description = Attribute("One line for C{--list-filters}.")
+
+    def build(options: Mapping[str, object], environment: FilterEnvironment) -> IRequestFilter | IResponseFilter:
+        """
+        A new filter (providing L{IRequestFilter}, L{IResponseFilter} or both) from the options of its table;
+        raise C{ValueError} naming a bad option.
+        """
+
+
+@dataclass(frozen=True)
+class FilterEnvironment:
+    """
+    What a filter factory may build on besides its options.
+
+    @ivar reactor: the reactor, for timers and the filter's own I/O (treq takes it).
+    @ivar base: the directory relative file names in options are read from (the config file's).
+    """
+
+    reactor: object
+    base: str = "."

@@ -1,5 +1,5 @@
 """
-Test a balancer without sockets: fake upstreams, a clock, a simulator, a contract check and spread assertions.
+Test a balancer or a filter without sockets: fake upstreams, a clock, a simulator, contract checks.
 
 For example::
 
@@ -20,6 +20,16 @@ The L{Simulation} drives a balancer the way L{rproxy.proxy.exchange.Exchange} do
 set and the upstreams already tried, C{inFlight} raised while an attempt runs and lowered before
 C{report}, retries on another upstream, and C{onResponse} for a balancer that is also an
 L{IResponseFilter}.  L{BalancerContractTests} is the contract check as a C{TestCase} mixin.
+
+A filter goes through L{runFilters} as an exchange runs a route's chain, the upstream's response given::
+
+    from rproxy.testing import inboundRequest, runFilters, verifyFilterFactory
+
+    verifyFilterFactory(MyFilterFactory(), {"realm": "x"})      # the IFilterFactory contract
+    result = self.successResultOf(runFilters([MyFilter()], inboundRequest(headers=[(b"x-key", b"k")])))
+    result.verdict                 # None: it went on; else the LocalResponse or ProxyError it answered with
+    result.forwarded               # the outbound fields as the upstream would get them (consumed ones removed)
+    result.status, result.headers, result.body    # what the client gets
 """
 
 from __future__ import annotations
@@ -30,20 +40,28 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
 from rproxy.errors import ProxyError, upstreamError
+from rproxy.filters.chain import FilterChain
+from rproxy.headers import ForwardingPolicy
 from rproxy.health.state import PassivePolicy
-from rproxy.interfaces import IBalancer, IBalancerFactory, IResponseFilter, Outcome
-from rproxy.proxy.message import InboundRequest
+from rproxy.interfaces import (
+    FilterEnvironment,
+    IBalancer,
+    IBalancerFactory,
+    IFilterFactory,
+    IRequestFilter,
+    IResponseFilter,
+    Outcome,
+)
+from rproxy.proxy.message import FilterVerdict, InboundRequest, LocalResponse, OutboundRequest, RequestContext
 from rproxy.upstream.settings import PoolSettings
 from rproxy.upstream.upstreams import Upstream
-
-if TYPE_CHECKING:
-    from rproxy.proxy.exchange import Exchange
 
 __all__ = [
     "CONTRACT_CHECKS",
@@ -62,11 +80,14 @@ __all__ = [
     "checkSetChanges",
     "checkSingleUpstream",
     "countPicks",
+    "FilterResult",
     "filterResponse",
     "inboundRequest",
     "makeUpstreams",
+    "runFilters",
     "shares",
     "verifyBalancer",
+    "verifyFilterFactory",
 ]
 
 #: The most fake upstreams L{makeUpstreams} makes (their addresses are 10.0.X.Y:8080).
@@ -232,12 +253,11 @@ class SimulationResult:
         return [request for request in self.requests if request.servedBy is None]
 
 
-@dataclass(frozen=True)
-class _Exchange:
-    """What C{onResponse} reads of an L{Exchange}: the inbound request and the chosen upstream."""
-
-    inbound: InboundRequest
-    upstream: Upstream
+def _context(request: InboundRequest, upstream: Upstream | None = None) -> RequestContext:
+    """The context an exchange gives filters for C{request} (the outbound request its plain copy)."""
+    context = RequestContext(request, OutboundRequest.fromInbound(request, ForwardingPolicy()), request.clientHost)
+    context.upstream = upstream
+    return context
 
 
 def filterResponse(
@@ -245,7 +265,7 @@ def filterResponse(
 ) -> list[tuple[bytes, bytes]]:
     """Call C{balancer.onResponse} as an exchange would for C{upstream}'s response; return the fields it added."""
     headers: list[tuple[bytes, bytes]] = []
-    balancer.onResponse(cast("Exchange", _Exchange(request, upstream)), status, headers)
+    balancer.onResponse(_context(request, upstream), status, headers)
     return headers
 
 
@@ -412,9 +432,7 @@ class Simulation:
     def _finish(self, attempt: _Attempt, status: int | None, error: ProxyError | None, refused: bool = False) -> None:
         simulated, upstream = attempt.request, attempt.upstream
         if status is not None and self._filter is not None:
-            self._filter.onResponse(
-                cast("Exchange", _Exchange(simulated.request, upstream)), status, simulated.responseHeaders
-            )
+            self._filter.onResponse(_context(simulated.request, upstream), status, simulated.responseHeaders)
         upstream.inFlight -= 1
         outcome = Outcome(status, self.clock.seconds() - attempt.sentAt, error)
         self._reports.append((upstream, outcome))
@@ -731,3 +749,103 @@ def countServices(
     C{requestFor(i)}, by default from a client of its own (for splits sticky on C{client_ip}).
     """
     return Counter(directRequest(director, requestFor(i))[0] for i in range(count))
+
+
+# -- filters
+
+
+@dataclass
+class FilterResult:
+    """
+    How a request went through filters (L{runFilters}).
+
+    @ivar verdict: C{None} when every request filter let it through, else the answer that stopped it.
+    @ivar context: what the filters saw and noted (C{user}, C{claims}, C{notes}).
+    @ivar forwarded: the fields the upstream would get (C{[]} when the request was answered).
+    @ivar status: the status the client gets.
+    @ivar headers: the fields the client gets, after the response filters (an error's: those added to it).
+    @ivar body: the body the client gets (an error's: its one-line text), after any body transform.
+    """
+
+    verdict: FilterVerdict
+    context: RequestContext
+    forwarded: list[tuple[bytes, bytes]]
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+def runFilters(
+    filters: Sequence[object],
+    request: InboundRequest | None = None,
+    *,
+    status: int = 200,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    body: bytes | Sequence[bytes] = b"",
+    forwarding: ForwardingPolicy = ForwardingPolicy(),
+) -> Deferred[FilterResult]:
+    """
+    Run C{filters} (named C{filter0}, C{filter1}, ...) on C{request} as an exchange runs a chain, with
+    C{status}, C{headers} and C{body} (bytes, or the parts it arrives in) as the upstream's response when
+    every filter lets the request through.  The Deferred fires when the filters have decided (at once
+    unless one waits for I/O).
+    """
+    request = inboundRequest() if request is None else request
+    chain = FilterChain((f"filter{i}", each) for i, each in enumerate(filters))
+    outbound = OutboundRequest.fromInbound(request, forwarding)
+    context = RequestContext(request, outbound, forwarding.client(request.clientHost, request.headers))
+    run = chain.start(context)
+    decided: Deferred[FilterVerdict] = Deferred()
+    run.request(decided.callback)
+
+    def respond(verdict: FilterVerdict) -> FilterResult:
+        if isinstance(verdict, LocalResponse):
+            answer = run.localAnswer(verdict)
+            return FilterResult(verdict, context, [], answer.status, answer.headers, answer.body)
+        if verdict is not None:
+            run.errorFields(verdict)
+            return FilterResult(verdict, context, [], verdict.status, verdict.headers, verdict.body())
+        fields = list(headers)
+        transform = run.response(status, fields)
+        parts = [body] if isinstance(body, bytes) else list(body)
+        if transform is None:
+            sent = b"".join(parts)
+        else:
+            sent = b"".join(transform.transform(part) for part in parts if part) + transform.finish()
+        return FilterResult(None, context, list(outbound.fields()), status, fields, sent)
+
+    return decided.addCallback(respond)
+
+
+def verifyFilterFactory(factory: IFilterFactory, options: Mapping[str, object], reactor: object = None) -> object:
+    """
+    Check C{factory} against the L{IFilterFactory} contract (a name, a description, C{build} giving a
+    filter that provides L{IRequestFilter} or L{IResponseFilter} correctly, and C{ValueError} naming an
+    unknown option); return the filter it built from C{options}.
+    """
+    verifyObject(IFilterFactory, factory)
+    if not isinstance(factory.name, str) or not factory.name:
+        raise AssertionError(f"filter factory {factory!r}: its name must be a non-empty string")
+    if not isinstance(factory.description, str) or not factory.description:
+        raise AssertionError(f"filter factory {factory.name!r}: its description must be a non-empty string")
+    environment = FilterEnvironment(Clock() if reactor is None else reactor)
+    built = factory.build(options, environment)
+    provided = False
+    for interface in (IRequestFilter, IResponseFilter):
+        if interface.providedBy(built):
+            verifyObject(interface, built)
+            provided = True
+    if not provided:
+        raise AssertionError(f"filter {factory.name!r}: {built!r} provides neither IRequestFilter nor IResponseFilter")
+    if IRequestFilter.providedBy(built):
+        for name in getattr(built, "consumes", ()):
+            if not isinstance(name, bytes) or name != name.lower():
+                raise AssertionError(f"filter {factory.name!r}: consumes {name!r}, not a lower-case bytes field name")
+    try:
+        factory.build({**options, "no-such-option-xyz": "1"}, environment)
+    except ValueError as e:
+        if "no-such-option-xyz" not in str(e):
+            raise AssertionError(f"filter {factory.name!r}: an unknown option's error does not name it: {e}") from None
+    else:
+        raise AssertionError(f"filter {factory.name!r}: an unknown option was accepted")
+    return built

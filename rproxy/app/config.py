@@ -27,6 +27,7 @@ from rproxy.headers import isToken, parseNetworks
 from rproxy.health.checks import HealthCheckSettings
 from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import IBalancerFactory
+from rproxy.options import parseSize
 from rproxy.proxy.balancers import FirstAvailable, balancerFactories
 from rproxy.proxy.directors import BlueGreen, Route, ServiceVersion, WeightedSplit
 from rproxy.proxy.registry import MemoryRegistry
@@ -37,17 +38,6 @@ from rproxy.tunnel.splice import DEFAULT_IDLE_TIMEOUT
 from rproxy.upstream.settings import PoolSettings
 from rproxy.upstream.tls import UpstreamTLS, clientCertificate, trustRoot
 from rproxy.upstream.upstreams import UpstreamURL, splitWeight
-
-_SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parseSize(text: str) -> int:
-    """Parse C{"1024"}, C{"64k"}, C{"10M"}, C{"1GiB"} (powers of 1024) into bytes."""
-    match = _SIZE.fullmatch(text)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (examples: 1048576, 512k, 10M, 1G)")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 class ConfigError(ValueError):

@@ -18,7 +18,7 @@ from twisted.web import resource, server
 from twisted.web.http import Request
 from zope.interface import implementer
 
-from rproxy.app.config import parseSize
+from rproxy.options import parseSize
 
 _INDEX = b"""rproxy demo upstream
   /echo                    the request as received, as JSON

@@ -54,8 +54,11 @@ def sendError(request: Request, error: ProxyError, abort: Callable[[], None]) ->
         return
     request.setResponseCode(error.status, error.phrase)
     headers = request.responseHeaders
-    for name, value in error.responseHead():
-        headers.setRawHeaders(name, [value])
+    fields = error.responseHead()
+    for name, _ in fields:
+        headers.removeHeader(name)
+    for name, value in fields:
+        headers.addRawHeader(name, value)
     request.write(error.body())
     request.finish()
 

@@ -24,91 +24,20 @@ from typing import TYPE_CHECKING
 from zope.interface import implementer
 
 from rproxy.interfaces import IBalancer, IBalancerFactory, IResponseFilter, Outcome
-from rproxy.proxy.message import InboundRequest
+from rproxy.options import PluginOptions
+from rproxy.proxy.message import InboundRequest, RequestContext
 from rproxy.upstream.upstreams import Upstream
 
 if TYPE_CHECKING:
     from twisted.web.http_headers import Headers
 
-    from rproxy.proxy.exchange import Exchange
 
-
-class BalancerOptions:
-    """
-    The options given to one balancer, read one by one; L{finish} then rejects any left unread.
-
-    Values may be strings (C{--balancer-option key=3}) or typed (C{3} from a TOML file); each reader
-    accepts both and raises C{ValueError} naming the balancer and the option.
-    """
+class BalancerOptions(PluginOptions):
+    """The options given to one balancer (L{PluginOptions} whose errors name the balancer)."""
 
     def __init__(self, balancer: str, options: Mapping[str, object]) -> None:
+        super().__init__("balancer", balancer, options)
         self.balancer = balancer
-        self._options = dict(options)
-        self._read: set[str] = set()
-
-    def error(self, name: str, problem: str) -> ValueError:
-        """An error about option C{name}, for the caller to raise."""
-        return ValueError(f"balancer {self.balancer}: option {name}: {problem}")
-
-    def text(self, name: str, default: str | None = None) -> str | None:
-        """The option as a string (C{default} when absent)."""
-        self._read.add(name)
-        value = self._options.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise self.error(name, f"expected a string, got {value!r}")
-        return value
-
-    def number(self, name: str, default: float, minimum: float = 0.0, inclusive: bool = False) -> float:
-        """The option as a float above C{minimum} (or at least C{minimum} when C{inclusive})."""
-        self._read.add(name)
-        value = self._options.get(name)
-        if value is None:
-            return default
-        try:
-            if isinstance(value, bool):
-                raise TypeError(value)
-            number = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise self.error(name, f"expected a number, got {value!r}") from None
-        if not math.isfinite(number) or number < minimum or (number == minimum and not inclusive):
-            bound = "at least" if inclusive else "greater than"
-            raise self.error(name, f"must be {bound} {minimum:g}, got {value!r}")
-        return number
-
-    def integer(self, name: str, default: int | None, minimum: int = 0) -> int | None:
-        """The option as a whole number, at least C{minimum} (C{default} when absent)."""
-        self._read.add(name)
-        value = self._options.get(name)
-        if value is None:
-            return default
-        try:
-            if isinstance(value, bool | float):
-                raise TypeError(value)
-            number = int(value)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
-            raise self.error(name, f"expected a whole number, got {value!r}") from None
-        if number < minimum:
-            raise self.error(name, f"must be at least {minimum}, got {value!r}")
-        return number
-
-    def prefixed(self, prefix: str) -> dict[str, object]:
-        """Every option whose name starts with C{prefix}, by the rest of its name (they count as read)."""
-        found = {}
-        for name, value in self._options.items():
-            if name.startswith(prefix):
-                self._read.add(name)
-                found[name[len(prefix) :]] = value
-        return found
-
-    def finish(self) -> None:
-        """Raise C{ValueError} if an option was given that nothing read."""
-        unknown = sorted(set(self._options) - self._read)
-        if not unknown:
-            return
-        known = ", ".join(sorted(self._read)) or "none"
-        raise ValueError(f"balancer {self.balancer}: unknown option {unknown[0]!r} (its options: {known})")
 
 
 def _untried(upstreams: Sequence[Upstream], tried: Collection[Upstream]) -> Sequence[Upstream]:
@@ -565,21 +494,21 @@ class StickySessions:
     def report(self, upstream: Upstream, outcome: Outcome) -> None:
         self.inner.report(upstream, outcome)
 
-    def onResponse(self, exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def onResponse(self, context: RequestContext, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Set the cookie to the upstream that answered, unless the request's cookie already names it."""
         if self._filter is not None:
-            self._filter.onResponse(exchange, status, headers)
-        upstream = exchange.upstream
+            self._filter.onResponse(context, status, headers)
+        upstream = context.upstream
         if upstream is None:
             return
         token = self.token(upstream)
-        cookie = _cookie(exchange.inbound.headers, self.cookieName)
+        cookie = _cookie(context.inbound.headers, self.cookieName)
         if cookie is not None and hmac.compare_digest(token, cookie):
             return
         attributes = [self.cookieName + b"=" + token, b"Path=/", b"HttpOnly", b"SameSite=Lax"]
         if self.maxAge is not None:
             attributes.append(b"Max-Age=%d" % self.maxAge)
-        if exchange.inbound.scheme == b"https":
+        if context.inbound.scheme == b"https":
             attributes.append(b"Secure")
         headers.append((b"Set-Cookie", b"; ".join(attributes)))
 

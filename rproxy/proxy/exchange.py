@@ -1,8 +1,9 @@
 """
-One proxied exchange: filters, director, balancer, upstream connection, response relay, errors.
+One proxied exchange: director, filters, balancer, upstream connection, response relay, errors.
 
 An L{Exchange} is created per request by L{Proxy.handle}.  It builds the outbound request (hop-by-hop
-fields removed, forwarding fields set, then request filters and the director), picks an upstream,
+fields removed, forwarding fields set, then the director and the request filters of the chosen service's
+chain, L{rproxy.filters.chain}), picks an upstream,
 sends the request head and streams the body, and relays the response head and body to the client with
 the upstream connection registered as the body's producer (a slow client pauses the upstream).  It speaks
 to the client only through its L{Downstream} and to the upstream only through an L{UpstreamConnection},
@@ -12,7 +13,6 @@ whatever their protocols.  It reports every outcome to the balancer and the regi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -21,9 +21,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamError
+from rproxy.filters.chain import ChainRun
 from rproxy.headers import ForwardingPolicy, Pairs, responseHeaderPairs
-from rproxy.interfaces import IDirector, IRequestFilter, IResponseFilter, Outcome
-from rproxy.proxy.message import InboundRequest, OutboundRequest
+from rproxy.interfaces import IBodyTransform, IDirector, IResponseFilter, Outcome
+from rproxy.proxy.message import FilterVerdict, InboundRequest, LocalResponse, OutboundRequest, RequestContext
 from rproxy.proxy.service import Service
 from rproxy.tunnel.h2connect import WebSocketOverH2, webSocketOverH2
 from rproxy.tunnel.messages import MessageAwareService, messageRelay
@@ -46,7 +47,7 @@ _STALE_RETRIES = 2
 
 class Proxy:
     """
-    What every exchange of one proxy shares: the director, forwarding rules and filters.
+    What every exchange of one proxy shares: the director, forwarding rules and tunnels.
 
     @ivar director: routes requests to services.
     @ivar forwarding: the X-Forwarded-*/Forwarded/Via policy.
@@ -58,15 +59,11 @@ class Proxy:
         reactor: IReactorTime,
         director: IDirector,
         forwarding: ForwardingPolicy = ForwardingPolicy(),
-        requestFilters: Sequence[IRequestFilter] = (),
-        responseFilters: Sequence[IResponseFilter] = (),
         tunnels: Tunnels | None = None,
     ) -> None:
         self.reactor = reactor
         self.director = director
         self.forwarding = forwarding
-        self.requestFilters = tuple(requestFilters)
-        self.responseFilters = tuple(responseFilters)
         self.tunnels = Tunnels(reactor) if tunnels is None else tunnels
 
     def handle(self, downstream: Downstream, target: bytes) -> Exchange:
@@ -102,6 +99,9 @@ class Exchange:
     _staleRetries = 0
     _upgrade: tuple[bytes, ...] = ()  # the protocols the client asked to switch to
     _overH2: WebSocketOverH2 | None = None  # an HTTP/2 client's extended CONNECT (RFC 8441)
+    _run: ChainRun | None = None  # the way through the service's filters, when it has some
+    _context: RequestContext | None = None
+    _transform: IBodyTransform | None = None  # what a response filter rewrites the body with
 
     def __init__(self, proxy: Proxy, downstream: Downstream, target: bytes) -> None:
         self.proxy = proxy
@@ -132,11 +132,6 @@ class Exchange:
             if self._overH2 is not None:
                 self._overH2.prepare(self.outbound)
                 self._upgrade = upgrade = self._overH2.upgrade
-        for requestFilter in self.proxy.requestFilters:
-            answer = requestFilter.onRequest(self)
-            if answer is not None:
-                self._end(answer)
-                return
         service = self.proxy.director.direct(inbound, self.outbound)
         if service is None:
             host = (inbound.host or b"")[:200].decode("latin-1")
@@ -150,7 +145,62 @@ class Exchange:
         if service.rewriteHost and self.outbound.host == inbound.host:  # a route that set Host wins
             self.outbound.host = None
         self._mayRepeat = service.retry.mayRepeat(inbound)
-        self._attempt()
+        if service.filters:
+            self._run = service.filters.start(self.context())
+            self._run.request(self._filtered)
+        else:
+            self._attempt()
+
+    def context(self) -> RequestContext:
+        """What filters (and a balancer that filters responses) see of this exchange."""
+        context = self._context
+        if context is None:
+            inbound = self.inbound
+            client = self.proxy.forwarding.client(inbound.clientHost, inbound.headers)
+            name = self.service.name if self.service is not None else ""
+            context = self._context = RequestContext(inbound, self.outbound, client, name)
+        return context
+
+    def _filtered(self, verdict: FilterVerdict) -> None:
+        """The request filters have decided: proxy the request, or answer it as the one that stopped it did."""
+        if self._ended:
+            return
+        if verdict is None:
+            self._attempt()
+        elif isinstance(verdict, LocalResponse):
+            self._answer(verdict)
+        else:
+            self._end(verdict)
+
+    def _answer(self, response: LocalResponse) -> None:
+        """Answer the client with a filter's C{response}, as the response filters before that filter leave it."""
+        assert self._run is not None
+        try:
+            response = self._run.localAnswer(response)
+        except Exception:
+            _log.failure("response filter failed on {target}", target=self._loggedTarget())
+            self._end(proxyError(500, "a response filter failed on a filter's answer", "proxy_internal_error"))
+            return
+        self._ended = True
+        if response.reason:
+            _log.info(
+                "{target} answered by a filter with {status}: {reason}",
+                target=self._loggedTarget(),
+                status=response.status,
+                reason=response.reason,
+            )
+        downstream = self.downstream
+        if self._body is not None and not self._body.complete:
+            self._body.stopProducing()
+            downstream.stopKeepAlive()
+        body = response.body if self.inbound.method != b"HEAD" else b""
+        fields = [(n, v) for n, v in response.headers if n.lower() not in (b"content-length", b"transfer-encoding")]
+        if response.status not in (204, 304):
+            fields.append((b"Content-Length", b"%d" % len(response.body)))
+        downstream.sendHead(response.status, None, fields, bool(body))
+        if body:
+            downstream.write(body)
+        downstream.finish()
 
     def _attempt(self) -> None:
         """Send the request to an upstream the balancer picks among those not tried yet."""
@@ -340,8 +390,14 @@ class Exchange:
         """
         pairs = responseHeaderPairs(headers)
         try:
-            for responseFilter in self._responseFilters(service):
-                responseFilter.onResponse(self, status, pairs)
+            balancer = service.balancer
+            if IResponseFilter.providedBy(balancer):
+                context = self.context()
+                context.upstream = self.upstream
+                IResponseFilter(balancer).onResponse(context, status, pairs)
+            if self._run is not None:
+                self._run.context.upstream = self.upstream
+                self._transform = self._run.response(status, pairs)
         except Exception:
             _log.failure("response filter failed on {target}", target=self.inbound.target[:200])
             self._end(proxyError(502, "a response filter failed on the upstream's response", "proxy_internal_error"))
@@ -391,13 +447,11 @@ class Exchange:
                 relay = messageRelay(limits)
         splice(self.proxy.tunnels, self.downstream, status, fields, side, label, relay)
 
-    def _responseFilters(self, service: Service) -> Sequence[IResponseFilter]:
-        balancer = service.balancer
-        if IResponseFilter.providedBy(balancer):
-            return (*self.proxy.responseFilters, balancer)
-        return self.proxy.responseFilters
-
     def responseData(self, data: bytes) -> None:
+        if self._transform is not None:
+            data = self._transform.transform(data)
+            if not data:
+                return
         self.downstream.write(data)
 
     def responseDone(self, trailers: Pairs) -> None:
@@ -410,6 +464,10 @@ class Exchange:
         downstream.unregisterProducer()
         if self._body is not None and not self._body.complete:
             downstream.stopKeepAlive()  # answered before the client finished sending
+        if self._transform is not None:
+            tail = self._transform.finish()
+            if tail:
+                downstream.write(tail)
         downstream.finish(responseHeaderPairs(trailers) if trailers else ())
 
     def responseFailed(self, error: ProxyError, delivery: Delivery) -> None:
@@ -427,6 +485,11 @@ class Exchange:
         if self._body is not None and not self._body.complete:
             self._body.stopProducing()
             downstream.stopKeepAlive()
+        if self._run is not None and not self._responded:
+            try:
+                self._run.errorFields(error)
+            except Exception:
+                _log.failure("response filter failed on the error for {target}", target=self._loggedTarget())
         downstream.fail(error)
 
     def _clientGone(self, reason: Failure) -> None:
@@ -434,6 +497,8 @@ class Exchange:
             return
         self._ended = True
         _log.info("client went away during {target}; cancelling the upstream request", target=self._loggedTarget())
+        if self._run is not None:
+            self._run.cancel()
         if self._pending is not None:
             self._pending.cancel()
         connection, self._connection = self._connection, None

@@ -1,6 +1,8 @@
 """
 The request as the pluggable parts see it: read-only inbound, mutable outbound (Go's Rewrite model).
 
+Filters see both in a L{RequestContext}, and may answer with a L{LocalResponse} instead of proxying.
+
 A director or filter reads L{InboundRequest} to decide, and changes only L{OutboundRequest}; the proxy
 has already removed hop-by-hop fields and set the forwarding fields on the outbound copy, so nothing a
 client lists in ``Connection`` can delete what the proxy added.
@@ -8,12 +10,16 @@ client lists in ``Connection`` can delete what the proxy added.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, NamedTuple
 
 from twisted.web.http_headers import Headers
 
+from rproxy.errors import ProxyError
 from rproxy.headers import ForwardingPolicy, Pairs, requestHeaderPairs
+
+if TYPE_CHECKING:
+    from rproxy.upstream.upstreams import Upstream
 
 
 class InboundRequest(NamedTuple):
@@ -99,3 +105,63 @@ class OutboundRequest:
         version = inbound.version.removeprefix(b"HTTP/")
         pairs += forwarding.forwardingPairs(inbound.headers, inbound.clientHost, inbound.scheme, inbound.host, version)
         return cls(inbound.method, inbound.target, pairs, inbound.host, acceptsTrailers)
+
+
+class LocalResponse:
+    """
+    An answer a filter gives the client itself, instead of proxying (a CORS preflight, an auth service's
+    refusal passed on).  For a refusal with a one-line reason, a filter returns a L{ProxyError} instead.
+
+    @ivar status: the status code.
+    @ivar headers: the fields, in order (framing fields are the proxy's: C{Content-Length} is set from C{body}).
+    @ivar body: the whole body.
+    @ivar reason: why, for the log (never a secret).
+    """
+
+    def __init__(
+        self, status: int, headers: Iterable[tuple[bytes, bytes]] = (), body: bytes = b"", reason: str = ""
+    ) -> None:
+        self.status = status
+        self.headers = list(headers)
+        self.body = body
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"<LocalResponse {self.status} {self.reason!r}>"
+
+
+#: What a request filter decides: C{None} to go on, else the client's answer.
+FilterVerdict = LocalResponse | ProxyError | None
+
+
+class RequestContext:
+    """
+    What the filters of one exchange see and share: the request both ways, where it goes, what they learned.
+
+    Filters read C{inbound} and change C{outbound}; the other attributes are set by the proxy, except
+    C{user}, C{claims} and C{notes}, which a filter sets for the filters after it and for the access log.
+
+    @ivar inbound: the request as the client sent it (read-only).
+    @ivar outbound: the request as it will be sent (mutable).
+    @ivar client: the client's address after the trusted-proxy rules (the peer's, unless a trusted proxy
+        forwarded the request), or C{None} on a UNIX socket.
+    @ivar service: the name of the service the route chose.
+    @ivar upstream: the upstream of the current attempt, once one is chosen (C{None} in request filters).
+    @ivar user: who the request was authenticated as, once a filter has.
+    @ivar claims: what an authenticating filter verified about the request (a JWT's claims).
+    @ivar notes: anything else filters pass along, by name.
+    """
+
+    __slots__ = ("inbound", "outbound", "client", "service", "upstream", "user", "claims", "notes")
+
+    def __init__(
+        self, inbound: InboundRequest, outbound: OutboundRequest, client: str | None, service: str = ""
+    ) -> None:
+        self.inbound = inbound
+        self.outbound = outbound
+        self.client = client
+        self.service = service
+        self.upstream: Upstream | None = None
+        self.user: str | None = None
+        self.claims: Mapping[str, object] = {}
+        self.notes: dict[str, object] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from rproxy.filters.chain import NO_FILTERS, FilterChain
 from rproxy.proxy.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -18,6 +19,7 @@ class Service:
 
     @ivar rewriteHost: send the chosen upstream's host as ``Host`` instead of the client's.
     @ivar retry: when a failed attempt is tried again on another upstream.
+    @ivar filters: the filters its requests and responses go through (a route gives its own with a copy).
     """
 
     name: str
@@ -25,3 +27,4 @@ class Service:
     balancer: IBalancer
     rewriteHost: bool = False
     retry: RetryPolicy = RetryPolicy()
+    filters: FilterChain = NO_FILTERS

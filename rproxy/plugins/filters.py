@@ -1,0 +1,8 @@
+"""
+The built-in filters, registered as plugins so they are found like anyone else's.
+
+Each L{rproxy.filters.FilterFactory} imported here is one C{type = NAME} of a C{[filters.X]} table;
+docs/filters.md lists them with their options.
+"""
+
+from __future__ import annotations
