@@ -40,6 +40,13 @@ setup(
         "zope.interface>=7.0",
         # rproxy/tunnel/messages.py parses WebSocket frames on message-aware routes.
         "wsproto>=1.2",
+        # The edge filters (rproxy/filters/): JWT verification and JWKS (PyJWT on cryptography), htpasswd
+        # files (libpass, the maintained passlib, with bcrypt for $2y$ hashes), brotli and zstd compression.
+        "PyJWT[crypto]>=2.10",
+        "libpass>=1.9",
+        "bcrypt>=4.2",
+        "brotli>=1.1",
+        "zstandard>=0.23",
     ],
     extras_require={
         # setuptools: test_plugins builds the example plugin offline (--no-build-isolation).
@@ -47,7 +54,15 @@ setup(
         # grpcio: rproxy/test/test_grpc.py runs a real gRPC client and server through the proxy.
         # websockets: rproxy/test/test_upgrade.py and test_websocket.py run real WebSocket clients and servers.
         # pydoctor: `make docs` builds the API reference, and rproxy/test/test_docs.py checks that it builds.
-        "test": ["setuptools>=70.1", "pydoctor>=25.10", "PyHamcrest>=2.0", "grpcio>=1.60", "websockets>=13"],
+        # httpx: the filter tests' HTTP client library, which decodes gzip, br and zstd bodies.
+        "test": [
+            "setuptools>=70.1",
+            "pydoctor>=25.10",
+            "PyHamcrest>=2.0",
+            "grpcio>=1.60",
+            "websockets>=13",
+            "httpx>=0.27",
+        ],
         "dev": ["mypy>=1.13", "mypy-zope>=1.0.9", "ruff>=0.8"],
         "bench": ["aiohttp>=3.10", "py-spy>=0.4", "uvloop>=0.21", "httptools>=0.6"],
     },

@@ -5,4 +5,3 @@ L{rproxy.filters.chain} runs a route's filters in order.  The built-in kinds, on
 rate limits, IP rules, CORS, header rules, compression), are plugins registered in
 L{rproxy.plugins.filters}, found the way a third party's are (L{rproxy.filters.factory}).
 """
-

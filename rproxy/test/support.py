@@ -12,6 +12,7 @@ Everything listens on an ephemeral port and is torn down by the test's cleanups.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -23,12 +24,16 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import server
-from zope.interface import provider
+from zope.interface import implementer, provider
 
 from rproxy.app.build import buildSite, healthChecker
 from rproxy.app.tap import Options
 from rproxy.downstream.site import ProxySite
+from rproxy.filters.chain import FilterChain
+from rproxy.interfaces import IDirector
+from rproxy.proxy.message import InboundRequest, OutboundRequest
 from rproxy.proxy.registry import MemoryRegistry
+from rproxy.proxy.service import Service
 from rproxy.upstream.upstreams import Upstream
 
 #: Python of this environment, for subprocess-based tests.
@@ -92,6 +97,26 @@ def startProxy(testCase: unittest.TestCase, upstreamURLs: list[str], *arguments:
 
     testCase.addCleanup(stop)
     return RunningProxy(port.getHost().port, port, site, upstreams)
+
+
+@implementer(IDirector)
+class _Filtered:
+    """A director whose services go through a chain of filters (as a user's code would set one up)."""
+
+    def __init__(self, inner: IDirector, chain: FilterChain) -> None:
+        self.inner = inner
+        self.chain = chain
+
+    def direct(self, inbound: InboundRequest, outbound: OutboundRequest) -> Service | None:
+        service = self.inner.direct(inbound, outbound)
+        return None if service is None else dataclasses.replace(service, filters=self.chain)
+
+
+def useFilters(running: RunningProxy, *filters: object) -> None:
+    """Send every request of C{running} through C{filters} (replacing filters set before)."""
+    proxy = running.site.resource.proxy
+    inner = proxy.director.inner if isinstance(proxy.director, _Filtered) else proxy.director
+    proxy.director = _Filtered(inner, FilterChain((f"filter{i}", each) for i, each in enumerate(filters)))
 
 
 @dataclass

@@ -10,7 +10,6 @@ upstream received as well as what the client got, so that no test passes without
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
@@ -26,11 +25,9 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from zope.interface import implementer
 
-from rproxy.filters.chain import FilterChain
-from rproxy.interfaces import IDirector, IRequestFilter, IResponseFilter
+from rproxy.interfaces import IRequestFilter, IResponseFilter
 from rproxy.proxy.exchange import Proxy
-from rproxy.proxy.message import InboundRequest, OutboundRequest, RequestContext
-from rproxy.proxy.service import Service
+from rproxy.proxy.message import RequestContext
 from rproxy.test.support import (
     ReceivedRequest,
     RunningProxy,
@@ -41,6 +38,7 @@ from rproxy.test.support import (
     sleep,
     startProxy,
     startUpstream,
+    useFilters,
 )
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -175,26 +173,6 @@ def proxyOf(running: RunningProxy) -> Proxy:
     proxy = running.site.resource.proxy
     assert isinstance(proxy, Proxy)
     return proxy
-
-
-@implementer(IDirector)
-class _Filtered:
-    """A director whose services go through a chain of filters (as a user's code would set one up)."""
-
-    def __init__(self, inner: IDirector, chain: FilterChain) -> None:
-        self.inner = inner
-        self.chain = chain
-
-    def direct(self, inbound: InboundRequest, outbound: OutboundRequest) -> Service | None:
-        service = self.inner.direct(inbound, outbound)
-        return None if service is None else dataclasses.replace(service, filters=self.chain)
-
-
-def useFilters(running: RunningProxy, *filters: object) -> None:
-    """Send every request of C{running} through C{filters} (replacing filters set before)."""
-    proxy = proxyOf(running)
-    inner = proxy.director.inner if isinstance(proxy.director, _Filtered) else proxy.director
-    proxy.director = _Filtered(inner, FilterChain((f"filter{i}", each) for i, each in enumerate(filters)))
 
 
 class FilterBrokeError(Exception):
