@@ -788,7 +788,7 @@ def runFilters(
     Run C{filters} (named C{filter0}, C{filter1}, ...) on C{request} as an exchange runs a chain, with
     C{status}, C{headers} and C{body} (bytes, or the parts it arrives in) as the upstream's response when
     every filter lets the request through.  The Deferred fires when the filters have decided (at once
-    unless one waits for I/O).
+    unless one waits for I/O), after the exchange has ended (L{RequestContext.whenEnded} callbacks ran).
     """
     request = inboundRequest() if request is None else request
     chain = FilterChain((f"filter{i}", each) for i, each in enumerate(filters))
@@ -799,6 +799,12 @@ def runFilters(
     run.request(decided.callback)
 
     def respond(verdict: FilterVerdict) -> FilterResult:
+        try:
+            return answer(verdict)
+        finally:
+            context.end()
+
+    def answer(verdict: FilterVerdict) -> FilterResult:
         if isinstance(verdict, LocalResponse):
             answer = run.localAnswer(verdict)
             return FilterResult(verdict, context, [], answer.status, answer.headers, answer.body)

@@ -201,6 +201,16 @@ class Exchange:
         if body:
             downstream.write(body)
         downstream.finish()
+        self._contextEnded()
+
+    def _contextEnded(self) -> None:
+        """Tell what filters asked to know (L{RequestContext.whenEnded}) that the exchange is over."""
+        context = self._context
+        if context is not None:
+            try:
+                context.end()
+            except Exception:
+                _log.failure("a filter failed as {target} ended", target=self._loggedTarget())
 
     def _attempt(self) -> None:
         """Send the request to an upstream the balancer picks among those not tried yet."""
@@ -446,6 +456,7 @@ class Exchange:
             if limits is not None and any(value.strip().lower() == b"websocket" for _, value in switched):
                 relay = messageRelay(limits)
         splice(self.proxy.tunnels, self.downstream, status, fields, side, label, relay)
+        self._contextEnded()
 
     def responseData(self, data: bytes) -> None:
         if self._transform is not None:
@@ -469,6 +480,7 @@ class Exchange:
             if tail:
                 downstream.write(tail)
         downstream.finish(responseHeaderPairs(trailers) if trailers else ())
+        self._contextEnded()
 
     def responseFailed(self, error: ProxyError, delivery: Delivery) -> None:
         self._connection = None
@@ -491,6 +503,7 @@ class Exchange:
             except Exception:
                 _log.failure("response filter failed on the error for {target}", target=self._loggedTarget())
         downstream.fail(error)
+        self._contextEnded()
 
     def _clientGone(self, reason: Failure) -> None:
         if self._ended:
@@ -499,6 +512,7 @@ class Exchange:
         _log.info("client went away during {target}; cancelling the upstream request", target=self._loggedTarget())
         if self._run is not None:
             self._run.cancel()
+        self._contextEnded()
         if self._pending is not None:
             self._pending.cancel()
         connection, self._connection = self._connection, None

@@ -10,7 +10,7 @@ client lists in ``Connection`` can delete what the proxy added.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 from twisted.web.http_headers import Headers
@@ -152,7 +152,7 @@ class RequestContext:
     @ivar notes: anything else filters pass along, by name.
     """
 
-    __slots__ = ("inbound", "outbound", "client", "service", "upstream", "user", "claims", "notes")
+    __slots__ = ("inbound", "outbound", "client", "service", "upstream", "user", "claims", "notes", "_ended")
 
     def __init__(
         self, inbound: InboundRequest, outbound: OutboundRequest, client: str | None, service: str = ""
@@ -165,3 +165,20 @@ class RequestContext:
         self.user: str | None = None
         self.claims: Mapping[str, object] = {}
         self.notes: dict[str, object] = {}
+        self._ended: list[Callable[[], None]] | None = []
+
+    def whenEnded(self, callback: Callable[[], None]) -> None:
+        """
+        Call C{callback} once when the exchange ends, however it ends: its response complete, an error
+        answered, a filter's answer sent, the client gone, or its connection handed to a tunnel.
+        """
+        if self._ended is None:
+            callback()
+        else:
+            self._ended.append(callback)
+
+    def end(self) -> None:
+        """The exchange has ended: call what L{whenEnded} was given (the proxy calls this, once)."""
+        callbacks, self._ended = self._ended, None
+        for callback in callbacks or ():
+            callback()
