@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from rproxy.app.config import ProxyConfig, RouteConfig
+from rproxy.app.filters import FilterSet
 from rproxy.downstream.site import ProxySite
 from rproxy.headers import ForwardingPolicy, parseNetworks
 from rproxy.health.checks import HealthChecker, HealthCheckSettings
@@ -29,9 +30,12 @@ _log = Logger()
 
 
 def buildServices(
-    config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry
+    config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry, filters: FilterSet
 ) -> tuple[dict[str, Service], list[Upstream]]:
-    """Each service of C{config}, by name, with its balancer; and all their upstreams, registered in C{registry}."""
+    """
+    Each service of C{config}, by name, with its balancer and its chain of C{filters}; and all their upstreams,
+    registered in C{registry}.
+    """
     factories = balancerFactories()
     services: dict[str, Service] = {}
     upstreams: list[Upstream] = []
@@ -41,18 +45,21 @@ def buildServices(
             registry.add(name, upstream)
             upstreams.append(upstream)
         balancer = factories[settings.balancer].build(settings.balancerOptions)
-        services[name] = Service(name, registry, balancer, settings.rewriteHost, settings.retry)
+        chain = filters.chain(config.serviceFilters(name))
+        services[name] = Service(name, registry, balancer, settings.rewriteHost, settings.retry, chain)
     return services, upstreams
 
 
-def buildDirector(routes: Sequence[RouteConfig], services: Mapping[str, Service]) -> IDirector:
+def buildDirector(
+    routes: Sequence[RouteConfig], services: Mapping[str, Service], filters: FilterSet | None = None
+) -> IDirector:
     """
     The director of C{routes} over C{services} (by name): a L{RoutingDirector}; for the one catch-all route to
     a service, without rewrites, that service's L{SingleServiceDirector} (the same answers, less work).
     """
     if len(routes) == 1 and isinstance(routes[0].target, str) and routes[0] == RouteConfig(routes[0].target):
         return SingleServiceDirector(services[routes[0].target])
-    return RoutingDirector(route.build(services) for route in routes)
+    return RoutingDirector(route.build(services, filters) for route in routes)
 
 
 def buildForwarding(config: ProxyConfig) -> ForwardingPolicy:
@@ -60,18 +67,27 @@ def buildForwarding(config: ProxyConfig) -> ForwardingPolicy:
     return ForwardingPolicy(parseNetworks(config.trustedProxies), config.viaName.encode("ascii"))
 
 
-def buildProxy(config: ProxyConfig, reactor: IReactorTime, services: Mapping[str, Service]) -> Proxy:
-    """The proxy of C{config}, routing to C{services} (by name)."""
+def buildProxy(
+    config: ProxyConfig, reactor: IReactorTime, services: Mapping[str, Service], filters: FilterSet
+) -> Proxy:
+    """The proxy of C{config}, routing to C{services} (by name), the routes with their own chains of C{filters}."""
     tunnels = Tunnels(reactor, config.tunnelIdleTimeout)
-    return Proxy(reactor, buildDirector(config.routes, services), buildForwarding(config), tunnels=tunnels)
+    director = buildDirector(config.routes, services, filters)
+    return Proxy(reactor, director, buildForwarding(config), tunnels=tunnels)
+
+
+def buildFilters(config: ProxyConfig, reactor: IReactorTime) -> FilterSet:
+    """The filters C{config} defines, on C{reactor}."""
+    return FilterSet(config.filters, reactor, config.base)
 
 
 def buildSite(
     config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry | None = None
 ) -> tuple[ProxySite, list[Upstream]]:
     """The proxy's site, routing to its services, and their upstreams (whose pools shutdown closes)."""
-    services, upstreams = buildServices(config, reactor, MemoryRegistry() if registry is None else registry)
-    proxy = buildProxy(config, reactor, services)
+    filters = buildFilters(config, reactor)
+    services, upstreams = buildServices(config, reactor, MemoryRegistry() if registry is None else registry, filters)
+    proxy = buildProxy(config, reactor, services, filters)
     return ProxySite(buildResource(proxy), config.client, reactor, config.accessLog), upstreams
 
 

@@ -21,6 +21,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, TypeVar
 
+from rproxy.app.filters import (
+    FilterConfig,
+    FilterSet,
+    checkFilters,
+    commandLineFilters,
+    configBase,
+    fileFilters,
+    filterNames,
+)
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.tls import CertificateFiles, TLSSettings, loadCertificate
 from rproxy.headers import isToken, parseNetworks
@@ -58,6 +67,7 @@ class ServiceConfig:
     @ivar balancerOptions: options for the balancer's factory.
     @ivar rewriteHost: send the chosen upstream's host as ``Host`` instead of the client's.
     @ivar healthCheck: its active health checks, or C{None} for none.
+    @ivar filters: the names of its filters, in order; C{None}: the default chain.
     """
 
     name: str
@@ -69,6 +79,7 @@ class ServiceConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     passive: PassivePolicy = field(default_factory=PassivePolicy)
     healthCheck: HealthCheckSettings | None = None
+    filters: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,8 @@ class RouteConfig:
         overrides the services' own; empty when it does not.
     @ivar websocket: the message limits of the route's WebSockets, whose frames are then parsed
         (L{rproxy.tunnel.messages}); C{None}: they are spliced, bytes for bytes.
+    @ivar filters: the names of the route's filters, in order, instead of its services' chains; C{None}:
+        each service's own.
     """
 
     target: RouteTarget
@@ -158,6 +171,7 @@ class RouteConfig:
     removeHeaders: tuple[str, ...] = ()
     retry: Mapping[str, RetryPolicy] = field(default_factory=dict)
     websocket: WebSocketLimits | None = None
+    filters: tuple[str, ...] | None = None
 
     def serviceNames(self, defined: Mapping[str, Service]) -> tuple[str, ...]:
         """The names of the services among C{defined} that the route may send requests to."""
@@ -165,8 +179,17 @@ class RouteConfig:
             return (self.target,)
         return self.target.serviceNames(defined)
 
-    def build(self, services: Mapping[str, Service]) -> Route:
-        """The route, over C{services} (by name; each one the route retries its own way is copied with its policy)."""
+    def build(self, services: Mapping[str, Service], chains: FilterSet | None = None) -> Route:
+        """
+        The route, over C{services} (by name; each one the route retries its own way, or filters with its own
+        chain, from C{chains}, is copied with its policy or chain).
+        """
+        if self.filters is not None and chains is not None:
+            chain = chains.chain(self.filters)
+            services = {
+                **services,
+                **{name: replace(services[name], filters=chain) for name in self.serviceNames(services)},
+            }
         if self.retry:
             services = {**services, **{name: replace(services[name], retry=p) for name, p in self.retry.items()}}
         if self.websocket is not None:
@@ -204,6 +227,9 @@ class ProxyConfig:
     @ivar services: the services by name; without a config file's services, the one service C{default}
         of the command line's upstreams.
     @ivar routes: which requests go to which service (C{RoutingDirector} orders them).
+    @ivar filters: the filter definitions, by name.
+    @ivar defaultFilters: the chain of services without their own C{filters}.
+    @ivar base: the directory relative paths in filter options are read from.
     """
 
     listen: tuple[str, ...] = ("tcp:8080",)
@@ -217,12 +243,32 @@ class ProxyConfig:
     tls: TLSSettings = field(default_factory=TLSSettings)
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
+    filters: Mapping[str, FilterConfig] = field(default_factory=dict)
+    defaultFilters: tuple[str, ...] = ()
+    base: str = field(default=".", compare=False)
+
+    def serviceFilters(self, name: str) -> tuple[str, ...]:
+        """The names of the filters of service C{name}'s chain."""
+        own = self.services[name].filters
+        return self.defaultFilters if own is None else own
 
 
 # -- what a file's tables accept
 
 #: The options that may be given more than once.
-REPEATABLE = frozenset({"listen", "upstream", "trusted-proxy", "balancer-option", "tls-listen", "tls-cert"})
+REPEATABLE = frozenset(
+    {
+        "listen",
+        "upstream",
+        "trusted-proxy",
+        "balancer-option",
+        "tls-listen",
+        "tls-cert",
+        "allow-ip",
+        "deny-ip",
+        "cors-origin",
+    }
+)
 
 #: The options a service may override, by kind (the flags take C{true} or C{false}).
 POOL_OPTIONS = (
@@ -264,7 +310,7 @@ SERVICE_OPTIONS = ("balancer", "rewrite-host", *POOL_OPTIONS, *RETRY_OPTIONS, *P
 SERVICE_FLAGS = frozenset({"rewrite-host", "retry-idempotency-key", "upstream-tls-insecure"})
 
 #: Every key of a C{[services.NAME]} table.
-SERVICE_KEYS = frozenset({"upstreams", "balancer-options", *SERVICE_OPTIONS})
+SERVICE_KEYS = frozenset({"upstreams", "balancer-options", "filters", *SERVICE_OPTIONS})
 
 #: The keys of a route that say where its requests go (one of them).
 ROUTE_TARGETS = ("service", "split", "service-version")
@@ -304,12 +350,16 @@ class ConfigFile:
     @ivar options: the top-level keys: options by their long names.
     @ivar services: the C{[services.NAME]} tables by name.
     @ivar routes: the C{[[routes]]} tables, in order.
+    @ivar filters: the C{[filters.NAME]} tables by name.
+    @ivar defaultFilters: the C{default-filters} list, if given.
     """
 
     path: str
     options: Mapping[str, object]
     services: Mapping[str, Mapping[str, object]]
     routes: tuple[Mapping[str, object], ...]
+    filters: Mapping[str, object] = field(default_factory=dict)
+    defaultFilters: object = None
 
     @classmethod
     def load(cls, path: str) -> ConfigFile:
@@ -324,6 +374,10 @@ class ConfigFile:
         options = dict(document)
         services = options.pop("services", {})
         routes = options.pop("routes", [])
+        filters = options.pop("filters", {})
+        defaultFilters = options.pop("default-filters", options.pop("default_filters", None))
+        if not isinstance(filters, dict):
+            raise ConfigError(f"{path}: filters: expected tables such as [filters.auth], got {filters!r}")
         if not isinstance(services, dict):
             raise ConfigError(f"{path}: services: expected tables such as [services.api], got {services!r}")
         for name, table in services.items():
@@ -331,7 +385,7 @@ class ConfigFile:
                 raise ConfigError(f"{path}: services.{_key(name)}: expected a table of settings, got {table!r}")
         if not isinstance(routes, list) or not all(isinstance(route, dict) for route in routes):
             raise ConfigError(f"{path}: routes: expected [[routes]] tables, got {routes!r}")
-        return cls(path, options, services, tuple(routes))
+        return cls(path, options, services, tuple(routes), filters, defaultFilters)
 
 
 def _text(where: str, value: object) -> str:
@@ -716,6 +770,7 @@ def _serviceTable(
     defaults: OptionValues,
     inherited: ServiceConfig,
     factories: Mapping[str, IBalancerFactory],
+    filters: Mapping[str, FilterConfig],
 ) -> tuple[ServiceConfig, OptionValues]:
     """
     The service a C{[services.NAME]} table defines, and its option values: the table's over C{defaults}.
@@ -726,10 +781,13 @@ def _serviceTable(
     settings: dict[str, object] = {}
     upstreams: tuple[str, ...] | None = None
     balancerOptions: tuple[Mapping[str, object], str] | None = None
+    chain: tuple[str, ...] | None = None
     for key, value in table.items():
         option = key.replace("_", "-")
         keyWhere = f"{where}.{_key(key)}"
-        if option == "upstreams":
+        if option == "filters":
+            chain = _filterNames(keyWhere, value, filters)
+        elif option == "upstreams":
             if not isinstance(value, list) or not value:
                 raise ConfigError(f'{keyWhere}: expected a list of upstream URLs, such as ["http://10.0.0.5:8080"]')
             upstreams = tuple(_upstream(f"{keyWhere}[{i}]", spec) for i, spec in enumerate(value))
@@ -745,7 +803,7 @@ def _serviceTable(
         inheriting = "balancer" not in settings
         balancerOptions = (inherited.balancerOptions, defaults.where("balancer-option")) if inheriting else ({}, where)
     values = defaults.overlay(settings, where)
-    return _service(name, values, upstreams, balancerOptions, factories), values
+    return replace(_service(name, values, upstreams, balancerOptions, factories), filters=chain), values
 
 
 # -- routes: the values of a route's keys
@@ -837,7 +895,7 @@ _ROUTE_SETTINGS: dict[str, Callable[[str, object], object]] = {
 }
 
 #: Every key of a C{[[routes]]} table: its target, its conditions and rewrites (L{RouteConfig}'s fields), retries.
-ROUTE_KEYS = frozenset({*ROUTE_TARGETS, *_ROUTE_SETTINGS, *RETRY_OPTIONS})
+ROUTE_KEYS = frozenset({*ROUTE_TARGETS, *_ROUTE_SETTINGS, *RETRY_OPTIONS, "filters"})
 
 _Config = TypeVar("_Config", RouteConfig, WeightedSplitConfig, BlueGreenConfig)
 
@@ -955,6 +1013,7 @@ def _route(
     values: OptionValues,
     services: Mapping[str, OptionValues],
     defined: Mapping[str, Service],
+    filters: Mapping[str, FilterConfig],
 ) -> RouteConfig:
     """
     The route a C{[[routes]]} table defines, checked by building it over C{defined} (stand-ins of the
@@ -967,7 +1026,9 @@ def _route(
     for key, value in table.items():
         name = key.replace("_", "-")
         keyWhere = f"{where}.{_key(key)}"
-        if name in ROUTE_TARGETS:
+        if name == "filters":
+            settings["filters"] = _filterNames(keyWhere, value, filters)
+        elif name in ROUTE_TARGETS:
             targets[name] = value
         elif name in _ROUTE_SETTINGS:
             settings[_fieldName(name)] = _ROUTE_SETTINGS[name](keyWhere, value)
@@ -999,7 +1060,10 @@ def _standIn(name: str, registry: MemoryRegistry) -> Service:
 
 
 def _services(
-    values: OptionValues, file: ConfigFile | None, factories: Mapping[str, IBalancerFactory]
+    values: OptionValues,
+    file: ConfigFile | None,
+    factories: Mapping[str, IBalancerFactory],
+    filters: Mapping[str, FilterConfig],
 ) -> tuple[dict[str, ServiceConfig], dict[str, OptionValues], dict[str, str]]:
     """The services, the option values of each, and where each was defined (for errors), by name."""
     upstreams = tuple(_upstream(values.where("upstream"), spec) for spec in values.repeated("upstream"))
@@ -1019,11 +1083,41 @@ def _services(
             raise ConfigError(f"{where}: a service's name is letters, digits and . _ ~ : - (from a letter or digit)")
         if name in services:
             raise ConfigError(f"{where}: the top-level upstreams (--upstream) are the service 'default' already")
-        services[name], serviceValues[name] = _serviceTable(where, name, table, values, default, factories)
+        services[name], serviceValues[name] = _serviceTable(where, name, table, values, default, factories, filters)
         places[name] = where
     if not services:
         raise ConfigError("at least one --upstream URL is required (or --demo-upstream)")
     return services, serviceValues, places
+
+
+def _filterNames(where: str, value: object, defined: Mapping[str, FilterConfig]) -> tuple[str, ...]:
+    try:
+        return filterNames(where, value, defined)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _filters(values: OptionValues, file: ConfigFile | None) -> tuple[dict[str, FilterConfig], tuple[str, ...]]:
+    """
+    The filter definitions (the command line's, then the file's), checked by building them; and the default
+    chain: the command line's filters, then the file's C{default-filters}.
+    """
+    try:
+        given = commandLineFilters(values.text, values.repeated, lambda name: bool(values[name]), values.where)
+        fromFile = fileFilters(file.path, file.filters) if file is not None else []
+        definitions = {each.name: each for each in [*given, *fromFile]}
+        checkFilters(definitions.values(), configBase(file.path if file is not None else None))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    defaults = tuple(each.name for each in given)
+    if file is not None and file.defaultFilters is not None:
+        names = _filterNames(f"{file.path}: default-filters", file.defaultFilters, definitions)
+        if set(names) & set(defaults):
+            raise ConfigError(
+                f"{file.path}: default-filters: the command line's filters are in the default chain already"
+            )
+        defaults += names
+    return definitions, defaults
 
 
 def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyConfig:
@@ -1036,12 +1130,13 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
     those settings unless it overrides them.  Without routes, the one service takes every request.  Every
     service must be reachable by some route.
     """
-    services, serviceValues, places = _services(values, file, balancerFactories())
+    filters, defaultFilters = _filters(values, file)
+    services, serviceValues, places = _services(values, file, balancerFactories(), filters)
     registry = MemoryRegistry()
     standIns = {name: _standIn(name, registry) for name in services}
     if file is not None and file.routes:
         routes = tuple(
-            _route(f"{file.path}: routes[{i}]", table, values, serviceValues, standIns)
+            _route(f"{file.path}: routes[{i}]", table, values, serviceValues, standIns, filters)
             for i, table in enumerate(file.routes)
         )
     elif len(services) == 1:
@@ -1054,6 +1149,11 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
     for name, where in places.items():
         if name not in reached:
             raise ConfigError(f"{where}: no route sends requests to the service {name!r}")
+    used = {*defaultFilters, *(n for s in services.values() for n in s.filters or ())}
+    used.update(n for route in routes for n in route.filters or ())
+    for name, definition in filters.items():
+        if name not in used:
+            raise ConfigError(f"{definition.where}: no route, service or default-filters uses the filter {name!r}")
 
     trustedProxies = tuple(values.repeated("trusted-proxy"))
     try:
@@ -1078,4 +1178,7 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
         tls=tls,
         services=services,
         routes=routes,
+        filters=filters,
+        defaultFilters=defaultFilters,
+        base=configBase(file.path if file is not None else None),
     )

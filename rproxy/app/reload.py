@@ -53,6 +53,7 @@ from rproxy.app.config import (
     ServiceVersionConfig,
     WeightedSplitConfig,
 )
+from rproxy.app.filters import FilterSet
 from rproxy.downstream.site import DrainingService
 from rproxy.health.checks import HealthChecker
 from rproxy.proxy.exchange import Proxy
@@ -218,6 +219,7 @@ class LiveProxy:
         registry: MemoryRegistry,
         proxy: Proxy,
         services: Mapping[str, Service],
+        filters: FilterSet,
         draining: DrainingService,
         parent: service.MultiService,
         checker: HealthChecker | None,
@@ -225,6 +227,7 @@ class LiveProxy:
         """
         @param config: the configuration that the other arguments were built from.
         @param services: the services the director routes to, by name.
+        @param filters: the filters their chains are made of.
         @param draining: the service that drains the proxy at shutdown.
         @param parent: the service that the health checker runs under.
         @param checker: the health checker running, if any.
@@ -234,6 +237,7 @@ class LiveProxy:
         self.registry = registry
         self.proxy = proxy
         self._services = dict(services)
+        self._filters = filters
         self._draining = draining
         self._parent = parent
         self._checker = checker
@@ -247,12 +251,13 @@ class LiveProxy:
         has changed.
         """
         staging = MemoryRegistry()
-        built, _ = buildServices(config, self._reactor, staging)
+        filters = self._filters.rebuilt(config.filters)
+        built, _ = buildServices(config, self._reactor, staging, filters)
         members = {
             name: self._upstreams(name, settings, staging.members(name)) for name, settings in config.services.items()
         }
         services = {name: self._service(name, settings, built[name]) for name, settings in config.services.items()}
-        director = buildDirector(config.routes, services)
+        director = buildDirector(config.routes, services, filters)
         forwarding = buildForwarding(config)
         summary = ReloadSummary.between(self.config, config)
 
@@ -264,7 +269,7 @@ class LiveProxy:
         self.proxy.forwarding = forwarding
         self._draining.grace = config.grace
         self.proxy.tunnels.idleTimeout = config.tunnelIdleTimeout  # for the tunnels opened from now on
-        self.config, self._services = config, services
+        self.config, self._services, self._filters = config, services, filters
         return summary
 
     def _upstreams(self, name: str, settings: ServiceConfig, built: Sequence[Upstream]) -> list[Upstream]:
@@ -288,7 +293,8 @@ class LiveProxy:
         """Service C{name} under its new C{settings}: the running one if they balance alike, else C{built}."""
         previous, running = self.config.services.get(name), self._services.get(name)
         if previous is not None and running is not None and _balancing(previous) == _balancing(settings):
-            return running
+            # Its balancer's state is kept; its filters are the new chain (of the same objects where unchanged).
+            return running if list(running.filters) == list(built.filters) else replace(running, filters=built.filters)
         return replace(built, registry=self.registry)
 
     def _replaceUpstreams(self, members: Mapping[str, Sequence[Upstream]]) -> None:

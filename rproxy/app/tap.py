@@ -24,7 +24,15 @@ from twisted.python import usage
 
 from rproxy import __version__
 from rproxy.app.admin import AdminSettings, LocalRoutes, Registrations, adminSite, localRoutes
-from rproxy.app.build import buildProxy, buildServices, buildSite, closeUpstreams, healthChecker, warnInsecureUpstreams
+from rproxy.app.build import (
+    buildFilters,
+    buildProxy,
+    buildServices,
+    buildSite,
+    closeUpstreams,
+    healthChecker,
+    warnInsecureUpstreams,
+)
 from rproxy.app.config import (
     REPEATABLE,
     ConfigError,
@@ -39,6 +47,7 @@ from rproxy.app.reload import ConfigReloader, ConfigSource, HangUpReloader, Live
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.site import DrainingService, ProxySite
 from rproxy.downstream.tls import CertificateStore, TLSSettings, plainListener, tlsListener
+from rproxy.filters.factory import filterFactories
 from rproxy.health.checks import HealthCheckSettings
 from rproxy.health.state import PassivePolicy
 from rproxy.proxy.balancers import balancerFactories
@@ -80,6 +89,8 @@ class Options(usage.Options):
             "Do not verify the certificates of https upstreams at all (logged as a warning).",
         ],
         ["list-balancers", None, "Print the installed balancers and exit."],
+        ["list-filters", None, "Print the installed filter kinds and exit."],
+        ["compress", None, "Compress responses (gzip, brotli, zstd) for clients that accept it (the compress filter)."],
         ["version", None, "Print the version and exit."],
     ]
     optParameters: list[list[Any]] = [
@@ -238,6 +249,19 @@ class Options(usage.Options):
             "Serve the admin API on this endpoint, e.g. tcp:9901:interface=127.0.0.1 (default: off).",
         ],
         ["admin-token-file", None, None, "A file holding the bearer token the admin API requires."],
+        ["basic-auth", None, None, "Require HTTP Basic credentials from this htpasswd file (the basic-auth filter)."],
+        [
+            "rate-limit",
+            None,
+            None,
+            "Limit each client address to this rate, e.g. 100/s or 600/m (rate-limit filter).",
+        ],
+        [
+            "rate-limit-burst",
+            None,
+            None,
+            "Requests a client may send at once (default: a second's worth of --rate-limit).",
+        ],
         [
             "tls-watch",
             None,
@@ -285,6 +309,24 @@ class Options(usage.Options):
     def opt_trusted_proxy(self, network: str) -> None:
         """A CIDR whose X-Forwarded-*/Forwarded fields are kept (repeatable)."""
         self["trusted-proxy"].append(network)
+
+    def opt_allow_ip(self, network: str) -> None:
+        """Serve only clients in this CIDR or address (repeatable; the ip-rules filter)."""
+        self["allow-ip"].append(network)
+
+    def opt_deny_ip(self, network: str) -> None:
+        """Refuse clients in this CIDR or address with 403 (repeatable; the ip-rules filter)."""
+        self["deny-ip"].append(network)
+
+    def opt_cors_origin(self, origin: str) -> None:
+        """Allow cross-origin requests from this origin, e.g. https://app.example.com, or * (repeatable; cors)."""
+        self["cors-origin"].append(origin)
+
+    def opt_list_filters(self) -> None:
+        """Print the installed filter kinds and exit."""
+        for name, factory in sorted(filterFactories().items()):
+            print(f"{name:24} {factory.description}")
+        sys.exit(0)
 
     def opt_version(self) -> None:
         """Print the version and exit."""
@@ -373,7 +415,7 @@ def optionsFromEnvironment(environ: Mapping[str, str]) -> Options:
     """L{Options} from ``RPROXY_*`` variables (and ``RPROXY_CONFIG``, a TOML file), for rproxy.tac."""
     options = Options()
     names = [str(p[0]) for p in Options.optParameters if p[0] != "check-config"] + sorted(REPEATABLE)
-    flags = [str(f[0]) for f in Options.optFlags if f[0] not in ("list-balancers", "version")]
+    flags = [str(f[0]) for f in Options.optFlags if f[0] not in ("list-balancers", "list-filters", "version")]
     options.parseOptions(argumentsFromEnvironment(environ, names, flags))
     return options
 
@@ -404,16 +446,17 @@ def buildService(
 
         strports.service(config.demoUpstream, demoSite()).setServiceParent(top)
     registry = MemoryRegistry()
-    services, _ = buildServices(config, reactor, registry)
+    filters = buildFilters(config, reactor)
+    services, _ = buildServices(config, reactor, registry, filters)
     warnInsecureUpstreams(config)
-    proxy = buildProxy(config, reactor, services)
+    proxy = buildProxy(config, reactor, services, filters)
     # Added first so that it is stopped last, after the listeners stop accepting (its site is added below).
     draining = DrainingService([], config.grace, reactor, lambda: closeUpstreams(registry))
     draining.setServiceParent(top)
     checker = healthChecker(config, reactor, registry)
     if checker is not None:
         checker.setServiceParent(top)
-    live = LiveProxy(config, reactor, registry, proxy, services, draining, top, checker)
+    live = LiveProxy(config, reactor, registry, proxy, services, filters, draining, top, checker)
     resource = buildResource(proxy)
     local = localRoutes(admin, live, draining) if admin is not None else {}
     site = ProxySite(LocalRoutes(local, resource) if local else resource, config.client, reactor, config.accessLog)

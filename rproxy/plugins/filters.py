@@ -1,7 +1,7 @@
 """
 The built-in filters, registered as plugins so they are found like anyone else's.
 
-Each L{rproxy.filters.FilterFactory} imported here is one C{type = NAME} of a C{[filters.X]} table;
+Each L{rproxy.filters.factory.FilterFactory} imported here is one C{type = NAME} of a C{[filters.X]} table;
 docs/filters.md lists them with their options.
 """
 
