@@ -226,8 +226,8 @@ def basicCredentials(values: Sequence[bytes] | None) -> tuple[str, bytes, bytes]
 
 def _quoted(user: str) -> str:
     """C{user} for a reason, if it is short and plain enough to show; else nothing."""
-    if len(user) <= 64 and user.isprintable() and '"' not in user and "\\" not in user:
-        return f' (user "{user}")'
+    if len(user) <= 64 and user.isprintable() and "'" not in user and "\\" not in user:
+        return f" (user '{user}')"
     return ""
 
 
@@ -294,7 +294,7 @@ class BasicAuth:
 
         def decide(good: bool) -> FilterVerdict:
             if not (good and hashed is not None):
-                return clientError(403, f'wrong user name or password for realm "{self.realm}"{_quoted(user)}')
+                return clientError(403, f"wrong user name or password for realm '{self.realm}'{_quoted(user)}")
             self.cache.add(digest, hashed)
             context.user = user
             return None
