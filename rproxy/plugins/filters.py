@@ -6,3 +6,6 @@ docs/filters.md lists them with their options.
 """
 
 from __future__ import annotations
+
+from rproxy.filters.basicauth import basicAuth as basicAuth
+from rproxy.filters.iprules import ipRules as ipRules
