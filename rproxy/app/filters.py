@@ -57,7 +57,8 @@ def commandLineFilters(
     found = []
     allow, deny = repeated("allow-ip"), repeated("deny-ip")
     if allow or deny:
-        found.append(FilterConfig("ip-rules", "ip-rules", {"allow": allow, "deny": deny}, where("allow-ip")))
+        networks = {"allow": allow, "deny": deny}
+        found.append(FilterConfig("ip-rules", "ip-rules", networks, where("allow-ip" if allow else "deny-ip")))
     origins = repeated("cors-origin")
     if origins:
         found.append(FilterConfig("cors", "cors", {"origins": origins}, where("cors-origin")))
