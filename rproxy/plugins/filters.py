@@ -8,4 +8,5 @@ docs/filters.md lists them with their options.
 from __future__ import annotations
 
 from rproxy.filters.basicauth import basicAuth as basicAuth
+from rproxy.filters.cors import cors as cors
 from rproxy.filters.iprules import ipRules as ipRules
