@@ -9,4 +9,5 @@ from __future__ import annotations
 
 from rproxy.filters.basicauth import basicAuth as basicAuth
 from rproxy.filters.cors import cors as cors
+from rproxy.filters.headers import headerRules as headerRules
 from rproxy.filters.iprules import ipRules as ipRules
