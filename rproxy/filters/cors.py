@@ -25,12 +25,10 @@ from zope.interface import implementer
 
 from rproxy.errors import ProxyError, clientError
 from rproxy.filters.factory import FilterFactory
-from rproxy.headers import isToken, splitTokens
+from rproxy.headers import Pairs, isToken, splitTokens
 from rproxy.interfaces import FilterEnvironment, IRequestFilter, IResponseFilter
 from rproxy.options import PluginOptions
 from rproxy.proxy.message import FilterVerdict, LocalResponse, RequestContext
-
-Pairs = list[tuple[bytes, bytes]]
 
 #: Every response field of the protocol starts so; those of an upstream are replaced by the proxy's.
 _PREFIX = b"access-control-"
@@ -124,7 +122,8 @@ class CORSFilter:
     One route's CORS policy: which origins may read its responses, with which methods and request
     fields, which response fields they may read, whether with credentials.
 
-    @ivar anyOrigin: whether every origin may (C{origins = "*"}).
+    @ivar anyOrigin: whether every origin may (C{origins = "*"}); with C{credentials} (which the factory
+        refuses), each is answered with itself, never C{*}.
     @ivar origins: the origins that may, serialized.
     @ivar patterns: the patterns of origins that may.
     @ivar methods: the methods a preflight may ask for (C{b"*"}: any).
