@@ -574,6 +574,20 @@ class SocketTests(unittest.TestCase):
         self.assertEqual(curlHead(out)[0], 200)
         self.assertEqual([request.requestLine for request in self.upstream.requests], [b"OPTIONS /api HTTP/1.1"])
 
+    async def test_commandLine(self) -> None:
+        """C{--cors-origin} puts the filter, with its defaults, in the default chain."""
+        proxy = startProxy(self, [self.upstream.url], "--cors-origin", APP, "--cors-origin", "https://b.example")
+        code, out, err = await curl(
+            ["-si", "-X", "OPTIONS", proxy.url + "/", "-H", "Origin: https://b.example"]
+            + ["-H", "Access-Control-Request-Method: POST"]
+        )
+        self.assertEqual(code, 0, err)
+        status, fields = curlHead(out)
+        self.assertEqual(status, 204)
+        self.assertEqual(values(fields, b"access-control-allow-origin"), [b"https://b.example"])
+        self.assertEqual(values(fields, b"access-control-allow-methods"), [b"GET, HEAD, POST"])
+        self.assertEqual(self.upstream.requests, [])
+
     async def test_proxyError(self) -> None:
         """The proxy's own error (an upstream that is down) carries the fields, so that a page can read it."""
         proxy = startProxy(self, [f"http://127.0.0.1:{freePort()}"])
