@@ -41,14 +41,14 @@ class FilterChain:
             if not (IRequestFilter.providedBy(each) or IResponseFilter.providedBy(each)):
                 raise TypeError(f"filter {name!r} provides neither IRequestFilter nor IResponseFilter: {each!r}")
         self._request = tuple(
-            (i, IRequestFilter(each)) for i, each in enumerate(self._filters) if IRequestFilter.providedBy(each)
+            (i, IRequestFilter(each), tuple(name.lower() for name in getattr(each, "consumes", ()) or ()))
+            for i, each in enumerate(self._filters)
+            if IRequestFilter.providedBy(each)
         )
         self._response = tuple(
             (i, IResponseFilter(each)) for i, each in enumerate(self._filters) if IResponseFilter.providedBy(each)
         )
-        self.consumes = frozenset(
-            name.lower() for _, each in self._request for name in getattr(each, "consumes", ()) or ()
-        )
+        self.consumes = frozenset(name for _, _, names in self._request for name in names)
 
     def __bool__(self) -> bool:
         return bool(self._filters)
@@ -90,12 +90,13 @@ class ChainRun:
     def request(self, decided: Callable[[FilterVerdict], None]) -> None:
         """
         Run the request filters (waiting for those that need I/O), then call C{decided} once, with C{None}
-        when every filter let the request through (its consumed fields are then removed from the outbound
-        request), or with the answer of the one that did not.
+        when every filter let the request through, or with the answer of the one that did not.  The fields
+        a filter consumes are removed from the outbound request as it lets the request through, so that a
+        filter after it may set them on purpose.
         """
         filters = self.chain._request
         while self._next < len(filters):
-            index, each = filters[self._next]
+            index, each, consumes = filters[self._next]
             self._next += 1
             self._reached = index
             try:
@@ -106,26 +107,31 @@ class ChainRun:
             if isinstance(verdict, Deferred) or inspect.isawaitable(verdict):
                 waiting = self._waiting = ensureDeferred(verdict)  # type: ignore[arg-type]
                 waiting.addCallbacks(self._resumed, self._failed, errbackArgs=(index,))
-                waiting.addCallback(self._continue, decided)
+                waiting.addCallback(self._continue, decided, consumes)
                 return
             if verdict is not None:
                 decided(verdict)
                 return
+            if consumes:
+                self._removeConsumed(consumes)
         self._reached = len(self.chain.names)
-        self._removeConsumed()
         decided(None)
 
     def _resumed(self, verdict: FilterVerdict) -> FilterVerdict:
         self._waiting = None
         return verdict
 
-    def _continue(self, verdict: FilterVerdict, decided: Callable[[FilterVerdict], None]) -> None:
+    def _continue(
+        self, verdict: FilterVerdict, decided: Callable[[FilterVerdict], None], consumes: tuple[bytes, ...]
+    ) -> None:
         if self._cancelled:
             return
         if verdict is not None:
             decided(verdict)
-        else:
-            self.request(decided)
+            return
+        if consumes:
+            self._removeConsumed(consumes)
+        self.request(decided)
 
     def _failed(self, failure: Failure, index: int) -> FilterVerdict:
         self._waiting = None
@@ -144,10 +150,7 @@ class ChainRun:
         if waiting is not None:
             waiting.cancel()
 
-    def _removeConsumed(self) -> None:
-        consumes = self.chain.consumes
-        if not consumes:
-            return
+    def _removeConsumed(self, consumes: tuple[bytes, ...]) -> None:
         inbound = self.context.inbound.headers
         present = [name for name in consumes if inbound.hasHeader(name)]
         if present:
@@ -179,7 +182,11 @@ class ChainRun:
         return response
 
     def errorFields(self, error: ProxyError) -> None:
-        """Let the response filters add to C{error}'s fields (its body, the proxy's own, is never transformed)."""
+        """
+        Let the response filters add to C{error}'s own fields (a new list: a filter may answer with one error
+        object every time); the fields every error has, and its body, are the proxy's.
+        """
+        error.headers = list(error.headers)
         self.response(error.status, error.headers)
 
     def _target(self) -> str:

@@ -167,6 +167,20 @@ class ChainTests(unittest.TestCase):
         self.assertEqual(received.headers(b"x-api-key"), [])
         self.assertEqual(received.headers(b"x-kept"), [b"1"])
 
+    async def test_laterFilterSetsConsumedField(self) -> None:
+        """A field is removed as its consumer lets the request through: a filter after it may set it again."""
+        upstream, proxy = self.proxied()
+
+        def setAuthorization(context: RequestContext) -> None:
+            context.outbound.headers.setRawHeaders(b"authorization", [b"Bearer internal"])
+
+        consumer = Step(b"a", [], consumes=(b"authorization",))
+        useFilters(proxy, consumer, Step(b"b", [], setAuthorization))  # type: ignore[arg-type]
+        extra = b"Authorization: Basic dTpw\r\n"
+        response = parseResponse(await rawRequest(proxy.port, get(extra=extra)))  # type: ignore[attr-defined]
+        self.assertEqual(response.status, 200)
+        self.assertEqual(upstream.requests[0].headers(b"authorization"), [b"Bearer internal"])
+
     async def test_filterFails(self) -> None:
         """A filter that raises is the proxy's 500, logged with the filter's name; the request never passes."""
         upstream, proxy = self.proxied()
