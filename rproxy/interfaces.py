@@ -154,8 +154,10 @@ class IRequestFilter(Interface):
     """
 
     consumes = Attribute(
-        "The request fields (lower-case bytes names) it reads and that are removed from the outbound request, "
-        "so that the credentials it checked never reach the upstream: an empty collection for none."
+        "The request fields (lower-case bytes names) it reads (from the inbound request) and that are removed "
+        "from the outbound request before the chain runs, so that what the client sent of them (credentials, "
+        "fields a filter sets from what it verified) never reaches the upstream; filters may set them. "
+        "An empty collection for none."
     )
 
     def onRequest(context: RequestContext) -> FilterVerdict | Awaitable[FilterVerdict]:

@@ -30,7 +30,7 @@ class FilterChain:
     Named filters in the order they run; each provides L{IRequestFilter}, L{IResponseFilter} or both.
 
     @ivar names: the filters' names, for logs and errors.
-    @ivar consumes: the request fields any of its request filters consumes (removed before forwarding).
+    @ivar consumes: the request fields any of its request filters consumes (removed before they run).
     """
 
     def __init__(self, filters: Iterable[tuple[str, object]] = ()) -> None:
@@ -41,14 +41,14 @@ class FilterChain:
             if not (IRequestFilter.providedBy(each) or IResponseFilter.providedBy(each)):
                 raise TypeError(f"filter {name!r} provides neither IRequestFilter nor IResponseFilter: {each!r}")
         self._request = tuple(
-            (i, IRequestFilter(each), tuple(name.lower() for name in getattr(each, "consumes", ()) or ()))
-            for i, each in enumerate(self._filters)
-            if IRequestFilter.providedBy(each)
+            (i, IRequestFilter(each)) for i, each in enumerate(self._filters) if IRequestFilter.providedBy(each)
         )
         self._response = tuple(
             (i, IResponseFilter(each)) for i, each in enumerate(self._filters) if IResponseFilter.providedBy(each)
         )
-        self.consumes = frozenset(name for _, _, names in self._request for name in names)
+        self.consumes = tuple(
+            {name.lower(): None for _, each in self._request for name in getattr(each, "consumes", ()) or ()}
+        )
 
     def __bool__(self) -> bool:
         return bool(self._filters)
@@ -91,12 +91,15 @@ class ChainRun:
         """
         Run the request filters (waiting for those that need I/O), then call C{decided} once, with C{None}
         when every filter let the request through, or with the answer of the one that did not.  The fields
-        a filter consumes are removed from the outbound request as it lets the request through, so that a
-        filter after it may set them on purpose.
+        the chain's filters consume are removed from the outbound request before the first one runs: what
+        the client sent of them never reaches the upstream, and filters (which read them inbound) may set
+        them on purpose.
         """
         filters = self.chain._request
+        if self._next == 0 and self.chain.consumes:
+            self._removeConsumed(self.chain.consumes)
         while self._next < len(filters):
-            index, each, consumes = filters[self._next]
+            index, each = filters[self._next]
             self._next += 1
             self._reached = index
             try:
@@ -107,13 +110,11 @@ class ChainRun:
             if isinstance(verdict, Deferred) or inspect.isawaitable(verdict):
                 waiting = self._waiting = ensureDeferred(verdict)  # type: ignore[arg-type]
                 waiting.addCallbacks(self._resumed, self._failed, errbackArgs=(index,))
-                waiting.addCallback(self._continue, decided, consumes)
+                waiting.addCallback(self._continue, decided)
                 return
             if verdict is not None:
                 decided(verdict)
                 return
-            if consumes:
-                self._removeConsumed(consumes)
         self._reached = len(self.chain.names)
         decided(None)
 
@@ -121,17 +122,13 @@ class ChainRun:
         self._waiting = None
         return verdict
 
-    def _continue(
-        self, verdict: FilterVerdict, decided: Callable[[FilterVerdict], None], consumes: tuple[bytes, ...]
-    ) -> None:
+    def _continue(self, verdict: FilterVerdict, decided: Callable[[FilterVerdict], None]) -> None:
         if self._cancelled:
             return
         if verdict is not None:
             decided(verdict)
-            return
-        if consumes:
-            self._removeConsumed(consumes)
-        self.request(decided)
+        else:
+            self.request(decided)
 
     def _failed(self, failure: Failure, index: int) -> FilterVerdict:
         self._waiting = None

@@ -168,14 +168,14 @@ class ChainTests(unittest.TestCase):
         self.assertEqual(received.headers(b"x-kept"), [b"1"])
 
     async def test_laterFilterSetsConsumedField(self) -> None:
-        """A field is removed as its consumer lets the request through: a filter after it may set it again."""
+        """Consumed fields are removed before the filters run: any filter may set them for the upstream."""
         upstream, proxy = self.proxied()
 
         def setAuthorization(context: RequestContext) -> None:
             context.outbound.headers.setRawHeaders(b"authorization", [b"Bearer internal"])
 
-        consumer = Step(b"a", [], consumes=(b"authorization",))
-        useFilters(proxy, consumer, Step(b"b", [], setAuthorization))  # type: ignore[arg-type]
+        consumer = Step(b"a", [], setAuthorization, consumes=(b"authorization",))
+        useFilters(proxy, Step(b"b", [], setAuthorization), consumer)  # type: ignore[arg-type]
         extra = b"Authorization: Basic dTpw\r\n"
         response = parseResponse(await rawRequest(proxy.port, get(extra=extra)))  # type: ignore[attr-defined]
         self.assertEqual(response.status, 200)
