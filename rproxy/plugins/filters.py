@@ -6,3 +6,5 @@ docs/filters.md lists them with their options.
 """
 
 from __future__ import annotations
+
+from rproxy.filters.bearer import jwtAuth as jwtAuth
