@@ -155,7 +155,7 @@ def _jsonObject(segment: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def parseToken(token: bytes) -> _Token:
+def _parseToken(token: bytes) -> _Token:
     """
     Read a compact JWT without verifying it.
 
@@ -199,7 +199,7 @@ def _fieldText(value: object) -> str:
     raise TypeError(value)
 
 
-def claimField(claim: str, value: object) -> bytes:
+def _claimField(claim: str, value: object) -> bytes:
     """
     The value of the header field a claim is copied into: text and numbers as text, a list of them joined
     with C{", "}.
@@ -215,7 +215,7 @@ def claimField(claim: str, value: object) -> bytes:
     return text.strip().encode("utf-8")
 
 
-def displayURL(url: str) -> str:
+def _displayURL(url: str) -> str:
     """C{url} for reasons and logs: without its user information and query, where credentials may hide."""
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
@@ -235,9 +235,11 @@ class _LimitedBody(Protocol):
         self._producer = IPushProducer(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
         self.size += len(data)
         self.parts.append(data)
-        if self.size > self.limit and not self.done.called:
+        if self.size > self.limit:
             self.done.errback(ValueError(f"the document is larger than {self.limit} bytes"))
             self._producer.stopProducing()
 
@@ -250,7 +252,7 @@ class _LimitedBody(Protocol):
             self.done.errback(reason)
 
 
-def usableKeys(document: bytes, algorithms: Collection[str]) -> list[_Key]:
+def _usableKeys(document: bytes, algorithms: Collection[str]) -> list[_Key]:
     """
     The signing keys of a JWKS document for C{algorithms} (keys for encryption or other algorithms are
     left out).
@@ -320,7 +322,7 @@ class _RemoteKeys:
         timeout: float,
     ) -> None:
         self.url = url
-        self.shown = displayURL(url)
+        self.shown = _displayURL(url)
         self._reactor = reactor
         self._algorithms = algorithms
         self._refresh = refresh
@@ -396,7 +398,7 @@ class _RemoteKeys:
         document = await body.done
         if response.code != 200:
             raise ValueError(f"HTTP status {response.code}")
-        return usableKeys(document, self._algorithms)
+        return _usableKeys(document, self._algorithms)
 
     def _fetched(self, keys: list[_Key], deadline: IDelayedCall) -> None:
         deadline.cancel()
@@ -474,7 +476,7 @@ class BearerFilter:
             if cached is not None:
                 self._accept(context, cached)
                 return None
-            parsed = parseToken(token)
+            parsed = _parseToken(token)
             keys = self._select(parsed)
         except _MalformedError as e:
             return self._unauthorized(e)
@@ -537,7 +539,7 @@ class BearerFilter:
         self._checkIssuer(claims)
         self._checkAudience(claims)
         fields = [
-            (field, claimField(claim, claims[claim]))
+            (field, _claimField(claim, claims[claim]))
             for claim, field in self._claimFields.items()
             if claims.get(claim) is not None
         ]
@@ -685,9 +687,9 @@ def _keySource(
     if option == "jwks-url":
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise reader.error(option, f"not an http or https URL: {displayURL(value)!r}")
+            raise reader.error(option, f"not an http or https URL: {_displayURL(value)!r}")
         if "@" in parts.netloc:
-            raise reader.error(option, f"user information in the URL is not supported: {displayURL(value)!r}")
+            raise reader.error(option, f"user information in the URL is not supported: {_displayURL(value)!r}")
         refresh = reader.duration("jwks-refresh", 300.0)
         if refresh <= 0:
             raise reader.error("jwks-refresh", "must be more than 0")
