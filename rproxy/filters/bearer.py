@@ -31,6 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import treq
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt import PyJWK
 from jwt.algorithms import Algorithm, get_default_algorithms
@@ -433,7 +434,8 @@ class _RemoteKeys:
 class BearerFilter:
     """
     Lets a request through when its ``Authorization: Bearer`` token is a valid JWT; notes the user and
-    the claims on the context and copies claims into outbound fields.
+    the claims on the context and copies claims into outbound fields.  L{jwtAuth} builds it from a
+    C{[filters.X]} table (L{buildBearerFilter}); its keyword parameters are the table's options.
 
     @ivar consumes: C{authorization}, unless the token is forwarded.
     """
@@ -642,10 +644,10 @@ def _secretKey(secret: bytes, reader: PluginOptions, option: str) -> _Key:
 def _publicKey(pem: bytes, algorithms: Collection[str], reader: PluginOptions) -> _Key:
     try:
         public: Any = load_pem_public_key(pem)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         try:
             public = x509.load_pem_x509_certificate(pem).public_key()
-        except ValueError:
+        except (ValueError, UnsupportedAlgorithm):
             raise reader.error("public-key-file", "not a PEM public key or certificate") from None
     fitting = []
     for name in SUPPORTED_ALGORITHMS:
@@ -676,14 +678,12 @@ def _keySource(
     reader: PluginOptions, environment: FilterEnvironment, algorithms: tuple[str, ...]
 ) -> _StaticKeys | _RemoteKeys:
     sources = {name: reader.text(name) for name in ("secret", "secret-file", "public-key-file", "jwks-url")}
-    given = [name for name, value in sources.items() if value is not None]
+    given = {name: value for name, value in sources.items() if value is not None}
     if len(given) != 1:
         raise ValueError(
             f"filter {reader.name}: give one of secret, secret-file, public-key-file, jwks-url (got {len(given)})"
         )
-    option = given[0]
-    value = sources[option]
-    assert value is not None
+    ((option, value),) = given.items()
     if option == "jwks-url":
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:

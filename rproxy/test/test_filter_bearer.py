@@ -8,6 +8,7 @@ real endpoint on 127.0.0.1 by a real proxy, with key rotation, a failing, garbag
 from __future__ import annotations
 
 import base64
+import datetime
 import functools
 import hmac
 import json
@@ -16,8 +17,10 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
@@ -179,6 +182,15 @@ class AlgorithmTests(FilterTestCase):
         self.assertRefused(
             self.through(bearer, token(algorithm="RS256", key=OTHER_RSA_KEY)), 403, "signature does not verify"
         )
+
+    def test_certificate(self) -> None:
+        """public-key-file may be an X.509 certificate (as some identity providers publish their keys)."""
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "idp.example")])
+        start = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+        builder = x509.CertificateBuilder(name, name, EC_KEY.public_key(), 1, start, start + datetime.timedelta(1))
+        certificate = builder.sign(EC_KEY, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        bearer = self.build({"algorithms": ["ES256"], "public-key-file": self.writeFile("cert.pem", certificate)})
+        self.assertPassed(self.through(bearer, token(algorithm="ES256", key=EC_KEY)))
 
     def test_es256(self) -> None:
         bearer = self.build({"algorithms": ["ES256"], "public-key-file": self.writeFile("ec.pem", publicPEM(EC_KEY))})
