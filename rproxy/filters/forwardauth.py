@@ -146,8 +146,8 @@ class ForwardAuth:
                 call.cancel()
             if timedOut:
                 return self._error(503, f"timed out after {self.timeout:g} s", "http_response_timeout")
-            if failure.check(CancelledError, ConnectingCancelledError):
-                raise CancelledError()  # the client left: the chain expects exactly this
+            if any(reason.check(CancelledError, ConnectingCancelledError) for reason in _reasons(failure)):
+                raise CancelledError()  # the client left (Agent wraps it): the chain expects exactly this
             error = self._unavailable(failure)
             if error is None:
                 failure.raiseException()  # not a network failure: the chain logs it and answers 500
@@ -241,7 +241,7 @@ class ForwardAuth:
 
     def _unavailable(self, failure: Failure) -> ProxyError | None:
         """The error for a subrequest that got no usable answer; C{None} if C{failure} is not about the network."""
-        reasons = getattr(failure.value, "reasons", None) or [failure]
+        reasons = _reasons(failure)
         for reason in reasons:
             tls = describeFailure(reason)
             if tls is not None:
@@ -259,6 +259,11 @@ class ForwardAuth:
                 return self._error(503, "closed the connection in the middle of its answer", "http_response_incomplete")
             return self._error(503, "sent a malformed answer", "http_protocol_error")
         return None
+
+
+def _reasons(failure: Failure) -> list[Failure]:
+    """The failures an Agent error wraps (C{ResponseFailed} and its kin hold a list), or C{failure} itself."""
+    return getattr(failure.value, "reasons", None) or [failure]
 
 
 def _passedOn(headers: Headers) -> list[tuple[bytes, bytes]]:
