@@ -15,7 +15,8 @@ It prints ``ready`` once it listens on 127.0.0.1:PORT, and answers by the path o
     - C{/hang}: nothing, ever.
     - C{/stall}: a 200 head promising 100 bytes of body, 2 of them, then nothing.
     - C{/log}: a JSON list of the requests it received before (not C{/log} ones): C{path}, C{method}, C{body},
-      C{headers} (lower-case name to values) and C{lost}, whether the connection closed before it answered.
+      C{headers} (lower-case name to values), C{lost}, whether the connection closed before it answered, and
+      C{port}, the client's port (one per connection).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class _AuthService(resource.Resource):
                 for name, values in request.requestHeaders.getAllRawHeaders()
             },
             "lost": False,
+            "port": request.getClientAddress().port,
         }
         self.log.append(entry)
         request.notifyFinish().addErrback(lambda _: entry.update(lost=True))

@@ -348,6 +348,14 @@ class EndToEndTests(unittest.TestCase):
         self.assertNotIn("cookie", second["headers"])
         self.assertEqual(len(upstream.requests), 1)
 
+    async def test_connectionReused(self) -> None:
+        """Subrequests one after the other share one persistent connection."""
+        proxy, upstream = await self.setUpAuth()
+        for _ in range(5):
+            status, head, body = await self.curl(proxy.url + "/", "-H", "Authorization: Bearer good")
+            self.assertEqual(status, 200)
+        self.assertEqual(len({entry["port"] for entry in await self.authLog()}), 1)
+
     async def test_originalMethodAndCredentialsConsumed(self) -> None:
         """
         C{method = "original"} asks with the client's method (without its body); with C{forward-credentials}
