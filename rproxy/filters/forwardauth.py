@@ -80,7 +80,8 @@ class ForwardAuth:
     @ivar url: the auth service's URL (C{http} or C{https}).
     @ivar timeout: seconds the whole subrequest may take (connection, answer and its body).
     @ivar method: the subrequest's method, or C{None} for the original request's.
-    @ivar consumes: the copied credential fields when they are not forwarded to the upstream, else none.
+    @ivar consumes: the C{responseHeaders} fields, and the copied C{requestHeaders} fields when they are not
+        forwarded to the upstream.
     """
 
     def __init__(
@@ -111,7 +112,8 @@ class ForwardAuth:
         self.url = url
         self.timeout = timeout
         self.method = method
-        self.consumes = frozenset() if forwardCredentials else frozenset(requestHeaders)
+        # The chain removes what the client sent of these before any filter runs: only the auth service sets them.
+        self.consumes = frozenset(responseHeaders) | frozenset(() if forwardCredentials else requestHeaders)
         self._reactor = reactor
         self._requestHeaders = tuple(requestHeaders)
         self._responseHeaders = tuple(responseHeaders)
@@ -128,9 +130,6 @@ class ForwardAuth:
 
     def onRequest(self, context: RequestContext) -> Deferred[FilterVerdict]:
         """Ask the auth service; the Deferred fires with its verdict, or fails with C{CancelledError}."""
-        outbound = context.outbound.headers
-        for name in self._responseHeaders:  # only the auth service may set these
-            outbound.removeHeader(name)
         asking = Deferred.fromCoroutine(self._ask(context))
         timedOut = False
 

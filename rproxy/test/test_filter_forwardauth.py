@@ -81,7 +81,7 @@ class BuildTests(unittest.TestCase):
             }
         )
         self.assertEqual((built.timeout, built.method), (0.25, None))
-        self.assertEqual(built.consumes, frozenset({b"authorization", b"x-api-key"}))
+        self.assertEqual(built.consumes, frozenset({b"authorization", b"x-api-key", b"x-auth-user"}))
         self.assertEqual(repr(built), "<ForwardAuth http://auth.internal:4181/verify>")  # no query: it may be secret
 
     def test_badOptions(self) -> None:
