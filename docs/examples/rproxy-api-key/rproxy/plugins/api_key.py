@@ -110,12 +110,12 @@ def readKeys(path: str, reader: PluginOptions) -> list[KnownKey]:
             label, key = "", line
         label, key = label.strip(), key.strip()
         if colon and not label:
-            raise reader.error("keys-file", f"{path}, line {number}: nothing before the ':' (label:key)")
+            raise reader.error("keys-file", f"line {number}: nothing before the ':' (label:key)")
         if len(key) < MIN_KEY_LENGTH:
-            raise reader.error("keys-file", f"{path}, line {number}: a key needs {MIN_KEY_LENGTH} characters or more")
+            raise reader.error("keys-file", f"line {number}: a key needs {MIN_KEY_LENGTH} characters or more")
         digest = hashlib.sha256(key.encode("utf-8")).digest()
         if digest in keys:
-            raise reader.error("keys-file", f"{path}, line {number}: the same key as an earlier line")
+            raise reader.error("keys-file", f"line {number}: the same key as an earlier line")
         keys[digest] = label or None
     if not keys:
         raise reader.error("keys-file", f"{path} has no keys")
