@@ -186,7 +186,7 @@ class ApiKeyTests(unittest.TestCase):
         refused = self.successResultOf(runFilters([metered, keys], inboundRequest()))
         self.assertEqual(refused.status, 401)
         self.assertIn((b"X-Api-User", b"anonymous"), refused.headers)
-        self.assertEqual(metered.sent, Counter(billing=5))
+        self.assertEqual(metered.sent, Counter(billing=5))  # the refusal's body is the proxy's, never transformed
         after = self.successResultOf(runFilters([keys, metered], inboundRequest()))
         self.assertEqual(after.status, 401)
         self.assertNotIn(b"X-Api-User", [name for name, _ in after.headers])
