@@ -184,8 +184,10 @@ class IResponseFilter(Interface):
     def onResponse(context: RequestContext, status: int, headers: list[tuple[bytes, bytes]]) -> IBodyTransform | None:
         """
         Change C{headers} (the end-to-end fields, in order) in place; return a transform to rewrite the
-        body, or C{None}.  Called for upstream responses and for the answers of filters later in the chain
-        and of the proxy itself (errors), whose bodies are never transformed.
+        body, or C{None}.  Called for upstream responses, for the answers of filters later in the chain
+        (whose whole body a transform rewrites), and for the proxy's errors, of which C{headers} holds only
+        the error's own fields (C{WWW-Authenticate}, ...; the status line, framing and the one-line body are
+        the proxy's) and whose bodies are never transformed.
         """
 
 

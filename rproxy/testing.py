@@ -124,7 +124,7 @@ def inboundRequest(
     scheme: bytes = b"http",
 ) -> InboundRequest:
     """
-    A request as a balancer sees it.
+    A request as a balancer or a filter sees it.
 
     @param headers: (name, value) fields, e.g. C{[(b"cookie", b"session=abc")]}.
     @param clientHost: the client's address (C{None}: a UNIX socket).
