@@ -139,7 +139,7 @@ class Coding:
 CODINGS = {
     coding.name: coding
     for coding in (
-        Coding("zstd", "zstd-level", 3, 1, 22, _Zstd),
+        Coding("zstd", "zstd-level", 3, 1, 19, _Zstd),
         Coding("br", "br-quality", 4, 0, 11, _Brotli),
         Coding("gzip", "gzip-level", 6, 1, 9, _Gzip),
     )
@@ -149,8 +149,9 @@ CODINGS = {
 @implementer(IBodyTransform)
 class CompressedBody:
     """
-    One response body compressed as it streams; the compressor is made at the first byte, so that an empty
-    body stays empty, and dropped at the end.
+    One response body compressed as it streams; the compressor is made at the first byte and dropped at the
+    end.  An empty body stays empty: a response without one (to a HEAD, or that the upstream ended with its
+    head) gets the head a GET's would, and no byte.
     """
 
     def __init__(self, start: Callable[[], _Compressor]) -> None:
@@ -315,8 +316,6 @@ class Compress:
             return None
         headers[:] = [(name, value) for name, value in headers if name.lower() not in _REPLACED]
         headers.append((b"Content-Encoding", chosen))
-        if context.inbound.method == b"HEAD":
-            return None  # the head says what a GET's would; no body follows
         return CompressedBody(self._starters[chosen])
 
 
