@@ -14,7 +14,7 @@ import os
 import random
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import brotli
 import httpx
@@ -75,19 +75,13 @@ def decode(coding: bytes, data: bytes) -> bytes:
     return decoded
 
 
-class _Decoder:
-    """Decodes a stream of C{coding} part by part, as a client does."""
-
-    def __init__(self, coding: bytes) -> None:
-        if coding == b"gzip":
-            self._decode = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress
-        elif coding == b"br":
-            self._decode = brotli.Decompressor().process
-        else:
-            self._decode = zstandard.ZstdDecompressor().decompressobj().decompress
-
-    def __call__(self, data: bytes) -> bytes:
-        return self._decode(data)  # type: ignore[no-any-return]
+def streamDecoder(coding: bytes) -> Callable[[bytes], bytes]:
+    """A decoder of C{coding} fed part by part, as a client's: each call returns what that part decodes to."""
+    if coding == b"gzip":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress
+    if coding == b"br":
+        return brotli.Decompressor().process  # type: ignore[no-any-return]
+    return zstandard.ZstdDecompressor().decompressobj().decompress
 
 
 def field(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
@@ -103,10 +97,9 @@ def textHead(length: int | None = len(TEXT), contentType: bytes = b"text/html; c
     return fields
 
 
-def context(acceptEncoding: bytes | None, method: bytes = b"GET") -> RequestContext:
-    """What a filter sees of a request with C{Accept-Encoding: acceptEncoding} (none when C{None})."""
-    request = inboundRequest(headers=[] if acceptEncoding is None else [(b"accept-encoding", acceptEncoding)])
-    request = request._replace(method=method)
+def context(acceptEncoding: bytes) -> RequestContext:
+    """What a filter sees of a GET with C{Accept-Encoding: acceptEncoding}."""
+    request = inboundRequest(headers=[(b"accept-encoding", acceptEncoding)])
     return RequestContext(request, OutboundRequest(request.method, request.target), None)
 
 
@@ -169,9 +162,15 @@ class NegotiationTests(unittest.TestCase):
 
 
 class CompressTests(unittest.TestCase):
-    """Through L{runFilters}: what the client gets."""
+    """
+    Through L{runFilters}: what the client gets.
 
-    def run_(
+    @ivar started: how many compressors L{_Counting} made.
+    """
+
+    started = 0
+
+    def respond(
         self,
         accept: bytes | None = b"gzip",
         *,
@@ -182,6 +181,7 @@ class CompressTests(unittest.TestCase):
         body: bytes | Sequence[bytes] = TEXT,
         request: Sequence[tuple[bytes, bytes]] = (),
     ) -> FilterResult:
+        """What the client gets when the upstream answers a request accepting C{accept} (none: no field)."""
         fields = list(request) + ([] if accept is None else [(b"accept-encoding", accept)])
         return self.successResultOf(
             runFilters(
@@ -193,13 +193,16 @@ class CompressTests(unittest.TestCase):
             )
         )
 
-    def assertUntouched(self, result: FilterResult, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> None:
-        self.assertEqual((result.headers, result.body), (list(headers), body))
+    def assertUntouched(
+        self, result: FilterResult, headers: Sequence[tuple[bytes, bytes]], body: bytes, why: object = None
+    ) -> None:
+        """The client gets C{headers} and C{body}, as the upstream sent them (or as Vary added)."""
+        self.assertEqual((result.headers, result.body), (list(headers), body), why)
 
     def test_eachCoding(self) -> None:
         """Each coding the client asks for gives a body that decodes to the upstream's, much smaller."""
         for coding in CODINGS:
-            result = self.run_(coding)
+            result = self.respond(coding)
             self.assertEqual(field(result.headers, b"content-encoding"), [coding])
             self.assertEqual(decode(coding, result.body), TEXT)
             self.assertLess(len(result.body), len(TEXT) / 3)
@@ -210,7 +213,7 @@ class CompressTests(unittest.TestCase):
         parts = [TEXT[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
         self.assertIn(b"", parts)
         for coding in CODINGS:
-            self.assertEqual(decode(coding, self.run_(coding, headers=textHead(None), body=parts).body), TEXT)
+            self.assertEqual(decode(coding, self.respond(coding, headers=textHead(None), body=parts).body), TEXT)
 
     def test_eachPartFlushed(self) -> None:
         """What each part gives decodes at once to that part: a client sees a stream as it comes."""
@@ -218,7 +221,7 @@ class CompressTests(unittest.TestCase):
         for coding in CODINGS:
             transform = Compress().onResponse(context(coding), 200, textHead(None, b"text/event-stream"))
             assert transform is not None
-            decoder = _Decoder(coding)
+            decoder = streamDecoder(coding)
             for part in parts:
                 self.assertEqual(decoder(transform.transform(part)), part)
             self.assertEqual(decoder(transform.finish()), b"")
@@ -239,7 +242,7 @@ class CompressTests(unittest.TestCase):
             (b"X-Custom", b"kept"),
             (b"Content-Encoding", b"identity"),
         ]
-        result = self.run_(b"br", headers=headers)
+        result = self.respond(b"br", headers=headers)
         self.assertEqual(
             result.headers,
             [
@@ -253,7 +256,7 @@ class CompressTests(unittest.TestCase):
 
     def test_weakETagKept(self) -> None:
         """A weak ETag stays as it is."""
-        result = self.run_(headers=[*textHead(), (b"etag", b'W/"v1"')])
+        result = self.respond(headers=[*textHead(), (b"etag", b'W/"v1"')])
         self.assertEqual(field(result.headers, b"etag"), [b'W/"v1"'])
 
     def test_varyAppended(self) -> None:
@@ -266,7 +269,7 @@ class CompressTests(unittest.TestCase):
             ([b"*"], [b"*"]),
             ([b""], [b"Accept-Encoding"]),
         ]:
-            result = self.run_(headers=[*textHead(), *((b"Vary", value) for value in vary)])
+            result = self.respond(headers=[*textHead(), *((b"Vary", value) for value in vary)])
             self.assertEqual(field(result.headers, b"vary"), expected)
             self.assertEqual(decode(b"gzip", result.body), TEXT)
 
@@ -276,26 +279,28 @@ class CompressTests(unittest.TestCase):
         (no Accept-Encoding, an unknown one, or a refusal), and is otherwise left as it is.
         """
         for accept in (None, b"", b"deflate", b"gzip;q=0", b"identity"):
-            result = self.run_(accept, headers=[*textHead(), (b"ETag", b'"v1"')])
+            result = self.respond(accept, headers=[*textHead(), (b"ETag", b'"v1"')])
             self.assertUntouched(result, [*textHead(), (b"ETag", b'"v1"'), (b"Vary", b"Accept-Encoding")], TEXT)
 
     def test_encodingsOrder(self) -> None:
         """Ties go to the order of the C{encodings} option; a coding not listed there is never used."""
         gzipFirst = compress.build({"encodings": ["gzip", "br"]}, _environment())
-        self.assertEqual(field(self.run_(b"br, gzip, zstd", filter=gzipFirst).headers, b"content-encoding"), [b"gzip"])
-        self.assertUntouched(self.run_(b"zstd", filter=gzipFirst), [*textHead(), (b"Vary", b"Accept-Encoding")], TEXT)
+        result = self.respond(b"br, gzip, zstd", filter=gzipFirst)
+        self.assertEqual(field(result.headers, b"content-encoding"), [b"gzip"])
+        result = self.respond(b"zstd", filter=gzipFirst)
+        self.assertUntouched(result, [*textHead(), (b"Vary", b"Accept-Encoding")], TEXT)
 
     def test_levels(self) -> None:
         """The level options reach the compressors (gzip's header tells its level; brotli's size shows)."""
-        fast = self.run_(filter=compress.build({"gzip-level": 1}, _environment()))
-        best = self.run_(filter=compress.build({"gzip-level": 9}, _environment()))
+        fast = self.respond(filter=compress.build({"gzip-level": 1}, _environment()))
+        best = self.respond(filter=compress.build({"gzip-level": 9}, _environment()))
         self.assertEqual((fast.body[8], best.body[8]), (4, 2))  # XFL: fastest, maximum compression
-        low = self.run_(b"br", filter=compress.build({"br-quality": 0}, _environment()))
-        high = self.run_(b"br", filter=compress.build({"br-quality": 9}, _environment()))
+        low = self.respond(b"br", filter=compress.build({"br-quality": 0}, _environment()))
+        high = self.respond(b"br", filter=compress.build({"br-quality": 9}, _environment()))
         self.assertLess(len(high.body), len(low.body))
         self.assertEqual(decode(b"br", low.body), decode(b"br", high.body))
-        low = self.run_(b"zstd", filter=compress.build({"zstd-level": 1}, _environment()))
-        high = self.run_(b"zstd", filter=compress.build({"zstd-level": 19}, _environment()))
+        low = self.respond(b"zstd", filter=compress.build({"zstd-level": 1}, _environment()))
+        high = self.respond(b"zstd", filter=compress.build({"zstd-level": 19}, _environment()))
         self.assertLess(len(high.body), len(low.body))
 
     def test_types(self) -> None:
@@ -312,14 +317,14 @@ class CompressTests(unittest.TestCase):
             b"image/svg+xml",
             b"application/wasm",
         ):
-            result = self.run_(headers=textHead(contentType=contentType))
+            result = self.respond(headers=textHead(contentType=contentType))
             self.assertEqual(field(result.headers, b"content-encoding"), [b"gzip"], contentType)
         for contentType in (b"image/png", b"video/mp4", b"application/zip", b"application/octet-stream"):
             self.assertUntouched(
-                self.run_(headers=textHead(contentType=contentType)), textHead(contentType=contentType), TEXT
+                self.respond(headers=textHead(contentType=contentType)), textHead(contentType=contentType), TEXT
             )
         own = compress.build({"types": ["application/octet-stream"]}, _environment())
-        result = self.run_(filter=own, headers=textHead(contentType=b"application/octet-stream"))
+        result = self.respond(filter=own, headers=textHead(contentType=b"application/octet-stream"))
         self.assertEqual(decode(b"gzip", result.body), TEXT)
 
     def test_never(self) -> None:
@@ -349,43 +354,43 @@ class CompressTests(unittest.TestCase):
         for why, case in cases:
             headers = case.get("headers", text)
             body = case.get("body", TEXT)
-            result = self.run_(b"gzip, br, zstd", **case)  # type: ignore[arg-type]
-            self.assertUntouched(result, headers, body)  # type: ignore[arg-type]
+            result = self.respond(b"gzip, br, zstd", **case)  # type: ignore[arg-type]
+            self.assertUntouched(result, headers, body, why)  # type: ignore[arg-type]
             self.assertEqual(field(result.headers, b"vary"), [], why)
 
     def test_minSize(self) -> None:
         """At min-size a body is compressed; an unknown length (chunked) is; min-size 0 still spares empty ones."""
-        self.assertEqual(decode(b"gzip", self.run_(headers=textHead(1024), body=TEXT[:1024]).body), TEXT[:1024])
-        self.assertEqual(decode(b"gzip", self.run_(headers=textHead(None), body=b"tiny").body), b"tiny")
+        self.assertEqual(decode(b"gzip", self.respond(headers=textHead(1024), body=TEXT[:1024]).body), TEXT[:1024])
+        self.assertEqual(decode(b"gzip", self.respond(headers=textHead(None), body=b"tiny").body), b"tiny")
         zero = compress.build({"min-size": 0}, _environment())
-        self.assertEqual(decode(b"gzip", self.run_(filter=zero, headers=textHead(4), body=b"tiny").body), b"tiny")
-        self.assertUntouched(self.run_(filter=zero, headers=textHead(0), body=b""), textHead(0), b"")
+        self.assertEqual(decode(b"gzip", self.respond(filter=zero, headers=textHead(4), body=b"tiny").body), b"tiny")
+        self.assertUntouched(self.respond(filter=zero, headers=textHead(0), body=b""), textHead(0), b"")
         big = compress.build({"min-size": "64k"}, _environment())
-        self.assertUntouched(self.run_(filter=big), textHead(), TEXT)
+        self.assertUntouched(self.respond(filter=big), textHead(), TEXT)
 
     def test_emptyChunkedBody(self) -> None:
         """A body of unknown length that turns out empty stays empty (no compressor is made for it)."""
-        result = self.run_(headers=textHead(None), body=[b"", b""])
+        result = self.respond(headers=textHead(None), body=[b"", b""])
         self.assertEqual((field(result.headers, b"content-encoding"), result.body), ([b"gzip"], b""))
 
     def test_notModified(self) -> None:
         """A 304 is not compressed, but its ETag and Vary say what the 200's would (a cache must match them)."""
         fields = [(b"ETag", b'"v1"'), (b"Cache-Control", b"max-age=60")]
-        result = self.run_(status=304, headers=fields, body=b"")
+        result = self.respond(status=304, headers=fields, body=b"")
         self.assertUntouched(result, [(b"ETag", b'W/"v1"'), fields[1], (b"Vary", b"Accept-Encoding")], b"")
-        result = self.run_(b"deflate", status=304, headers=fields, body=b"")
+        result = self.respond(b"deflate", status=304, headers=fields, body=b"")
         self.assertUntouched(result, [*fields, (b"Vary", b"Accept-Encoding")], b"")
         picture = [(b"Content-Type", b"image/png"), *fields]
-        self.assertUntouched(self.run_(status=304, headers=picture, body=b""), picture, b"")
+        self.assertUntouched(self.respond(status=304, headers=picture, body=b""), picture, b"")
 
     def test_headRequest(self) -> None:
         """
-        A HEAD's head says what a GET's would (Content-Encoding, no Content-Length, weak ETag, Vary); there
-        is no body to transform.
+        A HEAD's head says what a GET's would (Content-Encoding, no Content-Length, weak ETag, Vary); no body
+        comes, and none is made up (an empty body stays empty).
         """
         headers = [*textHead(), (b"ETag", b'"v1"')]
-        get = self.run_(b"zstd", headers=headers)
-        head = self.run_(b"zstd", method=b"HEAD", headers=headers, body=b"")
+        get = self.respond(b"zstd", headers=headers)
+        head = self.respond(b"zstd", method=b"HEAD", headers=headers, body=b"")
         self.assertEqual((head.headers, head.body), (get.headers, b""))
 
     def test_headLocalAnswer(self) -> None:
@@ -401,7 +406,7 @@ class CompressTests(unittest.TestCase):
     def test_otherSuccesses(self) -> None:
         """201, 202 and 203 carry a representation too: compressed."""
         for status in (201, 202, 203):
-            self.assertEqual(decode(b"gzip", self.run_(status=status).body), TEXT)
+            self.assertEqual(decode(b"gzip", self.respond(status=status).body), TEXT)
 
     def test_localAnswer(self) -> None:
         """A later filter's own answer is compressed whole (the exchange sets its Content-Length after)."""
@@ -427,8 +432,6 @@ class CompressTests(unittest.TestCase):
         self.assertEqual(self.started, 0)
         self.assertEqual(transform.transform(b"ab") + transform.transform(b"c"), b"abc")
         self.assertEqual((self.started, transform.finish(), transform.finish()), (1, b"<end>", b""))
-
-    started = 0
 
 
 class _Counting:
