@@ -172,7 +172,12 @@ class ChainRun:
         return transforms[0] if len(transforms) == 1 else _Composed(transforms)
 
     def localAnswer(self, response: LocalResponse) -> LocalResponse:
-        """C{response} (a filter's answer) as the response filters before the one that gave it leave it."""
+        """
+        C{response} (a filter's answer) as the response filters before the one that gave it leave it: they
+        see its length in C{Content-Length} (the proxy frames the body it sends itself).
+        """
+        if not any(name.lower() == b"content-length" for name, _ in response.headers):
+            response.headers.append((b"Content-Length", b"%d" % len(response.body)))
         transform = self.response(response.status, response.headers)
         if transform is not None:
             response.body = transform.transform(response.body) + transform.finish()

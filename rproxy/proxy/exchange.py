@@ -388,7 +388,9 @@ class Exchange:
                 connection.abort()
             return
         downstream = self.downstream
-        if hasBody:
+        if not hasBody:
+            self._transform = None  # nothing to rewrite: a transform's last bytes would follow a bodiless head
+        else:
             assert self._connection is not None
             downstream.registerProducer(self._connection, True)
         downstream.sendHead(status, reason or None, fields, hasBody)

@@ -204,7 +204,7 @@ class MemoryTests(unittest.TestCase):
         )
         refused = self.successResultOf(result)
         self.assertEqual((refused.status, refused.body, refused.forwarded), (403, b"no!", []))
-        self.assertEqual(refused.headers, [(b"X-Reason", b"banned")])
+        self.assertEqual(refused.headers, [(b"X-Reason", b"banned"), (b"Content-Length", b"3")])
         self.assertEqual(refused.verdict.reason, "forward auth answered 403")  # type: ignore[union-attr]
 
     def test_closeBeforeUse(self) -> None:
