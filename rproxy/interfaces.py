@@ -168,6 +168,16 @@ class IRequestFilter(Interface):
         """
 
 
+class IClosable(Interface):
+    """
+    A filter that holds resources (connections, timers, threads): closed when a reload drops it (its
+    definition changed or is gone) and when the proxy stops.  Exchanges in flight may still use it.
+    """
+
+    def close() -> Deferred[None] | None:
+        """Release what it holds; a Deferred when that takes time (the proxy's shutdown waits for it)."""
+
+
 class IBodyTransform(Interface):
     """A rewrite of one response body as it streams (compression); bounded memory whatever the body's size."""
 

@@ -17,11 +17,12 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.task import Clock
 
 from rproxy.filters.chain import NO_FILTERS, FilterChain
 from rproxy.filters.factory import filterFactories
-from rproxy.interfaces import FilterEnvironment, IFilterFactory
+from rproxy.interfaces import FilterEnvironment, IClosable, IFilterFactory
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:-]*\Z")
 
@@ -157,6 +158,19 @@ class FilterSet:
             for name, each in new.definitions.items()
         }
         return new
+
+    def closeDropped(self, successor: FilterSet) -> None:
+        """Close this set's filters that C{successor} (its L{rebuilt} set, now in force) does not keep."""
+        kept = {id(each) for each in successor.filters.values()}
+        self._close([each for each in self.filters.values() if id(each) not in kept])
+
+    def close(self) -> Deferred[None]:
+        """Close every filter that holds resources (L{IClosable}): the proxy is stopping."""
+        return self._close(list(self.filters.values()))
+
+    def _close(self, filters: list[object]) -> Deferred[None]:
+        closing = [maybeDeferred(IClosable(each).close) for each in filters if IClosable.providedBy(each)]
+        return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
     def chain(self, names: Iterable[str]) -> FilterChain:
         """The chain of the filters C{names}, in order."""

@@ -38,6 +38,7 @@ from types import FrameType
 from typing import Any
 
 from twisted.application import service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -269,8 +270,13 @@ class LiveProxy:
         self.proxy.forwarding = forwarding
         self._draining.grace = config.grace
         self.proxy.tunnels.idleTimeout = config.tunnelIdleTimeout  # for the tunnels opened from now on
+        self._filters.closeDropped(filters)
         self.config, self._services, self._filters = config, services, filters
         return summary
+
+    def closeFilters(self) -> Deferred[None]:
+        """Close the filters in force that hold resources: the proxy is stopping."""
+        return self._filters.close()
 
     def _upstreams(self, name: str, settings: ServiceConfig, built: Sequence[Upstream]) -> list[Upstream]:
         """

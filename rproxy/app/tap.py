@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application import service, strports
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
@@ -450,8 +451,13 @@ def buildService(
     services, _ = buildServices(config, reactor, registry, filters)
     warnInsecureUpstreams(config)
     proxy = buildProxy(config, reactor, services, filters)
+
     # Added first so that it is stopped last, after the listeners stop accepting (its site is added below).
-    draining = DrainingService([], config.grace, reactor, lambda: closeUpstreams(registry))
+    def stopped() -> Deferred[None]:
+        closeUpstreams(registry)
+        return live.closeFilters()
+
+    draining = DrainingService([], config.grace, reactor, stopped)
     draining.setServiceParent(top)
     checker = healthChecker(config, reactor, registry)
     if checker is not None:

@@ -134,10 +134,17 @@ def _waitUntil(
 class DrainingService(service.Service):
     """
     Stops a proxy gracefully: the listeners stop first (siblings), then this drains the sites'
-    connections within C{grace} seconds and closes the upstreams' idle connections.
+    connections within C{grace} seconds and calls C{onStop} (which closes the upstreams' idle connections and
+    the filters' resources; the stop waits for a Deferred it returns).
     """
 
-    def __init__(self, sites: list[ProxySite], grace: float, reactor: IReactorTime, onStop: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        sites: list[ProxySite],
+        grace: float,
+        reactor: IReactorTime,
+        onStop: Callable[[], defer.Deferred[None] | None],
+    ) -> None:
         self.sites = sites
         self.grace = grace
         self.reactor = reactor

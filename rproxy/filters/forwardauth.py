@@ -55,7 +55,7 @@ from zope.interface import implementer
 from rproxy.errors import ProxyError, proxyError
 from rproxy.filters.factory import FilterFactory
 from rproxy.headers import FORWARDING, FRAMING, HOP_BY_HOP, isToken, responseHeaderPairs
-from rproxy.interfaces import FilterEnvironment, IRequestFilter
+from rproxy.interfaces import FilterEnvironment, IClosable, IRequestFilter
 from rproxy.options import PluginOptions
 from rproxy.proxy.message import FilterVerdict, LocalResponse, RequestContext
 from rproxy.upstream.tls import describeFailure, trustRoot
@@ -72,7 +72,7 @@ IDLE_SECONDS = 30
 _DESCRIBING = (b"x-forwarded-method", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-uri", b"x-forwarded-for")
 
 
-@implementer(IRequestFilter)
+@implementer(IRequestFilter, IClosable)
 class ForwardAuth:
     """
     A request filter that asks an auth service about each request.

@@ -139,3 +139,22 @@ class FilterReloadTests(ReloadTestCase):
         broken = changed.replace('type = "ip-rules"', 'type = "nope"', 1)
         self.assertIsNone(proxy.reload(broken + 'filters = ["nolocal"]\n' + route("api") + 'filters = ["local"]\n'))
         self.assertTrue((await rawRequest(proxy.port, get)).startswith(b"HTTP/1.1 200 "))
+
+    async def test_closed(self) -> None:
+        """A filter holding resources is closed when a reload drops it, and when the proxy stops."""
+        upstream = ScriptedUpstream(self, answerWith(b"up"))
+        auth = '[filters.auth]\ntype = "forward-auth"\nurl = "http://127.0.0.1:1/check"\n'
+        text = services(api=upstream.url) + route("api") + 'filters = ["auth"]\n'
+        proxy = startReloadable(self, auth + text)
+        closed: list[str] = []
+        first = proxy.live._filters.filters["auth"]
+        self.patch(first, "close", lambda: closed.append("first"))
+        proxy.reload(auth + text)  # unchanged: kept, not closed
+        self.assertIs(proxy.live._filters.filters["auth"], first)
+        self.assertEqual(closed, [])
+        proxy.reload(auth.replace("/check", "/other") + text)
+        self.assertEqual(closed, ["first"])
+        second = proxy.live._filters.filters["auth"]
+        self.patch(second, "close", lambda: closed.append("second"))
+        await proxy.top.stopService()
+        self.assertEqual(closed, ["first", "second"])
