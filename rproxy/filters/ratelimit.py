@@ -11,19 +11,16 @@ policy and the state of the request's bucket in the C{RateLimit-Policy} and C{Ra
 draft-ietf-httpapi-ratelimit-headers (draft 11), on its refusals and on the responses to the requests it let
 through.
 
-C{concurrency-limit} holds a slot from the request until the response's body has ended.  The filter
-contract has no call for the end of an exchange, so the slot rides on a body transform (released by its
-C{finish}) and, for the endings that never reach C{finish} (an error instead of a response, a client gone, an
-upstream failing mid-body), on a weak-reference finalizer that gives it back when the exchange is dropped;
-docs/filters/ratelimit.md says when that is.
+C{concurrency-limit} holds a slot from the request until its exchange ends, however it ends (the body
+complete, an error answered, the client gone): it asks the context to be told (L{RequestContext.whenEnded}).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
@@ -34,7 +31,7 @@ from zope.interface import implementer
 
 from rproxy.errors import Fault, ProxyError, clientError, proxyError
 from rproxy.filters.factory import FilterFactory
-from rproxy.interfaces import FilterEnvironment, IBodyTransform, IRequestFilter, IResponseFilter
+from rproxy.interfaces import FilterEnvironment, IRequestFilter, IResponseFilter
 from rproxy.options import PluginOptions
 from rproxy.proxy.message import FilterVerdict, RequestContext
 
@@ -48,7 +45,8 @@ _PRINTABLE = re.compile(r"[\x20-\x7e]{1,100}")  # what a structured-field String
 #: The default bound of a key table.
 MAX_KEYS = 100_000
 
-#: How far below a whole token a bucket may be and still count as holding it (clock arithmetic rounds).
+#: How far below a whole token a bucket may be and still count as holding it: a clock reading near 1.7e9
+#: seconds is exact only to 0.24 microseconds, a visible fraction of a token at high rates.
 _TOLERANCE = 1e-3
 
 #: The least seconds between two warnings that a full key table forgot buckets that were not full.
@@ -64,7 +62,6 @@ class Rate:
     A rate as configured: C{quota} requests every C{window} seconds, both whole numbers (for C{RateLimit-Policy}).
 
     @ivar text: the rate as people read it (C{"100/s"}, C{"600/m"}, C{"0.5/s"}).
-    @ivar perSecond: requests per second.
     """
 
     text: str
@@ -73,6 +70,7 @@ class Rate:
 
     @property
     def perSecond(self) -> float:
+        """Requests per second."""
         return self.quota / self.window
 
 
@@ -241,7 +239,8 @@ class RateLimit:
     def __repr__(self) -> str:
         return f"<RateLimit {self.policyName!r}>"
 
-    def __len__(self) -> int:
+    @property
+    def keyCount(self) -> int:
         """How many buckets it keeps now."""
         return len(self._buckets)
 
@@ -260,14 +259,14 @@ class RateLimit:
         remaining = math.floor(bucket.tokens + _TOLERANCE)
         # Until one more request is allowed: the bucket's next whole token (it is not full, one was just taken).
         untilMore = math.ceil((remaining + 1 - bucket.tokens) / self._perSecond)
-        context.notes[self._note] = b"%s;r=%d;t=%d" % (self._item, remaining, untilMore)
+        context.notes[self._note] = f"{self._item.decode('ascii')};r={remaining};t={untilMore}"
         return None
 
     def onResponse(self, context: RequestContext, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        state = context.notes.get(self._note)
-        if isinstance(state, bytes):
+        state = context.notes.get(self._note)  # the request's bucket when it was let through
+        if isinstance(state, str):
             headers.append(self._policyField)
-            headers.append((b"RateLimit", state))
+            headers.append((b"RateLimit", state.encode("ascii")))
 
     def _bucket(self, key: Key, now: float) -> _Bucket:
         """C{key}'s bucket, refilled up to C{now} and made the most recently used."""
@@ -313,46 +312,12 @@ class RateLimit:
         return bucket.tokens + max(0.0, now - bucket.updated) * self._perSecond >= self.burst
 
 
-class _Slot:
-    """
-    One request's place among a key's requests in flight: given back once, by L{release} or, if the
-    exchange is dropped without it, by the garbage collector.
-    """
-
-    __slots__ = ("_finalizer", "__weakref__")
-
-    def __init__(self, limit: ConcurrencyLimit, key: Key) -> None:
-        self._finalizer = weakref.finalize(self, limit._release, key)
-        self._finalizer.atexit = False
-
-    def __repr__(self) -> str:
-        return "<in flight>" if self._finalizer.alive else "<released>"
-
-    def release(self) -> None:
-        self._finalizer()  # a finalizer runs once: later calls do nothing
-
-
-@implementer(IBodyTransform)
-class _ReleaseAtEnd:
-    """The body as it is; the slot is given back when it ends."""
-
-    __slots__ = ("_slot",)
-
-    def __init__(self, slot: _Slot) -> None:
-        self._slot = slot
-
-    def transform(self, data: bytes) -> bytes:
-        return data
-
-    def finish(self) -> bytes:
-        self._slot.release()
-        return b""
-
-
-@implementer(IRequestFilter, IResponseFilter)
+@implementer(IRequestFilter)
 class ConcurrencyLimit:
     """
-    At most C{maximum} requests in flight per key, from the request filter to the end of the response body.
+    At most C{maximum} requests in flight per key: a request holds its slot from this filter until its
+    exchange ends (L{RequestContext.whenEnded}), however it ends: the response's body complete, an error
+    answered, the client gone, or the connection handed to a tunnel (a WebSocket counts until its 101).
 
     Only keys with requests in flight are kept, at most C{maxKeys} of them; a new key when that many are
     busy is refused with 503 (the proxy's limit, not the client's).
@@ -369,7 +334,6 @@ class ConcurrencyLimit:
         self.key = key
         self.maxKeys = maxKeys
         self._inFlight: dict[Key, int] = {}
-        self._note = f"concurrency-limit {maximum} per {key.text}"
 
     def __repr__(self) -> str:
         return f"<ConcurrencyLimit {self.maximum} per {self.key.text}>"
@@ -383,7 +347,8 @@ class ConcurrencyLimit:
         """How many requests are in flight, all keys together."""
         return sum(self._inFlight.values())
 
-    def __len__(self) -> int:
+    @property
+    def keyCount(self) -> int:
         """How many keys have requests in flight."""
         return len(self._inFlight)
 
@@ -399,28 +364,15 @@ class ConcurrencyLimit:
             reason = f"concurrency limit: {self.maxKeys} keys have requests in flight (max-keys)"
             return proxyError(503, reason, "proxy_internal_error", retryAfter=1)
         self._inFlight[key] = count + 1
-        context.notes[self._note] = _Slot(self, key)
+        context.whenEnded(functools.partial(self._release, key))
         return None
 
-    def onResponse(
-        self, context: RequestContext, status: int, headers: list[tuple[bytes, bytes]]
-    ) -> IBodyTransform | None:
-        slot = context.notes.pop(self._note, None)
-        if not isinstance(slot, _Slot):
-            return None
-        if status == 101:  # a tunnel now, no longer a request in flight
-            slot.release()
-            return None
-        # The transform is the slot's only holder now: its finish() gives the slot back; if the exchange
-        # drops it instead (an error sent in place of a response, a client gone), the finalizer does.
-        return _ReleaseAtEnd(slot)
-
     def _release(self, key: Key) -> None:
-        count = self._inFlight.get(key, 0) - 1
-        if count > 0:
+        count = self._inFlight[key] - 1
+        if count:
             self._inFlight[key] = count
         else:
-            self._inFlight.pop(key, None)
+            del self._inFlight[key]
 
 
 def _structuredString(text: str) -> bytes:

@@ -199,6 +199,7 @@ class RateLimitTests(unittest.TestCase):
         self.assertIsNone(result.verdict)
         self.assertEqual(fields(result.headers, b"RateLimit-Policy"), [b'"origin";q=5;w=1', b'"api";q=600;w=60'])
         self.assertEqual(fields(result.headers, b"RateLimit"), [b'"origin";r=4;t=1', b'"api";r=2;t=1'])
+        self.assertEqual(result.context.notes, {"rate-limit api": '"api";r=2;t=1'})  # for the access log too
         for value in fields(result.headers, b"RateLimit") + fields(result.headers, b"RateLimit-Policy"):
             self.assertRegex(value, SF_ITEM)
         self.assertEqual(fields(self.send([limit]).headers, b"RateLimit"), [b'"api";r=1;t=1'])
@@ -230,7 +231,7 @@ class RateLimitTests(unittest.TestCase):
         self.assertEqual(self.allowed(limit, 3, request("192.0.2.1")), 2)
         self.assertEqual(self.allowed(limit, 3, request("192.0.2.2")), 2)
         self.assertEqual(self.allowed(limit, 3, request("2001:db8::1")), 2)
-        self.assertEqual(len(limit), 3)
+        self.assertEqual(limit.keyCount, 3)
 
     def test_keyClientBehindTrustedProxy(self) -> None:
         """
@@ -283,7 +284,7 @@ class RateLimitTests(unittest.TestCase):
         self.assertEqual(
             refused.reason, "rate limit 1/m (burst 3) exceeded for this route (one count for all requests)"
         )
-        self.assertEqual(len(limit), 1)
+        self.assertEqual(limit.keyCount, 1)
 
     def test_keyClaim(self) -> None:
         """C{key = "claim:NAME"}: a bucket per value of a claim an earlier filter verified."""
@@ -379,7 +380,7 @@ class RateLimitTests(unittest.TestCase):
             passed["flood"] += self.send([limit], request(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")).verdict is None
             if i % 10 == 0:
                 passed["active"] += self.send([limit], active).verdict is None
-            largest = max(largest, len(limit))
+            largest = max(largest, limit.keyCount)
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - memory
         self.assertEqual(passed, {"flood": 10_000, "active": 5})
@@ -395,11 +396,11 @@ class RateLimitTests(unittest.TestCase):
         limit = self.limit(rate="1/s", burst=1, **{"max-keys": 1000})
         for i in range(1000):
             self.send([limit], request(f"10.0.{i >> 8}.{i & 255}"))
-        self.assertEqual(len(limit), 1000)
+        self.assertEqual(limit.keyCount, 1000)
         self.clock.advance(1)
         for i in range(100):
             self.send([limit], request(f"10.1.0.{i}"))
-        self.assertEqual(len(limit), 900)
+        self.assertEqual(limit.keyCount, 900)
         self.assertEqual(limit.forgotten, 0)
 
     def test_forgettingIsLogged(self) -> None:
@@ -491,22 +492,19 @@ class ConcurrencyLimitUnitTests(unittest.TestCase):
         self.assertEqual(refused.reason, "concurrency limit 2 reached for client 192.0.2.1")
         other = self.context("192.0.2.2")
         self.assertIsNone(limit.onRequest(other))
-        self.assertEqual((limit.inFlight(b"192.0.2.1"), limit.total, len(limit)), (2, 3, 2))
+        self.assertEqual((limit.inFlight(b"192.0.2.1"), limit.total, limit.keyCount), (2, 3, 2))
 
-    def test_releasedWhenTheBodyEnds(self) -> None:
-        """A slot is held through the response head and body, and given back when the body ends."""
+    def test_releasedWhenTheExchangeEnds(self) -> None:
+        """A slot is held until the exchange ends, and given back then."""
         limit = self.limit(max=1)
         context = self.context()
-        limit.onRequest(context)
-        transform = limit.onResponse(context, 200, [])
-        assert transform is not None
-        self.assertEqual(transform.transform(b"part"), b"part")
+        self.assertIsNone(limit.onRequest(context))
+        self.assertIsInstance(limit.onRequest(self.context()), ProxyError)
+        context.end()
+        self.assertEqual((limit.total, limit.keyCount), (0, 0))
+        again = self.context()
+        self.assertIsNone(limit.onRequest(again))
         self.assertEqual(limit.total, 1)
-        self.assertEqual(transform.finish(), b"")
-        self.assertEqual((limit.total, len(limit)), (0, 0))
-        transform.finish()  # given back once only
-        self.assertEqual(limit.total, 0)
-        self.assertIsNone(limit.onRequest(self.context()))
 
     def test_releasedThroughRunFilters(self) -> None:
         """Through a whole chain run (an upstream response; a later filter's refusal), nothing stays counted."""
@@ -517,30 +515,15 @@ class ConcurrencyLimitUnitTests(unittest.TestCase):
         self.assertEqual(refused.status, 401)
         self.assertEqual(limit.total, 0)
 
-    def test_releasedOnError(self) -> None:
-        """An error sent instead of a response (its transform is dropped unfinished) gives the slot back."""
-        limit = self.limit(max=1)
+    def test_twoInOneChain(self) -> None:
+        """Two limits in one chain (a route's and its service's) each count the request, and each lets it go."""
+        first, second = self.limit(max=1), self.limit(max=1)
         context = self.context()
-        limit.onRequest(context)
-        limit.onResponse(context, 502, [])  # as ChainRun.errorFields does: the transform is dropped
-        self.assertEqual(limit.total, 0)
-
-    def test_releasedWhenTheExchangeIsDropped(self) -> None:
-        """A client gone before any response: the slot goes with the exchange's context."""
-        limit = self.limit(max=1)
-        context = self.context()
-        limit.onRequest(context)
-        self.assertEqual(limit.total, 1)
-        del context
-        self.assertEqual(limit.total, 0)
-
-    def test_switchingProtocols(self) -> None:
-        """A 101 ends the request: the tunnel after it holds no slot."""
-        limit = self.limit(max=1)
-        context = self.context()
-        limit.onRequest(context)
-        self.assertIsNone(limit.onResponse(context, 101, []))
-        self.assertEqual(limit.total, 0)
+        self.assertIsNone(first.onRequest(context))
+        self.assertIsNone(second.onRequest(context))
+        self.assertEqual((first.total, second.total), (1, 1))
+        context.end()
+        self.assertEqual((first.total, second.total), (0, 0))
 
     def test_keys(self) -> None:
         """The keys and C{missing-key} work as for C{rate-limit}."""
@@ -571,10 +554,8 @@ class ConcurrencyLimitUnitTests(unittest.TestCase):
         assert isinstance(full, ProxyError)
         self.assertEqual((full.status, full.retryAfter), (503, 1))
         self.assertIn("100 keys have requests in flight", full.reason)
-        transform = limit.onResponse(held[0], 200, [])
-        assert transform is not None
-        transform.finish()
-        self.assertEqual(len(limit), 99)
+        held[0].end()
+        self.assertEqual(limit.keyCount, 99)
         self.assertIsNone(limit.onRequest(self.context("10.0.1.1")))
 
     def test_optionErrors(self) -> None:
@@ -653,12 +634,6 @@ class RealSocketTests(unittest.TestCase):
 
     timeout = 20
 
-    def setUp(self) -> None:
-        # Slots must come back as the exchange ends, not whenever the cycle collector runs (see released).
-        gc.collect()
-        gc.disable()
-        self.addCleanup(gc.enable)
-
     @deferredTest
     async def test_rateLimitBurst(self) -> None:
         """
@@ -702,11 +677,7 @@ class RealSocketTests(unittest.TestCase):
         return client
 
     async def released(self, limit: ConcurrencyLimit) -> None:
-        """
-        Wait for every slot to come back.  An exchange that ends without its body's end (a client gone, an
-        upstream failing) gives its slot back when it is dropped: at once by reference counting, since the
-        cycle collector is off during these tests.  If this fails, something keeps ended exchanges alive.
-        """
+        """Wait for every slot to come back (the proxy learns that a client left when its socket says so)."""
         self.assertTrue(await waitFor(lambda: limit.total == 0), f"{limit.total} still in flight")
 
     @deferredTest
@@ -718,6 +689,7 @@ class RealSocketTests(unittest.TestCase):
         held, limit, port = await self.start(2)
         first = await self.connect(port, b"/hold")
         second = await self.connect(port, b"/partial")
+        self.assertTrue(await waitFor(lambda: b"x" * 10 in second.received))  # its head and part of its body
         self.assertTrue(await waitFor(lambda: len(held.waiting) == 2))
         self.assertEqual(limit.total, 2)
         third = await rawRequest(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -728,7 +700,7 @@ class RealSocketTests(unittest.TestCase):
         self.assertTrue(await waitFor(lambda: first.closed and second.closed))
         self.assertTrue(first.received.endswith(b"4\r\ndone\r\n0\r\n\r\n"), first.received)
         self.assertTrue(second.received.endswith(b"x" * 100))
-        self.assertEqual(limit.total, 0)  # at the end of the bodies, without the garbage collector
+        self.assertEqual(limit.total, 0)
         again = await self.connect(port, b"/hold")
         self.assertTrue(await waitFor(lambda: len(held.waiting) == 1))
         held.finishAll()
