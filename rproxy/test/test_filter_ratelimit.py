@@ -30,7 +30,7 @@ from rproxy.filters.ratelimit import (
 )
 from rproxy.headers import ForwardingPolicy
 from rproxy.interfaces import FilterEnvironment, IRequestFilter
-from rproxy.proxy.message import FilterVerdict, OutboundRequest, RequestContext
+from rproxy.proxy.message import FilterVerdict, InboundRequest, OutboundRequest, RequestContext
 from rproxy.test.support import (
     LogCapture,
     curl,
@@ -55,8 +55,15 @@ def fields(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return [value for key, value in headers if key.lower() == name.lower()]
 
 
-def request(client: str | None = "192.0.2.1", headers: Iterable[tuple[bytes, bytes]] = ()) -> object:
+def request(client: str | None = "192.0.2.1", headers: Iterable[tuple[bytes, bytes]] = ()) -> InboundRequest:
+    """A request from C{client} with C{headers}."""
     return inboundRequest(clientHost=client, headers=headers)
+
+
+def exchange(client: str | None = "192.0.2.1", headers: Iterable[tuple[bytes, bytes]] = ()) -> RequestContext:
+    """The context of an exchange of a request from C{client}, as a request filter gets it."""
+    inbound = request(client, headers)
+    return RequestContext(inbound, OutboundRequest.fromInbound(inbound, ForwardingPolicy()), client)
 
 
 @implementer(IRequestFilter)
@@ -98,10 +105,17 @@ class RateLimitTests(unittest.TestCase):
         assert isinstance(built, RateLimit)
         return built
 
-    def send(self, filters: list[object], inbound: object = None, **kwargs: object) -> FilterResult:
-        return self.successResultOf(runFilters(filters, inbound, **kwargs))  # type: ignore[arg-type]
+    def send(
+        self,
+        filters: list[object],
+        inbound: InboundRequest | None = None,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        forwarding: ForwardingPolicy = ForwardingPolicy(),
+    ) -> FilterResult:
+        """Run C{filters} on C{inbound}, with C{headers} as the upstream's response fields."""
+        return self.successResultOf(runFilters(filters, inbound, headers=headers, forwarding=forwarding))
 
-    def allowed(self, limit: object, count: int, inbound: object = None) -> int:
+    def allowed(self, limit: object, count: int, inbound: InboundRequest | None = None) -> int:
         """How many of C{count} requests sent now C{limit} lets through."""
         return sum(self.send([limit], inbound).verdict is None for _ in range(count))
 
@@ -328,13 +342,9 @@ class RateLimitTests(unittest.TestCase):
         empty = self.send([limit], request(headers=[(b"x-api-key", b"")])).verdict
         self.assertIsInstance(empty, ProxyError)
         self.assertIsNone(self.send([limit], request(headers=[(b"x-api-key", b"k")])).verdict)
-        unix = self.limit(rate="100/s", **{"missing-key": "deny"}).onRequest(self.context(None))
+        unix = self.send([self.limit(rate="100/s", **{"missing-key": "deny"})], request(None)).verdict
         assert isinstance(unix, ProxyError)
         self.assertEqual(unix.reason, "no client address to rate-limit on")
-
-    def context(self, client: str | None) -> RequestContext:
-        inbound = inboundRequest(clientHost=client)
-        return RequestContext(inbound, OutboundRequest.fromInbound(inbound, ForwardingPolicy()), client)
 
     def test_fractionalRates(self) -> None:
         """
@@ -476,33 +486,29 @@ class ConcurrencyLimitUnitTests(unittest.TestCase):
         assert isinstance(built, ConcurrencyLimit)
         return built
 
-    def context(self, client: str | None = "192.0.2.1", headers: Iterable[tuple[bytes, bytes]] = ()) -> RequestContext:
-        inbound = inboundRequest(clientHost=client, headers=headers)
-        return RequestContext(inbound, OutboundRequest.fromInbound(inbound, ForwardingPolicy()), client)
-
     def test_limit(self) -> None:
         """C{max} requests of a key are let through; the next gets 429 and C{Retry-After: 1}."""
         limit = self.limit(max=2)
-        contexts = [self.context() for _ in range(3)]
+        contexts = [exchange() for _ in range(3)]
         self.assertIsNone(limit.onRequest(contexts[0]))
         self.assertIsNone(limit.onRequest(contexts[1]))
         refused = limit.onRequest(contexts[2])
         assert isinstance(refused, ProxyError)
         self.assertEqual((refused.status, refused.retryAfter), (429, 1))
         self.assertEqual(refused.reason, "concurrency limit 2 reached for client 192.0.2.1")
-        other = self.context("192.0.2.2")
+        other = exchange("192.0.2.2")
         self.assertIsNone(limit.onRequest(other))
         self.assertEqual((limit.inFlight(b"192.0.2.1"), limit.total, limit.keyCount), (2, 3, 2))
 
     def test_releasedWhenTheExchangeEnds(self) -> None:
         """A slot is held until the exchange ends, and given back then."""
         limit = self.limit(max=1)
-        context = self.context()
+        context = exchange()
         self.assertIsNone(limit.onRequest(context))
-        self.assertIsInstance(limit.onRequest(self.context()), ProxyError)
+        self.assertIsInstance(limit.onRequest(exchange()), ProxyError)
         context.end()
         self.assertEqual((limit.total, limit.keyCount), (0, 0))
-        again = self.context()
+        again = exchange()
         self.assertIsNone(limit.onRequest(again))
         self.assertEqual(limit.total, 1)
 
@@ -518,7 +524,7 @@ class ConcurrencyLimitUnitTests(unittest.TestCase):
     def test_twoInOneChain(self) -> None:
         """Two limits in one chain (a route's and its service's) each count the request, and each lets it go."""
         first, second = self.limit(max=1), self.limit(max=1)
-        context = self.context()
+        context = exchange()
         self.assertIsNone(first.onRequest(context))
         self.assertIsNone(second.onRequest(context))
         self.assertEqual((first.total, second.total), (1, 1))
@@ -528,35 +534,35 @@ class ConcurrencyLimitUnitTests(unittest.TestCase):
     def test_keys(self) -> None:
         """The keys and C{missing-key} work as for C{rate-limit}."""
         limit = self.limit(max=1, key="header:X-Api-Key", **{"missing-key": "deny"})
-        held = [self.context(headers=[(b"x-api-key", value)]) for value in (b"a", b"b")]
+        held = [exchange(headers=[(b"x-api-key", value)]) for value in (b"a", b"b")]
         for context in held:
             self.assertIsNone(limit.onRequest(context))
-        busy = limit.onRequest(self.context("192.0.2.9", [(b"x-api-key", b"a")]))
+        busy = limit.onRequest(exchange("192.0.2.9", [(b"x-api-key", b"a")]))
         assert isinstance(busy, ProxyError)
         self.assertEqual(busy.reason, "concurrency limit 1 reached for header X-Api-Key")
-        missing = limit.onRequest(self.context())
+        missing = limit.onRequest(exchange())
         assert isinstance(missing, ProxyError)
         self.assertEqual((missing.status, missing.reason), (429, "no header X-Api-Key to limit concurrency on"))
         route = self.limit(max=2, key="route")
-        held = [self.context("192.0.2.1"), self.context("192.0.2.2")]
+        held = [exchange("192.0.2.1"), exchange("192.0.2.2")]
         for context in held:
             self.assertIsNone(route.onRequest(context))
-        self.assertIsInstance(route.onRequest(self.context("192.0.2.3")), ProxyError)
+        self.assertIsInstance(route.onRequest(exchange("192.0.2.3")), ProxyError)
         self.assertEqual(route.inFlight(), 2)
 
     def test_boundedTable(self) -> None:
         """Only keys with requests in flight are kept, at most C{max-keys}: a new key beyond gets 503."""
         limit = self.limit(max=1, **{"max-keys": 100})
-        held = [self.context(f"10.0.0.{i}") for i in range(100)]
+        held = [exchange(f"10.0.0.{i}") for i in range(100)]
         for context in held:
             self.assertIsNone(limit.onRequest(context))
-        full = limit.onRequest(self.context("10.0.1.1"))
+        full = limit.onRequest(exchange("10.0.1.1"))
         assert isinstance(full, ProxyError)
         self.assertEqual((full.status, full.retryAfter), (503, 1))
         self.assertIn("100 keys have requests in flight", full.reason)
         held[0].end()
         self.assertEqual(limit.keyCount, 99)
-        self.assertIsNone(limit.onRequest(self.context("10.0.1.1")))
+        self.assertIsNone(limit.onRequest(exchange("10.0.1.1")))
 
     def test_optionErrors(self) -> None:
         """Each bad option is a C{ValueError} naming it."""
