@@ -12,6 +12,7 @@ import re
 import tracemalloc
 from collections.abc import Iterable
 
+import jwt
 from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
@@ -20,6 +21,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, clientError
+from rproxy.filters.bearer import jwtAuth
 from rproxy.filters.ratelimit import (
     ConcurrencyLimit,
     KeyRule,
@@ -313,6 +315,24 @@ class RateLimitTests(unittest.TestCase):
         assert isinstance(refused, ProxyError)
         self.assertEqual(refused.reason, "rate limit 1/m (burst 1) exceeded for claim sub")
         self.assertNotIn("alice", refused.reason)
+
+    def test_keyClaimOfTheJwtFilter(self) -> None:
+        """C{claim:sub} after the C{jwt} filter: one bucket per verified subject, whatever the token."""
+        secret = "s" * 32
+        bearer = jwtAuth.build({"algorithms": ["HS256"], "secret": secret}, FilterEnvironment(self.clock))
+        limit = self.limit(rate="1/m", burst=2, key="claim:sub")
+
+        def asUser(subject: str, issuedAt: int) -> FilterResult:
+            claims = {"sub": subject, "iat": issuedAt, "exp": int(self.clock.seconds()) + 3600}
+            token = jwt.encode(claims, secret, algorithm="HS256").encode("ascii")
+            return self.send([bearer, limit], request(headers=[(b"authorization", b"Bearer " + token)]))
+
+        passed = [asUser("alice", i).verdict is None for i in range(3)]  # three different tokens
+        self.assertEqual(passed, [True, True, False])
+        self.assertIsNone(asUser("bob", 0).verdict)
+        refused = asUser("alice", 9).verdict
+        assert isinstance(refused, ProxyError)
+        self.assertEqual(refused.reason, "rate limit 1/m (burst 2) exceeded for claim sub")
 
     def test_missingKeyShared(self) -> None:
         """
