@@ -14,3 +14,5 @@ from rproxy.filters.cors import cors as cors
 from rproxy.filters.forwardauth import forwardAuth as forwardAuth
 from rproxy.filters.headers import headerRules as headerRules
 from rproxy.filters.iprules import ipRules as ipRules
+from rproxy.filters.ratelimit import concurrencyLimit as concurrencyLimit
+from rproxy.filters.ratelimit import rateLimit as rateLimit
