@@ -66,7 +66,7 @@ class FilterConfigTests(ConfigTestCase):
         self.assertEqual(config.filters["rate-limit"].options, {"rate": "5/s"})
         self.assertEqual(config.filters["ip-rules"].options, {"allow": [], "deny": ["192.0.2.0/24"]})
         config = self.fromFile(
-            ALLOW_LOCAL + f'upstream = ["{URL}"]\ndefault-filters = ["local"]\n', "--deny-ip", "10.0.0.1"
+            f'upstream = ["{URL}"]\ndefault-filters = ["local"]\n' + ALLOW_LOCAL, "--deny-ip", "10.0.0.1"
         )
         self.assertEqual(config.defaultFilters, ("ip-rules", "local"))
 
