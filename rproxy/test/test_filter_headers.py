@@ -213,7 +213,7 @@ class RuleTests(unittest.TestCase):
         rules = build({"response-add": {"X-Frame-Options": "DENY"}, "response-remove": ["x-debug"]})
         result = self.run_([rules, Answering()])
         self.assertEqual((result.status, result.body), (200, b"local"))
-        self.assertEqual(result.headers, [(b"X-Frame-Options", b"DENY")])
+        self.assertEqual(result.headers, [(b"Content-Length", b"5"), (b"X-Frame-Options", b"DENY")])
 
     def test_noRulesOnSide(self) -> None:
         """A side without rules leaves its fields as they are."""
