@@ -45,8 +45,8 @@ $(OLDEST)/bin/trial: setup.py requirements/oldest.txt
 # and run as root.  The package lists are refreshed only if the install fails without.
 CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
-	apt-get install -y --no-install-recommends chromium \
-		|| (apt-get update && apt-get install -y --no-install-recommends chromium)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
+		|| (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
 
 # The whole suite on rproxy's reactor (the one `twist rproxy` installs), with the newest dependencies and
 # with the oldest that setup.py admits.

@@ -6,14 +6,22 @@ the filter objects whose definitions did not change.
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.usage import UsageError
 
 from rproxy.app.build import buildFilters, buildServices
 from rproxy.app.config import ProxyConfig
 from rproxy.proxy.registry import MemoryRegistry
-from rproxy.test.support import ScriptedUpstream, rawRequest
+from rproxy.test.support import (
+    ScriptedUpstream,
+    headerValues,
+    rawRequest,
+    responseStatus,
+    splitResponses,
+    waitFor,
+)
 from rproxy.test.test_config import URL, ConfigTestCase, answerWith, parse
-from rproxy.test.test_reload import ReloadTestCase, route, services, startReloadable
+from rproxy.test.test_reload import ReloadTestCase, route, services, slowly, startReloadable
 
 DENY_LOCAL = '[filters.nolocal]\ntype = "ip-rules"\ndeny = ["127.0.0.0/8"]\n'
 ALLOW_LOCAL = '[filters.local]\ntype = "ip-rules"\nallow = ["127.0.0.1"]\n'
@@ -158,3 +166,21 @@ class FilterReloadTests(ReloadTestCase):
         self.patch(second, "close", lambda: closed.append("second"))
         await proxy.top.stopService()
         self.assertEqual(closed, ["first", "second"])
+
+    async def test_inFlightKeepsItsChain(self) -> None:
+        """An exchange in flight finishes with the chain it started with; the next one gets the new chain."""
+        calls: list[IDelayedCall] = self.calls
+        upstream = ScriptedUpstream(self, slowly(0.5, calls))
+        tables = "".join(
+            f'[filters.{name}]\ntype = "headers"\nresponse-set = {{ X-Chain = "{name}" }}\n' for name in ("a", "b")
+        )
+        body = tables + services(api=upstream.url) + route("api")
+        proxy = startReloadable(self, 'default-filters = ["b"]\n' + body + 'filters = ["a"]\n')
+        get = b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        first = rawRequest(proxy.port, get)
+        self.assertTrue(await waitFor(lambda: upstream.requests, 5))
+        proxy.reload('default-filters = ["a"]\n' + body + 'filters = ["b"]\n')
+        [(head, body)] = splitResponses(await first)
+        self.assertEqual((responseStatus(head), headerValues(head, b"x-chain"), body), (200, [b"a"], b"slow"))
+        [(head, body)] = splitResponses(await rawRequest(proxy.port, get))
+        self.assertEqual((responseStatus(head), headerValues(head, b"x-chain")), (200, [b"b"]))
