@@ -281,9 +281,25 @@ def _fromJWK(entry: object, algorithms: Collection[str]) -> _Key | None:
         jwk = PyJWK(entry)
         if jwk.algorithm_name not in algorithms:
             return None
-        return _Key(jwk.algorithm_name, jwk.Algorithm, jwk.Algorithm.prepare_key(jwk.key), jwk.key_id)
+        prepared = jwk.Algorithm.prepare_key(jwk.key)
     except (PyJWTError, TypeError, ValueError, KeyError, AttributeError):
         return None
+    return (
+        _Key(jwk.algorithm_name, jwk.Algorithm, prepared, jwk.key_id)
+        if _curveFits(jwk.algorithm_name, prepared)
+        else None
+    )
+
+
+def _curveFits(algorithm: str, key: object) -> bool:
+    """
+    Whether an elliptic-curve C{key} is on the curve C{algorithm} names (ES256: P-256); other keys fit.
+    PyJWT 2.10.0 (the oldest admitted) does not check it.
+    """
+    if algorithm != "ES256":
+        return True
+    curve = getattr(key, "curve", None)
+    return curve is not None and curve.name == "secp256r1"
 
 
 def _describe(failure: Failure) -> str:
@@ -655,9 +671,11 @@ def _publicKey(pem: bytes, algorithms: Collection[str], reader: PluginOptions) -
     for name in SUPPORTED_ALGORITHMS:
         verifier = get_default_algorithms()[name]
         try:
-            fitting.append(_Key(name, verifier, verifier.prepare_key(public), None))
+            prepared = verifier.prepare_key(public)
         except (PyJWTError, TypeError, ValueError):
             continue
+        if _curveFits(name, prepared):
+            fitting.append(_Key(name, verifier, prepared, None))
     if len(fitting) != 1 or {fitting[0].algorithm} != set(algorithms):
         kind = fitting[0].algorithm if len(fitting) == 1 else "none of " + ", ".join(SUPPORTED_ALGORITHMS)
         raise reader.error("public-key-file", f"the key is for {kind}, and algorithms lists {', '.join(algorithms)}")
