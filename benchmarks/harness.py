@@ -8,6 +8,7 @@ in time and leaves no process behind.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -390,6 +391,7 @@ def wrk_argv(url: str, seconds: int, connections: int, cpu: int) -> list[str]:
             "--latency",
             "--timeout",
             "5s",
+            *(argument for header in REQUEST_HEADERS for argument in ("-H", header)),
             "-s",
             str(WRK_SCRIPT),
             url,
@@ -463,11 +465,37 @@ class RproxyVariant:
 
 
 _TWIST = (str(VENV_BIN / "twist"),)
+
+#: The credentials every load test sends (and the origin of a cross-origin page), so that the row with edge
+#: filters is loaded with exactly the requests of the others: proxies without the filters ignore them.
+BENCH_USER, BENCH_PASSWORD, BENCH_ORIGIN = "bench", "bench-password", "https://app.example"
+REQUEST_HEADERS = (
+    "Authorization: Basic " + base64.b64encode(f"{BENCH_USER}:{BENCH_PASSWORD}".encode()).decode("ascii"),
+    f"Origin: {BENCH_ORIGIN}",
+)
+#: The htpasswd file of the filters row (bcrypt, as htpasswd -B writes it), written when that row starts.
+HTPASSWD = Path(tempfile.gettempdir()) / "rproxy-bench.htpasswd"
+
+
+def write_htpasswd() -> None:
+    """Write L{HTPASSWD}: the bench user, its password hashed with bcrypt (cost 10)."""
+    import bcrypt
+
+    hashed = bcrypt.hashpw(BENCH_PASSWORD.encode(), bcrypt.gensalt(10)).decode("ascii")
+    HTPASSWD.write_text(f"{BENCH_USER}:{hashed}\n")
+
+
+#: The edge filters of the filters row: basic auth (a repeated credential is cached), a rate limit no load
+#: reaches, CORS; in the command line's order (ip rules, cors, basic auth, rate limit).
+FILTER_OPTIONS = ("--basic-auth", str(HTPASSWD), "--rate-limit", "1000000/s", "--cors-origin", BENCH_ORIGIN)
 #: rproxy's rows, by name.  The first is the default configuration a user gets (the access log on, in
 #: the log output, which the benchmark writes to a file as twist does to a redirected stdout).
 RPROXY_VARIANTS = {
     "rproxy": RproxyVariant(_TWIST, (), "the default configuration, on rproxy's reactor"),
     "rproxy-nolog": RproxyVariant(_TWIST, ("--access-log", "off"), "--access-log off"),
+    "rproxy-filters": RproxyVariant(
+        _TWIST, FILTER_OPTIONS, "the default configuration with basic auth, a rate limit and CORS on every request"
+    ),
     "rproxy-epoll": RproxyVariant((*_TWIST, "--reactor", "epoll"), (), "Twisted's epoll reactor"),
     "rproxy-asyncio": RproxyVariant((*_TWIST, "--reactor", "asyncio"), (), "Twisted's asyncio reactor"),
     "rproxy-uvloop": RproxyVariant(
@@ -488,6 +516,8 @@ def rproxy_argv(name: str, baseline: Path | None, arguments: Sequence[str]) -> l
     C{baseline}: the bin directory of the virtualenv the baselines run from.
     """
     variant = RPROXY_VARIANTS[name]
+    if variant.options == FILTER_OPTIONS:
+        write_htpasswd()
     launcher = variant.launcher
     if launcher is None:
         if baseline is None:

@@ -209,6 +209,16 @@ def evaluate_targets(results: dict[str, Result], balancing: dict[str, Result]) -
         f"{mine['rss_stream_mib']:.1f} MiB",
         mine["rss_stream_mib"] < 64,
     )
+    filtered = results.get("rproxy-filters", {})
+    for payload in SMALL:
+        if payload in filtered and payload in mine:
+            ratio = round(filtered[payload]["rps"] / mine[payload]["rps"], 2)
+            errors = filtered[payload]["non_2xx"] + filtered[payload]["socket_errors"]
+            target(
+                f">= 0.8x rproxy's requests/s with basic auth, a rate limit and CORS on {payload}, zero errors",
+                f"{ratio}x ({filtered[payload]['rps']:.0f} vs {mine[payload]['rps']:.0f}), {errors} errors",
+                ratio >= 0.8 and errors == 0,
+            )
     floor = 1 - BALANCING_TOLERANCE
     for label, run in balancing.items():
         if "error" in run:
