@@ -437,6 +437,7 @@ def download_mib_s(url: str, size: int, cpu: int) -> float:
                 "120",
                 "-w",
                 "%{http_code} %{size_download} %{speed_download}",
+                *(argument for header in REQUEST_HEADERS for argument in ("-H", header)),
                 url,
             ],
         ),
@@ -475,6 +476,11 @@ REQUEST_HEADERS = (
 )
 #: The htpasswd file of the filters row (bcrypt, as htpasswd -B writes it), written when that row starts.
 HTPASSWD = Path(tempfile.gettempdir()) / "rproxy-bench.htpasswd"
+
+
+def _fields(lines: Sequence[str]) -> list[tuple[str, str]]:
+    """C{"Name: value"} lines as (name, value) pairs."""
+    return [(name, value.strip()) for name, _, value in (line.partition(":") for line in lines)]
 
 
 def write_htpasswd() -> None:
@@ -708,7 +714,8 @@ class Bench:
             base = f"http://{HOST}:{port}"
             for payload, size in [item for item in SMALL.items() for _ in range(upstreams)]:
                 try:
-                    with urllib.request.urlopen(f"{base}/{payload}.bin", timeout=10) as response:
+                    request = urllib.request.Request(f"{base}/{payload}.bin", headers=dict(_fields(REQUEST_HEADERS)))
+                    with urllib.request.urlopen(request, timeout=10) as response:
                         body = response.read()
                 except OSError as e:  # URLError and HTTPError included
                     raise BenchError(f"{name} failed to serve {payload}.bin: {e}") from None

@@ -150,8 +150,9 @@ def checkPassword(password: bytes, hashed: str) -> bool:
 
 class CredentialCache:
     """
-    Credentials checked lately, least recently used dropped first: a keyed digest of C{user:password} (the
-    key is random and never leaves the process) to the hash it matched.
+    Credentials checked lately, least recently used dropped first: a keyed digest of the C{Authorization}
+    value that carried them (the key is random and never leaves the process) to the user and the hash they
+    matched.  A repeated credential is known by one digest, without decoding it again.
 
     @ivar size: how many it keeps (0: none).
     """
@@ -159,27 +160,28 @@ class CredentialCache:
     def __init__(self, size: int) -> None:
         self.size = size
         self._key = secrets.token_bytes(32)
-        self._entries: OrderedDict[bytes, str] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def digest(self, credentials: bytes) -> bytes:
-        """The digest C{credentials} (the decoded C{user:password}) are known by."""
-        return blake2b(credentials, key=self._key, digest_size=32).digest()
+    def digest(self, value: bytes) -> bytes:
+        """The digest the credentials of an C{Authorization} C{value} are known by."""
+        return blake2b(value, key=self._key, digest_size=32).digest()
 
-    def matched(self, digest: bytes, hashed: str | None) -> bool:
-        """Whether the credentials of C{digest} matched C{hashed} (the user's hash now) before."""
-        if hashed is None or self._entries.get(digest) != hashed:
-            return False
+    def user(self, digest: bytes, users: Mapping[str, str]) -> str | None:
+        """The user whose credentials C{digest} are, if they matched the hash C{users} gives that user now."""
+        entry = self._entries.get(digest)
+        if entry is None or users.get(entry[0]) != entry[1]:
+            return None
         self._entries.move_to_end(digest)
-        return True
+        return entry[0]
 
-    def add(self, digest: bytes, hashed: str) -> None:
-        """Remember that the credentials of C{digest} match C{hashed}."""
+    def add(self, digest: bytes, user: str, hashed: str) -> None:
+        """Remember that the credentials of C{digest} are C{user}'s and match C{hashed}."""
         if not self.size:
             return
-        self._entries[digest] = hashed
+        self._entries[digest] = (user, hashed)
         self._entries.move_to_end(digest)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
@@ -280,22 +282,25 @@ class BasicAuth:
         return f"<BasicAuth {self.path!r} realm={self.realm!r} users={len(self.users)}>"
 
     def onRequest(self, context: RequestContext) -> FilterVerdict | Deferred[FilterVerdict]:
+        values = context.inbound.headers.getRawHeaders(b"authorization")
+        self._lookAtFile()
+        if values is not None and len(values) == 1:  # the usual case: credentials seen before
+            known = self.cache.user(self.cache.digest(values[0]), self.users)
+            if known is not None:
+                context.user = known
+                return None
         try:
-            user, password, credentials = basicCredentials(context.inbound.headers.getRawHeaders(b"authorization"))
+            user, password, _ = basicCredentials(values)
         except CredentialsError as e:
             return clientError(401, str(e), self._challenge)
-        self._lookAtFile()
-        digest = self.cache.digest(credentials)
+        digest = self.cache.digest(values[0])  # type: ignore[index]  # basicCredentials took one value
         hashed = self.users.get(user)
-        if self.cache.matched(digest, hashed):
-            context.user = user
-            return None
         checked = hashed if hashed is not None else self._dummy  # as long for a user that does not exist
 
         def decide(good: bool) -> FilterVerdict:
             if not (good and hashed is not None):
                 return clientError(403, f"wrong user name or password for realm '{self.realm}'{_quoted(user)}")
-            self.cache.add(digest, hashed)
+            self.cache.add(digest, user, hashed)
             context.user = user
             return None
 

@@ -151,9 +151,7 @@ class ChainRun:
         inbound = self.context.inbound.headers
         present = [name for name in consumes if inbound.hasHeader(name)]
         if present:
-            outbound = self.context.outbound.headers
-            for name in present:
-                outbound.removeHeader(name)
+            self.context.outbound.removeFields(present)
 
     def response(self, status: int, headers: list[tuple[bytes, bytes]]) -> IBodyTransform | None:
         """

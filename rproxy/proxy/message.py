@@ -10,7 +10,7 @@ client lists in ``Connection`` can delete what the proxy added.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 from twisted.web.http_headers import Headers
@@ -88,6 +88,14 @@ class OutboundRequest:
     @headers.setter
     def headers(self, headers: Headers) -> None:
         self._headers = headers
+
+    def removeFields(self, names: Collection[bytes]) -> None:
+        """Remove every field named in C{names} (lower case), without building L{headers} when it was not."""
+        if self._headers is None:
+            self._fields = [(name, value) for name, value in self._fields if name.lower() not in names]
+        else:
+            for name in names:
+                self._headers.removeHeader(name)
 
     def fields(self) -> Pairs:
         """The fields to send, in order (one pair per value)."""

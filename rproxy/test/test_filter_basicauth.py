@@ -310,7 +310,7 @@ class CacheTests(FilterTestCase):
         [(key, value)] = auth.cache._entries.items()
         self.assertEqual(len(key), 32)
         self.assertNotIn(b"pa", key)
-        self.assertEqual(value, auth.users["a"])
+        self.assertEqual(value, ("a", auth.users["a"]))
         self.assertNotEqual(auth.cache.digest(b"a:pa"), BasicAuth(self.path, self.clock).cache.digest(b"a:pa"))
 
     def test_changedPasswordForgotten(self) -> None:
