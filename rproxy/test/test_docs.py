@@ -300,3 +300,35 @@ class APIReferenceTests(unittest.TestCase):
         self.assertEqual([name for name in unparsed if not name.startswith("rproxy.test.")], [])
         for page in ("index.html", "rproxy.html", "rproxy.IBalancer.html", "rproxy.testing.html"):
             self.assertTrue(os.path.exists(os.path.join(output, page)), page)
+
+
+class FilterPagesTests(unittest.TestCase):
+    """
+    The TOML blocks of docs/filters.md and docs/filters/*.md are whole files that C{--check-config} accepts,
+    the htpasswd files they name written beside them; a complete block (one with upstreams) must be OK.
+    """
+
+    def test_examples(self) -> None:
+        pages = [os.path.join(ROOT, "docs", "filters.md")]
+        folder = os.path.join(ROOT, "docs", "filters")
+        pages += sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".md"))
+        checked = 0
+        for page in pages:
+            for content, _ in examples(_read(page)):
+                if "upstream" not in content:
+                    continue  # a fragment: a [filters.X] table shown alone
+                directory = os.path.abspath(self.mktemp())
+                os.mkdir(directory)
+                for name in re.findall(r'^htpasswd = "([^"]+)"', content, re.M):
+                    with open(os.path.join(directory, name), "w") as f:
+                        f.write("user:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=\n")
+                path = os.path.join(directory, "rproxy.toml")
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(content)
+                printed = io.StringIO()
+                with contextlib.redirect_stdout(printed), self.assertRaises(SystemExit) as exited:
+                    Options().parseOptions(["--check-config", path])
+                self.assertEqual(exited.exception.code, 0, f"{page}: {printed.getvalue()}\n{content}")
+                self.assertIn(": OK (", printed.getvalue(), page)
+                checked += 1
+        self.assertGreaterEqual(checked, 8)
