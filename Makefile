@@ -41,16 +41,25 @@ $(OLDEST)/bin/trial: setup.py requirements/oldest.txt
 	$(OLDEST)/bin/pip install --quiet -c requirements/oldest.txt -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
-# The CORS browser test (rproxy/test/test_filter_cors.py) drives Debian's headless Chromium; CI machines lack it
-# and run as root.  The package lists are refreshed only if the install fails without.
+# Debian packages some tests run, installed when missing (CI machines lack them and run as root).  The package
+# lists are refreshed only if the install fails without.
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
+aptInstall = $(APT_INSTALL) $(1) || (apt-get update && $(APT_INSTALL) $(1))
+
+# The CORS browser test (rproxy/test/test_filter_cors.py) drives Debian's headless Chromium.
 CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
-		|| (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+	$(call aptInstall,chromium)
+
+# The metrics tests scrape rproxy with Debian's Prometheus server (rproxy/test/prometheus.py).  Where systemd
+# runs, the package also starts a system-wide server on port 9090; the tests start their own on a free port.
+PROMETHEUS := /usr/bin/prometheus
+$(PROMETHEUS):
+	$(call aptInstall,prometheus)
 
 # The whole suite on rproxy's reactor (the one `twist rproxy` installs), with the newest dependencies and
 # with the oldest that setup.py admits.
-test: $(BIN)/twist $(OLDEST)/bin/trial $(CHROMIUM)
+test: $(BIN)/twist $(OLDEST)/bin/trial $(CHROMIUM) $(PROMETHEUS)
 	$(BIN)/trial --reactor=rproxy --jobs=2 rproxy
 	$(OLDEST)/bin/trial --reactor=rproxy --jobs=2 rproxy
 
