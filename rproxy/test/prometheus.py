@@ -11,10 +11,11 @@ Each server has its own port, configuration and storage in the test's temporary 
 runs on the machine (Debian's package starts a system-wide Prometheus on port 9090 where systemd runs), and
 is stopped by the test's cleanups.
 
-Prometheus is ready within a tenth of a second, but it scrapes a target for the first time about five
-seconds after it started: its service discovery hands new targets to the scrapers in batches five seconds
-apart, and Prometheus 2.42 has no flag to shorten that. Waiting for a series therefore takes about six
-seconds once per server; later scrapes come every C{interval}.
+Prometheus answers C{/-/ready} within a twentieth of a second (the fixture sees it after about a third of a
+second: its first probe finds the port closed, which Twisted's C{HostnameEndpoint} reports 0.3 s later), but it
+scrapes a target for the first time about five seconds after it started: its service discovery hands new
+targets to the scrapers in batches five seconds apart, and Prometheus 2.42 has no flag to shorten that. Waiting
+for a series therefore takes about six seconds once per server; later scrapes come every C{interval}.
 """
 
 from __future__ import annotations
