@@ -7,6 +7,7 @@ C{--check-config}.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -57,8 +58,10 @@ def buildDirector(
     The director of C{routes} over C{services} (by name): a L{RoutingDirector}; for the one catch-all route to
     a service, without rewrites, that service's L{SingleServiceDirector} (the same answers, less work).
     """
-    if len(routes) == 1 and isinstance(routes[0].target, str) and routes[0] == RouteConfig(routes[0].target):
-        return SingleServiceDirector(services[routes[0].target])
+    only = routes[0] if len(routes) == 1 else None
+    if only is not None and isinstance(only.target, str) and replace(only, name="") == RouteConfig(only.target):
+        service = services[only.target]
+        return SingleServiceDirector(replace(service, route=only.name) if only.name else service)
     return RoutingDirector(route.build(services, filters) for route in routes)
 
 

@@ -156,6 +156,7 @@ class RouteConfig:
         (L{rproxy.tunnel.messages}); C{None}: they are spliced, bytes for bytes.
     @ivar filters: the names of the route's filters, in order, instead of its services' chains; C{None}:
         each service's own.
+    @ivar name: what logs and metrics call it (C{name} in the file; empty: unnamed).
     """
 
     target: RouteTarget
@@ -172,6 +173,7 @@ class RouteConfig:
     retry: Mapping[str, RetryPolicy] = field(default_factory=dict)
     websocket: WebSocketLimits | None = None
     filters: tuple[str, ...] | None = None
+    name: str = ""
 
     def serviceNames(self, defined: Mapping[str, Service]) -> tuple[str, ...]:
         """The names of the services among C{defined} that the route may send requests to."""
@@ -184,12 +186,12 @@ class RouteConfig:
         The route, over C{services} (by name; each one the route retries its own way, or filters with its own
         chain, from C{chains}, is copied with its policy or chain).
         """
+        names = self.serviceNames(services)
+        if self.name:
+            services = {**services, **{name: replace(services[name], route=self.name) for name in names}}
         if self.filters is not None and chains is not None:
             chain = chains.chain(self.filters)
-            services = {
-                **services,
-                **{name: replace(services[name], filters=chain) for name in self.serviceNames(services)},
-            }
+            services = {**services, **{name: replace(services[name], filters=chain) for name in names}}
         if self.retry:
             services = {**services, **{name: replace(services[name], retry=p) for name, p in self.retry.items()}}
         if self.websocket is not None:
@@ -895,7 +897,7 @@ _ROUTE_SETTINGS: dict[str, Callable[[str, object], object]] = {
 }
 
 #: Every key of a C{[[routes]]} table: its target, its conditions and rewrites (L{RouteConfig}'s fields), retries.
-ROUTE_KEYS = frozenset({*ROUTE_TARGETS, *_ROUTE_SETTINGS, *RETRY_OPTIONS, "filters"})
+ROUTE_KEYS = frozenset({*ROUTE_TARGETS, *_ROUTE_SETTINGS, *RETRY_OPTIONS, "filters", "name"})
 
 _Config = TypeVar("_Config", RouteConfig, WeightedSplitConfig, BlueGreenConfig)
 
@@ -1026,7 +1028,13 @@ def _route(
     for key, value in table.items():
         name = key.replace("_", "-")
         keyWhere = f"{where}.{_key(key)}"
-        if name == "filters":
+        if name == "name":
+            settings["name"] = _string(keyWhere, value)
+            if not _SERVICE_NAME.match(settings["name"]):
+                raise ConfigError(
+                    f"{keyWhere}: a route's name is letters, digits and . _ ~ : - (from a letter or digit)"
+                )
+        elif name == "filters":
             settings["filters"] = _filterNames(keyWhere, value, filters)
         elif name in ROUTE_TARGETS:
             targets[name] = value
@@ -1145,6 +1153,10 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
         where = file.path if file is not None else "routes"
         names = ", ".join(services)
         raise ConfigError(f"{where}: {len(services)} services ({names}) but no [[routes]] to send requests to them")
+    named: dict[str, int] = {}
+    for i, route in enumerate(routes):
+        if route.name and named.setdefault(route.name, i) != i:
+            raise ConfigError(f"routes[{i}].name: routes[{named[route.name]}] is named {route.name!r} already")
     reached = {name for route in routes for name in route.serviceNames(standIns)}
     for name, where in places.items():
         if name not in reached:

@@ -12,9 +12,10 @@ It asks the transport for its addresses and TLS state once, for every request of
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, ISSLTransport, ITCPTransport
+from OpenSSL import SSL
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, ISSLTransport, ISystemHandle, ITCPTransport
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -59,6 +60,7 @@ class ClientConnection(TwistedProtocol):
     _peer: IAddress | None = None
     _host: IAddress | None = None
     _secure: bool | None = None
+    _tls: tuple[str, str | None, str | None] | None = None
 
     def __init__(self, site: ProxySite) -> None:
         self.site = site
@@ -142,6 +144,21 @@ class ClientConnection(TwistedProtocol):
         if self._secure is None:
             self._secure = ISSLTransport(self.transport, None) is not None
         return self._secure
+
+    @property
+    def tls(self) -> tuple[str, str | None, str | None] | None:
+        """C{(version, server name, ALPN protocol)} of a TLS connection (read once), else C{None}."""
+        system = ISystemHandle(self.transport, None) if self._tls is None and self.secure else None
+        if system is not None:
+            handle = cast(SSL.Connection, system.getHandle())  # a TLS transport's handle: pyOpenSSL's
+            name = handle.get_servername()
+            negotiated = getattr(self.transport, "negotiatedProtocol", None)
+            self._tls = (
+                handle.get_protocol_version_name(),
+                name.decode("ascii", "replace") if name else None,
+                negotiated.decode("ascii", "replace") if negotiated else None,
+            )
+        return self._tls
 
 
 class _ConnectionSide(TransportSide):

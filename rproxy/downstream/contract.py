@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from twisted.web.http_headers import Headers
 
     from rproxy.downstream.body import RequestBodyPipe
+    from rproxy.downstream.connection import ClientConnection
     from rproxy.errors import ProxyError
+    from rproxy.observe.record import ExchangeRecord
     from rproxy.tunnel.sides import TunnelSide
 
 
@@ -54,12 +56,15 @@ class Downstream(Protocol):
     @ivar bodyPipe: the request body on its way, if the request has one and it streams.
     @ivar upgradable: whether the connection can be switched to another protocol (HTTP/1.1 ``Upgrade``).
     @ivar extendedConnect: the ``:protocol`` of an RFC 8441 extended CONNECT (HTTP/2), else C{None}.
+    @ivar record: what the access log and the metrics will know of the exchange (the exchange adds where the
+        request went); C{None} where nothing records it (a plain twisted.web site).
     """
 
     method: bytes
     clientproto: bytes
     requestHeaders: Headers
     bodyPipe: RequestBodyPipe | None
+    record: ExchangeRecord | None
 
     @property
     def upgradable(self) -> bool: ...
@@ -124,6 +129,10 @@ class RequestChannel(Protocol):
     upgradable: bool
     extendedConnect: bytes | None
     bodySource: Any
+
+    @property
+    def connection(self) -> ClientConnection:
+        """The client connection the request came on (its peer, its TLS)."""
 
     def writeHead(
         self, request: Any, status: int, reason: bytes | None, fields: Sequence[tuple[bytes, bytes]], hasBody: bool

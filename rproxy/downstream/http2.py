@@ -753,6 +753,11 @@ class H2Stream:
 
     # -- the response, from twisted.web's request
 
+    @property
+    def connection(self) -> ClientConnection:
+        """The client connection the stream is on."""
+        return self.server.connection
+
     def getPeer(self) -> Any:
         return self.server.connection.peer
 

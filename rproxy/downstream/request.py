@@ -29,6 +29,7 @@ from rproxy.downstream.body import RequestBodyPipe
 from rproxy.downstream.webrequest import sendError
 from rproxy.errors import ProxyError, clientError, proxyError
 from rproxy.interfaces import IStreamingResource
+from rproxy.observe.record import ABORTED, CLIENT_GONE, DONE, ExchangeRecord
 from rproxy.tunnel.h2connect import connectRefusal
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ class ProxyRequest(server.Request):
     _refused = False
     _bodyBytes = 0
     _resource: IResource | None = None
+    #: What is known of the exchange, for the access log and the metrics (made when the head is in).
+    record: ExchangeRecord | None = None
 
     # -- the protocol's side
 
@@ -78,6 +81,17 @@ class ProxyRequest(server.Request):
         """
         self.headReceived = True
         self.site = self.channel.site
+        connection = self.channel.connection
+        host = self.requestHeaders.getRawHeaders(b"host")
+        self.record = ExchangeRecord(
+            self.site.reactor.seconds(),
+            self.method,
+            self.uri,
+            host[0] if host else None,
+            self.clientproto,
+            getattr(connection.peer, "host", None),
+            connection.tls,
+        )
         error = refusal or self._checkHead(length)
         if error is not None:
             super().gotLength(0)
@@ -180,9 +194,18 @@ class ProxyRequest(server.Request):
         super().connectionLost(reason)
         callback, self._goneCallback = self._goneCallback, None
         if callback is not None:
-            callback(reason)
+            callback(reason)  # the exchange puts what it knows in the record
+        if not self.finished and self.record is not None:
+            if self.record.outcome == DONE:
+                self.record.outcome = CLIENT_GONE
+            self.site.exchangeEnded(self)
 
     # -- Downstream: what the exchange says
+
+    @property
+    def bodyBytes(self) -> int:
+        """The request body bytes received so far."""
+        return self._bodyBytes
 
     @property
     def upgradable(self) -> bool:
@@ -240,10 +263,15 @@ class ProxyRequest(server.Request):
         super().finish()
 
     def fail(self, error: ProxyError) -> None:
+        record = self.record
+        if record is not None:
+            record.fault, record.errorType, record.reason = error.fault.value, error.errorType, error.reason
         sendError(self, error, self.abort)
 
     def abort(self) -> None:
         """Reset the client's connection (HTTP/1) or stream (HTTP/2): the response cannot be completed."""
+        if self.record is not None:
+            self.record.outcome = ABORTED
         if self.channel is not None:
             self.channel.abort()
 

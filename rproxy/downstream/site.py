@@ -25,6 +25,7 @@ from rproxy.downstream.http2 import HTTP2Server
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.request import ProxyRequest
 from rproxy.errors import ProxyError, proxyError
+from rproxy.observe.record import IExchangeObserver
 
 _log = Logger()
 
@@ -60,6 +61,8 @@ class ProxySite(server.Site):
         super().__init__(resource, requestFactory=ProxyRequest, timeout=limits.idleTimeout, reactor=reactor)
         self.limits = limits
         self.connections: set[ClientConnection] = set()
+        #: What sees each request's record when it ends (the access log, the metrics).
+        self.observers: list[IExchangeObserver] = []
         # None: no access log; "-": the Twisted log; otherwise a file path.
         self.logPath = None if accessLog in (None, "-") else os.path.abspath(accessLog)
         self._accessLog = accessLog is not None
@@ -89,8 +92,23 @@ class ProxySite(server.Site):
             super().startFactory()
 
     def log(self, request: Request) -> None:
+        """twisted.web's call as a response is finished: the request's record ends (a local resource's too)."""
         if self._accessLog:
             super().log(request)
+        self.exchangeEnded(request)
+
+    def exchangeEnded(self, request: Request) -> None:
+        """Complete C{request}'s record (status, bytes, duration) and hand it to the observers."""
+        record = getattr(request, "record", None)
+        if record is None or not self.observers:
+            return
+        record.duration = self.reactor.seconds() - record.started
+        if request.startedWriting:
+            record.status = request.code
+        record.bytesOut = request.sentLength
+        record.bytesIn = getattr(request, "bodyBytes", 0)
+        for observer in self.observers:
+            observer.exchangeEnded(record)
 
     def drain(self, grace: float, reactor: IReactorTime) -> defer.Deferred[None]:
         """

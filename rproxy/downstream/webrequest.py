@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from rproxy.downstream.body import RequestBodyPipe
     from rproxy.downstream.contract import Producer
+    from rproxy.observe.record import ExchangeRecord
     from rproxy.tunnel.sides import TunnelSide
 
 _log = Logger()
@@ -68,6 +69,7 @@ class WebRequestDownstream:
 
     upgradable = False
     extendedConnect: bytes | None = None
+    record: ExchangeRecord | None = None  # a plain twisted.web site logs in its own way
 
     def __init__(self, request: Request, body: RequestBodyPipe | None) -> None:
         self._request = request

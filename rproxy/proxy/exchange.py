@@ -87,6 +87,7 @@ class Exchange:
     service: Service | None = None
     upstream: Upstream | None = None
     _connection: UpstreamConnection | None = None
+    _connectedAt = 0.0
     _pending: Deferred[UpstreamConnection] | None = None
     _bound: Upstream | None = None  # the upstream whose in-flight count this attempt holds
     _lastError: ProxyError | None = None
@@ -197,11 +198,31 @@ class Exchange:
         fields = [(n, v) for n, v in response.headers if n.lower() not in (b"content-length", b"transfer-encoding")]
         if response.status not in (204, 304):
             fields.append((b"Content-Length", b"%d" % len(response.body)))
+        self._record()
         downstream.sendHead(response.status, None, fields, bool(body))
         if body:
             downstream.write(body)
         downstream.finish()
         self._contextEnded()
+
+    def _record(self) -> None:
+        """Put in the client's record where the request went and how (just before the response ends)."""
+        record = self.downstream.record
+        if record is None:
+            return
+        service = self.service
+        if service is not None:
+            record.service, record.route = service.name, service.route
+        upstream = self._bound or self.upstream
+        if upstream is not None:
+            record.upstream = upstream.key
+        record.attempts = self._attempts
+        if self._attempts:
+            record.connectTime = self._connectedAt - self._sentAt if self._connectedAt else None
+            record.firstByte = self._latency if self._status is not None else None
+        context = self._context
+        if context is not None:
+            record.client, record.user = context.client, context.user
 
     def _contextEnded(self) -> None:
         """Tell what filters asked to know (L{RequestContext.whenEnded}) that the exchange is over."""
@@ -248,6 +269,7 @@ class Exchange:
             connection.giveBack()
             return
         self._connection = connection
+        self._connectedAt = self.proxy.reactor.seconds()
         body = self._body
         if body is not None and self._attempts == 0 and (self._mayRepeat or connection.reportsUnprocessed):
             body.keepForReplay(self.service.retry.replayBodySize)  # type: ignore[union-attr]
@@ -446,6 +468,7 @@ class Exchange:
             return
         self._unbind(None)
         self._ended = True
+        self._record()
         relay = None
         limits = service.websocket if isinstance(service, MessageAwareService) else None
         label = f"{self._loggedTarget()} <-> {label}"
@@ -481,6 +504,7 @@ class Exchange:
             tail = self._transform.finish()
             if tail:
                 downstream.write(tail)
+        self._record()
         downstream.finish(responseHeaderPairs(trailers) if trailers else ())
         self._contextEnded()
 
@@ -504,6 +528,7 @@ class Exchange:
                 self._run.errorFields(error)
             except Exception:
                 _log.failure("response filter failed on the error for {target}", target=self._loggedTarget())
+        self._record()
         downstream.fail(error)
         self._contextEnded()
 
@@ -514,6 +539,7 @@ class Exchange:
         _log.info("client went away during {target}; cancelling the upstream request", target=self._loggedTarget())
         if self._run is not None:
             self._run.cancel()
+        self._record()
         self._contextEnded()
         if self._pending is not None:
             self._pending.cancel()

@@ -20,6 +20,7 @@ class Service:
     @ivar rewriteHost: send the chosen upstream's host as ``Host`` instead of the client's.
     @ivar retry: when a failed attempt is tried again on another upstream.
     @ivar filters: the filters its requests and responses go through (a route gives its own with a copy).
+    @ivar route: the name of the route its requests came by, for logs and metrics (each route has a copy).
     """
 
     name: str
@@ -28,3 +29,4 @@ class Service:
     rewriteHost: bool = False
     retry: RetryPolicy = RetryPolicy()
     filters: FilterChain = NO_FILTERS
+    route: str = ""
