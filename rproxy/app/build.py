@@ -18,6 +18,7 @@ from rproxy.downstream.site import ProxySite
 from rproxy.headers import ForwardingPolicy, parseNetworks
 from rproxy.health.checks import HealthChecker, HealthCheckSettings
 from rproxy.interfaces import IDirector
+from rproxy.observe.requestid import RequestIds
 from rproxy.proxy.balancers import balancerFactories
 from rproxy.proxy.directors import RoutingDirector, SingleServiceDirector
 from rproxy.proxy.exchange import Proxy
@@ -91,7 +92,9 @@ def buildSite(
     filters = buildFilters(config, reactor)
     services, upstreams = buildServices(config, reactor, MemoryRegistry() if registry is None else registry, filters)
     proxy = buildProxy(config, reactor, services, filters)
-    return ProxySite(buildResource(proxy), config.client, reactor, config.accessLog), upstreams
+    site = ProxySite(buildResource(proxy), config.client, reactor, config.accessLog)
+    site.requestIds = RequestIds(lambda peer: proxy.forwarding.trusts(peer))
+    return site, upstreams
 
 
 def healthCheckSettings(config: ProxyConfig) -> dict[str, HealthCheckSettings]:

@@ -51,6 +51,7 @@ from rproxy.downstream.tls import CertificateStore, TLSSettings, plainListener, 
 from rproxy.filters.factory import filterFactories
 from rproxy.health.checks import HealthCheckSettings
 from rproxy.health.state import PassivePolicy
+from rproxy.observe.requestid import RequestIds
 from rproxy.proxy.balancers import balancerFactories
 from rproxy.proxy.registry import MemoryRegistry
 from rproxy.proxy.resource import buildResource
@@ -466,6 +467,7 @@ def buildService(
     resource = buildResource(proxy)
     local = localRoutes(admin, live, draining) if admin is not None else {}
     site = ProxySite(LocalRoutes(local, resource) if local else resource, config.client, reactor, config.accessLog)
+    site.requestIds = RequestIds(lambda peer: proxy.forwarding.trusts(peer))  # read per request: reloads apply
     draining.sites.append(site)
     for endpoint in config.listen:
         plainListener(endpoint, site).setServiceParent(top)

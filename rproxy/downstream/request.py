@@ -83,15 +83,17 @@ class ProxyRequest(server.Request):
         self.site = self.channel.site
         connection = self.channel.connection
         host = self.requestHeaders.getRawHeaders(b"host")
-        self.record = ExchangeRecord(
+        peer = getattr(connection.peer, "host", None)
+        record = self.record = ExchangeRecord(
             self.site.reactor.seconds(),
             self.method,
             self.uri,
             host[0] if host else None,
             self.clientproto,
-            getattr(connection.peer, "host", None),
+            peer,
             connection.tls,
         )
+        record.requestId = self.site.requestIds.idFor(self.requestHeaders, peer)
         error = refusal or self._checkHead(length)
         if error is not None:
             super().gotLength(0)

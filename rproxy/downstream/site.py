@@ -26,6 +26,7 @@ from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.request import ProxyRequest
 from rproxy.errors import ProxyError, proxyError
 from rproxy.observe.record import IExchangeObserver
+from rproxy.observe.requestid import RequestIds
 
 _log = Logger()
 
@@ -63,6 +64,8 @@ class ProxySite(server.Site):
         self.connections: set[ClientConnection] = set()
         #: What sees each request's record when it ends (the access log, the metrics).
         self.observers: list[IExchangeObserver] = []
+        #: Where each request's id comes from.
+        self.requestIds = RequestIds()
         # None: no access log; "-": the Twisted log; otherwise a file path.
         self.logPath = None if accessLog in (None, "-") else os.path.abspath(accessLog)
         self._accessLog = accessLog is not None

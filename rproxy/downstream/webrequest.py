@@ -56,6 +56,9 @@ def sendError(request: Request, error: ProxyError, abort: Callable[[], None]) ->
     request.setResponseCode(error.status, error.phrase)
     headers = request.responseHeaders
     fields = error.responseHead()
+    record = getattr(request, "record", None)
+    if record is not None and record.requestId is not None:
+        fields.append((b"X-Request-ID", record.requestId.encode("ascii")))
     for name, _ in fields:
         headers.removeHeader(name)
     for name, value in fields:

@@ -45,7 +45,8 @@ class ExchangeRecord:
     @ivar errorType: the RFC 9209 error type of that error.
     @ivar reason: its one-line reason.
     @ivar user: who a filter authenticated the request as.
-    @ivar requestId: the request's id.
+    @ivar requestId: the request's id (L{rproxy.observe.requestid}).
+    @ivar traceId: the W3C trace id the request was sent upstream with.
     @ivar outcome: L{DONE}, L{CLIENT_GONE} or L{ABORTED}.
     """
 
@@ -73,6 +74,7 @@ class ExchangeRecord:
         "reason",
         "user",
         "requestId",
+        "traceId",
         "outcome",
     )
 
@@ -109,6 +111,7 @@ class ExchangeRecord:
         self.reason: str | None = None
         self.user: str | None = None
         self.requestId: str | None = None
+        self.traceId: str | None = None
         self.outcome = DONE
 
 

@@ -24,6 +24,8 @@ from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamEr
 from rproxy.filters.chain import ChainRun
 from rproxy.headers import ForwardingPolicy, Pairs, responseHeaderPairs
 from rproxy.interfaces import IBodyTransform, IDirector, IResponseFilter, Outcome
+from rproxy.observe.record import ExchangeRecord
+from rproxy.observe.requestid import REQUEST_ID, traceContext
 from rproxy.proxy.message import FilterVerdict, InboundRequest, LocalResponse, OutboundRequest, RequestContext
 from rproxy.proxy.service import Service
 from rproxy.tunnel.h2connect import WebSocketOverH2, webSocketOverH2
@@ -126,7 +128,10 @@ class Exchange:
         downstream = self.downstream
         downstream.whenGone(self._clientGone)
         inbound = self.inbound
-        self.outbound = OutboundRequest.fromInbound(inbound, self.proxy.forwarding)
+        outbound = self.outbound = OutboundRequest.fromInbound(inbound, self.proxy.forwarding)
+        record = downstream.record
+        if record is not None:
+            self._identify(record, outbound)
         self._upgrade = upgrade = requestedProtocols(downstream) if inbound.headers.hasHeader(b"upgrade") else ()
         if inbound.method == b"CONNECT":
             self._overH2 = webSocketOverH2(downstream)
@@ -151,6 +156,18 @@ class Exchange:
             self._run.request(self._filtered)
         else:
             self._attempt()
+
+    def _identify(self, record: ExchangeRecord, outbound: OutboundRequest) -> None:
+        """Send the request's id, and its trace context (a new one when it has none), to the upstream."""
+        headers = self.inbound.headers
+        started, record.traceId = traceContext(headers)
+        replaced = (REQUEST_ID, b"traceparent", b"tracestate") if started is not None else (REQUEST_ID,)
+        if any(headers.hasHeader(name) for name in replaced):
+            outbound.removeFields(replaced)
+        if record.requestId is not None:
+            outbound.addField(b"X-Request-ID", record.requestId.encode("ascii"))
+        if started is not None:
+            outbound.addField(b"traceparent", started)
 
     def context(self) -> RequestContext:
         """What filters (and a balancer that filters responses) see of this exchange."""
@@ -196,6 +213,9 @@ class Exchange:
             downstream.stopKeepAlive()
         body = response.body if self.inbound.method != b"HEAD" else b""
         fields = [(n, v) for n, v in response.headers if n.lower() not in (b"content-length", b"transfer-encoding")]
+        record = downstream.record
+        if record is not None and record.requestId is not None:
+            fields.append((b"X-Request-ID", record.requestId.encode("ascii")))
         if response.status not in (204, 304):
             fields.append((b"Content-Length", b"%d" % len(response.body)))
         self._record()
@@ -444,6 +464,9 @@ class Exchange:
             else:
                 fields.append((name, value))
         fields.append((b"Via", self.proxy.forwarding.via(via, version)))
+        record = self.downstream.record
+        if record is not None and record.requestId is not None:
+            fields.append((b"X-Request-ID", record.requestId.encode("ascii")))
         return fields
 
     def responseSwitched(self, headers: Pairs, side: TunnelSide) -> None:

@@ -89,6 +89,13 @@ class OutboundRequest:
     def headers(self, headers: Headers) -> None:
         self._headers = headers
 
+    def addField(self, name: bytes, value: bytes) -> None:
+        """Append a field line, without building L{headers} when it was not."""
+        if self._headers is None:
+            self._fields.append((name, value))
+        else:
+            self._headers.addRawHeader(name, value)
+
     def removeFields(self, names: Collection[bytes]) -> None:
         """Remove every field named in C{names} (lower case), without building L{headers} when it was not."""
         if self._headers is None:
