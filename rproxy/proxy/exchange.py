@@ -146,6 +146,8 @@ class Exchange:
             self.outbound.host = None
         self._mayRepeat = service.retry.mayRepeat(inbound)
         if service.filters:
+            if self._body is not None and service.filters.consumes:
+                self._body.withholdTrailers(service.filters.isConsumed)
             self._run = service.filters.start(self.context())
             self._run.request(self._filtered)
         else:
