@@ -1,14 +1,16 @@
 """
 The edge filters attacked through real sockets, over HTTP/1.1 and HTTP/2 (h2c with prior knowledge): fields a
-filter consumes smuggled past it (spelled with C{_}, sent as trailers, listed in C{Connection}), WebSocket
-handshakes on both protocols (the filters decide before the upstream sees a byte), compressed responses on
-HTTP/2, and the logs of every refusal searched for the secrets the requests carried.
+filter consumes smuggled past it (spelled with C{_}, sent as trailers, listed in C{Connection}), a target that
+a route takes as sent and an upstream reads as another route's, WebSocket handshakes on both protocols (the
+filters decide before the upstream sees a byte), compressed responses on HTTP/2, and the logs of every
+refusal searched for the secrets the requests carried.
 """
 
 from __future__ import annotations
 
 import base64
 import gzip
+import os
 from collections.abc import Sequence
 
 import jwt
@@ -34,6 +36,7 @@ from rproxy.test.support import (
     startProxy,
     useFilters,
 )
+from rproxy.test.test_config import writeConfig
 from rproxy.test.test_filter_basicauth import htpasswd
 
 SECRET = "attacks-secret-attacks-secret-attacks!"
@@ -138,6 +141,54 @@ class ConsumedFieldTests(FilterTestCase):
         received = b"".join(connection.received for connection in self.upstream.connections)
         sections = [part.partition(b"\r\n\r\n")[0].lower() for part in received.split(b"\r\n0\r\n")[1:]]
         self.assertEqual(sections, [b"x-checksum: 1"] * 2)
+
+
+class RouteTests(unittest.TestCase):
+    """
+    An authenticated route and a catch-all to the same upstream: a target that the upstream, normalising it
+    (as nginx, Tomcat or Express do), would read as the authenticated route's is refused, not routed past it.
+    """
+
+    timeout = 20
+
+    async def test_normalisedTargetOfAnotherRoute(self) -> None:
+        upstream = ScriptedUpstream(self, respond)
+        users = os.path.abspath(htpasswd(self, {"alice": ldap_sha1.hash(PASSWORD)}))
+        config = (
+            f'upstream = ["{upstream.url}"]\n[filters.auth]\ntype = "basic-auth"\nhtpasswd = "{users}"\n'
+            '[[routes]]\npath-prefix = "/admin"\nservice = "default"\nfilters = ["auth"]\n'
+            '[[routes]]\nservice = "default"\n'
+        )
+        proxy = startProxy(self, [], "--config", writeConfig(self, config))
+        tricks = [
+            b"/x/../admin/users",
+            b"/./admin/users",
+            b"/%2e%2E/admin/users",
+            b"//admin/users",
+            b"/%61dmin/users",
+            b"/admin%2Fusers",
+            b"/admin;x=1/users",
+            b"/admin\\users",
+            b"/admin/../x",  # the other way round: the route with filters takes it, as sent
+        ]
+        for target in tricks:
+            response = await rawRequest(proxy.port, get(target))
+            self.assertEqual(responseStatus(response), 400, target)
+            self.assertIn(b"is routed differently once normalised", response)
+        record = await h2(proxy, b"GET", b"//admin/users")
+        self.assertEqual(record.status, 400)
+        self.assertEqual(upstream.requests, [])
+        self.assertEqual(responseStatus(await rawRequest(proxy.port, get(b"/admin/x/../users"))), 401)
+        self.assertEqual(responseStatus(await rawRequest(proxy.port, get(b"/open/a%20b/../c;d=1"))), 200)
+        authorized = get(b"/admin/users", b"Authorization: " + CREDENTIALS + b"\r\n")
+        self.assertEqual(responseStatus(await rawRequest(proxy.port, authorized)), 200)
+        self.assertEqual(
+            [r.requestLine for r in upstream.requests],
+            [
+                b"GET /open/a%20b/../c;d=1 HTTP/1.1",
+                b"GET /admin/users HTTP/1.1",
+            ],
+        )
 
 
 class UpgradeTests(FilterTestCase):
