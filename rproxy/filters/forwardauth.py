@@ -201,7 +201,8 @@ class ForwardAuth:
         return self._client
 
     async def _ask(self, context: RequestContext) -> FilterVerdict:
-        method = context.inbound.method if self.method is None else self.method
+        # The method the upstream gets: an HTTP/2 WebSocket's CONNECT goes out as the GET of an HTTP/1.1 one.
+        method = context.outbound.method if self.method is None else self.method
         response: IResponse = await self._http().request(
             method.decode("ascii"),
             self.url,
@@ -234,7 +235,7 @@ class ForwardAuth:
                 headers.setRawHeaders(name, values)
         client = context.client.encode("ascii") if context.client else None
         described = {
-            b"x-forwarded-method": inbound.method,
+            b"x-forwarded-method": context.outbound.method,
             b"x-forwarded-proto": inbound.scheme,
             b"x-forwarded-host": inbound.host,
             b"x-forwarded-uri": inbound.target,

@@ -223,6 +223,21 @@ class UpgradeTests(FilterTestCase):
         [received] = self.upstream.requests
         self.assertEqual(received.headers(b"authorization"), [])
 
+    async def test_extendedConnectForwardAuth(self) -> None:
+        """
+        The auth service is asked about an HTTP/2 WebSocket as about an HTTP/1.1 one: a GET (the request the
+        upstream gets), not a CONNECT it would refuse or judge by other rules.
+        """
+        service = ScriptedUpstream(self, lambda proto, request: b"HTTP/1.1 204 No Content\r\n\r\n")
+        auth = forwardAuth.build({"url": f"{service.url}/check", "method": "original"}, FilterEnvironment(reactor))
+        self.addCleanup(auth.close)  # type: ignore[attr-defined]
+        useFilters(self.proxy, auth)
+        webSocket = [(b":protocol", b"websocket"), (b"sec-websocket-version", b"13")]
+        opened = await h2(self.proxy, b"CONNECT", b"/socket", webSocket, endStream=False)
+        self.assertEqual(opened.status, 200)
+        [asked] = service.requests
+        self.assertEqual((asked.requestLine, asked.headers(b"x-forwarded-method")), (b"GET /check HTTP/1.1", [b"GET"]))
+
 
 class CompressH2Tests(unittest.TestCase):
     """Compressed responses to an HTTP/2 client: no stale content-length, bodiless heads stay bodiless."""
