@@ -142,7 +142,7 @@ def _queryMatches(target: bytes, matchers: Sequence[tuple[bytes, bytes | None]])
 
 #: What an upstream may read differently from the bytes a path has: escapes, backslashes, parameters, empty
 #: and dot segments (C{/.} also starts C{/.well-known}: such a path is normalised, to itself).
-_NORMALISED_AWAY = (b"%", b"\\", b";", b"//", b"/.")
+_NORMALISED_AWAY = re.compile(rb"[%\\;]|/[/.]")
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 
 
@@ -157,7 +157,7 @@ def normalisedPath(target: bytes) -> bytes | None:
     resolved (RFC 3986 section 5.2.4).  A final slash is kept.
     """
     path, question, query = target.partition(b"?")
-    if not any(each in path for each in _NORMALISED_AWAY):
+    if _NORMALISED_AWAY.search(path) is None:
         return None
     path = _ESCAPE.sub(lambda match: bytes([int(match[1], 16)]), path).replace(b"\\", b"/")
     segments: list[bytes] = []
