@@ -70,6 +70,7 @@ class IDirector(Interface):
         Choose the service for C{inbound} and rewrite C{outbound} (target, host, headers).
 
         @return: the service, or C{None} if no route matches (the client gets 404).
+        @raise ProxyError: to refuse the request instead (a target it cannot route unambiguously: 400).
         """
 
 

@@ -10,7 +10,7 @@ set size, it keeps a copy of what it sent, so that a retry on another upstream c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Protocol
 
 from twisted.internet.interfaces import IPushProducer
@@ -54,6 +54,7 @@ class RequestBodyPipe:
     """
 
     _replay: list[bytes] | None = None  # what the current consumer was given, while it may be resent
+    _withheld: Callable[[bytes], bool] | None = None  # by name, the trailer fields never sent on
     _replayLimit = 0
     _replayBytes = 0
 
@@ -107,6 +108,13 @@ class RequestBodyPipe:
         if consumer is not None:
             consumer.unregisterBodyProducer()
             consumer.failBody(error)
+
+    def withholdTrailers(self, withheld: Callable[[bytes], bool]) -> None:
+        """
+        Send on none of the client's trailer fields whose name C{withheld} is true for (the fields a
+        request filter consumes: a trailer must not carry what the filters took out of the head).
+        """
+        self._withheld = withheld
 
     # -- the upstream's side
 
@@ -192,7 +200,10 @@ class RequestBodyPipe:
         consumer, self._consumer = self._consumer, None
         assert consumer is not None
         consumer.unregisterBodyProducer()
-        consumer.finishBody(self.trailers)
+        trailers, withheld = self.trailers, self._withheld
+        if withheld is not None and trailers:
+            trailers = [(name, value) for name, value in trailers if not withheld(name)]
+        consumer.finishBody(trailers)
 
     def _pauseSource(self) -> None:
         self._sourcePaused = True

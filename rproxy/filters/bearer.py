@@ -186,9 +186,13 @@ def _numericDate(claims: Mapping[str, object], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    try:  # an int past a float's range (10**400 is JSON) does not convert
+        date = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        date = math.nan
+    if not math.isfinite(date):
         raise _RefusedError(f"the {name} claim is not a NumericDate: {_show(value)}")
-    return float(value)
+    return date
 
 
 def _fieldText(value: object) -> str:

@@ -30,7 +30,8 @@ class FilterChain:
     Named filters in the order they run; each provides L{IRequestFilter}, L{IResponseFilter} or both.
 
     @ivar names: the filters' names, for logs and errors.
-    @ivar consumes: the request fields any of its request filters consumes (removed before they run).
+    @ivar consumes: the request fields any of its request filters consumes (removed before they run, with
+        the fields a client spells with C{_} for C{-}: see L{isConsumed}).
     """
 
     def __init__(self, filters: Iterable[tuple[str, object]] = ()) -> None:
@@ -49,6 +50,9 @@ class FilterChain:
         self.consumes = tuple(
             {name.lower(): None for _, each in self._request for name in getattr(each, "consumes", ()) or ()}
         )
+        self._consumed = frozenset(self.consumes)
+        # Only a name with a hyphen has another spelling (X_Auth_User for X-Auth-User) to look for.
+        self._aliased = any(b"-" in name for name in self.consumes)
 
     def __bool__(self) -> bool:
         return bool(self._filters)
@@ -61,6 +65,15 @@ class FilterChain:
 
     def __repr__(self) -> str:
         return f"<FilterChain {list(self.names)}>"
+
+    def isConsumed(self, name: bytes) -> bool:
+        """
+        Whether a field named C{name} (in any case) is one the chain consumes, or is spelled with C{_} for C{-}
+        as one: CGI, WSGI, PHP and some servers (Puma before 6.4.2) read C{X_Auth_User} as C{X-Auth-User}, so
+        a client's C{X_Auth_User} would stand for the field a filter sets from what it verified.
+        """
+        lowered = name.lower()
+        return lowered in self._consumed or (self._aliased and lowered.replace(b"_", b"-") in self._consumed)
 
     def start(self, context: RequestContext) -> ChainRun:
         """The way of one exchange, with C{context}, through this chain."""
@@ -91,13 +104,13 @@ class ChainRun:
         """
         Run the request filters (waiting for those that need I/O), then call C{decided} once, with C{None}
         when every filter let the request through, or with the answer of the one that did not.  The fields
-        the chain's filters consume are removed from the outbound request before the first one runs: what
-        the client sent of them never reaches the upstream, and filters (which read them inbound) may set
-        them on purpose.
+        the chain's filters consume (and their C{_} spellings, L{FilterChain.isConsumed}) are removed from the
+        outbound request before the first one runs: what the client sent of them never reaches the upstream,
+        and filters (which read them inbound) may set them on purpose.
         """
         filters = self.chain._request
         if self._next == 0 and self.chain.consumes:
-            self._removeConsumed(self.chain.consumes)
+            self._removeConsumed()
         while self._next < len(filters):
             index, each = filters[self._next]
             self._next += 1
@@ -147,9 +160,16 @@ class ChainRun:
         if waiting is not None:
             waiting.cancel()
 
-    def _removeConsumed(self, consumes: tuple[bytes, ...]) -> None:
+    def _removeConsumed(self) -> None:
+        chain = self.chain
         inbound = self.context.inbound.headers
-        present = [name for name in consumes if inbound.hasHeader(name)]
+        present = [name for name in chain.consumes if inbound.hasHeader(name)]
+        if chain._aliased:
+            present += [
+                lowered
+                for name, _ in inbound.getAllRawHeaders()
+                if b"_" in name and chain.isConsumed(lowered := name.lower())
+            ]
         if present:
             self.context.outbound.removeFields(present)
 

@@ -166,15 +166,19 @@ class CORSFilter:
 
     def allowedOrigin(self, headers: Headers) -> bytes | None:
         """
-        The value of ``Access-Control-Allow-Origin`` for a request with C{headers}: C{b"*"}, the request's
+        The value of ``Access-Control-Allow-Origin`` for a request with C{headers}: C{b"*"} (for every
+        request, C{Origin} or not: a response that does not vary by origin must not vary by its presence
+        either, or a cache could give a browser's request the copy without the field), the request's
         ``Origin`` itself, or C{None} when it has none, several, or one this policy does not allow.
         """
+        if self.anyOrigin and not self.credentials:
+            return b"*"
         values = headers.getRawHeaders(b"origin")
         if not values or len(values) != 1:
             return None
         origin = values[0]
         if self.anyOrigin:
-            return origin if self.credentials else b"*"
+            return origin
         if origin in self.origins:
             return origin
         if self.patterns:

@@ -68,6 +68,10 @@ DEFAULT_REQUEST_HEADERS = ("Authorization", "Cookie")
 IDLE_CONNECTIONS = 10
 IDLE_SECONDS = 30
 
+#: Subrequests one filter has in flight at most unless C{max-in-flight} says otherwise: a slow auth service
+#: must not cost one connection per waiting request (beyond it, 503 at once, as Envoy's circuit breakers do).
+DEFAULT_MAX_IN_FLIGHT = 256
+
 #: The fields the filter sets on every subrequest itself, from the original request.
 _DESCRIBING = (b"x-forwarded-method", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-uri", b"x-forwarded-for")
 
@@ -80,6 +84,8 @@ class ForwardAuth:
     @ivar url: the auth service's URL (C{http} or C{https}).
     @ivar timeout: seconds the whole subrequest may take (connection, answer and its body).
     @ivar method: the subrequest's method, or C{None} for the original request's.
+    @ivar maxInFlight: the most subrequests in flight at once; a request beyond them gets a 503 at once.
+    @ivar inFlight: the subrequests in flight now.
     @ivar consumes: the C{responseHeaders} fields, and the copied C{requestHeaders} fields when they are not
         forwarded to the upstream.
     """
@@ -97,6 +103,7 @@ class ForwardAuth:
         maxResponseSize: int = 64 * 1024,
         forwardCredentials: bool = True,
         caFile: str | None = None,
+        maxInFlight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         """
         @param reactor: the reactor the subrequests run on (nothing is connected until the first request).
@@ -108,10 +115,13 @@ class ForwardAuth:
         @param forwardCredentials: whether the C{requestHeaders} fields still reach the upstream.
         @param caFile: a PEM file of the CAs an C{https} auth service's certificate is checked against,
             instead of the system's roots (read now).
+        @param maxInFlight: the most subrequests in flight at once.
         """
         self.url = url
         self.timeout = timeout
         self.method = method
+        self.maxInFlight = maxInFlight
+        self.inFlight = 0
         # The chain removes what the client sent of these before any filter runs: only the auth service sets them.
         self.consumes = frozenset(responseHeaders) | frozenset(() if forwardCredentials else requestHeaders)
         self._reactor = reactor
@@ -128,8 +138,19 @@ class ForwardAuth:
     def __repr__(self) -> str:
         return f"<ForwardAuth {self._shown}>"
 
-    def onRequest(self, context: RequestContext) -> Deferred[FilterVerdict]:
-        """Ask the auth service; the Deferred fires with its verdict, or fails with C{CancelledError}."""
+    def onRequest(self, context: RequestContext) -> FilterVerdict | Deferred[FilterVerdict]:
+        """
+        Ask the auth service; the Deferred fires with its verdict, or fails with C{CancelledError}.  When
+        C{maxInFlight} subrequests are in flight already, answer 503 at once.
+        """
+        if self.inFlight >= self.maxInFlight:
+            return proxyError(
+                503,
+                f"forward auth service {self._shown} has {self.maxInFlight} subrequests in flight (max-in-flight)",
+                "connection_limit_reached",
+                retryAfter=1,
+            )
+        self.inFlight += 1
         asking = Deferred.fromCoroutine(self._ask(context))
         timedOut = False
 
@@ -157,7 +178,11 @@ class ForwardAuth:
                 call.cancel()
             return verdict
 
-        return asking.addCallbacks(decided, failed)
+        def ended(result: object) -> object:
+            self.inFlight -= 1
+            return result
+
+        return asking.addBoth(ended).addCallbacks(decided, failed)
 
     def close(self) -> Deferred[None]:
         """Close the idle connections to the auth service (those in use close as their subrequests end)."""
@@ -176,7 +201,8 @@ class ForwardAuth:
         return self._client
 
     async def _ask(self, context: RequestContext) -> FilterVerdict:
-        method = context.inbound.method if self.method is None else self.method
+        # The method the upstream gets: an HTTP/2 WebSocket's CONNECT goes out as the GET of an HTTP/1.1 one.
+        method = context.outbound.method if self.method is None else self.method
         response: IResponse = await self._http().request(
             method.decode("ascii"),
             self.url,
@@ -209,7 +235,7 @@ class ForwardAuth:
                 headers.setRawHeaders(name, values)
         client = context.client.encode("ascii") if context.client else None
         described = {
-            b"x-forwarded-method": inbound.method,
+            b"x-forwarded-method": context.outbound.method,
             b"x-forwarded-proto": inbound.scheme,
             b"x-forwarded-host": inbound.host,
             b"x-forwarded-uri": inbound.target,
@@ -373,6 +399,8 @@ def _build(options: PluginOptions, environment: FilterEnvironment) -> ForwardAut
         raise options.error("user-header", f"{userHeader!r} is not a field name")
     maxResponseSize = options.size("max-response-size", 64 * 1024)
     forwardCredentials = options.flag("forward-credentials", True)
+    maxInFlight = options.integer("max-in-flight", DEFAULT_MAX_IN_FLIGHT, minimum=1)
+    assert maxInFlight is not None
     caFile = options.text("ca-file")
     if caFile is not None:
         if not url.startswith("https:"):
@@ -390,6 +418,7 @@ def _build(options: PluginOptions, environment: FilterEnvironment) -> ForwardAut
             maxResponseSize=maxResponseSize,
             forwardCredentials=forwardCredentials,
             caFile=caFile,
+            maxInFlight=maxInFlight,
         )
     except ValueError as e:  # the CA file
         raise options.error("ca-file", str(e)) from None

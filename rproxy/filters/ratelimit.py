@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import math
 import re
 from collections import OrderedDict
@@ -51,6 +52,10 @@ _TOLERANCE = 1e-3
 
 #: The least seconds between two warnings that a full key table forgot buckets that were not full.
 _WARN_EVERY = 60.0
+
+#: How much of an IPv6 client address is its key by default: a /64 is one subscriber's (RFC 6177), and a host
+#: may take any of its addresses, each a fresh bucket if counted one by one.
+IPV6_PREFIX = 64
 
 #: A request's key: bytes for a known key, C{None} for the requests without one (when they share a count).
 Key = bytes | None
@@ -104,23 +109,25 @@ class KeyRule:
     @ivar kind: C{"client"}, C{"route"}, C{"header"} or C{"claim"}.
     @ivar name: the field's or the claim's name, for C{header} and C{claim}.
     @ivar deny: whether a request without a key is refused (else the requests without one share a count).
+    @ivar ipv6Prefix: for C{client}, the length of the network an IPv6 address is counted by (128: itself).
     """
 
     kind: str
     name: str = ""
     deny: bool = False
+    ipv6Prefix: int = IPV6_PREFIX
 
     @classmethod
-    def parse(cls, text: str, deny: bool = False) -> KeyRule:
+    def parse(cls, text: str, deny: bool = False, ipv6Prefix: int = IPV6_PREFIX) -> KeyRule:
         """The rule of a C{key} option: C{client}, C{route}, C{header:NAME} or C{claim:NAME}."""
         kind, colon, name = text.strip().partition(":")
         kind, name = kind.strip().lower(), name.strip()
         if kind in ("client", "route") and not colon:
-            return cls(kind, deny=deny)
+            return cls(kind, deny=deny, ipv6Prefix=ipv6Prefix)
         if kind == "header" and _TOKEN.fullmatch(name):
-            return cls(kind, name, deny)
+            return cls(kind, name, deny, ipv6Prefix)
         if kind == "claim" and name:
-            return cls(kind, name, deny)
+            return cls(kind, name, deny, ipv6Prefix)
         raise ValueError(f"not a key: {text!r} (one of client, route, header:NAME, claim:NAME)")
 
     @property
@@ -134,7 +141,10 @@ class KeyRule:
         as a digest: a key costs the same memory whatever its length, and a table of them holds no secret.
         """
         if self.kind == "client":
-            return None if context.client is None else context.client.encode("ascii", "replace")
+            client = context.client
+            if client is None:
+                return None
+            return _clientKey(client, self.ipv6Prefix) if ":" in client else client.encode("ascii", "replace")
         if self.kind == "route":
             return b""
         if self.kind == "header":
@@ -164,13 +174,35 @@ class KeyRule:
         return "client address" if self.kind == "client" else f"{self.kind} {self.name}"
 
 
+@functools.lru_cache(maxsize=4096)  # a client sends many requests
+def _clientKey(client: str, ipv6Prefix: int) -> bytes:
+    """
+    The key of IPv6 client address C{client}: its network of C{ipv6Prefix} bits (C{2001:db8:1:2::/64}), or the
+    IPv4 address an IPv4-mapped one stands for (a dual-stack socket's C{::ffff:192.0.2.7} is C{192.0.2.7}).
+    """
+    try:
+        address = ipaddress.IPv6Address(client)
+    except ValueError:
+        return client.encode("ascii", "replace")
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped).encode("ascii")
+    if ipv6Prefix >= 128:
+        return str(address).encode("ascii")
+    network = ipaddress.IPv6Network((int(address) >> (128 - ipv6Prefix) << (128 - ipv6Prefix), ipv6Prefix))
+    return str(network).encode("ascii")
+
+
 def readKeyRule(reader: PluginOptions) -> KeyRule:
-    """The C{key} and C{missing-key} options of a limit."""
+    """The C{key}, C{missing-key} and C{ipv6-prefix} options of a limit."""
     missing = reader.text("missing-key", "shared")
     if missing not in ("shared", "deny"):
         raise reader.error("missing-key", f"expected shared or deny, got {missing!r}")
+    ipv6Prefix = reader.integer("ipv6-prefix", IPV6_PREFIX, minimum=1)
+    assert ipv6Prefix is not None
+    if ipv6Prefix > 128:
+        raise reader.error("ipv6-prefix", f"must be at most 128, got {ipv6Prefix}")
     try:
-        return KeyRule.parse(reader.text("key", "client") or "client", deny=missing == "deny")
+        return KeyRule.parse(reader.text("key", "client") or "client", deny=missing == "deny", ipv6Prefix=ipv6Prefix)
     except ValueError as e:
         raise reader.error("key", str(e)) from None
 

@@ -14,7 +14,10 @@ whole model)::
     ])
 
 Request-targets are matched and rewritten as raw bytes: nothing is decoded, normalised or re-quoted, so
-C{%2F}, C{//}, C{..} and C{;} reach the upstream exactly as the client sent them.
+C{%2F}, C{//}, C{..} and C{;} reach the upstream exactly as the client sent them.  Many upstreams do
+normalise paths, so a target that one route takes as sent and another once normalised is refused (400):
+C{/x/../admin} must not slip past the filters of an C{/admin} route to an upstream that reads it as
+C{/admin} (L{normalisedPath}).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from itertools import accumulate
 
 from zope.interface import implementer
 
+from rproxy.errors import clientError
 from rproxy.headers import FRAMING, HOP_BY_HOP
 from rproxy.interfaces import IDirector, ISplit
 from rproxy.proxy.balancers import hashKey
@@ -134,6 +138,41 @@ def _queryMatches(target: bytes, matchers: Sequence[tuple[bytes, bytes | None]])
         if not any(key == name and (value is None or got == value) for key, _, got in pairs):
             return False
     return True
+
+
+#: What an upstream may read differently from the bytes a path has: escapes, backslashes, parameters, empty
+#: and dot segments (C{/.} also starts C{/.well-known}: such a path is normalised, to itself).
+_NORMALISED_AWAY = re.compile(rb"[%\\;]|/[/.]")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def normalisedPath(target: bytes) -> bytes | None:
+    """
+    The path of C{target} as an upstream that normalises paths may read it, with the query as sent; C{None}
+    when the path has nothing such an upstream would change.
+
+    Every normalisation an upstream might apply at once, so that no combination of them is missed:
+    percent-escapes decoded (once), C{\\} read as C{/} (Windows servers), each segment's parameters
+    (C{;jsessionid=...}, Tomcat and Jetty) dropped, empty segments merged (nginx), then dot segments
+    resolved (RFC 3986 section 5.2.4).  A final slash is kept.
+    """
+    path, question, query = target.partition(b"?")
+    if _NORMALISED_AWAY.search(path) is None:
+        return None
+    path = _ESCAPE.sub(lambda match: bytes([int(match[1], 16)]), path).replace(b"\\", b"/")
+    segments: list[bytes] = []
+    last = b""
+    for last in path.split(b"/")[1:]:
+        segment = last.partition(b";")[0]
+        if segment == b"..":
+            if segments:
+                segments.pop()
+        elif segment not in (b"", b"."):
+            segments.append(segment)
+    normalised = b"/" + b"/".join(segments)
+    if segments and last.partition(b";")[0] in (b"", b".", b".."):
+        normalised += b"/"
+    return normalised + question + query
 
 
 def _joinRest(head: bytes, rest: bytes) -> bytes:
@@ -265,6 +304,23 @@ class Route:
             (_fieldName(name, rewriting=True), _fieldValue(name, value)) for name, value in addHeaders
         )
 
+    def _matches(self, inbound: InboundRequest, target: bytes) -> bool:
+        """Whether C{inbound}, with C{target} as its request-target, meets the conditions other than hosts."""
+        prefix = self._prefix
+        if prefix is not None:
+            if not target.startswith(prefix):
+                return False
+            length = len(prefix)
+            if not self._open and len(target) > length and target[length] not in _SEGMENT_END:
+                return False
+        if self._headers:
+            headers = inbound.headers
+            for name, value in self._headers:
+                values = headers.getRawHeaders(name)
+                if values is None or (value is not None and value not in values):
+                    return False
+        return not self._query or _queryMatches(target, self._query)
+
     def _direct(self, inbound: InboundRequest, outbound: OutboundRequest) -> Service | None:
         """
         If C{inbound} meets the route's conditions other than its hosts (L{RoutingDirector} has matched
@@ -272,22 +328,8 @@ class Route:
         no such service, return C{None} and leave C{outbound} alone.
         """
         target = inbound.target
-        prefix = self._prefix
-        if prefix is not None:
-            if not target.startswith(prefix):
-                return None
-            length = len(prefix)
-            if not self._open and len(target) > length and target[length] not in _SEGMENT_END:
-                return None
-        if self._headers:
-            headers = inbound.headers
-            for name, value in self._headers:
-                values = headers.getRawHeaders(name)
-                if values is None or (value is not None and value not in values):
-                    return None
-        if self._query and not _queryMatches(target, self._query):
+        if not self._matches(inbound, target):
             return None
-
         service: Service | None
         rest = target[self._baseLength :]
         if self._versions is not None:
@@ -326,6 +368,10 @@ class RoutingDirector:
     header and query matchers, then the one given first.  A route listing several hosts takes its place in
     the group of the pattern that matched.
 
+    A target that a route takes, and another route would take once normalised (L{normalisedPath}), is
+    refused with 400 rather than routed: which route it belongs to depends on the upstream's reading, and the
+    routes may differ in their filters (C{/x/../admin} past an C{/admin} route's authentication).
+
     @ivar routes: the routes as given.
     """
 
@@ -349,6 +395,8 @@ class RoutingDirector:
         self._exact = {name: tuple(group) for name, group in exact.items()}
         self._wildcards = {suffix: tuple(group) for suffix, group in wildcards.items()}
         self._anyHost = tuple(anyHost)
+        # Only path prefixes tell routes apart by path: without one, normalising cannot change the route.
+        self._byPath = len(self.routes) > 1 and any(route._prefix is not None for route in self.routes)
 
     def _groups(self, host: bytes | None) -> Iterator[tuple[Route, ...]]:
         """The groups of routes a request for C{host} tries, in order."""
@@ -371,12 +419,36 @@ class RoutingDirector:
         return [route for group in self._groups(host) for route in group]
 
     def direct(self, inbound: InboundRequest, outbound: OutboundRequest) -> Service | None:
+        """
+        The service of the first route that takes C{inbound} (see above), having rewritten C{outbound}.
+
+        @raise ProxyError: a 400 when another route would take the normalised target.
+        """
         for group in self._groups(inbound.host):
             for route in group:
                 service = route._direct(inbound, outbound)
                 if service is not None:
+                    if self._byPath:
+                        self._checkUnambiguous(route, inbound)
                     return service
         return None
+
+    def _checkUnambiguous(self, chosen: Route, inbound: InboundRequest) -> None:
+        """Refuse C{inbound}, which C{chosen} takes, if its normalised target is another route's."""
+        normalised = normalisedPath(inbound.target)
+        if normalised is None:
+            return
+        other = next(
+            (route for group in self._groups(inbound.host) for route in group if route._matches(inbound, normalised)),
+            None,
+        )
+        if other is not None and other is not chosen:
+            target = inbound.target[:200].decode("latin-1")
+            raise clientError(
+                400,
+                f"the target {target!r} is routed differently once normalised (escapes, dot segments, //, ;): "
+                "send it as the upstream reads it",
+            )
 
 
 @implementer(ISplit)

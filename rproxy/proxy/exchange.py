@@ -138,7 +138,11 @@ class Exchange:
             if self._overH2 is not None:
                 self._overH2.prepare(self.outbound)
                 self._upgrade = upgrade = self._overH2.upgrade
-        service = self.proxy.director.direct(inbound, self.outbound)
+        try:
+            service = self.proxy.director.direct(inbound, self.outbound)
+        except ProxyError as e:
+            self._end(e)
+            return
         if service is None:
             host = (inbound.host or b"")[:200].decode("latin-1")
             target = inbound.target[:200].decode("latin-1")
@@ -152,6 +156,8 @@ class Exchange:
             self.outbound.host = None
         self._mayRepeat = service.retry.mayRepeat(inbound)
         if service.filters:
+            if self._body is not None and service.filters.consumes:
+                self._body.withholdTrailers(service.filters.isConsumed)
             self._run = service.filters.start(self.context())
             self._run.request(self._filtered)
         else:

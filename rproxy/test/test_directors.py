@@ -19,6 +19,7 @@ from zope.interface.verify import verifyObject
 
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.site import ProxySite
+from rproxy.errors import ProxyError
 from rproxy.interfaces import IDirector
 from rproxy.proxy.balancers import RoundRobin
 from rproxy.proxy.directors import (
@@ -29,6 +30,7 @@ from rproxy.proxy.directors import (
     ServiceVersion,
     SingleServiceDirector,
     WeightedSplit,
+    normalisedPath,
 )
 from rproxy.proxy.exchange import Proxy
 from rproxy.proxy.message import InboundRequest, OutboundRequest
@@ -159,6 +161,49 @@ class PathPrefixTests(unittest.TestCase):
         for prefix in ("api", "", "/a b", "/a?b", "/a#b", "/caf\u00e9"):
             with self.assertRaises(ValueError, msg=prefix):
                 Route(self.s.api, pathPrefix=prefix)
+
+
+class NormalisedTargetTests(unittest.TestCase):
+    """A target one route takes as sent and another once an upstream normalises it is refused."""
+
+    def test_normalisedPath(self) -> None:
+        cases = {
+            b"/a/b?x=/../": None,  # nothing to normalise: the query does not count
+            b"/.well-known/x": b"/.well-known/x",
+            b"/a/./b/../c/": b"/a/c/",
+            b"/a/b/..": b"/a/",
+            b"/../../a": b"/a",
+            b"//a///b": b"/a/b",
+            b"/%61%2Fb/%2e%2E/%2E": b"/a/",
+            b"/a%5Cb\\c": b"/a/b/c",
+            b"/a;x=1/b;y?q;z": b"/a/b?q;z",
+            b"/a%252e": b"/a%2e",  # decoded once
+        }
+        for target, normalised in cases.items():
+            self.assertEqual(normalisedPath(target), normalised, target)
+
+    def test_refusedOnlyForAnotherRoute(self) -> None:
+        s = Services()
+        director = RoutingDirector(
+            [Route(s.admin, pathPrefix="/admin"), Route(s.api, pathPrefix="/api/"), Route(s.web)]
+        )
+        for target, service in [
+            (b"/admin/x/../y;p=1", s.admin),
+            (b"/web//a/../b%2F", s.web),
+            (b"/api/%2e%2e/api/x", s.api),
+            (b"/a%64min", None),
+            (b"/x/../admin", None),
+            (b"//api/x", None),
+            (b"/api/../x", None),
+        ]:
+            if service is None:
+                with self.assertRaises(ProxyError, msg=target) as raised:
+                    route(director, target)
+                self.assertEqual(raised.exception.status, 400)
+            else:
+                self.assertIs(route(director, target)[0], service, target)
+        alone = RoutingDirector([Route(s.admin, pathPrefix="/admin")])  # nothing else to take it
+        self.assertIsNone(route(alone, b"/x/../admin")[0])
 
 
 class RewriteTests(unittest.TestCase):

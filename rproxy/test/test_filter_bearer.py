@@ -278,15 +278,19 @@ class ClaimTests(FilterTestCase):
         )
 
     def test_badTimes(self) -> None:
-        """exp and nbf must be finite numbers (a huge exponent is infinity to JSON parsers)."""
+        """
+        exp and nbf must be finite numbers (a huge exponent is infinity to JSON parsers, a huge integer is
+        past a float's range: refused, not a 500).
+        """
         bearer = self.hs256()
         for claims in ({"exp": "tomorrow"}, {"exp": True}, {"exp": int(NOW) + 9, "nbf": [1]}):
             self.assertRefused(self.through(bearer, token(claims)), 403, "is not a NumericDate")
-        huge = token({"exp": 1}).split(".")
-        huge[1] = encode(b'{"exp": 1e400}').decode()
-        signingInput = ".".join(huge[:2]).encode()
-        huge[2] = encode(hmac.digest(SECRET.encode(), signingInput, "sha256")).decode()
-        self.assertRefused(self.through(bearer, ".".join(huge)), 403, "exp claim is not a NumericDate: inf")
+        for payload, shown in ((b'{"exp": 1e400}', "inf"), (b'{"exp": 1' + b"0" * 400 + b"}", "1000")):
+            huge = token({"exp": 1}).split(".")
+            huge[1] = encode(payload).decode()
+            signingInput = ".".join(huge[:2]).encode()
+            huge[2] = encode(hmac.digest(SECRET.encode(), signingInput, "sha256")).decode()
+            self.assertRefused(self.through(bearer, ".".join(huge)), 403, f"exp claim is not a NumericDate: {shown}")
 
     def test_require(self) -> None:
         self.assertRefused(self.through(self.hs256(), token({"sub": "alice"})), 403, "the token has no exp claim")

@@ -126,6 +126,15 @@ class NegotiationTests(unittest.TestCase):
         """Parameters other than q are ignored."""
         self.assertEqual(acceptedCodings([b"gzip;level=9;q=0.7"]), {b"gzip": 0.7})
 
+    def test_bomb(self) -> None:
+        """
+        A field of more than 64 elements and parameters in all (30000 commas, a coding with 10000
+        parameters) is ignored whole: counted, not parsed; up to that it is read.
+        """
+        for values in ([b"," * 30000 + b"gzip"], [b"gzip" + b";a" * 10000], [b"br, gzip"] * 33):
+            self.assertEqual(acceptedCodings(values), {})
+        self.assertEqual(acceptedCodings([b"x, " * 62 + b"gzip;q=0.5"]), {b"x": 1.0, b"gzip": 0.5})
+
     def test_preferred(self) -> None:
         """The highest qvalue wins; ties go to the order offered; q=0 refuses; * stands for codings not named."""
         offered = [b"zstd", b"br", b"gzip"]

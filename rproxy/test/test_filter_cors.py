@@ -437,10 +437,15 @@ class ActualResponseTests(FilterRun):
         self.assertEqual(values(result.headers, b"vary"), [b"Origin"])
 
     def test_anyOrigin(self) -> None:
-        """C{origins = "*"}: C{*} for anyone, and no Vary (the answer is the same for every origin)."""
-        result = self.run_([build(origins="*")], [(b"origin", b"https://a.example")], headers=self.upstream)
-        self.assertEqual(corsFields(result.headers), [(b"access-control-allow-origin", b"*")])
-        self.assertEqual(values(result.headers, b"vary"), [])
+        """
+        C{origins = "*"}: C{*} for anyone, and no Vary (the answer is the same for every origin), so also
+        without C{Origin} or with two: else a cache could give a page the copy without the field.
+        """
+        origins: list[Fields] = [[(b"origin", b"https://a.example")], [], [(b"origin", b"a"), (b"origin", b"b")]]
+        for fields in origins:
+            result = self.run_([build(origins="*")], fields, headers=self.upstream)
+            self.assertEqual(corsFields(result.headers), [(b"access-control-allow-origin", b"*")])
+            self.assertEqual(values(result.headers, b"vary"), [])
 
     def test_varyAppended(self) -> None:
         """Origin is added to the upstream's last ``Vary`` field, keeping its name's case."""

@@ -107,6 +107,7 @@ class BuildTests(unittest.TestCase):
             ({"url": url, "response-headers": [3]}, "response-headers", "list of strings"),
             ({"url": url, "user-header": "a:b"}, "user-header", "not a field name"),
             ({"url": url, "max-response-size": "lots"}, "max-response-size", "not a size"),
+            ({"url": url, "max-in-flight": 0}, "max-in-flight", "at least 1"),
             ({"url": url, "forward-credentials": "maybe"}, "forward-credentials", "true or false"),
             ({"url": url, "ca-file": "ca.pem"}, "ca-file", "only for an https"),
             ({"url": "https://auth.example/", "ca-file": "missing.pem"}, "ca-file", "cannot read"),
@@ -209,6 +210,33 @@ class MemoryTests(unittest.TestCase):
 
     def test_closeBeforeUse(self) -> None:
         self.successResultOf(self.auth.close())
+
+    def test_inFlightBounded(self) -> None:
+        """
+        Past C{max-in-flight} subrequests waiting for a slow auth service, a request is refused at once (a 503
+        without a connection) instead of costing one more; the slots come back however a subrequest ends.
+        """
+        auth = build({"url": "http://127.0.0.1:9/check", "timeout": 2, "max-in-flight": 2}, self.memory)
+        self.assertEqual(build({"url": "http://127.0.0.1:9/check"}).maxInFlight, 256)
+        first, second = runFilters([auth]), runFilters([auth])
+        refused = self.successResultOf(runFilters([auth]))
+        self.assertEqual((refused.status, refused.verdict.retryAfter), (503, 1))  # type: ignore[union-attr]
+        self.assertIn(b"has 2 subrequests in flight (max-in-flight)", refused.body)
+        self.assertEqual(refused.verdict.errorType, "connection_limit_reached")  # type: ignore[union-attr]
+        self.assertEqual((len(self.memory.tcpClients), auth.inFlight), (2, 2))
+        self.memory.advance(2)
+        self.assertEqual([self.successResultOf(each).status for each in (first, second)], [503, 503])
+        request = inboundRequest()
+        waiting = auth.onRequest(
+            RequestContext(request, OutboundRequest.fromInbound(request, ForwardingPolicy()), None)
+        )
+        self.assertEqual(auth.inFlight, 1)
+        waiting.cancel()  # type: ignore[union-attr]
+        self.failureResultOf(waiting, CancelledError)  # type: ignore[arg-type]
+        answered = runFilters([auth])
+        self.answer(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertIsNone(self.successResultOf(answered).verdict)
+        self.assertEqual(auth.inFlight, 0)
 
 
 @implementer(IRequestFilter)

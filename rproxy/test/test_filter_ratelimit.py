@@ -271,6 +271,27 @@ class RateLimitTests(unittest.TestCase):
         assert isinstance(forged, ProxyError)
         self.assertIn("client 192.0.2.7", forged.reason)
 
+    def test_keyClientIPv6(self) -> None:
+        """
+        An IPv6 client is counted by its /64 (a host picks any address of it: one bucket each would be no
+        limit), or by the C{ipv6-prefix} bits; an IPv4-mapped address (a dual-stack socket's) is its IPv4 one.
+        """
+        limit = self.limit(rate="1/m", burst=1)
+        self.assertIsNone(self.send([limit], request("2001:db8:1:2::1")).verdict)
+        for sameNetwork in ("2001:db8:1:2::2", "2001:DB8:1:2:ffff:ffff:ffff:ffff"):
+            refused = self.send([limit], request(sameNetwork)).verdict
+            assert isinstance(refused, ProxyError)
+            self.assertIn("client 2001:db8:1:2::/64", refused.reason)
+        self.assertIsNone(self.send([limit], request("2001:db8:1:3::1")).verdict)
+        self.assertIsNone(self.send([limit], request("192.0.2.9")).verdict)
+        self.assertIsNotNone(self.send([limit], request("::ffff:192.0.2.9")).verdict)
+        perAddress = self.limit(rate="1/m", burst=1, **{"ipv6-prefix": 128})
+        self.assertEqual(self.allowed(perAddress, 2, request("2001:db8::1")), 1)
+        self.assertEqual(self.allowed(perAddress, 2, request("2001:db8::2")), 1)
+        wider = self.limit(rate="1/m", burst=1, **{"ipv6-prefix": 48})
+        self.assertEqual(self.allowed(wider, 1, request("2001:db8:1:2::1")), 1)
+        self.assertEqual(self.allowed(wider, 1, request("2001:db8:1:3::1")), 0)
+
     def test_keyHeader(self) -> None:
         """
         C{key = "header:NAME"}: a bucket per value of the field; a refusal names the field, not its
@@ -475,6 +496,8 @@ class RateLimitTests(unittest.TestCase):
             ({"rate": "5/s", "key": 3}, "option key: expected a string"),
             ({"rate": "5/s", "missing-key": "allow"}, "option missing-key: expected shared or deny"),
             ({"rate": "5/s", "max-keys": 0}, "option max-keys: must be at least 1"),
+            ({"rate": "5/s", "ipv6-prefix": 0}, "option ipv6-prefix: must be at least 1"),
+            ({"rate": "5/s", "ipv6-prefix": 129}, "option ipv6-prefix: must be at most 128"),
             ({"rate": "5/s", "policy-name": "caf\u00e9"}, "option policy-name: expected 1 to 100 printable"),
             ({"rate": "5/s", "policy-name": "x" * 101}, "option policy-name: expected 1 to 100 printable"),
             ({"rate": "5/s", "polcy-name": "x"}, "unknown option 'polcy-name'"),
