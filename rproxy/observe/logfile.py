@@ -5,15 +5,17 @@ A proxy writes one record per exchange, on the reactor thread, between two event
 there would put a system call on every request, and a disk that stalls (a full device queue, an NFS
 server that went away) would stall every connection with it: C{O_NONBLOCK} means nothing to a regular
 file, so the reactor cannot find out that a write would block before it does.  L{AccessLogFile}
-therefore only appends the record to a list on the reactor thread; 10 ms after the first record of a list
-(by default), the list goes to a writer thread, which joins it and writes it with one C{write(2)}.  The
-writer is woken at most a hundred times a second, whatever the load.  The writer may block
-as long as the disk wants: the reactor keeps serving.
+therefore only appends the record to a list on the reactor thread (about 0.1 µs); 10 ms after the first
+record of a list (by default), the list goes to a writer thread, which joins it and writes it with one
+C{write(2)}.  The writer is woken at most a hundred times a second whatever the load, and may block as long
+as the disk wants: the reactor keeps serving.  (Batched writes from the reactor thread, once a turn, cost
+the reactor about as little under load, and block it whenever the disk blocks: C{benchmarks/accesslog.py}.)
 
 Memory stays bounded.  The records taken but not yet written (on the list, queued, or in the writer's
-hands) may hold at most C{maxBuffered} bytes; a record that would go over is dropped and counted in
-L{AccessLogFile.dropped}, and a warning says how many were dropped, at most once a minute.  A stalled disk
-thus costs records, never memory, and never latency.
+hands) may hold at most C{maxBuffered} bytes, counted in bytes since a record's length is bounded only by
+the request line's; a record that would go over is dropped and counted in L{AccessLogFile.dropped}.  The
+first drop is logged as a warning at once, the next ones together at most once a minute, saying how many.
+A stalled disk thus costs records, never memory, and never latency.
 
 Rotation follows logrotate's C{create} mode: the file is renamed away, a new one is created, and the
 proxy is told to reopen the path (SIGUSR1, by L{ReopenOnSignal}; a reload calls L{AccessLogFile.reopen}
@@ -21,6 +23,10 @@ too).  The writer writes whole batches and reopens between two of them, in the o
 so each record is one whole line of exactly one of the files: those taken before the reopen are in the
 renamed file, those after in the new one.  A record is one line: a newline inside it is written as
 C{\\n}, so that no record can forge another.
+
+The writer thread lives in the process that made the L{AccessLogFile}: a worker forked afterwards has none,
+so each worker makes its own.  Several processes may append to one file: each batch is one C{write(2)}
+with C{O_APPEND}, which Linux does not interleave with another process's on a local file system.
 
 L{TwistedLogDestination} sends each record to the Twisted log instead (the C{-} destination), and both
 answer to L{AccessLogSink}.
@@ -45,6 +51,7 @@ from twisted.logger import Logger
 __all__ = ["AccessLogFile", "AccessLogSink", "ReopenOnSignal", "TwistedLogDestination"]
 
 _log = Logger()
+_accessLog = Logger(namespace="rproxy.access")
 
 #: How a log file is opened: appended to (whole writes land at its end whatever other processes append),
 #: created if missing (after a rotation that did not create it), never inherited by a child process.
@@ -291,12 +298,9 @@ class TwistedLogDestination:
     The log's observers write it where the process logs; they own the files, so L{reopen} has nothing to do.
     """
 
-    def __init__(self, log: Logger | None = None) -> None:
-        self._log = Logger(namespace="rproxy.access") if log is None else log
-
     def write(self, line: bytes) -> None:
         """Log C{line} now."""
-        self._log.info("{line}", line=line.decode("utf-8", "backslashreplace"))
+        _accessLog.info("{line}", line=line.decode("utf-8", "backslashreplace"))
 
     def reopen(self) -> None:
         """Nothing to reopen: the Twisted log's observers own their files."""
