@@ -238,6 +238,7 @@ class AccessLogFile:
     def _finished(self) -> None:
         """The writer wrote everything and closed the file."""
         assert self._closed is not None and self._closeTimer is not None
+        self._writer.join()  # it has nothing left to do but return
         if self._closeTimer.active():
             self._closeTimer.cancel()
             self._warnDropped()  # what the last writes lost
