@@ -589,4 +589,4 @@ def adminSite(
     token: bytes, live: LiveProxy, lifetime: IService, registrations: Registrations, reactor: IReactorTime
 ) -> ProxySite:
     """The admin listener's site: L{AdminAPI} over C{live}, with small client limits and no access log."""
-    return ProxySite(AdminAPI(token, live, lifetime, registrations), _ADMIN_LIMITS, reactor, None)
+    return ProxySite(AdminAPI(token, live, lifetime, registrations), _ADMIN_LIMITS, reactor)

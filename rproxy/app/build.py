@@ -6,18 +6,23 @@ C{--check-config}.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any, cast
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from rproxy.app.config import ProxyConfig, RouteConfig
+from rproxy.app.config import ConfigError, ProxyConfig, RouteConfig
 from rproxy.app.filters import FilterSet
 from rproxy.downstream.site import ProxySite
 from rproxy.headers import ForwardingPolicy, parseNetworks
 from rproxy.health.checks import HealthChecker, HealthCheckSettings
 from rproxy.interfaces import IDirector
+from rproxy.observe.accesslog import AccessLog
+from rproxy.observe.logfile import AccessLogFile, AccessLogSink, TwistedLogDestination
+from rproxy.observe.redact import SECRET_PARAMS, secretNames
 from rproxy.observe.requestid import RequestIds
 from rproxy.proxy.balancers import balancerFactories
 from rproxy.proxy.directors import RoutingDirector, SingleServiceDirector
@@ -92,9 +97,28 @@ def buildSite(
     filters = buildFilters(config, reactor)
     services, upstreams = buildServices(config, reactor, MemoryRegistry() if registry is None else registry, filters)
     proxy = buildProxy(config, reactor, services, filters)
-    site = ProxySite(buildResource(proxy), config.client, reactor, config.accessLog)
+    site = ProxySite(buildResource(proxy), config.client, reactor)
     site.requestIds = RequestIds(lambda peer: proxy.forwarding.trusts(peer))
+    accessLog = buildAccessLog(config, reactor)
+    if accessLog is not None:
+        site.observers.append(accessLog)
     return site, upstreams
+
+
+def buildAccessLog(config: ProxyConfig, reactor: IReactorTime) -> AccessLog | None:
+    """The access log C{config} asks for: to the log output (C{-}), to a file, or none."""
+    if config.accessLog is None:
+        return None
+    sink: AccessLogSink
+    if config.accessLog == "-":
+        sink = TwistedLogDestination()
+    else:
+        path = os.path.abspath(config.accessLog)
+        try:
+            sink = AccessLogFile(path, cast(Any, reactor))
+        except OSError as e:
+            raise ConfigError(f"--access-log: cannot open {path}: {e.strerror}") from None
+    return AccessLog(sink, config.accessLogFormat, secretNames(SECRET_PARAMS, config.accessLogRedact))
 
 
 def healthCheckSettings(config: ProxyConfig) -> dict[str, HealthCheckSettings]:

@@ -36,6 +36,7 @@ from rproxy.headers import isToken, parseNetworks
 from rproxy.health.checks import HealthCheckSettings
 from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import IBalancerFactory
+from rproxy.observe.accesslog import checkFormat
 from rproxy.options import parseSize
 from rproxy.proxy.balancers import FirstAvailable, balancerFactories
 from rproxy.proxy.directors import BlueGreen, Route, ServiceVersion, WeightedSplit
@@ -225,6 +226,8 @@ class ProxyConfig:
     @ivar tls: the TLS listeners, whose certificates are chosen by host name and reloaded (L{rproxy.downstream.tls}).
     @ivar tunnelIdleTimeout: seconds an upgraded connection (a WebSocket) may be silent both ways; 0: no limit.
     @ivar accessLog: C{None} for none, C{"-"} for the Twisted log, or a file path.
+    @ivar accessLogFormat: C{combined}, C{json}, or a template of named fields (L{rproxy.observe.accesslog}).
+    @ivar accessLogRedact: query parameters redacted in the log besides the default ones.
     @ivar demoUpstream: an endpoint on which to also serve the built-in demo upstream.
     @ivar services: the services by name; without a config file's services, the one service C{default}
         of the command line's upstreams.
@@ -240,6 +243,8 @@ class ProxyConfig:
     grace: float = 30.0
     tunnelIdleTimeout: float = DEFAULT_IDLE_TIMEOUT
     accessLog: str | None = "-"
+    accessLogFormat: str = "combined"
+    accessLogRedact: tuple[str, ...] = ()
     demoUpstream: str | None = None
     client: ClientLimits = field(default_factory=ClientLimits)
     tls: TLSSettings = field(default_factory=TLSSettings)
@@ -269,6 +274,7 @@ REPEATABLE = frozenset(
         "allow-ip",
         "deny-ip",
         "cors-origin",
+        "access-log-redact",
     }
 )
 
@@ -1098,6 +1104,15 @@ def _services(
     return services, serviceValues, places
 
 
+def _accessLogFormat(values: OptionValues) -> str:
+    format = values.text("access-log-format") or "combined"
+    try:
+        checkFormat(format)
+    except ValueError as e:
+        raise values.error("access-log-format", str(e)) from None
+    return format
+
+
 def _filterNames(where: str, value: object, defined: Mapping[str, FilterConfig]) -> tuple[str, ...]:
     try:
         return filterNames(where, value, defined)
@@ -1185,6 +1200,8 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
         grace=_atLeastZero(values, "grace", float),
         tunnelIdleTimeout=_atLeastZero(values, "tunnel-idle-timeout", float),
         accessLog=None if accessLog == "off" else accessLog,
+        accessLogFormat=_accessLogFormat(values),
+        accessLogRedact=tuple(values.repeated("access-log-redact")),
         demoUpstream=values.text("demo-upstream"),
         client=_client(values),
         tls=tls,

@@ -15,10 +15,11 @@ import getopt
 import math
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from twisted.application import service, strports
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
@@ -26,6 +27,7 @@ from twisted.python import usage
 from rproxy import __version__
 from rproxy.app.admin import AdminSettings, LocalRoutes, Registrations, adminSite, localRoutes
 from rproxy.app.build import (
+    buildAccessLog,
     buildFilters,
     buildProxy,
     buildServices,
@@ -51,6 +53,7 @@ from rproxy.downstream.tls import CertificateStore, TLSSettings, plainListener, 
 from rproxy.filters.factory import filterFactories
 from rproxy.health.checks import HealthCheckSettings
 from rproxy.health.state import PassivePolicy
+from rproxy.observe.logfile import ReopenOnSignal
 from rproxy.observe.requestid import RequestIds
 from rproxy.proxy.balancers import balancerFactories
 from rproxy.proxy.registry import MemoryRegistry
@@ -112,6 +115,12 @@ class Options(usage.Options):
         ["balancer", None, "round_robin", "How to choose among the upstreams (see --list-balancers)."],
         ["via-name", None, "rproxy", "The pseudonym this proxy adds to Via."],
         ["access-log", None, "-", "Access log: '-' for the log output, a file path, or 'off'."],
+        [
+            "access-log-format",
+            None,
+            "combined",
+            "The access log's format: combined, json, or a template of {field}s (see docs/observability.md).",
+        ],
         [
             "demo-upstream",
             None,
@@ -324,6 +333,10 @@ class Options(usage.Options):
         """Allow cross-origin requests from this origin, e.g. https://app.example.com, or * (repeatable; cors)."""
         self["cors-origin"].append(origin)
 
+    def opt_access_log_redact(self, name: str) -> None:
+        """A query parameter whose values the access log replaces, besides access_token, token, ... (repeatable)."""
+        self["access-log-redact"].append(name)
+
     def opt_list_filters(self) -> None:
         """Print the installed filter kinds and exit."""
         for name, factory in sorted(filterFactories().items()):
@@ -456,7 +469,10 @@ def buildService(
     # Added first so that it is stopped last, after the listeners stop accepting (its site is added below).
     def stopped() -> Deferred[None]:
         closeUpstreams(registry)
-        return live.closeFilters()
+        closing = [live.closeFilters()]
+        if accessLog is not None:
+            closing.append(accessLog.sink.close())
+        return gatherResults(closing).addCallback(lambda _: None)
 
     draining = DrainingService([], config.grace, reactor, stopped)
     draining.setServiceParent(top)
@@ -466,7 +482,12 @@ def buildService(
     live = LiveProxy(config, reactor, registry, proxy, services, filters, draining, top, checker)
     resource = buildResource(proxy)
     local = localRoutes(admin, live, draining) if admin is not None else {}
-    site = ProxySite(LocalRoutes(local, resource) if local else resource, config.client, reactor, config.accessLog)
+    site = ProxySite(LocalRoutes(local, resource) if local else resource, config.client, reactor)
+    accessLog = buildAccessLog(config, reactor)
+    if accessLog is not None:
+        site.observers.append(accessLog)
+        if signals is not None:
+            ReopenOnSignal([accessLog.sink], signals).setServiceParent(top)  # SIGUSR1, after logrotate
     site.requestIds = RequestIds(lambda peer: proxy.forwarding.trusts(peer))  # read per request: reloads apply
     draining.sites.append(site)
     for endpoint in config.listen:
@@ -490,6 +511,9 @@ def buildService(
         reloads.append(reloader.reload)
     if certificates is not None:
         reloads.append(certificates.reload)
+    if accessLog is not None:
+        sink = accessLog.sink
+        reloads.append(lambda trigger: sink.reopen())
     if signals is not None and reloads:
         HangUpReloader(reloads, signals).setServiceParent(top)
     return top
@@ -504,7 +528,7 @@ def checkConfig(path: str, config: ProxyConfig) -> str:
     from twisted.internet import reactor
 
     registry = MemoryRegistry()
-    buildSite(config, reactor, registry)
+    buildSite(replace(config, accessLog=None), reactor, registry)  # its file is opened by the proxy, not checked
     healthChecker(config, reactor, registry)
     services, routes = len(config.services), len(config.routes)
     return f"{path}: OK ({services} service{'s' * (services != 1)}, {routes} route{'s' * (routes != 1)})"

@@ -92,6 +92,7 @@ class ProxyRequest(server.Request):
             self.clientproto,
             peer,
             connection.tls,
+            self.requestHeaders,
         )
         record.requestId = self.site.requestIds.idFor(self.requestHeaders, peer)
         error = refusal or self._checkHead(length)

@@ -6,7 +6,6 @@ shutdown can drain them (L{DrainingService}).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +56,6 @@ class ProxySite(server.Site):
         resource: IResource,
         limits: ClientLimits = ClientLimits(),
         reactor: IReactorTime | None = None,
-        accessLog: str | None = None,
     ) -> None:
         super().__init__(resource, requestFactory=ProxyRequest, timeout=limits.idleTimeout, reactor=reactor)
         self.limits = limits
@@ -66,9 +64,6 @@ class ProxySite(server.Site):
         self.observers: list[IExchangeObserver] = []
         #: Where each request's id comes from.
         self.requestIds = RequestIds()
-        # None: no access log; "-": the Twisted log; otherwise a file path.
-        self.logPath = None if accessLog in (None, "-") else os.path.abspath(accessLog)
-        self._accessLog = accessLog is not None
 
     def buildProtocol(self, addr: object) -> Protocol | None:  # type: ignore[override]
         if len(self.connections) >= self.limits.maxConnections:
@@ -91,13 +86,10 @@ class ProxySite(server.Site):
         return HTTP2Server(connection)
 
     def startFactory(self) -> None:
-        if self._accessLog:
-            super().startFactory()
+        """Nothing to open: the access log is an observer (L{rproxy.observe.accesslog}), not twisted.web's."""
 
     def log(self, request: Request) -> None:
         """twisted.web's call as a response is finished: the request's record ends (a local resource's too)."""
-        if self._accessLog:
-            super().log(request)
         self.exchangeEnded(request)
 
     def exchangeEnded(self, request: Request) -> None:

@@ -5,14 +5,18 @@ metrics count.
 The client side makes an L{ExchangeRecord} when a request's head is in; the exchange adds where the
 request went and how (service, route, upstream, attempts, timings, the side at fault); filters add the
 user.  When the response is finished, or the client or the proxy abandons it, the site hands the record
-to its L{IExchangeObserver}s, each exactly once.  A record holds no secret: its target is redacted by
-whoever writes it, and it carries no field values but the host.
+to its L{IExchangeObserver}s, each exactly once.  A record copies no secret: its target is redacted by
+whoever writes it, and of the request's fields (which it refers to) the access log writes only the
+Referer (redacted) and the User-Agent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from twisted.web.http_headers import Headers
 
 #: How an exchange ended (L{ExchangeRecord.outcome}).
 DONE, CLIENT_GONE, ABORTED = "done", "client_gone", "aborted"
@@ -48,6 +52,7 @@ class ExchangeRecord:
     @ivar requestId: the request's id (L{rproxy.observe.requestid}).
     @ivar traceId: the W3C trace id the request was sent upstream with.
     @ivar outcome: L{DONE}, L{CLIENT_GONE} or L{ABORTED}.
+    @ivar headers: the request's fields (read-only), or C{None}.
     """
 
     __slots__ = (
@@ -76,6 +81,7 @@ class ExchangeRecord:
         "requestId",
         "traceId",
         "outcome",
+        "headers",
     )
 
     def __init__(
@@ -87,6 +93,7 @@ class ExchangeRecord:
         version: bytes,
         peer: str | None,
         tls: tuple[str, str | None, str | None] | None = None,
+        headers: Headers | None = None,
     ) -> None:
         self.started = started
         self.duration = 0.0
@@ -113,6 +120,7 @@ class ExchangeRecord:
         self.requestId: str | None = None
         self.traceId: str | None = None
         self.outcome = DONE
+        self.headers = headers
 
 
 class IExchangeObserver(Protocol):
