@@ -112,6 +112,8 @@ def buildAccessLog(config: ProxyConfig, reactor: IReactorTime) -> AccessLog | No
     sink: AccessLogSink
     if config.accessLog == "-":
         sink = TwistedLogDestination()
+    elif config.accessLog == "stdout":
+        sink = AccessLogFile.standardOutput(cast(Any, reactor))
     else:
         path = os.path.abspath(config.accessLog)
         try:

@@ -225,7 +225,7 @@ class ProxyConfig:
     @ivar listen: server endpoint strings (C{tcp:8080}, C{ssl:443:...}, C{systemd:domain=INET:index=0}).
     @ivar tls: the TLS listeners, whose certificates are chosen by host name and reloaded (L{rproxy.downstream.tls}).
     @ivar tunnelIdleTimeout: seconds an upgraded connection (a WebSocket) may be silent both ways; 0: no limit.
-    @ivar accessLog: C{None} for none, C{"-"} for the Twisted log, or a file path.
+    @ivar accessLog: C{None} for none, C{"stdout"}, C{"-"} for the Twisted log, or a file path.
     @ivar accessLogFormat: C{combined}, C{json}, or a template of named fields (L{rproxy.observe.accesslog}).
     @ivar accessLogRedact: query parameters redacted in the log besides the default ones.
     @ivar demoUpstream: an endpoint on which to also serve the built-in demo upstream.
@@ -242,7 +242,7 @@ class ProxyConfig:
     viaName: str = "rproxy"
     grace: float = 30.0
     tunnelIdleTimeout: float = DEFAULT_IDLE_TIMEOUT
-    accessLog: str | None = "-"
+    accessLog: str | None = "stdout"
     accessLogFormat: str = "combined"
     accessLogRedact: tuple[str, ...] = ()
     demoUpstream: str | None = None

@@ -114,7 +114,12 @@ class Options(usage.Options):
         ],
         ["balancer", None, "round_robin", "How to choose among the upstreams (see --list-balancers)."],
         ["via-name", None, "rproxy", "The pseudonym this proxy adds to Via."],
-        ["access-log", None, "-", "Access log: '-' for the log output, a file path, or 'off'."],
+        [
+            "access-log",
+            None,
+            "stdout",
+            "Access log: 'stdout' (written off the hot path), '-' for the log output, a file path, or 'off'.",
+        ],
         [
             "access-log-format",
             None,

@@ -101,6 +101,7 @@ class AccessLogFile:
         flushDelay: float = 0.01,
         warnInterval: float = 60.0,
         closeTimeout: float = 5.0,
+        descriptor: int | None = None,
     ) -> None:
         """
         Open the file (raising L{OSError} when it cannot be) and start its writer thread.
@@ -111,8 +112,11 @@ class AccessLogFile:
             hand-over costs the reactor a few microseconds (and wakes the writer), a record well under one.
         @param warnInterval: the least number of seconds between two warnings about dropped records.
         @param closeTimeout: how long L{close} waits for the writer before it gives up on what is left.
+        @param descriptor: write to (a duplicate of) this open descriptor instead of opening C{path}, which
+            then only names it: standard output (L{standardOutput}), which is never reopened.
         """
-        self.path = os.path.abspath(path)
+        self.path = os.path.abspath(path) if descriptor is None else path
+        self._reopenable = descriptor is None
         self.dropped = 0
         self._reactor = reactor
         self._maxBuffered = maxBuffered
@@ -131,7 +135,7 @@ class AccessLogFile:
         self._closeTimer: IDelayedCall | None = None
         self._gaveUp = False  # whether close gave up on the writer
         # The writer thread's side: only it changes these, the reactor thread reads _written.
-        self._fd = os.open(self.path, _FLAGS, 0o644)
+        self._fd = os.open(self.path, _FLAGS, 0o644) if descriptor is None else os.dup(descriptor)
         self._written = 0  # bytes of the records written (or given up on) so far
         self._recordsWritten = 0
         self._lineOpen = False  # whether a failed write left a record cut short
@@ -275,7 +279,17 @@ class AccessLogFile:
         self._written += size
         self._recordsWritten += len(batch)
 
+    @classmethod
+    def standardOutput(cls, reactor: _Reactor) -> AccessLogFile:
+        """
+        A sink writing to the process's standard output (shared with the Twisted log's text output when
+        C{twist} logs there: both write whole lines to the one file description, so lines never mix).
+        """
+        return cls("<stdout>", reactor, descriptor=1)
+
     def _reopenFile(self) -> None:
+        if not self._reopenable:
+            return
         try:
             fd = os.open(self.path, _FLAGS, 0o644)
         except OSError as e:
