@@ -12,9 +12,11 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openMetricsFamilies
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, protocol, reactor
+from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 
+from rproxy.app.tap import Options
 from rproxy.downstream.site import ProxySite
 from rproxy.errors import clientError
 from rproxy.observe.metrics import REJECTION_REASONS, ProxyMetrics, metricsResource
@@ -36,6 +38,7 @@ from rproxy.test.support import (
     useFilters,
     waitFor,
 )
+from rproxy.test.test_admin import RunningService, startService
 from rproxy.test.test_filter_chain import Step
 from rproxy.test.test_observe_record import Recorder
 
@@ -75,10 +78,12 @@ def serveMetrics(testCase: unittest.TestCase, metrics: ProxyMetrics) -> Listenin
     return listen(testCase, ProxySite(root))
 
 
-async def scrape(port: int, method: bytes = b"GET", accept: bytes | None = None) -> tuple[int, bytes, bytes]:
-    """C{method} C{/metrics} on C{port}: the status, the response head and the body."""
+async def scrape(
+    port: int, method: bytes = b"GET", accept: bytes | None = None, path: bytes = b"/metrics"
+) -> tuple[int, bytes, bytes]:
+    """C{method} C{path} on C{port}: the status, the response head and the body."""
     fields = b"Accept: " + accept + b"\r\n" if accept is not None else b""
-    request = b"%s /metrics HTTP/1.1\r\nHost: m\r\n%sConnection: close\r\n\r\n" % (method, fields)
+    request = b"%s %s HTTP/1.1\r\nHost: m\r\n%sConnection: close\r\n\r\n" % (method, path, fields)
     answer = await rawRequest(port, request)
     head, _, body = answer.partition(b"\r\n\r\n")
     return responseStatus(head), head, body
@@ -442,17 +447,54 @@ class ResourceTests(unittest.TestCase):
         self.assertEqual(headerValues(head, b"allow"), [b"GET, HEAD"])
 
 
+def startWithMetrics(testCase: unittest.TestCase, *arguments: str) -> tuple[RunningService, int]:
+    """C{twist rproxy --metrics-listen ... ARGUMENTS} built by L{buildService}; the metrics listener's port."""
+    port = freePort()
+    return startService(testCase, "--metrics-listen", f"tcp:{port}:interface=127.0.0.1", *arguments), port
+
+
+class ListenerTests(unittest.TestCase):
+    """C{--metrics-listen}: the metrics of the proxy that the command line builds, on a listener of their own."""
+
+    async def test_served(self) -> None:
+        """The proxy's exchanges and upstreams at C{/metrics}; any other path of the listener is 404."""
+        upstream = ScriptedUpstream(self, lambda proto, request: OK)
+        running, port = startWithMetrics(self, "--upstream", upstream.url)
+        self.assertEqual(responseStatus(await rawRequest(running.port, get(b"/a"))), 200)
+        text = await metricsText(port)
+        requests = sampleKey("rproxy_requests_total", service="default", route="", method="GET", code_class="2xx")
+        up = sampleKey("rproxy_upstream_health", service="default", upstream=upstream.url, state="up")
+        self.assertEqual(samples(text, ["rproxy_requests_total", "rproxy_upstream_health"])[requests], 1)
+        self.assertEqual(samples(text, ["rproxy_upstream_health"])[up], 1)
+        self.assertEqual((await scrape(port, path=b"/state"))[0], 404)
+
+    def test_address(self) -> None:
+        """A TCP endpoint must name its address, as the admin API's must; the option takes endpoints only."""
+        for endpoint, error in [
+            ("tcp:9902", "--metrics-listen: give the address to listen on, e.g. tcp:9902:interface=127.0.0.1"),
+            ("nonsense:1", "--metrics-listen: not a server endpoint"),
+        ]:
+            with self.assertRaises(usage.UsageError) as raised:
+                Options().parseOptions(["--upstream", "http://127.0.0.1:9000", "--metrics-listen", endpoint])
+            self.assertIn(error, str(raised.exception))
+        options = Options()
+        options.parseOptions(["--upstream", "http://127.0.0.1:9000", "--metrics-listen", "unix:/run/rproxy/m.sock"])
+        self.assertEqual(options.admin.metricsListen, "unix:/run/rproxy/m.sock")
+
+
 class PrometheusTests(unittest.TestCase):
     """A real Prometheus scrapes the metrics and answers queries about them."""
 
     async def test_scraped(self) -> None:
-        """Prometheus scrapes the endpoint; PromQL finds the requests by service and status class, and the health."""
+        """
+        Prometheus scrapes C{--metrics-listen}; PromQL finds the requests by service and status class, the
+        upstream's health and the latency.
+        """
         upstream = ScriptedUpstream(self, lambda proto, request: OK)
-        proxy = startProxy(self, [upstream.url])
-        metrics, served = watched(self, proxy)
-        prometheus = await startPrometheus(self, [f"127.0.0.1:{served.port}"])
+        running, port = startWithMetrics(self, "--upstream", upstream.url)
+        prometheus = await startPrometheus(self, [f"127.0.0.1:{port}"])
         for _ in range(3):
-            await rawRequest(proxy.port, get(b"/"))
+            await rawRequest(running.port, get(b"/"))
         result = await prometheus.waitForSeries(
             'rproxy_requests_total{service="default",code_class="2xx"}',
             lambda result: [each["value"][1] for each in result] == ["3"],
