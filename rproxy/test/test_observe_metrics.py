@@ -5,13 +5,15 @@ metrics resource serves, parsed with prometheus_client's own parsers and scraped
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Iterable
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openMetricsFamilies
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, utils
 from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.resource import Resource
@@ -39,6 +41,7 @@ from rproxy.test.support import (
     waitFor,
 )
 from rproxy.test.test_admin import RunningService, startService
+from rproxy.test.test_docs import ROOT
 from rproxy.test.test_filter_chain import Step
 from rproxy.test.test_observe_record import Recorder
 
@@ -507,3 +510,106 @@ class PrometheusTests(unittest.TestCase):
         )
         self.assertLess(float(p50["value"][1]), 1.0)
         self.assertEqual([target.health for target in await prometheus.targetsHealth()], ["up"])
+
+
+OBSERVABILITY_MD = os.path.join(ROOT, "docs", "observability.md")
+
+#: Debian's promtool, of the prometheus package C{make test} installs.
+PROMTOOL = "/usr/bin/promtool"
+
+
+def promtool(directory: str, *arguments: str) -> defer.Deferred[tuple[bytes, bytes, int]]:
+    """Run promtool with C{arguments} in C{directory}, for at most 30 seconds: its output, errors and status."""
+    running = utils.getProcessOutputAndValue(PROMTOOL, arguments, env={}, path=directory)
+    return running.addTimeout(30, reactor)
+
+
+class DocsTests(unittest.TestCase):
+    """docs/observability.md: every metric as served, and a scrape config and alert rules that Prometheus takes."""
+
+    def setUp(self) -> None:
+        with open(OBSERVABILITY_MD, encoding="utf-8") as f:
+            self.text = f.read()
+
+    async def test_everyMetric(self) -> None:
+        """The tables list every metric family served, with its type, and no other."""
+        upstream = ScriptedUpstream(self, lambda proto, request: OK)
+        proxy = startProxy(self, [upstream.url])
+        metrics, served = watched(self, proxy)
+        await rawRequest(proxy.port, get(b"/"))
+        served_ = dict(re.findall(r"^# TYPE (\S+) (\S+)$", await metricsText(served.port), re.M))
+        documented = dict(re.findall(r"^\| `(rproxy_\w+)` \| (counter|gauge|histogram) \|", self.text, re.M))
+        self.assertEqual(documented, served_)
+
+    async def test_prometheusFiles(self) -> None:
+        """
+        The scrape config and the alert rules pass C{promtool check config}; the alerts fire as described
+        on series made up for them (C{promtool test rules}).
+        """
+        configuration, rules = re.findall(r"^```yaml\n(.*?)^```$", self.text, re.M | re.S)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        for name, content in [("prometheus.yml", configuration), ("rproxy-alerts.yml", rules)]:
+            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+                f.write(content)
+        out, err, status = await promtool(directory, "check", "config", "prometheus.yml")
+        self.assertEqual(status, 0, out + err)
+        self.assertIn(b"SUCCESS: 3 rules found", out + err)
+        with open(os.path.join(directory, "tests.yml"), "w", encoding="utf-8") as f:
+            json.dump(_ruleTests(), f)  # JSON is YAML
+        out, err, status = await promtool(directory, "test", "rules", "tests.yml")
+        self.assertEqual(status, 0, out + err)
+
+
+def _ruleTests() -> dict[str, object]:
+    """A promtool unit test of the documented alerts: an upstream ejected, a service answering 10% 5xx."""
+    where = {"job": "rproxy", "instance": "10.0.0.2:9902", "service": "web"}
+    upstream = {**where, "upstream": "http://10.0.0.5:8080"}
+
+    def series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
+        shown = ",".join(f'{key}="{value}"' for key, value in labels.items())
+        return {"series": f"{name}{{{shown}}}", "values": values}
+
+    def alert(at: str, name: str, labels: dict[str, str] | None = None, summary: str = "") -> dict[str, object]:
+        expected = [] if labels is None else [{"exp_labels": labels, "exp_annotations": {"summary": summary}}]
+        return {"eval_time": at, "alertname": name, "exp_alerts": expected}
+
+    requests = {**where, "route": "", "method": "GET"}
+    return {
+        "rule_files": ["rproxy-alerts.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    series("rproxy_upstream_health", {**upstream, "state": "up"}, "1 0 0 0"),
+                    series("rproxy_upstream_health", {**upstream, "state": "ejected"}, "0 1 1 1"),
+                    series("rproxy_upstream_health", {**upstream, "state": "down"}, "0 0 0 0"),
+                    series("rproxy_requests_total", {**requests, "code_class": "2xx"}, "0+9x10"),
+                    series("rproxy_requests_total", {**requests, "code_class": "5xx"}, "0+1x10"),
+                ],
+                "alert_rule_test": [
+                    alert("1m", "RproxyUpstreamDown"),  # not for a minute yet
+                    alert(
+                        "3m",
+                        "RproxyUpstreamDown",
+                        {**upstream, "state": "ejected", "severity": "warning"},
+                        "rproxy: upstream http://10.0.0.5:8080 of service web is ejected",
+                    ),
+                    alert(
+                        "3m",
+                        "RproxyServiceUnavailable",
+                        {**where, "severity": "critical"},
+                        "rproxy: service web has no upstream up on 10.0.0.2:9902",
+                    ),
+                    alert("4m", "RproxyHighErrorRate"),  # not for five minutes yet
+                    alert(
+                        "10m",
+                        "RproxyHighErrorRate",
+                        {"job": "rproxy", "service": "web", "severity": "warning"},
+                        "rproxy: 10% of the requests to service web end in 5xx",
+                    ),
+                ],
+            }
+        ],
+    }
