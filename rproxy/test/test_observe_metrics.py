@@ -16,12 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, protocol, reactor, utils
 from twisted.python import usage
 from twisted.trial import unittest
-from twisted.web.resource import Resource
 
+from rproxy.app.admin import metricsSite
 from rproxy.app.tap import Options
-from rproxy.downstream.site import ProxySite
 from rproxy.errors import clientError
-from rproxy.observe.metrics import REJECTION_REASONS, ProxyMetrics, metricsResource
+from rproxy.observe.metrics import REJECTION_REASONS, ProxyMetrics
 from rproxy.proxy.message import RequestContext
 from rproxy.test.prometheus import startPrometheus
 from rproxy.test.support import (
@@ -75,10 +74,8 @@ def byLabel(name: str, label: str, values: dict[str, float], **others: str) -> d
 
 
 def serveMetrics(testCase: unittest.TestCase, metrics: ProxyMetrics) -> Listening:
-    """Serve C{metrics} at C{/metrics} on a port of their own, as C{--metrics-listen} does."""
-    root = Resource()
-    root.putChild(b"metrics", metricsResource(metrics.registry))
-    return listen(testCase, ProxySite(root))
+    """Serve C{metrics} on a port of their own, as C{--metrics-listen} does."""
+    return listen(testCase, metricsSite(metrics, reactor))
 
 
 async def scrape(
@@ -93,6 +90,7 @@ async def scrape(
 
 
 async def metricsText(port: int) -> str:
+    """What C{GET /metrics} on C{port} answers (in Prometheus's text format: it asks for no other)."""
     status, head, body = await scrape(port)
     assert status == 200, head
     return body.decode("utf-8")
@@ -122,6 +120,7 @@ def get(path: bytes, *fields: bytes, method: bytes = b"GET", body: bytes = b"") 
 
 
 def writeConfig(testCase: unittest.TestCase, text: str) -> str:
+    """A config file holding C{text}; its path."""
     path = os.path.abspath(testCase.mktemp()) + ".toml"
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -537,9 +536,9 @@ class DocsTests(unittest.TestCase):
         proxy = startProxy(self, [upstream.url])
         metrics, served = watched(self, proxy)
         await rawRequest(proxy.port, get(b"/"))
-        served_ = dict(re.findall(r"^# TYPE (\S+) (\S+)$", await metricsText(served.port), re.M))
+        types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", await metricsText(served.port), re.M))
         documented = dict(re.findall(r"^\| `(rproxy_\w+)` \| (counter|gauge|histogram) \|", self.text, re.M))
-        self.assertEqual(documented, served_)
+        self.assertEqual(documented, types)
 
     async def test_prometheusFiles(self) -> None:
         """
