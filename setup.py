@@ -47,6 +47,9 @@ setup(
         "bcrypt>=4.2",
         "brotli>=1.1",
         "zstandard>=0.23",
+        # rproxy/observe/metrics.py: Prometheus metrics through prometheus_client's custom collector API, served
+        # in the exposition format a scrape asks for (its encoders and their content types).
+        "prometheus-client>=0.20",
     ],
     extras_require={
         # setuptools: test_plugins builds the example plugin offline (--no-build-isolation).

@@ -11,6 +11,9 @@ not otherwise, or while rproxy shuts down.
 L{AdminAPI} is the whole of the admin listener (C{--admin-listen}, off by default): every request must
 carry the bearer token of C{--admin-token-file}; C{GET /state} describes the services, their upstreams
 and the routes.  docs/admin.md describes it all, docs/admin-openapi.json the API.
+
+L{metricsSite} is the listener of C{--metrics-listen} (off by default): the Prometheus metrics at
+C{/metrics} (L{rproxy.observe.metrics}, docs/observability.md).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from rproxy.app.config import OptionValues
 from rproxy.app.reload import LiveProxy, describeRoute
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.site import ProxySite
+from rproxy.observe.metrics import ProxyMetrics, metricsResource
 from rproxy.upstream.upstreams import Upstream
 
 _log = Logger()
@@ -46,7 +50,7 @@ _ROUTE = re.compile(r"/[!-~]*\Z")
 _TOKEN = re.compile(rb"[A-Za-z0-9._~+/-]+=*\Z")
 #: The endpoint types that listen on an IP address, which must then be given.
 _IP_ENDPOINTS = frozenset({"tcp", "tcp6", "ssl"})
-#: What a client of the admin API may send and keep open.
+#: What a client of the admin API (or of the metrics listener) may send and keep open.
 _ADMIN_LIMITS = ClientLimits(maxBodySize=65536, maxHeaders=50, maxConnections=100)
 #: The longest TTL a registration may ask for, in seconds.
 MAX_TTL = 86400.0
@@ -62,12 +66,14 @@ class AdminSettings:
     @ivar readyRoute: where readiness is answered (C{None}: nowhere).
     @ivar listen: the admin API's server endpoint (C{None}: no admin API).
     @ivar token: the bearer token the admin API requires (there whenever C{listen} is).
+    @ivar metricsListen: the server endpoint of the metrics listener (C{None}: none).
     """
 
     healthRoute: bytes | None = None
     readyRoute: bytes | None = None
     listen: str | None = None
     token: bytes | None = field(default=None, repr=False)
+    metricsListen: str | None = None
 
 
 def _route(values: OptionValues, name: str) -> bytes | None:
@@ -79,9 +85,12 @@ def _route(values: OptionValues, name: str) -> bytes | None:
     return path.encode("ascii")
 
 
-def _adminEndpoint(values: OptionValues) -> str | None:
-    """C{--admin-listen}: a server endpoint string, with the address given when it listens on one."""
-    description = values.text("admin-listen")
+def _endpoint(values: OptionValues, name: str, example: str, what: str) -> str | None:
+    """
+    C{--admin-listen} or C{--metrics-listen} (option C{name}, serving C{what}): a server endpoint string,
+    with the address given when it listens on one (C{example} shows how).
+    """
+    description = values.text(name)
     if description is None:
         return None
     from twisted.internet import reactor  # only to describe the endpoint: it does not listen here
@@ -89,13 +98,13 @@ def _adminEndpoint(values: OptionValues) -> str | None:
     try:
         endpoints.serverFromString(reactor, description)
     except (ValueError, TypeError) as e:
-        raise values.error("admin-listen", f"not a server endpoint ({e}): {description!r}") from None
+        raise values.error(name, f"not a server endpoint ({e}): {description!r}") from None
     kind, *parameters = re.split(r"(?<!\\):", description)
     if kind in _IP_ENDPOINTS and not any(each.startswith("interface=") for each in parameters):
         raise values.error(
-            "admin-listen",
-            f"give the address to listen on, e.g. tcp:9901:interface=127.0.0.1 (got {description!r}): "
-            "the admin API must not listen on every address by default",
+            name,
+            f"give the address to listen on, e.g. {example} (got {description!r}): "
+            f"{what} must not listen on every address by default",
         )
     return description
 
@@ -125,12 +134,13 @@ def adminSettings(values: OptionValues) -> AdminSettings:
     health, ready = _route(values, "health-route"), _route(values, "ready-route")
     if health is not None and health == ready:
         raise values.error("ready-route", f"must differ from --health-route (both are {health.decode()})")
-    listen, token = _adminEndpoint(values), _token(values)
+    listen, token = _endpoint(values, "admin-listen", "tcp:9901:interface=127.0.0.1", "the admin API"), _token(values)
     if listen is not None and token is None:
         raise values.error("admin-listen", "needs --admin-token-file: the admin API requires a bearer token")
     if listen is None and token is not None:
         raise values.error("admin-token-file", "has no use without --admin-listen (the admin API is off)")
-    return AdminSettings(health, ready, listen, token)
+    metrics = _endpoint(values, "metrics-listen", "tcp:9902:interface=127.0.0.1", "the metrics")
+    return AdminSettings(health, ready, listen, token, metrics)
 
 
 class LocalRoutes(Resource):
@@ -590,3 +600,13 @@ def adminSite(
 ) -> ProxySite:
     """The admin listener's site: L{AdminAPI} over C{live}, with small client limits and no access log."""
     return ProxySite(AdminAPI(token, live, lifetime, registrations), _ADMIN_LIMITS, reactor)
+
+
+def metricsSite(metrics: ProxyMetrics, reactor: IReactorTime) -> ProxySite:
+    """
+    The metrics listener's site: C{metrics} at C{/metrics} (anything else is 404), with the admin API's
+    small client limits and no access log.
+    """
+    root = Resource()
+    root.putChild(b"metrics", metricsResource(metrics.registry))
+    return ProxySite(root, _ADMIN_LIMITS, reactor)

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from rproxy import __version__
-from rproxy.app.admin import AdminSettings, LocalRoutes, Registrations, adminSite, localRoutes
+from rproxy.app.admin import AdminSettings, LocalRoutes, Registrations, adminSite, localRoutes, metricsSite
 from rproxy.app.build import (
     buildAccessLog,
     buildFilters,
@@ -54,6 +54,7 @@ from rproxy.filters.factory import filterFactories
 from rproxy.health.checks import HealthCheckSettings
 from rproxy.health.state import PassivePolicy
 from rproxy.observe.logfile import ReopenOnSignal
+from rproxy.observe.metrics import ProxyMetrics
 from rproxy.observe.requestid import RequestIds
 from rproxy.proxy.balancers import balancerFactories
 from rproxy.proxy.registry import MemoryRegistry
@@ -265,6 +266,12 @@ class Options(usage.Options):
             "Serve the admin API on this endpoint, e.g. tcp:9901:interface=127.0.0.1 (default: off).",
         ],
         ["admin-token-file", None, None, "A file holding the bearer token the admin API requires."],
+        [
+            "metrics-listen",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics on this endpoint, e.g. tcp:9902:interface=127.0.0.1 (default: off).",
+        ],
         ["basic-auth", None, None, "Require HTTP Basic credentials from this htpasswd file (the basic-auth filter)."],
         [
             "rate-limit",
@@ -455,10 +462,10 @@ def buildService(
 ) -> service.MultiService:
     """
     The proxy's services: a draining shutdown, health checks, then one listener per endpoint (answering
-    the local routes of C{admin} themselves), the TLS listeners and their L{CertificateStore}, and the
-    admin listener, if any; with a C{source} to read the configuration again from, a L{ConfigReloader};
-    and given the reactor to hand C{signals} to, a L{HangUpReloader}: SIGHUP reloads the configuration
-    and the certificates.
+    the local routes of C{admin} themselves), the TLS listeners and their L{CertificateStore}, the admin
+    listener and the metrics listener, if any; with a C{source} to read the configuration again from, a
+    L{ConfigReloader}; and given the reactor to hand C{signals} to, a L{HangUpReloader}: SIGHUP reloads the
+    configuration and the certificates.
     """
     top = service.MultiService()
     if config.demoUpstream is not None:
@@ -509,6 +516,11 @@ def buildService(
         registrations.setServiceParent(top)
         api = adminSite(admin.token, live, draining, registrations, reactor)
         strports.service(admin.listen, api).setServiceParent(top)
+    if admin is not None and admin.metricsListen is not None:
+        metrics = ProxyMetrics()
+        metrics.watch(registry, draining.sites, proxy.tunnels)
+        site.observers.append(metrics)
+        strports.service(admin.metricsListen, metricsSite(metrics, reactor)).setServiceParent(top)
     reloads: list[Callable[[str], object]] = []
     if source is not None:
         reloader = ConfigReloader(source, live, reactor)

@@ -52,6 +52,7 @@ class UpstreamHealth:
 
     @ivar ejectedUntil: when the current passive ejection ends (0 when not ejected).
     @ivar ejections: how many times in a row the host was ejected (reset by a clean period).
+    @ivar ejectionCount: how many times the host was ejected in all (never reset: the metrics' counter).
     @ivar activeUp: the active checks' verdict (C{True} until checks say otherwise).
     @ivar reason: why the host was last ejected or marked down (empty when it never was).
     """
@@ -61,6 +62,7 @@ class UpstreamHealth:
         self.policy = policy
         self.ejectedUntil = 0.0
         self.ejections = 0
+        self.ejectionCount = 0
         self.activeUp = True
         self.reason = ""
         self._consecutiveFailures = 0
@@ -136,6 +138,7 @@ class UpstreamHealth:
             self.ejections = 0  # a long clean run since the last ejection: start again
         length = min(policy.baseEjection * 2**self.ejections, policy.maxEjection)
         self.ejections += 1
+        self.ejectionCount += 1
         self.ejectedUntil = now + length
         self._returnedAt = self.ejectedUntil
         self.reason = reason

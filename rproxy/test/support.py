@@ -55,10 +55,11 @@ class Listening:
 
 @dataclass
 class RunningProxy(Listening):
-    """An in-process proxy: its site and upstreams, to inspect pools and connections."""
+    """An in-process proxy: its site, upstreams and registry, to inspect pools and connections."""
 
     site: ProxySite = field(default=None)  # type: ignore[assignment]
     upstreams: list[Upstream] = field(default_factory=list)
+    registry: MemoryRegistry = field(default_factory=MemoryRegistry)
 
 
 def listen(testCase: unittest.TestCase, factory: protocol.Factory) -> Listening:
@@ -96,7 +97,7 @@ def startProxy(testCase: unittest.TestCase, upstreamURLs: list[str], *arguments:
         return defer.maybeDeferred(port.stopListening)
 
     testCase.addCleanup(stop)
-    return RunningProxy(port.getHost().port, port, site, upstreams)
+    return RunningProxy(port.getHost().port, port, site, upstreams, registry)
 
 
 @implementer(IDirector)
