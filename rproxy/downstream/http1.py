@@ -406,6 +406,7 @@ class HTTP11Server:
             errorType=error.errorType,
             reason=error.reason,
         )
+        self.connection.site.refused(self.connection.peer, error)
         self._close(error.responseBytes())
 
     def _close(self, last: bytes = b"") -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import server
@@ -24,7 +24,7 @@ from rproxy.downstream.http2 import HTTP2Server
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.request import ProxyRequest
 from rproxy.errors import ProxyError, proxyError
-from rproxy.observe.record import IExchangeObserver
+from rproxy.observe.record import ExchangeRecord, IExchangeObserver
 from rproxy.observe.requestid import RequestIds
 
 _log = Logger()
@@ -35,10 +35,12 @@ class _Refuse(Protocol):
 
     transport: Any
 
-    def __init__(self, error: ProxyError) -> None:
+    def __init__(self, site: ProxySite, error: ProxyError) -> None:
+        self.site = site
         self.error = error
 
     def connectionMade(self) -> None:
+        self.site.refused(self.transport.getPeer(), self.error)
         self.transport.write(self.error.responseBytes())
         self.transport.loseConnection()
 
@@ -69,11 +71,12 @@ class ProxySite(server.Site):
         if len(self.connections) >= self.limits.maxConnections:
             _log.warn("refusing {addr}: {count} client connections open", addr=addr, count=len(self.connections))
             return _Refuse(
+                self,
                 proxyError(
                     503,
                     f"the proxy is at its limit of {self.limits.maxConnections} connections",
                     "connection_limit_reached",
-                )
+                ),
             )
         return ClientConnection(self)
 
@@ -102,6 +105,23 @@ class ProxySite(server.Site):
             record.status = request.code
         record.bytesOut = request.sentLength
         record.bytesIn = getattr(request, "bodyBytes", 0)
+        for observer in self.observers:
+            observer.exchangeEnded(record)
+
+    def refused(self, peer: IAddress, error: ProxyError, method: bytes = b"-", target: bytes = b"-") -> None:
+        """
+        A request refused before it became a request (a malformed or slow head, a connection over the
+        limit): a record of its own, with what is known, for the observers.
+        """
+        if not self.observers:
+            return
+        record = ExchangeRecord(self.reactor.seconds(), method, target, None, b"-", getattr(peer, "host", None))
+        record.status, record.fault, record.errorType, record.reason = (
+            error.status,
+            error.fault.value,
+            error.errorType,
+            error.reason,
+        )
         for observer in self.observers:
             observer.exchangeEnded(record)
 

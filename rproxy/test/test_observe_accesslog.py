@@ -9,6 +9,8 @@ import json
 import os
 import re
 
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
@@ -107,3 +109,24 @@ class AccessLogTests(unittest.TestCase):
             ConfigError, startProxy, self, ["http://127.0.0.1:1"], "--access-log", "/no/such/dir/a.log"
         )
         self.assertTrue(re.match(r"--access-log: cannot open /no/such/dir/a\.log: ", str(error)), str(error))
+
+    async def test_refusedHeadsAndConnections(self) -> None:
+        """A head refused before it is a request, and a connection over the limit, each get their line."""
+        self.start("--access-log-format", "json", "--max-connections", "1")
+        await rawRequest(self.proxy.port, b"GET /x HTTP/1.1\r\nHost: h\r\nBad Header\r\n\r\n")
+        self.assertTrue(await waitFor(lambda: not self.proxy.site.connections, 5))
+        blocker = await rawRequestHeld(self.proxy.port)
+        self.assertTrue(await waitFor(lambda: len(self.proxy.site.connections) == 1, 5))
+        refused = await rawRequest(self.proxy.port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        blocker.transport.loseConnection()
+        self.assertTrue(refused.startswith(b"HTTP/1.1 503 "), refused)
+        malformed, overLimit = [json.loads(line) for line in await self.lines(2)]
+        self.assertEqual((malformed["status"], malformed["fault"], malformed["peer"]), (400, "client", "127.0.0.1"))
+        self.assertEqual((overLimit["status"], overLimit["error"]), (503, "connection_limit_reached"))
+
+
+async def rawRequestHeld(port: int) -> Protocol:
+    """An open connection to C{port} that sends nothing (it holds a place under --max-connections)."""
+    from twisted.internet import reactor
+
+    return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol())
