@@ -332,3 +332,15 @@ class FilterPagesTests(unittest.TestCase):
                 self.assertIn(": OK (", printed.getvalue(), page)
                 checked += 1
         self.assertGreaterEqual(checked, 8)
+
+
+class ObservabilityPageTests(unittest.TestCase):
+    """docs/observability.md lists exactly the access log's fields."""
+
+    def test_fields(self) -> None:
+        from rproxy.observe.accesslog import FIELDS
+
+        text = _read(os.path.join(ROOT, "docs", "observability.md"))
+        section = text[text.index("| Field | What it is |") :].split("\n\n", 1)[0]
+        documented = re.findall(r"^\| `([a-z_]+)` \|", section, re.M)
+        self.assertEqual(documented, list(FIELDS))
