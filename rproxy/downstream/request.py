@@ -67,6 +67,7 @@ class ProxyRequest(server.Request):
     _streaming = False
     _refused = False
     _bodyBytes = 0
+    _switched = False  # the connection went to a tunnel (its record ends when the tunnel closes)
     _resource: IResource | None = None
     #: What is known of the exchange, for the access log and the metrics (made when the head is in).
     record: ExchangeRecord | None = None
@@ -199,7 +200,7 @@ class ProxyRequest(server.Request):
         if callback is not None:
             callback(reason)  # the exchange puts what it knows in the record
         if not self.finished and self.record is not None:
-            if self.record.outcome == DONE:
+            if self.record.outcome == DONE and not self._switched:  # a tunnel ends as its connection closes
                 self.record.outcome = CLIENT_GONE
             self.site.exchangeEnded(self)
 
@@ -285,5 +286,6 @@ class ProxyRequest(server.Request):
     def switchProtocols(self, status: int, fields: Sequence[tuple[bytes, bytes]]) -> TunnelSide:
         self.startedWriting = 1  # the response is the tunnel: nothing else may write one
         self.code = status
+        self._switched = True
         channel: RequestChannel = self.channel
         return channel.switchProtocols(self, status, fields)

@@ -13,6 +13,7 @@ from rproxy.proxy.message import RequestContext
 from rproxy.test.certs import listenSiteTLS
 from rproxy.test.support import ScriptedUpstream, curl, rawRequest, startProxy, useFilters, waitFor
 from rproxy.test.test_filter_chain import Step
+from rproxy.test.test_upgrade import UpgradeTestCase
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
@@ -114,3 +115,20 @@ def _cutAfter(data: bytes):  # type: ignore[no-untyped-def]
         return b""
 
     return respond
+
+
+class TunnelRecordTests(UpgradeTestCase):
+    async def test_recordedWhenClosed(self) -> None:
+        """A tunnel's record ends when the tunnel closes, with its 101, as done."""
+        proxy, upstream, client, server = await self.tunnel()
+        recorder = Recorder()
+        proxy.site.observers.append(recorder)
+        client.transport.write(b"ping")
+        self.assertTrue(await waitFor(lambda: server.received == b"ping"))
+        self.assertEqual(recorder.records, [])
+        client.transport.loseConnection()
+        await server.lost
+        self.assertTrue(await waitFor(lambda: recorder.records, 5))
+        [record] = recorder.records
+        self.assertEqual((record.status, record.outcome, record.target), (101, DONE, b"/chat"))
+        self.assertGreater(record.duration, 0)
