@@ -499,6 +499,11 @@ FILTER_OPTIONS = ("--basic-auth", str(HTPASSWD), "--rate-limit", "1000000/s", "-
 RPROXY_VARIANTS = {
     "rproxy": RproxyVariant(_TWIST, (), "the default configuration, on rproxy's reactor"),
     "rproxy-nolog": RproxyVariant(_TWIST, ("--access-log", "off"), "--access-log off"),
+    "rproxy-metrics": RproxyVariant(
+        _TWIST,
+        ("--metrics-listen", "tcp:0:interface=127.0.0.1"),
+        "the default configuration with Prometheus metrics kept (--metrics-listen)",
+    ),
     "rproxy-filters": RproxyVariant(
         _TWIST, FILTER_OPTIONS, "the default configuration with basic auth, a rate limit and CORS on every request"
     ),

@@ -209,6 +209,17 @@ def evaluate_targets(results: dict[str, Result], balancing: dict[str, Result]) -
         f"{mine['rss_stream_mib']:.1f} MiB",
         mine["rss_stream_mib"] < 64,
     )
+    off = results.get("rproxy-nolog", {})
+    for row, bound, what in (("rproxy", 0.9, "the access log"), ("rproxy-metrics", 0.85, "the access log and metrics")):
+        measured = results.get(row, {})
+        for payload in SMALL:
+            if payload in measured and payload in off:
+                ratio = round(measured[payload]["rps"] / off[payload]["rps"], 2)
+                target(
+                    f">= {bound}x the requests/s of --access-log off with {what} on {payload}",
+                    f"{ratio}x ({measured[payload]['rps']:.0f} vs {off[payload]['rps']:.0f})",
+                    ratio >= bound,
+                )
     filtered = results.get("rproxy-filters", {})
     for payload in SMALL:
         if payload in filtered and payload in mine:
