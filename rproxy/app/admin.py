@@ -10,7 +10,10 @@ not otherwise, or while rproxy shuts down.
 
 L{AdminAPI} is the whole of the admin listener (C{--admin-listen}, off by default): every request must
 carry the bearer token of C{--admin-token-file}; C{GET /state} describes the services, their upstreams
-and the routes.  docs/admin.md describes it all, docs/admin-openapi.json the API.
+and the routes.  C{GET /status} shows the same to people, as a page that refreshes itself
+(L{rproxy.observe.status}); a browser cannot send a bearer token with a page it loads, so the page
+alone also takes the token as the password of HTTP Basic, which browsers ask their user for.
+docs/admin.md describes it all (and why Basic is taken there only), docs/admin-openapi.json the API.
 
 L{metricsSite} is the listener of C{--metrics-listen} (off by default): the Prometheus metrics at
 C{/metrics} (L{rproxy.observe.metrics}, docs/observability.md).
@@ -18,11 +21,13 @@ C{/metrics} (L{rproxy.observe.metrics}, docs/observability.md).
 
 from __future__ import annotations
 
+import binascii
 import hmac
 import json
 import math
 import re
 import secrets
+from base64 import b64decode
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +45,7 @@ from rproxy.app.reload import LiveProxy, describeRoute
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.site import ProxySite
 from rproxy.observe.metrics import ProxyMetrics, metricsResource
+from rproxy.observe.status import PAGE_HEADERS, RegistrationState, StateDocument, UpstreamState, statusPage
 from rproxy.upstream.upstreams import Upstream
 
 _log = Logger()
@@ -54,6 +60,12 @@ _IP_ENDPOINTS = frozenset({"tcp", "tcp6", "ssl"})
 _ADMIN_LIMITS = ClientLimits(maxBodySize=65536, maxHeaders=50, maxConnections=100)
 #: The longest TTL a registration may ask for, in seconds.
 MAX_TTL = 86400.0
+#: The challenge of an API request without the token.
+_BEARER_CHALLENGE = {b"www-authenticate": b'Bearer realm="rproxy-admin"'}
+#: The challenge of the status page without credentials: browsers ask their user for a name and a password.
+_BASIC_CHALLENGE = {b"www-authenticate": b'Basic realm="rproxy-admin", charset="UTF-8"'}
+#: Where the status page is.
+STATUS_PATH = b"/status"
 
 
 @dataclass(frozen=True)
@@ -240,21 +252,26 @@ class APIError(Exception):
         self.fields = dict(fields or {})
 
 
-def _upstreamState(upstream: Upstream, registration: Registration | None) -> dict[str, object]:
+def _upstreamState(upstream: Upstream, registration: Registration | None) -> UpstreamState:
     health = upstream.health
     current = health.state
+    at, latency = health.lastErrorAt, upstream.latency
     return {
         "key": upstream.key,
         "weight": upstream.configuredWeight,
         "state": current,
         "reason": health.reason if current != "up" else None,
+        "ejections": health.ejectionCount,
+        "ejectionEndsIn": round(health.retryAfter(), 3) if health.ejected else None,
+        "lastError": None if at is None else {"reason": health.lastError, "at": at},
         "inFlight": upstream.inFlight,
         "pool": {"open": upstream.pool.openCount, "idle": upstream.pool.idleCount},
+        "latency": None if latency is None else round(latency, 6),
         "registration": None if registration is None else registration.describe(),
     }
 
 
-def state(live: LiveProxy, lifetime: IService, registrations: Registrations) -> dict[str, object]:
+def state(live: LiveProxy, lifetime: IService, registrations: Registrations) -> StateDocument:
     """
     What C{GET /state} answers: whether rproxy shuts down, the services of the configuration in force
     (each with its balancer and upstreams, those registered through the API with their registration),
@@ -318,7 +335,7 @@ class Registration:
         if self._expiry.active():
             self._expiry.cancel()
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> RegistrationState:
         """The registration as the API shows it."""
         return {
             "id": self.id,
@@ -465,56 +482,97 @@ class AdminAPI(Resource):
     The admin listener's one resource: authenticates every request by its bearer token (a missing one:
     401, a wrong one: 403), then answers it: C{GET /state}; C{POST /services/NAME/upstreams} (register),
     C{PUT} and C{DELETE /services/NAME/upstreams/ID} (renew, deregister).  Every answer is JSON, every
-    error C{{"error": reason}}.
+    error C{{"error": reason}}; but C{GET /status}, the status page, is HTML, and takes the token as the
+    password of HTTP Basic too (a missing or wrong one: 401, with the challenge that makes a browser ask).
     """
 
     isLeaf = True
 
-    def __init__(self, token: bytes, live: LiveProxy, lifetime: IService, registrations: Registrations) -> None:
+    def __init__(
+        self,
+        token: bytes,
+        live: LiveProxy,
+        lifetime: IService,
+        registrations: Registrations,
+        clock: IReactorTime,
+    ) -> None:
         """
         @param token: the bearer token every request must carry.
         @param live: the running proxy.
         @param lifetime: a service that stops as rproxy starts to shut down.
         @param registrations: the upstreams registered through the API.
+        @param clock: the reactor whose time the upstreams' health keeps (the status page says how long ago).
         """
         super().__init__()
         self._token = token
         self._live = live
         self._lifetime = lifetime
         self._registrations = registrations
+        self._clock = clock
 
     def render(self, request: Request) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        page = request.path == STATUS_PATH
         try:
-            self._authenticate(request)
+            self._authenticate(request, page)
+            if page:
+                return self._page(request)
             status, document = self._route(request)
         except APIError as e:
             for name, value in e.fields.items():
                 request.setHeader(name, value)
             status, document = e.status, {"error": e.reason}
         request.setResponseCode(status)
-        request.setHeader(b"cache-control", b"no-store")
         if document is None:
             return b""
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(document).encode("utf-8") + b"\n"
 
-    def _authenticate(self, request: Request) -> None:
-        """Raise L{APIError} unless C{request} carries the token: C{Authorization: Bearer TOKEN}."""
-        challenge = {b"www-authenticate": b'Bearer realm="rproxy-admin"'}
+    def _authenticate(self, request: Request, page: bool) -> None:
+        """
+        Raise L{APIError} unless C{request} carries the token: C{Authorization: Bearer TOKEN}; or, for the
+        status page (C{page}), C{Authorization: Basic} with the token as the password (any user name).
+        """
+        challenge = _BASIC_CHALLENGE if page else _BEARER_CHALLENGE
         given = request.requestHeaders.getRawHeaders(b"authorization") or []
         if len(given) != 1:
+            if page:
+                raise APIError(401, "sign in with any user name and the admin token as the password", challenge)
             raise APIError(401, "send the admin token: Authorization: Bearer <token>", challenge)
         scheme, _, credentials = given[0].strip().partition(b" ")
-        if scheme.lower() != b"bearer" or not credentials.strip():
+        scheme, credentials = scheme.lower(), credentials.strip()
+        if page and scheme == b"basic":
+            password = _basicPassword(credentials)
+            if password is None:
+                raise APIError(401, "malformed Basic credentials: expected base64 of NAME:PASSWORD", challenge)
+            if not hmac.compare_digest(password, self._token):
+                self._refused(request, "Basic password")
+                raise APIError(401, "the password is not the admin token", challenge)
+            return
+        if scheme != b"bearer" or not credentials:
             raise APIError(401, "expected Authorization: Bearer <token>", challenge)
-        if not hmac.compare_digest(credentials.strip(), self._token):
-            _log.warn(
-                "admin API: a request with a wrong bearer token from {client}: {method} {path}",
-                client=request.getClientAddress(),
-                method=request.method.decode("latin-1"),
-                path=request.path.decode("latin-1"),
-            )
+        if not hmac.compare_digest(credentials, self._token):
+            self._refused(request, "bearer token")
             raise APIError(403, "the bearer token is not the admin token")
+
+    def _refused(self, request: Request, what: str) -> None:
+        """Log a request refused for a wrong token (C{what} it was given as), naming its client, not the token."""
+        _log.warn(
+            "admin API: a request with a wrong {what} from {client}: {method} {path}",
+            what=what,
+            client=request.getClientAddress(),
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+        )
+
+    def _page(self, request: Request) -> bytes:
+        """The status page, for an authenticated C{request}."""
+        _allow(request, b"GET", b"HEAD")
+        for name, value in PAGE_HEADERS.items():
+            request.setHeader(name, value)
+        document = state(self._live, self._lifetime, self._registrations)
+        return statusPage(document, self._clock.seconds())
 
     def _route(self, request: Request) -> tuple[int, object]:
         """The status and document (C{None}: no body) that answer an authenticated C{request}."""
@@ -546,6 +604,16 @@ class AdminAPI(Resource):
         location = f"/services/{service}/upstreams/{registration.id}"
         request.setHeader(b"location", location.encode("utf-8"))
         return (201 if new else 200), registration.describe()
+
+
+def _basicPassword(credentials: bytes) -> bytes | None:
+    """The password of HTTP Basic C{credentials} (base64 of C{NAME:PASSWORD}), or C{None} if they are malformed."""
+    try:
+        decoded = b64decode(credentials, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    _, colon, password = decoded.partition(b":")
+    return password if colon else None
 
 
 def _shown(value: object) -> str:
@@ -599,7 +667,7 @@ def adminSite(
     token: bytes, live: LiveProxy, lifetime: IService, registrations: Registrations, reactor: IReactorTime
 ) -> ProxySite:
     """The admin listener's site: L{AdminAPI} over C{live}, with small client limits and no access log."""
-    return ProxySite(AdminAPI(token, live, lifetime, registrations), _ADMIN_LIMITS, reactor)
+    return ProxySite(AdminAPI(token, live, lifetime, registrations, reactor), _ADMIN_LIMITS, reactor)
 
 
 def metricsSite(metrics: ProxyMetrics, reactor: IReactorTime) -> ProxySite:

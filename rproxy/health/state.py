@@ -55,6 +55,9 @@ class UpstreamHealth:
     @ivar ejectionCount: how many times the host was ejected in all (never reset: the metrics' counter).
     @ivar activeUp: the active checks' verdict (C{True} until checks say otherwise).
     @ivar reason: why the host was last ejected or marked down (empty when it never was).
+    @ivar lastError: the latest failure, of an exchange or of an active check, ejecting or not (empty when
+        none failed yet): what a person looking at a host that misbehaves wants to read first.
+    @ivar lastErrorAt: the reactor's time of C{lastError} (C{None} when none failed yet).
     """
 
     def __init__(self, clock: IReactorTime, policy: PassivePolicy) -> None:
@@ -65,6 +68,8 @@ class UpstreamHealth:
         self.ejectionCount = 0
         self.activeUp = True
         self.reason = ""
+        self.lastError = ""
+        self.lastErrorAt: float | None = None
         self._consecutiveFailures = 0
         self._recent: deque[tuple[float, bool]] = deque()  # (time, failed) within the window
         self._returnedAt: float | None = None
@@ -118,6 +123,7 @@ class UpstreamHealth:
 
         @return: whether the failures now call for ejecting the host (the caller decides, given the cap).
         """
+        self._noteError(reason)
         self._consecutiveFailures += 1
         self._remember(True)
         if self.ejected:
@@ -146,6 +152,10 @@ class UpstreamHealth:
         self._recent.clear()
         return length
 
+    def _noteError(self, reason: str) -> None:
+        self.lastError = reason
+        self.lastErrorAt = self._clock.seconds()
+
     def _remember(self, failed: bool) -> None:
         now = self._clock.seconds()
         recent = self._recent
@@ -164,6 +174,7 @@ class UpstreamHealth:
         """
         if not result.healthy:
             self.reason = result.reason
+            self._noteError(result.reason)
         if result.healthy == self.activeUp:
             self._checkStreak = 0
             return False

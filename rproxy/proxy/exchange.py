@@ -372,6 +372,8 @@ class Exchange:
         service = self.service
         assert service is not None
         latency = self._latency if self._status is not None else self.proxy.reactor.seconds() - self._sentAt
+        if self._status is not None:
+            upstream.responded(latency)
         service.balancer.report(upstream, Outcome(self._status, latency, error))
         if error is None:
             service.registry.success(service.name, upstream)

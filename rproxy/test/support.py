@@ -6,6 +6,7 @@ Real-socket fixtures for rproxy's tests: a proxy and upstreams on 127.0.0.1, and
     proxy = startProxy(self, [upstream.url], "--rewrite-host")
     head, body = await rawRequest(proxy.port, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
     code, out, err = await curl(["-s", proxy.url + "/echo"])
+    dom = await dumpDOM(self, url)                    # the DOM Debian's headless Chromium made of a page
 
 Everything listens on an ephemeral port and is torn down by the test's cleanups.
 """
@@ -22,6 +23,7 @@ from typing import Any
 from twisted.internet import defer, protocol, reactor, task, utils
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web import server
 from zope.interface import implementer, provider
@@ -401,6 +403,70 @@ def freePort() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: Debian's Chromium, which browser tests drive headless (make test installs it).
+CHROMIUM = "/usr/bin/chromium"
+
+#: Headless, without anything that would reach outside 127.0.0.1 or wait for a GPU; --virtual-time-budget lets
+#: the page's scripts and fetches run before the DOM is dumped or the screenshot taken (virtual time stands
+#: still while requests are pending, and runs ahead of the clock when nothing is).
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--no-proxy-server",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=5000",
+]
+
+
+class _Collected(protocol.ProcessProtocol):
+    """Keeps a process's output until it ends."""
+
+    def __init__(self, ended: defer.Deferred[tuple[bytes, bytes, int | None]]) -> None:
+        self.ended = ended
+        self.out = b""
+        self.err = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err = (self.err + data)[-4000:]
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback((self.out, self.err, getattr(reason.value, "exitCode", None)))
+
+
+async def chromium(testCase: unittest.TestCase, arguments: list[str], timeout: float = 30.0) -> bytes:
+    """
+    Run a headless Chromium with L{CHROMIUM_FLAGS}, a profile of its own and C{arguments}, killed after
+    C{timeout} seconds; fail C{testCase} unless it exits with 0; return what it wrote to its standard output.
+    """
+    testCase.assertTrue(os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} is missing: make test installs it")
+    profile = os.path.abspath(testCase.mktemp())
+    os.makedirs(profile)
+    ended: defer.Deferred[tuple[bytes, bytes, int | None]] = defer.Deferred()
+    argv = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments]
+    process = reactor.spawnProcess(
+        _Collected(ended), CHROMIUM, argv, env={"HOME": profile, "PATH": os.environ.get("PATH", "/usr/bin")}
+    )
+    killer = reactor.callLater(timeout, process.signalProcess, "KILL")
+    out, err, code = await ended
+    if killer.active():
+        killer.cancel()
+    testCase.assertEqual(code, 0, f"chromium failed or timed out after {timeout} s: {err.decode('utf-8', 'replace')}")
+    return out
+
+
+async def dumpDOM(testCase: unittest.TestCase, url: str, timeout: float = 30.0) -> str:
+    """Load C{url} in a headless L{chromium}; return the DOM once scripts are done."""
+    return (await chromium(testCase, ["--dump-dom", url], timeout)).decode("utf-8")
 
 
 class _ReadyProtocol(protocol.ProcessProtocol):

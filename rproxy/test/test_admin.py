@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from base64 import b64encode
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -458,8 +459,12 @@ class StateTests(unittest.TestCase):
             "weight": 3,
             "state": "up",
             "reason": None,
+            "ejections": 0,
+            "ejectionEndsIn": None,
+            "lastError": None,
             "inFlight": 0,
             "pool": {"open": 0, "idle": 0},
+            "latency": None,
             "registration": None,
         }
         self.assertEqual(
@@ -487,6 +492,7 @@ class StateTests(unittest.TestCase):
         self.assertEqual((await inFlight)[1], b"slow")
         [service] = (await client.request("GET", "/state")).json()["services"]
         self.assertEqual(service["upstreams"][0]["inFlight"], 0)
+        self.assertGreaterEqual(service["upstreams"][0]["latency"], 0.5)
 
     async def test_servicesAndRoutes(self) -> None:
         """Several services from a file, one ejected with its reason; the routes in order."""
@@ -874,7 +880,8 @@ def responseErrors(document: dict[str, Any], method: str, template: str, answer:
     [(mediaType, media)] = content.items()
     if answer.headers.get("content-type") != [mediaType]:
         errors.append(f"Content-Type {answer.headers.get('content-type')}, documented {mediaType}")
-    return errors + schemaErrors(document, media["schema"], answer.json())
+    body = answer.json() if mediaType == "application/json" else answer.body.decode("utf-8")
+    return errors + schemaErrors(document, media["schema"], body)
 
 
 def loadOpenAPI() -> dict[str, Any]:
@@ -904,8 +911,12 @@ class ValidatorTests(unittest.TestCase):
             "weight": 1,
             "state": "up",
             "reason": None,
+            "ejections": 0,
+            "ejectionEndsIn": None,
+            "lastError": None,
             "inFlight": 0,
             "pool": {"open": 1, "idle": 1},
+            "latency": 0.0012,
             "registration": None,
         }
 
@@ -916,6 +927,8 @@ class ValidatorTests(unittest.TestCase):
         registration = {"id": "0123456789abcdef", "service": "a", "key": "k", "weight": 2, "ttl": 0.5, "expiresIn": 0}
         self.assertEqual(self.errors("Upstream", self.upstream), [])
         self.assertEqual(self.errors("Upstream", self.upstream | {"registration": registration, "state": "down"}), [])
+        ejected = {"state": "ejected", "ejections": 2, "ejectionEndsIn": 9.5, "lastError": {"reason": "r", "at": 1e9}}
+        self.assertEqual(self.errors("Upstream", self.upstream | ejected), [])
         self.assertEqual(self.errors("RenewalRequest", {}), [])
 
     def test_invalid(self) -> None:
@@ -924,6 +937,7 @@ class ValidatorTests(unittest.TestCase):
             ("Upstream", {**self.upstream, "weight": True}, "$.weight: expected integer, got True"),
             ("Upstream", {**self.upstream, "weight": 0}, "$.weight: 0 is below the minimum 1"),
             ("Upstream", {**self.upstream, "inFlight": None}, "$.inFlight: null is not allowed"),
+            ("Upstream", {**self.upstream, "lastError": {"reason": "r"}}, "$.lastError: 'at' is missing"),
             ("Upstream", {**self.upstream, "extra": 1}, "$: 'extra' is not allowed"),
             ("Upstream", {k: v for k, v in self.upstream.items() if k != "pool"}, "$: 'pool' is missing"),
             ("Upstream", {**self.upstream, "pool": {"open": 1, "idle": "1"}}, "$.pool.idle: expected integer"),
@@ -975,13 +989,15 @@ class OpenAPITests(unittest.TestCase):
             body: object = None,
             raw: bytes | None = None,
             by: AdminClient = client,
+            authorization: str | None = None,
         ) -> Answer:
-            answer = await by.request(method, path, body, raw=raw)
+            answer = await by.request(method, path, body, raw=raw, authorization=authorization)
             self.assertEqual(responseErrors(document, method, template, answer), [], (method, path, answer.body))
             seen.add((method, template, answer.status))
             return answer
 
-        state, many, one = "/state", "/services/{name}/upstreams", "/services/{name}/upstreams/{id}"
+        state, page = "/state", "/status"
+        many, one = "/services/{name}/upstreams", "/services/{name}/upstreams/{id}"
         registration = {"url": instance.url, "ttl": 30}
         self.assertEqual(schemaErrors(document, {"$ref": "#/components/schemas/RegistrationRequest"}, registration), [])
         id = (await check("POST", many, "/services/default/upstreams", registration)).json()["id"]
@@ -990,6 +1006,9 @@ class OpenAPITests(unittest.TestCase):
         await request(proxy.port, b"/")
         await request(proxy.port, b"/")  # the dead one is ejected: its state has a reason
         await check("GET", state, state)
+        await check("GET", page, page)
+        await check("GET", page, page, authorization="Basic " + b64encode(f"admin:{TOKEN}".encode()).decode())
+        await check("GET", page, page, authorization="Basic " + b64encode(b"admin:wrong").decode())
         await check("POST", many, "/services/default/upstreams", raw=b"{")
         await check("POST", many, "/services/nope/upstreams", registration)
         await check("POST", many, "/services/default/upstreams", {"url": configured.url, "ttl": 30})
@@ -1001,6 +1020,7 @@ class OpenAPITests(unittest.TestCase):
         await check("DELETE", one, f"/services/default/upstreams/{id}")
         for method, template, path in [
             ("GET", state, state),
+            ("GET", page, page),
             ("POST", many, "/services/default/upstreams"),
             ("PUT", one, "/services/default/upstreams/x"),
             ("DELETE", one, "/services/default/upstreams/x"),

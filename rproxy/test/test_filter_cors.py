@@ -6,12 +6,9 @@ Chromium loading a page of one origin that fetches through rproxy on another, al
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 
-from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.http_headers import Headers
@@ -25,6 +22,7 @@ from rproxy.proxy.message import FilterVerdict, LocalResponse, RequestContext
 from rproxy.test.support import (
     ScriptedUpstream,
     curl,
+    dumpDOM,
     freePort,
     startProxy,
     startUpstream,
@@ -604,23 +602,6 @@ class SocketTests(unittest.TestCase):
         self.assertEqual(corsFields(fields), [(b"access-control-allow-origin", APP.encode())])
 
 
-CHROMIUM = "/usr/bin/chromium"
-
-#: Headless, without anything that would reach outside 127.0.0.1 or wait for a GPU; --virtual-time-budget lets
-#: the page's fetch finish before the DOM is dumped (virtual time stands still while requests are pending).
-CHROMIUM_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--no-proxy-server",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--virtual-time-budget=5000",
-]
-
 #: The page: it fetches through rproxy with credentials and a custom field (so the browser preflights), and
 #: writes what came back, or the error, where --dump-dom shows it.
 PAGE = """<!doctype html>
@@ -631,41 +612,6 @@ fetch("%(url)s", {credentials: "include", headers: {"X-Token": "t"}})
   .then(shown => { document.getElementById("out").textContent = shown; });
 </script></body></html>
 """
-
-
-class _Collected(protocol.ProcessProtocol):
-    """Keeps a process's output until it ends."""
-
-    def __init__(self, ended: defer.Deferred[tuple[bytes, bytes, int | None]]) -> None:
-        self.ended = ended
-        self.out = b""
-        self.err = b""
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err = (self.err + data)[-4000:]
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback((self.out, self.err, getattr(reason.value, "exitCode", None)))
-
-
-async def dumpDOM(testCase: unittest.TestCase, url: str, timeout: float = 30.0) -> str:
-    """Load C{url} in a headless Chromium with a profile of its own; return the DOM once scripts are done."""
-    profile = os.path.abspath(testCase.mktemp())
-    os.makedirs(profile)
-    ended: defer.Deferred[tuple[bytes, bytes, int | None]] = defer.Deferred()
-    arguments = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url]
-    process = reactor.spawnProcess(
-        _Collected(ended), CHROMIUM, arguments, env={"HOME": profile, "PATH": os.environ.get("PATH", "/usr/bin")}
-    )
-    killer = reactor.callLater(timeout, process.signalProcess, "KILL")
-    out, err, code = await ended
-    if killer.active():
-        killer.cancel()
-    testCase.assertEqual(code, 0, f"chromium failed or timed out after {timeout} s: {err.decode('utf-8', 'replace')}")
-    return out.decode("utf-8")
 
 
 class _Page(resource.Resource):
@@ -726,7 +672,6 @@ class CORSBrowserTests(unittest.TestCase):
         Load the page with a policy allowing C{origins} (the page's when C{None}) with credentials and the
         page's field; return the DOM, the upstream and what rproxy answered.
         """
-        self.assertTrue(os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} is missing: make test installs it")
         upstream = _Upstream()
         proxy = startProxy(self, [startUpstream(self, server.Site(upstream)).url])
         page = startUpstream(self, server.Site(_Page(proxy.url + "/data")))

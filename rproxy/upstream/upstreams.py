@@ -15,6 +15,10 @@ from rproxy.upstream.pool import HTTP1, HTTP2, NEGOTIATED, UpstreamPool
 from rproxy.upstream.settings import PoolSettings
 from rproxy.upstream.tls import UpstreamTLS, connectionCreator
 
+#: The share of its moving average an upstream's latest response-head latency takes: the average follows the
+#: last ten responses or so, enough to smooth one slow answer and short enough to show a trend within seconds.
+LATENCY_SMOOTHING = 0.2
+
 
 @dataclass(frozen=True)
 class _Scheme:
@@ -132,6 +136,8 @@ class Upstream:
     @ivar inFlight: exchanges using it now.
     @ivar health: passive ejection, active check verdicts, slow start.
     @ivar hostHeader: the ``Host`` to send when a service rewrites it.
+    @ivar latency: the moving average of the seconds from sending a request to it to its response head
+        (C{None} until one came), for people and the admin API (balancers that learn keep their own).
     """
 
     def __init__(self, url: UpstreamURL, pool: UpstreamPool, health: UpstreamHealth, weight: int = 1) -> None:
@@ -144,6 +150,7 @@ class Upstream:
         self.configuredWeight = weight
         self.inFlight = 0
         self.hostHeader = url.authority.encode("idna")
+        self.latency: float | None = None
 
     @classmethod
     def fromURL(
@@ -162,6 +169,11 @@ class Upstream:
     def weight(self) -> float:
         """The weight it has now: the configured one, scaled down while it slow-starts after a return."""
         return self.configuredWeight * self.health.weightFactor()
+
+    def responded(self, latency: float) -> None:
+        """An attempt on it got its response head C{latency} seconds after it was sent: fold that into L{latency}."""
+        average = self.latency
+        self.latency = latency if average is None else average + LATENCY_SMOOTHING * (latency - average)
 
     def __repr__(self) -> str:
         return f"<Upstream {self.key}>"
