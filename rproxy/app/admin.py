@@ -66,6 +66,8 @@ _BEARER_CHALLENGE = {b"www-authenticate": b'Bearer realm="rproxy-admin"'}
 _BASIC_CHALLENGE = {b"www-authenticate": b'Basic realm="rproxy-admin", charset="UTF-8"'}
 #: Where the status page is.
 STATUS_PATH = b"/status"
+#: Where the admin listener serves Prometheus's metrics (behind its token), when they are kept.
+METRICS_PATH = b"/metrics"
 
 
 @dataclass(frozen=True)
@@ -495,6 +497,7 @@ class AdminAPI(Resource):
         lifetime: IService,
         registrations: Registrations,
         clock: IReactorTime,
+        metrics: IResource | None = None,
     ) -> None:
         """
         @param token: the bearer token every request must carry.
@@ -502,6 +505,7 @@ class AdminAPI(Resource):
         @param lifetime: a service that stops as rproxy starts to shut down.
         @param registrations: the upstreams registered through the API.
         @param clock: the reactor whose time the upstreams' health keeps (the status page says how long ago).
+        @param metrics: what answers C{GET /metrics} (Prometheus's exposition), if the metrics are kept.
         """
         super().__init__()
         self._token = token
@@ -509,6 +513,7 @@ class AdminAPI(Resource):
         self._lifetime = lifetime
         self._registrations = registrations
         self._clock = clock
+        self._metrics = metrics
 
     def render(self, request: Request) -> bytes:
         request.setHeader(b"cache-control", b"no-store")
@@ -518,6 +523,8 @@ class AdminAPI(Resource):
             self._authenticate(request, page)
             if page:
                 return self._page(request)
+            if request.path == METRICS_PATH and self._metrics is not None:
+                return self._metrics.render(request)  # type: ignore[no-any-return]
             status, document = self._route(request)
         except APIError as e:
             for name, value in e.fields.items():
@@ -664,10 +671,19 @@ def _allow(request: Request, *methods: bytes) -> None:
 
 
 def adminSite(
-    token: bytes, live: LiveProxy, lifetime: IService, registrations: Registrations, reactor: IReactorTime
+    token: bytes,
+    live: LiveProxy,
+    lifetime: IService,
+    registrations: Registrations,
+    reactor: IReactorTime,
+    metrics: ProxyMetrics | None = None,
 ) -> ProxySite:
-    """The admin listener's site: L{AdminAPI} over C{live}, with small client limits and no access log."""
-    return ProxySite(AdminAPI(token, live, lifetime, registrations, reactor), _ADMIN_LIMITS, reactor)
+    """
+    The admin listener's site: L{AdminAPI} over C{live} (and C{metrics} at C{/metrics}, behind its token), with
+    small client limits and no access log.
+    """
+    served = metricsResource(metrics.registry) if metrics is not None else None
+    return ProxySite(AdminAPI(token, live, lifetime, registrations, reactor, served), _ADMIN_LIMITS, reactor)
 
 
 def metricsSite(metrics: ProxyMetrics, reactor: IReactorTime) -> ProxySite:

@@ -510,16 +510,19 @@ def buildService(
         certificates.setServiceParent(top)
         for endpoint in config.tls.listen:
             tlsListener(endpoint, site, certificates).setServiceParent(top)
+    metrics = None
+    if admin is not None and (admin.listen is not None or admin.metricsListen is not None):
+        metrics = ProxyMetrics()  # kept for the admin listener's /metrics and the metrics listener
+        metrics.watch(registry, draining.sites, proxy.tunnels)
+        site.observers.append(metrics)
     if admin is not None and admin.listen is not None:
         assert admin.token is not None  # AdminSettings never has one without the other
         registrations = Registrations(live, reactor)
         registrations.setServiceParent(top)
-        api = adminSite(admin.token, live, draining, registrations, reactor)
+        api = adminSite(admin.token, live, draining, registrations, reactor, metrics)
         strports.service(admin.listen, api).setServiceParent(top)
     if admin is not None and admin.metricsListen is not None:
-        metrics = ProxyMetrics()
-        metrics.watch(registry, draining.sites, proxy.tunnels)
-        site.observers.append(metrics)
+        assert metrics is not None
         strports.service(admin.metricsListen, metricsSite(metrics, reactor)).setServiceParent(top)
     reloads: list[Callable[[str], object]] = []
     if source is not None:

@@ -612,3 +612,23 @@ def _ruleTests() -> dict[str, object]:
             }
         ],
     }
+
+
+class AdminMetricsTests(unittest.TestCase):
+    """The admin listener serves the metrics at /metrics, behind its token."""
+
+    async def test_behindToken(self) -> None:
+        from rproxy.test.test_admin import TOKEN, startAdmin
+
+        upstream = ScriptedUpstream(self, lambda proto, request: OK)
+        running = startAdmin(self, "--upstream", upstream.url)
+        self.assertEqual(responseStatus(await rawRequest(running.port, get(b"/a"))), 200)
+        assert running.adminPort is not None
+        status, head, _ = await scrape(running.adminPort)
+        self.assertEqual(status, 401)
+        request = b"GET /metrics HTTP/1.1\r\nHost: m\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n"
+        answer = await rawRequest(running.adminPort, request % TOKEN.encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertEqual(responseStatus(head), 200, head)
+        key = sampleKey("rproxy_requests_total", service="default", route="", method="GET", code_class="2xx")
+        self.assertEqual(samples(body.decode(), ["rproxy_requests_total"])[key], 1)
