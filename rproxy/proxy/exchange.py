@@ -36,6 +36,7 @@ from rproxy.upstream.upstreams import Upstream
 
 if TYPE_CHECKING:
     from rproxy.downstream.contract import Downstream
+    from rproxy.observe.tracing import ExchangeTrace, ExchangeTracer
     from rproxy.tunnel.sides import TunnelSide
 
 _log = Logger()
@@ -54,6 +55,7 @@ class Proxy:
     @ivar director: routes requests to services.
     @ivar forwarding: the X-Forwarded-*/Forwarded/Via policy.
     @ivar tunnels: the connections spliced after a 101, with their idle timeout and counts.
+    @ivar tracer: what traces each exchange and its attempts (L{rproxy.observe.tracing}), if anything does.
     """
 
     def __init__(
@@ -62,11 +64,13 @@ class Proxy:
         director: IDirector,
         forwarding: ForwardingPolicy = ForwardingPolicy(),
         tunnels: Tunnels | None = None,
+        tracer: ExchangeTracer | None = None,
     ) -> None:
         self.reactor = reactor
         self.director = director
         self.forwarding = forwarding
         self.tunnels = Tunnels(reactor) if tunnels is None else tunnels
+        self.tracer = tracer
 
     def handle(self, downstream: Downstream, target: bytes) -> Exchange:
         """Proxy C{downstream}'s request, whose request-target relative to the proxy's mount point is C{target}."""
@@ -105,6 +109,7 @@ class Exchange:
     _run: ChainRun | None = None  # the way through the service's filters, when it has some
     _context: RequestContext | None = None
     _transform: IBodyTransform | None = None  # what a response filter rewrites the body with
+    _trace: ExchangeTrace | None = None  # the exchange's spans, when the proxy traces
 
     def __init__(self, proxy: Proxy, downstream: Downstream, target: bytes) -> None:
         self.proxy = proxy
@@ -164,9 +169,16 @@ class Exchange:
             self._attempt()
 
     def _identify(self, record: ExchangeRecord, outbound: OutboundRequest) -> None:
-        """Send the request's id, and its trace context (a new one when it has none), to the upstream."""
+        """
+        Send the request's id, and its trace context (a new one when it has none), to the upstream; when the
+        proxy traces, the trace context is each attempt's (L{_attempt}).
+        """
         headers = self.inbound.headers
-        started, record.traceId = traceContext(headers)
+        tracer = self.proxy.tracer
+        if tracer is None:
+            started, record.traceId = traceContext(headers)
+        else:
+            self._trace, started = tracer.exchangeStarted(record, headers), None
         replaced = (REQUEST_ID, b"traceparent", b"tracestate") if started is not None else (REQUEST_ID,)
         if any(headers.hasHeader(name) for name in replaced):
             outbound.removeFields(replaced)
@@ -280,6 +292,10 @@ class Exchange:
         self._sentAt = now = self.proxy.reactor.seconds()
         if not self._startedAt:
             self._startedAt = now
+        if self._trace is not None:
+            self._trace.attemptStarted(
+                upstream, _joinPath(upstream.url.basePath, self.outbound.target), self.outbound, now
+            )
         connection = upstream.pool.takeIdle()
         if connection is not None:  # the usual case: no Deferred
             self._connected(connection)
@@ -362,11 +378,16 @@ class Exchange:
         self._attempt()
 
     def _unbind(self, error: ProxyError | None, report: bool = True) -> None:
-        """The current attempt is over: stop counting it against its upstream, and report how it went."""
+        """
+        The current attempt is over: stop counting it against its upstream, and report how it went (with
+        C{report} false, the client went away: nothing was learnt of the upstream).
+        """
         upstream, self._bound = self._bound, None
         if upstream is None:
             return
         upstream.inFlight -= 1
+        if self._trace is not None:
+            self._trace.attemptEnded(self._status, error, self.proxy.reactor.seconds(), cancelled=not report)
         if not report:
             return
         service = self.service
