@@ -10,6 +10,14 @@ VERSION = re.search(
     r'^__version__ = "([^"]+)"', (HERE / "rproxy" / "_version.py").read_text(), re.M
 ).group(1)  # type: ignore[union-attr]
 
+# The otel extra: rproxy/observe/otel.py's spans, the SDK's sampling and batching, and its OTLP/HTTP exporter
+# (protobuf over requests, in the SDK's thread).  A proxy that does not trace never imports them.
+OTEL = [
+    "opentelemetry-api>=1.27.0",
+    "opentelemetry-sdk>=1.27.0",
+    "opentelemetry-exporter-otlp-proto-http>=1.27.0",
+]
+
 setup(
     name="rproxy",
     version=VERSION,
@@ -58,7 +66,12 @@ setup(
         # websockets: rproxy/test/test_upgrade.py and test_websocket.py run real WebSocket clients and servers.
         # pydoctor: `make docs` builds the API reference, and rproxy/test/test_docs.py checks that it builds.
         # httpx: the filter tests' HTTP client library, which decodes gzip, br and zstd bodies.
+        # The otel extra and opentelemetry-proto: rproxy/test/test_observe_tracing.py traces through a proxy, and
+        # decodes what the exporter sends to a collector.
+        "otel": OTEL,
         "test": [
+            *OTEL,
+            "opentelemetry-proto>=1.27.0",
             "setuptools>=70.1",
             "pydoctor>=25.10",
             "PyHamcrest>=2.0",
