@@ -15,7 +15,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
@@ -74,9 +75,7 @@ class TracedProxy:
         self.upstream = ScriptedUpstream(testCase, respond)
         self.proxy = startProxy(testCase, [self.upstream.url], *arguments)
         self.exporter = InMemorySpanExporter()
-        provider = TracerProvider(ParentBased(ALWAYS_ON), shutdown_on_exit=False)  # whatever OTEL_* say
-        provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-        self.tracing = OTelTracing(provider)
+        self.tracing = OTelTracing(SimpleSpanProcessor(self.exporter), ParentBased(ALWAYS_ON), Resource.create())
         self.proxy.site.resource.proxy.tracer = self.tracing
         self.recorder = Recorder()
         self.proxy.site.observers += [self.tracing, self.recorder]
@@ -130,8 +129,6 @@ class SpanTests(unittest.TestCase):
                 "network.peer.address": "127.0.0.1",
                 "client.address": "127.0.0.1",
                 "http.response.status_code": 200,
-                "http.request.body.size": 0,
-                "http.response.body.size": 2,
                 "rproxy.service": "default",
                 "rproxy.request_id": record.requestId,
             },
@@ -154,6 +151,31 @@ class SpanTests(unittest.TestCase):
         self.assertLessEqual(exchange.start_time, attempt.start_time)
         self.assertLessEqual(attempt.start_time, attempt.end_time)
         self.assertLessEqual(attempt.end_time, exchange.end_time)
+
+    async def test_notSampled(self) -> None:
+        """
+        A trace its client did not sample is not recorded: no span, and the upstream gets the trace, unsampled,
+        with the attempt's span id as the parent all the same.
+        """
+        traced = TracedProxy(self, lambda proto, request: OK)
+        await rawRequest(traced.proxy.port, get(extra=b"traceparent: " + TRACEPARENT[:-2] + b"00\r\n"))
+        self.assertEqual(traced.exporter.get_finished_spans(), ())
+        self.assertEqual(traced.tracing._open, {})
+        [sent] = traced.upstream.requests[0].headers(b"traceparent")
+        self.assertRegex(sent, rb"00-" + TRACE.encode() + rb"-[0-9a-f]{16}-00\Z")
+        self.assertNotEqual(sent[36:52], PARENT.encode())
+        self.assertEqual(traced.recorder.records[0].traceId, TRACE)
+
+    async def test_otherMethod(self) -> None:
+        """A method the conventions do not name is _OTHER, as the span name too, the method an attribute."""
+        traced = TracedProxy(self, lambda proto, request: OK)
+        await rawRequest(traced.proxy.port, b"PURGE /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        exchange, [attempt] = traced.spans()
+        for span in (exchange, attempt):
+            self.assertEqual(span.name, "_OTHER")
+            attributes = span.attributes or {}
+            self.assertEqual(attributes["http.request.method"], "_OTHER")
+            self.assertEqual(attributes["http.request.method_original"], "PURGE")
 
     async def test_newTrace(self) -> None:
         """
