@@ -17,13 +17,14 @@ SDK's own C{ReadableSpan}, with the start and end times the exchange measured: a
 exchange lets go of its upstream (response done, failure, retry, the client gone), the exchange's when its
 record reaches the observers.  Each is thus ended exactly once, whichever way the exchange ends.  The SDK's
 C{Tracer} would make the same spans, live ones, at three times the cost (a lock, checks and copies per
-attribute, contexts per span): measured in a proxy under load, its two spans took 76 microseconds of CPU
-per exchange, these 23 (34 under an inbound C{traceparent}; 12 when the sampler leaves the trace out), where
-a small proxied request takes about 90.  What the C{Tracer} adds and this does not:
+attribute, contexts per span): measured in a proxy under load, its two spans took 76 microseconds of the
+reactor thread's CPU per exchange, these 23 (34 under an inbound C{traceparent}; 12 when the sampler leaves
+the trace out), where a small proxied request takes about 90.  (The OTLP exporter's encoding, in its own
+thread, takes about 30 more per span: docs/observability.md.)  What the C{Tracer} adds and this does not:
 span processors' C{on_start} (the processor here is the SDK's batching one, which ignores it) and the span
-limits (C{OTEL_SPAN_*}, C{OTEL_ATTRIBUTE_*}: a span here has at most 16 attributes, whose values the
-request head's limits bound).  An attempt is recorded when its exchange is: the sampler decides once per
-exchange.
+limits (C{OTEL_SPAN_*}, C{OTEL_ATTRIBUTE_*}: a span here has at most 16 attributes and those a sampler
+adds, whose values the request head's limits bound).  An attempt is recorded when its exchange is: the
+sampler decides once per exchange.
 
 Attributes follow OpenTelemetry's HTTP semantic conventions: C{http.request.method}, C{url.scheme},
 C{url.path} and C{url.query} (secret query parameters redacted, L{rproxy.observe.redact}),

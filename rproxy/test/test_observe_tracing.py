@@ -8,6 +8,7 @@ and a proxy that does not trace imports no C{opentelemetry} at all.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -71,9 +72,22 @@ def traceparentOf(span: ReadableSpan) -> bytes:
 class TracedProxy:
     """A proxy in front of a L{ScriptedUpstream}, tracing into memory, its records kept."""
 
-    def __init__(self, testCase: unittest.TestCase, respond: Callable[..., bytes], *arguments: str) -> None:
+    def __init__(
+        self, testCase: unittest.TestCase, respond: Callable[..., bytes], *arguments: str, route: str | None = None
+    ) -> None:
+        """
+        @param route: the name of a config file's one route to the upstream (C{None}: the upstream is the
+            default service, without a config file).
+        """
         self.upstream = ScriptedUpstream(testCase, respond)
-        self.proxy = startProxy(testCase, [self.upstream.url], *arguments)
+        if route is None:
+            self.proxy = startProxy(testCase, [self.upstream.url], *arguments)
+        else:
+            config = testCase.mktemp()
+            with open(config, "w", encoding="utf-8") as f:
+                f.write(f'[services.shop]\nupstreams = ["{self.upstream.url}"]\n')
+                f.write(f'[[routes]]\nname = "{route}"\nservice = "shop"\n')
+            self.proxy = startProxy(testCase, [], "--config", config, *arguments)
         self.exporter = InMemorySpanExporter()
         self.tracing = OTelTracing(SimpleSpanProcessor(self.exporter), ParentBased(ALWAYS_ON), Resource.create())
         self.proxy.site.resource.proxy.tracer = self.tracing
@@ -414,3 +428,24 @@ class WithoutOpenTelemetryTests(unittest.TestCase):
             lines[1],
             "refused: tracing needs the otel extra (pip install 'rproxy[otel]'): opentelemetry is missing",
         )
+
+
+OBSERVABILITY_MD = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(rproxy.__file__))), "docs", "observability.md"
+)
+_SPANS = {"exchange": SpanKind.SERVER, "attempt": SpanKind.CLIENT}
+
+
+class DocsTests(unittest.TestCase):
+    async def test_attributes(self) -> None:
+        """docs/observability.md's table lists every attribute the spans have, with the spans that have it."""
+        with open(OBSERVABILITY_MD, encoding="utf-8") as f:
+            rows = re.findall(r"^\| `([a-z_.]+)` \| (both|exchange|attempt) \|", f.read(), re.M)
+        documented = {(name, kind) for name, where in rows for span, kind in _SPANS.items() if where in (span, "both")}
+        traced = TracedProxy(self, lambda proto, request: FAILED if b"/500" in request.requestLine else OK, route="all")
+        inbound = b"traceparent: " + TRACEPARENT + b"\r\nUser-Agent: test\r\n"
+        await rawRequest(traced.proxy.port, get(b"/a?q=1", inbound))
+        await rawRequest(traced.proxy.port, b"PURGE /500 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        seen = {(name, span.kind) for span in traced.exporter.get_finished_spans() for name in span.attributes or {}}
+        self.assertEqual(seen, documented)
+        self.assertEqual(traced.recorder.records[0].route, "all")
