@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -76,7 +75,7 @@ if TYPE_CHECKING:
     from rproxy.proxy.message import OutboundRequest
     from rproxy.upstream.upstreams import Upstream
 
-__all__ = ["OTelTracing", "buildOTelTracing", "tracesURL"]
+__all__ = ["OTelTracing", "buildOTelTracing"]
 
 _log = Logger()
 
@@ -85,9 +84,6 @@ _log = Logger()
 _METHODS = frozenset(
     {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"},
 )
-
-#: OTLP/HTTP's path for traces, added to a collector's URL that has no path.
-_TRACES_PATH = "/v1/traces"
 
 #: Why an exchange that ended otherwise than L{DONE} is an error.
 _OUTCOMES = {CLIENT_GONE: "the client went away", ABORTED: "the response was cut short"}
@@ -375,29 +371,13 @@ class OTelTracing:
         return deferToThreadPool(reactor, reactor.getThreadPool(), self.processor.shutdown)
 
 
-def tracesURL(endpoint: str) -> str:
+def buildOTelTracing(url: str | None = None) -> OTelTracing | None:
     """
-    The OTLP/HTTP URL of traces for a collector at C{endpoint}: C{/v1/traces} added when it has no path,
-    C{endpoint} itself when it has one.
-
-    @raise ValueError: when C{endpoint} is not an http or https URL with a host.
+    Tracing that exports by OTLP/HTTP to C{url} (L{rproxy.observe.tracing.tracesURL}), or where the
+    C{OTEL_EXPORTER_OTLP_*} variables say, sampled as C{OTEL_TRACES_SAMPLER} says; the resource named
+    C{rproxy} unless C{OTEL_SERVICE_NAME} or C{OTEL_RESOURCE_ATTRIBUTES} name it; C{None} when
+    C{OTEL_SDK_DISABLED} is C{true}.
     """
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"an OTLP endpoint is an http or https URL, such as http://collector:4318, not {endpoint!r}")
-    if parts.path in ("", "/"):
-        return endpoint.rstrip("/") + _TRACES_PATH
-    return endpoint
-
-
-def buildOTelTracing(endpoint: str | None = None) -> OTelTracing | None:
-    """
-    Tracing that exports by OTLP/HTTP to C{endpoint} (L{tracesURL}), or where the C{OTEL_EXPORTER_OTLP_*}
-    variables say, sampled as C{OTEL_TRACES_SAMPLER} says; the resource named C{rproxy} unless
-    C{OTEL_SERVICE_NAME} or C{OTEL_RESOURCE_ATTRIBUTES} name it; C{None} when C{OTEL_SDK_DISABLED} is
-    C{true}.
-    """
-    url = tracesURL(endpoint) if endpoint is not None else None
     if os.environ.get(OTEL_SDK_DISABLED, "").strip().lower() == "true":
         _log.info("tracing is off: OTEL_SDK_DISABLED is true")
         return None

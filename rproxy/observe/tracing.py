@@ -14,6 +14,7 @@ trace never imports C{opentelemetry}, installed or not.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from twisted.web.http_headers import Headers
@@ -24,7 +25,10 @@ if TYPE_CHECKING:
     from rproxy.proxy.message import OutboundRequest
     from rproxy.upstream.upstreams import Upstream
 
-__all__ = ["ExchangeTrace", "ExchangeTracer", "TracingUnavailableError", "buildTracing"]
+__all__ = ["ExchangeTrace", "ExchangeTracer", "TracingUnavailableError", "buildTracing", "tracesURL"]
+
+#: OTLP/HTTP's path for traces, added to a collector's URL that has no path.
+_TRACES_PATH = "/v1/traces"
 
 
 class ExchangeTrace(Protocol):
@@ -63,21 +67,37 @@ class TracingUnavailableError(Exception):
     """Tracing was asked for, but the C{otel} extra is not installed."""
 
 
+def tracesURL(endpoint: str) -> str:
+    """
+    The OTLP/HTTP URL of traces for a collector at C{endpoint}: C{/v1/traces} added when it has no path,
+    C{endpoint} itself when it has one.  (A configuration checks an endpoint with it, extra or not.)
+
+    @raise ValueError: when C{endpoint} is not an http or https URL with a host.
+    """
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"an OTLP endpoint is an http or https URL, such as http://collector:4318, not {endpoint!r}")
+    if parts.path in ("", "/"):
+        return endpoint.rstrip("/") + _TRACES_PATH
+    return endpoint
+
+
 def buildTracing(endpoint: str | None = None) -> OTelTracing | None:
     """
     An OpenTelemetry tracer exporting spans by OTLP/HTTP in a thread of its own, configured as
     L{rproxy.observe.otel.buildOTelTracing} says; C{None} when the C{OTEL_SDK_DISABLED} variable turns the
     SDK off.
 
-    @param endpoint: the collector's URL, or C{None} for the C{OTEL_EXPORTER_OTLP_*} variables' (or the
-        SDK's default, C{http://localhost:4318/v1/traces}).
+    @param endpoint: the collector's URL (L{tracesURL}), or C{None} for the C{OTEL_EXPORTER_OTLP_*}
+        variables' (or the SDK's default, C{http://localhost:4318/v1/traces}).
     @raise TracingUnavailableError: when the OpenTelemetry SDK or its OTLP exporter is not installed.
     @raise ValueError: when C{endpoint} is not an http or https URL.
     """
+    url = tracesURL(endpoint) if endpoint is not None else None
     try:
         from rproxy.observe.otel import buildOTelTracing
     except ImportError as e:
         raise TracingUnavailableError(
             f"tracing needs the otel extra (pip install 'rproxy[otel]'): {e.name or 'opentelemetry'} is missing"
         ) from e
-    return buildOTelTracing(endpoint)
+    return buildOTelTracing(url)

@@ -30,7 +30,8 @@ from twisted.web.server import Request
 import rproxy
 from rproxy.errors import clientError
 from rproxy.observe.accesslog import recordFields
-from rproxy.observe.otel import OTelTracing, buildOTelTracing, tracesURL
+from rproxy.observe.otel import OTelTracing, buildOTelTracing
+from rproxy.observe.tracing import buildTracing, tracesURL
 from rproxy.test.support import (
     PYTHON,
     ReceivedRequest,
@@ -65,7 +66,7 @@ def parentId(span: ReadableSpan) -> str | None:
 
 
 def traceparentOf(span: ReadableSpan) -> bytes:
-    """The traceparent naming C{span} as the parent (sampled; the flags' other bits left out)."""
+    """The traceparent naming C{span} as the parent, without its flags."""
     return f"00-{format_trace_id(span.context.trace_id)}-{spanId(span)}".encode()
 
 
@@ -341,7 +342,7 @@ class ExportTests(unittest.TestCase):
         """Spans reach a collector by OTLP/HTTP, from the exporter's thread, when tracing closes."""
         collector = _Collector()
         listening = startUpstream(self, server.Site(collector))
-        tracing = buildOTelTracing(listening.url)
+        tracing = buildTracing(listening.url)
         assert tracing is not None
         upstream = ScriptedUpstream(self, lambda proto, request: OK)
         proxy = startProxy(self, [upstream.url])
