@@ -37,6 +37,7 @@ from rproxy.health.checks import HealthCheckSettings
 from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import IBalancerFactory
 from rproxy.observe.accesslog import checkFormat
+from rproxy.observe.tracing import tracesURL
 from rproxy.options import parseSize
 from rproxy.proxy.balancers import FirstAvailable, balancerFactories
 from rproxy.proxy.directors import BlueGreen, Route, ServiceVersion, WeightedSplit
@@ -228,6 +229,8 @@ class ProxyConfig:
     @ivar accessLog: C{None} for none, C{"stdout"}, C{"-"} for the Twisted log, or a file path.
     @ivar accessLogFormat: C{combined}, C{json}, or a template of named fields (L{rproxy.observe.accesslog}).
     @ivar accessLogRedact: query parameters redacted in the log besides the default ones.
+    @ivar tracing: whether exchanges are traced with OpenTelemetry (L{rproxy.observe.tracing}).
+    @ivar otelEndpoint: the OTLP/HTTP URL spans are exported to (C{None}: where C{OTEL_*} variables say).
     @ivar demoUpstream: an endpoint on which to also serve the built-in demo upstream.
     @ivar services: the services by name; without a config file's services, the one service C{default}
         of the command line's upstreams.
@@ -245,6 +248,8 @@ class ProxyConfig:
     accessLog: str | None = "stdout"
     accessLogFormat: str = "combined"
     accessLogRedact: tuple[str, ...] = ()
+    tracing: bool = False
+    otelEndpoint: str | None = None
     demoUpstream: str | None = None
     client: ClientLimits = field(default_factory=ClientLimits)
     tls: TLSSettings = field(default_factory=TLSSettings)
@@ -1104,6 +1109,16 @@ def _services(
     return services, serviceValues, places
 
 
+def _otelEndpoint(values: OptionValues) -> str | None:
+    endpoint = values.text("otel-endpoint")
+    if endpoint is None:
+        return None
+    try:
+        return tracesURL(endpoint)
+    except ValueError as e:
+        raise values.error("otel-endpoint", str(e)) from None
+
+
 def _accessLogFormat(values: OptionValues) -> str:
     format = values.text("access-log-format") or "combined"
     try:
@@ -1202,6 +1217,8 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
         accessLog=None if accessLog == "off" else accessLog,
         accessLogFormat=_accessLogFormat(values),
         accessLogRedact=tuple(values.repeated("access-log-redact")),
+        tracing=bool(values["otel"]) or values.text("otel-endpoint") is not None,
+        otelEndpoint=_otelEndpoint(values),
         demoUpstream=values.text("demo-upstream"),
         client=_client(values),
         tls=tls,

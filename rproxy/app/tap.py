@@ -56,6 +56,7 @@ from rproxy.health.state import PassivePolicy
 from rproxy.observe.logfile import ReopenOnSignal
 from rproxy.observe.metrics import ProxyMetrics
 from rproxy.observe.requestid import RequestIds
+from rproxy.observe.tracing import TracingUnavailableError, buildTracing
 from rproxy.proxy.balancers import balancerFactories
 from rproxy.proxy.registry import MemoryRegistry
 from rproxy.proxy.resource import buildResource
@@ -97,6 +98,11 @@ class Options(usage.Options):
         ["list-balancers", None, "Print the installed balancers and exit."],
         ["list-filters", None, "Print the installed filter kinds and exit."],
         ["compress", None, "Compress responses (gzip, brotli, zstd) for clients that accept it (the compress filter)."],
+        [
+            "otel",
+            None,
+            "Trace exchanges with OpenTelemetry (the otel extra), exporting by OTLP/HTTP where OTEL_* variables say.",
+        ],
         ["version", None, "Print the version and exit."],
     ]
     optParameters: list[list[Any]] = [
@@ -271,6 +277,12 @@ class Options(usage.Options):
             None,
             None,
             "Serve Prometheus metrics at /metrics on this endpoint, e.g. tcp:9902:interface=127.0.0.1 (default: off).",
+        ],
+        [
+            "otel-endpoint",
+            None,
+            None,
+            "Trace with OpenTelemetry, exporting by OTLP/HTTP to this collector URL (/v1/traces added without a path).",
         ],
         ["basic-auth", None, None, "Require HTTP Basic credentials from this htpasswd file (the basic-auth filter)."],
         [
@@ -479,9 +491,11 @@ def buildService(
     proxy = buildProxy(config, reactor, services, filters)
 
     # Added first so that it is stopped last, after the listeners stop accepting (its site is added below).
+    closers: list[Callable[[], Deferred[None]]] = []  # what holds threads, files or connections to the end
+
     def stopped() -> Deferred[None]:
         closeUpstreams(registry)
-        closing = [live.closeFilters()]
+        closing = [live.closeFilters(), *(close() for close in closers)]
         if accessLog is not None:
             closing.append(accessLog.sink.close())
         return gatherResults(closing).addCallback(lambda _: None)
@@ -510,6 +524,15 @@ def buildService(
         certificates.setServiceParent(top)
         for endpoint in config.tls.listen:
             tlsListener(endpoint, site, certificates).setServiceParent(top)
+    if config.tracing:
+        try:
+            tracing = buildTracing(config.otelEndpoint)
+        except (TracingUnavailableError, ValueError) as e:
+            raise ConfigError(f"--otel: {e}") from None
+        if tracing is not None:
+            proxy.tracer = tracing
+            site.observers.append(tracing)  # the exchange's span ends with its record
+            closers.append(lambda: tracing.close(reactor))  # type: ignore[arg-type]
     metrics = None
     if admin is not None and (admin.listen is not None or admin.metricsListen is not None):
         metrics = ProxyMetrics()  # kept for the admin listener's /metrics and the metrics listener

@@ -450,3 +450,27 @@ class DocsTests(unittest.TestCase):
         seen = {(name, span.kind) for span in traced.exporter.get_finished_spans() for name in span.attributes or {}}
         self.assertEqual(seen, documented)
         self.assertEqual(traced.recorder.records[0].route, "all")
+
+
+class CommandLineTests(unittest.TestCase):
+    async def test_otelEndpoint(self) -> None:
+        """C{--otel-endpoint URL}: the proxy twist builds traces its exchanges, exported there as it stops."""
+        from rproxy.test.test_admin import startService
+
+        collector = _Collector()
+        listening = startUpstream(self, server.Site(collector))
+        upstream = ScriptedUpstream(self, lambda proto, request: OK)
+        running = startService(self, "--upstream", upstream.url, "--otel-endpoint", listening.url)
+        await rawRequest(running.port, get())
+        await running.top.stopService()
+        self.assertTrue(await waitFor(lambda: collector.requests, timeout=8), "nothing was exported")
+
+    def test_badEndpoint(self) -> None:
+        from twisted.python.usage import UsageError
+
+        from rproxy.app.tap import Options
+
+        error = self.assertRaises(
+            UsageError, Options().parseOptions, ["--upstream", "http://h", "--otel-endpoint", "ftp://x"]
+        )
+        self.assertIn("--otel-endpoint: ", str(error))
