@@ -261,6 +261,8 @@ class Exchange:
         context = self._context
         if context is not None:
             record.client, record.user = context.client, context.user
+        elif self.proxy.forwarding.trustedProxies:  # the peer may be a proxy that forwarded the client
+            record.client = self.proxy.forwarding.client(self.inbound.clientHost, self.inbound.headers)
 
     def _contextEnded(self) -> None:
         """Tell what filters asked to know (L{RequestContext.whenEnded}) that the exchange is over."""

@@ -132,3 +132,16 @@ class TunnelRecordTests(UpgradeTestCase):
         [record] = recorder.records
         self.assertEqual((record.status, record.outcome, record.target), (101, DONE, b"/chat"))
         self.assertGreater(record.duration, 0)
+
+
+class TrustedClientTests(unittest.TestCase):
+    async def test_clientAfterTrustedProxies(self) -> None:
+        """Behind a trusted proxy, the record's client is the address it forwarded; the peer stays the peer."""
+        upstream = ScriptedUpstream(self, lambda proto, request: OK)
+        proxy = startProxy(self, [upstream.url], "--trusted-proxy", "127.0.0.1")
+        recorder = Recorder()
+        proxy.site.observers.append(recorder)
+        forwarded = b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 203.0.113.9\r\nConnection: close\r\n\r\n"
+        await rawRequest(proxy.port, forwarded)
+        [record] = recorder.records
+        self.assertEqual((record.client, record.peer), ("203.0.113.9", "127.0.0.1"))
