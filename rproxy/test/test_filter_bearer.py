@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import base64
 import datetime
-import functools
 import hmac
 import json
 import os
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jwt
@@ -54,18 +53,6 @@ OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
 ED_KEY = ed25519.Ed25519PrivateKey.generate()
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-def deferredTest(
-    function: Callable[[Any], Coroutine[Any, Any, None]],
-) -> Callable[[Any], defer.Deferred[None]]:
-    """Run an C{async def} test method as a Deferred."""
-
-    @functools.wraps(function)
-    def run(self: Any) -> defer.Deferred[None]:
-        return defer.ensureDeferred(function(self))
-
-    return run
 
 
 def publicPEM(key: Any) -> bytes:
@@ -624,7 +611,6 @@ class JWKSTestCase(unittest.TestCase):
 class JWKSFilterTests(JWKSTestCase):
     """JWKS keys through L{runFilters} on the real reactor."""
 
-    @deferredTest
     async def test_keys(self) -> None:
         bearer = self.bearer()
         self.assertIsNone((await self.through(bearer, self.signed())).verdict)
@@ -632,7 +618,6 @@ class JWKSFilterTests(JWKSTestCase):
         self.assertIsNone((await self.through(bearer, self.signed(sub="bob"))).verdict)
         self.assertEqual(self.jwks.requests, 1)
 
-    @deferredTest
     async def test_unknownKid(self) -> None:
         """A kid the JWKS lacks is refused, after one early refresh per jwks-min-refresh."""
         bearer = self.bearer(**{"jwks-min-refresh": 60})
@@ -648,7 +633,6 @@ class JWKSFilterTests(JWKSTestCase):
         self.assertEqual((await self.through(eager, self.signed("k9"))).status, 403)
         self.assertEqual(self.jwks.requests, 3)
 
-    @deferredTest
     async def test_keyOfOtherAlgorithm(self) -> None:
         """
         With HS256 and RS256 allowed, an HS256 token naming the RSA key (signed with its PEM as an HMAC
@@ -666,7 +650,6 @@ class JWKSFilterTests(JWKSTestCase):
         self.assertEqual(result.status, 403)
         self.assertIn(b"the key with kid 'k1' is not for HS256", result.body)
 
-    @deferredTest
     async def test_skipsUnusableKeys(self) -> None:
         """Keys for encryption, other algorithms or that PyJWT cannot read are left out; the others work."""
         self.jwks.document = jwks(
@@ -681,7 +664,6 @@ class JWKSFilterTests(JWKSTestCase):
         result = await self.through(bearer, self.signed("k2", OTHER_RSA_KEY))
         self.assertIn(b"no key with kid 'k2'", result.body)
 
-    @deferredTest
     async def test_garbageFirst(self) -> None:
         """A first fetch that gives no keys is a 503 naming the URL and the problem, retried later."""
         cases = {
@@ -706,7 +688,6 @@ class JWKSFilterTests(JWKSTestCase):
             self.assertEqual((await self.through(bearer, self.signed())).status, 503)
             self.assertEqual(self.jwks.requests, requests)
 
-    @deferredTest
     async def test_unreachable(self) -> None:
         url = f"http://127.0.0.1:{freePort()}/jwks.json?token=hidden"
         result = await self.through(self.bearer(url), self.signed())
@@ -716,7 +697,6 @@ class JWKSFilterTests(JWKSTestCase):
         for text in [result.body.decode(), *self.log.formatted()]:
             self.assertNotIn("hidden", text)
 
-    @deferredTest
     async def test_cancelledWhileWaiting(self) -> None:
         """A client that leaves while the first fetch runs does not stop it for the others."""
         self.jwks.delay = 0.2
@@ -752,7 +732,6 @@ class JWKSProxyTests(JWKSTestCase):
     def use(self, **options: object) -> None:
         useFilters(self.proxy, self.bearer(**{"claims-to-headers": {"sub": "X-User"}, **options}))
 
-    @deferredTest
     async def test_rotation(self) -> None:
         """A token signed with a new key (new kid) is accepted once the JWKS has it; a retired key is refused."""
         self.use(**{"jwks-refresh": 0.2})
@@ -776,7 +755,6 @@ class JWKSProxyTests(JWKSTestCase):
         self.assertIn(b"no key with kid 'k1'", body)
         self.assertEqual(len(self.upstream.requests), 3)
 
-    @deferredTest
     async def test_garbageKeepsKeys(self) -> None:
         self.use(**{"jwks-refresh": 0.2})
         self.assertEqual((await self.get(self.signed()))[0], 200)
@@ -788,7 +766,6 @@ class JWKSProxyTests(JWKSTestCase):
         self.assertEqual((await self.get(self.signed(sub="carol")))[0], 200)
         self.assertEqual(self.upstream.requests[-1].headers(b"x-user"), [b"carol"])
 
-    @deferredTest
     async def test_hangKeepsKeys(self) -> None:
         self.use(**{"jwks-refresh": 0.2, "jwks-timeout": 0.3})
         self.assertEqual((await self.get(self.signed()))[0], 200)
@@ -804,7 +781,6 @@ class JWKSProxyTests(JWKSTestCase):
         self.assertIn(b"no key with kid 'k2'", body)
         self.assertEqual(len(self.upstream.requests), 3)
 
-    @deferredTest
     async def test_firstFetchFails(self) -> None:
         """No keys at all: 503, never a pass; another proxy without the filter is unaffected."""
         other = startProxy(self, [self.upstream.url])
@@ -819,7 +795,6 @@ class JWKSProxyTests(JWKSTestCase):
         self.assertEqual(len(self.upstream.requests), 1)
         self.assertEqual((await self.get(None))[0], 401)
 
-    @deferredTest
     async def test_concurrentFirstRequests(self) -> None:
         """Requests arriving while the first fetch runs wait for it; it runs once."""
         self.jwks.delay = 0.3
@@ -831,7 +806,6 @@ class JWKSProxyTests(JWKSTestCase):
         self.assertEqual(self.jwks.requests, 1)
         self.assertEqual(sorted(r.headers(b"x-user")[0] for r in self.upstream.requests), [b"u0", b"u1", b"u2", b"u3"])
 
-    @deferredTest
     async def test_forgedHeaderThroughProxy(self) -> None:
         self.use()
         arguments = ["-s", "-i", self.proxy.url + "/", "-H", f"Authorization: Bearer {self.signed()}"]
