@@ -227,7 +227,8 @@ class CORSFilter:
 
     def onResponse(self, context: RequestContext, status: int, headers: Pairs) -> None:
         """Replace the CORS fields of a response (or an error) with the policy's, for the request's origin."""
-        headers[:] = [field for field in headers if not field[0].lower().startswith(_PREFIX)]
+        if any(name[: len(_PREFIX)].lower() == _PREFIX for name, _ in headers):  # rare: the upstream set its own
+            headers[:] = [field for field in headers if not field[0].lower().startswith(_PREFIX)]
         if self._varies:
             varyOnOrigin(headers)
         origin = self.allowedOrigin(context.inbound.headers)
