@@ -17,6 +17,7 @@ request is written, and the user is a name a filter checked, never a credential.
 from __future__ import annotations
 
 import json
+import re
 import string
 import time
 from collections.abc import Callable, Mapping
@@ -116,21 +117,30 @@ class _Clock:
 
     def __init__(self) -> None:
         self._second = -1
-        self._text = ""
+        self._text = b""
 
-    def __call__(self, seconds: float) -> str:
+    def __call__(self, seconds: float) -> bytes:
         whole = int(seconds)
         if whole != self._second:
-            self._second, self._text = whole, time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(whole))
+            text = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(whole))
+            self._second, self._text = whole, text.encode("ascii")
         return self._text
 
 
-def _quoted(value: bytes) -> str:
-    """A value inside the combined format's double quotes: quotes, backslashes and controls escaped."""
-    text = value.decode("latin-1")
-    if '"' in text or "\\" in text or not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    return text
+#: What a value inside the combined format's double quotes may not hold as it is: quotes, backslashes,
+#: controls and bytes past ASCII (written as escapes, so that a line is printable ASCII whatever was sent).
+_UNSAFE = re.compile(rb'["\\\x00-\x1f\x7f-\xff]')
+
+
+def _quoted(value: bytes) -> bytes:
+    """C{value} to write inside the combined format's double quotes."""
+    if _UNSAFE.search(value) is None:
+        return value
+    return value.decode("latin-1").encode("unicode_escape").replace(b'"', b'\\"')
+
+
+def _ascii(value: str | None) -> bytes:
+    return b"-" if value is None else value.encode("ascii", "backslashreplace")
 
 
 def checkFormat(format: str) -> None:
@@ -150,7 +160,7 @@ class AccessLog:
         self._line = self._chooseFormat(format)
         self._clock = _Clock()
 
-    def _chooseFormat(self, format: str) -> Callable[[ExchangeRecord], str]:
+    def _chooseFormat(self, format: str) -> Callable[[ExchangeRecord], bytes]:
         if format == "combined":
             return self._combined
         if format == "json":
@@ -163,26 +173,36 @@ class AccessLog:
                 f"{'unknown field ' + repr(unknown[0]) if unknown else 'no field'} in {format!r} "
                 f"(fields: {', '.join(FIELDS)})"
             )
-        return lambda record: format.format_map({k: "-" if v is None else v for k, v in self._fields(record).items()})
+        return lambda record: format.format_map(
+            {k: "-" if v is None else v for k, v in self._fields(record).items()}
+        ).encode("utf-8", "backslashreplace")
 
     def _fields(self, record: ExchangeRecord) -> dict[str, object]:
         return recordFields(record, self.params)
 
     def exchangeEnded(self, record: ExchangeRecord) -> None:
-        self.sink.write(self._line(record).encode("utf-8", "backslashreplace"))
+        self.sink.write(self._line(record))
 
-    def _json(self, record: ExchangeRecord) -> str:
-        return json.dumps({k: v for k, v in self._fields(record).items() if v is not None}, separators=(",", ":"))
+    def _json(self, record: ExchangeRecord) -> bytes:
+        fields = {k: v for k, v in self._fields(record).items() if v is not None}
+        return json.dumps(fields, separators=(",", ":")).encode("ascii")
 
-    def _combined(self, record: ExchangeRecord) -> str:
+    def _combined(self, record: ExchangeRecord) -> bytes:
         headers = record.headers
         referer = headers.getRawHeaders(b"referer") if headers is not None else None
         agent = headers.getRawHeaders(b"user-agent") if headers is not None else None
-        return (
-            f"{record.client or '-'} - {record.user or '-'} [{self._clock(record.started)}] "
-            f'"{_quoted(record.method)} {_quoted(redactTarget(record.target, self.params))} '
-            f'{record.version.decode("latin-1")}" {record.status or "-"} {record.bytesOut} '
-            f'"{_quoted(redactTarget(referer[0], self.params)) if referer else "-"}" '
-            f'"{_quoted(agent[0]) if agent else "-"}" {record.requestId or "-"} '
-            f"{record.duration * 1000:.1f} {record.service or '-'}"
+        return b'%s - %s [%s] "%s %s %s" %s %d "%s" "%s" %s %.1f %s' % (
+            _ascii(record.client),
+            _ascii(record.user),
+            self._clock(record.started),
+            _quoted(record.method),
+            _quoted(redactTarget(record.target, self.params)),
+            _quoted(record.version),
+            b"%d" % record.status if record.status else b"-",
+            record.bytesOut,
+            _quoted(redactTarget(referer[0], self.params)) if referer else b"-",
+            _quoted(agent[0]) if agent else b"-",
+            _ascii(record.requestId),
+            record.duration * 1000,
+            _ascii(record.service),
         )

@@ -130,3 +130,29 @@ async def rawRequestHeld(port: int) -> Protocol:
     from twisted.internet import reactor
 
     return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol())
+
+
+class CombinedFormatTests(unittest.TestCase):
+    def test_escaped(self) -> None:
+        """Quotes, backslashes, controls and bytes past ASCII in quoted values are escaped: one ASCII line."""
+        from twisted.web.http_headers import Headers
+
+        from rproxy.observe.accesslog import AccessLog
+        from rproxy.observe.record import ExchangeRecord
+
+        lines: list[bytes] = []
+
+        class Sink:
+            def write(self, line: bytes) -> None:
+                lines.append(line)
+
+        headers = Headers({b"user-agent": [b'a"b\\c\x01\xe9'], b"referer": [b"/r?key=k1"]})
+        record = ExchangeRecord(0.0, b"GET", b"/p?token=t&x=1", None, b"HTTP/1.1", "10.0.0.1", None, headers)
+        record.status, record.duration = 200, 0.0123
+        AccessLog(Sink()).exchangeEnded(record)  # type: ignore[arg-type]
+        [line] = lines
+        self.assertEqual(
+            line,
+            b'10.0.0.1 - - [01/Jan/1970:00:00:00 +0000] "GET /p?token=[redacted]&x=1 HTTP/1.1" 200 0 '
+            b'"/r?key=[redacted]" "a\\"b\\\\c\\x01\\xe9" - 12.3 -',
+        )
