@@ -22,7 +22,7 @@ from rproxy.health.checks import HealthChecker, HealthCheckSettings
 from rproxy.interfaces import IDirector
 from rproxy.observe.accesslog import AccessLog
 from rproxy.observe.logfile import AccessLogFile, AccessLogSink, TwistedLogDestination
-from rproxy.observe.redact import SECRET_PARAMS, secretNames
+from rproxy.observe.redact import SECRET_HEADERS, SECRET_PARAMS, secretNames
 from rproxy.observe.requestid import RequestIds
 from rproxy.proxy.balancers import balancerFactories
 from rproxy.proxy.directors import RoutingDirector, SingleServiceDirector
@@ -120,7 +120,13 @@ def buildAccessLog(config: ProxyConfig, reactor: IReactorTime) -> AccessLog | No
             sink = AccessLogFile(path, cast(Any, reactor))
         except OSError as e:
             raise ConfigError(f"--access-log: cannot open {path}: {e.strerror}") from None
-    return AccessLog(sink, config.accessLogFormat, secretNames(SECRET_PARAMS, config.accessLogRedact))
+    return AccessLog(
+        sink,
+        config.accessLogFormat,
+        secretNames(SECRET_PARAMS, config.accessLogRedact),
+        config.accessLogHeaders,
+        secretNames(SECRET_HEADERS, config.accessLogRedact),
+    )
 
 
 def healthCheckSettings(config: ProxyConfig) -> dict[str, HealthCheckSettings]:

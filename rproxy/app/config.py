@@ -228,7 +228,8 @@ class ProxyConfig:
     @ivar tunnelIdleTimeout: seconds an upgraded connection (a WebSocket) may be silent both ways; 0: no limit.
     @ivar accessLog: C{None} for none, C{"stdout"}, C{"-"} for the Twisted log, or a file path.
     @ivar accessLogFormat: C{combined}, C{json}, or a template of named fields (L{rproxy.observe.accesslog}).
-    @ivar accessLogRedact: query parameters redacted in the log besides the default ones.
+    @ivar accessLogRedact: query parameters and fields redacted in the log besides the default ones.
+    @ivar accessLogHeaders: the request fields the json format and templates write (C{request_headers}).
     @ivar tracing: whether exchanges are traced with OpenTelemetry (L{rproxy.observe.tracing}).
     @ivar otelEndpoint: the OTLP/HTTP URL spans are exported to (C{None}: where C{OTEL_*} variables say).
     @ivar demoUpstream: an endpoint on which to also serve the built-in demo upstream.
@@ -248,6 +249,7 @@ class ProxyConfig:
     accessLog: str | None = "stdout"
     accessLogFormat: str = "combined"
     accessLogRedact: tuple[str, ...] = ()
+    accessLogHeaders: tuple[str, ...] = ()
     tracing: bool = False
     otelEndpoint: str | None = None
     demoUpstream: str | None = None
@@ -280,6 +282,7 @@ REPEATABLE = frozenset(
         "deny-ip",
         "cors-origin",
         "access-log-redact",
+        "access-log-header",
     }
 )
 
@@ -1109,6 +1112,14 @@ def _services(
     return services, serviceValues, places
 
 
+def _fieldNames(values: OptionValues, name: str) -> tuple[str, ...]:
+    names = tuple(values.repeated(name))
+    for each in names:
+        if not isToken(each.encode("utf-8")):
+            raise values.error(name, f"not a field name: {each!r}")
+    return names
+
+
 def _otelEndpoint(values: OptionValues) -> str | None:
     endpoint = values.text("otel-endpoint")
     if endpoint is None:
@@ -1217,6 +1228,7 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
         accessLog=None if accessLog == "off" else accessLog,
         accessLogFormat=_accessLogFormat(values),
         accessLogRedact=tuple(values.repeated("access-log-redact")),
+        accessLogHeaders=_fieldNames(values, "access-log-header"),
         tracing=bool(values["otel"]) or values.text("otel-endpoint") is not None,
         otelEndpoint=_otelEndpoint(values),
         demoUpstream=values.text("demo-upstream"),

@@ -358,8 +358,12 @@ class Options(usage.Options):
         self["cors-origin"].append(origin)
 
     def opt_access_log_redact(self, name: str) -> None:
-        """A query parameter whose values the access log replaces, besides access_token, token, ... (repeatable)."""
+        """A query parameter (or logged field) the access log redacts, besides access_token, token, ... (repeatable)."""
         self["access-log-redact"].append(name)
+
+    def opt_access_log_header(self, name: str) -> None:
+        """A request field the json access log writes, in request_headers, credentials redacted (repeatable)."""
+        self["access-log-header"].append(name)
 
     def opt_list_filters(self) -> None:
         """Print the installed filter kinds and exit."""

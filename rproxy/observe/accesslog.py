@@ -10,8 +10,10 @@ Formats:
   - a template of named fields, C{"{client} {method} {path} {status} {duration_ms}"}: L{FIELDS} in braces.
 
 The target is written with the values of secret query parameters replaced (C{access_token}, C{token},
-C{key}, C{signature}, C{password} and those configured), the referer likewise; no other field value of the
-request is written, and the user is a name a filter checked, never a credential.
+C{key}, C{signature}, C{password} and those configured), the referer likewise; the request fields written
+are the User-Agent and those C{--access-log-header} names (C{Authorization}, C{Proxy-Authorization},
+C{Cookie}, C{Set-Cookie} and the configured names redacted), and the user is a name a filter checked,
+never a credential.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import string
 import time
 from collections.abc import Callable, Mapping
 
+from twisted.web.http_headers import Headers
+
 from rproxy.observe.logfile import AccessLogSink, TwistedLogDestination
 from rproxy.observe.record import ExchangeRecord
-from rproxy.observe.redact import SECRET_PARAMS, redactTarget
+from rproxy.observe.redact import SECRET_HEADERS, SECRET_PARAMS, redactHeaders, redactTarget
 
 #: The named fields of the json and template formats, and what each is.
 FIELDS: Mapping[str, str] = {
@@ -57,6 +61,7 @@ FIELDS: Mapping[str, str] = {
     "outcome": "done, client_gone (the client left first) or aborted (the response was cut short)",
     "referer": "the Referer, secret query parameters redacted",
     "user_agent": "the User-Agent",
+    "request_headers": "the request fields --access-log-header names, credentials and cookies redacted",
 }
 
 
@@ -68,8 +73,18 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
-def recordFields(record: ExchangeRecord, params: frozenset[bytes] = SECRET_PARAMS) -> dict[str, object]:
-    """Every field of L{FIELDS} for C{record}: a value, or C{None} when it has none."""
+def recordFields(
+    record: ExchangeRecord,
+    params: frozenset[bytes] = SECRET_PARAMS,
+    logged: tuple[bytes, ...] = (),
+    secrets: frozenset[bytes] = SECRET_HEADERS,
+) -> dict[str, object]:
+    """
+    Every field of L{FIELDS} for C{record}: a value, or C{None} when it has none.
+
+    @param logged: the request fields written in C{request_headers} (lower case).
+    @param secrets: the fields whose values are redacted there.
+    """
     tls = record.tls or (None, None, None)
     headers = record.headers
     referer = headers.getRawHeaders(b"referer") if headers is not None else None
@@ -104,7 +119,14 @@ def recordFields(record: ExchangeRecord, params: frozenset[bytes] = SECRET_PARAM
         "outcome": record.outcome,
         "referer": _text(redactTarget(referer[0], params)) if referer else None,
         "user_agent": _text(agent[0]) if agent else None,
+        "request_headers": _requestHeaders(headers, logged, secrets) if logged and headers is not None else None,
     }
+
+
+def _requestHeaders(headers: Headers, logged: tuple[bytes, ...], secrets: frozenset[bytes]) -> dict[str, str]:
+    """The values of the C{logged} fields the request has, joined with commas, the C{secrets} redacted."""
+    present = [(name, b", ".join(values)) for name in logged if (values := headers.getRawHeaders(name))]
+    return {name.decode("ascii"): value.decode("latin-1") for name, value in redactHeaders(present, secrets)}
 
 
 def _isoTime(seconds: float) -> str:
@@ -154,9 +176,18 @@ class AccessLog:
     template of L{FIELDS}), redacting the query parameters named in C{params}.
     """
 
-    def __init__(self, sink: AccessLogSink, format: str = "combined", params: frozenset[bytes] = SECRET_PARAMS) -> None:
+    def __init__(
+        self,
+        sink: AccessLogSink,
+        format: str = "combined",
+        params: frozenset[bytes] = SECRET_PARAMS,
+        headers: tuple[str, ...] = (),
+        secrets: frozenset[bytes] = SECRET_HEADERS,
+    ) -> None:
         self.sink = sink
         self.params = params
+        self._logged = tuple(name.lower().encode("ascii") for name in headers)
+        self._secrets = secrets
         self._line = self._chooseFormat(format)
         self._clock = _Clock()
 
@@ -178,7 +209,7 @@ class AccessLog:
         ).encode("utf-8", "backslashreplace")
 
     def _fields(self, record: ExchangeRecord) -> dict[str, object]:
-        return recordFields(record, self.params)
+        return recordFields(record, self.params, self._logged, self._secrets)
 
     def exchangeEnded(self, record: ExchangeRecord) -> None:
         self.sink.write(self._line(record))

@@ -95,6 +95,23 @@ class AccessLogTests(unittest.TestCase):
         await rawRequest(self.proxy.port, b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n", timeout=0.3)
         self.assertEqual(await self.lines(1), ["- client_gone default"])
 
+    async def test_requestHeaders(self) -> None:
+        """--access-log-header: the named fields in request_headers, credentials and configured ones redacted."""
+        self.start(
+            *("--access-log-format", "json", "--access-log-redact", "x-secret"),
+            *("--access-log-header", "x-client", "--access-log-header", "authorization"),
+            *("--access-log-header", "x-secret", "--access-log-header", "x-absent"),
+        )
+        extra = b"X-Client: app/2\r\nAuthorization: Bearer tok3n\r\nX-Secret: hush\r\n"
+        await rawRequest(self.proxy.port, b"GET / HTTP/1.1\r\nHost: h\r\n" + extra + b"Connection: close\r\n\r\n")
+        [line] = await self.lines(1)
+        self.assertEqual(
+            json.loads(line)["request_headers"],
+            {"x-client": "app/2", "authorization": "Bearer [redacted]", "x-secret": "[redacted]"},
+        )
+        self.assertNotIn("tok3n", line)
+        self.assertNotIn("hush", line)
+
     def test_badFormat(self) -> None:
         error = self.assertRaises(
             UsageError, startProxy, self, ["http://127.0.0.1:1"], "--access-log-format", "{client} {nope}"
