@@ -25,6 +25,7 @@ from rproxy.app.filters import (
     FilterConfig,
     FilterSet,
     checkFilters,
+    checkName,
     commandLineFilters,
     configBase,
     fileFilters,
@@ -335,7 +336,6 @@ ROUTE_TARGETS = ("service", "split", "service-version")
 WEIGHTED_SPLIT_KEYS = frozenset({"services", "pin", "sticky"})
 BLUE_GREEN_KEYS = frozenset({"blue", "green", "active"})
 
-_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:-]*\Z")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 
 
@@ -1044,10 +1044,7 @@ def _route(
         keyWhere = f"{where}.{_key(key)}"
         if name == "name":
             settings["name"] = _string(keyWhere, value)
-            if not _SERVICE_NAME.match(settings["name"]):
-                raise ConfigError(
-                    f"{keyWhere}: a route's name is letters, digits and . _ ~ : - (from a letter or digit)"
-                )
+            _named(keyWhere, "route", settings["name"])
         elif name == "filters":
             settings["filters"] = _filterNames(keyWhere, value, filters)
         elif name in ROUTE_TARGETS:
@@ -1101,8 +1098,7 @@ def _services(
         services["default"], serviceValues["default"], places["default"] = default, values, values.where("upstream")
     for name, table in fileServices.items():
         where = f"{path}: services.{_key(name)}"
-        if not _SERVICE_NAME.match(name):
-            raise ConfigError(f"{where}: a service's name is letters, digits and . _ ~ : - (from a letter or digit)")
+        _named(where, "service", name)
         if name in services:
             raise ConfigError(f"{where}: the top-level upstreams (--upstream) are the service 'default' already")
         services[name], serviceValues[name] = _serviceTable(where, name, table, values, default, factories, filters)
@@ -1137,6 +1133,13 @@ def _accessLogFormat(values: OptionValues) -> str:
     except ValueError as e:
         raise values.error("access-log-format", str(e)) from None
     return format
+
+
+def _named(where: str, kind: str, name: str) -> None:
+    try:
+        checkName(where, kind, name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _filterNames(where: str, value: object, defined: Mapping[str, FilterConfig]) -> tuple[str, ...]:

@@ -27,6 +27,12 @@ from rproxy.interfaces import FilterEnvironment, IClosable, IFilterFactory
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:-]*\Z")
 
 
+def checkName(where: str, kind: str, name: str) -> None:
+    """Raise C{ValueError} unless C{name} is a configuration's name of a C{kind} (filter, service, route)."""
+    if not _NAME.match(name):
+        raise ValueError(f"{where}: a {kind}'s name is letters, digits and . _ ~ : - (from a letter or digit)")
+
+
 @dataclass(frozen=True)
 class FilterConfig:
     """
@@ -84,8 +90,7 @@ def fileFilters(path: str, tables: Mapping[str, object]) -> list[FilterConfig]:
     found = []
     for name, table in tables.items():
         where = f"{path}: filters.{name}"
-        if not _NAME.match(name):
-            raise ValueError(f"{where}: a filter's name is letters, digits and . _ ~ : - (from a letter or digit)")
+        checkName(where, "filter", name)
         if name in COMMAND_LINE_FILTERS:
             raise ValueError(f"{where}: {name!r} is the name of the command line's filter; choose another")
         if not isinstance(table, dict):
