@@ -114,7 +114,7 @@ class Exchange:
     def __init__(self, proxy: Proxy, downstream: Downstream, target: bytes) -> None:
         self.proxy = proxy
         self.downstream = downstream
-        self._body = downstream.bodyPipe
+        self._body = self._clientBody = downstream.bodyPipe  # a filter may replace the body it sends
         self._tried: list[Upstream] = []
         self._ended = False
         self._sentAt = 0.0
@@ -194,7 +194,7 @@ class Exchange:
             inbound = self.inbound
             client = self.proxy.forwarding.client(inbound.clientHost, inbound.headers)
             name = self.service.name if self.service is not None else ""
-            context = self._context = RequestContext(inbound, self.outbound, client, name)
+            context = self._context = RequestContext(inbound, self.outbound, client, name, self._body)
         return context
 
     def _filtered(self, verdict: FilterVerdict) -> None:
@@ -202,6 +202,8 @@ class Exchange:
         if self._ended:
             return
         if verdict is None:
+            assert self._context is not None
+            self._body = self._context.body  # as the filters leave it (one that read it whole may replace it)
             self._attempt()
         elif isinstance(verdict, LocalResponse):
             self._answer(verdict)
@@ -226,9 +228,7 @@ class Exchange:
                 reason=response.reason,
             )
         downstream = self.downstream
-        if self._body is not None and not self._body.complete:
-            self._body.stopProducing()
-            downstream.stopKeepAlive()
+        self._stopClientBody()
         body = response.body if self.inbound.method != b"HEAD" else b""
         fields = [(n, v) for n, v in response.headers if n.lower() not in (b"content-length", b"transfer-encoding")]
         record = downstream.record
@@ -242,6 +242,13 @@ class Exchange:
             downstream.write(body)
         downstream.finish()
         self._contextEnded()
+
+    def _stopClientBody(self) -> None:
+        """Answered before the client finished sending its body: read no more of it, close after the answer."""
+        body = self._clientBody
+        if body is not None and not body.complete:
+            body.stopProducing()
+            self.downstream.stopKeepAlive()
 
     def _record(self) -> None:
         """Put in the client's record where the request went and how (just before the response ends)."""
@@ -552,7 +559,7 @@ class Exchange:
         self._ended = True
         downstream = self.downstream
         downstream.unregisterProducer()
-        if self._body is not None and not self._body.complete:
+        if self._clientBody is not None and not self._clientBody.complete:
             downstream.stopKeepAlive()  # answered before the client finished sending
         if self._transform is not None:
             tail = self._transform.finish()
@@ -574,9 +581,9 @@ class Exchange:
             return
         self._ended = True
         downstream = self.downstream
-        if self._body is not None and not self._body.complete:
+        self._stopClientBody()
+        if self._body is not None and self._body is not self._clientBody:
             self._body.stopProducing()
-            downstream.stopKeepAlive()
         if self._run is not None and not self._responded:
             try:
                 self._run.errorFields(error)

@@ -19,6 +19,7 @@ from rproxy.errors import ProxyError
 from rproxy.headers import ForwardingPolicy, Pairs, requestHeaderPairs
 
 if TYPE_CHECKING:
+    from rproxy.downstream.body import RequestBodyPipe
     from rproxy.upstream.upstreams import Upstream
 
 
@@ -165,17 +166,27 @@ class RequestContext:
     @ivar user: who the request was authenticated as, once a filter has.
     @ivar claims: what an authenticating filter verified about the request (a JWT's claims).
     @ivar notes: anything else filters pass along, by name.
+    @ivar body: the request body as it will be sent (C{None}: none).  A filter that must read the whole body
+        before the upstream gets it (buffering, an upload stored elsewhere) reads it from here and puts what
+        is to be sent in its place: another pipe (L{rproxy.downstream.body.fileBody}, whose length frames the
+        request), or C{None} to send none (with C{Content-Length: 0} if the client declared a length).
     """
 
-    __slots__ = ("inbound", "outbound", "client", "service", "upstream", "user", "claims", "notes", "_ended")
+    __slots__ = ("inbound", "outbound", "client", "service", "upstream", "user", "claims", "notes", "body", "_ended")
 
     def __init__(
-        self, inbound: InboundRequest, outbound: OutboundRequest, client: str | None, service: str = ""
+        self,
+        inbound: InboundRequest,
+        outbound: OutboundRequest,
+        client: str | None,
+        service: str = "",
+        body: RequestBodyPipe | None = None,
     ) -> None:
         self.inbound = inbound
         self.outbound = outbound
         self.client = client
         self.service = service
+        self.body = body
         self.upstream: Upstream | None = None
         self.user: str | None = None
         self.claims: Mapping[str, object] = {}

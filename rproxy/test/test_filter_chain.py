@@ -6,12 +6,14 @@ the end of every exchange told to the filters that asked.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from rproxy.downstream.body import fileBody
 from rproxy.errors import clientError
 from rproxy.filters.chain import FilterChain
 from rproxy.interfaces import IBodyTransform, IRequestFilter, IResponseFilter
@@ -81,6 +83,40 @@ class UpperTransform:
         return b"!"
 
 
+@implementer(IRequestFilter)
+class ReadWhole:
+    """A request filter that reads the whole body, then sends it upper-cased, with its length."""
+
+    consumes = ()
+
+    def onRequest(self, context: RequestContext) -> defer.Deferred[None]:
+        body = context.body
+        assert body is not None
+        read: defer.Deferred[None] = defer.Deferred()
+        parts: list[bytes] = []
+
+        class Reader:
+            def writeBody(self, data: bytes) -> None:
+                parts.append(data)
+
+            def finishBody(self, trailers: object) -> None:
+                whole = b"".join(parts).upper()
+                context.body = fileBody(io.BytesIO(whole), len(whole))
+                read.callback(None)
+
+            def failBody(self, error: object) -> None:
+                read.errback(Exception(error))
+
+            def registerBodyProducer(self, producer: object) -> None:
+                pass
+
+            def unregisterBodyProducer(self) -> None:
+                pass
+
+        body.attach(Reader())
+        return read
+
+
 class ChainTests(unittest.TestCase):
     """Filters on a running proxy, through real sockets."""
 
@@ -117,6 +153,24 @@ class ChainTests(unittest.TestCase):
         self.assertEqual(log, ["request a", "request b", "response a 204"])
         self.assertEqual(upstream.requests, [], "never forwarded")
         self.assertEqual((first.ended, second.ended, third.ended), (1, 1, 0))
+
+    async def test_filterReplacesBody(self) -> None:
+        """
+        A filter that reads the whole body puts another in its place: the upstream gets that one, framed by
+        its length, although the client sent it chunked.
+        """
+        upstream, proxy = self.proxied()
+        useFilters(proxy, ReadWhole())  # type: ignore[arg-type]
+        request = (
+            b"POST / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+        response = parseResponse(await rawRequest(proxy.port, request))  # type: ignore[attr-defined]
+        self.assertEqual(response.status, 200)
+        [received] = upstream.requests
+        self.assertEqual(received.body, b"HELLO WORLD")
+        self.assertEqual(received.headers(b"content-length"), [b"11"])
+        self.assertEqual(received.headers(b"transfer-encoding"), [])
 
     async def test_refuse(self) -> None:
         """A refusal is the error response, with its fields and those the filters before it add."""
