@@ -32,6 +32,7 @@ from rproxy.app.filters import (
     filterNames,
 )
 from rproxy.downstream.limits import ClientLimits
+from rproxy.downstream.listeners import checkEndpoint
 from rproxy.downstream.tls import CertificateFiles, TLSSettings, loadCertificate
 from rproxy.headers import isToken, parseNetworks
 from rproxy.health.checks import HealthCheckSettings
@@ -738,14 +739,24 @@ def _client(values: OptionValues) -> ClientLimits:
     )
 
 
+def endpoints(values: OptionValues, name: str) -> tuple[str, ...]:
+    """The server endpoint strings of option C{name}, each of a known type (not listened on here)."""
+    given = tuple(values.repeated(name))
+    for description in given:
+        problem = checkEndpoint(description)
+        if problem is not None:
+            raise values.error(name, problem)
+    return given
+
+
 def _tls(values: OptionValues) -> TLSSettings:
     """The TLS listeners (plain endpoints, which rproxy wraps) and their certificates, each read once to check it."""
-    listen = tuple(values.repeated("tls-listen"))
-    for description in listen:
-        if description.split(":", 1)[0] == "ssl":
+    for description in values.repeated("tls-listen"):
+        if description.split(":", 1)[0].lower() in ("ssl", "tls"):
             raise values.error(
                 "tls-listen", f"give a plain endpoint such as tcp:8443, which rproxy wraps in TLS, not {description!r}"
             )
+    listen = endpoints(values, "tls-listen")
     certificates = []
     for spec in values.repeated("tls-cert"):
         try:
@@ -1223,7 +1234,7 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
     tls = _tls(values)
     return ProxyConfig(
         # Without any listener, plain HTTP on 8080; with TLS listeners, only the listeners given.
-        listen=tuple(values.repeated("listen")) or (() if tls.listen else ("tcp:8080",)),
+        listen=endpoints(values, "listen") or (() if tls.listen else ("tcp:8080",)),
         trustedProxies=trustedProxies,
         viaName=viaName,
         grace=_atLeastZero(values, "grace", float),
