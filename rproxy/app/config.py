@@ -13,11 +13,12 @@ docs/configuration.md is the reference of the file.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, TypeVar
 
@@ -772,9 +773,15 @@ def _tls(values: OptionValues) -> TLSSettings:
     return TLSSettings(listen, tuple(certificates), _atLeastZero(values, "tls-watch", float))
 
 
-def _misplaced(where: str, key: str, values: OptionValues, allowed: str) -> ConfigError:
-    """The error for a key a table does not accept: an option set elsewhere, or an unknown key."""
+def _misplaced(where: str, key: str, values: OptionValues, allowed: str, keys: Collection[str]) -> ConfigError:
+    """
+    The error for a key a table does not accept (its keys are C{keys}): a near miss of one of them, an
+    option set elsewhere, or an unknown key.
+    """
     name = key.replace("_", "-")
+    near = difflib.get_close_matches(name, sorted(keys), n=1, cutoff=0.8)
+    if near:
+        return ConfigError(f"{where}: unknown key {key!r}: did you mean {near[0]!r}?")
     if name in SERVICE_OPTIONS:
         return ConfigError(f"{where}: {key!r} is a service setting: set it in the service's table")
     if name in values:
@@ -823,7 +830,7 @@ def _serviceTable(
         elif option in SERVICE_OPTIONS:
             settings[option] = _setting(keyWhere, option, value)
         else:
-            raise _misplaced(where, key, defaults, "the keys of a service")
+            raise _misplaced(where, key, defaults, "the keys of a service", SERVICE_KEYS)
     if upstreams is None:
         raise ConfigError(f'{where}: no upstreams (give upstreams = ["http://host:port", ...])')
     if balancerOptions is None:
@@ -1065,7 +1072,7 @@ def _route(
         elif name in RETRY_OPTIONS:
             retry[name] = _setting(keyWhere, name, value)
         else:
-            raise _misplaced(where, key, values, "the keys of a route")
+            raise _misplaced(where, key, values, "the keys of a route", ROUTE_KEYS)
     route = RouteConfig(_target(where, targets, defined), **settings)
     if retry:
         policies = {name: _retry(services[name].overlay(retry, where)) for name in route.serviceNames(defined)}

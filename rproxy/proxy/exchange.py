@@ -47,6 +47,9 @@ _DOWN_RETRY_AFTER = 5
 #: Attempts after a reused connection turned out closed before answering (not counted as retries).
 _STALE_RETRIES = 2
 
+#: How many attempts' reasons an error after retries names.
+_REASONS_SHOWN = 5
+
 
 class Proxy:
     """
@@ -97,6 +100,7 @@ class Exchange:
     _pending: Deferred[UpstreamConnection] | None = None
     _bound: Upstream | None = None  # the upstream whose in-flight count this attempt holds
     _lastError: ProxyError | None = None
+    _failures: tuple[str, ...] = ()  # why each attempt that was retried failed, in order
     _responded = False  # the response head went to the client: no retry from here on
     _startedAt = 0.0
     _status: int | None = None  # the current attempt's response status, once its head arrived
@@ -290,7 +294,7 @@ class Exchange:
             return
         upstream = service.balancer.pick(upstreams, self.inbound, self._tried)
         if upstream is None:  # every available upstream was tried
-            self._end(self._lastError or _unavailable(service))
+            self._end(self._summary(self._lastError) if self._lastError is not None else _unavailable(service))
             return
         self.upstream = upstream
         self._status = None
@@ -349,7 +353,24 @@ class Exchange:
             return
         if why:
             _log.info("not retrying {target}: {why}", target=self._loggedTarget(), why=why)
-        self._end(error)
+        self._end(self._summary(error))
+
+    def _summary(self, error: ProxyError) -> ProxyError:
+        """C{error}, the last attempt's, saying in its reason why each attempt before it failed as well."""
+        reasons = list(self._failures)
+        if not reasons or reasons[-1] != error.reason:
+            reasons.append(error.reason)
+        if len(reasons) == 1:
+            return error
+        shown = "; ".join(reasons[:_REASONS_SHOWN]) + ("; ..." if len(reasons) > _REASONS_SHOWN else "")
+        return ProxyError(
+            error.status,
+            f"{len(reasons)} attempts failed: {shown}",
+            error.fault,
+            error.errorType,
+            error.retryAfter,
+            error.headers,
+        )
 
     def _whyNotRetry(self, error: ProxyError, sent: bool, delivery: Delivery) -> str | None:
         """Why the failed attempt may not be repeated (empty: no need to say), or C{None} if it may."""
@@ -384,6 +405,7 @@ class Exchange:
                 self._body.rewind()
         _log.info("{reason}; trying {target} again", reason=error.reason, target=self._loggedTarget())
         self._lastError = error
+        self._failures += (error.reason,)
         self._attempt()
 
     def _unbind(self, error: ProxyError | None, report: bool = True) -> None:
@@ -628,12 +650,17 @@ def _unavailable(service: Service) -> ProxyError:
     members = service.registry.members(service.name)
     waits = [u.health.retryAfter() for u in members if u.health.activeUp]
     retryAfter = max(1, math.ceil(min(waits))) if waits else _DOWN_RETRY_AFTER
-    states = ", ".join(f"{u.key} {u.health.state}" for u in members[:5]) or "none configured"
-    return proxyError(
+    if not members:  # the configuration's doing (or no registration yet)
+        return proxyError(
+            503, f"service {service.name!r} has no upstream configured", "destination_unavailable", retryAfter
+        )
+    states = ", ".join(f"{u.key} {u.health.state}" for u in members[:_REASONS_SHOWN])
+    # Each upstream failed its health checks or was ejected for its errors: the upstreams are at fault.
+    return upstreamError(
         503,
         f"no upstream of service {service.name!r} is available ({states})",
         "destination_unavailable",
-        retryAfter=retryAfter,
+        retryAfter,
     )
 
 

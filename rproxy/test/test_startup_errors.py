@@ -10,7 +10,8 @@ import os
 from twisted.internet import protocol, reactor, utils
 from twisted.trial import unittest
 
-from rproxy.test.support import BIN, ROOT
+from rproxy.test.support import BIN, ROOT, curl, freePort, headerValues, responseStatus, sleep
+from rproxy.test.test_drain import ProxyProcess, waitUntilListening
 
 #: A listener that can never be reached (the processes below must not start serving).
 UPSTREAM = "http://127.0.0.1:1"
@@ -110,3 +111,49 @@ class StartupErrorTests(unittest.TestCase):
         self.assertEqual(code, 0)
         self.assertGreater(len(lines), 100)
         self.assertIn("--upstream=", "\n".join(lines))
+
+
+class HintTests(unittest.TestCase):
+    """Errors that point at the right side: the upstreams, each of them by name."""
+
+    timeout = 60
+
+    async def proxy(self, *arguments: str) -> int:
+        port = freePort()
+        process = ProxyProcess.spawn(
+            self,
+            [os.path.join(BIN, "twist"), "rproxy", "--listen", f"tcp:{port}:interface=127.0.0.1", *arguments],
+        )
+        await waitUntilListening(self, process, port)
+        return port
+
+    async def test_everyAttemptNamed(self) -> None:
+        """A 502 after several upstreams were tried says why each one failed."""
+        dead = [f"127.0.0.1:{freePort()}", f"127.0.0.1:{freePort()}"]
+        port = await self.proxy("--upstream", f"http://{dead[0]}", "--upstream", f"http://{dead[1]}")
+        code, out, err = await curl(["-s", "-i", f"http://127.0.0.1:{port}/x"])
+        self.assertEqual(responseStatus(out), 502, out)
+        self.assertEqual(headerValues(out, b"x-rproxy-fault"), [b"upstream"])
+        body = out.split(b"\r\n\r\n", 1)[1].decode()
+        self.assertIn("2 attempts failed: ", body)
+        for upstream in dead:
+            self.assertIn(f"upstream {upstream} refused the connection", body)
+
+    async def test_unhealthyUpstreamsAtFault(self) -> None:
+        """A 503 because every upstream failed its health checks blames the upstreams, not the proxy."""
+        dead = f"127.0.0.1:{freePort()}"
+        port = await self.proxy(
+            "--upstream", f"http://{dead}", "--health-path", "/health", "--health-interval", "0.1",
+            "--health-fall", "1", "--health-timeout", "1",
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}/x"
+        statuses = []
+        for _ in range(50):  # until the checks took it out: at most 5 s
+            code, out, err = await curl(["-s", "-i", url])
+            statuses.append(responseStatus(out))
+            if statuses[-1] == 503:
+                break
+            await sleep(0.1)
+        self.assertEqual(statuses[-1], 503, statuses)
+        self.assertEqual(headerValues(out, b"x-rproxy-fault"), [b"upstream"])
+        self.assertIn(f"no upstream of service 'default' is available (http://{dead} down)".encode(), out)
