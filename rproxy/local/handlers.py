@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -80,15 +82,18 @@ class HandlerRequest:
         return parse_qs(self.path.partition(b"?")[2], keep_blank_values=True)
 
 
-def load(dotted: str) -> object:
+def load(dotted: str, besides: str | None = None) -> object:
     """
     The object C{"package.module:name"} names (C{name} may be dotted: C{module:App.resource}).
 
+    @param besides: a directory modules are also found in (the config file's: appended to C{sys.path}).
     @raise ValueError: naming C{dotted} and why it could not be loaded.
     """
     module, colon, name = dotted.partition(":")
     if not colon or not module or not name:
         raise ValueError(f"{dotted!r}: expected package.module:name")
+    if besides is not None and os.path.abspath(besides) not in sys.path:
+        sys.path.append(os.path.abspath(besides))
     try:
         found: object = importlib.import_module(module)
     except Exception as e:
@@ -101,14 +106,15 @@ def load(dotted: str) -> object:
     return found
 
 
-def handlerAnswer(dotted: str, maxBody: int) -> ILocalAnswer:
+def handlerAnswer(dotted: str, maxBody: int, besides: str | None = None) -> ILocalAnswer:
     """
     The answer of the handler C{dotted} names: an C{IResource} or an C{async def} (see the module).
 
     @param maxBody: the largest request body it is given, in bytes.
+    @param besides: a directory modules are also found in (see L{load}).
     @raise ValueError: naming C{dotted} when it cannot be loaded or is neither.
     """
-    found = load(dotted)
+    found = load(dotted, besides)
     if IResource.providedBy(found):
         return ResourceHandler(found, maxBody)
     if inspect.iscoroutinefunction(found):

@@ -78,7 +78,7 @@ class LocalConfig:
         elif self.kind == "handler":
             maxBody = reader.size("max-body", DEFAULT_MAX_BODY)
             try:
-                answer = handlerAnswer(reader.text("handler") or "", maxBody)
+                answer = handlerAnswer(reader.text("handler") or "", maxBody, self.base)
             except ValueError as e:
                 raise reader.error("handler", str(e)) from None
         else:
