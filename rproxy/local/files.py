@@ -224,9 +224,8 @@ class FileAnswer:
             unsatisfiable = [(b"Content-Range", b"bytes */%d" % size)]
             raise clientError(416, f"no range asked for is within the {size} bytes of the file", unsatisfiable)
         if ranges is None:
-            segments: list[Segment] = [(0, size)] if size else []
             responder.sendHead(200, [(b"Content-Type", mediaType), (b"Content-Length", b"%d" % size), *fields])
-            return segments
+            return [(0, size)] if size and context.inbound.method == b"GET" else []
         if len(ranges) == 1:
             [(first, last)] = ranges
             fields.append((b"Content-Range", b"bytes %d-%d/%d" % (first, last, size)))

@@ -35,7 +35,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import server
 from twisted.web.http import NO_BODY_CODES
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
@@ -225,20 +225,6 @@ class CoroutineHandler(_Handler):
             raise TypeError("the handler returned None without writing a response")
 
 
-class _Site:
-    """What a resource's request asks of its site."""
-
-    displayTracebacks = False
-
-    def __init__(self, root: IResource) -> None:
-        self.resource = root
-
-    def getResourceFor(self, request: Any) -> IResource:
-        request.site = self
-        request.sitepath = request.prepath[:]
-        return resource.getChildForRequest(self.resource, request)
-
-
 @implementer(IPushProducer)
 class _Pulling:
     """A pull producer (twisted.web.static's) driven as a push one: pulled until paused, a bounded number per turn."""
@@ -274,7 +260,7 @@ class _Channel:
     transport = None
     producer: IPushProducer | None = None
 
-    def __init__(self, responder: Responder, site: _Site, context: RequestContext, reactor: Any) -> None:
+    def __init__(self, responder: Responder, site: server.Site, context: RequestContext, reactor: Any) -> None:
         self.site = site
         self.reactor = reactor
         self.request: server.Request | None = None
@@ -333,7 +319,7 @@ class ResourceHandler(_Handler):
             from twisted.internet import reactor as globalReactor
 
             reactor = globalReactor
-        self._site = _Site(handler)
+        self._site = server.Site(handler)
         self._reactor = reactor
 
     def _run(self, content: bytes, context: RequestContext, responder: Responder) -> None:

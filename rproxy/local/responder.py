@@ -38,6 +38,7 @@ class Responder:
 
     started = False
     done = False
+    _bodiless = False
     _transform: IBodyTransform | None = None
     _producer: Producer | None = None
 
@@ -89,15 +90,15 @@ class Responder:
                 return
         hasBody = hasBody and self.method != b"HEAD"
         if not hasBody:
-            self._transform = None
+            self._transform, self._bodiless = None, True
         if self._requestId is not None:
             pairs.append((b"X-Request-ID", self._requestId))
         self.started = True
         self._downstream.sendHead(status, None, pairs, hasBody)
 
     def write(self, data: bytes) -> None:
-        """Send body bytes."""
-        if self.done:
+        """Send body bytes (none after a head without a body: the response to a HEAD)."""
+        if self.done or self._bodiless:
             return
         if self._transform is not None:
             data = self._transform.transform(data)
