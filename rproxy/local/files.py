@@ -225,7 +225,8 @@ class FileAnswer:
             raise clientError(416, f"no range asked for is within the {size} bytes of the file", unsatisfiable)
         if ranges is None:
             responder.sendHead(200, [(b"Content-Type", mediaType), (b"Content-Length", b"%d" % size), *fields])
-            return [(0, size)] if size and context.inbound.method == b"GET" else []
+            whole: list[Segment] = [(0, size)]
+            return whole if size and context.inbound.method == b"GET" else []
         if len(ranges) == 1:
             [(first, last)] = ranges
             fields.append((b"Content-Range", b"bytes %d-%d/%d" % (first, last, size)))
