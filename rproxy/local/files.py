@@ -234,7 +234,7 @@ class FileAnswer:
                 206, [(b"Content-Type", mediaType), (b"Content-Length", b"%d" % (last - first + 1)), *fields]
             )
             return [(first, last - first + 1)]
-        segments = []
+        segments: list[Segment] = []
         for first, last in ranges:
             part = b"\r\n--%s\r\nContent-Type: %s\r\nContent-Range: bytes %d-%d/%d\r\n\r\n"
             segments += [part % (_BOUNDARY, mediaType, first, last, size), (first, last - first + 1)]
