@@ -118,7 +118,7 @@ class Sendfile:
         resolved = os.path.realpath(os.fsdecode(path))
         for root in self.sendfileRoots:
             if resolved.startswith(root.rstrip(os.sep) + os.sep):
-                return resolved, path
+                return resolved, os.path.basename(path)  # reasons show no directory of the upstream's host
         raise _refused("X-Sendfile", path, "outside the allowed directories")
 
 
