@@ -29,7 +29,7 @@ from rproxy.filters.factory import FilterFactory
 from rproxy.headers import isToken
 from rproxy.interfaces import FilterEnvironment, IBodyTransform, ILocalAnswer, IResponseFilter
 from rproxy.local.files import FileAnswer
-from rproxy.local.paths import fileUnder, shown
+from rproxy.local.paths import fileUnder, inside, shown
 from rproxy.local.responder import Responder
 from rproxy.options import PluginOptions
 from rproxy.proxy.message import RequestContext
@@ -91,34 +91,37 @@ class Sendfile:
         headers[:] = kept
         try:
             if self.accelHeader in named:
-                path, shownPath = self._accel(named[self.accelHeader])  # type: ignore[index]
+                path, shownPath, roots = self._accel(named[self.accelHeader])  # type: ignore[index]
             else:
-                path, shownPath = self._sendfile(named[self.sendfileHeader])  # type: ignore[index]
+                path, shownPath, roots = self._sendfile(named[self.sendfileHeader])  # type: ignore[index]
         except ProxyError as error:
             return _Refusal(error)
-        return FileAnswer(path, shownPath, kept)
+        return FileAnswer(path, shownPath, kept, roots=roots)
 
-    def _accel(self, value: bytes) -> tuple[str, bytes]:
-        """The file an X-Accel-Redirect value names, and how reasons show it."""
+    def _accel(self, value: bytes) -> tuple[str, bytes, tuple[str, ...]]:
+        """
+        The file an X-Accel-Redirect value names, how reasons show it, and the root it must lie in (checked
+        again on the opened file: L{rproxy.local.paths.openFile}).
+        """
         uri = value.strip().partition(b"?")[0]
         for prefix, directory in self.roots:
             if uri.startswith(prefix):
                 rest = b"/" + uri[len(prefix) :].lstrip(b"/")
                 try:
-                    return fileUnder(directory, rest), uri
+                    return fileUnder(directory, rest), uri, (directory,)
                 except ProxyError as e:
                     raise _refused("X-Accel-Redirect", uri, e.reason) from None
         raise _refused("X-Accel-Redirect", uri, "outside the allowed locations")
 
-    def _sendfile(self, value: bytes) -> tuple[str, bytes]:
-        """The file an X-Sendfile value names, and how reasons show it."""
+    def _sendfile(self, value: bytes) -> tuple[str, bytes, tuple[str, ...]]:
+        """The file an X-Sendfile value names, how reasons show it, and the roots it must lie in."""
         path = value.strip()
         if b"\x00" in path or not path.startswith(b"/"):
             raise _refused("X-Sendfile", path, "not an absolute path")
         resolved = os.path.realpath(os.fsdecode(path))
         for root in self.sendfileRoots:
-            if resolved.startswith(root.rstrip(os.sep) + os.sep):
-                return resolved, os.path.basename(path)  # reasons show no directory of the upstream's host
+            if inside(resolved, root):
+                return resolved, os.path.basename(path), self.sendfileRoots  # reasons show no upstream directory
         raise _refused("X-Sendfile", path, "outside the allowed directories")
 
 

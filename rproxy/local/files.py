@@ -18,6 +18,7 @@ stall the reactor, and is not what a local route is for.
 
 from __future__ import annotations
 
+import functools
 import mimetypes
 import os
 import re
@@ -32,7 +33,7 @@ from zope.interface import implementer
 
 from rproxy.errors import clientError, proxyError
 from rproxy.interfaces import ILocalAnswer
-from rproxy.local.paths import notFound
+from rproxy.local.paths import notFound, openFile
 
 if TYPE_CHECKING:
     from rproxy.local.responder import Responder
@@ -57,10 +58,22 @@ Segment = bytes | tuple[int, int]
 
 def contentType(path: str) -> bytes:
     """The media type of C{path} by its extension (C{application/octet-stream} when unknown)."""
-    guessed, encoding = mimetypes.guess_type(path, strict=False)
+    return _typeOf(os.path.splitext(path)[1].lower())
+
+
+@functools.lru_cache(maxsize=256)
+def _typeOf(extension: str) -> bytes:
+    guessed, encoding = mimetypes.guess_type("x" + extension, strict=False)
     if guessed is None or encoding is not None:
         return b"application/octet-stream"
     return guessed.encode("ascii")
+
+
+def checkMethod(context: RequestContext) -> None:
+    """Refuse (405) a method a file does not answer: only C{GET} and C{HEAD}."""
+    method = context.inbound.method
+    if method not in (b"GET", b"HEAD"):
+        raise clientError(405, f"{method[:20].decode('latin-1')} is not served by a file (GET or HEAD)", _ALLOWED)
 
 
 def _validators(status: os.stat_result) -> tuple[bytes, bytes, int]:
@@ -170,36 +183,39 @@ class FileAnswer:
         shownPath: bytes,
         fields: Sequence[tuple[bytes, bytes]] = (),
         reactor: IReactorTime | None = None,
+        roots: Sequence[str] = (),
     ) -> None:
         self.path = path
         self.shownPath = shownPath
         self.fields = list(fields)
+        self.roots = tuple(roots)
         self._reactor = reactor
 
     def __repr__(self) -> str:
         return f"<FileAnswer {self.shownPath!r}>"
 
     def serve(self, context: RequestContext, responder: Responder) -> None:
-        method = context.inbound.method
-        if method not in (b"GET", b"HEAD"):
-            raise clientError(405, f"{method[:20].decode('latin-1')} is not served by a file (GET or HEAD)", _ALLOWED)
+        checkMethod(context)
+        fd, status = openFile(self.path, self.shownPath, self.roots)
+        self.serveOpen(fd, status, context, responder)
+
+    def serveOpen(self, fd: int, status: os.stat_result, context: RequestContext, responder: Responder) -> None:
+        """Serve the file already open as C{fd}, whose C{stat} is C{status}; the descriptor is closed when done."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as e:
-            raise notFound(self.shownPath, e) from None
-        try:
-            status = os.fstat(fd)
             if not stat.S_ISREG(status.st_mode):
                 raise notFound(self.shownPath, IsADirectoryError())
             segments = self._respond(context, responder, status)
+            if sum(len(each) if isinstance(each, bytes) else each[1] for each in segments) > CHUNK:
+                FileProducer(fd, segments, responder, self._reactor).start()
+                return
+            # A small body goes at once: no producer to register.
+            for each in segments:
+                responder.write(each if isinstance(each, bytes) else os.pread(fd, each[1], each[0]))
         except BaseException:
             os.close(fd)
             raise
-        if not segments:
-            os.close(fd)
-            responder.finish()
-            return
-        FileProducer(fd, segments, responder, self._reactor).start()
+        os.close(fd)
+        responder.finish()
 
     def _respond(self, context: RequestContext, responder: Responder, status: os.stat_result) -> list[Segment]:
         """Send the head for the file whose C{stat} is C{status}; return the body's segments."""

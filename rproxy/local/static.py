@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import os
+import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -21,10 +22,10 @@ from urllib.parse import quote
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from rproxy.errors import clientError
+from rproxy.errors import ProxyError, clientError
 from rproxy.interfaces import ILocalAnswer
-from rproxy.local.files import FileAnswer
-from rproxy.local.paths import fileUnder, notFound, shown
+from rproxy.local.files import FileAnswer, checkMethod
+from rproxy.local.paths import joinUnder, notFound, openFile, shown
 from rproxy.proxy.message import LocalResponse
 
 if TYPE_CHECKING:
@@ -64,25 +65,33 @@ class StaticDirectory:
         return f"<StaticDirectory {self.root!r}>"
 
     def serve(self, context: RequestContext, responder: Responder) -> None:
+        checkMethod(context)
         path = context.outbound.target.partition(b"?")[0]
         if not path.startswith(b"/"):
             raise clientError(400, f"the target {shown(path)!r} is not a path")
-        found = fileUnder(self.root, path, self.hidden)
-        if os.path.isdir(found):
+        name = joinUnder(self.root, path, self.hidden)
+        fd, status = openFile(name, path, (self.root,))
+        if stat.S_ISDIR(status.st_mode):
+            os.close(fd)
             if not path.endswith(b"/"):
                 self._redirect(context, responder)
                 return
-            for name in self.index:
-                candidate = os.path.join(found, name)
-                if os.path.isfile(candidate):
-                    found = candidate
+            directory = name
+            for index in self.index:
+                name = os.path.join(directory, index)
+                try:
+                    fd, status = openFile(name, path, (self.root,))
+                except ProxyError:
+                    continue
+                if stat.S_ISREG(status.st_mode):
                     break
+                os.close(fd)
             else:
                 if not self.listing:
                     raise clientError(403, f"the directory at {shown(path)!r} has no index file and is not listed")
-                responder.answer(self._listing(found, path))
+                responder.answer(self._listing(directory, path))
                 return
-        FileAnswer(found, path, self.fields, self._reactor).serve(context, responder)
+        FileAnswer(name, path, self.fields, self._reactor).serveOpen(fd, status, context, responder)
 
     def _redirect(self, context: RequestContext, responder: Responder) -> None:
         """Send the client to the directory's path with a final slash (never to another host: one leading slash)."""
