@@ -5,6 +5,7 @@ to real clients (curl over HTTP/1.1 and HTTP/2, raw sockets), with a real upstre
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -14,7 +15,25 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from rproxy.app.tap import Options
-from rproxy.test.support import curl, headerValues, rawRequest, responseStatus, sleep, startProxy, startUpstream
+from rproxy.local.static import StaticDirectory
+from rproxy.proxy.balancers import FirstAvailable
+from rproxy.proxy.directors import Route, RoutingDirector
+from rproxy.proxy.exchange import Proxy
+from rproxy.proxy.registry import MemoryRegistry
+from rproxy.proxy.resource import ReverseProxyResource
+from rproxy.proxy.service import Service
+from rproxy.test.support import (
+    RunningProxy,
+    curl,
+    headerValues,
+    rawRequest,
+    responseStatus,
+    sleep,
+    startProxy,
+    startUpstream,
+    waitFor,
+)
+from rproxy.test.test_reload import startReloadable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REQUEST = b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -107,11 +126,14 @@ service = "default"
         )
         self.url = f"http://127.0.0.1:{self.proxy.port}"
 
-    def start(self, config: str) -> object:
-        path = os.path.join(self.base, "rproxy.toml")
+    def write(self, config: str, name: str = "rproxy.toml") -> str:
+        path = os.path.join(self.base, name)
         with open(path, "w") as f:
             f.write(config)
-        return startProxy(self, [], "--config", path)
+        return path
+
+    def start(self, config: str) -> RunningProxy:
+        return startProxy(self, [], "--config", self.write(config))
 
     async def get(self, path: str, *arguments: str) -> tuple[bytes, bytes]:
         code, out, err = await curl(["-s", "-D", "-", *arguments, self.url + path])
@@ -227,6 +249,64 @@ service = "default"
         opened = _openFiles()
         self.assertNotIn(big, opened)
 
+    async def test_slowClient(self) -> None:
+        """
+        A client that reads nothing pauses the file's producer: what is read of the file stays bounded
+        (socket buffers and a chunk or two), however large the file.
+        """
+        big = os.path.join(self.base, "www", "huge.bin")
+        with open(big, "wb") as f:
+            f.truncate(256 << 20)
+        read: list[int] = []
+        pread = os.pread
+
+        def counting(fd: int, length: int, offset: int) -> bytes:
+            data = pread(fd, length, offset)
+            read.append(len(data))
+            return data
+
+        self.patch(os, "pread", counting)
+        from twisted.internet import protocol
+
+        class Stalled(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.transport.pauseProducing()  # read nothing
+                self.transport.write(b"GET /static/huge.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+
+        client = await protocol.ClientCreator(reactor, Stalled).connectTCP("127.0.0.1", self.proxy.port)
+        self.addCleanup(client.transport.abortConnection)
+        await waitFor(lambda: sum(read) > 0)
+        await sleep(1.0)
+        self.assertGreater(sum(read), 0)
+        self.assertLess(sum(read), 48 << 20)  # a producer that ignored pauses would read the 256 MiB in that second
+
+    async def test_accessLog(self) -> None:
+        """A local route's exchanges are logged with the route's service and name."""
+        log = os.path.join(self.base, "access.log")
+        www = os.path.join(self.base, "www")
+        proxy = startProxy(
+            self,
+            [],
+            "--config",
+            self.write(
+                f'upstream = "http://127.0.0.1:9"\n[[routes]]\nname = "files"\nlocal = {{ static = "{www}" }}\n'
+                '[[routes]]\npath-prefix = "/p"\nservice = "default"\n'
+            ),
+            "--access-log",
+            log,
+            "--access-log-format",
+            "json",
+        )
+        code, out, _ = await curl(["-s", f"http://127.0.0.1:{proxy.port}/a.txt"])
+        self.assertEqual(out, b"hello\n")
+        await waitFor(lambda: os.path.exists(log) and os.path.getsize(log) > 0)
+        with open(log) as f:
+            [record] = [json.loads(line) for line in f]
+        self.assertEqual(
+            (record["status"], record["service"], record["route"], record["bytes_out"], record["attempts"]),
+            (200, "files", "files", 6, 0),
+        )
+
 
 class ReadmeExampleTests(unittest.TestCase):
     """The README's "speed up a slow endpoint" example, run as the docs show it."""
@@ -274,3 +354,44 @@ class LocalConfigTests(unittest.TestCase):
         self.assertIn("has no nothing", self.check('{ handler = "rproxy.test.test_local_routes:nothing" }'))
         self.assertIn("expected one of static", self.check('{ static = "www", status = 200 }'))
         self.assertIn("option status: expected 200 to 599", self.check("{ status = 700 }"))
+
+
+class PlainSiteTests(unittest.TestCase):
+    """A local route behind L{ReverseProxyResource} in a plain twisted.web site (L{WebRequestDownstream})."""
+
+    async def test_static(self) -> None:
+        www = os.path.abspath(self.mktemp())
+        os.mkdir(www)
+        payload = os.urandom(700_000)
+        with open(os.path.join(www, "f.bin"), "wb") as f:
+            f.write(payload)
+        files = Service("files", MemoryRegistry(), FirstAvailable(), local=StaticDirectory(www))
+        proxy = Proxy(reactor, RoutingDirector([Route(files, pathPrefix="/files", stripPrefix=True)]))
+        root = resource.Resource()
+        root.putChild(b"mounted", ReverseProxyResource.fromProxy(proxy))
+        site = startUpstream(self, server.Site(root))
+        url = f"{site.url}/mounted/files/f.bin"
+        code, out, err = await curl(["-s", url])
+        self.assertEqual((code, out == payload), (0, True), err)
+        code, out, _ = await curl(["-s", "-D", "-", "-r", "5-9", url])
+        head, _, body = out.partition(b"\r\n\r\n")
+        self.assertEqual((responseStatus(head), body), (206, payload[5:10]))
+        code, out, _ = await curl(["-s", f"{site.url}/mounted/files/nope"])
+        self.assertEqual(out, b"404 Not Found: no file at '/nope'\n")
+
+
+class ReloadTests(unittest.TestCase):
+    """A reload swaps local routes, and refuses a broken one with the key at fault."""
+
+    async def test_swapped(self) -> None:
+        upstream = startUpstream(self, server.Site(_App()))
+        config = f'upstream = "{upstream.url}"\n[[routes]]\npath-prefix = "/hi"\nlocal = {{ body = "one" }}\n'
+        config += '[[routes]]\nservice = "default"\n'
+        proxy = startReloadable(self, config)
+        url = f"http://127.0.0.1:{proxy.port}/hi"
+        self.assertEqual((await curl(["-s", url]))[1], b"one")
+        summary = proxy.reload(config.replace('"one"', '"two"'))
+        self.assertIsNotNone(summary)
+        self.assertEqual((await curl(["-s", url]))[1], b"two")
+        self.assertIsNone(proxy.reload(config.replace('body = "one"', 'static = "nowhere"')))
+        self.assertEqual((await curl(["-s", url]))[1], b"two")
