@@ -13,7 +13,16 @@ from twisted.web import resource, server
 
 from rproxy.filters.sendfile import sendfile
 from rproxy.interfaces import FilterEnvironment
-from rproxy.test.support import curl, headerValues, responseStatus, startProxy, startUpstream
+from rproxy.test.support import (
+    ReceivedRequest,
+    ScriptedUpstream,
+    curl,
+    headerValues,
+    responseStatus,
+    startProxy,
+    startUpstream,
+    waitFor,
+)
 
 
 class _App(resource.Resource):
@@ -106,3 +115,36 @@ class SendfileTests(unittest.TestCase):
         with self.assertRaises(ValueError) as raised:
             sendfile.build({"sendfile-roots": ["."], "accel-header": "bad header"}, environment)
         self.assertIn("option accel-header: not a field name", str(raised.exception))
+
+
+class ConnectionTests(unittest.TestCase):
+    """The upstream's connection after a takeover: kept when its response had no body, closed when it had one."""
+
+    async def test_connections(self) -> None:
+        files = os.path.abspath(self.mktemp())
+        os.makedirs(files)
+        with open(os.path.join(files, "f.txt"), "wb") as f:
+            f.write(b"from the file\n")
+        bodies = {b"/empty": b"", b"/body": b"x" * 300_000}
+
+        def respond(proto: object, request: ReceivedRequest) -> bytes:
+            body = bodies[request.requestLine.split(b" ")[1]]
+            head = b"HTTP/1.1 200 OK\r\nX-Accel-Redirect: /p/f.txt\r\nContent-Length: %d\r\n\r\n" % len(body)
+            return head + body
+
+        upstream = ScriptedUpstream(self, respond)
+        base = os.path.dirname(files)
+        path = os.path.join(base, "rproxy.toml")
+        with open(path, "w") as f:
+            f.write(
+                f'upstream = "{upstream.url}"\ndefault-filters = ["files"]\n[filters.files]\ntype = "sendfile"\n'
+                f'roots = {{ "/p/" = "{files}" }}\n'
+            )
+        proxy = startProxy(self, [], "--config", path)
+        for target in ("/empty", "/empty", "/body", "/body"):
+            code, out, _ = await curl(["-s", f"http://127.0.0.1:{proxy.port}{target}"])
+            self.assertEqual(out, b"from the file\n", target)
+        await waitFor(lambda: len(upstream.lost) >= 2)
+        # One connection carried both bodiless responses and the first with a body, closed for its unread body;
+        # the second with a body came on a new one, closed too.
+        self.assertEqual((len(upstream.requests), len(upstream.connections), len(upstream.lost)), (4, 2, 2))
