@@ -182,6 +182,8 @@ class _Handler:
 
     def serve(self, context: RequestContext, responder: Responder) -> None:
         body, context.body = context.body, None
+        if body is not None and (body.length is None or body.length <= self.maxBody):
+            responder.sendContinue()
         running = readBody(body, self.maxBody)
         running.addCallback(self._run, context, responder)
         running.addErrback(self._failed, responder)

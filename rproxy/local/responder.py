@@ -72,6 +72,15 @@ class Responder:
             _log.failure("the local answer {answer!r} failed", answer=answer)
             self.fail(proxyError(500, "the local answer failed", "proxy_internal_error"))
 
+    def sendContinue(self) -> None:
+        """
+        Tell a client that waits (``Expect: 100-continue``) to send its body: for an answer that reads it.
+        Nothing is sent when the client did not ask, or its protocol has no ``100 Continue``.
+        """
+        expect = self._downstream.requestHeaders.getRawHeaders(b"expect")
+        if expect and expect[0].lower() == b"100-continue" and not self.started:
+            self._downstream.sendInterim(100, ())
+
     def sendHead(self, status: int, fields: Sequence[tuple[bytes, bytes]], hasBody: bool = True) -> None:
         """
         Send the response head: C{status} and C{fields} (end-to-end fields, and C{Content-Length} when the

@@ -116,6 +116,15 @@ local = {{ handler = "rproxy.test.test_local_routes:HELLO" }}
 path-prefix = "/echo"
 local = {{ handler = "rproxy.test.test_local_routes:echo", max-body = "10" }}
 
+[filters.gz]
+type = "compress"
+min-size = "0"
+
+[[routes]]
+path-prefix = "/gz"
+filters = ["gz"]
+local = {{ static = "www" }}
+
 [[routes]]
 path-prefix = "/maintenance"
 local = {{ status = 503, body = "back soon", headers = {{ "Retry-After" = "60" }} }}
@@ -203,6 +212,19 @@ service = "default"
         self.assertIn(b'<a href="big.bin">big.bin</a>', body)
         self.assertNotIn(b".env", body)
 
+    async def test_compressed(self) -> None:
+        """A route's compress filter compresses a file it serves (and leaves a range alone)."""
+        text = b"a line of text\n" * 10000
+        with open(os.path.join(self.base, "www", "big.txt"), "wb") as f:
+            f.write(text)
+        head, body = await self.get("/gz/big.txt", "--compressed")
+        self.assertEqual(responseStatus(head), 200)
+        self.assertEqual(len(headerValues(head, b"content-encoding")), 1)
+        self.assertEqual(body, text)
+        head, body = await self.get("/gz/big.txt", "--compressed", "-r", "0-9")
+        self.assertEqual(responseStatus(head), 206)
+        self.assertEqual((headerValues(head, b"content-encoding"), body), ([], text[:10]))
+
     async def test_http2(self) -> None:
         """An HTTP/2 client gets the file, and a range of it."""
         head, body = await self.get("/static/big.bin", "--http2-prior-knowledge")
@@ -219,6 +241,13 @@ service = "default"
         self.assertEqual((responseStatus(head), body), (200, b"POST /it?q=1 0123456789"))
         head, body = await self.get("/echo/it", "--data-binary", "0123456789A")
         self.assertEqual(responseStatus(head), 413)
+        started = reactor.seconds()
+        expecting = ["--data-binary", "0123", "-H", "Expect: 100-continue", "--expect100-timeout", "5"]
+        interim, body = await self.get("/echo/it", *expecting)
+        self.assertEqual(responseStatus(interim), 100)
+        head, _, body = body.partition(b"\r\n\r\n")
+        self.assertEqual((responseStatus(head), body), (200, b"POST /it 0123"))
+        self.assertLess(reactor.seconds() - started, 4)  # the 100 Continue came: curl did not wait out its 5 s
         head, body = await self.get("/echo/it", "--http2-prior-knowledge")
         self.assertEqual((responseStatus(head), body), (200, b"GET /it "))
         head, body = await self.get("/maintenance", "--http2-prior-knowledge")
