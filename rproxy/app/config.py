@@ -1109,7 +1109,10 @@ def _services(
     factories: Mapping[str, IBalancerFactory],
     filters: Mapping[str, FilterConfig],
 ) -> tuple[dict[str, ServiceConfig], dict[str, OptionValues], dict[str, str]]:
-    """The services, the option values of each, and where each was defined (for errors), by name."""
+    """
+    The services, the option values of each, and where each was defined (for errors), by name; none only for
+    a file with routes (local routes need no service: a route to a service that does not exist is an error).
+    """
     upstreams = tuple(_upstream(values.where("upstream"), spec) for spec in values.repeated("upstream"))
     demo = values.text("demo-upstream")
     path, fileServices = ("", {}) if file is None else (file.path, file.services)
@@ -1128,7 +1131,7 @@ def _services(
             raise ConfigError(f"{where}: the top-level upstreams (--upstream) are the service 'default' already")
         services[name], serviceValues[name] = _serviceTable(where, name, table, values, default, factories, filters)
         places[name] = where
-    if not services:
+    if not services and not (file is not None and file.routes):
         raise ConfigError("at least one --upstream URL is required (or --demo-upstream)")
     return services, serviceValues, places
 

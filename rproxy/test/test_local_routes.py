@@ -374,6 +374,22 @@ class LocalConfigTests(unittest.TestCase):
             Options().parseOptions(["--config", path])
         return str(raised.exception).replace(path, "rproxy.toml")
 
+    def test_withoutUpstreams(self) -> None:
+        """A file of local routes needs no upstream; a route to a service then names the missing service."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "www"))
+        path = os.path.join(base, "rproxy.toml")
+        with open(path, "w") as f:
+            f.write('[[routes]]\nlocal = { static = "www" }\n')
+        options = Options()
+        options.parseOptions(["--config", path])
+        self.assertEqual((len(options.config.services), len(options.config.routes)), (0, 1))
+        with open(path, "a") as f:
+            f.write('[[routes]]\npath-prefix = "/api"\nservice = "api"\n')
+        with self.assertRaises(UsageError) as raised:
+            Options().parseOptions(["--config", path])
+        self.assertIn("routes[1].service: no service named 'api' (services: none)", str(raised.exception))
+
     def test_errors(self) -> None:
         self.assertIn("option static: no directory", self.check('{ static = "nowhere" }'))
         self.assertIn("unknown option 'lsting'", self.check('{ static = "www", lsting = true }'))
