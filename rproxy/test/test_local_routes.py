@@ -12,7 +12,7 @@ import shutil
 from twisted.internet import reactor
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
-from twisted.web import resource, server
+from twisted.web import resource, server, static
 
 from rproxy.app.tap import Options
 from rproxy.local.static import StaticDirectory
@@ -50,6 +50,9 @@ class _Hello(resource.Resource):
 
 #: A twisted.web resource a local route names (rproxy.test.test_local_routes:HELLO).
 HELLO = _Hello()
+
+#: twisted.web's own static files (a pull producer streams them): this directory.
+TESTS = static.File(os.path.dirname(os.path.abspath(__file__)))
 
 
 async def echo(request: object) -> object:
@@ -111,6 +114,10 @@ local = {{ static = "www", listing = true }}
 [[routes]]
 path-prefix = "/res"
 local = {{ handler = "rproxy.test.test_local_routes:HELLO" }}
+
+[[routes]]
+path-prefix = "/tests"
+local = {{ handler = "rproxy.test.test_local_routes:TESTS" }}
 
 [[routes]]
 path-prefix = "/echo"
@@ -237,6 +244,12 @@ service = "default"
         """A twisted.web resource and an async def see the path below the prefix; the rest is proxied."""
         head, body = await self.get("/res/deep/x")
         self.assertEqual((responseStatus(head), body), (200, b"resource saw /deep/x"))
+        with open(__file__.removesuffix("c"), "rb") as f:
+            source = f.read()
+        self.assertGreater(len(source), 2**14)  # more than one read of twisted.web.static's producer
+        for protocol in ("--http1.1", "--http2-prior-knowledge"):
+            head, body = await self.get("/tests/test_local_routes.py", protocol)
+            self.assertEqual((responseStatus(head), body == source), (200, True), protocol)
         head, body = await self.get("/echo/it?q=1", "--data-binary", "0123456789")
         self.assertEqual((responseStatus(head), body), (200, b"POST /it?q=1 0123456789"))
         head, body = await self.get("/echo/it", "--data-binary", "0123456789A")
