@@ -312,6 +312,8 @@ class Exchange:
             return
         self._ended = True
         self._stopClientBody()
+        if self._body is not None and self._body is not self._clientBody:
+            self._body.stopProducing()  # what a filter put in the body's place, which no upstream will read
         self._record()
         self.downstream.finish()
         self._contextEnded()
