@@ -14,6 +14,7 @@ from twisted.web import resource, server
 from rproxy.filters.sendfile import sendfile
 from rproxy.interfaces import FilterEnvironment
 from rproxy.test.support import (
+    LogCapture,
     ReceivedRequest,
     ScriptedUpstream,
     curl,
@@ -88,7 +89,8 @@ class SendfileTests(unittest.TestCase):
         self.assertEqual((responseStatus(head), body), (304, b""))
 
     async def test_refused(self) -> None:
-        """Outside the roots is the upstream's 502 with a reason; a missing file a 404."""
+        """Outside the roots is the upstream's 502 with a reason, in the response and the log; a missing file a 404."""
+        log = LogCapture(self)
         for path, status, reason in [
             ("/raw/~etc~passwd", 502, b"'/etc/passwd' is refused: outside the allowed locations"),
             ("/raw/~protected~..~..~etc~passwd", 502, b"has a '..' segment"),
@@ -102,6 +104,8 @@ class SendfileTests(unittest.TestCase):
             self.assertIn(reason, body, path)
         head, _ = await self.get("/raw/~etc~passwd")
         self.assertEqual(headerValues(head, b"x-rproxy-fault"), [b"upstream"])
+        logged = [event["reason"] for event in log.withStatus(502)]
+        self.assertIn("the upstream's X-Accel-Redirect '/etc/passwd' is refused: outside the allowed locations", logged)
 
     def test_options(self) -> None:
         """Bad options name the option."""
