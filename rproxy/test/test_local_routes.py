@@ -15,10 +15,12 @@ from twisted.trial import unittest
 from twisted.web import resource, server, static
 
 from rproxy.app.tap import Options
+from rproxy.local.handlers import HandlerRequest
 from rproxy.local.static import StaticDirectory
 from rproxy.proxy.balancers import FirstAvailable
 from rproxy.proxy.directors import Route, RoutingDirector
 from rproxy.proxy.exchange import Proxy
+from rproxy.proxy.message import LocalResponse
 from rproxy.proxy.registry import MemoryRegistry
 from rproxy.proxy.resource import ReverseProxyResource
 from rproxy.proxy.service import Service
@@ -55,12 +57,10 @@ HELLO = _Hello()
 TESTS = static.File(os.path.dirname(os.path.abspath(__file__)))
 
 
-async def echo(request: object) -> object:
+async def echo(request: HandlerRequest) -> LocalResponse:
     """An async def handler: the method, the path below the prefix and the body."""
-    from rproxy.proxy.message import LocalResponse
-
-    method, path, content = request.method, request.path, request.content  # type: ignore[attr-defined]
-    return LocalResponse(200, [(b"Content-Type", b"text/plain")], method + b" " + path + b" " + content)
+    body = request.method + b" " + request.path + b" " + request.content
+    return LocalResponse(200, [(b"Content-Type", b"text/plain")], body)
 
 
 class _App(resource.Resource):
