@@ -517,12 +517,12 @@ class ErrorTests(ConfigTestCase):
         (
             API + '[[routes]]\nhosts = "a"\n',
             [],
-            "rproxy.toml: routes[0]: give one of service, split or service-version = true",
+            "rproxy.toml: routes[0]: give one of service, split, service-version = true or local",
         ),
         (
             API + '[[routes]]\nservice = "api"\nservice-version = true\n',
             [],
-            "rproxy.toml: routes[0]: give one of service, split or service-version = true, not service and "
+            "rproxy.toml: routes[0]: give one of service, split, service-version = true or local, not service and "
             "service-version",
         ),
         (
