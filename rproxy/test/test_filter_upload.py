@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import jwt
-from twisted.internet import protocol, reactor
+from twisted.internet import defer, protocol, reactor, utils
 from twisted.trial import unittest
 from twisted.web import resource, server
 
@@ -21,6 +21,7 @@ from rproxy.filters.upload import upload
 from rproxy.interfaces import FilterEnvironment
 from rproxy.test.s3server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, s3Server
 from rproxy.test.support import (
+    BIN,
     curl,
     freePort,
     rawRequest,
@@ -536,3 +537,107 @@ class S3Tests(UploadTestCase):
             await sleep(0.1)
         self.assertEqual(await s3.keys(bucket), [])
         self.assertEqual(len(upstream.received), 1)
+
+
+#: The 1 GiB upload's size.
+GIB = 1 << 30
+
+#: How much the proxy process's resident memory may grow while it offloads 1 GiB.
+RSS_GROWTH_LIMIT = 64 * MIB
+
+
+def statusKiB(pid: int, field: str) -> int:
+    """A C{/proc/PID/status} memory field (C{VmRSS}, C{VmHWM}: the peak), in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+class _Twist(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.output = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.output = (self.output + data)[-4000:]
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: object) -> None:
+        self.ended.callback(None)
+
+
+class BigUploadTests(unittest.TestCase):
+    """1 GiB through a C{twist rproxy} process, measured from its /proc."""
+
+    timeout = 120
+
+    async def test_oneGiB(self) -> None:
+        """
+        1 GiB of unknown length (curl sends stdin chunked) is stored whole, with the right digest, while the
+        proxy process's peak resident memory (VmHWM) grows less than 64 MiB over what it had after a small
+        upload; the upstream verifies the token.
+        """
+        import rproxy
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(rproxy.__file__)))
+        base = os.path.abspath(self.mktemp())
+        store = os.path.join(base, "store")
+        os.makedirs(store)
+        with open(os.path.join(base, "secret"), "wb") as f:
+            f.write(SECRET)
+        upstream = UploadUpstream(SECRET)
+        listening = startUpstream(self, server.Site(upstream))
+        port = freePort()
+        config = os.path.join(base, "rproxy.toml")
+        with open(config, "w") as f:
+            f.write(
+                f'listen = ["tcp:{port}:interface=127.0.0.1"]\n\n'
+                f'[services.app]\nupstreams = ["{listening.url}"]\n\n'
+                '[filters.uploads]\ntype = "upload"\nstorage = { type = "directory", path = "store" }\n'
+                'signing-key-file = "secret"\n\n'
+                '[[routes]]\npath-prefix = "/"\nservice = "app"\nfilters = ["uploads"]\n'
+            )
+        twist = _Twist()
+        environment = {**os.environ, "PYTHONPATH": root}
+        argv = [os.path.join(BIN, "python"), "-m", "twisted", "rproxy", "--access-log", "off", "--config", config]
+        process = reactor.spawnProcess(twist, argv[0], argv, env=environment, path=root)
+
+        async def stop() -> None:
+            if not twist.ended.called:
+                process.signalProcess("KILL")
+                await twist.ended
+
+        self.addCleanup(lambda: defer.ensureDeferred(stop()))
+        url = f"http://127.0.0.1:{port}/big"
+        for _ in range(200):
+            code, _, _ = await curl(["-sS", "-o", "/dev/null", "--data-binary", "warm", url], timeout=5)
+            if code == 0:
+                break
+            await sleep(0.1)
+        self.assertEqual(len(upstream.received), 1, twist.output)
+        before = statusKiB(process.pid, "VmRSS")
+        started = time.monotonic()
+        command = f"head -c {GIB} /dev/zero | curl -sS -T - -X POST --max-time 100 {url}"
+        done = await utils.getProcessOutputAndValue("/bin/sh", ["-c", command], env=os.environ)
+        elapsed = time.monotonic() - started
+        peak = statusKiB(process.pid, "VmHWM")
+        self.assertEqual(done[2], 0, done)
+        [_, seen] = upstream.received
+        assert seen.claims is not None, seen.refusal
+        [stored] = seen.claims["objects"]
+        zeros = hashlib.sha256()
+        block = bytes(MIB)
+        for _ in range(GIB // MIB):
+            zeros.update(block)
+        self.assertEqual((stored["size"], stored["sha256"]), (GIB, zeros.hexdigest()))
+        path = os.path.join(store, stored["key"])
+        self.assertEqual(os.path.getsize(path), GIB)
+        os.unlink(path)
+        growth = (peak - before) * 1024
+        print(f"\n1 GiB offloaded in {elapsed:.1f} s; proxy RSS {before // 1024} MiB, peak {peak // 1024} MiB")
+        self.assertLess(growth, RSS_GROWTH_LIMIT, f"the proxy's peak RSS grew by {growth / MIB:.0f} MiB")
+        process.signalProcess("TERM")
+        await twist.ended
