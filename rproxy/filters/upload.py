@@ -37,6 +37,7 @@ from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
@@ -83,8 +84,8 @@ class _Sink(Protocol):
     def forwardedType(self) -> bytes | None:
         """The forwarded body's C{Content-Type}, when it is not the client's."""
 
-    async def feed(self, data: bytes) -> None:
-        """The next bytes of the body."""
+    def feed(self, data: bytes) -> Deferred[None] | None:
+        """The next bytes of the body; a Deferred to wait for before more (see L{IObjectWriter.write})."""
 
     async def finish(self) -> tuple[IO[bytes], int, str]:
         """The body to forward (at its start), its length and SHA-256."""
@@ -104,10 +105,8 @@ class _WholeBody:
         self._contentType = contentType
         self._writer: IObjectWriter = objects.open()
 
-    async def feed(self, data: bytes) -> None:
-        waiting = self._writer.write(data)
-        if waiting is not None:
-            await waiting
+    def feed(self, data: bytes) -> Deferred[None] | None:
+        return self._writer.write(data)
 
     async def finish(self) -> tuple[IO[bytes], int, str]:
         stored = await self._objects.close(self._writer)
@@ -126,7 +125,7 @@ class _BodyReader:
     """
 
     _producer: IPushProducer | None = None
-    _running = False
+    _waiting = False  # for the sink
     _complete = False
 
     def __init__(self, pipe: RequestBodyPipe, sink: _Sink, maxSize: int) -> None:
@@ -166,33 +165,39 @@ class _BodyReader:
         self._producer = None
 
     def _pump(self) -> None:
-        if not self._running and not self._done.called:
-            self._running = True
-            Deferred.fromCoroutine(self._drain())
+        """Feed the sink what arrived, until it asks to wait (the client is paused then)."""
+        if self._waiting or self._done.called:
+            return
+        while self._pending:
+            try:
+                waiting = self._sink.feed(self._pending.popleft())
+            except Exception:
+                self._broke(Failure())
+                return
+            if waiting is not None:
+                self._waiting = True
+                self._pause(True)
+                waiting.addCallbacks(self._resumed, self._broke)
+                return
+        if self._complete:
+            self._waiting = True  # for good: the sink is finishing
+            Deferred.fromCoroutine(self._sink.finish()).addCallbacks(self._finished, self._broke)
 
-    async def _drain(self) -> None:
-        try:
-            while self._pending and not self._done.called:
-                step = Deferred.fromCoroutine(self._sink.feed(self._pending.popleft()))
-                if not step.called:
-                    self._pause(True)
-                    try:
-                        await step
-                    finally:
-                        self._pause(False)
-                else:
-                    await step  # its result, or its error
-            if self._complete and not self._done.called:
-                forwarded = await self._sink.finish()
-                if not self._done.called:
-                    self._done.callback(forwarded)
-        except ProxyError as e:
-            self._fail(e)
-        except Exception as e:
-            _log.failure("upload failed")
-            self._fail(proxyError(503, f"upload failed: {type(e).__name__}", "proxy_internal_error"))
-        finally:
-            self._running = False
+    def _resumed(self, _: None) -> None:
+        self._waiting = False
+        self._pause(False)
+        self._pump()
+
+    def _finished(self, forwarded: tuple[IO[bytes], int, str]) -> None:
+        if not self._done.called:
+            self._done.callback(forwarded)
+
+    def _broke(self, failure: Failure) -> None:
+        error = failure.value
+        if not isinstance(error, ProxyError):
+            _log.failure("upload failed", failure)
+            error = proxyError(503, f"upload failed: {type(error).__name__}", "proxy_internal_error")
+        self._fail(error)
 
     def _pause(self, paused: bool) -> None:
         producer = self._producer

@@ -23,9 +23,11 @@ import hashlib
 import secrets
 import tempfile
 import unicodedata
+from collections.abc import Iterator
 from typing import IO
 
 from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser
+from twisted.internet.defer import Deferred
 
 from rproxy.errors import clientError
 from rproxy.upload.signing import StoredField
@@ -99,11 +101,13 @@ class FormRewriter:
         """The rewritten form's C{Content-Type}."""
         return b"multipart/form-data; boundary=" + self.boundary
 
-    async def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> Deferred[None] | None:
         """
-        Parse C{data}, the next bytes of the form (C{b""}: the end); returns when the objects can take more.
+        Parse C{data}, the next bytes of the form (C{b""}: the end).
 
-        @raise rproxy.errors.ProxyError: the form is broken or too large, or the storage failed.
+        @return: C{None} when more may follow at once, else a Deferred that fires when the objects can take
+            more (the rest of C{data} is handled by then), or fails with a L{rproxy.errors.ProxyError}.
+        @raise rproxy.errors.ProxyError: the form is broken or too large.
         """
         try:
             events = list(self._parser.parse(data))
@@ -111,17 +115,24 @@ class FormRewriter:
             raise clientError(413, f"multipart/form-data body over a limit: {e}") from None
         except ParserError as e:
             raise clientError(400, f"malformed multipart/form-data body: {e}") from None
+        return self._handle(iter(events))
+
+    def _handle(self, events: Iterator[MultipartSegment | bytes | None]) -> Deferred[None] | None:
+        """Handle C{events} until one must be waited for; then go on when it has been."""
         for event in events:
             if isinstance(event, MultipartSegment):
                 self._begin(event)
-            elif event is None:
-                await self._end()
-            else:
-                await self._part(event)
+                continue
+            waiting = self._end() if event is None else self._part(event)
+            if waiting is not None:
+                return waiting.addCallback(lambda _: self._handle(events))
+        return None
 
     async def finish(self) -> tuple[IO[bytes], int, str]:
         """The whole form arrived: the rewritten form (at its start), its length and SHA-256."""
-        await self.feed(b"")
+        waiting = self.feed(b"")
+        if waiting is not None:
+            await waiting
         if not self._parser.closed:
             raise clientError(400, "malformed multipart/form-data body: it ends before its closing boundary")
         self._emit(b"--" + self.boundary + b"--\r\n")
@@ -139,22 +150,24 @@ class FormRewriter:
         else:
             self._field(segment.name or "", segment.content_type)
 
-    async def _part(self, data: bytes) -> None:
+    def _part(self, data: bytes) -> Deferred[None] | None:
         writer = self._writer
         if writer is None:
             self._emit(data)
-            return
-        waiting = writer.write(data)
-        if waiting is not None:
-            await waiting
+            return None
+        return writer.write(data)
 
-    async def _end(self) -> None:
+    def _end(self) -> Deferred[None] | None:
         segment, self._segment = self._segment, None
         writer, self._writer = self._writer, None
         assert segment is not None
         if writer is None:
             self._emit(b"\r\n")
-            return
+            return None
+        return Deferred.fromCoroutine(self._stored(segment, writer))
+
+    async def _stored(self, segment: MultipartSegment, writer: IObjectWriter) -> None:
+        """Store the object of a file part, then write the fields naming it."""
         stored = await self._objects.close(writer)
         name = segment.name or ""
         field = StoredField(stored, name, safeFilename(segment.filename or ""), segment.content_type)
