@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -32,7 +33,7 @@ from rproxy.test.support import (
     useFilters,
     waitFor,
 )
-from rproxy.test.upload_upstream import UploadUpstream, loadSnippet
+from rproxy.test.upload_upstream import SNIPPET, UploadUpstream, loadSnippet
 from rproxy.testing import verifyFilterFactory
 from rproxy.upload.multipart import safeFilename
 from rproxy.upload.signing import StoredField, UploadSigner
@@ -394,6 +395,26 @@ class SignatureTests(unittest.TestCase):
         self.assertEqual(self.verify(token, public, "EdDSA", "POST", "/a", b"")["iss"], "rproxy")
         self.assertRaises(ValueError, UploadSigner, pem, "ES256", 60)
         self.assertRaises(ValueError, UploadSigner, b"short", "HS256", 60)
+
+    def test_documentedSnippet(self) -> None:
+        """The verification function docs/filters/upload.md shows is the one the sample upstream runs."""
+        from rproxy.test.upload_upstream import ROOT
+
+        with open(os.path.join(ROOT, "docs", "filters", "upload.md"), encoding="utf-8") as f:
+            [snippet] = re.findall(r"^```python\n(.*?)^```", f.read(), re.M | re.S)
+        namespace: dict[str, Any] = {}
+        exec(compile(snippet, "docs/filters/upload.md", "exec"), namespace)
+        documented = namespace["verifyUpload"]
+        token = UploadSigner(SECRET, "HS256", 60).sign(
+            b"POST", b"/a", hashlib.sha256(b"f").hexdigest(), 1, self.objects
+        )
+        self.assertEqual(
+            documented(token, SECRET, "HS256", "POST", "/a", b"f"),
+            self.verify(token, SECRET, "HS256", "POST", "/a", b"f"),
+        )
+        self.assertRaises(jwt.InvalidTokenError, documented, token, SECRET, "HS256", "POST", "/a", b"g")
+        shown = re.sub(r'\n    """.*?"""\n', "\n", open(SNIPPET, encoding="utf-8").read(), flags=re.S)
+        self.assertIn(snippet.strip(), shown)
 
     async def test_forgedThroughUpstream(self) -> None:
         """The sample upstream refuses a request that did not come through the proxy."""

@@ -7,7 +7,9 @@ A sample upstream behind the C{upload} filter: it verifies the signed field with
     - no token, or one that does not verify (tampered, expired, issued for another request): C{403} with the
       reason.
 
-Each request is recorded in L{UploadUpstream.received}.
+Each request is recorded in L{UploadUpstream.received}.  Run alone (docs/filters/upload.md does)::
+
+    python -m rproxy.test.upload_upstream PORT SECRET-FILE
 """
 
 from __future__ import annotations
@@ -93,3 +95,20 @@ class UploadUpstream(resource.Resource):
         request.setResponseCode(422 if b"/reject" in request.uri else 201)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(seen.claims).encode("utf-8")
+
+
+def main(port: int, keyFile: str) -> None:
+    """Serve on 127.0.0.1:C{port} with the HS256 secret in C{keyFile}; print C{ready} once listening."""
+    from twisted.internet import reactor
+
+    with open(keyFile, "rb") as f:
+        key = f.read().strip()
+    reactor.listenTCP(port, server.Site(UploadUpstream(key)), interface="127.0.0.1")  # type: ignore[attr-defined]
+    print("ready", flush=True)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(int(sys.argv[1]), sys.argv[2])
