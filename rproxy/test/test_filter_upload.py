@@ -191,6 +191,35 @@ class DirectoryTests(UploadTestCase):
         self.assertEqual((stored["field"], stored["filename"], stored["key"]), ("file", "passwd", key))
         self.assertEqual(json.loads(out)["body_size"], len(seen.body))
 
+    async def test_http2(self) -> None:
+        """A form over HTTP/2 (h2c) is rewritten alike; a token the client sends itself never reaches the upstream."""
+        directory = self.directory()
+        upstream, proxy, _ = self.offload({"type": "directory", "path": directory})
+        source = os.path.join(self.directory(), "a.txt")
+        with open(source, "wb") as f:
+            f.write(b"abc")
+        code, out, err = await curl(
+            [
+                "-sS",
+                "--http2-prior-knowledge",
+                "-H",
+                "Rproxy-Upload: forged",
+                "-F",
+                "note=hi",
+                "-F",
+                f"doc=@{source};filename=a b.txt",
+                f"{proxy.url}/h2",
+            ],
+        )
+        self.assertEqual(code, 0, err)
+        [seen] = upstream.received
+        self.assertEqual(seen.headers[b"rproxy-upload"], [seen.headers[b"rproxy-upload"][0]])
+        assert seen.claims is not None, seen.refusal
+        [stored] = seen.claims["objects"]
+        self.assertEqual((stored["field"], stored["filename"], stored["size"]), ("doc", "a b.txt", 3))
+        self.assertEqual(formFields(seen.body, seen.headers[b"content-type"][0])["note"], b"hi")
+        self.assertEqual(os.stat(stored["location"]).st_mode & 0o777, 0o640)
+
     async def test_brokenBoundary(self) -> None:
         """A form whose boundary never comes is a 400; nothing is stored, the upstream gets nothing."""
         directory = self.directory()

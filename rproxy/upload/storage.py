@@ -61,6 +61,9 @@ DIRECTORY_BATCH = 1 << 20
 #: The smallest part S3 accepts (but for the last one).
 MINIMUM_PART_SIZE = 5 << 20
 
+#: The permissions of a directory object: the proxy's user writes it, its group (the application's) reads it.
+FILE_MODE = 0o640
+
 #: Where a directory object is written until it is complete (a hidden name, in the target directory).
 TEMPORARY_PREFIX = ".rproxy-upload-"
 
@@ -363,6 +366,7 @@ class _DirectoryObject:
             os.makedirs(directory, exist_ok=True)
             fd, self._temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=directory)
             self._fd = fd
+            os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide it from an application running as another user
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
