@@ -201,8 +201,12 @@ class _BodyReader:
 
     def _pause(self, paused: bool) -> None:
         producer = self._producer
-        if producer is not None and not self._done.called:
-            producer.pauseProducing() if paused else producer.resumeProducing()
+        if producer is None or self._done.called:
+            return
+        if paused:
+            producer.pauseProducing()
+        else:
+            producer.resumeProducing()
 
     def _fail(self, error: ProxyError) -> None:
         if not self._done.called:
