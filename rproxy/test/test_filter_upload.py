@@ -15,6 +15,7 @@ from typing import Any
 
 import jwt
 from twisted.internet import defer, protocol, reactor, utils
+from twisted.internet.interfaces import IProcessTransport
 from twisted.trial import unittest
 from twisted.web import resource, server
 
@@ -313,6 +314,8 @@ class PreauthorizeTests(UploadTestCase):
                     return b"no uploads for you\n"
                 if request.path == b"/garbage":
                     return b"not json"
+                if request.path == b"/pass":
+                    return b'{"offload": false}'
                 return json.dumps({"prefix": "user-7/", "max_size": 1000}).encode()
 
         return startUpstream(self, server.Site(Service())).url, asked
@@ -339,6 +342,17 @@ class PreauthorizeTests(UploadTestCase):
         self.assertEqual(responseStatus(response), 413)
         self.assertTrue(await waitFor(lambda: len(files(directory)) == 1))
 
+    async def test_noOffload(self) -> None:
+        """C{"offload": false}: the request goes upstream as it is, body and all, without a token."""
+        url, _ = self.preauthorizer()
+        directory = self.directory()
+        upstream, proxy, _ = self.offload({"type": "directory", "path": directory}, preauthorize=url + "/pass")
+        response = await rawRequest(proxy.port, post(b"/up", b"kept inline"))
+        self.assertEqual(responseStatus(response), 403)  # the sample upstream wants a token
+        [seen] = upstream.received
+        self.assertEqual((seen.body, seen.headers.get(b"rproxy-upload")), (b"kept inline", None))
+        self.assertEqual(files(directory), [])
+
     async def test_refusal(self) -> None:
         """Any other answer is the client's, as the service gave it; nothing is stored or proxied."""
         url, _ = self.preauthorizer()
@@ -350,7 +364,6 @@ class PreauthorizeTests(UploadTestCase):
         self.assertTrue(response.endswith(b"no uploads for you\n"))
         self.assertEqual(upstream.received, [])
         self.assertEqual(files(directory), [])
-        response = await rawRequest(proxy.port, post(b"/up", b"data"))
 
     async def test_unavailable(self) -> None:
         """A service that is down, or answers garbage: 503 and 502, saying so; nothing stored."""
@@ -619,16 +632,17 @@ class _Twist(protocol.ProcessProtocol):
         self.ended.callback(None)
 
 
-class BigUploadTests(unittest.TestCase):
-    """1 GiB through a C{twist rproxy} process, measured from its /proc."""
+class ProcessTests(unittest.TestCase):
+    """Uploads through a C{twist rproxy} process: 1 GiB measured from its /proc, a file size limit."""
 
     timeout = 120
 
-    async def test_oneGiB(self) -> None:
+    async def proxyProcess(
+        self, launcher: tuple[str, ...] = ()
+    ) -> tuple[UploadUpstream, IProcessTransport, _Twist, str, str]:
         """
-        1 GiB of unknown length (curl sends stdin chunked) is stored whole, with the right digest, while the
-        proxy process's peak resident memory (VmHWM) grows less than 64 MiB over what it had after a small
-        upload; the upstream verifies the token.
+        A C{twist rproxy} process (run by C{launcher}, such as C{prlimit}) offloading to a directory, once it
+        has proxied a first small upload: the upstream, the process, its protocol, its URL and the directory.
         """
         import rproxy
 
@@ -652,8 +666,8 @@ class BigUploadTests(unittest.TestCase):
             )
         twist = _Twist()
         environment = {**os.environ, "PYTHONPATH": root}
-        argv = [os.path.join(BIN, "python"), "-m", "twisted", "rproxy", "--access-log", "off", "--config", config]
-        process = reactor.spawnProcess(twist, argv[0], argv, env=environment, path=root)
+        argv = [*launcher, os.path.join(BIN, "python"), "-m", "twisted", "rproxy", "--access-log", "off"]
+        process = reactor.spawnProcess(twist, argv[0], [*argv, "--config", config], env=environment, path=root)
 
         async def stop() -> None:
             if not twist.ended.called:
@@ -661,13 +675,40 @@ class BigUploadTests(unittest.TestCase):
                 await twist.ended
 
         self.addCleanup(lambda: defer.ensureDeferred(stop()))
-        url = f"http://127.0.0.1:{port}/big"
+        url = f"http://127.0.0.1:{port}/up"
         for _ in range(200):
             code, _, _ = await curl(["-sS", "-o", "/dev/null", "--data-binary", "warm", url], timeout=5)
             if code == 0:
                 break
             await sleep(0.1)
         self.assertEqual(len(upstream.received), 1, twist.output)
+        return upstream, process, twist, url, store
+
+    async def test_storageFull(self) -> None:
+        """
+        Storage that is full (here: the process may write no file over 2 MiB, so a write fails with EFBIG as
+        it would with ENOSPC) is a 507 saying so; the partial file is removed, and the process serves on.
+        """
+        upstream, _, _, url, store = await self.proxyProcess(("prlimit", f"--fsize={2 * MIB}", "--"))
+        warm = files(store)
+        source = os.path.join(os.path.abspath(self.mktemp()))
+        with open(source, "wb") as f:
+            f.write(b"f" * (3 * MIB))
+        code, out, err = await curl(["-sS", "-H", "Transfer-Encoding: chunked", "-T", source, url])
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, b"507 Insufficient Storage: upload storage is full: File too large\n")
+        self.assertEqual(files(store), warm)
+        code, out, err = await curl(["-sS", "--data-binary", "small", url])
+        self.assertEqual(json.loads(out)["objects"][0]["size"], 5)
+        self.assertEqual(len(upstream.received), 2)
+
+    async def test_oneGiB(self) -> None:
+        """
+        1 GiB of unknown length (curl sends stdin chunked) is stored whole, with the right digest, while the
+        proxy process's peak resident memory (VmHWM) grows less than 64 MiB over what it had after a small
+        upload; the upstream verifies the token.
+        """
+        upstream, process, twist, url, store = await self.proxyProcess()
         before = statusKiB(process.pid, "VmRSS")
         started = time.monotonic()
         command = f"head -c {GIB} /dev/zero | curl -sS -T - -X POST --max-time 100 {url}"
