@@ -24,6 +24,7 @@ written on the reactor's thread: storage I/O runs in the storage's threads.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -482,6 +483,8 @@ def _storage(options: PluginOptions, environment: FilterEnvironment, partSize: i
             raise table.error("path", "required: the directory uploads are stored in")
         storage = DirectoryStorage(os.path.join(environment.base, path), environment.reactor, threads)
     elif kind == "s3":
+        if importlib.util.find_spec("boto3") is None:
+            raise options.error("storage", "type s3 needs boto3: pip install 'rproxy[s3]'")
         bucket = table.text("bucket")
         if not bucket:
             raise table.error("bucket", "required: the bucket uploads are stored in")
