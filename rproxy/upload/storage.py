@@ -8,17 +8,20 @@ upstream refused the request that named it.
 
 Every disk or network operation runs in a small thread pool of the storage's own (started on first use,
 stopped by L{IObjectStorage.close}), never on the reactor: a slow disk or an object store that hangs slows
-the uploads, not the proxy.  A writer collects what arrives until it holds C{flushAt} bytes, then hands the
-whole batch to the pool as one job (the digest is computed there too: hashlib releases the GIL on large
-buffers, so the second core hashes while the reactor reads the next bytes).  The jobs of one object run one
-after the other; while one runs, the next batch collects, and once that is full too the writer asks its
-caller to wait.  So an upload holds at most about two batches: two 1 MiB batches for a directory, two parts
-for S3.
+the uploads, not the proxy.  A writer collects what arrives until it holds a batch (1 MiB for a directory,
+a part for S3), then hands the batch to the pool as one job (the digest is computed there too: hashlib
+releases the GIL on large buffers, so another core hashes while the reactor reads the next bytes).  The jobs
+of one object run one after the other, queued so that the thread never waits for the reactor to hand it the
+next batch; once the batches handed over and not yet written reach a bound (4 MiB for a directory, two parts
+for S3), the writer asks its caller to wait, and the client is paused.  So an upload holds at most the
+bound and one batch collecting: about 5 MiB for a directory, two parts for S3 (the third cannot fill while
+the client is paused).
 
 A directory object is written to a hidden temporary name (C{.rproxy-upload-*}) in its target directory and
 renamed to its key when complete, so a reader never sees half an object and an abort removes the only file.
-Batches of 1 MiB keep the thread hand-offs few (one per MiB) while the disk writes stay large, which is what
-lets the offload run near the disk's speed.
+Batches of 1 MiB keep the thread hand-offs few (one per MiB) and the disk writes large.  Writing on the
+reactor's thread instead would be cheaper per byte, but a page-cache write stalls whenever the kernel
+throttles dirty pages, and the reactor would stall with it for every client.
 
 An S3 object of at most one part (known by its end, whether or not the client declared a length) is sent
 with one C{PutObject}; a larger one becomes a multipart upload, one C{UploadPart} per full part, completed at the end
@@ -57,6 +60,9 @@ _T = TypeVar("_T")
 
 #: Bytes a directory writer collects before handing them to a thread as one write.
 DIRECTORY_BATCH = 1 << 20
+
+#: Bytes a directory writer hands to its jobs, not yet written, before it asks its caller to wait.
+DIRECTORY_QUEUE = 4 << 20
 
 #: The smallest part S3 accepts (but for the last one).
 MINIMUM_PART_SIZE = 5 << 20
@@ -196,16 +202,27 @@ class _BatchingWriter:
     """
 
     _error: ProxyError | None = None
-    _writing = False  # a batch's job is queued or running
+    _queued = 0  # bytes handed to jobs that have not ended
     _ended = False
 
     def __init__(
-        self, workers: Workers, sink: _Sink, key: str, flushAt: int, translate: Callable[[Exception], ProxyError]
+        self,
+        workers: Workers,
+        sink: _Sink,
+        key: str,
+        flushAt: int,
+        pauseAt: int,
+        translate: Callable[[Exception], ProxyError],
     ) -> None:
+        """
+        @param flushAt: the bytes collected before they are handed to a job.
+        @param pauseAt: the bytes handed to jobs not yet done beyond which the caller must wait.
+        """
         self._workers = workers
         self._sink = sink
         self._key = key
         self._flushAt = flushAt
+        self._pauseAt = pauseAt
         self._translate = translate
         self._batch: list[bytes] = []
         self._batched = 0
@@ -219,10 +236,9 @@ class _BatchingWriter:
             return fail(self._error)
         self._batch.append(data)
         self._batched += len(data)
-        if self._batched < self._flushAt:
-            return None
-        if not self._writing:
+        if self._batched >= self._flushAt:
             self._flush()
+        if self._queued < self._pauseAt:
             return None
         waiting: Deferred[None] = Deferred()
         self._waiting.append(waiting)
@@ -269,9 +285,9 @@ class _BatchingWriter:
 
     def _flush(self) -> None:
         batch, self._batch, self._batched = b"".join(self._batch), [], 0
-        self._writing = True
+        self._queued += len(batch)
         job = self._serially(self._inThread, self._sink.write, batch)
-        job.addCallbacks(self._written, self._failed)
+        job.addCallbacks(self._written, self._failed, callbackArgs=(len(batch),), errbackArgs=(len(batch),))
 
     def _inThread(self, step: Callable[[bytes], _T], data: bytes) -> _T:
         """Digest C{data} and hand it to C{step}, unless an earlier job failed; errors become L{ProxyError}s."""
@@ -284,14 +300,13 @@ class _BatchingWriter:
         except Exception as e:
             raise self._translate(e) from None
 
-    def _written(self, _: None) -> None:
-        self._writing = False
-        if self._error is None and not self._ended and self._batched >= self._flushAt:
-            self._flush()
-        self._release()
+    def _written(self, _: None, size: int) -> None:
+        self._queued -= size
+        if self._queued < self._pauseAt:
+            self._release()
 
-    def _failed(self, failure: Failure) -> None:
-        self._writing = False
+    def _failed(self, failure: Failure, size: int) -> None:
+        self._queued -= size
         error = failure.value
         self._error = self._error or (error if isinstance(error, ProxyError) else self._translate(error))  # type: ignore[arg-type]
         self._release()
@@ -416,7 +431,7 @@ class DirectoryStorage:
     def start(self, prefix: str) -> IObjectWriter:
         key = newKey(prefix)
         sink = _DirectoryObject(os.path.join(self.path, key))
-        return _BatchingWriter(self._workers, sink, key, DIRECTORY_BATCH, _directoryError)
+        return _BatchingWriter(self._workers, sink, key, DIRECTORY_BATCH, DIRECTORY_QUEUE, _directoryError)
 
     def delete(self, stored: StoredObject) -> Deferred[None]:
         def remove() -> None:
@@ -565,7 +580,7 @@ class S3Storage:
     def start(self, prefix: str) -> IObjectWriter:
         key = newKey(self.settings.prefix + prefix)
         sink = _S3Object(self._connected, self.settings.bucket, key)
-        return _BatchingWriter(self._workers, sink, key, self.partSize, _s3Error)
+        return _BatchingWriter(self._workers, sink, key, self.partSize, 2 * self.partSize, _s3Error)
 
     def delete(self, stored: StoredObject) -> Deferred[None]:
         def remove() -> None:
