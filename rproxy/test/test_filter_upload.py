@@ -275,6 +275,17 @@ class DirectoryTests(UploadTestCase):
         self.assertEqual(len(upstream.received), 1)
         self.assertTrue(await waitFor(lambda: files(directory) == []), files(directory))
 
+    async def test_expiredToken(self) -> None:
+        """A token that expired before the upstream saw it is refused there (403), and the object deleted."""
+        directory = self.directory()
+        upstream, proxy, built = self.offload({"type": "directory", "path": directory})
+        built.signer = UploadSigner(SECRET, "HS256", 60, clock=lambda: time.time() - 120)
+        response = await rawRequest(proxy.port, post(b"/late", b"too late"))
+        self.assertEqual(responseStatus(response), 403)
+        self.assertIn(b"bad upload token: Signature has expired", response)
+        self.assertEqual(upstream.received[0].refusal, "Signature has expired")
+        self.assertTrue(await waitFor(lambda: files(directory) == []), files(directory))
+
     async def test_upstreamDown(self) -> None:
         """An upstream that cannot be reached: the client's 502 or 503, and the object is deleted."""
         directory = self.directory()
