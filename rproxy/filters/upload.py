@@ -46,7 +46,7 @@ from zope.interface import implementer
 from rproxy.downstream.body import RequestBodyPipe, fileBody
 from rproxy.errors import ProxyError, clientError, proxyError, upstreamError
 from rproxy.filters.factory import FilterFactory
-from rproxy.filters.forwardauth import _passedOn, _readBody
+from rproxy.filters.forwardauth import passedOn, readBody
 from rproxy.headers import Pairs, isToken
 from rproxy.interfaces import FilterEnvironment, IClosable, IRequestFilter, IResponseFilter
 from rproxy.options import PluginOptions
@@ -305,14 +305,14 @@ class _Preauthorizer:
         response = await self._http().request(
             outbound.method.decode("ascii"), self.url, headers=headers, allow_redirects=False, unbuffered=True
         )
-        answer = await _readBody(response, PREAUTHORIZE_ANSWER_SIZE)
+        answer = await readBody(response, PREAUTHORIZE_ANSWER_SIZE)
         if answer is None:
             raise upstreamError(
                 502, f"pre-authorization answer over {PREAUTHORIZE_ANSWER_SIZE} bytes", "http_response_body_size"
             )
         if not 200 <= response.code < 300:
             return LocalResponse(
-                response.code, _passedOn(response.headers), answer, f"pre-authorization answered {response.code}"
+                response.code, passedOn(response.headers), answer, f"pre-authorization answered {response.code}"
             )
         return self._grant(answer, maxSize)
 
