@@ -31,7 +31,11 @@ setup(
     python_requires=">=3.11",
     # twisted.plugins is a namespace-like dropin directory: it must never get an __init__.py.
     packages=find_packages(exclude=["benchmarks", "benchmarks.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/rproxy_plugin.py"]},
+    # py.typed: type checkers of plugin authors read rproxy's hints (PEP 561).
+    package_data={"twisted": ["plugins/rproxy_plugin.py"], "rproxy": ["py.typed"]},
+    # The tac for `twistd -n -y`, at a path that holds for any installation: PREFIX/share/rproxy/rproxy.tac
+    # (PREFIX: the virtualenv, or /usr/local); docs/operations.md and docs/systemd use it.
+    data_files=[("share/rproxy", ["rproxy.tac"])],
     install_requires=[
         # Every lower bound here is in requirements/oldest.txt, which `make test` runs the suite on; the
         # newest releases are the other run.  rproxy uses no private name of Twisted or h2 outside

@@ -26,9 +26,9 @@ from rproxy.test.test_reload import body, rewrite, route, services
 UNITS = os.path.join(ROOT, "docs", "systemd")
 OPERATIONS_MD = os.path.join(ROOT, "docs", "operations.md")
 
-#: Where the units expect rproxy: a virtualenv in /opt/rproxy/.venv, the repository in /opt/rproxy.
-INSTALLED_BIN = "/opt/rproxy/.venv/bin/"
-INSTALLED_ROOT = "/opt/rproxy/"
+#: Where the units expect rproxy: pip-installed into a virtualenv at /opt/rproxy, its tac in share/rproxy.
+INSTALLED_BIN = "/opt/rproxy/bin/"
+INSTALLED_TAC = "/opt/rproxy/share/rproxy/rproxy.tac"
 
 #: What systemd does for rproxy.socket: the listening socket becomes descriptor 3 of the service's process,
 #: which LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES describe.  Arguments: the port, then the command to run.
@@ -84,7 +84,7 @@ def environment(unit: Unit) -> dict[str, str]:
 def localCommand(command: str) -> list[str]:
     """The unit's command line, with the installed paths replaced by this checkout's."""
     return [
-        word.replace(INSTALLED_BIN, BIN + os.sep).replace(INSTALLED_ROOT, ROOT + os.sep)
+        word.replace(INSTALLED_TAC, os.path.join(ROOT, "rproxy.tac")).replace(INSTALLED_BIN, BIN + os.sep)
         for word in shlex.split(command)
     ]
 
@@ -95,7 +95,7 @@ def localCopy(testCase: unittest.TestCase) -> str:
     os.mkdir(directory)
     for name in os.listdir(UNITS):
         with open(os.path.join(UNITS, name), encoding="utf-8") as f:
-            text = f.read().replace(INSTALLED_BIN, BIN + os.sep).replace(INSTALLED_ROOT, ROOT + os.sep)
+            text = f.read().replace(INSTALLED_TAC, os.path.join(ROOT, "rproxy.tac")).replace(INSTALLED_BIN, BIN + os.sep)
         with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
             f.write(text)
     return directory
