@@ -1,0 +1,455 @@
+"""
+The C{buffer} filter on a running proxy, through real sockets and real clients.
+
+The demo of issue 16, scaled down to keep the test short: an upstream that serves one connection at a
+time (a blocking server in its own process), one client uploading 320 KiB at 100 KiB/s (the issue's 10 MB
+at 100 KB/s would take 100 s), and other clients asking meanwhile: with the filter they are served within
+a second, without it they wait for the upload.  Then the bad cases (a body over the limit by its
+C{Content-Length} or as it arrives chunked, a client that stops or vanishes mid-upload), C{Expect:
+100-continue}, a retry sending a spooled body again, an HTTP/2 client, and response buffering freeing the
+upstream while a client does not read.  After every case the spool directory is empty and no file
+descriptor of this process points into it (the temporary files have no name, so the descriptors are
+what would leak).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+
+from twisted.internet import defer, protocol, reactor
+from twisted.trial import unittest
+
+from rproxy.filters.buffer import buffer
+from rproxy.interfaces import FilterEnvironment
+from rproxy.test.h2client import H2Client
+from rproxy.test.support import (
+    PYTHON,
+    ReceivedRequest,
+    ScriptedUpstream,
+    curl,
+    headerValues,
+    rawRequest,
+    responseStatus,
+    sleep,
+    startProxy,
+    trickle,
+    useFilters,
+    waitFor,
+)
+
+#: A blocking HTTP/1.1 server that accepts one connection, reads its request whole, answers with what it
+#: got, closes, and only then accepts the next (as a single-threaded application server does).
+ONE_AT_A_TIME = r"""
+import hashlib, socket, sys
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(64)
+print(listener.getsockname()[1], flush=True)
+while True:
+    connection, _ = listener.accept()
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        body += connection.recv(65536)
+    answer = b"%d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(answer), answer))
+    connection.close()
+"""
+
+#: The slow upload of the demo: 320 KiB, 10 KiB every 0.1 s.
+SLOW_BODY = bytes(range(256)) * 1280
+SLOW_PIECE = 10240
+SLOW_INTERVAL = 0.1
+
+
+class _PortPrinter(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.port: defer.Deferred[int] = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self._out = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self._out += data
+        if b"\n" in self._out and not self.port.called:
+            self.port.callback(int(self._out.split(b"\n")[0]))
+
+    def processEnded(self, reason: object) -> None:
+        self.ended.callback(None)
+
+
+async def oneAtATime(testCase: unittest.TestCase) -> int:
+    """Start the L{ONE_AT_A_TIME} server; return its port (it is killed when the test ends)."""
+    printer = _PortPrinter()
+    process = reactor.spawnProcess(printer, PYTHON, [PYTHON, "-c", ONE_AT_A_TIME], env=os.environ)
+
+    def kill() -> defer.Deferred[None]:
+        if not printer.ended.called:
+            process.signalProcess("KILL")
+        return printer.ended
+
+    testCase.addCleanup(kill)
+    return await printer.port
+
+
+def spoolsIn(directory: str) -> list[str]:
+    """The names in C{directory} and the open descriptors of this process that point into it."""
+    found = list(os.listdir(directory))
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed while listing (the listing's own descriptor)
+        if target.startswith(directory + os.sep):
+            found.append(target)
+    return found
+
+
+def post(target: bytes, body: bytes, *fields: bytes) -> bytes:
+    """A raw HTTP/1.1 POST with C{body} and its length, closing the connection after the response."""
+    head = b"POST %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n" % (target, len(body))
+    return head + b"".join(field + b"\r\n" for field in fields) + b"\r\n" + body
+
+
+def chunked(parts: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
+
+
+def digest(body: bytes) -> bytes:
+    return b"%d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())
+
+
+def echoDigest(proto: object, request: ReceivedRequest) -> bytes:
+    """A L{ScriptedUpstream} answer: the received body's length and digest."""
+    answer = digest(request.body)
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
+
+
+class BufferTestCase(unittest.TestCase):
+    """A proxy with a spool directory of its own, checked empty after each test."""
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+
+    async def assertNoSpool(self) -> None:
+        """
+        Nothing is left of the spools (waiting a little: an exchange ends as its connection closes), and
+        none was left for the garbage collector to close (Python warns of a file it closes so).
+        """
+        await waitFor(lambda: not spoolsIn(self.directory), 2.0)
+        self.assertEqual(spoolsIn(self.directory), [])
+        gc.collect()
+        unclosed = [str(w["message"]) for w in self.flushWarnings() if "unclosed file" in str(w["message"])]
+        self.assertEqual(unclosed, [])
+
+    def buffered(self, proxy: object, **options: object) -> None:
+        """Send every request of C{proxy} through a C{buffer} filter with C{options}, spooling here."""
+        settings = {"directory": self.directory, **options}
+        useFilters(proxy, buffer.build(settings, FilterEnvironment(reactor)))  # type: ignore[arg-type]
+
+
+class DemoTests(BufferTestCase):
+    """The issue's demo: a slow upload does not hold an upstream that serves one connection at a time."""
+
+    async def fastRequestsDuringSlowUpload(self, proxyPort: int) -> list[float]:
+        """Upload L{SLOW_BODY} slowly; meanwhile, send three GETs one after another: how long each took."""
+        upload = defer.ensureDeferred(trickle(proxyPort, post(b"/slow", SLOW_BODY), SLOW_INTERVAL, SLOW_PIECE, 20.0))
+        await sleep(0.5)
+        durations = []
+        for _ in range(3):
+            started = reactor.seconds()
+            response = await rawRequest(proxyPort, b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 15)
+            durations.append(reactor.seconds() - started)
+            self.assertEqual(responseStatus(response), 200)
+            self.assertTrue(response.endswith(digest(b"")), response)
+        received, took = await upload
+        self.assertEqual(responseStatus(received), 200)
+        self.assertTrue(received.endswith(digest(SLOW_BODY)), received[-200:])
+        self.assertGreater(took, 2.5)  # it was slow indeed: 32 pieces, 0.1 s apart
+        return durations
+
+    async def test_othersServedDuringSlowUpload(self) -> None:
+        """With the filter, the others are served at once while the upload arrives (spooled to disk)."""
+        port = await oneAtATime(self)
+        proxy = startProxy(self, [f"http://127.0.0.1:{port}"])
+        self.buffered(proxy, memory="16k")
+        spooling = defer.ensureDeferred(waitFor(lambda: spoolsIn(self.directory), 2.0))
+        durations = await self.fastRequestsDuringSlowUpload(proxy.port)
+        self.assertTrue(await spooling)  # past 16 KiB the body went to a temporary file in the directory
+        self.assertLess(max(durations), 1.0, durations)
+        await self.assertNoSpool()
+
+    async def test_othersWaitWithoutFilter(self) -> None:
+        """Without the filter, the upstream is held by the upload, and the first other request waits for it."""
+        port = await oneAtATime(self)
+        proxy = startProxy(self, [f"http://127.0.0.1:{port}"])
+        durations = await self.fastRequestsDuringSlowUpload(proxy.port)
+        self.assertGreater(durations[0], 1.5, durations)
+
+
+class RefusalTests(BufferTestCase):
+    """Bad input: a precise status and reason, no spool left behind, and the upstream never asked."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.upstream = ScriptedUpstream(self, echoDigest)
+        self.proxy = startProxy(self, [self.upstream.url])
+        self.buffered(self.proxy, **{"max-size": "64k", "memory": "8k", "timeout": "1s"})
+
+    async def assertServed(self) -> None:
+        """Other traffic goes on: a request with a body is buffered and answered."""
+        response = await rawRequest(self.proxy.port, post(b"/ok", b"x" * 20000))
+        self.assertEqual(responseStatus(response), 200)
+        self.assertTrue(response.endswith(digest(b"x" * 20000)))
+
+    async def test_declaredLengthOverLimit(self) -> None:
+        """A Content-Length over max-size: 413 at once, without a 100 Continue, nothing read."""
+        head = b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
+        response = await rawRequest(self.proxy.port, head)
+        self.assertNotIn(b"100 Continue", response)
+        self.assertEqual(responseStatus(response), 413)
+        self.assertIn(b"the request body of 100000 bytes exceeds the limit of 65536 bytes", response)
+        self.assertEqual(self.upstream.connections, [])
+        await self.assertNoSpool()
+        await self.assertServed()
+
+    async def test_chunkedOverLimit(self) -> None:
+        """A chunked body that crosses max-size: 413 as it crosses, the spool (on disk by then) released."""
+        head = b"POST /big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        response = await rawRequest(self.proxy.port, head + chunked([b"y" * 30000] * 3))
+        self.assertEqual(responseStatus(response), 413)
+        self.assertIn(b"the request body exceeds the limit of 65536 bytes", response)
+        self.assertEqual(headerValues(response, b"connection"), [b"close"])
+        self.assertEqual(self.upstream.connections, [])
+        await self.assertNoSpool()
+        await self.assertServed()
+
+    async def test_clientStalls(self) -> None:
+        """A client that stops sending mid-body gets 408 after the filter's timeout."""
+        head = b"POST /stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n"
+        started = reactor.seconds()
+        response = await rawRequest(self.proxy.port, head + b"z" * 20000, timeout=5)
+        self.assertEqual(responseStatus(response), 408)
+        self.assertIn(b"the request body did not arrive within 1s", response)
+        self.assertLess(reactor.seconds() - started, 3)
+        self.assertEqual(self.upstream.connections, [])
+        await self.assertNoSpool()
+        await self.assertServed()
+
+    async def test_clientVanishes(self) -> None:
+        """A client that goes away mid-upload: its spool (on disk) is released, the upstream never contacted."""
+        connected: defer.Deferred[protocol.Protocol] = protocol.ClientCreator(reactor, protocol.Protocol).connectTCP(
+            "127.0.0.1", self.proxy.port
+        )
+        client = await connected
+        head = b"POST /gone HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n"
+        client.transport.write(head + b"z" * 20000)
+        self.assertTrue(await waitFor(lambda: spoolsIn(self.directory), 2.0))  # 20000 > 8k: on disk
+        client.transport.abortConnection()
+        await self.assertNoSpool()
+        self.assertEqual(self.upstream.connections, [])
+        await self.assertServed()
+
+    async def test_proxyStops(self) -> None:
+        """The proxy stopping mid-upload (its client connections closed) releases the spool."""
+        upload = rawRequest(self.proxy.port, post(b"/up", b"w" * 30000)[:-10000], timeout=5)
+        self.assertTrue(await waitFor(lambda: spoolsIn(self.directory), 2.0))
+        for connection in list(self.proxy.site.connections):
+            connection.transport.abortConnection()
+        await upload
+        await self.assertNoSpool()
+        self.assertEqual(self.upstream.connections, [])
+
+
+class BufferedRequestTests(BufferTestCase):
+    """What the upstream gets of a buffered request, from various clients."""
+
+    async def test_chunkedSentWithLength(self) -> None:
+        """A chunked body reaches the upstream whole, with its Content-Length; trailers are dropped."""
+        upstream = ScriptedUpstream(self, echoDigest)
+        proxy = startProxy(self, [upstream.url])
+        self.buffered(proxy, memory="4k")
+        parts = [os.urandom(7000) for _ in range(5)]
+        head = b"PUT /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+        body = chunked(parts)[:-2] + b"X-Sum: 1\r\n\r\n"
+        response = await rawRequest(proxy.port, head + body)
+        self.assertEqual(responseStatus(response), 200)
+        [received] = upstream.requests
+        self.assertEqual(received.body, b"".join(parts))
+        self.assertEqual(received.headers(b"content-length"), [b"35000"])
+        self.assertEqual(received.headers(b"transfer-encoding"), [])
+        self.assertEqual(received.headers(b"x-sum"), [])
+        await self.assertNoSpool()
+
+    async def test_continueFromProxy(self) -> None:
+        """
+        C{Expect: 100-continue}: curl gets its 100 from rproxy at once (it would wait 5 s for one), and the
+        upstream gets the body with the head, without the expectation.
+        """
+        upstream = ScriptedUpstream(self, echoDigest)
+        proxy = startProxy(self, [upstream.url])
+        self.buffered(proxy)
+        body = os.urandom(100000)
+        path = os.path.join(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(body)
+        started = reactor.seconds()
+        code, out, err = await curl(
+            ["-sv", "--expect100-timeout", "5", "-H", "Expect: 100-continue", "--data-binary", f"@{path}", proxy.url]
+        )
+        self.assertEqual(code, 0, err)
+        self.assertLess(reactor.seconds() - started, 3)
+        self.assertIn(b"HTTP/1.1 100 Continue", err)
+        self.assertEqual(out, digest(body))
+        [received] = upstream.requests
+        self.assertEqual(received.headers(b"expect"), [])
+        self.assertEqual(received.headers(b"content-length"), [b"100000"])
+        await self.assertNoSpool()
+
+    async def test_retryReplaysFromSpool(self) -> None:
+        """
+        A PUT of 200 KB (over the 64 KiB a pipe keeps for a retry) whose first upstream drops the connection
+        is sent again, whole, to the other, read again from the spool.
+        """
+        received: list[ReceivedRequest] = []
+
+        def dropFirst(proto: protocol.Protocol, request: ReceivedRequest) -> bytes:
+            received.append(request)
+            if len(received) == 1:
+                proto.transport.abortConnection()  # type: ignore[attr-defined]
+                return b""
+            return echoDigest(proto, request)
+
+        first, second = ScriptedUpstream(self, dropFirst), ScriptedUpstream(self, dropFirst)
+        proxy = startProxy(self, [first.url, second.url])
+        self.buffered(proxy, memory="16k")
+        body = os.urandom(200000)
+        response = await rawRequest(proxy.port, post(b"/put", body).replace(b"POST", b"PUT", 1))
+        self.assertEqual(responseStatus(response), 200)
+        self.assertTrue(response.endswith(digest(body)))
+        self.assertEqual([request.body for request in received], [body, body])
+        await self.assertNoSpool()
+
+    async def test_http2Client(self) -> None:
+        """An HTTP/2 client's body, sent in DATA frames without a length, reaches the upstream with one."""
+        upstream = ScriptedUpstream(self, echoDigest)
+        proxy = startProxy(self, [upstream.url])
+        self.buffered(proxy, memory="16k")
+        client = await H2Client.connect(proxy.port)
+        self.addCleanup(client.close)
+        parts = [os.urandom(12000) for _ in range(4)]
+        stream = client.request(b"POST", b"/h2", endStream=False)
+        for part in parts[:-1]:
+            client.send(stream, part)
+        client.send(stream, parts[-1], endStream=True)
+        response = await client.response(stream)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.data, digest(b"".join(parts)))
+        [received] = upstream.requests
+        self.assertEqual(received.headers(b"content-length"), [b"48000"])
+        await self.assertNoSpool()
+
+
+#: The response of the response-buffering tests: 16 MiB, more than loopback sockets hold.
+BIG = os.urandom(1 << 20) * 16
+
+
+class _Reader(protocol.Protocol):
+    """A client that asks for one response and reads nothing until told to."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        self.transport.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object) -> None:
+        self.done.callback(self.received)
+
+
+class ResponseBufferingTests(BufferTestCase):
+    """C{response = true}: the upstream sends at its speed and is free while the client reads at its own."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+        self.upstream = ScriptedUpstream(self, lambda proto, request: head + BIG)
+        self.proxy = startProxy(self, [self.upstream.url])
+
+    async def slowReader(self) -> _Reader:
+        return await protocol.ClientCreator(reactor, _Reader).connectTCP("127.0.0.1", self.proxy.port)
+
+    async def test_upstreamFreedWhileClientPaused(self) -> None:
+        """The upstream's connection is back in the pool while the client has read nothing; then it reads all."""
+        self.buffered(self.proxy, response=True, **{"response-max-size": "64M"})
+        upstream = self.proxy.upstreams[0]
+        reader = await self.slowReader()
+        self.assertTrue(await waitFor(lambda: self.upstream.requests and upstream.inFlight == 0, 5.0))
+        self.assertEqual(upstream.pool.idleCount, 1)
+        self.assertTrue(spoolsIn(self.directory))  # the rest of the response waits on disk
+        reader.transport.resumeProducing()  # type: ignore[attr-defined]
+        received = await reader.done
+        self.assertEqual(responseStatus(received), 200)
+        self.assertEqual(hashlib.sha256(received.partition(b"\r\n\r\n")[2]).digest(), hashlib.sha256(BIG).digest())
+        await self.assertNoSpool()
+
+    async def test_upstreamHeldWithoutResponseBuffering(self) -> None:
+        """Without C{response}, the paused client holds the upstream (the control for the test above)."""
+        self.buffered(self.proxy)
+        upstream = self.proxy.upstreams[0]
+        reader = await self.slowReader()
+        self.assertTrue(await waitFor(lambda: self.upstream.requests, 5.0))
+        await sleep(1.0)
+        self.assertEqual(upstream.inFlight, 1)
+        reader.transport.resumeProducing()  # type: ignore[attr-defined]
+        received = await reader.done
+        self.assertEqual(len(received.partition(b"\r\n\r\n")[2]), len(BIG))
+
+    async def test_beyondMaxSizeStreams(self) -> None:
+        """Past C{response-max-size} the upstream is paused until the client catches up: it stays in flight."""
+        self.buffered(self.proxy, response=True, **{"response-max-size": "1M"})
+        upstream = self.proxy.upstreams[0]
+        reader = await self.slowReader()
+        self.assertTrue(await waitFor(lambda: self.upstream.requests, 5.0))
+        await sleep(1.0)
+        self.assertEqual(upstream.inFlight, 1)
+        reader.transport.resumeProducing()  # type: ignore[attr-defined]
+        received = await reader.done
+        self.assertEqual(hashlib.sha256(received.partition(b"\r\n\r\n")[2]).digest(), hashlib.sha256(BIG).digest())
+        await self.assertNoSpool()
+
+    async def test_clientGoneWhileSpooled(self) -> None:
+        """A client that leaves before reading its spooled response: the spool is released."""
+        self.buffered(self.proxy, response=True)
+        reader = await self.slowReader()
+        self.assertTrue(await waitFor(lambda: self.proxy.upstreams[0].inFlight == 0 and self.upstream.requests, 5.0))
+        reader.transport.abortConnection()  # type: ignore[attr-defined]
+        await reader.done
+        await self.assertNoSpool()
+
+    async def test_http2SlowReader(self) -> None:
+        """An HTTP/2 client that acknowledges nothing: the upstream is freed, then the client gets it all."""
+        self.buffered(self.proxy, response=True)
+        client = await H2Client.connect(self.proxy.port, autoAcknowledge=False)
+        self.addCleanup(client.close)
+        stream = client.request(b"GET", b"/big")
+        self.assertTrue(await waitFor(lambda: self.upstream.requests and self.proxy.upstreams[0].inFlight == 0, 5.0))
+        client.autoAcknowledge = True
+        client.acknowledge(stream, len(client.streams[stream].data))
+        response = await client.response(stream)
+        self.assertEqual(hashlib.sha256(response.data).digest(), hashlib.sha256(BIG).digest())
+        await self.assertNoSpool()
