@@ -19,9 +19,9 @@ the proxy store anything.  What it does with a request:
    and the field is not forwarded (the upstream gets the body with the head, and has nothing to decide);
  - a chunked body that grows over C{max-size}: 413 as it crosses the limit; the rest is not stored;
  - a body that has not arrived C{timeout} seconds after the filter began to read it: 408.  The client
-   connection limits do not cover this: an HTTP/1.1 connection is closed after its idle timeout between
-   two body bytes, but a client that sends a byte now and then, or an HTTP/2 stream that stalls while its
-   connection has other streams, would hold its spool for ever;
+   connection limits do not cover this: an HTTP/1.1 connection is closed after C{--client-timeout}
+   between two body bytes, but a client that sends a byte now and then, or an HTTP/2 stream that stalls
+   while its connection has other streams, would hold its spool for ever;
  - trailer fields the client sends after a chunked body are dropped (logged): the upstream gets a body
    framed by its length, which cannot carry them;
  - the temporary file cannot be written (the disk is full): 507.
