@@ -119,8 +119,11 @@ class RequestBodyPipe:
         """
         self._withheld = withheld
 
-    def whenDemanded(self, callback: Callable[[], None]) -> None:
-        """Call C{callback} on L{demand} (the exchange sends a waiting client its ``100 Continue`` so)."""
+    def whenDemanded(self, callback: Callable[[], None] | None) -> None:
+        """
+        Call C{callback} on L{demand} (the exchange sends a waiting client its ``100 Continue`` so); C{None}
+        forgets it.
+        """
         self._demanded = callback
 
     # -- the upstream's side

@@ -120,8 +120,6 @@ class Exchange:
         self.proxy = proxy
         self.downstream = downstream
         self._body = self._clientBody = downstream.bodyPipe  # a filter may replace the body it sends
-        if self._body is not None:
-            self._body.whenDemanded(self._continueClient)
         self._tried: list[Upstream] = []
         self._ended = False
         self._sentAt = 0.0
@@ -202,6 +200,8 @@ class Exchange:
             client = self.proxy.forwarding.client(inbound.clientHost, inbound.headers)
             name = self.service.name if self.service is not None else ""
             context = self._context = RequestContext(inbound, self.outbound, client, name, self._body)
+            if self._body is not None:
+                self._body.whenDemanded(self._continueClient)  # until the context ends (no cycle left)
         return context
 
     def _continueClient(self) -> None:
@@ -288,6 +288,8 @@ class Exchange:
         """Tell what filters asked to know (L{RequestContext.whenEnded}) that the exchange is over."""
         context = self._context
         if context is not None:
+            if self._clientBody is not None:
+                self._clientBody.whenDemanded(None)
             try:
                 context.end()
             except Exception:
@@ -489,13 +491,12 @@ class Exchange:
 
     def _bodyProducer(self) -> UpstreamConnection | SpooledResponse:
         """What the client pauses: the upstream connection, or the spool a filter asked for between them."""
-        connection = self._connection
+        connection, context = self._connection, self._context
         assert connection is not None
-        settings = self._context.bufferResponse if self._context is not None else None
-        if settings is None:
+        if context is None or context.bufferResponse is None:
             return connection
-        spooled = self._spooled = SpooledResponse(settings, self.downstream, connection)
-        self._context.whenEnded(spooled.close)  # type: ignore[union-attr]
+        spooled = self._spooled = SpooledResponse(context.bufferResponse, self.downstream, connection)
+        context.whenEnded(spooled.close)
         return spooled
 
     def _responseFields(self, service: Service, version: bytes, status: int, headers: Pairs) -> Pairs | None:
