@@ -17,9 +17,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import socket
 
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
+from twisted.web import resource, server, static
 
 from rproxy.filters.buffer import buffer
 from rproxy.interfaces import FilterEnvironment
@@ -29,11 +31,13 @@ from rproxy.test.support import (
     ReceivedRequest,
     ScriptedUpstream,
     curl,
+    freePort,
     headerValues,
     rawRequest,
     responseStatus,
     sleep,
     startProxy,
+    startUpstream,
     trickle,
     useFilters,
     waitFor,
@@ -453,3 +457,130 @@ class ResponseBufferingTests(BufferTestCase):
         response = await client.response(stream)
         self.assertEqual(hashlib.sha256(response.data).digest(), hashlib.sha256(BIG).digest())
         await self.assertNoSpool()
+
+
+MiB = 1 << 20
+
+#: The body of the memory test, each way: more than the bound on the proxy's growth.
+LARGE = 96 * MiB
+
+
+class _Served(resource.Resource):
+    """The upstream of the memory test: counts what is posted, serves a file, and tells when it has sent it."""
+
+    isLeaf = True
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.sent: defer.Deferred[None] = defer.Deferred()
+
+    def render_POST(self, request: server.Request) -> bytes:
+        return b"%d" % len(request.content.read())
+
+    def render_GET(self, request: server.Request) -> object:
+        request.notifyFinish().addBoth(lambda _: self.sent.called or self.sent.callback(None))
+        return static.File(self.path, defaultType="application/octet-stream").render_GET(request)
+
+
+class _Counting(protocol.Protocol):
+    """A client that asks for one response, reads nothing until resumed, then counts what comes."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self.head = b""
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        self.transport.write(b"GET /large HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" not in self.head:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            self.head, _, data = self.head.partition(b"\r\n\r\n")
+            self.head += b"\r\n\r\n"
+        self.size += len(data)
+        self.digest.update(data)
+
+    def connectionLost(self, reason: object) -> None:
+        self.done.callback(None)
+
+
+def resetPeakRSS(pid: int) -> None:
+    """Start counting the peak resident memory of process C{pid} again from its resident memory now."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peakRSS(pid: int) -> int:
+    """The peak resident memory of process C{pid} (VmHWM) since it started, or since L{resetPeakRSS}."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+class MemoryTests(BufferTestCase):
+    """The spools hold bodies on disk, not in the proxy's memory (a proxy in its own process, its RSS read)."""
+
+    async def test_largeBodiesOnDisk(self) -> None:
+        """
+        96 MiB uploaded through the filter, and a 96 MiB response spooled for a client that reads nothing
+        until the upstream has sent it all: the proxy's peak RSS grows by less than 40 MiB.
+        """
+        path = os.path.join(self.directory, "..", "large.bin")
+        with open(path, "wb") as f:
+            for _ in range(LARGE // MiB):
+                f.write(os.urandom(MiB))
+        served = _Served(path)
+        upstream = startUpstream(self, server.Site(served))
+        port = freePort()
+        config = os.path.join(self.directory, "..", "rproxy.toml")
+        with open(config, "w") as f:
+            f.write(
+                f'listen = ["tcp:{port}:interface=127.0.0.1"]\naccess-log = "off"\n'
+                f'[services.app]\nupstreams = ["{upstream.url}"]\nfilters = ["buffered"]\n'
+                f'[filters.buffered]\ntype = "buffer"\nmax-size = "128M"\nresponse = true\n'
+                f'response-max-size = "128M"\ndirectory = "{self.directory}"\n'
+            )
+        ended: defer.Deferred[None] = defer.Deferred()
+
+        class Ended(protocol.ProcessProtocol):
+            def processEnded(self, reason: object) -> None:
+                ended.callback(None)
+
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        argv = [PYTHON, "-m", "twisted", "rproxy", "--config", config]
+        process = reactor.spawnProcess(Ended(), PYTHON, argv, env=os.environ, path=root)
+        self.addCleanup(lambda: ended if ended.called else (process.signalProcess("KILL"), ended)[1])
+        warm = f"http://127.0.0.1:{port}/warm"
+        self.assertTrue(await waitFor(lambda: _connects(port), 15.0), "the proxy did not start")
+        code, out, err = await curl(["-s", "--data-binary", "warm", warm])
+        self.assertEqual(out, b"4", err)
+        resetPeakRSS(process.pid)
+        baseline = peakRSS(process.pid)
+
+        code, out, err = await curl(["-s", "--data-binary", f"@{path}", f"http://127.0.0.1:{port}/up"], 30)
+        self.assertEqual((code, out), (0, b"%d" % LARGE), err)
+        client = await protocol.ClientCreator(reactor, _Counting).connectTCP("127.0.0.1", port)
+        await served.sent  # the upstream has sent the whole response while the client read nothing
+        client.transport.resumeProducing()
+        await client.done
+        with open(path, "rb") as f:
+            self.assertEqual(client.digest.digest(), hashlib.file_digest(f, "sha256").digest())
+        grown = peakRSS(process.pid) - baseline
+        self.assertLess(grown, 40 * MiB)
+        process.signalProcess("TERM")
+        await ended
+        os.remove(path)
+        await self.assertNoSpool()
+
+
+def _connects(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
