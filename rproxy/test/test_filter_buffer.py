@@ -23,7 +23,8 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 from twisted.web import resource, server, static
 
-from rproxy.filters.buffer import buffer
+from rproxy.downstream.spool import SpoolSettings
+from rproxy.filters.buffer import Buffer, buffer
 from rproxy.interfaces import FilterEnvironment
 from rproxy.test.h2client import H2Client
 from rproxy.test.support import (
@@ -42,6 +43,7 @@ from rproxy.test.support import (
     useFilters,
     waitFor,
 )
+from rproxy.testing import verifyFilterFactory
 
 #: A blocking HTTP/1.1 server that accepts one connection, reads its request whole, answers with what it
 #: got, closes, and only then accepts the next (as a single-threaded application server does).
@@ -68,6 +70,8 @@ while True:
     connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(answer), answer))
     connection.close()
 """
+
+MiB = 1 << 20
 
 #: The slow upload of the demo: 320 KiB, 10 KiB every 0.1 s.
 SLOW_BODY = bytes(range(256)) * 1280
@@ -159,6 +163,52 @@ class BufferTestCase(unittest.TestCase):
         """Send every request of C{proxy} through a C{buffer} filter with C{options}, spooling here."""
         settings = {"directory": self.directory, **options}
         useFilters(proxy, buffer.build(settings, FilterEnvironment(reactor)))  # type: ignore[arg-type]
+
+
+class OptionsTests(unittest.TestCase):
+    """The factory's contract, its defaults, and a precise error for each bad option."""
+
+    def test_contract(self) -> None:
+        """The filter kind passes the filter factory checks, with defaults that hold nothing back from streaming."""
+        built = verifyFilterFactory(buffer, {})
+        assert isinstance(built, Buffer)
+        self.assertEqual(built.request, SpoolSettings(65536, 100 * MiB, None))
+        self.assertIsNone(built.response)
+        self.assertEqual(built.timeout, 300.0)
+        self.assertEqual(built.consumes, (b"expect",))
+
+    def test_options(self) -> None:
+        """Sizes and durations as people write them; a relative directory is the config file's."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "spool"))
+        options = {"memory": "1k", "max-size": "2M", "timeout": "5s", "response": True, "directory": "spool"}
+        options.update({"response-memory": 10, "response-max-size": "3M"})
+        built = buffer.build(options, FilterEnvironment(reactor, base))
+        assert isinstance(built, Buffer)
+        spool = os.path.join(base, "spool")
+        self.assertEqual(built.request, SpoolSettings(1024, 2 * MiB, spool))
+        self.assertEqual(built.response, SpoolSettings(10, 3 * MiB, spool))
+        self.assertEqual(built.timeout, 5.0)
+
+    def test_badOptions(self) -> None:
+        """Each bad value is a ValueError naming its option."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        with open(os.path.join(base, "file"), "w"):
+            pass
+        for options, message in [
+            ({"directory": "missing"}, "option directory: "),
+            ({"directory": "file"}, "is not a directory"),
+            ({"max-size": 0}, "option max-size: must be more than 0"),
+            ({"response-max-size": "0k"}, "option response-max-size: must be more than 0"),
+            ({"memory": "lots"}, "option memory: not a size"),
+            ({"timeout": 0}, "option timeout: must be more than 0"),
+            ({"response": "yes"}, "option response: expected true or false"),
+        ]:
+            with self.assertRaises(ValueError) as raised:
+                buffer.build(options, FilterEnvironment(reactor, base))
+            self.assertIn(message, str(raised.exception))
+            self.assertIn("filter buffer", str(raised.exception))
 
 
 class DemoTests(BufferTestCase):
@@ -458,8 +508,6 @@ class ResponseBufferingTests(BufferTestCase):
         self.assertEqual(hashlib.sha256(response.data).digest(), hashlib.sha256(BIG).digest())
         await self.assertNoSpool()
 
-
-MiB = 1 << 20
 
 #: The body of the memory test, each way: more than the bound on the proxy's growth.
 LARGE = 96 * MiB
