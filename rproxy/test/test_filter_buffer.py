@@ -14,6 +14,7 @@ what would leak).
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import os
@@ -23,12 +24,14 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 from twisted.web import resource, server, static
 
+from rproxy.downstream import spool
 from rproxy.downstream.spool import SpoolSettings
 from rproxy.filters.buffer import Buffer, buffer
 from rproxy.interfaces import FilterEnvironment
 from rproxy.test.h2client import H2Client
 from rproxy.test.support import (
     PYTHON,
+    LogCapture,
     ReceivedRequest,
     ScriptedUpstream,
     curl,
@@ -335,6 +338,7 @@ class BufferedRequestTests(BufferTestCase):
         parts = [os.urandom(7000) for _ in range(5)]
         head = b"PUT /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
         body = chunked(parts)[:-2] + b"X-Sum: 1\r\n\r\n"
+        log = LogCapture(self)
         response = await rawRequest(proxy.port, head + body)
         self.assertEqual(responseStatus(response), 200)
         [received] = upstream.requests
@@ -342,6 +346,7 @@ class BufferedRequestTests(BufferTestCase):
         self.assertEqual(received.headers(b"content-length"), [b"35000"])
         self.assertEqual(received.headers(b"transfer-encoding"), [])
         self.assertEqual(received.headers(b"x-sum"), [])
+        self.assertEqual([e["count"] for e in log.events if "trailer fields" in e["log_format"]], [1])
         await self.assertNoSpool()
 
     async def test_continueFromProxy(self) -> None:
@@ -632,3 +637,45 @@ class MemoryTests(BufferTestCase):
 def _connects(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+class DiskFullTests(BufferTestCase):
+    """A spool that cannot be written (the disk full, simulated where the spool writes): a precise answer."""
+
+    def setUp(self) -> None:
+        super().setUp()
+
+        def full(file: object, data: bytes, offset: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.patch(spool, "_writeAt", full)
+
+    async def test_request(self) -> None:
+        """A request body that does not fit in memory and cannot go to disk: 507, the upstream never asked."""
+        upstream = ScriptedUpstream(self, echoDigest)
+        proxy = startProxy(self, [upstream.url])
+        self.buffered(proxy, memory="8k")
+        response = await rawRequest(proxy.port, post(b"/up", b"d" * 30000))
+        self.assertEqual(responseStatus(response), 507)
+        self.assertIn(b"the request body could not be spooled: No space left on device", response)
+        self.assertEqual(upstream.connections, [])
+        small = await rawRequest(proxy.port, post(b"/small", b"s" * 1000))  # held in memory: unaffected
+        self.assertTrue(small.endswith(digest(b"s" * 1000)))
+        await self.assertNoSpool()
+
+    async def test_response(self) -> None:
+        """A response that cannot be spooled is aborted (never a clean-looking truncated one), and logged."""
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+        upstream = ScriptedUpstream(self, lambda proto, request: head + BIG)
+        proxy = startProxy(self, [upstream.url])
+        self.buffered(proxy, response=True, **{"response-memory": "8k"})
+        log = LogCapture(self)
+        reader = await protocol.ClientCreator(reactor, _Reader).connectTCP("127.0.0.1", proxy.port)
+        self.assertTrue(await waitFor(lambda: log.withStatus(502), 5.0))
+        reader.transport.resumeProducing()  # type: ignore[attr-defined]
+        received = await reader.done
+        self.assertEqual(responseStatus(received), 200)
+        self.assertLess(len(received.partition(b"\r\n\r\n")[2]), len(BIG))
+        [event] = log.withStatus(502)
+        self.assertEqual(event["reason"], "the response could not be spooled: No space left on device")
+        await self.assertNoSpool()
