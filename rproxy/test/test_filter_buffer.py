@@ -23,11 +23,13 @@ import socket
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 from twisted.web import resource, server, static
+from zope.interface import implementer
 
 from rproxy.downstream import spool
 from rproxy.downstream.spool import SpoolSettings
 from rproxy.filters.buffer import Buffer, buffer
-from rproxy.interfaces import FilterEnvironment
+from rproxy.interfaces import FilterEnvironment, IRequestFilter
+from rproxy.proxy.message import LocalResponse, RequestContext
 from rproxy.test.h2client import H2Client
 from rproxy.test.support import (
     PYTHON,
@@ -162,10 +164,13 @@ class BufferTestCase(unittest.TestCase):
         unclosed = [str(w["message"]) for w in self.flushWarnings() if "unclosed file" in str(w["message"])]
         self.assertEqual(unclosed, [])
 
-    def buffered(self, proxy: object, **options: object) -> None:
-        """Send every request of C{proxy} through a C{buffer} filter with C{options}, spooling here."""
+    def buffered(self, proxy: object, *after: object, **options: object) -> None:
+        """
+        Send every request of C{proxy} through a C{buffer} filter with C{options}, spooling here, then
+        through the filters C{after} it.
+        """
         settings = {"directory": self.directory, **options}
-        useFilters(proxy, buffer.build(settings, FilterEnvironment(reactor)))  # type: ignore[arg-type]
+        useFilters(proxy, buffer.build(settings, FilterEnvironment(reactor)), *after)  # type: ignore[arg-type]
 
 
 class OptionsTests(unittest.TestCase):
@@ -325,6 +330,47 @@ class RefusalTests(BufferTestCase):
         await upload
         await self.assertNoSpool()
         self.assertEqual(self.upstream.connections, [])
+
+
+@implementer(IRequestFilter)
+class Refusing:
+    """A filter after the buffer that refuses every request (an authorisation decided on the body, say)."""
+
+    consumes = ()
+
+    def onRequest(self, context: RequestContext) -> LocalResponse:
+        return LocalResponse(403, body=b"no\n", reason="refused after buffering")
+
+
+class EndingTests(BufferTestCase):
+    """The spool of a request buffered whole is released however its exchange ends."""
+
+    async def test_laterFilterAnswers(self) -> None:
+        """A filter after the buffer answers: the spool (on disk) is released, the upstream never asked."""
+        upstream = ScriptedUpstream(self, echoDigest)
+        proxy = startProxy(self, [upstream.url])
+        self.buffered(proxy, Refusing(), memory="1k")
+        response = await rawRequest(proxy.port, post(b"/up", b"r" * 30000))
+        self.assertEqual(responseStatus(response), 403)
+        self.assertEqual(upstream.connections, [])
+        await self.assertNoSpool()
+
+    async def test_reloadMidUpload(self) -> None:
+        """
+        The proxy's routes and filters replaced mid-upload (what a reload does: a new director): the upload
+        goes on with the filter it started with, reaches the upstream whole, and its spool is released.
+        """
+        upstream = ScriptedUpstream(self, echoDigest)
+        proxy = startProxy(self, [upstream.url])
+        self.buffered(proxy, memory="1k")
+        body = os.urandom(60000)
+        upload = defer.ensureDeferred(trickle(proxy.port, post(b"/up", body), 0.05, 15000, 10.0))
+        self.assertTrue(await waitFor(lambda: spoolsIn(self.directory), 2.0))
+        useFilters(proxy)
+        received, _ = await upload
+        self.assertTrue(received.endswith(digest(body)), received)
+        self.assertEqual(upstream.requests[0].headers(b"content-length"), [b"60000"])
+        await self.assertNoSpool()
 
 
 class BufferedRequestTests(BufferTestCase):
