@@ -24,7 +24,9 @@ the proxy store anything.  What it does with a request:
    while its connection has other streams, would hold its spool for ever;
  - trailer fields the client sends after a chunked body are dropped (logged): the upstream gets a body
    framed by its length, which cannot carry them;
- - the temporary file cannot be written (the disk is full): 507.
+ - the temporary file cannot be written (the disk is full): 507;
+ - an extended CONNECT (a WebSocket over HTTP/2) goes through untouched: what follows its head is a
+   tunnel's bytes, not a body.
 
 The spool is the exchange's, released when the exchange ends however it ends (L{RequestContext.whenEnded}):
 the response sent, an error, the client gone mid-upload, another filter's answer.  A retry on another
@@ -86,8 +88,8 @@ class Buffer:
         if self.response is not None:
             context.bufferResponse = self.response
         body = context.body
-        if body is None:
-            return None
+        if body is None or context.inbound.method == b"CONNECT":
+            return None  # an extended CONNECT's stream is a tunnel's bytes, not a body to wait for
         limit = self.request.maxSize
         if body.length is not None and body.length > limit:
             return clientError(413, f"the request body of {body.length} bytes exceeds the limit of {limit} bytes")

@@ -48,7 +48,7 @@ from rproxy.test.support import (
     useFilters,
     waitFor,
 )
-from rproxy.testing import verifyFilterFactory
+from rproxy.testing import Clock, inboundRequest, runFilters, verifyFilterFactory
 
 #: A blocking HTTP/1.1 server that accepts one connection, reads its request whole, answers with what it
 #: got, closes, and only then accepts the next (as a single-threaded application server does).
@@ -197,6 +197,16 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(built.request, SpoolSettings(1024, 2 * MiB, spool))
         self.assertEqual(built.response, SpoolSettings(10, 3 * MiB, spool))
         self.assertEqual(built.timeout, 5.0)
+
+    def test_tunnelsUntouched(self) -> None:
+        """An extended CONNECT's stream is a tunnel: it is not read, and goes on as it came."""
+        buffering = buffer.build({}, FilterEnvironment(Clock()))
+        connect = inboundRequest(b"/chat", method=b"CONNECT")
+        result = self.successResultOf(runFilters([buffering], connect, requestBody=b"frames", declareLength=False))
+        self.assertIsNone(result.verdict)
+        self.assertEqual(result.sent, (b"frames", None))
+        post = self.successResultOf(runFilters([buffering], requestBody=b"body", declareLength=False))
+        self.assertEqual(post.sent, (b"body", 4))
 
     def test_badOptions(self) -> None:
         """Each bad value is a ValueError naming its option."""
