@@ -5,11 +5,13 @@ The demo of issue 16, scaled down to keep the test short: an upstream that serve
 time (a blocking server in its own process), one client uploading 320 KiB at 100 KiB/s (the issue's 10 MB
 at 100 KB/s would take 100 s), and other clients asking meanwhile: with the filter they are served within
 a second, without it they wait for the upload.  Then the bad cases (a body over the limit by its
-C{Content-Length} or as it arrives chunked, a client that stops or vanishes mid-upload), C{Expect:
-100-continue}, a retry sending a spooled body again, an HTTP/2 client, and response buffering freeing the
-upstream while a client does not read.  After every case the spool directory is empty and no file
-descriptor of this process points into it (the temporary files have no name, so the descriptors are
-what would leak).
+C{Content-Length} or as it arrives chunked, a client that stops or vanishes mid-upload, a full disk),
+every way an exchange ends (a later filter's answer, a reload, the proxy stopping), C{Expect:
+100-continue}, a retry sending a spooled body again, HTTP/2 clients and upstreams, response buffering
+freeing the upstream while a client does not read, and the memory of a proxy process moving 96 MiB each
+way.  After every case the spool directory is empty, no file descriptor of this process points into it
+(the temporary files have no name, so the descriptors are what would leak), and none was left for the
+garbage collector to close.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from rproxy.filters.buffer import Buffer, buffer
 from rproxy.interfaces import FilterEnvironment, IRequestFilter
 from rproxy.proxy.message import LocalResponse, RequestContext
 from rproxy.test.h2client import H2Client
+from rproxy.test.h2upstream import H2Upstream, ServerStream
 from rproxy.test.support import (
     PYTHON,
     LogCapture,
@@ -485,15 +488,21 @@ class _Reader(protocol.Protocol):
         self.received = b""
         self.done: defer.Deferred[bytes] = defer.Deferred()
 
+    fields = b""
+
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
-        self.transport.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.transport.write(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%s\r\n" % self.fields)
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
 
     def connectionLost(self, reason: object) -> None:
         self.done.callback(self.received)
+
+
+class _TrailersReader(_Reader):
+    fields = b"TE: trailers\r\n"
 
 
 class ResponseBufferingTests(BufferTestCase):
@@ -554,6 +563,22 @@ class ResponseBufferingTests(BufferTestCase):
         self.assertTrue(await waitFor(lambda: self.proxy.upstreams[0].inFlight == 0 and self.upstream.requests, 5.0))
         reader.transport.abortConnection()  # type: ignore[attr-defined]
         await reader.done
+        await self.assertNoSpool()
+
+    async def test_http2Upstream(self) -> None:
+        """From an HTTP/2 upstream: its stream ends while the client reads nothing; its trailers follow the body."""
+
+        def handler(stream: ServerStream) -> None:
+            stream.respond(200, [], BIG, trailers=[(b"x-sum", b"16")])
+
+        server = H2Upstream(self, handler)
+        proxy = startProxy(self, [server.url])
+        self.buffered(proxy, response=True)
+        reader = await protocol.ClientCreator(reactor, _TrailersReader).connectTCP("127.0.0.1", proxy.port)
+        self.assertTrue(await waitFor(lambda: server.streams and proxy.upstreams[0].inFlight == 0, 5.0))
+        reader.transport.resumeProducing()  # type: ignore[attr-defined]
+        received = await reader.done
+        self.assertTrue(received.endswith(b"\r\n0\r\nx-sum: 16\r\n\r\n"), received[-100:])
         await self.assertNoSpool()
 
     async def test_http2SlowReader(self) -> None:
