@@ -53,15 +53,17 @@ class Spool:
     Bytes appended at the end and read from any offset, in memory up to L{SpoolSettings.memory}, then in a
     temporary file; L{close} releases both.
 
+    @ivar settings: its memory threshold and where its file goes (its C{maxSize} is its owner's to apply).
     @ivar size: bytes held.
+    @ivar closed: whether L{close} was called (nothing more may be appended).
     """
 
     def __init__(self, settings: SpoolSettings) -> None:
         self.settings = settings
         self.size = 0
+        self.closed = False
         self._memory = bytearray()
         self._file: IO[bytes] | None = None
-        self.closed = False
 
     @property
     def onDisk(self) -> bool:
