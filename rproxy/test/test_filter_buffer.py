@@ -56,24 +56,33 @@ from rproxy.testing import Clock, inboundRequest, runFilters, verifyFilterFactor
 #: A blocking HTTP/1.1 server that accepts one connection, reads its request whole, answers with what it
 #: got, closes, and only then accepts the next (as a single-threaded application server does).
 ONE_AT_A_TIME = r"""
-import hashlib, socket, sys
+import hashlib, socket
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen(64)
 print(listener.getsockname()[1], flush=True)
+def read(connection, data):
+    more = connection.recv(65536)
+    if not more:
+        raise EOFError("the client closed its connection")
+    return data + more
 while True:
     connection, _ = listener.accept()
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += connection.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        body += connection.recv(65536)
+    try:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data = read(connection, data)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(body) < length:
+            body = read(connection, body)
+    except EOFError:
+        connection.close()
+        continue
     answer = b"%d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())
     connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(answer), answer))
     connection.close()
@@ -99,6 +108,8 @@ class _PortPrinter(protocol.ProcessProtocol):
             self.port.callback(int(self._out.split(b"\n")[0]))
 
     def processEnded(self, reason: object) -> None:
+        if not self.port.called:
+            self.port.errback(AssertionError(f"the upstream process ended before listening: {reason}"))
         self.ended.callback(None)
 
 
