@@ -57,6 +57,14 @@ from http2 import (
     write_certificate,
 )
 from profiling import profile_rproxy
+from static import (
+    STATIC_SERVERS,
+    STATIC_SMALL,
+    STATIC_TARGET,
+    add_static_ratios,
+    format_static_table,
+    measure_static,
+)
 
 Result = dict[str, Any]
 
@@ -459,6 +467,12 @@ def parse_arguments() -> argparse.Namespace:
         "and the baselines with --baseline; 'none': no HTTP/2 run)",
     )
     parser.add_argument(
+        "--static",
+        default=",".join(STATIC_SERVERS),
+        help=f"comma-separated file servers for the static-file run (default: {','.join(STATIC_SERVERS)}: rproxy's "
+        "local static route against nginx, the same files; 'none': no static-file run)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="instead of the comparison, profile rproxy under wrk load with py-spy",
@@ -482,6 +496,10 @@ def parse_arguments() -> argparse.Namespace:
     args.proxies = [name.strip() for name in args.proxies.split(",") if name.strip()]
     args.balancers = [name.strip() for name in args.balancers.split(",") if name.strip() not in ("", "none")]
     args.http2_proxies = [name.strip() for name in args.http2_proxies.split(",") if name.strip() not in ("", "none")]
+    args.static = [name.strip() for name in args.static.split(",") if name.strip() not in ("", "none")]
+    unknownStatic = sorted(set(args.static) - set(STATIC_SERVERS))
+    if unknownStatic:
+        parser.error(f"unknown file servers {', '.join(unknownStatic)}; known: {', '.join(STATIC_SERVERS)}")
     unknown2 = sorted(set(args.http2_proxies) - set(ALL_HTTP2_PROXIES))
     if unknown2:
         parser.error(f"unknown HTTP/2 proxies {', '.join(unknown2)}; known: {', '.join(ALL_HTTP2_PROXIES)}")
@@ -565,11 +583,31 @@ def main() -> int:
                 except BenchError as e:
                     print(f"  {name} HTTP/2 FAILED: {e}", flush=True)
                     http2[name] = {"proxy": name, "error": str(e)}
+        static: dict[str, Result] = {}
+        for name in args.static:
+            print(f"benchmarking {name} (static files) ...", flush=True)
+            try:
+                static[name] = measure_static(bench, name)
+            except BenchError as e:
+                print(f"  {name} FAILED: {e}", flush=True)
+                static[name] = {"server": name, "error": str(e)}
     add_http2_ratios(http2)
+    staticRatios = add_static_ratios(static)
     add_ratios(results)
     single = results.get("rproxy", {})
     add_balancing_ratios(balancing, single)
     targets = evaluate_targets(results, balancing) if "rproxy" in results else []
+    if "rproxy-static" in static and "nginx-static" in static:
+        measured = [ratio for ratio in staticRatios.values() if ratio is not None]
+        worst = min(measured) if len(measured) == len(staticRatios) else None
+        targets.append(
+            {
+                "target": f"static files from a local route at least {STATIC_TARGET}x nginx ({STATIC_SMALL} req/s "
+                f"and {LARGE_NAME} MiB/s)",
+                "measured": ", ".join(f"{k} x{v}" for k, v in staticRatios.items()),
+                "met": None if worst is None else worst >= STATIC_TARGET,
+            }
+        )
     report: Result = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.monotonic() - started, 1),
@@ -591,6 +629,7 @@ def main() -> int:
             ),
             "results": http2,
         },
+        "static": static,
         "targets": targets,
         "notes": notes({**results, **{f"rproxy {label}": run for label, run in balancing.items()}}),
     }
@@ -616,6 +655,10 @@ def main() -> int:
         )
         print(format_http2_table(http2))
         print(f"load: {report['http2']['load_command']} (and -c10 -m10)")
+    if static:
+        print()
+        print(f"static files (rproxy's local static route and nginx, on CPU {settings.proxy_cpu}; same wrk and curl)")
+        print(format_static_table(static))
     if report["notes"]:
         print("\nnotes:")
         for note in report["notes"]:
@@ -626,7 +669,8 @@ def main() -> int:
             verdict = {True: "MET", False: "NOT MET", None: "n/a"}[entry["met"]]
             print(f"  [{verdict:>7}] {entry['target']}: {entry['measured']}")
     print(f"\nwritten: {RESULTS / 'latest.json'} ({report['seconds']}s)")
-    failed = any("error" in result for result in [*results.values(), *balancing.values(), *http2.values()])
+    runs = [*results.values(), *balancing.values(), *http2.values(), *static.values()]
+    failed = any("error" in result for result in runs)
     return 1 if failed else 0
 
 

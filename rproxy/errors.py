@@ -102,9 +102,9 @@ def clientError(status: int, reason: str, headers: Iterable[tuple[bytes, bytes]]
     return ProxyError(status, reason, Fault.CLIENT, "http_request_error", headers=headers)
 
 
-def upstreamError(status: int, reason: str, errorType: str) -> ProxyError:
-    """A failure of the upstream."""
-    return ProxyError(status, reason, Fault.UPSTREAM, errorType)
+def upstreamError(status: int, reason: str, errorType: str, retryAfter: int | None = None) -> ProxyError:
+    """A failure of the upstream (or of every upstream)."""
+    return ProxyError(status, reason, Fault.UPSTREAM, errorType, retryAfter)
 
 
 def proxyError(

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from rproxy.downstream.request import ProxyRequest
     from rproxy.errors import ProxyError
+    from rproxy.local.responder import Responder
     from rproxy.proxy.message import FilterVerdict, InboundRequest, OutboundRequest, RequestContext
     from rproxy.proxy.service import Service
     from rproxy.upstream.upstreams import Upstream
@@ -189,16 +190,35 @@ class IBodyTransform(Interface):
         """The body has ended: the last bytes to send."""
 
 
+class ILocalAnswer(Interface):
+    """
+    A response the proxy makes itself and streams: what a local route serves (a static directory, a handler,
+    a canned response), or what replaces an upstream's response (the file an ``X-Accel-Redirect`` names).
+    """
+
+    def serve(context: RequestContext, responder: Responder) -> None:
+        """
+        Answer the request of C{context} through C{responder} (its head, its body with a producer, its end,
+        or an error), now or later; C{context.whenEnded} tells when the client has gone.
+        """
+
+
 class IResponseFilter(Interface):
     """A step of a route's filter chain on the way out: it sees the response head before the client does."""
 
-    def onResponse(context: RequestContext, status: int, headers: list[tuple[bytes, bytes]]) -> IBodyTransform | None:
+    def onResponse(
+        context: RequestContext, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> IBodyTransform | ILocalAnswer | None:
         """
         Change C{headers} (the end-to-end fields, in order) in place; return a transform to rewrite the
         body, or C{None}.  Called for upstream responses, for the answers of filters later in the chain
         (whose whole body a transform rewrites), and for the proxy's errors, of which C{headers} holds only
         the error's own fields (C{WWW-Authenticate}, ...; the status line, framing and the one-line body are
         the proxy's) and whose bodies are never transformed.
+
+        For an upstream's response only, it may return an L{ILocalAnswer} instead: the upstream's response
+        is then dropped (its body unread, its connection closed if one was coming) and the answer is served
+        in its place, its head seen only by the response filters before this one in the chain.
         """
 
 

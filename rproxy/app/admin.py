@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from twisted.application.service import IService, Service
-from twisted.internet import endpoints
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
@@ -43,6 +42,7 @@ from twisted.web.server import Request
 from rproxy.app.config import OptionValues
 from rproxy.app.reload import LiveProxy, describeRoute
 from rproxy.downstream.limits import ClientLimits
+from rproxy.downstream.listeners import checkEndpoint
 from rproxy.downstream.site import ProxySite
 from rproxy.observe.metrics import ProxyMetrics, metricsResource
 from rproxy.observe.status import PAGE_HEADERS, RegistrationState, StateDocument, UpstreamState, statusPage
@@ -107,12 +107,9 @@ def _endpoint(values: OptionValues, name: str, example: str, what: str) -> str |
     description = values.text(name)
     if description is None:
         return None
-    from twisted.internet import reactor  # only to describe the endpoint: it does not listen here
-
-    try:
-        endpoints.serverFromString(reactor, description)
-    except (ValueError, TypeError) as e:
-        raise values.error(name, f"not a server endpoint ({e}): {description!r}") from None
+    problem = checkEndpoint(description)
+    if problem is not None:
+        raise values.error(name, problem)
     kind, *parameters = re.split(r"(?<!\\):", description)
     if kind in _IP_ENDPOINTS and not any(each.startswith("interface=") for each in parameters):
         raise values.error(

@@ -13,11 +13,12 @@ docs/configuration.md is the reference of the file.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, TypeVar
 
@@ -32,11 +33,14 @@ from rproxy.app.filters import (
     filterNames,
 )
 from rproxy.downstream.limits import ClientLimits
+from rproxy.downstream.listeners import checkEndpoint
 from rproxy.downstream.tls import CertificateFiles, TLSSettings, loadCertificate
+from rproxy.filters.chain import NO_FILTERS
 from rproxy.headers import isToken, parseNetworks
 from rproxy.health.checks import HealthCheckSettings
 from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import IBalancerFactory
+from rproxy.local.target import LocalConfig, localConfig
 from rproxy.observe.accesslog import checkFormat
 from rproxy.observe.tracing import tracesURL
 from rproxy.options import parseSize
@@ -142,8 +146,9 @@ class ServiceVersionConfig:
         return ServiceVersion(services)
 
 
-#: Where a route sends its requests: a service's name, or a split, or the service its path names.
-RouteTarget = str | WeightedSplitConfig | BlueGreenConfig | ServiceVersionConfig
+#: Where a route sends its requests: a service's name, or a split, or the service its path names; or nowhere,
+#: answered in the proxy (L{LocalConfig}).
+RouteTarget = str | WeightedSplitConfig | BlueGreenConfig | ServiceVersionConfig | LocalConfig
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,9 @@ class RouteConfig:
         The route, over C{services} (by name; each one the route retries its own way, or filters with its own
         chain, from C{chains}, is copied with its policy or chain).
         """
+        if isinstance(self.target, LocalConfig):
+            chain = chains.chain(self.filters or ()) if chains is not None else NO_FILTERS
+            return self._route(self.target.build(self.name, chain))
         names = self.serviceNames(services)
         if self.name:
             services = {**services, **{name: replace(services[name], route=self.name) for name in names}}
@@ -203,14 +211,20 @@ class RouteConfig:
                 **services,
                 **{name: MessageAwareService.of(services[name], limits) for name in self.serviceNames(services)},
             }
-        target = services[self.target] if isinstance(self.target, str) else self.target.build(services)
+        return self._route(services[self.target] if isinstance(self.target, str) else self.target.build(services))
+
+    def _route(self, target: Service | WeightedSplit | BlueGreen | ServiceVersion) -> Route:
+        """The route to C{target}, with this one's conditions and rewrites (a local route strips its prefix)."""
+        strip = self.stripPrefix or (
+            isinstance(self.target, LocalConfig) and self.pathPrefix is not None and self.replacePrefix is None
+        )
         return Route(
             target,
             hosts=self.hosts,
             pathPrefix=self.pathPrefix,
             headers=self.headers,
             query=self.query,
-            stripPrefix=self.stripPrefix,
+            stripPrefix=strip,
             replacePrefix=self.replacePrefix,
             setHost=self.setHost,
             setHeaders=self.setHeaders,
@@ -330,7 +344,7 @@ SERVICE_FLAGS = frozenset({"rewrite-host", "retry-idempotency-key", "upstream-tl
 SERVICE_KEYS = frozenset({"upstreams", "balancer-options", "filters", *SERVICE_OPTIONS})
 
 #: The keys of a route that say where its requests go (one of them).
-ROUTE_TARGETS = ("service", "split", "service-version")
+ROUTE_TARGETS = ("service", "split", "service-version", "local")
 
 #: The keys of a route's C{split} table, of each kind.
 WEIGHTED_SPLIT_KEYS = frozenset({"services", "pin", "sticky"})
@@ -738,14 +752,24 @@ def _client(values: OptionValues) -> ClientLimits:
     )
 
 
+def endpoints(values: OptionValues, name: str) -> tuple[str, ...]:
+    """The server endpoint strings of option C{name}, each of a known type (not listened on here)."""
+    given = tuple(values.repeated(name))
+    for description in given:
+        problem = checkEndpoint(description)
+        if problem is not None:
+            raise values.error(name, problem)
+    return given
+
+
 def _tls(values: OptionValues) -> TLSSettings:
     """The TLS listeners (plain endpoints, which rproxy wraps) and their certificates, each read once to check it."""
-    listen = tuple(values.repeated("tls-listen"))
-    for description in listen:
-        if description.split(":", 1)[0] == "ssl":
+    for description in values.repeated("tls-listen"):
+        if description.split(":", 1)[0].lower() in ("ssl", "tls"):
             raise values.error(
                 "tls-listen", f"give a plain endpoint such as tcp:8443, which rproxy wraps in TLS, not {description!r}"
             )
+    listen = endpoints(values, "tls-listen")
     certificates = []
     for spec in values.repeated("tls-cert"):
         try:
@@ -761,9 +785,15 @@ def _tls(values: OptionValues) -> TLSSettings:
     return TLSSettings(listen, tuple(certificates), _atLeastZero(values, "tls-watch", float))
 
 
-def _misplaced(where: str, key: str, values: OptionValues, allowed: str) -> ConfigError:
-    """The error for a key a table does not accept: an option set elsewhere, or an unknown key."""
+def _misplaced(where: str, key: str, values: OptionValues, allowed: str, keys: Collection[str]) -> ConfigError:
+    """
+    The error for a key a table does not accept (its keys are C{keys}): a near miss of one of them, an
+    option set elsewhere, or an unknown key.
+    """
     name = key.replace("_", "-")
+    near = difflib.get_close_matches(name, sorted(keys), n=1, cutoff=0.8)
+    if near:
+        return ConfigError(f"{where}: unknown key {key!r}: did you mean {near[0]!r}?")
     if name in SERVICE_OPTIONS:
         return ConfigError(f"{where}: {key!r} is a service setting: set it in the service's table")
     if name in values:
@@ -812,7 +842,7 @@ def _serviceTable(
         elif option in SERVICE_OPTIONS:
             settings[option] = _setting(keyWhere, option, value)
         else:
-            raise _misplaced(where, key, defaults, "the keys of a service")
+            raise _misplaced(where, key, defaults, "the keys of a service", SERVICE_KEYS)
     if upstreams is None:
         raise ConfigError(f'{where}: no upstreams (give upstreams = ["http://host:port", ...])')
     if balancerOptions is None:
@@ -1001,17 +1031,25 @@ def _split(where: str, value: object, defined: Mapping[str, Service]) -> Weighte
     return split
 
 
-def _target(where: str, given: Mapping[str, object], defined: Mapping[str, Service]) -> RouteTarget:
-    """What the route's C{service}, C{split} or C{service-version} key says (exactly one of them)."""
+def _target(where: str, given: Mapping[str, object], defined: Mapping[str, Service], base: str) -> RouteTarget:
+    """
+    What the route's C{service}, C{split}, C{service-version} or C{local} key says (exactly one of them); a
+    relative C{local.static} directory is read from C{base}.
+    """
     if given.get("service-version") is False:
         given = {key: value for key, value in given.items() if key != "service-version"}
     if len(given) != 1:
         these = f", not {' and '.join(given)}" if given else ""
-        raise ConfigError(f"{where}: give one of service, split or service-version = true{these}")
+        raise ConfigError(f"{where}: give one of service, split, service-version = true or local{these}")
     [(key, value)] = given.items()
     keyWhere = f"{where}.{key}"
     if key == "service":
         return _serviceName(keyWhere, value, defined)
+    if key == "local":
+        try:
+            return localConfig(_table(keyWhere, value), base)
+        except ValueError as e:
+            raise ConfigError(f"{keyWhere}: {e}") from None
     if key == "split":
         return _split(keyWhere, value, defined)
     _boolean(keyWhere, value)
@@ -1030,11 +1068,14 @@ def _route(
     services: Mapping[str, OptionValues],
     defined: Mapping[str, Service],
     filters: Mapping[str, FilterConfig],
+    defaultFilters: tuple[str, ...] = (),
+    base: str = ".",
 ) -> RouteConfig:
     """
     The route a C{[[routes]]} table defines, checked by building it over C{defined} (stand-ins of the
     services, by name).  C{values}: the top-level option values; C{services}: each service's, which the
-    route's retry options override.
+    route's retry options override; a local route without its own C{filters} has C{defaultFilters}, and
+    reads a relative C{static} directory from C{base}.
     """
     targets: dict[str, object] = {}
     settings: dict[str, Any] = {}
@@ -1054,8 +1095,10 @@ def _route(
         elif name in RETRY_OPTIONS:
             retry[name] = _setting(keyWhere, name, value)
         else:
-            raise _misplaced(where, key, values, "the keys of a route")
-    route = RouteConfig(_target(where, targets, defined), **settings)
+            raise _misplaced(where, key, values, "the keys of a route", ROUTE_KEYS)
+    route = RouteConfig(_target(where, targets, defined, base), **settings)
+    if isinstance(route.target, LocalConfig) and route.filters is None:
+        route = replace(route, filters=defaultFilters)
     if retry:
         policies = {name: _retry(services[name].overlay(retry, where)) for name in route.serviceNames(defined)}
         route = replace(route, retry=policies)
@@ -1084,7 +1127,10 @@ def _services(
     factories: Mapping[str, IBalancerFactory],
     filters: Mapping[str, FilterConfig],
 ) -> tuple[dict[str, ServiceConfig], dict[str, OptionValues], dict[str, str]]:
-    """The services, the option values of each, and where each was defined (for errors), by name."""
+    """
+    The services, the option values of each, and where each was defined (for errors), by name; none only for
+    a file with routes (local routes need no service: a route to a service that does not exist is an error).
+    """
     upstreams = tuple(_upstream(values.where("upstream"), spec) for spec in values.repeated("upstream"))
     demo = values.text("demo-upstream")
     path, fileServices = ("", {}) if file is None else (file.path, file.services)
@@ -1103,7 +1149,7 @@ def _services(
             raise ConfigError(f"{where}: the top-level upstreams (--upstream) are the service 'default' already")
         services[name], serviceValues[name] = _serviceTable(where, name, table, values, default, factories, filters)
         places[name] = where
-    if not services:
+    if not services and not (file is not None and file.routes):
         raise ConfigError("at least one --upstream URL is required (or --demo-upstream)")
     return services, serviceValues, places
 
@@ -1188,7 +1234,16 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
     standIns = {name: _standIn(name, registry) for name in services}
     if file is not None and file.routes:
         routes = tuple(
-            _route(f"{file.path}: routes[{i}]", table, values, serviceValues, standIns, filters)
+            _route(
+                f"{file.path}: routes[{i}]",
+                table,
+                values,
+                serviceValues,
+                standIns,
+                filters,
+                defaultFilters,
+                configBase(file.path),
+            )
             for i, table in enumerate(file.routes)
         )
     elif len(services) == 1:
@@ -1223,7 +1278,7 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
     tls = _tls(values)
     return ProxyConfig(
         # Without any listener, plain HTTP on 8080; with TLS listeners, only the listeners given.
-        listen=tuple(values.repeated("listen")) or (() if tls.listen else ("tcp:8080",)),
+        listen=endpoints(values, "listen") or (() if tls.listen else ("tcp:8080",)),
         trustedProxies=trustedProxies,
         viaName=viaName,
         grace=_atLeastZero(values, "grace", float),

@@ -48,6 +48,7 @@ from rproxy.app.build import buildDirector, buildForwarding, buildServices, heal
 from rproxy.app.config import (
     BlueGreenConfig,
     ConfigError,
+    LocalConfig,
     ProxyConfig,
     RouteConfig,
     ServiceConfig,
@@ -133,6 +134,8 @@ def describeRoute(route: RouteConfig) -> str:
         to = "split " + " ".join(f"{name}={weight}" for name, weight in target.services)
     elif isinstance(target, BlueGreenConfig):
         to = f"blue/green {target.blue} {target.green} (active {target.active})"
+    elif isinstance(target, LocalConfig):
+        to = target.describe()
     else:
         assert isinstance(target, ServiceVersionConfig)
         to = "/service/version/"

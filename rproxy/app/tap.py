@@ -14,11 +14,12 @@ from __future__ import annotations
 import getopt
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
@@ -48,6 +49,7 @@ from rproxy.app.config import (
 )
 from rproxy.app.reload import ConfigReloader, ConfigSource, HangUpReloader, LiveProxy
 from rproxy.downstream.limits import ClientLimits
+from rproxy.downstream.listeners import Listener, ListenError
 from rproxy.downstream.site import DrainingService, ProxySite
 from rproxy.downstream.tls import CertificateStore, TLSSettings, plainListener, tlsListener
 from rproxy.filters.factory import filterFactories
@@ -320,6 +322,7 @@ class Options(usage.Options):
             self[name] = []
         self._file: ConfigFile | None = None
         self._sources: dict[str, str] = {}
+        self._failed = False
 
     def opt_listen(self, endpoint: str) -> None:
         """A server endpoint to listen on, e.g. tcp:8080 (repeatable; default tcp:8080)."""
@@ -389,13 +392,21 @@ class Options(usage.Options):
         C{--check-config}, a mistake ends the process with its message instead of the usage.
         """
         arguments = self.arguments = list(sys.argv[1:] if options is None else options)
-        given = self._given(arguments)
+        given: dict[str, str] = {}
         try:
+            given = self._given(arguments)
             super().parseOptions(self._fileArguments(given) + arguments)
         except usage.UsageError as e:
             if "check-config" in given:
                 raise SystemExit(str(e)) from None
+            self._failed = True  # the error is printed with a pointer to --help, not the ~150 lines of usage
             raise
+
+    def getUsage(self, width: int | None = None) -> str:
+        """Every option (C{--help}); after a mistake, only where to find them, so that the error stays in sight."""
+        if self._failed:
+            return "Run 'twist rproxy --help' for every option.\n"
+        return super().getUsage(width)
 
     def _given(self, arguments: list[str]) -> dict[str, str]:
         """The options among C{arguments}, by long name (as getopt reads them: -cF, --conf=F, ...)."""
@@ -487,7 +498,7 @@ def buildService(
     if config.demoUpstream is not None:
         from rproxy.app.demo import demoSite
 
-        strports.service(config.demoUpstream, demoSite()).setServiceParent(top)
+        Listener("--demo-upstream", config.demoUpstream, demoSite()).setServiceParent(top)
     registry = MemoryRegistry()
     filters = buildFilters(config, reactor)
     services, _ = buildServices(config, reactor, registry, filters)
@@ -547,10 +558,10 @@ def buildService(
         registrations = Registrations(live, reactor)
         registrations.setServiceParent(top)
         api = adminSite(admin.token, live, draining, registrations, reactor, metrics)
-        strports.service(admin.listen, api).setServiceParent(top)
+        Listener("--admin-listen", admin.listen, api).setServiceParent(top)
     if admin is not None and admin.metricsListen is not None:
         assert metrics is not None
-        strports.service(admin.metricsListen, metricsSite(metrics, reactor)).setServiceParent(top)
+        Listener("--metrics-listen", admin.metricsListen, metricsSite(metrics, reactor)).setServiceParent(top)
     reloads: list[Callable[[str], object]] = []
     if source is not None:
         reloader = ConfigReloader(source, live, reactor)
@@ -599,8 +610,36 @@ def reloadSource(options: Options) -> ConfigSource | None:
     return ConfigSource(path, load, options.watchInterval)
 
 
+class _Main(service.MultiService):
+    """
+    The service of C{twist rproxy} and rproxy.tac: a listener that cannot listen ends the process with its
+    one line (C{twist} and C{twistd} start services before the reactor runs, so nothing is served yet).
+    """
+
+    def privilegedStartService(self) -> None:
+        with _oneLineErrors():
+            super().privilegedStartService()
+
+    def startService(self) -> None:
+        with _oneLineErrors():
+            super().startService()
+
+
+@contextmanager
+def _oneLineErrors() -> Iterator[None]:
+    """What operators get wrong at start ends the process with one line on standard error, and status 1."""
+    try:
+        yield
+    except (ConfigError, ListenError) as e:
+        raise SystemExit(f"Error: {e}") from None
+
+
 def makeService(options: Options) -> service.MultiService:
     """The entry point of ``twist rproxy`` (and of rproxy.tac): a proxy that SIGHUP reloads."""
     from twisted.internet import reactor
 
-    return buildService(options.config, reactor, reloadSource(options), reactor, options.admin)  # type: ignore[arg-type]
+    main = _Main()
+    with _oneLineErrors():
+        proxy = buildService(options.config, reactor, reloadSource(options), reactor, options.admin)  # type: ignore[arg-type]
+    proxy.setServiceParent(main)
+    return main

@@ -38,8 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
-from twisted.application import service, strports
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -54,6 +53,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
+
+from rproxy.downstream.listeners import Listener
 
 __all__ = [
     "ALPN_PROTOCOLS",
@@ -482,11 +483,11 @@ def sslEndpointsOfferALPN() -> bool:
     return True
 
 
-def plainListener(description: str, factory: IProtocolFactory) -> StreamServerEndpointService:
+def plainListener(description: str, factory: IProtocolFactory) -> Listener:
     """
-    A listener serving C{factory} on the endpoint C{description} (a C{--listen}); like
-    L{strports.service}'s, its start raises when it cannot listen.  An C{ssl:} endpoint that cannot offer
-    ALPN (L{sslEndpointsOfferALPN}) serves without it, HTTP/1.1, with a warning.
+    A listener serving C{factory} on the endpoint C{description} (a C{--listen}); its start raises a
+    L{ListenError} when it cannot listen.  An C{ssl:} endpoint that cannot offer ALPN
+    (L{sslEndpointsOfferALPN}) serves without it, HTTP/1.1, with a warning.
     """
     if description.partition(":")[0].lower() == "ssl" and not sslEndpointsOfferALPN():
         _log.warn(
@@ -495,16 +496,14 @@ def plainListener(description: str, factory: IProtocolFactory) -> StreamServerEn
             description=description,
         )
         factory = _WithoutNegotiation(factory)
-    return strports.service(description, factory)
+    return Listener("--listen", description, factory)
 
 
-def tlsListener(
-    description: str, factory: IProtocolFactory, certificates: CertificateStore
-) -> StreamServerEndpointService:
+def tlsListener(description: str, factory: IProtocolFactory, certificates: CertificateStore) -> Listener:
     """
     A listener serving C{factory} over TLS with C{certificates} on the plain server endpoint
-    C{description} (C{tcp:8443}); like L{strports.service}'s, its start raises when it cannot listen.
+    C{description} (C{tcp:8443}); its start raises a L{ListenError} when it cannot listen.
     """
-    listener = strports.service(description, factory)
+    listener = Listener("--tls-listen", description, factory)
     listener.endpoint = TLSServerEndpoint(listener.endpoint, certificates.serverConnections())
     return listener

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, proxyError
-from rproxy.interfaces import IBodyTransform, IRequestFilter, IResponseFilter
+from rproxy.interfaces import IBodyTransform, ILocalAnswer, IRequestFilter, IResponseFilter
 from rproxy.proxy.message import FilterVerdict, LocalResponse, RequestContext
 
 _log = Logger()
@@ -89,8 +89,10 @@ class ChainRun:
     One exchange's way through a L{FilterChain}: its request filters, then its response filters.
 
     @ivar context: what the filters see and share.
+    @ivar replacement: what a response filter answered instead of the upstream's response, if one did.
     """
 
+    replacement: ILocalAnswer | None = None
     _waiting: Deferred[FilterVerdict] | None = None
     _cancelled = False
 
@@ -176,13 +178,18 @@ class ChainRun:
     def response(self, status: int, headers: list[tuple[bytes, bytes]]) -> IBodyTransform | None:
         """
         Run the response filters of the filters whose request side ran, last first, on C{headers} (changed
-        in place); return the transform the body must go through, if any filter rewrites it.
+        in place); return the transform the body must go through, if any filter rewrites it.  A filter that
+        answers in the response's place (L{ILocalAnswer}) ends the run: its answer is L{replacement}, and
+        from then on only the filters before it see a response.
         """
         transforms = []
         for index, each in reversed(self.chain._response):
             if index >= self._reached:
                 continue
             transform = each.onResponse(self.context, status, headers)
+            if ILocalAnswer.providedBy(transform):
+                self.replacement, self._reached = transform, index
+                return None
             if transform is not None:
                 transforms.append(transform)
         if not transforms:

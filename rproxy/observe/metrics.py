@@ -72,9 +72,12 @@ def rejectionReason(record: ExchangeRecord) -> str | None:
     (no error, or the upstream's).  A client's error is C{auth} (401 and 403: credentials, tokens, address
     rules, CORS), C{rate_limit} (429), C{limits} (408, 413, 414, 431), C{no_route} (404) or C{bad_input}
     (any other); the proxy's own is C{overload} (at its connection limits), C{unavailable} (another 503) or
-    C{internal}.
+    C{internal}.  A 503 because no upstream could take the request is C{unavailable} too, although the
+    upstreams are at fault (they failed their health checks).
     """
     fault, status = record.fault, record.status
+    if record.errorType == "destination_unavailable":
+        return "unavailable"
     if fault == "client":
         if status in (401, 403):
             return "auth"

@@ -17,3 +17,4 @@ from rproxy.filters.headers import headerRules as headerRules
 from rproxy.filters.iprules import ipRules as ipRules
 from rproxy.filters.ratelimit import concurrencyLimit as concurrencyLimit
 from rproxy.filters.ratelimit import rateLimit as rateLimit
+from rproxy.filters.sendfile import sendfile as sendfile

@@ -11,6 +11,10 @@ upstream is read at its own speed into a spool, which is the producer the client
 finishes the client's response when the spool is drained.  It speaks
 to the client only through its L{Downstream} and to the upstream only through an L{UpstreamConnection},
 whatever their protocols.  It reports every outcome to the balancer and the registry.
+
+A local route's service (C{Service.local}), or a response filter that answers in the upstream's response's
+place (L{rproxy.interfaces.ILocalAnswer}), has the exchange serve that answer through a
+L{rproxy.local.responder.Responder} instead: L{rproxy.local} says how.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from rproxy.downstream.spool import SpooledResponse
 from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamError
 from rproxy.filters.chain import ChainRun
 from rproxy.headers import ForwardingPolicy, Pairs, responseHeaderPairs
-from rproxy.interfaces import IBodyTransform, IDirector, IResponseFilter, Outcome
+from rproxy.interfaces import IBodyTransform, IDirector, ILocalAnswer, IResponseFilter, Outcome
+from rproxy.local.responder import Responder
 from rproxy.observe.record import ExchangeRecord
 from rproxy.observe.requestid import REQUEST_ID, traceContext
 from rproxy.proxy.message import FilterVerdict, InboundRequest, LocalResponse, OutboundRequest, RequestContext
@@ -50,6 +55,9 @@ _DOWN_RETRY_AFTER = 5
 
 #: Attempts after a reused connection turned out closed before answering (not counted as retries).
 _STALE_RETRIES = 2
+
+#: How many attempts' reasons an error after retries names.
+_REASONS_SHOWN = 5
 
 
 class Proxy:
@@ -101,6 +109,7 @@ class Exchange:
     _pending: Deferred[UpstreamConnection] | None = None
     _bound: Upstream | None = None  # the upstream whose in-flight count this attempt holds
     _lastError: ProxyError | None = None
+    _failures: tuple[str, ...] = ()  # why each attempt that was retried failed, in order
     _responded = False  # the response head went to the client: no retry from here on
     _startedAt = 0.0
     _status: int | None = None  # the current attempt's response status, once its head arrived
@@ -114,6 +123,8 @@ class Exchange:
     _context: RequestContext | None = None
     _transform: IBodyTransform | None = None  # what a response filter rewrites the body with
     _trace: ExchangeTrace | None = None  # the exchange's spans, when the proxy traces
+    _local: Responder | None = None  # what a local answer writes to (rproxy.local)
+    _replaced = False  # a response filter answers in the upstream's response's place
     _spooled: SpooledResponse | None = None  # the response body's way to the client, when it is buffered
 
     def __init__(self, proxy: Proxy, downstream: Downstream, target: bytes) -> None:
@@ -171,7 +182,7 @@ class Exchange:
             self._run = service.filters.start(self.context())
             self._run.request(self._filtered)
         else:
-            self._attempt()
+            self._forward()
 
     def _identify(self, record: ExchangeRecord, outbound: OutboundRequest) -> None:
         """
@@ -217,7 +228,7 @@ class Exchange:
         if verdict is None:
             assert self._context is not None
             self._body = self._context.body  # as the filters leave it (one that read it whole may replace it)
-            self._attempt()
+            self._forward()
         elif isinstance(verdict, LocalResponse):
             self._answer(verdict)
         else:
@@ -295,6 +306,37 @@ class Exchange:
             except Exception:
                 _log.failure("a filter failed as {target} ended", target=self._loggedTarget())
 
+    def _forward(self) -> None:
+        """The filters let the request through: send it to an upstream, or to the local route's answer."""
+        local = self.service.local  # type: ignore[union-attr]
+        if local is None:
+            self._attempt()
+        else:
+            self._serve(local)
+
+    def _serve(self, answer: ILocalAnswer) -> None:
+        """Answer with C{answer} (a local route's, or a response filter's in the upstream's place): L{rproxy.local}."""
+        record = self.downstream.record
+        requestId = record.requestId.encode("ascii") if record is not None and record.requestId is not None else None
+        self._local = Responder(self.downstream, self._run, requestId, self._served)
+        self._local.serve(answer, self.context())
+
+    def _served(self, error: ProxyError | None) -> None:
+        """The local answer has ended: with its response complete, or with C{error}."""
+        if self._ended:
+            return
+        if error is not None:
+            self._responded = self._local is not None and self._local.started
+            self._end(error)
+            return
+        self._ended = True
+        self._stopClientBody()
+        if self._body is not None and self._body is not self._clientBody:
+            self._body.stopProducing()  # what a filter put in the body's place, which no upstream will read
+        self._record()
+        self.downstream.finish()
+        self._contextEnded()
+
     def _attempt(self) -> None:
         """Send the request to an upstream the balancer picks among those not tried yet."""
         service = self.service
@@ -305,7 +347,7 @@ class Exchange:
             return
         upstream = service.balancer.pick(upstreams, self.inbound, self._tried)
         if upstream is None:  # every available upstream was tried
-            self._end(self._lastError or _unavailable(service))
+            self._end(self._summary(self._lastError) if self._lastError is not None else _unavailable(service))
             return
         self.upstream = upstream
         self._status = None
@@ -364,7 +406,24 @@ class Exchange:
             return
         if why:
             _log.info("not retrying {target}: {why}", target=self._loggedTarget(), why=why)
-        self._end(error)
+        self._end(self._summary(error))
+
+    def _summary(self, error: ProxyError) -> ProxyError:
+        """C{error}, the last attempt's, saying in its reason why each attempt before it failed as well."""
+        reasons = list(self._failures)
+        if not reasons or reasons[-1] != error.reason:
+            reasons.append(error.reason)
+        if len(reasons) == 1:
+            return error
+        shown = "; ".join(reasons[:_REASONS_SHOWN]) + ("; ..." if len(reasons) > _REASONS_SHOWN else "")
+        return ProxyError(
+            error.status,
+            f"{len(reasons)} attempts failed: {shown}",
+            error.fault,
+            error.errorType,
+            error.retryAfter,
+            error.headers,
+        )
 
     def _whyNotRetry(self, error: ProxyError, sent: bool, delivery: Delivery) -> str | None:
         """Why the failed attempt may not be repeated (empty: no need to say), or C{None} if it may."""
@@ -399,6 +458,7 @@ class Exchange:
                 self._body.rewind()
         _log.info("{reason}; trying {target} again", reason=error.reason, target=self._loggedTarget())
         self._lastError = error
+        self._failures += (error.reason,)
         self._attempt()
 
     def _unbind(self, error: ProxyError | None, report: bool = True) -> None:
@@ -482,6 +542,9 @@ class Exchange:
             if connection is not None:
                 connection.abort()
             return
+        if self._run is not None and self._run.replacement is not None:
+            self._takeOver(self._run.replacement, hasBody)
+            return
         downstream = self.downstream
         if not hasBody:
             self._transform = None  # nothing to rewrite: a transform's last bytes would follow a bodiless head
@@ -530,6 +593,19 @@ class Exchange:
         if record is not None and record.requestId is not None:
             fields.append((b"X-Request-ID", record.requestId.encode("ascii")))
         return fields
+
+    def _takeOver(self, answer: ILocalAnswer, hasBody: bool) -> None:
+        """
+        A response filter answers in place of the upstream's response: its body is not read (the connection
+        is closed if one was coming, else goes back to its pool when the response ends), the answer is served.
+        """
+        self._replaced = True
+        if hasBody:
+            connection, self._connection = self._connection, None
+            assert connection is not None
+            connection.abort()
+            self._unbind(None)
+        self._serve(answer)
 
     def responseSwitched(self, headers: Pairs, side: TunnelSide) -> None:
         """The upstream switched protocols: splice the client with it, if it switched to one asked for."""
@@ -592,7 +668,7 @@ class Exchange:
     def responseDone(self, trailers: Pairs) -> None:
         self._connection = None
         self._unbind(None)
-        if self._ended:
+        if self._ended or self._replaced:
             return
         if self._transform is not None:
             tail = self._transform.finish()
@@ -678,12 +754,17 @@ def _unavailable(service: Service) -> ProxyError:
     members = service.registry.members(service.name)
     waits = [u.health.retryAfter() for u in members if u.health.activeUp]
     retryAfter = max(1, math.ceil(min(waits))) if waits else _DOWN_RETRY_AFTER
-    states = ", ".join(f"{u.key} {u.health.state}" for u in members[:5]) or "none configured"
-    return proxyError(
+    if not members:  # the configuration's doing (or no registration yet)
+        return proxyError(
+            503, f"service {service.name!r} has no upstream configured", "destination_unavailable", retryAfter
+        )
+    states = ", ".join(f"{u.key} {u.health.state}" for u in members[:_REASONS_SHOWN])
+    # Each upstream failed its health checks or was ejected for its errors: the upstreams are at fault.
+    return upstreamError(
         503,
         f"no upstream of service {service.name!r} is available ({states})",
         "destination_unavailable",
-        retryAfter=retryAfter,
+        retryAfter,
     )
 
 

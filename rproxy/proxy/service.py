@@ -9,7 +9,7 @@ from rproxy.filters.chain import NO_FILTERS, FilterChain
 from rproxy.proxy.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from rproxy.interfaces import IBalancer, IRegistry
+    from rproxy.interfaces import IBalancer, ILocalAnswer, IRegistry
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class Service:
     @ivar retry: when a failed attempt is tried again on another upstream.
     @ivar filters: the filters its requests and responses go through (a route gives its own with a copy).
     @ivar route: the name of the route its requests came by, for logs and metrics (each route has a copy).
+    @ivar local: what answers its requests in the proxy itself, after its filters, instead of an upstream
+        (a local route's static directory, handler or canned response: L{rproxy.local}); C{None} to proxy.
     """
 
     name: str
@@ -30,3 +32,4 @@ class Service:
     retry: RetryPolicy = RetryPolicy()
     filters: FilterChain = NO_FILTERS
     route: str = ""
+    local: ILocalAnswer | None = None

@@ -41,6 +41,8 @@ from rproxy.upstream.upstreams import Upstream
 #: Python of this environment, for subprocess-based tests.
 PYTHON = sys.executable
 BIN = os.path.dirname(sys.executable)
+#: The checkout (or the directory rproxy is installed in) holding the C{rproxy} package.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass

@@ -388,8 +388,13 @@ class AdminOptionsTests(unittest.TestCase):
             self.assertIn(
                 "--admin-listen: give the address to listen on", self.error("--admin-listen", endpoint, *token)
             )
-        for endpoint in ["9901", "bogus:1", "tcp:x:interface=127.0.0.1", "tcp:9901:interfac=127.0.0.1"]:
+        for endpoint in ["tcp:x:interface=127.0.0.1", "tcp:9901:interfac=127.0.0.1"]:
             self.assertIn("--admin-listen: not a server endpoint", self.error("--admin-listen", endpoint, *token))
+        for endpoint, kind in [("9901", "9901"), ("bogus:1", "bogus")]:
+            self.assertIn(
+                f"--admin-listen: unknown endpoint type {kind!r} in {endpoint!r}",
+                self.error("--admin-listen", endpoint, *token),
+            )
 
     def test_badTokenFiles(self) -> None:
         """A token file that cannot be read, is empty or holds more than a token; the error never shows it."""

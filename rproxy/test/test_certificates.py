@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
 from twisted.application.service import MultiService
-from twisted.internet import error, protocol, reactor, threads
+from twisted.internet import protocol, reactor, threads
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import Clock
@@ -32,6 +32,7 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 
 from rproxy.app.tap import Options, buildService, optionsFromEnvironment
+from rproxy.downstream.listeners import ListenError
 from rproxy.downstream.tls import (
     CertificateError,
     CertificateFiles,
@@ -561,7 +562,10 @@ class ListenerTests(TLSTestCase):
         )
         top = buildService(options.config, reactor)  # type: ignore[arg-type]
         self.addCleanup(top.stopService)
-        self.assertRaises(error.CannotListenError, top.startService)
+        raised = self.assertRaises(ListenError, top.startService)
+        self.assertEqual(
+            str(raised), f"--tls-listen tcp:{taken.port}:interface=127.0.0.1: cannot listen: address already in use"
+        )
 
     async def test_reloadOnSignal(self) -> None:
         """

@@ -431,6 +431,11 @@ class ErrorTests(ConfigTestCase):
             "rproxy.toml: services.api: unknown key 'retrys' (see docs/configuration.md: the keys of a service)",
         ),
         (
+            '[services.api]\nupstream = "http://a:1"\n',
+            [],
+            "rproxy.toml: services.api: unknown key 'upstream': did you mean 'upstreams'?",
+        ),
+        (
             API + 'max-body-size = "1M"\n',
             [],
             "rproxy.toml: services.api: 'max-body-size' is a global option: set it at the top level of the file",
@@ -512,12 +517,12 @@ class ErrorTests(ConfigTestCase):
         (
             API + '[[routes]]\nhosts = "a"\n',
             [],
-            "rproxy.toml: routes[0]: give one of service, split or service-version = true",
+            "rproxy.toml: routes[0]: give one of service, split, service-version = true or local",
         ),
         (
             API + '[[routes]]\nservice = "api"\nservice-version = true\n',
             [],
-            "rproxy.toml: routes[0]: give one of service, split or service-version = true, not service and "
+            "rproxy.toml: routes[0]: give one of service, split, service-version = true or local, not service and "
             "service-version",
         ),
         (
@@ -530,6 +535,11 @@ class ErrorTests(ConfigTestCase):
             TWO + '[[routes]]\nservice = "api"\nprefix = "/a"\n',
             [],
             "rproxy.toml: routes[0]: unknown key 'prefix' (see docs/configuration.md: the keys of a route)",
+        ),
+        (
+            TWO + '[[routes]]\nservice = "api"\npath_prefx = "/a"\n',
+            [],
+            "rproxy.toml: routes[0]: unknown key 'path_prefx': did you mean 'path-prefix'?",
         ),
         (
             TWO + '[[routes]]\nservice = "api"\nconnect-timeout = 1\n',

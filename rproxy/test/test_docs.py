@@ -24,11 +24,10 @@ import sys
 
 from twisted.trial import unittest
 
-import rproxy
 from rproxy.app.config import BLUE_GREEN_KEYS, REPEATABLE, ROUTE_KEYS, SERVICE_KEYS, WEIGHTED_SPLIT_KEYS
 from rproxy.app.tap import Options
+from rproxy.test.support import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(rproxy.__file__)))
 OPTIONS_MD = os.path.join(ROOT, "docs", "options.md")
 CONFIGURATION_MD = os.path.join(ROOT, "docs", "configuration.md")
 README_MD = os.path.join(ROOT, "README.md")

@@ -19,11 +19,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-import rproxy
-from rproxy.test.support import BIN, ReceivedRequest, ScriptedUpstream, sleep, waitFor
-
-#: The repository root: where ``rproxy.tac`` is and where the processes run.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(rproxy.__file__)))
+from rproxy.test.support import BIN, ROOT, ReceivedRequest, ScriptedUpstream, sleep, waitFor
 
 
 def freePort() -> int:

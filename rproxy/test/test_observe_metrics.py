@@ -474,7 +474,7 @@ class ListenerTests(unittest.TestCase):
         """A TCP endpoint must name its address, as the admin API's must; the option takes endpoints only."""
         for endpoint, error in [
             ("tcp:9902", "--metrics-listen: give the address to listen on, e.g. tcp:9902:interface=127.0.0.1"),
-            ("nonsense:1", "--metrics-listen: not a server endpoint"),
+            ("nonsense:1", "--metrics-listen: unknown endpoint type 'nonsense' in 'nonsense:1'"),
         ]:
             with self.assertRaises(usage.UsageError) as raised:
                 Options().parseOptions(["--upstream", "http://127.0.0.1:9000", "--metrics-listen", endpoint])

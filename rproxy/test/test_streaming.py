@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from rproxy.test.support import BIN, Listening, curl, headerValues, listen, sleep, startProxy
+from rproxy.test.support import BIN, ROOT, Listening, curl, headerValues, listen, sleep, startProxy
 from rproxy.upstream.http1 import HTTP11Connection
 
 KiB = 1024
@@ -43,7 +43,6 @@ REQUEST_IN_FLIGHT_LIMIT = 16 * MiB
 CANCEL_LIMIT = 1.0
 
 _ZEROS = bytes(64 * KiB)
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # -- small helpers
@@ -236,7 +235,7 @@ async def startProxyProcess(testCase: unittest.TestCase, upstreamURL: str) -> tu
         "1",
     ]
     process = _ProxyProcess()
-    transport = reactor.spawnProcess(process, twist, argv, env=dict(os.environ), path=_ROOT)
+    transport = reactor.spawnProcess(process, twist, argv, env=dict(os.environ), path=ROOT)
 
     async def stop() -> None:
         if process.exited:
