@@ -10,6 +10,9 @@ VERSION = re.search(
     r'^__version__ = "([^"]+)"', (HERE / "rproxy" / "_version.py").read_text(), re.M
 ).group(1)  # type: ignore[union-attr]
 
+# The s3 extra: the upload filter's S3-compatible storage (rproxy/upload/storage.py), boto3 in threads of its own.
+S3 = ["boto3>=1.35.0"]
+
 # The otel extra: rproxy/observe/otel.py's spans, the SDK's sampling and batching, and its OTLP/HTTP exporter
 # (protobuf over requests, in the SDK's thread).  A proxy that does not trace never imports them.
 OTEL = [
@@ -58,6 +61,9 @@ setup(
         # rproxy/observe/metrics.py: Prometheus metrics through prometheus_client's custom collector API, served
         # in the exposition format a scrape asks for (its encoders and their content types).
         "prometheus-client>=0.20",
+        # rproxy/upload/multipart.py parses the forms of offloaded uploads as they stream, with its
+        # PushMultipartParser (treq depends on it already; python-multipart would take over its import name).
+        "multipart>=1.2.1",
     ],
     extras_require={
         # setuptools: test_plugins builds the example plugin offline (--no-build-isolation).
@@ -66,11 +72,15 @@ setup(
         # websockets: rproxy/test/test_upgrade.py and test_websocket.py run real WebSocket clients and servers.
         # pydoctor: `make docs` builds the API reference, and rproxy/test/test_docs.py checks that it builds.
         # httpx: the filter tests' HTTP client library, which decodes gzip, br and zstd bodies.
+        # The s3 extra and moto's server: rproxy/test/test_filter_upload.py stores uploads in a real S3 API server.
         # The otel extra and opentelemetry-proto: rproxy/test/test_observe_tracing.py traces through a proxy, and
         # decodes what the exporter sends to a collector.
         "otel": OTEL,
+        "s3": S3,
         "test": [
             *OTEL,
+            *S3,
+            "moto[server]>=5.0.20",
             "opentelemetry-proto>=1.27.0",
             "setuptools>=70.1",
             "pydoctor>=25.10",

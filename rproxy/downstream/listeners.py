@@ -12,6 +12,9 @@ which C{twist rproxy} prints alone and exits with.
 
 from __future__ import annotations
 
+import os
+import stat
+
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -76,10 +79,30 @@ def _serverEndpoint(option: str, description: str) -> IStreamServerEndpoint:
     try:
         return _parse(description)
     except IndexError:  # checked: a systemd endpoint whose socket was not passed
+        if _socketWithoutName():
+            raise ListenError(
+                f"{option} {description}: a socket was passed (descriptor {_FIRST_PASSED}) without its name in "
+                "LISTEN_FDNAMES, which Twisted requires: systemd 227 or newer sets it; systemd-socket-activate "
+                "needs --fdname=NAME"
+            ) from None
         raise ListenError(
             f"{option} {description}: systemd passed no socket for it: start rproxy through its .socket unit "
             "(socket activation), or listen on a tcp: endpoint instead"
         ) from None
+
+
+#: The first descriptor systemd passes (C{SD_LISTEN_FDS_START}).
+_FIRST_PASSED = 3
+
+
+def _socketWithoutName() -> bool:
+    """Whether a socket was passed as systemd passes them, but with no C{LISTEN_FDNAMES} for Twisted to take it."""
+    if "LISTEN_FDNAMES" in os.environ:
+        return False
+    try:
+        return stat.S_ISSOCK(os.fstat(_FIRST_PASSED).st_mode)
+    except OSError:
+        return False
 
 
 class Listener(service.Service):

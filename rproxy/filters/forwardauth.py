@@ -211,7 +211,7 @@ class ForwardAuth:
             unbuffered=True,
             reactor=self._reactor,
         )
-        body = await _readBody(response, self._maxResponseSize)
+        body = await readBody(response, self._maxResponseSize)
         code = response.code
         if body is None:
             return self._error(
@@ -221,7 +221,7 @@ class ForwardAuth:
             self._admit(context, response.headers)
             return None
         if 300 <= code < 600:
-            return LocalResponse(code, _passedOn(response.headers), body, f"forward auth answered {code}")
+            return LocalResponse(code, passedOn(response.headers), body, f"forward auth answered {code}")
         return self._error(503, f"answered with status {code}", "http_protocol_error")
 
     def _subrequestHeaders(self, context: RequestContext) -> Headers:
@@ -291,7 +291,7 @@ def _reasons(failure: Failure) -> list[Failure]:
     return getattr(failure.value, "reasons", None) or [failure]
 
 
-def _passedOn(headers: Headers) -> list[tuple[bytes, bytes]]:
+def passedOn(headers: Headers) -> list[tuple[bytes, bytes]]:
     """The fields of a refusal that the client gets: not the hop-by-hop and framing ones."""
     fields = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
     return [
@@ -339,7 +339,7 @@ class _BoundedBody(Protocol):
         self.transport.stopProducing()  # type: ignore[union-attr]
 
 
-def _readBody(response: IResponse, limit: int) -> Deferred[bytes | None]:
+def readBody(response: IResponse, limit: int) -> Deferred[bytes | None]:
     """The body of C{response}, or C{None} if it is longer than C{limit} bytes."""
     reader = _BoundedBody(limit)
     response.deliverBody(reader)

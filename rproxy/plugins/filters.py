@@ -18,3 +18,4 @@ from rproxy.filters.iprules import ipRules as ipRules
 from rproxy.filters.ratelimit import concurrencyLimit as concurrencyLimit
 from rproxy.filters.ratelimit import rateLimit as rateLimit
 from rproxy.filters.sendfile import sendfile as sendfile
+from rproxy.filters.upload import upload as upload

@@ -157,3 +157,34 @@ class HintTests(unittest.TestCase):
         self.assertEqual(statuses[-1], 503, statuses)
         self.assertEqual(headerValues(out, b"x-rproxy-fault"), [b"upstream"])
         self.assertIn(f"no upstream of service 'default' is available (http://{dead} down)".encode(), out)
+
+
+class SocketActivationTests(unittest.TestCase):
+    """C{systemd-socket-activate} passes a socket as systemd does; without C{--fdname}, with no name."""
+
+    timeout = 60
+
+    async def activate(self, *options: str) -> tuple[ProxyProcess, int]:
+        port = freePort()
+        argv = ["/usr/bin/systemd-socket-activate", *options, "-l", f"127.0.0.1:{port}", os.path.join(BIN, "twist")]
+        argv += ["rproxy", "--listen", "systemd:domain=INET:index=0", "--upstream", UPSTREAM]
+        return ProxyProcess.spawn(self, argv), port
+
+    async def test_withoutName(self) -> None:
+        process, port = await self.activate()
+        await waitUntilListening(self, process, port)  # systemd-socket-activate's socket; rproxy starts on use
+        await curl(["-s", "-m", "5", f"http://127.0.0.1:{port}/"])
+        await process.ended()
+        self.assertEqual(process.exitCode, 1)
+        self.assertIn(
+            "Error: --listen systemd:domain=INET:index=0: a socket was passed (descriptor 3) without its name in "
+            "LISTEN_FDNAMES",
+            process.log,
+        )
+        self.assertIn("systemd-socket-activate needs --fdname=NAME", process.log)
+
+    async def test_withName(self) -> None:
+        process, port = await self.activate("--fdname=rproxy.socket")
+        await waitUntilListening(self, process, port)
+        code, out, err = await curl(["-s", "-i", "-m", "5", f"http://127.0.0.1:{port}/"])
+        self.assertEqual(responseStatus(out), 502, out)  # served by rproxy: the upstream refused
