@@ -30,6 +30,13 @@ A filter goes through L{runFilters} as an exchange runs a route's chain, the ups
     result.verdict                 # None: it went on; else the LocalResponse or ProxyError it answered with
     result.forwarded               # the outbound fields as the upstream would get them (consumed ones removed)
     result.status, result.headers, result.body    # what the client gets
+
+A filter that reads the request body (L{RequestContext.body}) is given one with C{requestBody}, whole or in
+the parts it arrives in, with its length declared or not (chunked); C{result.sent} is then the body the
+upstream would get, as the filters left it::
+
+    result = self.successResultOf(runFilters([MyFilter()], requestBody=[b"par", b"ts"], declareLength=False))
+    result.sent                    # (b"parts", None): the body and the length it declares (None: chunked)
 """
 
 from __future__ import annotations
@@ -41,11 +48,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from rproxy.downstream.body import RequestBodyPipe
 from rproxy.errors import ProxyError, upstreamError
 from rproxy.filters.chain import FilterChain
 from rproxy.headers import ForwardingPolicy
@@ -765,6 +774,8 @@ class FilterResult:
     @ivar status: the status the client gets.
     @ivar headers: the fields the client gets, after the response filters (an error's: those added to it).
     @ivar body: the body the client gets (an error's: its one-line text), after any body transform.
+    @ivar sent: the request body the upstream would get, with its declared length (C{None}: chunked), when
+        the request went through with one; else C{None}.
     """
 
     verdict: FilterVerdict
@@ -773,6 +784,61 @@ class FilterResult:
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    sent: tuple[bytes, int | None] | None = None
+
+
+@implementer(IPushProducer)
+class _GivenBody:
+    """The client's side of a request body given whole to L{runFilters}: nothing to pause."""
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Collected:
+    """Reads a body pipe to its end, as an upstream connection would."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.complete = False
+
+    def writeBody(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def finishBody(self, trailers: object) -> None:
+        self.complete = True
+
+    def failBody(self, error: ProxyError) -> None:
+        raise AssertionError(f"the request body the filters left failed: {error.reason}")
+
+    def registerBodyProducer(self, producer: IPushProducer) -> None:
+        pass
+
+    def unregisterBodyProducer(self) -> None:
+        pass
+
+
+def _givenBody(parts: Sequence[bytes], declareLength: bool) -> RequestBodyPipe:
+    """A body pipe that has received C{parts}, then the end of the body."""
+    pipe = RequestBodyPipe(_GivenBody(), sum(map(len, parts)) if declareLength else None)
+    for part in parts:
+        pipe.dataReceived(part)
+    pipe.finish()
+    return pipe
+
+
+def _sentBody(pipe: RequestBodyPipe) -> tuple[bytes, int | None]:
+    collected = _Collected()
+    pipe.attach(collected)
+    if not collected.complete:
+        raise AssertionError("the request body the filters left did not end once read")
+    return b"".join(collected.parts), pipe.length
 
 
 def runFilters(
@@ -783,17 +849,25 @@ def runFilters(
     headers: Iterable[tuple[bytes, bytes]] = (),
     body: bytes | Sequence[bytes] = b"",
     forwarding: ForwardingPolicy = ForwardingPolicy(),
+    requestBody: bytes | Sequence[bytes] | None = None,
+    declareLength: bool = True,
 ) -> Deferred[FilterResult]:
     """
     Run C{filters} (named C{filter0}, C{filter1}, ...) on C{request} as an exchange runs a chain, with
     C{status}, C{headers} and C{body} (bytes, or the parts it arrives in) as the upstream's response when
     every filter lets the request through.  The Deferred fires when the filters have decided (at once
     unless one waits for I/O), after the exchange has ended (L{RequestContext.whenEnded} callbacks ran).
+
+    @param requestBody: the request body (bytes, or the parts it arrives in), all received before the
+        filters run; C{None}: the request has none.
+    @param declareLength: whether the client declared the body's length (else it came chunked).
     """
     request = inboundRequest() if request is None else request
     chain = FilterChain((f"filter{i}", each) for i, each in enumerate(filters))
     outbound = OutboundRequest.fromInbound(request, forwarding)
     context = RequestContext(request, outbound, forwarding.client(request.clientHost, request.headers))
+    if requestBody is not None:
+        context.body = _givenBody([requestBody] if isinstance(requestBody, bytes) else requestBody, declareLength)
     run = chain.start(context)
     decided: Deferred[FilterVerdict] = Deferred()
     run.request(decided.callback)
@@ -818,7 +892,8 @@ def runFilters(
             sent = b"".join(parts)
         else:
             sent = b"".join(transform.transform(part) for part in parts if part) + transform.finish()
-        return FilterResult(None, context, list(outbound.fields()), status, fields, sent)
+        upstreamBody = _sentBody(context.body) if context.body is not None else None
+        return FilterResult(None, context, list(outbound.fields()), status, fields, sent, upstreamBody)
 
     return decided.addCallback(respond)
 

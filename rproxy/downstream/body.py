@@ -5,6 +5,8 @@ L{RequestBodyPipe} receives body bytes as the client's connection decodes them, 
 until an upstream connection is ready, then writes straight through.  When the upstream's socket
 buffer fills, the pipe pauses the client's connection; when it drains, the pipe resumes it.  Up to a
 set size, it keeps a copy of what it sent, so that a retry on another upstream can send the body again.
+A body already received whole (L{fileBody}: a filter buffered it) is read from its file instead, and sent
+again by seeking back in it, whatever its size.
 (Response bytes need no pipe: the upstream connection itself is the client request's producer.)
 """
 
@@ -54,6 +56,7 @@ class RequestBodyPipe:
     """
 
     _replay: list[bytes] | None = None  # what the current consumer was given, while it may be resent
+    _demanded: Callable[[], None] | None = None
     _withheld: Callable[[bytes], bool] | None = None  # by name, the trailer fields never sent on
     _replayLimit = 0
     _replayBytes = 0
@@ -116,7 +119,23 @@ class RequestBodyPipe:
         """
         self._withheld = withheld
 
+    def whenDemanded(self, callback: Callable[[], None] | None) -> None:
+        """
+        Call C{callback} on L{demand} (the exchange sends a waiting client its ``100 Continue`` so); C{None}
+        forgets it.
+        """
+        self._demanded = callback
+
     # -- the upstream's side
+
+    def demand(self) -> None:
+        """
+        A reader takes the whole body before any upstream is asked (a buffering filter): a client that
+        waits for ``100 Continue`` is sent one now, since no upstream will send it.  Only the first call counts.
+        """
+        demanded, self._demanded = self._demanded, None
+        if demanded is not None:
+            demanded()
 
     def attach(self, consumer: BodyConsumer) -> None:
         """Start sending the body to C{consumer}, beginning with what is held."""
@@ -217,21 +236,22 @@ class RequestBodyPipe:
 
 @implementer(IPushProducer)
 class _FileSource:
-    """Feeds a pipe from a file Twisted has already buffered, pausing with the pipe."""
+    """Feeds a pipe from a file holding a whole body, pausing with the pipe; it can start again."""
 
     CHUNK = 65536
 
-    def __init__(self, file: IO[bytes]) -> None:
+    def __init__(self, file: IO[bytes], pipe: _FileBodyPipe) -> None:
         self._file = file
+        self._start = file.tell()
         self._paused = False
-        self.pipe: RequestBodyPipe | None = None
+        self._pipe: _FileBodyPipe | None = pipe
 
     def pauseProducing(self) -> None:
         self._paused = True
 
     def resumeProducing(self) -> None:
         self._paused = False
-        pipe = self.pipe
+        pipe = self._pipe
         while pipe is not None and not self._paused and not pipe.complete:
             data = self._file.read(self.CHUNK)
             if not data:
@@ -241,13 +261,46 @@ class _FileSource:
 
     def stopProducing(self) -> None:
         self._paused = True
-        self.pipe = None
+        self._pipe = None
+
+    def rewind(self) -> None:
+        """Read from the first byte again."""
+        self._file.seek(self._start)
+
+
+class _FileBodyPipe(RequestBodyPipe):
+    """A body read from a file: kept for a retry by the file itself, not by a copy in memory."""
+
+    def __init__(self, file: IO[bytes], length: int) -> None:
+        self._fileSource = _FileSource(file, self)
+        super().__init__(self._fileSource, length)
+
+    def keepForReplay(self, limit: int) -> None:
+        """Nothing to keep: L{rewind} seeks back in the file."""
+
+    @property
+    def replayable(self) -> bool:
+        return self._failure is None and not self._discarding
+
+    def rewind(self) -> None:
+        assert self._consumer is None
+        self._held = []
+        self._heldBytes = 0
+        self.received = 0
+        self.complete = False
+        self._fileSource.rewind()
+        self._fileSource.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._fileSource.stopProducing()  # nothing more is read of the file (it may be closed soon)
+        super().stopProducing()
 
 
 def fileBody(file: IO[bytes], length: int) -> RequestBodyPipe:
-    """A body pipe reading an already received body from C{file}."""
-    source = _FileSource(file)
-    pipe = RequestBodyPipe(source, length)
-    source.pipe = pipe
-    source.resumeProducing()
+    """
+    A body pipe reading an already received body of C{length} bytes from C{file}, from its position now;
+    a retry reads it again from there.  The file is its caller's to close once the exchange has ended.
+    """
+    pipe = _FileBodyPipe(file, length)
+    pipe._fileSource.resumeProducing()
     return pipe

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from rproxy.filters.basicauth import basicAuth as basicAuth
 from rproxy.filters.bearer import jwtAuth as jwtAuth
+from rproxy.filters.buffer import buffer as buffer
 from rproxy.filters.compress import compress as compress
 from rproxy.filters.cors import cors as cors
 from rproxy.filters.forwardauth import forwardAuth as forwardAuth

@@ -5,7 +5,10 @@ An L{Exchange} is created per request by L{Proxy.handle}.  It builds the outboun
 fields removed, forwarding fields set, then the director and the request filters of the chosen service's
 chain, L{rproxy.filters.chain}), picks an upstream,
 sends the request head and streams the body, and relays the response head and body to the client with
-the upstream connection registered as the body's producer (a slow client pauses the upstream).  It speaks
+the upstream connection registered as the body's producer (a slow client pauses the upstream), or, when a
+filter asked for it (L{RequestContext.bufferResponse}), with a L{SpooledResponse} between them: the
+upstream is read at its own speed into a spool, which is the producer the client pauses, and the exchange
+finishes the client's response when the spool is drained.  It speaks
 to the client only through its L{Downstream} and to the upstream only through an L{UpstreamConnection},
 whatever their protocols.  It reports every outcome to the balancer and the registry.
 
@@ -24,6 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rproxy.downstream.spool import SpooledResponse
 from rproxy.errors import Fault, ProxyError, clientError, proxyError, upstreamError
 from rproxy.filters.chain import ChainRun
 from rproxy.headers import ForwardingPolicy, Pairs, responseHeaderPairs
@@ -121,6 +125,7 @@ class Exchange:
     _trace: ExchangeTrace | None = None  # the exchange's spans, when the proxy traces
     _local: Responder | None = None  # what a local answer writes to (rproxy.local)
     _replaced = False  # a response filter answers in the upstream's response's place
+    _spooled: SpooledResponse | None = None  # the response body's way to the client, when it is buffered
 
     def __init__(self, proxy: Proxy, downstream: Downstream, target: bytes) -> None:
         self.proxy = proxy
@@ -206,7 +211,15 @@ class Exchange:
             client = self.proxy.forwarding.client(inbound.clientHost, inbound.headers)
             name = self.service.name if self.service is not None else ""
             context = self._context = RequestContext(inbound, self.outbound, client, name, self._body)
+            if self._body is not None:
+                self._body.whenDemanded(self._continueClient)  # until the context ends (no cycle left)
         return context
+
+    def _continueClient(self) -> None:
+        """A filter reads the body before any upstream is asked: a client that waits for a 100 gets it now."""
+        expect = self.inbound.headers.getRawHeaders(b"expect")
+        if expect is not None and expect[0].lower() == b"100-continue":
+            self.downstream.sendInterim(100, ())
 
     def _filtered(self, verdict: FilterVerdict) -> None:
         """The request filters have decided: proxy the request, or answer it as the one that stopped it did."""
@@ -286,6 +299,8 @@ class Exchange:
         """Tell what filters asked to know (L{RequestContext.whenEnded}) that the exchange is over."""
         context = self._context
         if context is not None:
+            if self._clientBody is not None:
+                self._clientBody.whenDemanded(None)
             try:
                 context.end()
             except Exception:
@@ -534,9 +549,18 @@ class Exchange:
         if not hasBody:
             self._transform = None  # nothing to rewrite: a transform's last bytes would follow a bodiless head
         else:
-            assert self._connection is not None
-            downstream.registerProducer(self._connection, True)
+            downstream.registerProducer(self._bodyProducer(), True)
         downstream.sendHead(status, reason or None, fields, hasBody)
+
+    def _bodyProducer(self) -> UpstreamConnection | SpooledResponse:
+        """What the client pauses: the upstream connection, or the spool a filter asked for between them."""
+        connection, context = self._connection, self._context
+        assert connection is not None
+        if context is None or context.bufferResponse is None:
+            return connection
+        spooled = self._spooled = SpooledResponse(context.bufferResponse, self.downstream, connection)
+        context.whenEnded(spooled.close)
+        return spooled
 
     def _responseFields(self, service: Service, version: bytes, status: int, headers: Pairs) -> Pairs | None:
         """
@@ -625,22 +649,48 @@ class Exchange:
             data = self._transform.transform(data)
             if not data:
                 return
-        self.downstream.write(data)
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        """Send response body bytes to the client, or to the spool on its way (a full disk ends the exchange)."""
+        spooled = self._spooled
+        if spooled is None:
+            self.downstream.write(data)
+            return
+        try:
+            spooled.write(data)
+        except OSError as e:
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                connection.abort()
+            self._end(proxyError(502, f"the response could not be spooled: {e.strerror}", "proxy_internal_error"))
 
     def responseDone(self, trailers: Pairs) -> None:
         self._connection = None
         self._unbind(None)
         if self._ended or self._replaced:
             return
+        if self._transform is not None:
+            tail = self._transform.finish()
+            if tail:
+                self._write(tail)
+        if self._ended:
+            return
+        if self._spooled is not None:
+            # The upstream is done (its connection is back in the pool); the client may still be reading.
+            self._spooled.end(lambda: self._finish(trailers))
+        else:
+            self._finish(trailers)
+
+    def _finish(self, trailers: Pairs) -> None:
+        """The client has the whole body: end its response."""
+        if self._ended:
+            return
         self._ended = True
         downstream = self.downstream
         downstream.unregisterProducer()
         if self._clientBody is not None and not self._clientBody.complete:
             downstream.stopKeepAlive()  # answered before the client finished sending
-        if self._transform is not None:
-            tail = self._transform.finish()
-            if tail:
-                downstream.write(tail)
         self._record()
         downstream.finish(responseHeaderPairs(trailers) if trailers else ())
         self._contextEnded()

@@ -20,6 +20,7 @@ from rproxy.headers import ForwardingPolicy, Pairs, requestHeaderPairs
 
 if TYPE_CHECKING:
     from rproxy.downstream.body import RequestBodyPipe
+    from rproxy.downstream.spool import SpoolSettings
     from rproxy.upstream.upstreams import Upstream
 
 
@@ -170,9 +171,25 @@ class RequestContext:
         before the upstream gets it (buffering, an upload stored elsewhere) reads it from here and puts what
         is to be sent in its place: another pipe (L{rproxy.downstream.body.fileBody}, whose length frames the
         request), or C{None} to send none (with C{Content-Length: 0} if the client declared a length).
+    @ivar bufferResponse: set by a request filter to have the response body read from the upstream at its
+        own speed into a spool of these settings, and written to the client from there at the client's
+        (L{rproxy.downstream.spool.SpooledResponse}); C{None}, the default: it streams, a slow client pausing
+        the upstream.
     """
 
-    __slots__ = ("inbound", "outbound", "client", "service", "upstream", "user", "claims", "notes", "body", "_ended")
+    __slots__ = (
+        "inbound",
+        "outbound",
+        "client",
+        "service",
+        "upstream",
+        "user",
+        "claims",
+        "notes",
+        "body",
+        "bufferResponse",
+        "_ended",
+    )
 
     def __init__(
         self,
@@ -191,6 +208,7 @@ class RequestContext:
         self.user: str | None = None
         self.claims: Mapping[str, object] = {}
         self.notes: dict[str, object] = {}
+        self.bufferResponse: SpoolSettings | None = None
         self._ended: list[Callable[[], None]] | None = []
 
     def whenEnded(self, callback: Callable[[], None]) -> None:

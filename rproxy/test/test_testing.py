@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from collections.abc import Collection, Sequence
 
+from twisted.internet.defer import Deferred
 from twisted.trial import reporter, unittest
 from zope.interface import implementer
 
+from rproxy.downstream.body import fileBody
 from rproxy.errors import Fault
+from rproxy.filters.buffer import buffer
 from rproxy.health.state import PassivePolicy
-from rproxy.interfaces import IBalancer, IBalancerFactory, IResponseFilter, Outcome
+from rproxy.interfaces import FilterEnvironment, IBalancer, IBalancerFactory, IRequestFilter, IResponseFilter, Outcome
 from rproxy.proxy.balancers import FirstAvailable, RoundRobin, balancerFactories
-from rproxy.proxy.message import InboundRequest
+from rproxy.proxy.message import InboundRequest, RequestContext
 from rproxy.testing import (
     BalancerContractTests,
     Clock,
@@ -22,6 +26,7 @@ from rproxy.testing import (
     filterResponse,
     inboundRequest,
     makeUpstreams,
+    runFilters,
     shares,
     verifyBalancer,
 )
@@ -470,3 +475,77 @@ class MixinTests(unittest.TestCase):
         Forgotten("test_contractInterface").run(result)
         self.assertEqual(len(result.errors), 1)
         self.assertIn("must define makeBalancer", str(result.errors[0][1].value))
+
+
+@implementer(IRequestFilter)
+class Shouting:
+    """A request filter that reads the whole body and sends it upper-cased, framed by its length."""
+
+    consumes = ()
+
+    def onRequest(self, context: RequestContext) -> Deferred[None]:
+        body = context.body
+        assert body is not None
+        read: Deferred[None] = Deferred()
+        parts: list[bytes] = []
+
+        class Reader:
+            def writeBody(self, data: bytes) -> None:
+                parts.append(data)
+
+            def finishBody(self, trailers: object) -> None:
+                whole = b"".join(parts).upper()
+                context.body = fileBody(io.BytesIO(whole), len(whole))
+                read.callback(None)
+
+            def failBody(self, error: object) -> None:
+                read.errback(Exception(error))
+
+            def registerBodyProducer(self, producer: object) -> None:
+                pass
+
+            def unregisterBodyProducer(self) -> None:
+                pass
+
+        body.attach(Reader())  # type: ignore[arg-type]
+        return read
+
+
+@implementer(IRequestFilter)
+class Passing:
+    """A request filter that lets everything through untouched."""
+
+    consumes = ()
+
+    def onRequest(self, context: RequestContext) -> None:
+        return None
+
+
+class RunFiltersBodyTests(unittest.TestCase):
+    """runFilters gives filters a request body, and says what body the upstream would get."""
+
+    def test_noBody(self) -> None:
+        """Without C{requestBody} the request has none, and none is sent."""
+        result = self.successResultOf(runFilters([Passing()]))
+        self.assertIsNone(result.context.body)
+        self.assertIsNone(result.sent)
+
+    def test_untouchedBody(self) -> None:
+        """A body no filter reads reaches the upstream as given: its parts joined, its length declared or not."""
+        declared = self.successResultOf(runFilters([Passing()], requestBody=[b"ab", b"", b"cd"]))
+        self.assertEqual(declared.sent, (b"abcd", 4))
+        chunked = self.successResultOf(runFilters([Passing()], requestBody=b"abcd", declareLength=False))
+        self.assertEqual(chunked.sent, (b"abcd", None))
+
+    def test_filterReadsBody(self) -> None:
+        """A filter that reads the whole body and replaces it: the replacement is what the upstream gets."""
+        result = self.successResultOf(runFilters([Shouting()], requestBody=[b"he", b"llo"], declareLength=False))
+        self.assertIsNone(result.verdict)
+        self.assertEqual(result.sent, (b"HELLO", 5))
+
+    def test_refusedBodySendsNothing(self) -> None:
+        """A filter that refuses the body answers; no body is sent."""
+        small = buffer.build({"max-size": 4}, FilterEnvironment(Clock()))
+        result = self.successResultOf(runFilters([small], requestBody=[b"abc", b"de"], declareLength=False))
+        self.assertEqual(result.status, 413)
+        self.assertIsNone(result.sent)
