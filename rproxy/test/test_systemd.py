@@ -81,12 +81,14 @@ def environment(unit: Unit) -> dict[str, str]:
     return dict(assignment.split("=", 1) for assignment in assignments)
 
 
+def _local(text: str) -> str:
+    """C{text} with the installed paths replaced by this checkout's."""
+    return text.replace(INSTALLED_TAC, os.path.join(ROOT, "rproxy.tac")).replace(INSTALLED_BIN, BIN + os.sep)
+
+
 def localCommand(command: str) -> list[str]:
     """The unit's command line, with the installed paths replaced by this checkout's."""
-    return [
-        word.replace(INSTALLED_TAC, os.path.join(ROOT, "rproxy.tac")).replace(INSTALLED_BIN, BIN + os.sep)
-        for word in shlex.split(command)
-    ]
+    return [_local(word) for word in shlex.split(command)]
 
 
 def localCopy(testCase: unittest.TestCase) -> str:
@@ -95,7 +97,7 @@ def localCopy(testCase: unittest.TestCase) -> str:
     os.mkdir(directory)
     for name in os.listdir(UNITS):
         with open(os.path.join(UNITS, name), encoding="utf-8") as f:
-            text = f.read().replace(INSTALLED_TAC, os.path.join(ROOT, "rproxy.tac")).replace(INSTALLED_BIN, BIN + os.sep)
+            text = _local(f.read())
         with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
             f.write(text)
     return directory
