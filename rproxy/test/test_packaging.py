@@ -26,9 +26,14 @@ from rproxy.test.test_drain import ProxyProcess, waitUntilListening
 _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv*", "_trial_temp*", "build", "dist", "*.egg-info", "__pycache__")
 
 
+#: The environment of the processes: no PYTHONPATH (trial's workers get one naming this checkout), which would
+#: put this checkout's rproxy before the installed one.
+_ENVIRON = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+
+
 def _run(*argv: str) -> str:
     """Run C{argv} to its end; its output, or an assertion error with it if it failed."""
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=_ENVIRON)
     assert done.returncode == 0, f"{argv} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -90,7 +95,7 @@ class WheelTests(unittest.TestCase):
         process = ProxyProcess.spawn(
             self,
             [python, "-c", twistd, "-n", "--pidfile=", "-y", tac],
-            {"RPROXY_LISTEN": f"tcp:{port}:interface=127.0.0.1", "RPROXY_UPSTREAM": upstream.url},
+            {"RPROXY_LISTEN": f"tcp:{port}:interface=127.0.0.1", "RPROXY_UPSTREAM": upstream.url, "PYTHONPATH": ""},
         )
         await waitUntilListening(self, process, port)
         code, out, err = await curl(["-s", "-i", f"http://127.0.0.1:{port}/hello"])
@@ -109,6 +114,8 @@ class WheelTests(unittest.TestCase):
         )  # fmt: skip
         finders = glob.glob(os.path.join(self.scratch, "venv", "lib", "*", "site-packages", "__editable__*"))
         self.assertTrue(finders, "not an editable install through setuptools' finder")
-        out, err, code = await utils.getProcessOutputAndValue(python, ["-m", "twisted", "rproxy", "--list-balancers"])
+        out, err, code = await utils.getProcessOutputAndValue(
+            python, ["-m", "twisted", "rproxy", "--list-balancers"], env=_ENVIRON
+        )
         self.assertEqual(code, 0, err)
         self.assertIn(b"prefer_local", out)
