@@ -19,14 +19,16 @@ import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
+from twisted.internet import utils
 from twisted.trial import unittest
 
 from rproxy.app.config import BLUE_GREEN_KEYS, REPEATABLE, ROUTE_KEYS, SERVICE_KEYS, WEIGHTED_SPLIT_KEYS
 from rproxy.app.tap import Options
-from rproxy.test.support import ROOT
+from rproxy.test.support import BIN, ROOT
 
 OPTIONS_MD = os.path.join(ROOT, "docs", "options.md")
 CONFIGURATION_MD = os.path.join(ROOT, "docs", "configuration.md")
@@ -343,3 +345,23 @@ class ObservabilityPageTests(unittest.TestCase):
         section = text[text.index("| Field | What it is |") :].split("\n\n", 1)[0]
         documented = re.findall(r"^\| `([a-z_]+)` \|", section, re.M)
         self.assertEqual(documented, list(FIELDS))
+
+
+class SmartProxyPageTests(unittest.TestCase):
+    """docs/smart-proxy.md shows docs/examples/smart-proxy/rproxy.toml, which C{--check-config} accepts."""
+
+    async def test_configuration(self) -> None:
+        example = os.path.join(ROOT, "docs", "examples", "smart-proxy", "rproxy.toml")
+        shown = [content for content, _ in examples(_read(os.path.join(ROOT, "docs", "smart-proxy.md")))]
+        self.assertEqual(shown[0], _read(example))
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "public", "assets"))
+        os.makedirs(os.path.join(directory, "files"))
+        shutil.copy(example, directory)
+        shutil.copy(os.path.join(ROOT, "docs", "examples", "speedup", "prices.py"), directory)
+        with open(os.path.join(directory, "upload-secret"), "w") as f:
+            f.write("an-upload-signing-secret-of-at-least-32-bytes\n")
+        out, err, code = await utils.getProcessOutputAndValue(
+            os.path.join(BIN, "twist"), ["rproxy", "--check-config", "rproxy.toml"], path=directory
+        )
+        self.assertEqual((code, out, err), (0, b"rproxy.toml: OK (1 service, 6 routes)\n", b""))

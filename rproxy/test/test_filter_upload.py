@@ -450,13 +450,13 @@ class SignatureTests(unittest.TestCase):
         self.assertRaises(ValueError, UploadSigner, b"short", "HS256", 60)
 
     def test_documentedSnippet(self) -> None:
-        """The verification function docs/filters/upload.md shows is the one the sample upstream runs."""
+        """The verification function docs/smart-proxy.md shows is the one the sample upstream runs."""
         from rproxy.test.upload_upstream import ROOT
 
-        with open(os.path.join(ROOT, "docs", "filters", "upload.md"), encoding="utf-8") as f:
+        with open(os.path.join(ROOT, "docs", "smart-proxy.md"), encoding="utf-8") as f:
             [snippet] = re.findall(r"^```python\n(.*?)^```", f.read(), re.M | re.S)
         namespace: dict[str, Any] = {}
-        exec(compile(snippet, "docs/filters/upload.md", "exec"), namespace)
+        exec(compile(snippet, "docs/smart-proxy.md", "exec"), namespace)
         documented = namespace["verifyUpload"]
         token = UploadSigner(SECRET, "HS256", 60).sign(
             b"POST", b"/a", hashlib.sha256(b"f").hexdigest(), 1, self.objects
