@@ -76,6 +76,8 @@ setup(
         # websockets: rproxy/test/test_upgrade.py and test_websocket.py run real WebSocket clients and servers.
         # pydoctor: `make docs` builds the API reference, and rproxy/test/test_docs.py checks that it builds.
         # httpx: the filter tests' HTTP client library, which decodes gzip, br and zstd bodies.
+        # hypothesis: rproxy/test/test_properties.py's property-based tests of the parsers and filters.
+        # atheris: the coverage-guided fuzzer of fuzz/ (rproxy/test/test_fuzz.py runs it briefly, `make fuzz` longer).
         # The s3 extra and moto's server: rproxy/test/test_filter_upload.py stores uploads in a real S3 API server.
         # The otel extra and opentelemetry-proto: rproxy/test/test_observe_tracing.py traces through a proxy, and
         # decodes what the exporter sends to a collector.
@@ -92,6 +94,8 @@ setup(
             "grpcio>=1.60",
             "websockets>=13",
             "httpx>=0.27",
+            "hypothesis>=6.100",
+            "atheris>=3.0.0",
         ],
         "dev": ["mypy>=1.13", "mypy-zope>=1.0.9", "ruff>=0.8"],
         "bench": ["aiohttp>=3.10", "py-spy>=0.4", "uvloop>=0.21", "httptools>=0.6"],
