@@ -5,12 +5,16 @@ A demo upstream to try rproxy against (``make run``): echo, streaming, slow and 
     /stream?n=5&interval=1   Server-Sent Events, one per interval
     /slow?delay=2    answers after a delay
     /large?size=100M a large body, produced as the client reads
+
+An argument that is not a number in its range (C{n} at most 10000, C{interval} and C{delay} at most an
+hour) is answered with 400, as any upstream should answer bad input.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 from twisted.internet import reactor as globalReactor
 from twisted.internet.interfaces import IPushProducer
@@ -30,6 +34,29 @@ _INDEX = b"""rproxy demo upstream
 
 def _arg(request: Request, name: bytes, default: str) -> str:
     return (request.args.get(name) or [default.encode()])[0].decode("ascii", "replace")
+
+
+def _number(request: Request, name: bytes, default: str, most: float) -> float:
+    """The argument C{name} as a number from 0 to C{most}; C{ValueError} (a 400) for anything else."""
+    text = _arg(request, name, default)
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value <= most):
+        raise ValueError(f"{name.decode()}={text!r} is not from 0 to {most:g}")
+    return value
+
+
+class _Checked(resource.Resource):
+    """A demo resource reading query arguments: one that does not parse (C{ValueError}) is answered 400."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes | int:
+        try:
+            return super().render(request)  # type: ignore[no-any-return]
+        except ValueError as e:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return f"bad argument: {e}\n".encode()
 
 
 class Index(resource.Resource):
@@ -63,11 +90,9 @@ class Echo(resource.Resource):
         )
 
 
-class Stream(resource.Resource):
-    isLeaf = True
-
+class Stream(_Checked):
     def render_GET(self, request: Request) -> int:
-        count, interval = int(_arg(request, b"n", "5")), float(_arg(request, b"interval", "1"))
+        count, interval = int(_number(request, b"n", "5", 10000)), _number(request, b"interval", "1", 3600)
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
 
@@ -88,11 +113,9 @@ class Stream(resource.Resource):
         return server.NOT_DONE_YET
 
 
-class Slow(resource.Resource):
-    isLeaf = True
-
+class Slow(_Checked):
     def render_GET(self, request: Request) -> int:
-        delay = float(_arg(request, b"delay", "2"))
+        delay = _number(request, b"delay", "2", 3600)
 
         def answer() -> None:  # cancelled below if the client goes away first
             request.write(b"answered after %gs\n" % delay)
@@ -136,9 +159,7 @@ class _Filler:
         self.left = -1
 
 
-class Large(resource.Resource):
-    isLeaf = True
-
+class Large(_Checked):
     def render_GET(self, request: Request) -> int:
         size = parseSize(_arg(request, b"size", "100M"))
         request.setHeader(b"content-type", b"application/octet-stream")
