@@ -9,7 +9,13 @@ LISTEN ?= tcp:8080:interface=127.0.0.1
 # Arguments for benchmarks/run.py, e.g. BENCH_ARGS="--baseline /path/to/venv" (see benchmarks/README.md).
 BENCH_ARGS ?=
 
-.PHONY: run test lint typecheck bench docs clean
+# Seconds of coverage-guided fuzzing for `make fuzz` (fuzz/README.md); the suite runs a few seconds of it.
+FUZZ_SECONDS ?= 300
+# Seconds of `make soak` (benchmarks/soak.py); SOAK_ARGS for its other options.
+SOAK_SECONDS ?= 300
+SOAK_ARGS ?=
+
+.PHONY: run test lint typecheck bench docs clean fuzz soak
 
 # The editable install uses "compat" mode so that twisted/plugins/rproxy_plugin.py is found on sys.path
 # (twist discovers plugins by scanning sys.path entries, which the default editable finder bypasses).
@@ -78,6 +84,19 @@ docs: $(BIN)/twist
 bench: $(BIN)/twist
 	$(BIN)/pip install --quiet -e '.[bench]' --config-settings editable_mode=compat
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+# Fuzz a live proxy for FUZZ_SECONDS: new inputs that add coverage go to build/fuzz/corpus, and an input
+# that breaks a property (crash, hang, leaked connection or descriptor) to build/fuzz/ as crash-*.
+fuzz: $(BIN)/twist
+	mkdir -p build/fuzz/corpus
+	PYTHONPATH=. $(BIN)/python fuzz/harness.py -max_total_time=$(FUZZ_SECONDS) -timeout=30 -max_len=4096 \
+		-dict=fuzz/http.dict -artifact_prefix=build/fuzz/ build/fuzz/corpus fuzz/seeds
+	RPROXY_PROPERTY_RANDOM=1 RPROXY_PROPERTY_EXAMPLES=2000 $(BIN)/trial --reactor=rproxy rproxy.test.test_properties
+
+# HTTP/1.1, HTTP/2 and WebSocket load at once for SOAK_SECONDS while upstreams die and return and the
+# config reloads; the report (curves of RSS and descriptors) goes to build/soak/.
+soak: $(BIN)/twist
+	$(BIN)/python benchmarks/soak.py --seconds $(SOAK_SECONDS) --report build/soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OLDEST) build/apidocs _trial_temp* *.egg-info
