@@ -304,6 +304,19 @@ class Route:
             (_fieldName(name, rewriting=True), _fieldValue(name, value)) for name, value in addHeaders
         )
 
+    def _coversNormalised(self, target: bytes) -> bool:
+        """
+        Whether C{target}, as a normalising upstream reads it, is under this route's prefix read the same way
+        (a prefix with escapes, C{/a%2Fb}, covers C{/a/b/c}; nothing covers C{/a%2Fb/../../internal}).
+        """
+        prefix = self._prefix
+        if prefix is None:
+            return True
+        prefix = normalisedPath(prefix) or prefix
+        if not target.startswith(prefix):
+            return False
+        return prefix.endswith(b"/") or len(target) == len(prefix) or target[len(prefix)] in _SEGMENT_END
+
     def _matches(self, inbound: InboundRequest, target: bytes) -> bool:
         """Whether C{inbound}, with C{target} as its request-target, meets the conditions other than hosts."""
         prefix = self._prefix
@@ -368,9 +381,10 @@ class RoutingDirector:
     header and query matchers, then the one given first.  A route listing several hosts takes its place in
     the group of the pattern that matched.
 
-    A target that a route takes, and another route would take once normalised (L{normalisedPath}), is
+    A target that a route takes, and another route or none would take once normalised (L{normalisedPath}), is
     refused with 400 rather than routed: which route it belongs to depends on the upstream's reading, and the
-    routes may differ in their filters (C{/x/../admin} past an C{/admin} route's authentication).
+    routes may differ in their filters (C{/x/../admin} past an C{/admin} route's authentication), or the
+    upstream would serve a path no route gave it (C{/admin/../internal} when only C{/admin} is routed).
 
     @ivar routes: the routes as given.
     """
@@ -395,8 +409,9 @@ class RoutingDirector:
         self._exact = {name: tuple(group) for name, group in exact.items()}
         self._wildcards = {suffix: tuple(group) for suffix, group in wildcards.items()}
         self._anyHost = tuple(anyHost)
-        # Only path prefixes tell routes apart by path: without one, normalising cannot change the route.
-        self._byPath = len(self.routes) > 1 and any(route._prefix is not None for route in self.routes)
+        # Only path prefixes tell routes apart by path: without one, normalising cannot change the route.  One
+        # route with a prefix is enough: C{/admin/../internal} must not reach the upstream's C{/internal}.
+        self._byPath = any(route._prefix is not None for route in self.routes)
 
     def _groups(self, host: bytes | None) -> Iterator[tuple[Route, ...]]:
         """The groups of routes a request for C{host} tries, in order."""
@@ -434,7 +449,7 @@ class RoutingDirector:
         return None
 
     def _checkUnambiguous(self, chosen: Route, inbound: InboundRequest) -> None:
-        """Refuse C{inbound}, which C{chosen} takes, if its normalised target is another route's."""
+        """Refuse C{inbound}, which C{chosen} takes, if its normalised target is another route's or no route's."""
         normalised = normalisedPath(inbound.target)
         if normalised is None:
             return
@@ -442,7 +457,7 @@ class RoutingDirector:
             (route for group in self._groups(inbound.host) for route in group if route._matches(inbound, normalised)),
             None,
         )
-        if other is not None and other is not chosen:
+        if other is not chosen and (other is not None or not chosen._coversNormalised(normalised)):
             target = inbound.target[:200].decode("latin-1")
             raise clientError(
                 400,
