@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -473,6 +473,8 @@ class RequestTargetTests(unittest.TestCase):
         self.assertEqual(target if normalised is None else normalised, modelNormalise(target))
 
     @given(st.lists(prefixes, min_size=1, max_size=4, unique=True), targets, st.booleans())
+    @example(["/admin"], b"/admin/../internal", False)  # once reached the upstream's /internal
+    @example(["/api", "/admin"], b"/api/%2e%2e/admin", True)
     def test_normalisingUpstreamStaysOnRoute(self, routePrefixes: list[str], target: bytes, catchAll: bool) -> None:
         """
         A request the director sends to a route reaches, as a normalising upstream reads its target, only a
