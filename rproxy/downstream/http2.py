@@ -786,7 +786,7 @@ class H2Stream:
         self._queuedBytes += size
         server = self.server
         server.queued(self, size)
-        if server.conn.local_flow_control_window(self.streamID) > 0:
+        if self._window() > 0:
             server.priority.unblock(self.streamID)
             server.scheduleSend()
         if self._producer is not None and not self._producerPaused and self._mayQueue() <= 0:
@@ -801,10 +801,20 @@ class H2Stream:
         """What the stream may still queue before its producer is paused."""
         server = self.server
         return min(
-            server.conn.local_flow_control_window(self.streamID) - self._queuedBytes,
+            self._window() - self._queuedBytes,
             STREAM_BUFFER - self._queuedBytes,
             CONNECTION_BUFFER - server._queuedTotal,
         )
+
+    def _window(self) -> int:
+        """
+        What the client's flow control lets the stream send now: 0 once h2 has closed the stream, as when a
+        RST_STREAM was read with the HEADERS in one read and the request is answered before the reset's event.
+        """
+        try:
+            return self.server.conn.local_flow_control_window(self.streamID)
+        except h2.exceptions.StreamClosedError:
+            return 0
 
     def windowOpened(self) -> None:
         """A window opened, or the connection's buffer drained: the producer may go on, and DATA may go."""
@@ -836,7 +846,11 @@ class H2Stream:
             if self._ending:
                 self._end(conn)
             return 1
-        window = min(conn.max_outbound_frame_size, conn.local_flow_control_window(streamID))
+        try:
+            window = min(conn.max_outbound_frame_size, conn.local_flow_control_window(streamID))
+        except h2.exceptions.StreamClosedError:
+            self._abandon()  # the client reset it
+            return 1
         if window <= 0:
             # The client's window is shut: the stream waits for its WINDOW_UPDATE (windowOpened).
             self.server.priority.block(streamID)
