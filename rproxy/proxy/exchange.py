@@ -346,7 +346,12 @@ class Exchange:
             self._end(_unavailable(service))
             return
         upstream = service.balancer.pick(upstreams, self.inbound, self._tried)
-        if upstream is None:  # every available upstream was tried
+        if upstream is None and self._tried:
+            # Every available upstream was tried and failed: rather than answer 502, try one that passive health
+            # ejected, which may be back (an upstream restarted after a crash, its ejection not over yet).
+            ejected = [u for u in service.registry.members(service.name) if u not in upstreams]
+            upstream = service.balancer.pick(ejected, self.inbound, self._tried) if ejected else None
+        if upstream is None:  # every upstream was tried
             self._end(self._summary(self._lastError) if self._lastError is not None else _unavailable(service))
             return
         self.upstream = upstream

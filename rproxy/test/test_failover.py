@@ -234,6 +234,20 @@ class UnavailableTests(unittest.TestCase):
             bodies.add(body)
         self.assertEqual(bodies, {b"a", b"other "})
 
+    async def test_ejectedHostTriedWhenTheOthersFail(self) -> None:
+        """
+        The one host not ejected refuses, and the ejected one is back (restarted before its ejection ended):
+        the request is tried there rather than answered 502 (found by benchmarks/soak.py).
+        """
+        back = ScriptedUpstream(self, named(b"back"))
+        dead = f"http://127.0.0.1:{freePort()}"
+        proxy = startProxy(self, [back.url, dead], "--max-fails", "1", "--ejection-time", "30")
+        proxy.upstreams[0].health.eject("it crashed a moment ago")
+        data = await rawRequest(proxy.port, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        [(head, body)] = splitResponses(data)
+        self.assertEqual((responseStatus(head), body), (200, b"back "))
+        self.assertEqual(len(back.requests), 1)
+
 
 class KilledUpstreamTests(unittest.TestCase):
     """Three upstream processes under load while one is killed and restarted."""
