@@ -63,9 +63,17 @@ PROMETHEUS := /usr/bin/prometheus
 $(PROMETHEUS):
 	$(call aptInstall,prometheus)
 
+# The soak test (rproxy/test/test_soak.py, benchmarks/soak.py) loads the proxy with wrk and h2load.
+WRK := /usr/bin/wrk
+$(WRK):
+	$(call aptInstall,wrk)
+H2LOAD := /usr/bin/h2load
+$(H2LOAD):
+	$(call aptInstall,nghttp2-client)
+
 # The whole suite on rproxy's reactor (the one `twist rproxy` installs), with the newest dependencies and
 # with the oldest that setup.py admits.
-test: $(BIN)/twist $(OLDEST)/bin/trial $(CHROMIUM) $(PROMETHEUS)
+test: $(BIN)/twist $(OLDEST)/bin/trial $(CHROMIUM) $(PROMETHEUS) $(WRK) $(H2LOAD)
 	$(BIN)/trial --reactor=rproxy --jobs=2 rproxy
 	$(OLDEST)/bin/trial --reactor=rproxy --jobs=2 rproxy
 
@@ -95,7 +103,7 @@ fuzz: $(BIN)/twist
 
 # HTTP/1.1, HTTP/2 and WebSocket load at once for SOAK_SECONDS while upstreams die and return and the
 # config reloads; the report (curves of RSS and descriptors) goes to build/soak/.
-soak: $(BIN)/twist
+soak: $(BIN)/twist $(WRK) $(H2LOAD)
 	$(BIN)/python benchmarks/soak.py --seconds $(SOAK_SECONDS) --report build/soak $(SOAK_ARGS)
 
 clean:
