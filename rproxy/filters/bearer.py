@@ -46,7 +46,6 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, clientError, proxyError
-from rproxy.filters.factory import FilterFactory
 from rproxy.interfaces import FilterEnvironment, IRequestFilter
 from rproxy.options import PluginOptions
 from rproxy.proxy.message import FilterVerdict, RequestContext
@@ -764,8 +763,3 @@ def buildBearerFilter(reader: PluginOptions, environment: FilterEnvironment) -> 
         userClaim=reader.text("user-claim", "sub") or "sub",
         cacheSize=reader.integer("cache-size", 4096) or 0,
     )
-
-
-jwtAuth = FilterFactory(
-    "jwt", "Bearer JWT verification (HS256, RS256, ES256, EdDSA; a key, a secret or a JWKS URL)", buildBearerFilter
-)
