@@ -29,7 +29,6 @@ from types import MappingProxyType
 from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit, urlunsplit
 
-import treq
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -406,6 +405,8 @@ class _RemoteKeys:
         fetching.addCallbacks(self._fetched, self._failed, (deadline,), errbackArgs=(deadline,))
 
     async def _download(self) -> list[_Key]:
+        import treq  # with twisted.web.client's Agent: for a JWKS URL only
+
         response = await treq.get(
             self.url,
             headers=Headers({b"Accept": [b"application/jwk-set+json, application/json"]}),
