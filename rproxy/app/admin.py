@@ -45,6 +45,7 @@ from rproxy.app.reload import LiveProxy, describeRoute
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.listeners import checkEndpoint
 from rproxy.downstream.site import ProxySite
+from rproxy.interfaces import IBalancerState
 from rproxy.observe.status import PAGE_HEADERS, RegistrationState, StateDocument, UpstreamState, statusPage
 from rproxy.upstream.upstreams import Upstream
 
@@ -254,13 +255,14 @@ class APIError(Exception):
         self.fields = dict(fields or {})
 
 
-def _upstreamState(upstream: Upstream, registration: Registration | None) -> UpstreamState:
+def _upstreamState(upstream: Upstream, registration: Registration | None, balancer: object) -> UpstreamState:
     health = upstream.health
     current = health.state
     at, latency = health.lastErrorAt, upstream.latency
     return {
         "key": upstream.key,
         "weight": upstream.configuredWeight,
+        "labels": dict(upstream.labels),
         "state": current,
         "reason": health.reason if current != "up" else None,
         "ejections": health.ejectionCount,
@@ -269,8 +271,17 @@ def _upstreamState(upstream: Upstream, registration: Registration | None) -> Ups
         "inFlight": upstream.inFlight,
         "pool": {"open": upstream.pool.openCount, "idle": upstream.pool.idleCount},
         "latency": None if latency is None else round(latency, 6),
+        "balancer": _learnt(balancer, upstream),
         "registration": None if registration is None else registration.describe(),
     }
+
+
+def _learnt(balancer: object, upstream: Upstream) -> dict[str, float | int | str] | None:
+    """What C{balancer} shows of C{upstream}, if it shows anything (L{IBalancerState})."""
+    if not IBalancerState.providedBy(balancer):
+        return None
+    learnt = balancer.describe(upstream)  # type: ignore[attr-defined]
+    return None if learnt is None else dict(learnt)
 
 
 def state(live: LiveProxy, lifetime: IService, registrations: Registrations) -> StateDocument:
@@ -287,7 +298,8 @@ def state(live: LiveProxy, lifetime: IService, registrations: Registrations) -> 
                 "name": name,
                 "balancer": settings.balancer,
                 "upstreams": [
-                    _upstreamState(upstream, registrations.of(upstream)) for upstream in registry.members(name)
+                    _upstreamState(upstream, registrations.of(upstream), live.balancer(name))
+                    for upstream in registry.members(name)
                 ],
             }
             for name, settings in live.config.services.items()

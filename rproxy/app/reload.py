@@ -58,6 +58,7 @@ from rproxy.app.config import (
 from rproxy.app.filters import FilterSet
 from rproxy.downstream.site import DrainingService
 from rproxy.health.checks import HealthChecker
+from rproxy.interfaces import IBalancer
 from rproxy.proxy.exchange import Proxy
 from rproxy.proxy.registry import MemoryRegistry
 from rproxy.proxy.service import Service
@@ -276,6 +277,11 @@ class LiveProxy:
         self._filters.closeDropped(filters)
         self.config, self._services, self._filters = config, services, filters
         return summary
+
+    def balancer(self, name: str) -> IBalancer | None:
+        """The balancer of the service named C{name} in the configuration in force (C{None}: no such service)."""
+        service = self._services.get(name)
+        return None if service is None else service.balancer
 
     def closeFilters(self) -> Deferred[None]:
         """Close the filters in force that hold resources: the proxy is stopping."""
