@@ -537,6 +537,7 @@ class HTTP2Server:
         except h2.exceptions.ProtocolError:
             pass
         self._closing = True
+        self._record(code, str(error))
         pending = withGoAwayCode(self.conn.data_to_send(), code)
         self._writeLast(pending)
         self._fail(Failure(error))
@@ -544,6 +545,8 @@ class HTTP2Server:
 
     def _goAwayAndClose(self, code: int, why: str) -> None:
         self._closing = True
+        if code != h2.errors.ErrorCodes.NO_ERROR:
+            self._record(code, why)
         try:
             self.conn.close_connection(error_code=code)
         except h2.exceptions.ProtocolError:
@@ -551,6 +554,16 @@ class HTTP2Server:
         self._writeLast(self.conn.data_to_send())
         self._fail(Failure(ConnectionLost(why)))
         self._close()
+
+    def _record(self, code: int, why: str) -> None:
+        """
+        The connection is refused for what the client did (a GOAWAY with an error code): a record of its own
+        for the access log and the metrics, as 429 for a flood (C{ENHANCE_YOUR_CALM}), else 400.
+        """
+        status = 429 if code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM else 400
+        name = getattr(code, "name", str(code))
+        error = clientError(status, f"HTTP/2 connection closed with GOAWAY {name}: {why}")
+        self.site.refused(self.connection.peer, error)
 
     def _writeLast(self, data: bytes) -> None:
         """Write what is held and C{data}, the connection's last frames, whether the client reads or not."""
