@@ -31,6 +31,7 @@ from base64 import b64decode
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from twisted.application.service import IService, Service
@@ -45,9 +46,11 @@ from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.listeners import checkEndpoint
 from rproxy.downstream.site import ProxySite
 from rproxy.interfaces import IBalancerState
-from rproxy.observe.metrics import ProxyMetrics, metricsResource
 from rproxy.observe.status import PAGE_HEADERS, RegistrationState, StateDocument, UpstreamState, statusPage
 from rproxy.upstream.upstreams import Upstream
+
+if TYPE_CHECKING:
+    from rproxy.observe.metrics import ProxyMetrics  # prometheus_client: imported when metrics are served
 
 _log = Logger()
 
@@ -691,6 +694,8 @@ def adminSite(
     The admin listener's site: L{AdminAPI} over C{live} (and C{metrics} at C{/metrics}, behind its token), with
     small client limits and no access log.
     """
+    from rproxy.observe.metrics import metricsResource
+
     served = metricsResource(metrics.registry) if metrics is not None else None
     return ProxySite(AdminAPI(token, live, lifetime, registrations, reactor, served), _ADMIN_LIMITS, reactor)
 
@@ -700,6 +705,8 @@ def metricsSite(metrics: ProxyMetrics, reactor: IReactorTime) -> ProxySite:
     The metrics listener's site: C{metrics} at C{/metrics} (anything else is 404), with the admin API's
     small client limits and no access log.
     """
+    from rproxy.observe.metrics import metricsResource
+
     root = Resource()
     root.putChild(b"metrics", metricsResource(metrics.registry))
     return ProxySite(root, _ADMIN_LIMITS, reactor)
