@@ -9,7 +9,8 @@ both protocols: an input that starts with the HTTP/2 preface is h2c, anything el
 
 After each input the harness checks, and stops with a crash report (and the input saved) when one fails:
 
- - no crash: nothing logged with a failure (an unhandled exception) or at the error or critical level;
+ - no crash: nothing logged with a failure (an unhandled exception) or at the error or critical level,
+   and no 500 answer (bad input earns a precise status);
  - no hang: the reactor runs a call within L{REACTOR_BOUND} seconds, and the proxy's answer (or its
    close) comes within L{ANSWER_BOUND} seconds of the last byte sent;
  - no leak: once the client has closed, the site's connection count is back to zero and this process has
@@ -179,7 +180,10 @@ class Fuzzing:
             self.descriptors = openDescriptors()
         answer = exchange(self.proxy.port, data)
         self.counts["inputs"] += 1
-        self.counts[kind(data, answer)] += 1
+        got = kind(data, answer)
+        self.counts[got] += 1
+        if got == "500":
+            raise PropertyBrokenError(f"a 500 answered bad input: {answer[:300]!r}")
         self.settle()
         if self.proxy.problems:
             raise PropertyBrokenError("an error was logged:\n" + "\n".join(self.proxy.problems))
@@ -193,7 +197,8 @@ def kind(data: bytes, answer: bytes) -> str:
     if data.startswith(b"PRI * HTTP/2.0"):
         return "h2" if answer else "h2 closed"
     if answer.startswith(b"HTTP/1."):
-        return f"{answer[9:10].decode('latin-1')}xx"
+        status = answer[9:12].decode("latin-1")
+        return status if status.startswith("5") else f"{status[:1]}xx"  # each server error by its code
     return "closed" if not answer else "other"
 
 
