@@ -3,9 +3,10 @@ An HTTP/2 request head as an HTTP/1.1 request will carry it: every field checked
 and the pseudo-header fields turned into a method, a target and one ``Host`` (section 8.3), before anything
 reaches an upstream.
 
-A malformed request is answered 400 on its stream (431 for the same size limits as HTTP/1.1), never
-forwarded, and the connection goes on (section 8.1.1 makes it a stream error: h2's own checks, which
-would end the whole connection, are switched off in favour of these, done in one pass):
+A malformed request is answered 400 on its stream, which then ends with RST_STREAM(PROTOCOL_ERROR) (431
+for the same size limits as HTTP/1.1, ended normally), never forwarded, and the connection goes on
+(section 8.1.1 makes it a stream error and allows a response first: h2's own checks, which would end the
+whole connection, are switched off in favour of these, done in one pass):
 
  - field names: not empty, lower case, no separators, controls or colons (but the leading one of a
    pseudo-header field); values: no NUL, CR or LF, no leading or trailing blank;

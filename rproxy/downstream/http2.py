@@ -645,6 +645,10 @@ class H2Stream:
     _clientDone = False  # the client ended its side
     _done = False
     _tunnel: TunnelReceiver | None = None
+    #: The code of the RST_STREAM that ends the response instead of END_STREAM: PROTOCOL_ERROR after the
+    #: 400 that answers a malformed request (RFC 9113 section 8.1.1 makes it a stream error, and lets a
+    #: response go first).
+    _resetCode: int | None = None
 
     def __init__(self, server: HTTP2Server, streamID: int) -> None:
         self.server = server
@@ -665,6 +669,7 @@ class H2Stream:
         head = requestHead(block, self.server.headLimits)
         if isinstance(head, ProxyError):
             request.method, request.uri = _REFUSED
+            self._malformed(head)
             request.gotLength(0, head)
             return
         request.method, request.uri = head.method, head.target
@@ -681,6 +686,11 @@ class H2Stream:
             length = 0
         request.parseCookies()
         request.gotLength(length)  # (a HEADERS frame that ends the stream is followed by its StreamEnded)
+
+    def _malformed(self, error: ProxyError) -> None:
+        """The request is malformed (a 400, not a limit's 431): its response ends with RST_STREAM(PROTOCOL_ERROR)."""
+        if error.status == 400:
+            self._resetCode = h2.errors.ErrorCodes.PROTOCOL_ERROR
 
     def dataReceived(self, data: bytes, size: int) -> None:
         if self._paused:
@@ -701,7 +711,9 @@ class H2Stream:
         """The client's trailers: kept for the end of the body, or, malformed, the body is refused."""
         problem = trailerProblem(block)
         if problem is not None:
-            self.request.refuseBody(clientError(400, problem))
+            error = clientError(400, problem)
+            self._malformed(error)
+            self.request.refuseBody(error)
             return
         self.trailers = allowedTrailers(block)
 
@@ -820,7 +832,7 @@ class H2Stream:
         if self._done:
             return
         try:
-            conn.send_headers(self.streamID, head, end_stream=end)
+            conn.send_headers(self.streamID, head, end_stream=end and self._resetCode is None)
         except h2.exceptions.ProtocolError:
             self._abandon()  # the client reset the stream meanwhile
             return
@@ -849,7 +861,7 @@ class H2Stream:
         self._queuedBytes -= size
         last = not queue and self._ending and self._endTrailers is None
         try:
-            conn.send_data(streamID, data, end_stream=last)
+            conn.send_data(streamID, data, end_stream=last and self._resetCode is None)
         except h2.exceptions.ProtocolError:
             self._abandon()
             return 1
@@ -871,7 +883,7 @@ class H2Stream:
         try:
             if self._endTrailers is not None:
                 conn.send_headers(self.streamID, self._endTrailers, end_stream=True)
-            else:
+            elif self._resetCode is None:
                 conn.end_stream(self.streamID)
         except h2.exceptions.ProtocolError:
             self._abandon()
@@ -880,7 +892,9 @@ class H2Stream:
 
     def _ended(self) -> None:
         """The response is out: stop the client sending a body nobody reads, and forget the stream."""
-        if not self._clientDone and self._tunnel is None:
+        if self._resetCode is not None:
+            self.server._reset(self.streamID, self._resetCode)
+        elif not self._clientDone and self._tunnel is None:
             self.server._reset(self.streamID, h2.errors.ErrorCodes.NO_ERROR)  # RFC 9113 section 8.1
         self._finish(Failure(ConnectionDone("the stream ended")))
 
