@@ -43,6 +43,7 @@ class FrameWatch:
     @ivar started: how many such things have begun: it changes when a new one begins, so that a deadline
         runs from the first byte of each (a header block's CONTINUATION frames are part of its HEADERS).
     @ivar settingsAckWithPayload: whether a SETTINGS acknowledgement with a payload was seen.
+    @ivar continuations: how many CONTINUATION frames the latest header block has had so far.
     """
 
     def __init__(self) -> None:
@@ -53,6 +54,7 @@ class FrameWatch:
         self.pending = True
         self.started = 0
         self.settingsAckWithPayload = False
+        self.continuations = 0
 
     def feed(self, data: bytes) -> None:
         """Follow C{data}, the next bytes from the client."""
@@ -84,8 +86,11 @@ class FrameWatch:
             self.started += 1
         if kind == _HEADERS:
             self._inBlock = not flags & _END_HEADERS
-        elif kind == _CONTINUATION and flags & _END_HEADERS:
-            self._inBlock = False
+            self.continuations = 0
+        elif kind == _CONTINUATION:
+            self.continuations += 1
+            if flags & _END_HEADERS:
+                self._inBlock = False
         elif kind == _SETTINGS and flags & _ACK and length:
             self.settingsAckWithPayload = True
 

@@ -13,24 +13,31 @@ bits, Rapid Reset, broken frames) are not repeated.
 
 from __future__ import annotations
 
+import socket
+import struct
 from dataclasses import dataclass
 
 import h2.errors
+import hpack
 from twisted.trial import unittest
 
 from rproxy.errors import clientError
 from rproxy.observe.metrics import rejectionReason
 from rproxy.proxy.message import RequestContext
+from rproxy.test.h2client import H2Client
 from rproxy.test.support import (
+    LogCapture,
     ReceivedRequest,
     ScriptedUpstream,
     rawRequest,
+    sleep,
     splitResponses,
     startProxy,
     useFilters,
     waitFor,
 )
 from rproxy.test.test_filter_chain import Step
+from rproxy.test.test_h2_abuse import frame
 from rproxy.test.test_observe_record import Recorder
 
 ErrorCodes = h2.errors.ErrorCodes
@@ -305,3 +312,192 @@ class FailedUpgradeTests(_CatalogueTestCase):
         reason = b"both Content-Length and Transfer-Encoding"
         await _play(self, "smuggling", Exchange(smuggling, [426, 400], reason, upstream=(b"GET /upgrade HTTP/1.1",)))
         self.assertNotIn(b"/local", b"".join(self.upstream.received), "the upstream saw the proxy's own request")
+
+
+# -- HTTP/2
+
+_HEADERS, _SETTINGS, _PING, _WINDOW_UPDATE, _CONTINUATION = 1, 4, 6, 8, 9
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+_GET = hpack.Encoder().encode([(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"x")])
+
+
+def _hangOrAnswer(protocol: object, request: ReceivedRequest) -> bytes:
+    """An upstream that never answers C{/hang}, and answers anything else at once."""
+    return b"" if request.requestLine.startswith(b"GET /hang ") else OK
+
+
+class H2FloodTests(unittest.TestCase):
+    """
+    HTTP/2 floods and bombs: each ends the connection with the code that says why, before any request
+    reaches the upstream, and another client's connection goes on.
+    """
+
+    def setUp(self) -> None:
+        self.upstream = ScriptedUpstream(self, _hangOrAnswer)
+        self.proxy = startProxy(self, [self.upstream.url], "--h2-reset-burst", "10", "--h2-reset-rate", "1")
+        self.logs = LogCapture(self)
+
+    async def goAway(self, payload: bytes) -> int:
+        """Send C{payload} after the preface; the code of the GOAWAY that ends the connection."""
+        client = await H2Client.connect(self.proxy.port)
+        self.addCleanup(client.close)
+        client.writeRaw(payload)
+        await client.waitUntil(lambda: client.closed.called, timeout=10)
+        assert client.goAway is not None
+        return client.goAway.error_code
+
+    async def test_bombs(self) -> None:
+        # A 4000-byte value entered in the dynamic table once, then referenced by a one-byte index.
+        entry = hpack.Encoder().encode([(b"x-a", b"a" * 4000)])
+        huge = _GET + entry + b"\xbe" * 2000  # about 8 MB of fields from 6 kB of HPACK
+        many = _GET + b"\x90" * 20000  # 20,000 copies of a static field (accept-encoding: gzip, deflate)
+        block = _GET + b"\x40\x03x-b\x01b"  # one more field, in CONTINUATION frames of one byte each
+        rows = {
+            # CVE-2024-27316 (httpd), CVE-2024-27919 (Envoy), CVE-2023-45288 (Go): CONTINUATION frames without end
+            "CONTINUATION flood": (
+                frame(_HEADERS, _END_STREAM, 1, block[:1])
+                + b"".join(frame(_CONTINUATION, 0, 1, block[1:2]) for _ in range(500)),
+                ErrorCodes.ENHANCE_YOUR_CALM,
+            ),
+            "empty CONTINUATION flood": (
+                frame(_HEADERS, _END_STREAM, 1, _GET) + frame(_CONTINUATION, 0, 1, b"") * 5000,
+                ErrorCodes.ENHANCE_YOUR_CALM,
+            ),
+            # CVE-2016-6581 (HPACK bomb), CVE-2026-49975 / CVE-2026-47774 ("HTTP/2 Bomb"): by size, by count
+            "HPACK bomb by size": (frame(_HEADERS, _END_STREAM | _END_HEADERS, 1, huge), ErrorCodes.ENHANCE_YOUR_CALM),
+            "HPACK bomb by count": (
+                frame(_HEADERS, _END_STREAM, 1, many[:16000]) + frame(_CONTINUATION, _END_HEADERS, 1, many[16000:]),
+                ErrorCodes.ENHANCE_YOUR_CALM,
+            ),
+        }
+        polite = await H2Client.connect(self.proxy.port)
+        self.addCleanup(polite.close)
+        for name, (payload, code) in rows.items():
+            self.assertEqual(ErrorCodes(await self.goAway(payload)), code, name)
+        self.assertEqual(self.upstream.requests, [])
+        response = await polite.response(polite.request(b"GET", b"/"))
+        self.assertEqual(response.status, 200, "another client's connection is unaffected")
+        logged = "\n".join(self.logs.formatted())
+        self.assertIn("ENHANCE_YOUR_CALM", logged)
+
+    async def test_madeYouReset(self) -> None:
+        """
+        MadeYouReset (CVE-2025-8671): frames that make the server reset its own streams (a WINDOW_UPDATE
+        past 2**31 - 1 on the stream) count against the Rapid Reset budget like the client's own resets,
+        and the upstream requests of the reset streams are cancelled, not left running.
+        """
+        client = await H2Client.connect(self.proxy.port)
+        self.addCleanup(client.close)
+        for _ in range(30):
+            stream = client.request(b"GET", b"/hang")
+            client.writeRaw(frame(_WINDOW_UPDATE, 0, stream, struct.pack(">I", 2**31 - 1)))
+            if client.closed.called:
+                break
+        await client.waitUntil(lambda: client.closed.called)
+        assert client.goAway is not None
+        self.assertEqual(ErrorCodes(client.goAway.error_code), ErrorCodes.ENHANCE_YOUR_CALM)
+        codes = {record.resetCode for record in client.streams.values() if record.resetCode is not None}
+        self.assertEqual(codes, {ErrorCodes.FLOW_CONTROL_ERROR})
+        self.assertLessEqual(len(self.upstream.requests), 12, "the budget of 10 resets let more through")
+        # no upstream exchange of a reset stream goes on (its connection, if it opened, waits idle in the pool)
+        pools = [upstream.pool for upstream in self.proxy.upstreams]
+        self.assertTrue(await waitFor(lambda: all(pool.openCount == pool.idleCount for pool in pools), 5))
+
+    async def flood(self, repeated: bytes) -> int:
+        """
+        Send C{repeated} over and over (at most 16 MB of it) while reading nothing; how many batches of
+        2,000 went out before the proxy dropped the connection.
+        """
+        client = await H2Client.connect(self.proxy.port)
+        self.addCleanup(client.close)
+        client.stopReading()
+        # A small kernel send buffer on the proxy's side, so that its own buffers fill after kilobytes, not
+        # the megabytes loopback sockets hold.
+        for connection in self.proxy.site.connections:
+            connection.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        batch = repeated * 2000
+        batches = 0
+        closed = client.closed
+        while batches < 500 and not closed.called:
+            client.writeRaw(batch)
+            batches += 1
+            await sleep(0)
+        await client.waitUntil(lambda: closed.called, timeout=10)
+        return batches
+
+    async def test_controlFloods(self) -> None:
+        """
+        SETTINGS and PING floods from a client that does not read (CVE-2019-9512, CVE-2019-9515): the
+        acknowledgements the proxy must queue are bounded, and the connection is dropped beyond them.
+        """
+        for name, repeated in (("PING", frame(_PING, 0, 0, bytes(8))), ("SETTINGS", frame(_SETTINGS, 0, 0, b""))):
+            self.assertLess(await self.flood(repeated), 500, f"{name}: the flood was never cut off")
+        logged = "\n".join(self.logs.formatted())
+        self.assertIn("does not read while it makes the proxy queue frames", logged)
+
+
+class DowngradeTests(unittest.TestCase):
+    """
+    HTTP/2 to HTTP/1.1 downgrade injection (PortSwigger, "HTTP/2: the sequel is always worse"): what is
+    not covered by test_h2_requests.  Each malformed request is answered 400, its stream then reset with
+    PROTOCOL_ERROR (RFC 9113 section 8.1.1), nothing reaches the upstream, and the connection goes on.
+    """
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.upstream = ScriptedUpstream(self, _hangOrAnswer)
+        self.proxy = startProxy(self, [self.upstream.url])
+        self.records = Recorder()
+        self.proxy.site.observers.append(self.records)
+        self.client = await H2Client.connect(self.proxy.port, strict=False)
+        self.addCleanup(self.client.close)
+
+    async def test_injection(self) -> None:
+        base = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")]
+        rows = {
+            "NUL in a value": ([*base, (b":authority", b"x"), (b"x-a", b"a\x00b")], b"NUL, CR or LF"),
+            "a bare CR in a value": ([*base, (b":authority", b"x"), (b"x-a", b"a\rTransfer-Encoding: x")], b"CR"),
+            "LF in a name": ([*base, (b":authority", b"x"), (b"x-a\nhost", b"evil")], b"invalid field name"),
+            "CRLF in :authority": ([*base, (b":authority", b"x\r\nX-Injected: 1")], b"NUL, CR or LF"),
+            "CRLF in :path": ([(b":method", b"GET"), (b":path", b"/ HTTP/1.1\r\nHost: evil\r\n\r\nGET /smuggled"), (b":scheme", b"http"), (b":authority", b"x")], b"NUL, CR or LF"),  # noqa: E501
+            "CRLF in :method": ([(b":method", b"GET / HTTP/1.1\r\n"), *base[1:], (b":authority", b"x")], b"CR or LF"),
+            "an empty :authority": ([*base, (b":authority", b"")], b"empty host"),
+            ":authority and host differ in case": ([*base, (b":authority", b"x"), (b"host", b"X")], b"differs"),
+            "proxy-connection": ([*base, (b":authority", b"x"), (b"proxy-connection", b"close")], b"connection-"),
+            "keep-alive": ([*base, (b":authority", b"x"), (b"keep-alive", b"timeout=5")], b"connection-"),
+            "te: trailers, gzip": ([*base, (b":authority", b"x"), (b"te", b"trailers, gzip")], b"TE field"),
+            "userinfo in :authority": ([*base, (b":authority", b"user@x")], b"invalid host"),
+        }  # fmt: skip
+        for name, (block, reason) in rows.items():
+            response = await self.client.response(self.client.requestHead(block))
+            self.assertEqual(response.status, 400, name)
+            self.assertIn(reason, response.data, name)
+            self.assertEqual(response.resetCode, ErrorCodes.PROTOCOL_ERROR, name)
+            self.assertFalse(self.client.closed.called, name)
+        self.assertEqual(b"".join(self.upstream.received), b"")
+        self.assertEqual([rejectionReason(r) for r in self.records.records], ["bad_input"] * len(rows))
+        response = await self.client.response(self.client.request(b"GET", b"/fine"))
+        self.assertEqual((response.status, response.resetCode), (200, None), "the connection goes on")
+
+    async def mismatched(self, length: bytes) -> int:
+        """A POST declaring C{length}, followed by DATA that does not add up to it; the GOAWAY's code."""
+        post = [(b":method", b"POST"), (b":path", b"/h2cl"), (b":scheme", b"http"), (b":authority", b"x")]
+        client = await H2Client.connect(self.proxy.port, strict=False)
+        self.addCleanup(client.close)
+        stream = client.requestHead([*post, (b"content-length", length)], endStream=False)
+        client.send(stream, b"hello" + SMUGGLED, endStream=True)
+        await client.waitUntil(lambda: client.closed.called)
+        assert client.goAway is not None
+        return client.goAway.error_code
+
+    async def test_lengthAgainstData(self) -> None:
+        """
+        H2.CL (the same write-up): DATA that does not add up to the ``content-length`` ends the connection
+        (h2 makes it a connection error, GOAWAY(PROTOCOL_ERROR)), and the extra bytes never become a
+        request upstream: the upstream sees at most the declared body.
+        """
+        for length in (b"0", b"5"):
+            self.assertEqual(ErrorCodes(await self.mismatched(length)), ErrorCodes.PROTOCOL_ERROR, length)
+        await sleep(0.2)
+        for connection in self.upstream.received:
+            self.assertNotIn(b"/smuggled", connection)
+        self.assertEqual([request.body for request in self.upstream.requests if request.body], [])
