@@ -21,6 +21,7 @@ import h2.errors
 import hpack
 from twisted.trial import unittest
 
+from rproxy.downstream.http2 import STREAM_BUFFER
 from rproxy.errors import clientError
 from rproxy.observe.metrics import rejectionReason
 from rproxy.proxy.message import RequestContext
@@ -39,6 +40,7 @@ from rproxy.test.support import (
 from rproxy.test.test_filter_chain import Step
 from rproxy.test.test_h2_abuse import frame
 from rproxy.test.test_observe_record import Recorder
+from rproxy.test.test_streaming import MiB, _LargeUpstream, serve
 
 ErrorCodes = h2.errors.ErrorCodes
 
@@ -201,6 +203,12 @@ class SmugglingTests(_CatalogueTestCase):
         # gets the same single request, its framing rebuilt
         folded = head(post, HOST, b"Transfer-Encoding:", b" chunked", b"Connection: close") + b"5\r\nhello\r\n0\r\n\r\n"
         await _play(self, "a folded Transfer-Encoding", Exchange(folded, [200], upstream=(post,), body=b"hello"))
+        # framing fields listed in Connection are not dropped as hop-by-hop: the body keeps its length
+        listed = head(post, HOST, LENGTH, b"Connection: Content-Length, Transfer-Encoding, close") + SMUGGLED
+        await _play(self, "a length listed in Connection", Exchange(listed, [200], upstream=(post,), body=SMUGGLED))
+        # an HTTP/1.0 request has no body without a length, and its connection closes after it
+        old = head(b"POST /f HTTP/1.0", HOST) + SMUGGLED
+        await _play(self, "HTTP/1.0 without a length", Exchange(old, [200], upstream=(b"POST /f HTTP/1.1",), body=b""))
 
     async def test_expectations(self) -> None:
         """
@@ -316,7 +324,7 @@ class FailedUpgradeTests(_CatalogueTestCase):
 
 # -- HTTP/2
 
-_HEADERS, _SETTINGS, _PING, _WINDOW_UPDATE, _CONTINUATION = 1, 4, 6, 8, 9
+_HEADERS, _PRIORITY, _SETTINGS, _PING, _WINDOW_UPDATE, _CONTINUATION = 1, 2, 4, 6, 8, 9
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 _GET = hpack.Encoder().encode([(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"x")])
 
@@ -382,26 +390,49 @@ class H2FloodTests(unittest.TestCase):
 
     async def test_madeYouReset(self) -> None:
         """
-        MadeYouReset (CVE-2025-8671): frames that make the server reset its own streams (a WINDOW_UPDATE
-        past 2**31 - 1 on the stream) count against the Rapid Reset budget like the client's own resets,
-        and the upstream requests of the reset streams are cancelled, not left running.
+        MadeYouReset (CVE-2025-8671; Tempesta's analysis, 2025): frames that make the server reset its own
+        streams count against the Rapid Reset budget like the client's own resets (or end the connection
+        at once, where h2 makes them connection errors), and the upstream requests of the reset streams
+        do not go on.
         """
-        client = await H2Client.connect(self.proxy.port)
-        self.addCleanup(client.close)
-        for _ in range(30):
-            stream = client.request(b"GET", b"/hang")
-            client.writeRaw(frame(_WINDOW_UPDATE, 0, stream, struct.pack(">I", 2**31 - 1)))
-            if client.closed.called:
-                break
-        await client.waitUntil(lambda: client.closed.called)
-        assert client.goAway is not None
-        self.assertEqual(ErrorCodes(client.goAway.error_code), ErrorCodes.ENHANCE_YOUR_CALM)
-        codes = {record.resetCode for record in client.streams.values() if record.resetCode is not None}
-        self.assertEqual(codes, {ErrorCodes.FLOW_CONTROL_ERROR})
-        self.assertLessEqual(len(self.upstream.requests), 12, "the budget of 10 resets let more through")
-        # no upstream exchange of a reset stream goes on (its connection, if it opened, waits idle in the pool)
+        primitives = {
+            "WINDOW_UPDATE past 2**31 - 1": (
+                lambda stream: frame(_WINDOW_UPDATE, 0, stream, struct.pack(">I", 2**31 - 1)),
+                ErrorCodes.ENHANCE_YOUR_CALM,
+            ),
+            "DATA after END_STREAM": (lambda stream: frame(0, _END_STREAM, stream, b"x"), ErrorCodes.ENHANCE_YOUR_CALM),
+            "HEADERS after END_STREAM": (
+                lambda stream: frame(_HEADERS, _END_STREAM | _END_HEADERS, stream, _GET),
+                ErrorCodes.ENHANCE_YOUR_CALM,
+            ),
+            "WINDOW_UPDATE of 0": (
+                lambda stream: frame(_WINDOW_UPDATE, 0, stream, bytes(4)),
+                ErrorCodes.PROTOCOL_ERROR,
+            ),
+            "PRIORITY on itself": (
+                lambda stream: frame(_PRIORITY, 0, stream, struct.pack(">IB", stream, 15)),
+                ErrorCodes.PROTOCOL_ERROR,
+            ),
+            "PRIORITY of 4 bytes": (lambda stream: frame(_PRIORITY, 0, stream, bytes(4)), ErrorCodes.FRAME_SIZE_ERROR),
+        }
         pools = [upstream.pool for upstream in self.proxy.upstreams]
-        self.assertTrue(await waitFor(lambda: all(pool.openCount == pool.idleCount for pool in pools), 5))
+        for name, (provoke, code) in primitives.items():
+            client = await H2Client.connect(self.proxy.port)
+            self.addCleanup(client.close)
+            for _ in range(30):
+                if client.goAway is not None or client.closed.called:
+                    break
+                stream = client.request(b"GET", b"/hang")
+                client.writeRaw(provoke(stream))
+                await sleep(0)
+            await client.waitUntil(lambda: client.closed.called)  # noqa: B023 (awaited in this iteration)
+            assert client.goAway is not None
+            self.assertEqual(ErrorCodes(client.goAway.error_code), code, name)
+            # the burst of 10 (and the rate of 1/s) let the 11th reset through, not more
+            self.assertLessEqual(client.goAway.last_stream_id, 2 * 12 - 1, f"{name}: more than the budget went through")
+            # no upstream exchange of a reset stream goes on (a connection it opened waits idle in the pool)
+            self.assertTrue(await waitFor(lambda: all(pool.openCount == pool.idleCount for pool in pools), 5), name)
+        self.assertEqual(self.upstream.requests, [])
 
     async def flood(self, repeated: bytes) -> int:
         """
@@ -434,6 +465,26 @@ class H2FloodTests(unittest.TestCase):
             self.assertLess(await self.flood(repeated), 500, f"{name}: the flood was never cut off")
         logged = "\n".join(self.logs.formatted())
         self.assertIn("does not read while it makes the proxy queue frames", logged)
+
+
+class ZeroWindowTests(unittest.TestCase):
+    """
+    Zero-window slow reads (CVE-2019-9517, "internal data buffering"): a client that opens streams with a
+    window of 0 and never opens it costs the proxy its bounded buffers, and the upstreams are paused.
+    """
+
+    async def test_zeroWindow(self) -> None:
+        listening, built = serve(self, lambda: _LargeUpstream(16 * MiB))
+        proxy = startProxy(self, [listening.url])
+        client = await H2Client.connect(proxy.port, initialWindow=0)
+        self.addCleanup(client.close)
+        streams = [client.request(b"GET", b"/large/%d" % i) for i in range(10)]
+        await client.waitUntil(lambda: all(client.streams[s].headers is not None for s in streams))
+        self.assertTrue(await waitFor(lambda: len(built) == 10 and all(u.paused for u in built), 10))
+        [connection] = [c.handler for c in proxy.site.connections]
+        self.assertLessEqual(connection._queuedTotal, 10 * (STREAM_BUFFER + 65536))
+        self.assertEqual(b"".join(client.streams[s].data for s in streams), b"", "DATA went past a window of 0")
+        self.assertLess(sum(u.sent for u in built), 10 * 8 * MiB, "the upstreams were not paused")
 
 
 class DowngradeTests(unittest.TestCase):
