@@ -264,6 +264,35 @@ class SmugglingTests(_CatalogueTestCase):
             row = Exchange(chunked + chunks + NEXT, [200, 200], upstream=(b"POST /c HTTP/1.1", BOTH[1]), body=b"hello")
             await _play(self, repr(chunks[:40]), row)
 
+    async def test_trailers(self) -> None:
+        """
+        Fields smuggled as trailers (RFC 9110 section 6.5.1; an upstream that merges trailers into the
+        header section, as some frameworks do, would read them as the client's): framing, routing,
+        forwarding, credentials and request modifiers are dropped; other trailers go on.
+        """
+        smuggled = [
+            b"Host: evil",
+            b"Content-Length: 5",
+            b"Transfer-Encoding: chunked",
+            b"X-Forwarded-For: 10.0.0.1",
+            b"Forwarded: for=10.0.0.1",
+            b"Cookie: admin=1",
+            b"Authorization: Basic YTpi",
+            b"Range: bytes=0-1",
+            b"Max-Forwards: 0",
+            b"Connection: close",
+        ]
+        chunked = head(b"POST /t HTTP/1.1", HOST, b"Transfer-Encoding: chunked", b"Connection: close")
+        trailers = b"\r\n".join([*smuggled, b"X-Checksum: 1"]) + b"\r\n\r\n"
+        await _play(
+            self,
+            "trailers",
+            Exchange(chunked + b"5\r\nhello\r\n0\r\n" + trailers, [200], upstream=(b"POST /t HTTP/1.1",)),
+        )
+        [received] = self.upstream.received
+        section = received.split(b"\r\n0\r\n", 1)[1].split(b"\r\n\r\n", 1)[0]
+        self.assertEqual(section, b"X-Checksum: 1")
+
 
 class HostTests(_CatalogueTestCase):
     """RFC 9112 section 3.2: Host on HTTP/1.1 (the cases test_client_input does not already send)."""
