@@ -249,6 +249,7 @@ class SmugglingTests(_CatalogueTestCase):
             b"5;a\nb\r\nhello\r\n0\r\n\r\n": b"bare LF",  # TERM.EXT: LF inside an extension
             b"5;a\rb\r\nhello\r\n0\r\n\r\n": b"bare CR",
             b"5;" + b"a" * 5000 + b"\r\nhello\r\n0\r\n\r\n": b"exceeds 4096",
+            (b"1;" + b"a" * 4000 + b"\r\nx\r\n") * 5 + b"0\r\n\r\n": b"chunk extensions exceed 16384",  # CVE-2023-39326
             b"5\r\nhello\r\n0\r\nX: y\n\r\n": b"bare LF",  # a trailer line ending in a bare LF
             b"5\r\nhello\r\n0\r\nX: y\r\n folded\r\n\r\n": b"folded",
             b"5\r\nhello\n0\r\n\r\n": b"not followed by CRLF",
