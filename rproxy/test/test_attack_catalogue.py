@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import h2.errors
 import hpack
+from twisted.internet import protocol, reactor
+from twisted.internet.interfaces import IDelayedCall
 from twisted.trial import unittest
 
 from rproxy.downstream.http2 import STREAM_BUFFER
@@ -293,6 +295,53 @@ class SmugglingTests(_CatalogueTestCase):
         [received] = self.upstream.received
         section = received.split(b"\r\n0\r\n", 1)[1].split(b"\r\n\r\n", 1)[0]
         self.assertEqual(section, b"X-Checksum: 1")
+
+
+class _ReadsBodyAsRequest(protocol.Protocol):
+    """
+    An upstream with the CL.0 flaw: it answers each request head at once (204) and ignores the body,
+    reading it as further requests, whose answers follow: the first in the same write, the second a
+    little later.  Its second connection behaves.
+    """
+
+    def __init__(self, built: list[_ReadsBodyAsRequest]) -> None:
+        self.first = not built
+        self.received = b""
+        self.later: IDelayedCall | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if not self.first:
+            if self.received.endswith(b"\r\n\r\n"):
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+            return
+        if self.received.count(b"\r\n\r\n") == 2:  # the head, and the body read as a request
+            stale = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
+            self.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n" + stale)
+            self.later = reactor.callLater(0.05, self.transport.write, stale)
+
+    def connectionLost(self, reason: object) -> None:
+        if self.later is not None and self.later.active():
+            self.later.cancel()
+
+
+class UpstreamDesyncTests(unittest.TestCase):
+    """
+    Response queue poisoning behind a CL.0 upstream (Kettle 2025): an upstream that takes a request body
+    for another request answers it too.  Bytes after a complete response are never read as the next
+    client's response: the connection is closed, and the next request (here waiting for the one
+    connection allowed) gets a fresh one.
+    """
+
+    async def test_excessResponse(self) -> None:
+        listening, built = serve(self, lambda: _ReadsBodyAsRequest(built))
+        proxy = startProxy(self, [listening.url], "--upstream-max-connections", "1")
+        first = rawRequest(proxy.port, head(b"POST /a HTTP/1.1", HOST, LENGTH, b"Connection: close") + SMUGGLED)
+        await sleep(0.01)
+        second = rawRequest(proxy.port, head(b"GET /b HTTP/1.1", HOST, b"Connection: close"))
+        answers = [splitResponses(await first), splitResponses(await second)]
+        self.assertEqual([[head.split(b" ")[1] for head, _ in answer] for answer in answers], [[b"204"], [b"200"]])
+        self.assertEqual(answers[1][0][1], b"fresh", "a response meant for no request reached a client")
 
 
 class HostTests(_CatalogueTestCase):
