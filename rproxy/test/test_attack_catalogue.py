@@ -71,16 +71,9 @@ class _CatalogueTestCase(unittest.TestCase):
     counting upstream, its records observed.
     """
 
-    arguments: tuple[str, ...] = ()
-
     def setUp(self) -> None:
         self.upstream = ScriptedUpstream(self, _answer)
-        self.proxy = startProxy(
-            self,
-            [self.upstream.url],
-            *("--max-body-size", "1k", "--header-timeout", "2"),
-            *self.arguments,
-        )
+        self.proxy = startProxy(self, [self.upstream.url], "--max-body-size", "1k", "--header-timeout", "2")
         useFilters(self.proxy, Step(b"deny", [], _deny))
         self.records = Recorder()
         self.proxy.site.observers.append(self.records)
@@ -89,8 +82,6 @@ class _CatalogueTestCase(unittest.TestCase):
         return [request.requestLine for request in self.upstream.requests]
 
     def assertNothingSmuggled(self, row: str) -> None:
-        for connection in self.upstream.received:
-            self.assertNotIn(b"/smuggled", connection.split(b"\r\n\r\n", 1)[0], row)
         for request in self.upstream.requests:
             self.assertNotIn(b"/smuggled", request.requestLine, row)
 
@@ -116,9 +107,8 @@ async def _play(case: _CatalogueTestCase, name: str, row: Exchange) -> None:
     responses = splitResponses(data)
     statuses = [int(head.split(b" ", 2)[1]) for head, _ in responses]
     case.assertEqual(statuses, row.statuses, f"{name}: {data[:300]!r}")
-    refusals = [(head, body) for head, body in responses if b"\r\nX-Rproxy-Fault: client" in head]
     if row.reason:
-        head, body = refusals[0]
+        head, body = [(head, body) for head, body in responses if b"\r\nX-Rproxy-Fault: client" in head][0]
         case.assertIn(row.reason, body, name)
         case.assertEqual(body.count(b"\n"), 1, f"{name}: the reason is one line")
         # Recorded for the access log and counted by the rejections metric.
