@@ -413,6 +413,8 @@ class H2FloodTests(unittest.TestCase):
         self.upstream = ScriptedUpstream(self, _hangOrAnswer)
         self.proxy = startProxy(self, [self.upstream.url], "--h2-reset-burst", "10", "--h2-reset-rate", "1")
         self.logs = LogCapture(self)
+        self.records = Recorder()
+        self.proxy.site.observers.append(self.records)
 
     async def goAway(self, payload: bytes) -> int:
         """Send C{payload} after the preface; the code of the GOAWAY that ends the connection."""
@@ -456,6 +458,9 @@ class H2FloodTests(unittest.TestCase):
         self.assertEqual(response.status, 200, "another client's connection is unaffected")
         logged = "\n".join(self.logs.formatted())
         self.assertIn("ENHANCE_YOUR_CALM", logged)
+        # each connection refused is recorded for the access log, and counted as a flood (429)
+        refused = [(r.status, rejectionReason(r)) for r in self.records.records if r.status != 200]
+        self.assertEqual(refused, [(429, "rate_limit")] * len(rows))
 
     async def test_madeYouReset(self) -> None:
         """
