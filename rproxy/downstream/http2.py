@@ -16,6 +16,7 @@ without a body is a single HEADERS frame, as gRPC's trailers-only responses must
    four times the limits is not decoded further (GOAWAY(ENHANCE_YOUR_CALM));
  - Rapid Reset (CVE-2023-44487): a token bucket of the streams a client resets; beyond it,
    GOAWAY(ENHANCE_YOUR_CALM);
+ - priorities for more streams than the priority tree holds (CVE-2019-9513): GOAWAY(ENHANCE_YOUR_CALM);
  - response bytes held per stream and per connection bounded by L{STREAM_BUFFER} and L{CONNECTION_BUFFER}
    whatever window the client advertises, and control frames a client makes us queue while it does not
    read bounded by L{CONTROL_BUFFER};
@@ -386,23 +387,32 @@ class HTTP2Server:
         if isinstance(self.priority, _RoundRobin):
             self.priority = self.priority.tree()
         try:
-            self.priority.reprioritize(
-                stream_id=event.stream_id,
-                depends_on=event.depends_on or None,
-                weight=event.weight,
-                exclusive=event.exclusive,
-            )
-        except priority.MissingStreamError:
-            # A PRIORITY frame before its stream's HEADERS: the stream waits in the tree, blocked.
-            self.priority.insert_stream(
-                stream_id=event.stream_id,
-                depends_on=event.depends_on or None,
-                weight=event.weight,
-                exclusive=event.exclusive,
-            )
-            self.priority.block(event.stream_id)
+            try:
+                self.priority.reprioritize(
+                    stream_id=event.stream_id,
+                    depends_on=event.depends_on or None,
+                    weight=event.weight,
+                    exclusive=event.exclusive,
+                )
+            except priority.MissingStreamError:
+                # A PRIORITY frame before its stream's HEADERS: the stream waits in the tree, blocked.
+                self.priority.insert_stream(
+                    stream_id=event.stream_id,
+                    depends_on=event.depends_on or None,
+                    weight=event.weight,
+                    exclusive=event.exclusive,
+                )
+                self.priority.block(event.stream_id)
         except priority.PriorityLoop:
             self._connectionError(h2.exceptions.ProtocolError("a stream depends on itself"))
+        except priority.TooManyStreamsError:
+            # PRIORITY frames for streams that never open, each kept in the tree (CVE-2019-9513's churn).
+            _log.warn(
+                "client {client} sent priorities for more streams than the priority tree holds: closed with "
+                "ENHANCE_YOUR_CALM",
+                client=self.connection.peer,
+            )
+            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many streams in the priority tree")
 
     def _goAwayReceived(self, event: h2.events.ConnectionTerminated) -> None:
         """The client ends the connection (h2 sends nothing after a GOAWAY, python-hyper/h2#1181)."""

@@ -442,6 +442,11 @@ class H2FloodTests(unittest.TestCase):
                 frame(_HEADERS, _END_STREAM, 1, _GET) + frame(_CONTINUATION, 0, 1, b"") * 5000,
                 ErrorCodes.ENHANCE_YOUR_CALM,
             ),
+            # CVE-2019-9513 (resource loop): priorities for 1,200 streams that never open, each kept in the tree
+            "PRIORITY churn": (
+                b"".join(frame(_PRIORITY, 0, 2 * i + 1, struct.pack(">IB", 0, 15)) for i in range(1200)),
+                ErrorCodes.ENHANCE_YOUR_CALM,
+            ),
             # CVE-2016-6581 (HPACK bomb), CVE-2026-49975 / CVE-2026-47774 ("HTTP/2 Bomb"): by size, by count
             "HPACK bomb by size": (frame(_HEADERS, _END_STREAM | _END_HEADERS, 1, huge), ErrorCodes.ENHANCE_YOUR_CALM),
             "HPACK bomb by count": (
