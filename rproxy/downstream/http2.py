@@ -20,8 +20,9 @@ without a body is a single HEADERS frame, as gRPC's trailers-only responses must
  - response bytes held per stream and per connection bounded by L{STREAM_BUFFER} and L{CONNECTION_BUFFER}
    whatever window the client advertises, and control frames a client makes us queue while it does not
    read bounded by L{CONTROL_BUFFER};
- - a header block of more than L{MAX_CONTINUATIONS} CONTINUATION frames (the CONTINUATION flood of
-   CVE-2024-27316): GOAWAY(ENHANCE_YOUR_CALM);
+ - floods of frames that carry nothing (L{rproxy.downstream.h2frames.FrameWatch.flood}): a header
+   block of more than 32 CONTINUATION frames (CVE-2024-27316), more than 1000 empty DATA frames
+   (CVE-2019-9518): GOAWAY(ENHANCE_YOUR_CALM);
  - deadlines: the header timeout for any incomplete frame but DATA and any header block
    (L{rproxy.downstream.h2frames.FrameWatch}), and the idle timeout only while no stream is open;
  - connection errors sent with the code the RFCs name, and a close that a client cannot hold off
@@ -90,10 +91,6 @@ CLOSE_GRACE = 3.0
 #: How many times the advertised header list size a client may send before its connection is ended
 #: (below it, a larger head is refused with 431).
 HEADER_LIST_HARD_CAP = 4
-
-#: CONTINUATION frames a header block may have: a field block of the largest allowed size needs a handful;
-#: a flood of them (CVE-2024-27316 and kin) ends the connection with ENHANCE_YOUR_CALM before h2 buffers more.
-MAX_CONTINUATIONS = 32
 
 #: Streams h2 lets a client open beyond the advertised limit: rproxy refuses those itself, one by one.
 _EXCESS_STREAMS = 100
@@ -289,14 +286,13 @@ class HTTP2Server:
                 self._headDeadline.arm(deadline.HEAD, self._limits.headerTimeout)
         else:
             self._headDeadline.disarm()
-        if watch.continuations > MAX_CONTINUATIONS:
+        if watch.flood is not None:
             _log.warn(
-                "client {client} sent a header block of more than {limit} CONTINUATION frames: closed with "
-                "ENHANCE_YOUR_CALM",
+                "client {client} sent {flood}: closed with ENHANCE_YOUR_CALM",
                 client=self.connection.peer,
-                limit=MAX_CONTINUATIONS,
+                flood=watch.flood,
             )
-            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "CONTINUATION flood")
+            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, watch.flood)
             return
         try:
             events = self.conn.receive_data(data)

@@ -442,6 +442,11 @@ class H2FloodTests(unittest.TestCase):
                 frame(_HEADERS, _END_STREAM, 1, _GET) + frame(_CONTINUATION, 0, 1, b"") * 5000,
                 ErrorCodes.ENHANCE_YOUR_CALM,
             ),
+            # CVE-2019-9518 (empty frames flood): DATA frames that carry nothing and end nothing
+            "empty DATA flood": (
+                frame(_HEADERS, _END_HEADERS, 1, _GET) + frame(0, 0, 1, b"") * 2000,
+                ErrorCodes.ENHANCE_YOUR_CALM,
+            ),
             # CVE-2019-9513 (resource loop): priorities for 1,200 streams that never open, each kept in the tree
             "PRIORITY churn": (
                 b"".join(frame(_PRIORITY, 0, 2 * i + 1, struct.pack(">IB", 0, 15)) for i in range(1200)),
