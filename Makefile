@@ -93,4 +93,4 @@ bench: $(BIN)/twist
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(OLDEST) build/apidocs _trial_temp* *.egg-info
+	rm -rf $(VENV) $(OLDEST) build/apidocs build/h2spec _trial_temp* *.egg-info
