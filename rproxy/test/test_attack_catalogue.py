@@ -596,7 +596,7 @@ class DowngradeTests(unittest.TestCase):
             "CRLF in :path": ([(b":method", b"GET"), (b":path", b"/ HTTP/1.1\r\nHost: evil\r\n\r\nGET /smuggled"), (b":scheme", b"http"), (b":authority", b"x")], b"NUL, CR or LF"),  # noqa: E501
             "CRLF in :method": ([(b":method", b"GET / HTTP/1.1\r\n"), *base[1:], (b":authority", b"x")], b"CR or LF"),
             "an empty :authority": ([*base, (b":authority", b"")], b"empty host"),
-            ":authority and host differ in case": ([*base, (b":authority", b"x"), (b"host", b"X")], b"differs"),
+            ":authority and host differ": ([*base, (b":authority", b"x"), (b"host", b"x:8080")], b"differs"),
             "proxy-connection": ([*base, (b":authority", b"x"), (b"proxy-connection", b"close")], b"connection-"),
             "keep-alive": ([*base, (b":authority", b"x"), (b"keep-alive", b"timeout=5")], b"connection-"),
             "te: trailers, gzip": ([*base, (b":authority", b"x"), (b"te", b"trailers, gzip")], b"TE field"),
@@ -612,6 +612,18 @@ class DowngradeTests(unittest.TestCase):
         self.assertEqual([rejectionReason(r) for r in self.records.records], ["bad_input"] * len(rows))
         response = await self.client.response(self.client.request(b"GET", b"/fine"))
         self.assertEqual((response.status, response.resetCode), (200, None), "the connection goes on")
+
+    async def test_sameAuthority(self) -> None:
+        """
+        A Host naming the same host and port as ``:authority`` (RFC 9113 section 8.3.1 compares them
+        normalised: case, an empty or default port) is not a disagreement; the upstream gets ``:authority``.
+        """
+        base = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"Example.com")]
+        for host in (b"example.COM", b"example.com:80", b"example.com:"):
+            self.upstream.requests.clear()
+            response = await self.client.response(self.client.requestHead([*base, (b"host", host)]))
+            self.assertEqual(response.status, 200, host)
+            self.assertEqual(self.upstream.requests[0].headers(b"host"), [b"Example.com"], host)
 
     async def mismatched(self, length: bytes) -> int:
         """A POST declaring C{length}, followed by DATA that does not add up to it; the GOAWAY's code."""
