@@ -107,19 +107,35 @@ _SECRET_FIELDS = frozenset([b"authorization", b"proxy-authorization"])
 #: Fields whose every value is new (rproxy's request ids): indexing them would only evict the fields that do
 #: repeat (content-type, server, ...) from the client's dynamic table, and cost a table insertion each time.
 _UNIQUE_FIELDS = frozenset([b"x-request-id", b"traceparent"])
+#: The largest HPACK dynamic table the proxy's encoder keeps for a client (RFC 7541's default size).
+ENCODER_TABLE_SIZE = 4096
 
 
 class _PlainEncoder(hpack.Encoder):
     """
-    HPACK without Huffman coding.  Huffman coding, in pure Python, is most of what encoding a response head
-    costs (a third of rproxy's CPU per HTTP/2 response with it on), for headers a fifth smaller; once the
-    repeated fields are indexed, a response head is a few bytes either way, and the proxy's CPU is what
-    limits it.  (RFC 7541 lets each literal choose: a client decodes both.)
+    HPACK without Huffman coding, and a dynamic table of at most L{ENCODER_TABLE_SIZE}.  Huffman coding, in
+    pure Python, is most of what encoding a response head costs (a third of rproxy's CPU per HTTP/2 response
+    with it on), for headers a fifth smaller; once the repeated fields are indexed, a response head is a few
+    bytes either way, and the proxy's CPU is what limits it.  (RFC 7541 lets each literal choose: a client
+    decodes both.)
     """
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         """Encode C{headers}, with no Huffman coding whatever C{huffman} says."""
         return super().encode(headers, huffman=False)
+
+    @property
+    def header_table_size(self) -> int:
+        """The size of the dynamic table: what the client allows (SETTINGS_HEADER_TABLE_SIZE), at most 4 KiB."""
+        return self.header_table.maxsize
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        # An encoder may use less than the decoder allows (RFC 7541 section 4.2): a client that allows a huge
+        # table would otherwise have every distinct field the connection ever sends kept for it.
+        self.header_table.maxsize = min(value, ENCODER_TABLE_SIZE)
+        if self.header_table.resized:
+            self.table_size_changes.append(self.header_table.maxsize)
 
 
 def responseFields(status: int, fields: Sequence[tuple[bytes, bytes]]) -> list[Any] | None:

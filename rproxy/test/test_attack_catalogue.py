@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 
 import h2.errors
+import h2.settings
 import hpack
 from twisted.internet import protocol, reactor
 from twisted.internet.interfaces import IDelayedCall
@@ -569,6 +570,40 @@ class ZeroWindowTests(unittest.TestCase):
         self.assertLessEqual(connection._queuedTotal, 10 * (STREAM_BUFFER + 65536))
         self.assertEqual(b"".join(client.streams[s].data for s in streams), b"", "DATA went past a window of 0")
         self.assertLess(sum(u.sent for u in built), 10 * 8 * MiB, "the upstreams were not paused")
+
+
+class _Unique(protocol.Protocol):
+    """An upstream whose every response carries a field value of 200 bytes never sent before."""
+
+    count = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if data.endswith(b"\r\n\r\n"):
+            _Unique.count += 1
+            unique = b"%0200d" % _Unique.count
+            self.transport.write(b"HTTP/1.1 200 OK\r\nX-Unique: %s\r\nContent-Length: 2\r\n\r\nok" % unique)
+
+
+class EncoderTableTests(unittest.TestCase):
+    """
+    HPACK table inflation, the other way (RFC 7541 section 4.2): a client that advertises a huge
+    SETTINGS_HEADER_TABLE_SIZE would have the proxy's encoder keep every distinct response field of the
+    connection for ever.  The encoder keeps at most 4 KiB, whatever the client allows.
+    """
+
+    async def test_hugeTableAdvertised(self) -> None:
+        listening, _ = serve(self, _Unique)
+        proxy = startProxy(self, [listening.url])
+        client = await H2Client.connect(proxy.port)
+        self.addCleanup(client.close)
+        client.conn.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 2**30})
+        client.writeRaw(b"")
+        for i in range(50):
+            response = await client.response(client.request(b"GET", b"/%d" % i))
+            self.assertEqual(response.status, 200)
+        [connection] = [c.handler for c in proxy.site.connections]
+        self.assertLessEqual(connection.conn.encoder.header_table_size, 4096)
+        self.assertEqual(len(response.header(b"x-unique")[0]), 200, "the client decodes what the proxy encodes")
 
 
 class DowngradeTests(unittest.TestCase):
