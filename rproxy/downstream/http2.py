@@ -18,7 +18,8 @@ without a body is a single HEADERS frame, as gRPC's trailers-only responses must
    GOAWAY(ENHANCE_YOUR_CALM);
  - response bytes held per stream and per connection bounded by L{STREAM_BUFFER} and L{CONNECTION_BUFFER}
    whatever window the client advertises, and control frames a client makes us queue while it does not
-   read bounded by L{CONTROL_BUFFER};
+   read bounded by L{CONTROL_BUFFER} (beyond: GOAWAY(ENHANCE_YOUR_CALM));
+ - a client that leaves the send buffer full for the write timeout: the connection is aborted;
  - deadlines: the header timeout for any incomplete frame but DATA and any header block
    (L{rproxy.downstream.h2frames.FrameWatch}), and the idle timeout only while no stream is open;
  - connection errors sent with the code the RFCs name, and a close that a client cannot hold off
@@ -248,6 +249,7 @@ class HTTP2Server:
         self._idleDeadline = deadline.Deadline(self._reactor, self._idleTimedOut)
         self._idleSince = self._reactor.seconds()
         self._idleDeadline.arm(deadline.IDLE, limits.idleTimeout)
+        self._writeDeadline = deadline.Deadline(self._reactor, self._writeTimedOut)
         self.transport.registerProducer(self, True)
         self._flush()
 
@@ -389,14 +391,14 @@ class HTTP2Server:
             return
         self._heldControl += data
         if len(self._heldControl) > CONTROL_BUFFER and not self._closing:
-            _log.warn(
-                "client {client} does not read while it makes the proxy queue frames ({size} bytes): closed",
-                client=self.connection.peer,
-                size=len(self._heldControl),
+            error = clientError(
+                429, f"the client made the proxy queue {len(self._heldControl)} bytes of frames it does not read"
             )
-            self._closing = True
-            self._fail(Failure(ConnectionLost("the client does not read")))
-            self.transport.abortConnection()
+            _log.warn(
+                "client {client}: {reason}; GOAWAY(ENHANCE_YOUR_CALM)", client=self.connection.peer, reason=error.reason
+            )
+            self._cutOff(error)
+            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, error.reason)
 
     def scheduleSend(self) -> None:
         """
@@ -453,9 +455,13 @@ class HTTP2Server:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        timeout = self._limits.writeTimeout
+        if timeout and self._writeDeadline.mode != deadline.WRITE:
+            self._writeDeadline.arm(deadline.WRITE, timeout)
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._writeDeadline.disarm()
         held, self._heldControl = self._heldControl, b""
         if held:
             self.transport.write(held)
@@ -504,6 +510,22 @@ class HTTP2Server:
             timeout=self._limits.headerTimeout,
         )
         self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "the client was too slow to send a frame")
+
+    def _writeTimedOut(self, mode: int) -> None:
+        """The client left the send buffer full for the write timeout: its connection is aborted."""
+        error = clientError(408, f"the client read nothing for {self._limits.writeTimeout:g}s")
+        _log.warn("client {client}: {reason}; connection aborted", client=self.connection.peer, reason=error.reason)
+        self._cutOff(error)
+        self._closing = True
+        self._fail(Failure(ConnectionLost(error.reason)))
+        self.transport.abortConnection()
+
+    def _cutOff(self, error: ProxyError) -> None:
+        """The connection is cut for C{error}: the records of its streams say why (or one of its own, if none)."""
+        if not self.streams:
+            self.site.refused(self.connection.peer, error, answered=False)
+        for stream in self.streams.values():
+            stream.request.cutOff(error)
 
     def _idleTimedOut(self, mode: int) -> None:
         """
@@ -604,6 +626,7 @@ class HTTP2Server:
         self._closing = True
         self._headDeadline.stop()
         self._idleDeadline.stop()
+        self._writeDeadline.stop()
         if self._closer is not None and self._closer.active():
             self._closer.cancel()
         self._fail(reason)
