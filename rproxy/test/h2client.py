@@ -199,6 +199,11 @@ class H2Client:
         assert self._protocol is not None
         self._protocol.transport.pauseProducing()
 
+    def resumeReading(self) -> None:
+        """Read again, after L{stopReading}."""
+        assert self._protocol is not None
+        self._protocol.transport.resumeProducing()
+
     def send(self, streamID: int, data: bytes, endStream: bool = False, trailers: Fields | None = None) -> None:
         """
         Send body bytes on C{streamID} as the server's windows allow (the rest waits for its
