@@ -71,7 +71,7 @@ class Overload:
             return self._shed(f"{self.inFlight} requests in flight, the limit is {self.maxInFlight}")
         if self.maxMemory:
             resident = self.resident()
-            if resident >= self.maxMemory:
+            if self.maxMemory and resident >= self.maxMemory:  # (it is 0 once the memory proved unreadable)
                 return self._shed(f"{resident >> 20} MiB resident, the limit is {self.maxMemory >> 20} MiB")
         self.inFlight += 1
         return None
