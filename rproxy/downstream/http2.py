@@ -19,7 +19,9 @@ without a body is a single HEADERS frame, as gRPC's trailers-only responses must
  - response bytes held per stream and per connection bounded by L{STREAM_BUFFER} and L{CONNECTION_BUFFER}
    whatever window the client advertises, and control frames a client makes us queue while it does not
    read bounded by L{CONTROL_BUFFER} (beyond: GOAWAY(ENHANCE_YOUR_CALM));
- - a client that leaves the send buffer full for the write timeout: the connection is aborted;
+ - a client that leaves the send buffer full for the write timeout: the connection is aborted; one that
+   keeps a stream's flow-control window (or the connection's) shut that long while a response waits: the
+   stream is reset (CANCEL), and the other streams go on;
  - deadlines: the header timeout for any incomplete frame but DATA and any header block
    (L{rproxy.downstream.h2frames.FrameWatch}), and the idle timeout only while no stream is open;
  - connection errors sent with the code the RFCs name, and a close that a client cannot hold off
@@ -668,6 +670,7 @@ class H2Stream:
     _clientDone = False  # the client ended its side
     _done = False
     _tunnel: TunnelReceiver | None = None
+    _stall: deadline.Deadline | None = None  # made when the client first shuts its window on a response
 
     def __init__(self, server: HTTP2Server, streamID: int) -> None:
         self.server = server
@@ -812,6 +815,8 @@ class H2Stream:
         if server.conn.local_flow_control_window(self.streamID) > 0:
             server.priority.unblock(self.streamID)
             server.scheduleSend()
+        else:
+            self._windowShut()
         if self._producer is not None and not self._producerPaused and self._mayQueue() <= 0:
             self._producerPaused = True
             self._producer.pauseProducing()
@@ -831,6 +836,9 @@ class H2Stream:
 
     def windowOpened(self) -> None:
         """A window opened, or the connection's buffer drained: the producer may go on, and DATA may go."""
+        stall = self._stall
+        if stall is not None and self.server.conn.local_flow_control_window(self.streamID) > 0:
+            stall.disarm()
         if self._queue or self._ending:
             self.server.priority.unblock(self.streamID)
         if self._producerPaused and self._mayQueue() > 0:
@@ -863,6 +871,7 @@ class H2Stream:
         if window <= 0:
             # The client's window is shut: the stream waits for its WINDOW_UPDATE (windowOpened).
             self.server.priority.block(streamID)
+            self._windowShut()
             return 1
         data = queue.popleft()
         if len(data) > window:
@@ -1032,10 +1041,36 @@ class H2Stream:
     def _abandon(self) -> None:
         self._finish(Failure(ConnectionLost("the stream was closed")))
 
+    def _windowShut(self) -> None:
+        """The client's window is shut while the response waits: it has the write timeout to open it."""
+        server = self.server
+        timeout = server._limits.writeTimeout
+        if not timeout:
+            return
+        stall = self._stall
+        if stall is None:
+            stall = self._stall = deadline.Deadline(server._reactor, self._stalled)
+        if stall.mode != deadline.WRITE:
+            stall.arm(deadline.WRITE, timeout)
+
+    def _stalled(self, mode: int) -> None:
+        timeout = self.server._limits.writeTimeout
+        error = clientError(408, f"the client kept its flow-control window shut for {timeout:g}s")
+        _log.warn(
+            "client {client}, stream {stream}: {reason}; stream reset",
+            client=self.server.connection.peer,
+            stream=self.streamID,
+            reason=error.reason,
+        )
+        self.request.cutOff(error)
+        self.abortConnection()
+
     def _finish(self, reason: Failure) -> None:
         if self._done:
             return
         self._done = True
+        if self._stall is not None:
+            self._stall.stop()
         if self._queuedBytes:
             self.server.queued(self, -self._queuedBytes)
             self._queuedBytes = 0

@@ -314,6 +314,29 @@ class WriteTimeoutTests(unittest.TestCase):
         self.assertEqual(records.reasons(), ["limits"])
         self.assertTrue(any("the client read nothing for 1s; connection aborted" in x for x in logs.formatted()))
 
+    async def test_http2ShutWindow(self) -> None:
+        """
+        A client that reads, but never opens a stream's window again (a zero-window slow read): that stream
+        is reset with CANCEL and its upstream request cancelled; the connection serves another stream.
+        """
+        listening, built = serve(self, lambda: _LargeUpstream(64 * MiB))
+        proxy = startProxy(self, [listening.url], "--write-timeout", "1")
+        records = _Records(proxy)
+        logs = LogCapture(self)
+        client = await H2Client.connect(proxy.port, autoAcknowledge=False)
+        self.addCleanup(client.close)
+        stream = client.request(b"GET", b"/large")
+        await client.waitUntil(lambda: client.streams[stream].finished, timeout=10)
+        self.assertEqual(client.streams[stream].resetCode, h2.errors.ErrorCodes.CANCEL)
+        self.assertEqual(len(client.streams[stream].data), 65535)  # the first window, no more
+        self.assertTrue(await waitFor(lambda: built[0].lostAt is not None), "the upstream request went on")
+        self.assertEqual(records.reasons(), ["limits"])
+        self.assertTrue(any("kept its flow-control window shut for 1s; stream reset" in x for x in logs.formatted()))
+        client.acknowledge(stream, 65535)  # the connection's window only (the stream is closed): others may send
+        other = client.request(b"GET", b"/large")
+        await client.waitUntil(lambda: len(client.streams[other].data) > 0)
+        self.assertTrue(proxy.site.connections)
+
 
 class RequestTimeoutTests(unittest.TestCase):
     """--request-timeout: from the head to the end of the response."""
