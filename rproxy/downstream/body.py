@@ -53,7 +53,8 @@ class RequestBodyPipe:
     @ivar received: bytes received from the client so far.
     @ivar complete: whether the client has sent the whole body.
     @ivar trailers: the trailer fields that followed the body, once it is complete.
-    @ivar holds: how many times the pipe paused the client (its minimum body rate does not count then).
+    @ivar holds: how many times the pipe paused or resumed the client (a window of its minimum body rate in
+        which it did does not count).
     """
 
     _replay: list[bytes] | None = None  # what the current consumer was given, while it may be resent
@@ -238,6 +239,7 @@ class RequestBodyPipe:
 
     def _resumeSource(self) -> None:
         if self._sourcePaused:
+            self.holds += 1
             self._sourcePaused = False
             self._source.resumeProducing()
 

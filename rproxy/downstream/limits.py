@@ -101,9 +101,9 @@ class TimedRequest(Protocol):
 
     def bodyProgress(self) -> tuple[int, int, bool] | None:
         """
-        The body bytes received so far, how many times the proxy held the body back (paused its client),
-        and whether it holds it back now (or has not sent the ``100 Continue`` the client waits for);
-        C{None} once no more body is expected.
+        The body bytes received so far, how many times the proxy held the body back or let it go again
+        (paused or resumed its client), and whether it holds it back now (or has not sent the ``100 Continue``
+        the client waits for); C{None} once no more body is expected.
         """
 
     def bodyTooSlow(self, received: int, seconds: float) -> None:

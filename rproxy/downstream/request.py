@@ -213,16 +213,17 @@ class ProxyRequest(server.Request):
 
     def bodyProgress(self) -> tuple[int, int, bool] | None:
         """
-        The body bytes received so far, how many times the proxy held the body back (paused its client),
-        and whether it holds it back now (also while a ``100 Continue`` the client waits for is not sent);
-        C{None} once no more body is expected (L{rproxy.downstream.limits.TimedRequest}).
+        The body bytes received so far, how many times the proxy held the body back or let it go again
+        (paused or resumed its client, or sent the ``100 Continue`` it waited for), and whether it holds it
+        back now (also while that ``100 Continue`` is not sent); C{None} once no more body is expected
+        (L{rproxy.downstream.limits.TimedRequest}).
         """
         if self._bodyDone or self._refused:
             return None
         pipe = self.bodyPipe
         if pipe is None:
             return None if self._streaming else (self._bodyBytes, 0, False)
-        return pipe.received, pipe.holds, pipe.sourcePaused or self._unsolicitedBody()
+        return pipe.received, pipe.holds + self.continued, pipe.sourcePaused or self._unsolicitedBody()
 
     def bodyTooSlow(self, received: int, seconds: float) -> None:
         """The body arrives slower than the minimum rate: 408 (a reset if the response began)."""

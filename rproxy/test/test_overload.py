@@ -7,6 +7,7 @@ the memory watermark sheds the same way; the memory is sampled, not read per req
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.internet import defer
@@ -21,6 +22,7 @@ from rproxy.test.h2client import H2Client
 from rproxy.test.support import (
     ReceivedRequest,
     ScriptedUpstream,
+    freePort,
     headerValues,
     rawRequest,
     responseStatus,
@@ -28,6 +30,7 @@ from rproxy.test.support import (
     waitFor,
 )
 from rproxy.test.test_admin import HEALTH, RunningService, startService
+from rproxy.test.test_drain import ProxyProcess, waitUntilListening
 from rproxy.test.test_limits import connectClient
 
 _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -134,6 +137,36 @@ class InFlightTests(unittest.TestCase):
         self.assertTrue(await waitFor(lambda: site.overload.inFlight == 0, timeout=2))
         self.assertEqual(responseStatus(await rawRequest(running.port, get(b"/other"), timeout=5)), 200)
         self.assertIsNone(tunnel.closedAt)  # the tunnel is still open
+
+
+class ProcessTests(unittest.TestCase):
+    """A real C{twist rproxy} process (this checkout's rproxy), overloaded."""
+
+    async def test_overloaded(self) -> None:
+        held: list[Any] = []
+
+        def respond(proto: Any, request: ReceivedRequest) -> bytes:
+            if request.requestLine.startswith(b"GET /slow"):
+                held.append(proto)
+                return b""
+            return _OK
+
+        upstream = ScriptedUpstream(self, respond)
+        port = freePort()
+        argv = [sys.executable, "-m", "twisted", "rproxy", "--listen", f"tcp:{port}:interface=127.0.0.1"]
+        argv += ["--upstream", upstream.url, "--access-log", "-", "--max-in-flight", "3", "--health-route", HEALTH]
+        process = ProxyProcess.spawn(self, argv)
+        await waitUntilListening(self, process, port)
+        answers = [rawRequest(port, get(b"/slow/%d" % i), timeout=15) for i in range(8)]
+        self.assertTrue(await waitFor(lambda: len(held) == 3, timeout=10))
+        [(head, body)] = splitResponses(await rawRequest(port, get(HEALTH.encode()), timeout=5))
+        self.assertEqual((responseStatus(head), body), (200, b"ok\n"))
+        for proto in held:
+            proto.transport.write(_OK)
+        statuses = sorted(responseStatus(response) for response in await defer.gatherResults(answers))
+        self.assertEqual(statuses, [200] * 3 + [503] * 5)
+        self.assertEqual(responseStatus(await rawRequest(port, get(b"/fast"), timeout=5)), 200)
+        self.assertTrue(await waitFor(lambda: process.log.count("the proxy is overloaded (3 requests in flight") >= 5))
 
 
 class MemoryTests(unittest.TestCase):
