@@ -331,6 +331,7 @@ class HTTP2Server:
                 rate=limits.h2ResetRate,
                 burst=limits.h2ResetBurst,
             )
+            self._cutOff(clientError(429, f"the client reset streams faster than {limits.h2ResetRate}/s"))
             self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many stream resets")
         else:
             self._resetTokens -= 1
@@ -511,6 +512,7 @@ class HTTP2Server:
             client=self.connection.peer,
             timeout=self._limits.headerTimeout,
         )
+        self._cutOff(clientError(408, f"an HTTP/2 frame did not arrive within {self._limits.headerTimeout:g}s"))
         self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "the client was too slow to send a frame")
 
     def _writeTimedOut(self, mode: int) -> None:
