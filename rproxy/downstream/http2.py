@@ -349,7 +349,6 @@ class HTTP2Server:
                 rate=limits.h2ResetRate,
                 burst=limits.h2ResetBurst,
             )
-            self._cutOff(clientError(429, f"the client reset streams faster than {limits.h2ResetRate}/s"))
             self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many stream resets")
         else:
             self._resetTokens -= 1
@@ -412,14 +411,9 @@ class HTTP2Server:
             return
         self._heldControl += data
         if len(self._heldControl) > CONTROL_BUFFER and not self._closing:
-            error = clientError(
-                429, f"the client made the proxy queue {len(self._heldControl)} bytes of frames it does not read"
-            )
-            _log.warn(
-                "client {client}: {reason}; GOAWAY(ENHANCE_YOUR_CALM)", client=self.connection.peer, reason=error.reason
-            )
-            self._cutOff(error)
-            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, error.reason)
+            why = f"the client made the proxy queue {len(self._heldControl)} bytes of frames it does not read"
+            _log.warn("client {client}: {reason}; GOAWAY(ENHANCE_YOUR_CALM)", client=self.connection.peer, reason=why)
+            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, why)
 
     def scheduleSend(self) -> None:
         """
@@ -530,7 +524,6 @@ class HTTP2Server:
             client=self.connection.peer,
             timeout=self._limits.headerTimeout,
         )
-        self._cutOff(clientError(408, f"an HTTP/2 frame did not arrive within {self._limits.headerTimeout:g}s"))
         self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "the client was too slow to send a frame")
 
     def _writeTimedOut(self, mode: int) -> None:

@@ -72,10 +72,10 @@ def rejectionReason(record: ExchangeRecord) -> str | None:
     (no error, or the upstream's).  A client's error is C{auth} (401 and 403: credentials, tokens, address
     rules, CORS), C{rate_limit} (429), C{limits} (408, 413, 414, 431), C{no_route} (404) or C{bad_input}
     (any other), and C{limits} too when a client's limit cut a response already begun (the connection or
-    stream was aborted: a client that does not read, a body too slow, an HTTP/2 client that makes the proxy
-    queue frames it does not read); the proxy's own is C{overload} (at its connection limits, or shedding
-    load), C{unavailable} (another 503) or C{internal}.  A 503 because no upstream could take the request is
-    C{unavailable} too, although the upstreams are at fault (they failed their health checks).
+    stream was aborted: a client that does not read, a body too slow); the proxy's own is C{overload} (at
+    its connection limits, or shedding load), C{unavailable} (another 503) or C{internal}.  A 503 because no
+    upstream could take the request is C{unavailable} too, although the upstreams are at fault (they failed
+    their health checks).
     """
     fault, status = record.fault, record.status
     if record.errorType == "destination_unavailable":
