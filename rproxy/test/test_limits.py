@@ -194,6 +194,26 @@ class BodyRateTests(unittest.TestCase):
         self.assertTrue(await waitFor(lambda: upstream.lost))  # the upstream never sees the body complete
         self.assertEqual(upstream.requests, [])
 
+    async def test_slowPostHTTP2(self) -> None:
+        """The same over HTTP/2: 408 on the stream, and the connection goes on."""
+        upstream = ScriptedUpstream(self, lambda proto, request: _OK)
+        proxy = self.startProxy(upstream.url)
+        records = _Records(proxy)
+        client = await H2Client.connect(proxy.port)
+        self.addCleanup(client.close)
+        stream = client.request(b"POST", b"/upload", [(b"content-length", b"100000")], endStream=False)
+        for _ in range(50):  # 10 bytes every 0.1 s, at most 5 s
+            if client.streams[stream].finished:
+                break
+            client.send(stream, b"x" * 10)
+            await sleep(0.1)
+        self.assertEqual(client.streams[stream].status, 408)
+        self.assertIn(b"below the minimum of 1000 bytes/s", client.streams[stream].data)
+        self.assertEqual(records.reasons(), ["limits"])
+        other = client.request(b"GET", b"/after")
+        await client.waitUntil(lambda: client.streams[other].ended)
+        self.assertEqual(client.streams[other].status, 200)
+
     async def test_steadyPostServed(self) -> None:
         """A body that keeps above the rate, for longer than several windows, is served."""
         upstream = ScriptedUpstream(self, lambda proto, request: _OK)
