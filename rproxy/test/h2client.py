@@ -199,6 +199,11 @@ class H2Client:
         assert self._protocol is not None
         self._protocol.transport.pauseProducing()
 
+    def transportHandle(self) -> Any:
+        """The connection's socket (to set its options)."""
+        assert self._protocol is not None
+        return self._protocol.transport.getHandle()
+
     def resumeReading(self) -> None:
         """Read again, after L{stopReading}."""
         assert self._protocol is not None

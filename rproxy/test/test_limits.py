@@ -11,6 +11,7 @@ test_h2_abuse.ResponseMemoryTests; the header count limit on HTTP/2 by test_h2_r
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -486,27 +487,46 @@ class RequestTimeoutTests(unittest.TestCase):
 
 
 class ControlFloodTests(unittest.TestCase):
-    """A client that sends PINGs and reads none of their acknowledgements."""
+    """A client that sends PINGs or SETTINGS and reads none of their acknowledgements."""
 
     async def test_pingFlood(self) -> None:
-        upstream = ScriptedUpstream(self, lambda proto, request: _OK)
-        proxy = startProxy(self, [upstream.url])
-        records = _Records(proxy)
-        logs = LogCapture(self)
-        client = await H2Client.connect(proxy.port)
-        self.addCleanup(client.close)
-        client.stopReading()
-        ping = bytes.fromhex("000008060000000000") + bytes(8)
-        for _ in range(200):  # 2000 PINGs (34 KB) a turn, at most 6.8 MB: the socket buffers fill first
-            if any("GOAWAY(ENHANCE_YOUR_CALM)" in line for line in logs.formatted()):
-                break
-            client.writeRaw(ping * 2000)
-            await sleep(0.02)
-        self.assertTrue(any("frames it does not read" in line for line in logs.formatted()))
+        """The client reads again at once: it finds GOAWAY(ENHANCE_YOUR_CALM) after the acknowledgements."""
+        client, records = await self.flood(bytes.fromhex("000008060000000000") + bytes(8))
         client.resumeReading()
         await client.waitUntil(lambda: client.closed.called, timeout=CLOSE_GRACE + 5)
         assert client.goAway is not None
         self.assertEqual(client.goAway.error_code, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
         self.assertEqual(records.reasons(), ["rate_limit"])  # a flood: 429, as every GOAWAY(ENHANCE_YOUR_CALM)
+
+    async def test_settingsFlood(self) -> None:
+        """The client never reads again: its connection is reset after the close's grace period."""
+        client, records = await self.flood(bytes.fromhex("000000040000000000"))  # an empty SETTINGS
+        self.assertTrue(await waitFor(lambda: not self.proxy.site.connections, timeout=CLOSE_GRACE + 5))
+        self.assertEqual(records.reasons(), ["rate_limit"])
+
+    async def flood(self, frame: bytes) -> tuple[H2Client, _Records]:
+        """
+        Send C{frame} over and over, reading nothing, until the replies held pass the cap and the proxy
+        sends GOAWAY(ENHANCE_YOUR_CALM); return the client and the records.
+        """
+        upstream = ScriptedUpstream(self, lambda proto, request: _OK)
+        proxy = self.proxy = startProxy(self, [upstream.url])
+        records = _Records(proxy)
+        logs = LogCapture(self)
+        client = await H2Client.connect(proxy.port)
+        self.addCleanup(client.close)
+        # Small socket buffers on both ends, so that fewer replies fill them (seconds of h2 work otherwise).
+        [connection] = proxy.site.connections
+        connection.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client.transportHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.stopReading()
+        for _ in range(400):  # 2000 frames (at most 34 KB) a turn, at most 14 MB (about 10 turns are needed)
+            if any("GOAWAY(ENHANCE_YOUR_CALM)" in line for line in logs.formatted()):
+                break
+            client.writeRaw(frame * 2000)
+            await sleep(0.02)
+        self.assertTrue(any("frames it does not read" in line for line in logs.formatted()))
+        self.assertTrue(await waitFor(lambda: records.records))
         self.assertIn("GOAWAY ENHANCE_YOUR_CALM: the client made the proxy queue", records.records[0].reason or "")
         self.assertIn("bytes of frames it does not read", records.records[0].reason or "")
+        return client, records

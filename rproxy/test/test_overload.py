@@ -29,7 +29,7 @@ from rproxy.test.support import (
     splitResponses,
     waitFor,
 )
-from rproxy.test.test_admin import HEALTH, RunningService, startService
+from rproxy.test.test_admin import HEALTH, TOKEN, RunningService, startAdmin, startService
 from rproxy.test.test_drain import ProxyProcess, waitUntilListening
 from rproxy.test.test_limits import connectClient
 
@@ -73,7 +73,7 @@ class InFlightTests(unittest.TestCase):
             return _OK
 
         upstream = ScriptedUpstream(self, respond)
-        running = startService(
+        running = startAdmin(
             self, "--upstream", upstream.url, "--max-in-flight", str(_WATERMARK), "--health-route", HEALTH
         )
         site = siteOf(running)
@@ -82,9 +82,13 @@ class InFlightTests(unittest.TestCase):
         self.assertTrue(await waitFor(lambda: len(held) == _WATERMARK and len(records.records) == _SENT - _WATERMARK))
         self.assertEqual(site.overload.inFlight, _WATERMARK)
 
-        # Overloaded: the health route answers, a new request (HTTP/1.1 or HTTP/2) is shed at once.
+        # Overloaded: the health route and the admin API answer, a new request (HTTP/1.1 or HTTP/2) is shed.
         [(head, body)] = splitResponses(await rawRequest(running.port, get(HEALTH.encode()), timeout=5))
         self.assertEqual((responseStatus(head), body), (200, b"ok\n"))
+        assert running.adminPort is not None
+        state = b"GET /state HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n"
+        answer = await rawRequest(running.adminPort, state % TOKEN.encode(), timeout=5)
+        self.assertEqual(responseStatus(answer), 200, answer)
         client = await H2Client.connect(running.port)
         self.addCleanup(client.close)
         stream = client.request(b"GET", b"/fast")
