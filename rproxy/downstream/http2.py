@@ -524,7 +524,7 @@ class HTTP2Server:
             client=self.connection.peer,
             timeout=self._limits.headerTimeout,
         )
-        self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "the client was too slow to send a frame")
+        self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "the client was too slow to send a frame", 408)
 
     def _writeTimedOut(self, mode: int) -> None:
         """The client left the send buffer full for the write timeout: its connection is aborted."""
@@ -574,16 +574,20 @@ class HTTP2Server:
         except h2.exceptions.ProtocolError:
             pass
         self._closing = True
-        self._record(code, str(error))
+        self._record(code, str(error), 429 if code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM else 400)
         pending = withGoAwayCode(self.conn.data_to_send(), code)
         self._writeLast(pending)
         self._fail(Failure(error))
         self._close()
 
-    def _goAwayAndClose(self, code: int, why: str) -> None:
+    def _goAwayAndClose(self, code: int, why: str, status: int = 429) -> None:
+        """
+        End the connection with GOAWAY(C{code}); unless it is a clean close, record the refusal as C{status}
+        (429 for a flood, 408 for a client too slow, as HTTP/1.1 answers one).
+        """
         self._closing = True
         if code != h2.errors.ErrorCodes.NO_ERROR:
-            self._record(code, why)
+            self._record(code, why, status)
         try:
             self.conn.close_connection(error_code=code)
         except h2.exceptions.ProtocolError:
@@ -592,12 +596,12 @@ class HTTP2Server:
         self._fail(Failure(ConnectionLost(why)))
         self._close()
 
-    def _record(self, code: int, why: str) -> None:
+    def _record(self, code: int, why: str, status: int) -> None:
         """
         The connection is refused for what the client did (a GOAWAY with an error code): a record of its own
-        for the access log and the metrics, as 429 for a flood (C{ENHANCE_YOUR_CALM}), else 400.
+        for the access log and the metrics, with C{status} for its kind (400 a protocol error, 408 too slow,
+        429 a flood).
         """
-        status = 429 if code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM else 400
         name = getattr(code, "name", str(code))
         error = clientError(status, f"HTTP/2 connection closed with GOAWAY {name}: {why}")
         self.site.refused(self.connection.peer, error)
