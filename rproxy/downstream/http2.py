@@ -19,7 +19,10 @@ without a body is a single HEADERS frame, as gRPC's trailers-only responses must
  - priorities for more streams than the priority tree holds (CVE-2019-9513): GOAWAY(ENHANCE_YOUR_CALM);
  - response bytes held per stream and per connection bounded by L{STREAM_BUFFER} and L{CONNECTION_BUFFER}
    whatever window the client advertises, and control frames a client makes us queue while it does not
-   read bounded by L{CONTROL_BUFFER};
+   read bounded by L{CONTROL_BUFFER} (beyond: GOAWAY(ENHANCE_YOUR_CALM));
+ - a client that leaves the send buffer full for the write timeout: the connection is aborted; one that
+   keeps a stream's flow-control window (or the connection's) shut that long while a response waits: the
+   stream is reset (CANCEL), and the other streams go on;
  - floods of frames that carry nothing (L{rproxy.downstream.h2frames.FrameWatch.flood}): a header
    block of more than 32 CONTINUATION frames (CVE-2024-27316), more than 1000 empty DATA frames
    (CVE-2019-9518): GOAWAY(ENHANCE_YOUR_CALM);
@@ -286,6 +289,7 @@ class HTTP2Server:
         self._idleDeadline = deadline.Deadline(self._reactor, self._idleTimedOut)
         self._idleSince = self._reactor.seconds()
         self._idleDeadline.arm(deadline.IDLE, limits.idleTimeout)
+        self._writeDeadline = deadline.Deadline(self._reactor, self._writeTimedOut)
         self.transport.registerProducer(self, True)
         self._flush()
 
@@ -444,14 +448,9 @@ class HTTP2Server:
             return
         self._heldControl += data
         if len(self._heldControl) > CONTROL_BUFFER and not self._closing:
-            _log.warn(
-                "client {client} does not read while it makes the proxy queue frames ({size} bytes): closed",
-                client=self.connection.peer,
-                size=len(self._heldControl),
-            )
-            self._closing = True
-            self._fail(Failure(ConnectionLost("the client does not read")))
-            self.transport.abortConnection()
+            why = f"the client made the proxy queue {len(self._heldControl)} bytes of frames it does not read"
+            _log.warn("client {client}: {reason}; GOAWAY(ENHANCE_YOUR_CALM)", client=self.connection.peer, reason=why)
+            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, why)
 
     def scheduleSend(self) -> None:
         """
@@ -508,9 +507,13 @@ class HTTP2Server:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        timeout = self._limits.writeTimeout
+        if timeout and self._writeDeadline.mode != deadline.WRITE:
+            self._writeDeadline.arm(deadline.WRITE, timeout)
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._writeDeadline.disarm()
         held, self._heldControl = self._heldControl, b""
         if held:
             self.transport.write(held)
@@ -558,7 +561,23 @@ class HTTP2Server:
             client=self.connection.peer,
             timeout=self._limits.headerTimeout,
         )
-        self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "the client was too slow to send a frame")
+        self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "the client was too slow to send a frame", 408)
+
+    def _writeTimedOut(self, mode: int) -> None:
+        """The client left the send buffer full for the write timeout: its connection is aborted."""
+        error = clientError(408, f"the client read nothing for {self._limits.writeTimeout:g}s")
+        _log.warn("client {client}: {reason}; connection aborted", client=self.connection.peer, reason=error.reason)
+        self._cutOff(error)
+        self._closing = True
+        self._fail(Failure(ConnectionLost(error.reason)))
+        self.transport.abortConnection()
+
+    def _cutOff(self, error: ProxyError) -> None:
+        """The connection is cut for C{error}: the records of its streams say why (or one of its own, if none)."""
+        if not self.streams:
+            self.site.refused(self.connection.peer, error, answered=False)
+        for stream in self.streams.values():
+            stream.request.cutOff(error)
 
     def _idleTimedOut(self, mode: int) -> None:
         """
@@ -592,16 +611,20 @@ class HTTP2Server:
         except h2.exceptions.ProtocolError:
             pass
         self._closing = True
-        self._record(code, str(error))
+        self._record(code, str(error), 429 if code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM else 400)
         pending = withGoAwayCode(self.conn.data_to_send(), code)
         self._writeLast(pending)
         self._fail(Failure(error))
         self._close()
 
-    def _goAwayAndClose(self, code: int, why: str) -> None:
+    def _goAwayAndClose(self, code: int, why: str, status: int = 429) -> None:
+        """
+        End the connection with GOAWAY(C{code}); unless it is a clean close, record the refusal as C{status}
+        (429 for a flood, 408 for a client too slow, as HTTP/1.1 answers one).
+        """
         self._closing = True
         if code != h2.errors.ErrorCodes.NO_ERROR:
-            self._record(code, why)
+            self._record(code, why, status)
         try:
             self.conn.close_connection(error_code=code)
         except h2.exceptions.ProtocolError:
@@ -610,12 +633,12 @@ class HTTP2Server:
         self._fail(Failure(ConnectionLost(why)))
         self._close()
 
-    def _record(self, code: int, why: str) -> None:
+    def _record(self, code: int, why: str, status: int) -> None:
         """
         The connection is refused for what the client did (a GOAWAY with an error code): a record of its own
-        for the access log and the metrics, as 429 for a flood (C{ENHANCE_YOUR_CALM}), else 400.
+        for the access log and the metrics, with C{status} for its kind (400 a protocol error, 408 too slow,
+        429 a flood).
         """
-        status = 429 if code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM else 400
         name = getattr(code, "name", str(code))
         error = clientError(status, f"HTTP/2 connection closed with GOAWAY {name}: {why}")
         self.site.refused(self.connection.peer, error)
@@ -672,6 +695,7 @@ class HTTP2Server:
         self._closing = True
         self._headDeadline.stop()
         self._idleDeadline.stop()
+        self._writeDeadline.stop()
         if self._closer is not None and self._closer.active():
             self._closer.cancel()
         self._fail(reason)
@@ -713,6 +737,7 @@ class H2Stream:
     _clientDone = False  # the client ended its side
     _done = False
     _tunnel: TunnelReceiver | None = None
+    _stall: deadline.Deadline | None = None  # made when the client first shuts its window on a response
     #: The code of the RST_STREAM that ends the response instead of END_STREAM: PROTOCOL_ERROR after the
     #: 400 that answers a malformed request (RFC 9113 section 8.1.1 makes it a stream error, and lets a
     #: response go first).
@@ -869,6 +894,8 @@ class H2Stream:
         if server.conn.local_flow_control_window(self.streamID) > 0:
             server.priority.unblock(self.streamID)
             server.scheduleSend()
+        else:
+            self._windowShut()
         if self._producer is not None and not self._producerPaused and self._mayQueue() <= 0:
             self._producerPaused = True
             self._producer.pauseProducing()
@@ -888,6 +915,9 @@ class H2Stream:
 
     def windowOpened(self) -> None:
         """A window opened, or the connection's buffer drained: the producer may go on, and DATA may go."""
+        stall = self._stall
+        if stall is not None and self.server.conn.local_flow_control_window(self.streamID) > 0:
+            stall.disarm()
         if self._queue or self._ending:
             self.server.priority.unblock(self.streamID)
         if self._producerPaused and self._mayQueue() > 0:
@@ -920,6 +950,7 @@ class H2Stream:
         if window <= 0:
             # The client's window is shut: the stream waits for its WINDOW_UPDATE (windowOpened).
             self.server.priority.block(streamID)
+            self._windowShut()
             return 1
         data = queue.popleft()
         if len(data) > window:
@@ -1091,10 +1122,36 @@ class H2Stream:
     def _abandon(self) -> None:
         self._finish(Failure(ConnectionLost("the stream was closed")))
 
+    def _windowShut(self) -> None:
+        """The client's window is shut while the response waits: it has the write timeout to open it."""
+        server = self.server
+        timeout = server._limits.writeTimeout
+        if not timeout:
+            return
+        stall = self._stall
+        if stall is None:
+            stall = self._stall = deadline.Deadline(server._reactor, self._stalled)
+        if stall.mode != deadline.WRITE:
+            stall.arm(deadline.WRITE, timeout)
+
+    def _stalled(self, mode: int) -> None:
+        timeout = self.server._limits.writeTimeout
+        error = clientError(408, f"the client kept its flow-control window shut for {timeout:g}s")
+        _log.warn(
+            "client {client}, stream {stream}: {reason}; stream reset",
+            client=self.server.connection.peer,
+            stream=self.streamID,
+            reason=error.reason,
+        )
+        self.request.cutOff(error)
+        self.abortConnection()
+
     def _finish(self, reason: Failure) -> None:
         if self._done:
             return
         self._done = True
+        if self._stall is not None:
+            self._stall.stop()
         if self._queuedBytes:
             self.server.queued(self, -self._queuedBytes)
             self._queuedBytes = 0
