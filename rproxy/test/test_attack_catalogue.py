@@ -287,15 +287,21 @@ class SmugglingTests(_CatalogueTestCase):
         self.assertEqual(section, b"X-Checksum: 1")
 
 
-class _ReadsBodyAsRequest(protocol.Protocol):
+#: A response the upstream sends for a request the proxy never sent.
+_STALE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
+
+
+class _Desynchronised(protocol.Protocol):
     """
-    An upstream with the CL.0 flaw: it answers each request head at once (204) and ignores the body,
-    reading it as further requests, whose answers follow: the first in the same write, the second a
-    little later.  Its second connection behaves.
+    An upstream out of step with the proxy.  Its first connection, once C{heads} request heads have
+    arrived, writes C{answer} (a response with more after it), and a little later another L{_STALE}
+    response; its next connections behave, answering C{fresh}.
     """
 
-    def __init__(self, built: list[_ReadsBodyAsRequest]) -> None:
+    def __init__(self, built: list[_Desynchronised], heads: int, answer: bytes) -> None:
         self.first = not built
+        self.heads = heads
+        self.answer = answer
         self.received = b""
         self.later: IDelayedCall | None = None
 
@@ -304,11 +310,9 @@ class _ReadsBodyAsRequest(protocol.Protocol):
         if not self.first:
             if self.received.endswith(b"\r\n\r\n"):
                 self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
-            return
-        if self.received.count(b"\r\n\r\n") == 2:  # the head, and the body read as a request
-            stale = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
-            self.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n" + stale)
-            self.later = reactor.callLater(0.05, self.transport.write, stale)
+        elif self.received.count(b"\r\n\r\n") == self.heads:
+            self.transport.write(self.answer)
+            self.later = reactor.callLater(0.05, self.transport.write, _STALE)
 
     def connectionLost(self, reason: object) -> None:
         if self.later is not None and self.later.active():
@@ -317,21 +321,37 @@ class _ReadsBodyAsRequest(protocol.Protocol):
 
 class UpstreamDesyncTests(unittest.TestCase):
     """
-    Response queue poisoning behind a CL.0 upstream (Kettle 2025): an upstream that takes a request body
-    for another request answers it too.  Bytes after a complete response are never read as the next
-    client's response: the connection is closed, and the next request (here waiting for the one
-    connection allowed) gets a fresh one.
+    Response queue poisoning (Kettle 2025): an upstream that sends more than the response to the request
+    it was sent.  Bytes after a complete response are never read as the next client's response: the
+    connection is closed, and the next request (here waiting for the one connection allowed) gets a
+    fresh one.
     """
 
     async def test_excessResponse(self) -> None:
-        listening, built = serve(self, lambda: _ReadsBodyAsRequest(built))
-        proxy = startProxy(self, [listening.url], "--upstream-max-connections", "1")
-        first = rawRequest(proxy.port, head(b"POST /a HTTP/1.1", HOST, LENGTH, b"Connection: close") + SMUGGLED)
-        await sleep(0.01)
-        second = rawRequest(proxy.port, head(b"GET /b HTTP/1.1", HOST, b"Connection: close"))
-        answers = [splitResponses(await first), splitResponses(await second)]
-        self.assertEqual([[head.split(b" ")[1] for head, _ in answer] for answer in answers], [[b"204"], [b"200"]])
-        self.assertEqual(answers[1][0][1], b"fresh", "a response meant for no request reached a client")
+        rows = {
+            # CL.0 on the upstream: it answers the head (204) and reads the body as a request of its own
+            "a body read as a request": (
+                head(b"POST /a HTTP/1.1", HOST, LENGTH, b"Connection: close") + SMUGGLED,
+                2,
+                b"HTTP/1.1 204 No Content\r\n\r\n" + _STALE,
+            ),
+            # a body sent with the answer to a HEAD, itself a response
+            "a body after a HEAD answer": (
+                head(b"HEAD /a HTTP/1.1", HOST, b"Connection: close"),
+                1,
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(_STALE) + _STALE,
+            ),
+        }
+        for name, (payload, heads, answer) in rows.items():
+            listening, built = serve(self, lambda: _Desynchronised(built, heads, answer))  # noqa: B023
+            proxy = startProxy(self, [listening.url], "--upstream-max-connections", "1")
+            first = rawRequest(proxy.port, payload)
+            await sleep(0.01)
+            second = rawRequest(proxy.port, head(b"GET /b HTTP/1.1", HOST, b"Connection: close"))
+            answers = [splitResponses(await first), splitResponses(await second)]
+            self.assertEqual(len(answers[0]), 1, name)
+            self.assertEqual([head.split(b" ")[1] for head, _ in answers[1]], [b"200"], name)
+            self.assertEqual(answers[1][0][1], b"fresh", f"{name}: a response meant for no request reached a client")
 
 
 class HostTests(_CatalogueTestCase):
