@@ -24,7 +24,7 @@ Usage (``make soak`` runs it with SOAK_SECONDS, default 300)::
 
 The report directory gets C{soak.txt} (the settings, the curves as a table, the verdict), C{soak.json}
 (everything, for tools), and C{soak.png} when matplotlib is installed (it is not a dependency).
-C{rproxy/test/test_soak.py} runs it for 25 seconds on a smaller scale.
+C{rproxy/test/test_soak.py} runs it for 22 seconds on a smaller scale.
 
 The upstreams are processes of this script: C{soak.py web PORT} (rproxy's demo site on twisted.web) and
 C{soak.py ws PORT} (a WebSocket echo server on the websockets library).

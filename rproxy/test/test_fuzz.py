@@ -20,7 +20,7 @@ from rproxy.test.support import PYTHON, ROOT
 
 FUZZ = os.path.join(ROOT, "fuzz")
 #: Seconds of mutation in the suite (C{make fuzz} runs minutes).
-SECONDS = int(os.environ.get("RPROXY_FUZZ_SECONDS", "12"))
+SECONDS = int(os.environ.get("RPROXY_FUZZ_SECONDS", "8"))
 
 
 class FuzzTests(unittest.TestCase):

@@ -1,6 +1,6 @@
 """
 The soak of benchmarks/soak.py on a small scale, within the suite: a real ``twist rproxy`` under HTTP/1.1
-(wrk), HTTP/2 (h2load) and WebSocket load at once for 25 seconds, its upstreams killed and started again
+(wrk), HTTP/2 (h2load) and WebSocket load at once for 22 seconds, its upstreams killed and started again
 and its configuration reloaded every few seconds.  The script asserts what C{make soak} asserts for
 minutes (flat RSS and descriptors after the warm-up, no failed idempotent request, every WebSocket
 handshake and echo right, nothing left open after the load); this test runs it and reads its report.
@@ -24,8 +24,8 @@ class SoakTests(unittest.TestCase):
 
     async def test_smallSoak(self) -> None:
         """
-        25 seconds: four upstream kills, about ten reloads; zero failed requests, RSS and descriptors flat
-        after a 10-second warm-up, every descriptor the load opened closed after it.
+        22 seconds: four upstream kills, about ten reloads; zero failed requests, RSS and descriptors flat
+        after a 9-second warm-up, every descriptor the load opened closed after it.
         """
         report = os.path.abspath(self.mktemp())
         env = {k: v for k, v in os.environ.items() if not k.startswith("RPROXY_")}
@@ -34,8 +34,8 @@ class SoakTests(unittest.TestCase):
             PYTHON,
             [
                 SOAK,
-                "--seconds=25",
-                "--warmup=10",
+                "--seconds=22",
+                "--warmup=9",
                 "--h1-connections=8",
                 "--h2-connections=2",
                 "--h2-streams=4",
