@@ -78,6 +78,16 @@ def _codeName(code: int) -> str:
         return f"error {code:#x}"
 
 
+class _Connection(H2Connection):
+    """
+    h2's client connection, remembering how the last 1024 closed streams ended rather than 65536: one
+    upstream connection carries every request to its upstream, and h2's default held about 8 MiB for each
+    (as on the client side, L{rproxy.downstream.http2}).
+    """
+
+    MAX_CLOSED_STREAMS = 1024
+
+
 @implementer(IPushProducer)
 class HTTP2Connection(TwistedProtocol):
     """
@@ -99,7 +109,7 @@ class HTTP2Connection(TwistedProtocol):
     def __init__(self, pool: UpstreamPool, reactor: IReactorTime) -> None:
         self._pool = pool
         self._reactor = reactor
-        self._h2 = H2Connection(
+        self._h2 = _Connection(
             config=H2Configuration(client_side=True, header_encoding=None, validate_inbound_headers=True)
         )
         self._h2.local_settings = Settings(
