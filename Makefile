@@ -91,8 +91,8 @@ test: $(BIN)/twist $(OLDEST)/bin/trial $(CHROMIUM) $(PROMETHEUS) $(H2SPEC) $(WRK
 	$(OLDEST)/bin/trial --reactor=rproxy --jobs=2 rproxy
 
 lint: $(BIN)/twist
-	$(BIN)/ruff check rproxy benchmarks twisted docs/examples
-	$(BIN)/ruff format --check rproxy benchmarks twisted docs/examples
+	$(BIN)/ruff check rproxy benchmarks fuzz twisted docs/examples
+	$(BIN)/ruff format --check rproxy benchmarks fuzz twisted docs/examples
 
 typecheck: $(BIN)/twist
 	$(BIN)/mypy rproxy
