@@ -354,6 +354,9 @@ class Registrations(Service):
 
     A live reload leaves registered upstreams alone (they keep their pools, health and the settings their
     service had when they registered), and drops the registrations of a service it removes.
+
+    Under a supervisor (C{--workers}), the worker serving the admin API announces each change
+    (L{announceTo}), and the other workers L{follow} it.
     """
 
     _log = Logger()
@@ -364,6 +367,35 @@ class Registrations(Service):
         self._byID: dict[str, Registration] = {}
         self._byUpstream: dict[Upstream, Registration] = {}
         self._unwatch: Callable[[], None] | None = None
+        self._announce: Callable[[dict[str, object]], object] | None = None
+        self._following = False
+
+    def announceTo(self, announce: Callable[[dict[str, object]], object]) -> None:
+        """
+        Call C{announce} with each change made here: C{id}, C{service}, C{url} and C{ttl} (C{None} when the
+        registration ended).
+        """
+        self._announce = announce
+
+    def follow(self, change: Mapping[str, object]) -> None:
+        """Make the change another worker announced (see L{announceTo}) here, without announcing it again."""
+        self._following = True
+        try:
+            service, url, ttl, id = (str(change["service"]), str(change["url"]), change["ttl"], str(change["id"]))
+            if ttl is None:
+                registration = self._byID.get(id)
+                if registration is not None:
+                    self.deregister(registration, "deregistered through another worker")
+            else:
+                self.register(service, url, float(ttl), id)  # type: ignore[arg-type]
+        except (APIError, KeyError, ValueError) as e:
+            self._log.warn("admin API: cannot follow {change}: {error}", change=dict(change), error=e)
+        finally:
+            self._following = False
+
+    def _announced(self, made: Registration, ttl: float | None) -> None:
+        if self._announce is not None and not self._following:
+            self._announce({"id": made.id, "service": made.service, "url": made.url, "ttl": ttl})
 
     def startService(self) -> None:
         super().startService()
@@ -382,10 +414,11 @@ class Registrations(Service):
         """The registration C{upstream} is in its service by, if any."""
         return self._byUpstream.get(upstream)
 
-    def register(self, service: str, url: str, ttl: float) -> tuple[Registration, bool]:
+    def register(self, service: str, url: str, ttl: float, id: str | None = None) -> tuple[Registration, bool]:
         """
         Add an upstream at C{url} to C{service} for C{ttl} seconds; return its registration, and whether
-        it is new (C{False}: that URL was registered there already, and is renewed with C{ttl}).
+        it is new (C{False}: that URL was registered there already, and is renewed with C{ttl}).  Its id is
+        C{id} if given (the one another worker gave it), else a new random one.
 
         @raise APIError: 404 for an unknown service, 400 for a bad URL, 409 when the URL is one of the
             service's configured upstreams, or registered with another weight.
@@ -403,13 +436,14 @@ class Registrations(Service):
                     f"{upstream.key} is registered in service {service} with weight {existing.configuredWeight} "
                     f"(id {registration.id}): deregister it first",
                 )
-            registration.renew(ttl)
+            self.renew(registration, ttl)
             return registration, False
-        id = secrets.token_hex(8)
+        id = secrets.token_hex(8) if id is None else id
         registration = Registration(id, service, url, ttl, upstream, self._reactor, self._expire)
         self._byID[id] = registration
         self._byUpstream[upstream] = registration
         self._live.registry.add(service, upstream)
+        self._announced(registration, ttl)
         self._log.info(
             "admin API: {url} registered in service {service} for {ttl:g}s (id {id})",
             url=upstream.key,
@@ -418,6 +452,11 @@ class Registrations(Service):
             id=id,
         )
         return registration, True
+
+    def renew(self, registration: Registration, ttl: float) -> None:
+        """Keep C{registration} C{ttl} seconds from now (its new TTL)."""
+        registration.renew(ttl)
+        self._announced(registration, ttl)
 
     def find(self, service: str, id: str) -> Registration:
         """The registration C{id} of C{service}; raise a 404 L{APIError} when there is none."""
@@ -434,6 +473,7 @@ class Registrations(Service):
         del self._byID[registration.id]
         del self._byUpstream[registration.upstream]
         self._live.registry.remove(registration.service, registration.upstream)
+        self._announced(registration, None)
         self._log.info(
             "admin API: {url} left service {service} (id {id}): {why}",
             url=registration.upstream.key,
@@ -593,7 +633,7 @@ class AdminAPI(Resource):
             _allow(request, b"PUT", b"DELETE")
             registration = self._registrations.find(service, unquote(segments[4].decode("latin-1")))
             if request.method == b"PUT":
-                registration.renew(_ttl(_body(request, optional=True), registration.ttl))
+                self._registrations.renew(registration, _ttl(_body(request, optional=True), registration.ttl))
                 return 200, registration.describe()
             self._registrations.deregister(registration, "deregistered")
             return 204, None

@@ -1,0 +1,704 @@
+"""
+C{--workers N}: one supervisor process and N worker processes on the same listening sockets.
+
+The supervisor binds every listener once (C{--listen}, C{--tls-listen}, C{--admin-listen}; or adopts the
+sockets systemd passed), and passes the listening sockets to its workers as inherited descriptors; each
+worker is C{twist rproxy} with the same arguments, and runs the whole proxy, its listeners adopted
+(L{AdoptedStreamServerEndpoint}) instead of bound.  Inherited sockets, not C{SO_REUSEPORT}: with one socket
+there is one accept queue, which outlives any worker, so a worker that exits (a restart, a crash, an
+upgrade) leaves no accepted-but-unserved connection behind to be reset, as a C{SO_REUSEPORT} socket's own
+queue is when it closes; and they work for UNIX sockets and systemd's socket activation alike.
+
+The supervisor serves nothing itself but C{--metrics-listen}, whose C{/metrics} asks each worker for its
+metrics over its control channel (a socketpair, JSON lines) and answers them all, each sample labelled
+with its C{worker}.  The admin listener is passed to worker 0 only; an upstream registered, renewed or
+deregistered there is announced to the supervisor, which tells every other worker, and every worker it
+starts later (L{Registrations.follow}).  Active health checks run in every worker, each reaching the same
+verdict about the same upstream; passive health (ejections) stays per worker.
+
+Signals to the supervisor:
+  - SIGHUP: every worker reloads (its configuration, certificates, access log);
+  - SIGUSR1: every worker reopens its access log;
+  - SIGTERM, SIGINT: every worker drains (its grace period), then the supervisor exits;
+  - SIGUSR2: a rolling restart that is also the binary upgrade: the supervisor executes itself again
+    (the rproxy installed now), keeping its process id and its listening sockets, starts a new generation
+    of workers, and once all of them listen, the previous generation drains and exits.
+
+A worker that exits otherwise is replaced, after a pause that doubles while workers keep dying young (a
+crash loop), up to L{MAX_BACKOFF}.  Under systemd (C{Type=notify}), the supervisor says C{READY=1} when
+its first generation listens, C{RELOADING=1} on SIGHUP and C{STOPPING=1} on the way out (L{notifySystemd}).
+docs/workers.md tells operators all this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import count
+from types import FrameType
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.application import service
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from rproxy.app.config import ProxyConfig
+from rproxy.downstream.limits import ClientLimits
+from rproxy.downstream.listeners import Listener
+from rproxy.downstream.site import ProxySite
+from rproxy.observe.metrics import metricsResource
+
+__all__ = [
+    "MAX_BACKOFF",
+    "Supervisor",
+    "WorkerRole",
+    "notifySystemd",
+    "workerCount",
+]
+
+_log = Logger()
+
+#: The variable that makes C{twist rproxy} a worker: what its supervisor passed it (JSON).
+WORKER_VARIABLE = "RPROXY_WORKER_STATE"
+#: The variable a supervisor executing itself again (SIGUSR2) passes its sockets and workers in (JSON).
+UPGRADE_VARIABLE = "RPROXY_UPGRADE_STATE"
+#: The longest pause before a worker that died is replaced, in seconds.
+MAX_BACKOFF = 30.0
+#: The first pause after a worker died young, in seconds (doubled at each young death in a row).
+FIRST_BACKOFF = 0.5
+#: A worker that ran this long (seconds) did not die young: its replacement starts at once.
+MIN_UPTIME = 10.0
+#: Seconds a new generation has to listen before a rolling restart gives up on it.
+READY_TIMEOUT = 60.0
+#: Seconds a worker has to answer a question (its metrics).
+ANSWER_TIMEOUT = 5.0
+#: The listeners the supervisor binds for its workers, by option (the metrics listener is its own).
+_PASSED = ("--listen", "--tls-listen", "--demo-upstream", "--admin-listen")
+#: Variables of the supervisor that its workers must not see: systemd's, and the upgrade's.
+_PRIVATE = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+#: What a client of the supervisor's metrics listener may send and keep open.
+_METRICS_LIMITS = ClientLimits(maxBodySize=0, maxHeaders=50, maxConnections=100)
+
+
+def workerCount(value: str) -> int:
+    """
+    The number of workers C{--workers} asks for: a whole number from 1, or C{auto}, the number of cores.
+
+    @raise ValueError: saying what is wrong with C{value}.
+    """
+    if value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"expected a number of processes, 1 or more, or auto, got {value!r}")
+    return number
+
+
+def notifySystemd(state: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """
+    Tell systemd C{state} (C{READY=1}, ...) over C{$NOTIFY_SOCKET}, as C{sd_notify} does; whether it was said
+    (C{False} when not run by a C{Type=notify} unit, or when the socket cannot be reached).
+    """
+    path = environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    address = "\0" + path[1:] if path.startswith("@") else path  # "@": an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sender:
+            sender.sendto(state.encode("utf-8"), address)
+    except OSError as e:
+        _log.warn("cannot tell systemd {state}: {error}", state=state, error=e.strerror or str(e))
+        return False
+    return True
+
+
+def _familyOf(descriptor: int) -> int:
+    """The address family of the socket C{descriptor}."""
+    with socket.socket(fileno=os.dup(descriptor)) as probe:
+        return int(probe.family)
+
+
+def _key(option: str, description: str) -> str:
+    return f"{option} {description}"
+
+
+class _Control(LineOnlyReceiver):
+    """One end of a control channel: JSON objects, one a line, handed to C{received}."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 64 * 1024 * 1024  # a worker's metrics
+
+    def __init__(self, received: Callable[[dict[str, Any]], object], lost: Callable[[], object]) -> None:
+        self._received = received
+        self._lost = lost
+
+    def send(self, message: Mapping[str, object]) -> None:
+        """Send C{message} (if the channel is still open)."""
+        if self.transport is not None and self.connected:
+            self.sendLine(json.dumps(message, separators=(",", ":")).encode("utf-8"))
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            _log.error("control channel: not a JSON message: {line!r}", line=line[:80])
+            return
+        self._received(message)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        _log.error("control channel: a message of more than {limit} bytes; closing it", limit=self.MAX_LENGTH)
+        super().lineLengthExceeded(line)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._lost()
+
+
+def _adoptControl(reactor: Any, descriptor: int, control: _Control) -> None:
+    """Run C{control} over the UNIX stream socket C{descriptor}, which is then closed (the reactor has its copy)."""
+    factory = protocol.Factory.forProtocol(lambda: control)
+    reactor.adoptStreamConnection(descriptor, socket.AF_UNIX, factory)
+    os.close(descriptor)
+
+
+# -- the worker's side
+
+
+class WorkerRole(service.Service):
+    """
+    What makes this process a worker of a supervisor: the listening sockets it passed (L{endpoint}), and the
+    control channel to it, over which the worker says when it listens, answers for its metrics, and announces
+    and follows the admin API's registrations.  A worker whose supervisor is gone (its parent changed)
+    shuts down, draining.
+
+    @ivar index: the worker's number, from 0.
+    @ivar generation: the generation it belongs to (a rolling restart starts the next one).
+    @ivar metrics: the registry of the worker's metrics, once the proxy keeps them.
+    """
+
+    name = "worker"
+
+    def __init__(self, state: Mapping[str, Any], reactor: Any) -> None:
+        self.index = int(state["index"])
+        self.generation = int(state["generation"])
+        self._sockets: dict[str, tuple[int, int]] = {k: (int(v[0]), int(v[1])) for k, v in state["sockets"].items()}
+        self._controlDescriptor = int(state["control"])
+        self._reactor = reactor
+        self._parent = os.getppid()
+        self._watch: LoopingCall | None = None
+        self._control: _Control | None = None
+        self.metrics: CollectorRegistry | None = None
+        self.registrations: Any = None
+
+    @classmethod
+    def fromEnvironment(cls, environ: Mapping[str, str], reactor: Any) -> WorkerRole | None:
+        """The role the supervisor gave this process in C{environ}; C{None} if it is no worker."""
+        state = environ.get(WORKER_VARIABLE)
+        return None if state is None else cls(json.loads(state), reactor)
+
+    def endpoint(self, option: str, description: str) -> IStreamServerEndpoint | None:
+        """The socket the supervisor passed for C{option description}; C{None} if it passed none (not ours)."""
+        passed = self._sockets.get(_key(option, description))
+        if passed is None:
+            return None
+        return AdoptedStreamServerEndpoint(self._reactor, passed[0], passed[1])
+
+    def startService(self) -> None:
+        """Open the control channel, say that this worker listens (its listeners started before), and watch."""
+        super().startService()
+        self._control = _Control(self._received, self._controlLost)
+        _adoptControl(self._reactor, self._controlDescriptor, self._control)
+        self._control.send({"ready": os.getpid()})
+        self._watch = LoopingCall(self._checkParent)
+        self._watch.clock = self._reactor
+        self._watch.start(1.0, now=False)
+        _log.info(
+            "worker {index} (generation {generation}, pid {pid}) serves",
+            index=self.index,
+            generation=self.generation,
+            pid=os.getpid(),
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+
+    def announce(self, message: Mapping[str, object]) -> None:
+        """Tell the supervisor C{message} (a registration's change), for the other workers."""
+        if self._control is not None:
+            self._control.send({"announce": dict(message)})
+
+    def _received(self, message: dict[str, Any]) -> None:
+        if "ask" in message:
+            answer = ""
+            if self.metrics is not None:
+                from prometheus_client import generate_latest
+
+                answer = generate_latest(self.metrics).decode("utf-8")
+            assert self._control is not None
+            self._control.send({"answer": message["ask"], "metrics": answer})
+        elif "follow" in message and self.registrations is not None:
+            self.registrations.follow(message["follow"])
+
+    def _controlLost(self) -> None:
+        self._control = None
+
+    def _checkParent(self) -> None:
+        if os.getppid() != self._parent:
+            _log.warn("worker {index}: its supervisor is gone; shutting down", index=self.index)
+            self._parent = os.getppid()
+            self._reactor.stop()
+
+
+# -- the supervisor's side
+
+
+@dataclass(eq=False)
+class _Worker(protocol.ProcessProtocol):
+    """A worker process, seen from the supervisor."""
+
+    index: int
+    generation: int
+    supervisor: Supervisor
+    startedAt: float
+    ready: Deferred[None] = field(default_factory=Deferred)
+    ended: Deferred[None] = field(default_factory=Deferred)
+    retired: bool = False
+    control: _Control | None = None
+    pid: int | None = None
+    _questions: dict[int, Deferred[str]] = field(default_factory=dict)
+
+    def received(self, message: dict[str, Any]) -> None:
+        if "ready" in message:
+            if not self.ready.called:
+                self.ready.callback(None)
+        elif "answer" in message:
+            waiting = self._questions.pop(int(message["answer"]), None)
+            if waiting is not None:
+                waiting.callback(str(message.get("metrics", "")))
+        elif "announce" in message:
+            self.supervisor.announced(self, message["announce"])
+
+    def lost(self) -> None:
+        self.control = None
+        for waiting in self._questions.values():
+            waiting.callback("")
+        self._questions.clear()
+
+    def ask(self, number: int, reactor: Any) -> Deferred[str]:
+        """This worker's metrics (empty if it cannot say in L{ANSWER_TIMEOUT})."""
+        if self.control is None:
+            return succeed("")
+        waiting: Deferred[str] = Deferred()
+        self._questions[number] = waiting
+        self.control.send({"ask": number})
+        waiting.addTimeout(ANSWER_TIMEOUT, reactor, onTimeoutCancel=lambda *_: "")
+        return waiting
+
+    def signal(self, name: str) -> None:
+        """Send the signal C{name} (C{"TERM"}) to the worker, if it still runs."""
+        if not self.ended.called and self.transport is not None:
+            self.transport.signalProcess(name)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.lost()
+        if not self.ready.called:
+            self.ready.errback(reason)
+        self.ended.callback(None)
+        self.supervisor.ended(self, reason)
+
+
+def _describeExit(reason: Failure) -> str:
+    """How a process ended: C{exited with status 3}, C{was killed by signal 9 (SIGKILL)}."""
+    number = getattr(reason.value, "signal", None)
+    if number is not None:
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "?"
+        return f"was killed by signal {number} ({name})"
+    return f"exited with status {getattr(reason.value, 'exitCode', None)}"
+
+
+class Supervisor(service.Service):
+    """
+    The process of C{twist rproxy --workers N} (N > 1): it holds the listening sockets, starts N workers on
+    them, replaces those that die, passes signals on, serves the metrics of them all, and restarts them a
+    generation at a time (see the module's description).
+    """
+
+    name = "supervisor"
+
+    def __init__(
+        self,
+        workers: int,
+        arguments: list[str],
+        listeners: Iterable[tuple[str, str]],
+        metricsListen: str | None,
+        grace: float,
+        reactor: Any,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        """
+        @param workers: how many worker processes run at once.
+        @param arguments: the arguments of C{twist rproxy} each worker runs with (the supervisor's own).
+        @param listeners: the endpoints to pass to the workers: (option, description) pairs.
+        @param metricsListen: the endpoint of C{--metrics-listen}, which the supervisor serves, if any.
+        @param grace: seconds a draining worker may take (then it is killed, a little later).
+        """
+        self.workers = workers
+        self._arguments = list(arguments)
+        self._listeners = [pair for pair in listeners if pair[0] in _PASSED]
+        self._metricsListen = metricsListen
+        self._grace = grace
+        self._reactor = reactor
+        self._environ = dict(environ)
+        self._sockets: dict[str, tuple[int, int]] = {}
+        self._bound: list[Listener] = []
+        self._adopted: list[int] = []
+        self._generation = 0
+        self.current: dict[int, _Worker] = {}
+        self._retiring: set[_Worker] = set()
+        self._orphans: dict[int, LoopingCall] = {}
+        self._youngDeaths: dict[int, int] = {}
+        self._stopping = False
+        self._questions = count()
+        self._registrations: dict[tuple[str, str], dict[str, object]] = {}
+        self._signals: dict[int, Any] = {}
+        self._metrics: Listener | None = None
+        upgrade = self._environ.pop(UPGRADE_VARIABLE, None)
+        self._upgrade: dict[str, Any] | None = json.loads(upgrade) if upgrade is not None else None
+        self.notify = self._environ.get("NOTIFY_SOCKET") is not None
+
+    # -- listening
+
+    def privilegedStartService(self) -> None:
+        """Bind the listeners (or take them from the supervisor this one replaced), while it may bind any port."""
+        super().privilegedStartService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._sockets:
+            return
+        if self._upgrade is not None:
+            for key, (descriptor, family) in self._upgrade["sockets"].items():
+                self._sockets[key] = (int(descriptor), int(family))
+                self._adopted.append(int(descriptor))
+        else:
+            idle = protocol.Factory.forProtocol(protocol.Protocol)  # never accepts: the workers do
+            for option, description in self._listeners:
+                listener = Listener(option, description, idle)
+                listener.privilegedStartService()
+                port = listener.port
+                assert port is not None
+                self._reactor.removeReader(port)
+                self._bound.append(listener)
+                descriptor = port.fileno()  # type: ignore[attr-defined]
+                self._sockets[_key(option, description)] = (descriptor, _familyOf(descriptor))
+        if self._metricsListen is not None and self._metrics is None:
+            self._metrics = Listener("--metrics-listen", self._metricsListen, self._metricsSite())
+            self._metrics.privilegedStartService()
+
+    def _metricsSite(self) -> ProxySite:
+        root = Resource()
+        root.putChild(b"metrics", _AllWorkersMetrics(self))
+        return ProxySite(root, _METRICS_LIMITS, self._reactor)
+
+    # -- running
+
+    def startService(self) -> None:
+        """Start the first generation of workers (after a SIGUSR2, the next one), and handle the signals."""
+        super().startService()
+        self._listen()
+        for number, handler in (
+            (signal.SIGHUP, self._hangUp),
+            (signal.SIGUSR1, lambda: self._passOn("USR1")),
+            (signal.SIGUSR2, self.upgrade),
+        ):
+            self._signals[number] = signal.signal(number, self._handler(handler))
+        previous = self._upgrade["workers"] if self._upgrade is not None else []
+        self._generation = int(self._upgrade["generation"]) if self._upgrade is not None else 0
+        self._upgrade = None
+        self.startGeneration(previous)
+
+    def _handler(self, call: Callable[[], object]) -> Callable[[int, FrameType | None], None]:
+        def handle(number: int, frame: FrameType | None) -> None:
+            self._reactor.callFromThread(call)
+
+        return handle
+
+    def startGeneration(self, previous: list[int]) -> Deferred[None]:
+        """
+        Start the next generation of workers; once all of them listen, the processes C{previous} (the
+        generation the supervisor had before it executed itself again) drain.
+        """
+        self._generation += 1
+        generation = self._generation
+        for worker in self.current.values():
+            worker.retired = True
+            self._retiring.add(worker)
+        self.current = {}
+        started = [self._spawn(index).ready for index in range(self.workers)]
+
+        def listening(results: list[tuple[bool, None]]) -> None:
+            if not all(ok for ok, _ in results):
+                _log.error(
+                    "generation {generation}: not every worker started; the previous generation keeps serving",
+                    generation=generation,
+                )
+                return
+            _log.info("generation {generation}: {workers} workers listen", generation=generation, workers=self.workers)
+            for pid in previous:
+                self._retireOrphan(pid)
+            if generation == 1 or previous:
+                self._say("READY=1", f"MAINPID={os.getpid()}")
+
+        ready = DeferredList(started, consumeErrors=True).addCallback(listening)
+        return ready.addTimeout(READY_TIMEOUT, self._reactor)
+
+    def _spawn(self, index: int) -> _Worker:
+        worker = _Worker(index, self._generation, self, self._reactor.seconds())
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        childFDs: dict[int, int | str] = {0: 0, 1: 1, 2: 2}
+        passed: dict[str, list[int]] = {}
+        for number, (key, (descriptor, family)) in enumerate(self._sockets.items(), start=3):
+            if key.startswith("--admin-listen ") and index != 0:
+                continue
+            childFDs[number] = descriptor
+            passed[key] = [number, family]
+        control = max(childFDs) + 1
+        childFDs[control] = theirs.fileno()
+        state = {"index": index, "generation": self._generation, "sockets": passed, "control": control}
+        environ = {k: v for k, v in self._environ.items() if k not in _PRIVATE}
+        environ[WORKER_VARIABLE] = json.dumps(state)
+        argv = [sys.executable, "-m", "twisted", "rproxy", *self._arguments]
+        try:
+            transport = self._reactor.spawnProcess(worker, argv[0], argv, env=environ, childFDs=childFDs)
+        finally:
+            theirs.close()
+        worker.pid = transport.pid
+        worker.control = _Control(worker.received, worker.lost)
+        _adoptControl(self._reactor, ours.detach(), worker.control)
+        self.current[index] = worker
+        for registration in self._registrations.values():
+            worker.control.send({"follow": registration})
+        return worker
+
+    def ended(self, worker: _Worker, reason: Failure) -> None:
+        """C{worker} ended: replace it, unless it was meant to end (drained, or the supervisor is stopping)."""
+        how = _describeExit(reason)
+        self._retiring.discard(worker)
+        if self._stopping or worker.retired or self.current.get(worker.index) is not worker:
+            _log.info(
+                "worker {index} (generation {generation}, pid {pid}) {how}",
+                index=worker.index,
+                generation=worker.generation,
+                pid=worker.pid,
+                how=how,
+            )
+            return
+        del self.current[worker.index]
+        lived = self._reactor.seconds() - worker.startedAt
+        young = self._youngDeaths.get(worker.index, 0) + 1 if lived < MIN_UPTIME else 0
+        self._youngDeaths[worker.index] = young
+        delay = 0.0 if young == 0 else min(FIRST_BACKOFF * 2 ** (young - 1), MAX_BACKOFF)
+        _log.error(
+            "worker {index} (pid {pid}) {how} after {lived:.1f}s (its log above says why); "
+            "replacing it in {delay:g}s{loop}",
+            index=worker.index,
+            pid=worker.pid,
+            how=how,
+            lived=lived,
+            delay=delay,
+            loop=f" ({young} young deaths in a row: a crash loop?)" if young > 1 else "",
+        )
+        generation = self._generation
+        self._reactor.callLater(delay, self._replace, worker.index, generation)
+
+    def _replace(self, index: int, generation: int) -> None:
+        if not self._stopping and generation == self._generation and index not in self.current:
+            self._spawn(index)
+
+    def _hangUp(self) -> None:
+        self._say("RELOADING=1")
+        self._passOn("HUP")
+        self._say("READY=1")
+
+    def _passOn(self, name: str) -> None:
+        for worker in [*self.current.values(), *self._retiring]:
+            worker.signal(name)
+
+    def upgrade(self) -> None:
+        """
+        SIGUSR2: execute this program again (the rproxy installed now), handing it the listening sockets and
+        the workers, which drain once the next generation listens.
+        """
+        if self._stopping:
+            return
+        sockets = {key: [descriptor, family] for key, (descriptor, family) in self._sockets.items()}
+        workers = [w.pid for w in [*self.current.values(), *self._retiring] if w.pid is not None]
+        workers += list(self._orphans)
+        state = {"sockets": sockets, "workers": workers, "generation": self._generation}
+        for descriptor, _ in self._sockets.values():
+            os.set_inheritable(descriptor, True)
+        environ = {**os.environ, UPGRADE_VARIABLE: json.dumps(state)}
+        argv = list(sys.orig_argv)
+        _log.info("SIGUSR2: executing {argv} again, keeping the listeners; a new generation starts", argv=argv)
+        self._say("RELOADING=1")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execve(sys.executable, argv, environ)
+        except OSError as e:
+            _log.error("SIGUSR2: cannot execute {argv}: {error}; nothing changed", argv=argv, error=e)
+            for descriptor, _ in self._sockets.values():
+                os.set_inheritable(descriptor, False)
+            self._say("READY=1")
+
+    def _retireOrphan(self, pid: int) -> None:
+        """Drain a worker of the generation before the supervisor executed itself again, and reap it."""
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+
+        def reap() -> None:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done:
+                reaper = self._orphans.pop(pid)
+                reaper.stop()
+                _log.info(
+                    "worker pid {pid} of the previous generation ended ({status})",
+                    pid=pid,
+                    status=os.waitstatus_to_exitcode(status),
+                )
+
+        reaper = self._orphans[pid] = LoopingCall(reap)
+        reaper.clock = self._reactor
+        reaper.start(0.1, now=False)
+
+    def announced(self, worker: _Worker, change: Mapping[str, Any]) -> None:
+        """A registration changed in C{worker}: remember it for workers to come, and tell the others."""
+        key = (str(change["service"]), str(change["url"]))
+        if change.get("ttl") is None:
+            self._registrations.pop(key, None)
+        else:
+            self._registrations[key] = dict(change)
+        for other in [*self.current.values(), *self._retiring]:
+            if other is not worker and other.control is not None:
+                other.control.send({"follow": dict(change)})
+
+    def allMetrics(self) -> Deferred[list[tuple[_Worker, str]]]:
+        """The metrics of every worker that runs, as each writes them."""
+        workers = sorted([*self.current.values(), *self._retiring], key=lambda w: (w.generation, w.index))
+        asked = [w.ask(next(self._questions), self._reactor) for w in workers]
+        return gatherResults(asked).addCallback(lambda texts: list(zip(workers, texts, strict=True)))
+
+    # -- stopping
+
+    def stopService(self) -> Deferred[None]:
+        """Drain every worker (killed if still there a little after their grace period), then close the sockets."""
+        super().stopService()
+        self._stopping = True
+        self._say("STOPPING=1")
+        for number, previous in self._signals.items():
+            signal.signal(number, signal.SIG_DFL if previous is None else previous)
+        workers = [*self.current.values(), *self._retiring]
+        for worker in workers:
+            worker.signal("TERM")
+        for pid in list(self._orphans):
+            os.kill(pid, signal.SIGTERM)
+
+        def kill() -> None:
+            for worker in workers:
+                worker.signal("KILL")
+
+        killer = self._reactor.callLater(self._grace + 5.0, kill)
+
+        def closed(_: object) -> Deferred[None]:
+            if killer.active():
+                killer.cancel()
+            for descriptor in self._adopted:
+                os.close(descriptor)
+            closing = [listener.stopService() for listener in self._bound]
+            if self._metrics is not None:
+                closing.append(self._metrics.stopService())
+            return gatherResults(closing).addCallback(lambda _: None)
+
+        return gatherResults([w.ended for w in workers]).addCallback(closed)
+
+    def _say(self, *states: str) -> None:
+        if self.notify:
+            notifySystemd("\n".join(states), self._environ)
+
+
+class _AllWorkersMetrics(Resource):
+    """C{/metrics} of the supervisor: every worker's samples, labelled with its C{worker} (and C{generation})."""
+
+    isLeaf = True
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__()
+        self._supervisor = supervisor
+
+    def render(self, request: Request) -> Any:
+        def answer(texts: list[tuple[_Worker, str]]) -> None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Merged(texts))  # type: ignore[arg-type]
+            body = metricsResource(registry).render(request)
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.write(body)
+                request.finish()
+
+        self._supervisor.allMetrics().addCallback(answer)
+        return NOT_DONE_YET
+
+
+class _Merged:
+    """A collector of the metric families of several workers, each sample labelled with its worker."""
+
+    def __init__(self, texts: list[tuple[_Worker, str]]) -> None:
+        self._texts = texts
+
+    def collect(self) -> list[Metric]:
+        families: dict[str, Metric] = {}
+        for worker, text in self._texts:
+            labels = {"worker": str(worker.index), "generation": str(worker.generation)}
+            for family in text_string_to_metric_families(text):
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+                merged.samples.extend(s._replace(labels={**s.labels, **labels}) for s in family.samples)
+        return list(families.values())
+
+
+def listenersOf(config: ProxyConfig, adminListen: str | None) -> list[tuple[str, str]]:
+    """The (option, endpoint) pairs a supervisor binds for its workers."""
+    pairs = [("--listen", each) for each in config.listen] + [("--tls-listen", each) for each in config.tls.listen]
+    if config.demoUpstream is not None:
+        pairs.append(("--demo-upstream", config.demoUpstream))
+    if adminListen is not None:
+        pairs.append(("--admin-listen", adminListen))
+    return pairs
