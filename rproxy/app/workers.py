@@ -330,6 +330,8 @@ class _Worker(protocol.ProcessProtocol):
 def _describeExit(reason: Failure) -> str:
     """How a process ended: C{exited with status 3}, C{was killed by signal 9 (SIGKILL)}."""
     number = getattr(reason.value, "signal", None)
+    if number == signal.SIGTERM:
+        return "stopped (SIGTERM)"  # what twist re-raises after draining
     if number is not None:
         try:
             name = signal.Signals(number).name
@@ -490,7 +492,7 @@ class Supervisor(service.Service):
         state = {"index": index, "generation": self._generation, "sockets": passed, "control": control}
         environ = {k: v for k, v in self._environ.items() if k not in _PRIVATE}
         environ[WORKER_VARIABLE] = json.dumps(state)
-        argv = [sys.executable, "-m", "twisted", "rproxy", *self._arguments]
+        argv = [sys.executable, "-m", "twisted", *twistOptions(sys.argv), "rproxy", *self._arguments]
         try:
             transport = self._reactor.spawnProcess(worker, argv[0], argv, env=environ, childFDs=childFDs)
         finally:
@@ -692,6 +694,14 @@ class _Merged:
                     merged = families[family.name] = Metric(family.name, family.documentation, family.type)
                 merged.samples.extend(s._replace(labels={**s.labels, **labels}) for s in family.samples)
         return list(families.values())
+
+
+def twistOptions(argv: list[str]) -> list[str]:
+    """
+    The options of C{twist} itself in C{argv} (C{--reactor}, C{--log-format}, ...), before its C{rproxy}
+    subcommand, which the workers run with too; none when C{argv} is no C{twist rproxy} (C{twistd -y}).
+    """
+    return argv[1 : argv.index("rproxy")] if "rproxy" in argv else []
 
 
 def listenersOf(config: ProxyConfig, adminListen: str | None) -> list[tuple[str, str]]:

@@ -1,0 +1,264 @@
+"""
+C{--workers}: a supervisor and its worker processes, run as real C{twist rproxy} processes on real sockets
+(L{rproxy.app.workers}, docs/workers.md): the listeners they share (also handed over by socket activation),
+a worker replaced when it dies, the metrics of all of them, admin registrations in every worker, SIGHUP,
+SIGUSR2 (a rolling restart that refuses no connection), SIGTERM, and what systemd is told.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import tempfile
+
+from twisted.internet import defer, reactor
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from rproxy.app.tap import Options
+from rproxy.app.workers import FIRST_BACKOFF, MAX_BACKOFF, Supervisor, _Worker, twistOptions, workerCount
+from rproxy.test.support import PYTHON, ScriptedUpstream, curl, rawRequest, responseStatus, sleep, waitFor
+from rproxy.test.test_admin import TOKEN, tokenFile
+from rproxy.test.test_config import answerWith, get, writeConfig
+from rproxy.test.test_drain import ProxyProcess, assertCleanExit, freePort, waitUntilListening
+from rproxy.test.test_reload import body, rewrite, route, services
+from rproxy.test.test_systemd import SOCKET_ACTIVATION
+
+TWIST = [PYTHON, "-m", "twisted", "--log-format", "text", "rproxy"]
+
+
+def children(pid: int) -> set[int]:
+    """The process ids of the children of process C{pid}."""
+    with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+        return {int(each) for each in f.read().split()}
+
+
+async def workersOf(testCase: unittest.TestCase, process: ProxyProcess, count: int) -> set[int]:
+    """The worker processes of C{process}, once there are C{count} (fail after 20 s)."""
+    pid = process.transport.pid
+    found = await waitFor(lambda: len(children(pid)) == count, 20.0)
+    testCase.assertTrue(found, f"{children(pid)} instead of {count} workers:\n{process.log}")
+    return children(pid)
+
+
+async def metrics(port: int) -> str:
+    """The supervisor's C{/metrics} text."""
+    code, out, err = await curl(["-sS", "--fail", f"http://127.0.0.1:{port}/metrics"])
+    assert code == 0, err
+    return out.decode("utf-8")
+
+
+def upstreamIn(text: str, key: str) -> set[str]:
+    """The workers whose metrics in C{text} show the health of the upstream C{key}."""
+    return {
+        line.rpartition('worker="')[2].partition('"')[0]
+        for line in text.splitlines()
+        if line.startswith("rproxy_upstream_health{") and f'upstream="{key}"' in line
+    }
+
+
+class CountTests(unittest.TestCase):
+    """What C{--workers} accepts."""
+
+    def test_count(self) -> None:
+        """A whole number from 1, or auto (the cores); anything else is an error saying what is expected."""
+        self.assertEqual(workerCount("3"), 3)
+        self.assertEqual(workerCount("auto"), os.cpu_count())
+        for wrong in ("0", "-1", "two", "1.5"):
+            with self.assertRaises(ValueError) as caught:
+                workerCount(wrong)
+            self.assertIn("1 or more, or auto", str(caught.exception))
+
+    def test_option(self) -> None:
+        """C{--workers} is 1 by default (no supervisor); a wrong value is a usage error naming the option."""
+        options = Options()
+        options.parseOptions(["--upstream", "http://127.0.0.1:9"])
+        self.assertEqual(options.workers, 1)
+        with self.assertRaises(usage.UsageError) as caught:
+            Options().parseOptions(["--upstream", "http://127.0.0.1:9", "--workers", "none"])
+        self.assertIn("--workers: expected a number of processes", str(caught.exception))
+
+    def test_twistOptions(self) -> None:
+        """The workers run with the options given to C{twist} itself, and none under C{twistd -y}."""
+        argv = ["twist", "--reactor", "epoll", "--log-format", "text", "rproxy", "--workers", "2"]
+        self.assertEqual(twistOptions(argv), ["--reactor", "epoll", "--log-format", "text"])
+        self.assertEqual(twistOptions(["twistd", "-n", "-y", "rproxy.tac"]), [])
+
+
+class BackOffTests(unittest.TestCase):
+    """A worker that dies is replaced: at once after a long life, later and later while workers die young."""
+
+    def test_backOff(self) -> None:
+        clock = Clock()
+        supervisor = Supervisor(1, [], [], None, 1.0, clock)
+        delays = []
+        for lived in (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 60.0, 1.0):
+            worker = _Worker(0, 0, supervisor, clock.seconds())
+            supervisor.current[0] = worker
+            clock.advance(lived)
+            supervisor.ended(worker, Failure(ProcessTerminated(exitCode=1)))
+            [call] = clock.getDelayedCalls()
+            delays.append(call.getTime() - clock.seconds())
+            call.cancel()
+        young = [FIRST_BACKOFF * 2**n for n in range(6)]
+        self.assertEqual(delays, [*young, MAX_BACKOFF, MAX_BACKOFF, 0.0, FIRST_BACKOFF])
+
+
+class SupervisorTests(unittest.TestCase):
+    """Real supervisors with two workers."""
+
+    timeout = 120
+
+    async def test_sharedSocketsMetricsAdminAndReplacement(self) -> None:
+        """
+        Two workers serve the socket that socket activation handed the supervisor; its C{/metrics} has
+        samples of both; an upstream registered through the admin API (served by worker 0) is in both,
+        and in the worker that replaces one killed, whose death is logged with its signal.
+        """
+        a, b = ScriptedUpstream(self, answerWith(b"a")), ScriptedUpstream(self, answerWith(b"b"))
+        port, admin, metricsPort = freePort(), freePort(), freePort()
+        command = [
+            *TWIST,
+            "--workers=2",
+            "--listen=systemd:domain=INET:index=0",
+            f"--upstream={a.url}",
+            f"--admin-listen=tcp:{admin}:interface=127.0.0.1",
+            f"--admin-token-file={tokenFile(self)}",
+            f"--metrics-listen=tcp:{metricsPort}:interface=127.0.0.1",
+            "--access-log=off",
+        ]
+        process = ProxyProcess.spawn(self, [PYTHON, "-c", SOCKET_ACTIVATION, str(port), *command])
+        first = await workersOf(self, process, 2)
+        await waitUntilListening(self, process, admin)
+        self.assertEqual([await body(port, b"/") for _ in range(4)], [b"a"] * 4)
+        await waitFor(lambda: process.log.count("serves") == 2, 20.0)
+        text = await metrics(metricsPort)
+        self.assertEqual(upstreamIn(text, a.url), {"0", "1"}, text)
+
+        code, out, err = await curl(
+            [
+                "-sS",
+                "-H",
+                f"Authorization: Bearer {TOKEN}",
+                "--json",
+                json.dumps({"url": b.url, "ttl": 60}),
+                f"http://127.0.0.1:{admin}/services/default/upstreams",
+            ]
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(b'"id"', out)
+        text = await metrics(metricsPort)
+        self.assertEqual(upstreamIn(text, b.url), {"0", "1"}, text)
+
+        victim = max(first)
+        os.kill(victim, 9)
+        self.assertTrue(await waitFor(lambda: "was killed by signal 9 (SIGKILL)" in process.log, 10.0))
+        second = await workersOf(self, process, 2)
+        self.assertNotIn(victim, second)
+        self.assertTrue(await waitFor(lambda: process.log.count("serves") == 3, 20.0), process.log)
+        text = await metrics(metricsPort)
+        self.assertEqual(upstreamIn(text, b.url), {"0", "1"}, text)
+        self.assertEqual({await body(port, b"/") for _ in range(10)}, {b"a", b"b"})
+
+    async def test_reloadRollingRestartAndStop(self) -> None:
+        """
+        SIGHUP reloads every worker; SIGUSR2 starts a new generation (the supervisor executed again, same
+        pid) while clients keep connecting, and not one connection or request fails; SIGTERM drains them
+        all and the supervisor exits cleanly; systemd is told READY=1, RELOADING=1 and STOPPING=1.
+        """
+        a, b = ScriptedUpstream(self, answerWith(b"a")), ScriptedUpstream(self, answerWith(b"b"))
+        port = freePort()
+        notifications = self.notifySocket()
+        top = f'workers = "2"\nlisten = ["tcp:{port}:interface=127.0.0.1"]\naccess-log = "off"\n'
+        path = writeConfig(self, top + services(a=a.url) + route("a"))
+        process = ProxyProcess.spawn(self, [*TWIST, "--config", path], {"NOTIFY_SOCKET": notifications.path})
+        first = await workersOf(self, process, 2)
+        await waitUntilListening(self, process, port)
+        self.assertTrue(await waitFor(lambda: "READY=1" in notifications.said, 20.0), process.log)
+        self.assertIn(f"MAINPID={process.transport.pid}", notifications.said)
+
+        rewrite(path, top + services(a=b.url) + route("a"))
+        process.transport.signalProcess("HUP")
+        reloaded = await waitFor(lambda: process.log.count("configuration reloaded (SIGHUP)") == 2, 10.0)
+        self.assertTrue(reloaded, process.log)
+        self.assertEqual({await body(port, b"/") for _ in range(10)}, {b"b"})
+        self.assertIn("RELOADING=1", notifications.said)
+
+        outcomes: list[int] = []
+        done = False
+
+        async def hammer() -> None:
+            while not done and len(outcomes) < 3000:
+                answer = await rawRequest(port, get(b"/") + b"Connection: close\r\n\r\n")
+                outcomes.append(responseStatus(answer))
+
+        clients = [defer.ensureDeferred(hammer()) for _ in range(3)]
+        await sleep(0.3)
+        before = len(outcomes)
+        os.kill(process.transport.pid, signal.SIGUSR2)
+        retired = await waitFor(lambda: process.log.count("of the previous generation ended") == 2, 30.0)
+        await sleep(0.3)
+        done = True
+        await defer.gatherResults(clients)
+        self.assertTrue(retired, process.log)
+        self.assertGreater(before, 0)
+        self.assertGreater(len(outcomes), before + 10)
+        self.assertEqual(set(outcomes), {200}, f"{len(outcomes)} requests")
+        second = await workersOf(self, process, 2)
+        self.assertFalse(first & second)
+        self.assertIn("generation 2: 2 workers listen", process.log)
+
+        process.terminate()
+        await process.waitForExit(self, 20.0)
+        assertCleanExit(self, process)
+        self.assertEqual(process.log.count("Main loop terminated."), 5, process.log)  # 2 generations of 2, and it
+        self.assertIn("STOPPING=1", notifications.said)
+
+    def notifySocket(self) -> _Notifications:
+        """A datagram socket standing for systemd's C{NOTIFY_SOCKET}, read while the test runs."""
+        directory = tempfile.mkdtemp()
+        listening = _Notifications(os.path.join(directory, "notify"))
+        self.addCleanup(listening.close)
+        return listening
+
+
+class _Notifications:
+    """What rproxy says to systemd, read from a datagram socket as it arrives."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(path)
+        self._socket.setblocking(False)
+        self._said: list[str] = []
+        reactor.addReader(self)  # type: ignore[attr-defined]
+
+    @property
+    def said(self) -> str:
+        return "\n".join(self._said)
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def doRead(self) -> None:
+        try:
+            self._said.append(self._socket.recv(4096).decode("utf-8"))
+        except BlockingIOError:
+            pass
+
+    def logPrefix(self) -> str:
+        return "notify"
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+    def close(self) -> None:
+        reactor.removeReader(self)  # type: ignore[attr-defined]
+        self._socket.close()
+        os.unlink(self.path)
+        os.rmdir(os.path.dirname(self.path))
