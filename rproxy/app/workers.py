@@ -666,11 +666,14 @@ class _AllWorkersMetrics(Resource):
         self._supervisor = supervisor
 
     def render(self, request: Request) -> Any:
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
         def answer(texts: list[tuple[_Worker, str]]) -> None:
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_Merged(texts))  # type: ignore[arg-type]
             body = metricsResource(registry).render(request)
-            if not request.finished and not getattr(request, "_disconnected", False):
+            if not gone:
                 request.write(body)
                 request.finish()
 
