@@ -1,0 +1,68 @@
+"""
+rproxy with ``--workers 2`` against ``--workers 1``, in the same run, on the whole machine.
+
+The comparison of proxies pins each proxy to one CPU and the load to the other.  Here nothing but the
+origin (started pinned to the load CPU, as for every run) is pinned: rproxy, its workers and wrk share
+both cores, as they would on a 2-core machine in production, so the second worker competes with the
+load generator and the origin for the second core.  The target (issue 17): 2 workers at least 1.5x one
+worker's requests/s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness import HOST, Bench, BenchError, free_port, run_wrk
+
+#: The worker counts compared, the first being the reference.
+COUNTS = (1, 2)
+#: The least ratio of 2 workers' requests/s to 1 worker's that meets the target.
+WORKERS_TARGET = 1.5
+#: The payload loaded.
+PAYLOAD = "1KiB"
+
+
+def measure_workers(bench: Bench) -> dict[str, Any]:
+    """Load rproxy (default configuration) with each of L{COUNTS} workers, unpinned; their req/s and ratio."""
+    settings = bench.settings
+    runs: dict[str, Any] = {}
+    for count in COUNTS:
+        name = f"rproxy-{count}worker{'s' * (count > 1)}"
+        port = free_port()
+        argv = [*bench.proxy_argv("rproxy", port), "--workers", str(count)]
+        print(f"benchmarking {name} (unpinned) ...", flush=True)
+        server = bench.start(name, argv, port)
+        try:
+            url = f"http://{HOST}:{port}/{PAYLOAD}.bin"
+            run_wrk(url, settings.warmup, settings.connections, None)
+            load = run_wrk(url, settings.duration, settings.connections, None)
+            server.check_alive()
+        finally:
+            server.stop()
+        if load.socket_errors or load.non_2xx or load.requests == 0:
+            raise BenchError(f"{name}: {load.socket_errors} socket errors, {load.non_2xx} non-2xx responses")
+        runs[name] = {"workers": count, "command": argv, **load.as_dict()}
+    reference, *others = runs.values()
+    for run in others:
+        run["x1"] = round(run["rps"] / reference["rps"], 2)
+    return {"payload": PAYLOAD, "target": WORKERS_TARGET, "runs": runs}
+
+
+def format_workers_table(report: dict[str, Any]) -> str:
+    """One row per worker count: req/s, latency, and the ratio to one worker."""
+    lines = [f"{'run':18} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'x1':>6}"]
+    for name, run in report["runs"].items():
+        ratio = f"{run['x1']:.2f}" if "x1" in run else "1.00"
+        lines.append(f"{name:18} {run['rps']:>10.1f} {run['p50_ms']:>8.2f} {run['p99_ms']:>8.2f} {ratio:>6}")
+    return "\n".join(lines)
+
+
+def workers_target(report: dict[str, Any]) -> dict[str, Any]:
+    """The target's entry for the report: measured ratio and verdict."""
+    ratios = [run["x1"] for run in report["runs"].values() if "x1" in run]
+    ratio = ratios[0] if ratios else None
+    return {
+        "target": f">= {WORKERS_TARGET}x one worker's requests/s with 2 workers on {PAYLOAD}, all sharing 2 cores",
+        "measured": "n/a" if ratio is None else f"x{ratio}",
+        "met": None if ratio is None else ratio >= WORKERS_TARGET,
+    }
