@@ -3,8 +3,9 @@ C{--workers N}: one supervisor process and N worker processes on the same listen
 
 The supervisor binds every listener once (C{--listen}, C{--tls-listen}, C{--admin-listen}; or adopts the
 sockets systemd passed), and passes the listening sockets to its workers as inherited descriptors; each
-worker is C{twist rproxy} with the same arguments, and runs the whole proxy, its listeners adopted
-(L{AdoptedStreamServerEndpoint}) instead of bound.  Inherited sockets, not C{SO_REUSEPORT}: with one socket
+worker is C{twist rproxy} with the same arguments, and runs the whole proxy, its listeners accepting from
+the inherited sockets (L{_SharedPort}, one connection per turn of its loop, so that a burst of connections
+spreads over the workers) instead of bound.  Inherited sockets, not C{SO_REUSEPORT}: with one socket
 there is one accept queue, which outlives any worker, so a worker that exits (a restart, a crash, an
 upgrade) leaves no accepted-but-unserved connection behind to be reset, as a C{SO_REUSEPORT} socket's own
 queue is when it closes; and they work for UNIX sockets and systemd's socket activation alike.
@@ -32,6 +33,7 @@ docs/workers.md tells operators all this.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -48,15 +50,16 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.application import service
 from twisted.internet import protocol
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
-from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from rproxy.app.config import ProxyConfig
 from rproxy.downstream.limits import ClientLimits
@@ -172,6 +175,98 @@ class _Control(LineOnlyReceiver):
         self._lost()
 
 
+@implementer(IListeningPort, IReadDescriptor)
+class _SharedPort:
+    """
+    A listening socket that other processes accept from too, accepted from one connection at a time:
+    each accepted socket is handed to the reactor (C{adoptStreamConnection}) and the next one waits for
+    the next turn of the loop.  Twisted's own port accepts up to a hundred connections per turn (more
+    after a full batch), so the first worker to wake would take a whole burst of connections (all of a load
+    balancer's keep-alive connections, say) and the others none; one per turn lets the worker with the
+    shortest turns, the least busy, take the most.
+    """
+
+    def __init__(self, reactor: Any, descriptor: int, family: int, factory: IProtocolFactory) -> None:
+        self._reactor = reactor
+        self._socket = socket.socket(family, socket.SOCK_STREAM, fileno=descriptor)
+        self._socket.setblocking(False)
+        self._family = family
+        self._factory = factory
+        self._paused: Any = None
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def logPrefix(self) -> str:
+        return f"{type(self._factory).__name__} (shared)"
+
+    def startListening(self) -> None:
+        """Accept connections (the socket listens already: another process bound it)."""
+        self._factory.doStart()
+        self._reactor.addReader(self)
+
+    def doRead(self) -> None:
+        """Accept one connection, if one waits."""
+        try:
+            connection, _ = self._socket.accept()
+        except BlockingIOError:
+            return  # another worker took it
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # No descriptor for it: stop looking for a moment instead of waking for it at every turn.
+                _log.error("cannot accept a connection: {error}; pausing for 1s", error=e.strerror)
+                self._reactor.removeReader(self)
+                self._paused = self._reactor.callLater(1.0, self._resume)
+            return  # ECONNABORTED and the like: the client is gone
+        try:
+            self._reactor.adoptStreamConnection(connection.fileno(), self._family, self._factory)
+        except OSError:
+            pass  # the client already left (ENOTCONN): there is nothing to serve
+        finally:
+            connection.close()  # the reactor has its own copy
+
+    def _resume(self) -> None:
+        self._paused = None
+        self._reactor.addReader(self)
+
+    def stopListening(self) -> Deferred[None]:
+        """Stop accepting (the socket stays open in the supervisor and the other workers)."""
+        if self._paused is not None and self._paused.active():
+            self._paused.cancel()
+        self._reactor.removeReader(self)
+        if self._socket.fileno() != -1:
+            self._socket.close()
+            self._factory.doStop()
+        return succeed(None)
+
+    loseConnection = stopListening
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.stopListening()
+
+    def getHost(self) -> Any:
+        host = self._socket.getsockname()
+        if self._family == socket.AF_UNIX:
+            return UNIXAddress(host)
+        kind = IPv6Address if self._family == socket.AF_INET6 else IPv4Address
+        return kind("TCP", host[0], host[1])
+
+
+@implementer(IStreamServerEndpoint)
+class _SharedEndpoint:
+    """A listening socket passed by the supervisor, listened on as a L{_SharedPort} (once)."""
+
+    def __init__(self, reactor: Any, descriptor: int, family: int) -> None:
+        self._reactor = reactor
+        self._descriptor = descriptor
+        self._family = family
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        port = _SharedPort(self._reactor, self._descriptor, self._family, factory)
+        port.startListening()
+        return succeed(port)
+
+
 def _adoptControl(reactor: Any, descriptor: int, control: _Control) -> None:
     """Run C{control} over the UNIX stream socket C{descriptor}, which is then closed (the reactor has its copy)."""
     factory = protocol.Factory.forProtocol(lambda: control)
@@ -219,7 +314,7 @@ class WorkerRole(service.Service):
         passed = self._sockets.get(_key(option, description))
         if passed is None:
             return None
-        return AdoptedStreamServerEndpoint(self._reactor, passed[0], passed[1])
+        return _SharedEndpoint(self._reactor, passed[0], passed[1])
 
     def startService(self) -> None:
         """Open the control channel, say that this worker listens (its listeners started before), and watch."""

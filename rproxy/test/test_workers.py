@@ -11,9 +11,10 @@ import json
 import os
 import signal
 import socket
+import struct
 import tempfile
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python import usage
@@ -21,7 +22,15 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from rproxy.app.tap import Options
-from rproxy.app.workers import FIRST_BACKOFF, MAX_BACKOFF, Supervisor, _Worker, twistOptions, workerCount
+from rproxy.app.workers import (
+    FIRST_BACKOFF,
+    MAX_BACKOFF,
+    Supervisor,
+    _SharedEndpoint,
+    _Worker,
+    twistOptions,
+    workerCount,
+)
 from rproxy.test.support import PYTHON, ScriptedUpstream, curl, rawRequest, responseStatus, sleep, waitFor
 from rproxy.test.test_admin import TOKEN, tokenFile
 from rproxy.test.test_config import answerWith, get, writeConfig
@@ -109,6 +118,61 @@ class BackOffTests(unittest.TestCase):
         self.assertEqual(delays, [*young, MAX_BACKOFF, MAX_BACKOFF, 0.0, FIRST_BACKOFF])
 
 
+class _Greeter(protocol.Protocol):
+    """Says which port accepted the connection, and closes it."""
+
+    def connectionMade(self) -> None:
+        self.factory.accepted.append(self)  # type: ignore[attr-defined]
+        self.transport.write(self.factory.name)  # type: ignore[attr-defined]
+        self.transport.loseConnection()
+
+
+def greeter(name: bytes) -> protocol.Factory:
+    factory = protocol.Factory.forProtocol(_Greeter)
+    factory.name, factory.accepted = name, []  # type: ignore[attr-defined]
+    return factory
+
+
+class SharedPortTests(unittest.TestCase):
+    """How a worker accepts from a socket its siblings accept from too."""
+
+    def listening(self) -> socket.socket:
+        shared = socket.socket()
+        shared.bind(("127.0.0.1", 0))
+        shared.listen(64)
+        self.addCleanup(shared.close)
+        return shared
+
+    async def listen(self, shared: socket.socket, name: bytes) -> protocol.Factory:
+        factory = greeter(name)
+        port = await _SharedEndpoint(reactor, os.dup(shared.fileno()), socket.AF_INET).listen(factory)
+        self.addCleanup(port.stopListening)
+        return factory
+
+    async def test_burstSpreads(self) -> None:
+        """
+        Connections that arrive at once are taken one per turn of the loop by each port: two ports on one
+        socket share a burst, where Twisted's own port would take it all at its first turn.
+        """
+        shared = self.listening()
+        clients = [socket.create_connection(shared.getsockname()) for _ in range(10)]
+        for each in clients:
+            self.addCleanup(each.close)
+        first, second = await self.listen(shared, b"1"), await self.listen(shared, b"2")
+        self.assertTrue(await waitFor(lambda: len(first.accepted) + len(second.accepted) == 10))
+        self.assertGreaterEqual(min(len(first.accepted), len(second.accepted)), 3)
+
+    async def test_clientGone(self) -> None:
+        """A client that left before its connection was accepted (reset) is skipped; the port goes on."""
+        shared = self.listening()
+        gone = socket.create_connection(shared.getsockname())
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.close()
+        await self.listen(shared, b"still here")
+        await sleep(0.05)
+        self.assertEqual(await rawRequest(shared.getsockname()[1], b""), b"still here")
+
+
 class SupervisorTests(unittest.TestCase):
     """Real supervisors with two workers."""
 
@@ -136,7 +200,7 @@ class SupervisorTests(unittest.TestCase):
         first = await workersOf(self, process, 2)
         await waitUntilListening(self, process, admin)
         self.assertEqual([await body(port, b"/") for _ in range(4)], [b"a"] * 4)
-        await waitFor(lambda: process.log.count("serves") == 2, 20.0)
+        self.assertTrue(await waitFor(lambda: process.log.count("serves") == 2, 20.0), process.log)
         text = await metrics(metricsPort)
         self.assertEqual(upstreamIn(text, a.url), {"0", "1"}, text)
 
@@ -150,7 +214,7 @@ class SupervisorTests(unittest.TestCase):
                 f"http://127.0.0.1:{admin}/services/default/upstreams",
             ]
         )
-        self.assertEqual(code, 0, err)
+        self.assertEqual(code, 0, err + process.log.encode())
         self.assertIn(b'"id"', out)
         text = await metrics(metricsPort)
         self.assertEqual(upstreamIn(text, b.url), {"0", "1"}, text)
