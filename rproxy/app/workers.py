@@ -797,9 +797,10 @@ class _Merged:
 def twistOptions(argv: list[str]) -> list[str]:
     """
     The options of C{twist} itself in C{argv} (C{--reactor}, C{--log-format}, ...), before its C{rproxy}
-    subcommand, which the workers run with too; none when C{argv} is no C{twist rproxy} (C{twistd -y}).
+    subcommand, which the workers run with too; under C{twistd -y rproxy.tac}, the text log format that
+    C{twistd -n} writes.
     """
-    return argv[1 : argv.index("rproxy")] if "rproxy" in argv else []
+    return argv[1 : argv.index("rproxy")] if "rproxy" in argv else ["--log-format", "text"]
 
 
 def listenersOf(config: ProxyConfig, adminListen: str | None) -> list[tuple[str, str]]:

@@ -31,12 +31,12 @@ from rproxy.app.workers import (
     twistOptions,
     workerCount,
 )
-from rproxy.test.support import PYTHON, ScriptedUpstream, curl, rawRequest, responseStatus, sleep, waitFor
+from rproxy.test.support import PYTHON, ROOT, ScriptedUpstream, curl, rawRequest, responseStatus, sleep, waitFor
 from rproxy.test.test_admin import TOKEN, tokenFile
 from rproxy.test.test_config import answerWith, get, writeConfig
 from rproxy.test.test_drain import ProxyProcess, assertCleanExit, freePort, waitUntilListening
 from rproxy.test.test_reload import body, rewrite, route, services
-from rproxy.test.test_systemd import SOCKET_ACTIVATION
+from rproxy.test.test_systemd import SOCKET_ACTIVATION, WORKERS, environment, localCommand, readUnit, value
 
 TWIST = [PYTHON, "-m", "twisted", "--log-format", "text", "rproxy"]
 
@@ -93,10 +93,10 @@ class CountTests(unittest.TestCase):
         self.assertIn("--workers: expected a number of processes", str(caught.exception))
 
     def test_twistOptions(self) -> None:
-        """The workers run with the options given to C{twist} itself, and none under C{twistd -y}."""
+        """The workers run with the options given to C{twist} itself; under C{twistd -y}, with its text log."""
         argv = ["twist", "--reactor", "epoll", "--log-format", "text", "rproxy", "--workers", "2"]
         self.assertEqual(twistOptions(argv), ["--reactor", "epoll", "--log-format", "text"])
-        self.assertEqual(twistOptions(["twistd", "-n", "-y", "rproxy.tac"]), [])
+        self.assertEqual(twistOptions(["twistd", "-n", "-y", "rproxy.tac"]), ["--log-format", "text"])
 
 
 class BackOffTests(unittest.TestCase):
@@ -282,6 +282,51 @@ class SupervisorTests(unittest.TestCase):
         assertCleanExit(self, process)
         self.assertEqual(process.log.count("Main loop terminated."), 5, process.log)  # 2 generations of 2, and it
         self.assertIn("STOPPING=1", notifications.said)
+
+    async def test_notifyUnit(self) -> None:
+        """
+        rproxy-workers.service's command, with its environment (rproxy.tac, C{RPROXY_WORKERS=auto}): the
+        supervisor runs a worker per core, tells systemd C{READY=1} once they listen, reloads them all on its
+        C{ExecReload} signal, and stops them all on its C{KillSignal}, cleanly.
+        """
+        a = ScriptedUpstream(self, answerWith(b"a"))
+        port = freePort()
+        notifications = self.notifySocket()
+        unit = readUnit(WORKERS)
+        path = writeConfig(self, f'listen = ["tcp:{port}:interface=127.0.0.1"]\n' + services(a=a.url) + route("a"))
+        environ = {**environment(unit), "RPROXY_CONFIG": path, "NOTIFY_SOCKET": notifications.path}
+        environ["PYTHONPATH"] = ROOT  # this checkout's rproxy, whatever the virtualenv's twistd would import
+        process = ProxyProcess.spawn(self, localCommand(value(unit, "Service", "ExecStart")), environ)
+        await workersOf(self, process, os.cpu_count() or 1)
+        self.assertTrue(await waitFor(lambda: "READY=1" in notifications.said, 20.0), process.log)
+        self.assertEqual(await body(port, b"/"), b"a")
+        os.kill(process.transport.pid, signal.SIGHUP)  # ExecReload: kill -HUP $MAINPID
+        reloads = os.cpu_count() or 1
+        reloaded = await waitFor(lambda: process.log.count("configuration reloaded (SIGHUP)") == reloads, 10.0)
+        self.assertTrue(reloaded, process.log)
+        os.kill(process.transport.pid, signal.Signals[value(unit, "Service", "KillSignal")])
+        await process.waitForExit(self, 20.0)
+        assertCleanExit(self, process)
+        self.assertIn("STOPPING=1", notifications.said)
+
+    async def test_orphans(self) -> None:
+        """Workers whose supervisor was killed (SIGKILL: it could not stop them) shut down by themselves."""
+        port = freePort()
+        process = ProxyProcess.spawn(
+            self, [*TWIST, "--workers=2", f"--listen=tcp:{port}:interface=127.0.0.1", "--upstream=http://127.0.0.1:9"]
+        )
+        workers = await workersOf(self, process, 2)
+        self.assertTrue(await waitFor(lambda: process.log.count("serves") == 2, 20.0), process.log)
+        process.transport.signalProcess("KILL")
+
+        def running(pid: int) -> bool:
+            try:
+                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                    return f.read().rpartition(")")[2].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+
+        self.assertTrue(await waitFor(lambda: not any(running(pid) for pid in workers), 10.0))
 
     def notifySocket(self) -> _Notifications:
         """A datagram socket standing for systemd's C{NOTIFY_SOCKET}, read while the test runs."""
