@@ -104,6 +104,19 @@ class IBalancer(Interface):
         """Learn how an attempt on C{upstream} went (latency, status, error)."""
 
 
+class IBalancerState(Interface):
+    """
+    A balancer that shows what it has learnt of each upstream (its latency estimates, its shares) in the
+    admin API's C{/state} and on the status page; an optional addition to L{IBalancer}.
+    """
+
+    def describe(upstream: Upstream) -> Mapping[str, float | int | str] | None:
+        """
+        What it has learnt of C{upstream}: a few named numbers or short texts (C{None}: nothing yet).  Called
+        for people, never on the proxying path; it must not change what the balancer will pick.
+        """
+
+
 class IBalancerFactory(IPlugin):
     """A named balancer kind, found with C{getPlugins(IBalancerFactory, rproxy.plugins)}."""
 

@@ -31,6 +31,7 @@ from base64 import b64decode
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from twisted.application.service import IService, Service
@@ -44,9 +45,12 @@ from rproxy.app.reload import LiveProxy, describeRoute
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.listeners import checkEndpoint
 from rproxy.downstream.site import ProxySite
-from rproxy.observe.metrics import ProxyMetrics, metricsResource
+from rproxy.interfaces import IBalancerState
 from rproxy.observe.status import PAGE_HEADERS, RegistrationState, StateDocument, UpstreamState, statusPage
 from rproxy.upstream.upstreams import Upstream
+
+if TYPE_CHECKING:
+    from rproxy.observe.metrics import ProxyMetrics  # prometheus_client: imported when metrics are served
 
 _log = Logger()
 
@@ -251,13 +255,14 @@ class APIError(Exception):
         self.fields = dict(fields or {})
 
 
-def _upstreamState(upstream: Upstream, registration: Registration | None) -> UpstreamState:
+def _upstreamState(upstream: Upstream, registration: Registration | None, balancer: object) -> UpstreamState:
     health = upstream.health
     current = health.state
     at, latency = health.lastErrorAt, upstream.latency
     return {
         "key": upstream.key,
         "weight": upstream.configuredWeight,
+        "labels": dict(upstream.labels),
         "state": current,
         "reason": health.reason if current != "up" else None,
         "ejections": health.ejectionCount,
@@ -266,8 +271,17 @@ def _upstreamState(upstream: Upstream, registration: Registration | None) -> Ups
         "inFlight": upstream.inFlight,
         "pool": {"open": upstream.pool.openCount, "idle": upstream.pool.idleCount},
         "latency": None if latency is None else round(latency, 6),
+        "balancer": _learnt(balancer, upstream),
         "registration": None if registration is None else registration.describe(),
     }
+
+
+def _learnt(balancer: object, upstream: Upstream) -> dict[str, float | int | str] | None:
+    """What C{balancer} shows of C{upstream}, if it shows anything (L{IBalancerState})."""
+    if not IBalancerState.providedBy(balancer):
+        return None
+    learnt = balancer.describe(upstream)  # type: ignore[attr-defined]
+    return None if learnt is None else dict(learnt)
 
 
 def state(live: LiveProxy, lifetime: IService, registrations: Registrations) -> StateDocument:
@@ -284,7 +298,8 @@ def state(live: LiveProxy, lifetime: IService, registrations: Registrations) -> 
                 "name": name,
                 "balancer": settings.balancer,
                 "upstreams": [
-                    _upstreamState(upstream, registrations.of(upstream)) for upstream in registry.members(name)
+                    _upstreamState(upstream, registrations.of(upstream), live.balancer(name))
+                    for upstream in registry.members(name)
                 ],
             }
             for name, settings in live.config.services.items()
@@ -719,6 +734,8 @@ def adminSite(
     The admin listener's site: L{AdminAPI} over C{live} (and C{metrics} at C{/metrics}, behind its token), with
     small client limits and no access log.
     """
+    from rproxy.observe.metrics import metricsResource
+
     served = metricsResource(metrics.registry) if metrics is not None else None
     return ProxySite(AdminAPI(token, live, lifetime, registrations, reactor, served), _ADMIN_LIMITS, reactor)
 
@@ -728,6 +745,8 @@ def metricsSite(metrics: ProxyMetrics, reactor: IReactorTime) -> ProxySite:
     The metrics listener's site: C{metrics} at C{/metrics} (anything else is 404), with the admin API's
     small client limits and no access log.
     """
+    from rproxy.observe.metrics import metricsResource
+
     root = Resource()
     root.putChild(b"metrics", metricsResource(metrics.registry))
     return ProxySite(root, _ADMIN_LIMITS, reactor)

@@ -53,7 +53,7 @@ from rproxy.tunnel.messages import MessageAwareService, WebSocketLimits
 from rproxy.tunnel.splice import DEFAULT_IDLE_TIMEOUT
 from rproxy.upstream.settings import PoolSettings
 from rproxy.upstream.tls import UpstreamTLS, clientCertificate, trustRoot
-from rproxy.upstream.upstreams import UpstreamURL, splitWeight
+from rproxy.upstream.upstreams import UpstreamURL, splitSettings
 
 
 class ConfigError(ValueError):
@@ -705,7 +705,7 @@ def _upstream(where: str, spec: object) -> str:
     if not isinstance(spec, str):
         raise ConfigError(f"{where}: expected an upstream URL, got {spec!r}")
     try:
-        UpstreamURL.parse(splitWeight(spec)[0])
+        UpstreamURL.parse(splitSettings(spec)[0])
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     return spec

@@ -34,8 +34,6 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from operator import attrgetter
-from types import FrameType
-from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
@@ -58,9 +56,11 @@ from rproxy.app.config import (
 from rproxy.app.filters import FilterSet
 from rproxy.downstream.site import DrainingService
 from rproxy.health.checks import HealthChecker
+from rproxy.interfaces import IBalancer
 from rproxy.proxy.exchange import Proxy
 from rproxy.proxy.registry import MemoryRegistry
 from rproxy.proxy.service import Service
+from rproxy.signals import OnSignal
 from rproxy.upstream.upstreams import Upstream
 
 __all__ = ["ConfigReloader", "ConfigSource", "HangUpReloader", "LiveProxy", "ReloadSummary", "describeRoute"]
@@ -277,6 +277,11 @@ class LiveProxy:
         self.config, self._services, self._filters = config, services, filters
         return summary
 
+    def balancer(self, name: str) -> IBalancer | None:
+        """The balancer of the service named C{name} in the configuration in force (C{None}: no such service)."""
+        service = self._services.get(name)
+        return None if service is None else service.balancer
+
     def closeFilters(self) -> Deferred[None]:
         """Close the filters in force that hold resources: the proxy is stopping."""
         return self._filters.close()
@@ -343,7 +348,7 @@ def _signature(path: str) -> bytes | None:
     return b"%d %d " % (stat.st_mtime_ns, stat.st_size) + digest
 
 
-class HangUpReloader(service.Service):
+class HangUpReloader(OnSignal):
     """
     SIGHUP, while it runs: each of its reloads (the configuration's, the certificates'), in order, from
     the reactor's thread.
@@ -356,28 +361,11 @@ class HangUpReloader(service.Service):
         @param reloads: what to call with the trigger, C{"SIGHUP"}, as L{ConfigReloader.reload}.
         @param signals: the reactor to hand SIGHUP over to, from the signal handler.
         """
+        super().__init__(signal.SIGHUP, signals)
         self._reloads = tuple(reloads)
-        self._signals = signals
-        self._previousHandler: Any = None
 
-    def startService(self) -> None:
-        """Handle SIGHUP."""
-        super().startService()
-        self._previousHandler = signal.signal(signal.SIGHUP, self._hangUp)
-
-    def stopService(self) -> None:
-        """Give SIGHUP its previous handler back."""
-        if not self.running:
-            return
-        super().stopService()
-        previous, self._previousHandler = self._previousHandler, None
-        signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
-
-    def _hangUp(self, number: int, frame: FrameType | None) -> None:
-        """Reload from the reactor's thread, between two of its events (a handler may run amid one)."""
-        self._signals.callFromThread(self._reloadAll)
-
-    def _reloadAll(self) -> None:
+    def received(self) -> None:
+        """Reload, each in turn."""
         for reload in self._reloads:
             reload("SIGHUP")
 

@@ -58,7 +58,6 @@ from rproxy.filters.factory import filterFactories
 from rproxy.health.checks import HealthCheckSettings
 from rproxy.health.state import PassivePolicy
 from rproxy.observe.logfile import ReopenOnSignal
-from rproxy.observe.metrics import ProxyMetrics
 from rproxy.observe.requestid import RequestIds
 from rproxy.observe.tracing import TracingUnavailableError, buildTracing
 from rproxy.proxy.balancers import balancerFactories
@@ -572,6 +571,8 @@ def buildService(
             closers.append(lambda: tracing.close(reactor))  # type: ignore[arg-type]
     metrics = None
     if admin is not None and (admin.listen is not None or admin.metricsListen is not None):
+        from rproxy.observe.metrics import ProxyMetrics  # prometheus_client, imported when metrics are served
+
         metrics = ProxyMetrics()  # kept for the admin listener's /metrics and the metrics listener
         metrics.watch(registry, draining.sites, proxy.tunnels)
         site.observers.append(metrics)

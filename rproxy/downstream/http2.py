@@ -42,6 +42,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import priority
 from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
@@ -99,6 +100,22 @@ _CONNECTION_FIELDS = frozenset(
 )
 #: Fields HPACK must never index (what h2's own normalisation does: RFC 7541 section 7.1.3).
 _SECRET_FIELDS = frozenset([b"authorization", b"proxy-authorization"])
+#: Fields whose every value is new (rproxy's request ids): indexing them would only evict the fields that do
+#: repeat (content-type, server, ...) from the client's dynamic table, and cost a table insertion each time.
+_UNIQUE_FIELDS = frozenset([b"x-request-id", b"traceparent"])
+
+
+class _PlainEncoder(hpack.Encoder):
+    """
+    HPACK without Huffman coding.  Huffman coding, in pure Python, is most of what encoding a response head
+    costs (a third of rproxy's CPU per HTTP/2 response with it on), for headers a fifth smaller; once the
+    repeated fields are indexed, a response head is a few bytes either way, and the proxy's CPU is what
+    limits it.  (RFC 7541 lets each literal choose: a client decodes both.)
+    """
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        """Encode C{headers}, with no Huffman coding whatever C{huffman} says."""
+        return super().encode(headers, huffman=False)
 
 
 def responseFields(status: int, fields: Sequence[tuple[bytes, bytes]]) -> list[Any] | None:
@@ -119,7 +136,7 @@ def responseFields(status: int, fields: Sequence[tuple[bytes, bytes]]) -> list[A
         if name in _CONNECTION_FIELDS:
             continue
         value = value.strip(b" \t")
-        if name in _SECRET_FIELDS or (name == b"cookie" and len(value) < 20):
+        if name in _SECRET_FIELDS or name in _UNIQUE_FIELDS or (name == b"cookie" and len(value) < 20):
             head.append(NeverIndexedHeaderTuple(name, value))
         else:
             head.append((name, value))
@@ -227,6 +244,7 @@ class HTTP2Server:
             validate_inbound_headers=False,
         )
         conn = self.conn = h2.connection.H2Connection(config)
+        conn.encoder = _PlainEncoder()  # h2's public attribute; SETTINGS_HEADER_TABLE_SIZE still applies to it
         advertised = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2MaxConcurrentStreams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.h2MaxHeaderListSize,
@@ -537,6 +555,7 @@ class HTTP2Server:
         except h2.exceptions.ProtocolError:
             pass
         self._closing = True
+        self._record(code, str(error))
         pending = withGoAwayCode(self.conn.data_to_send(), code)
         self._writeLast(pending)
         self._fail(Failure(error))
@@ -544,6 +563,8 @@ class HTTP2Server:
 
     def _goAwayAndClose(self, code: int, why: str) -> None:
         self._closing = True
+        if code != h2.errors.ErrorCodes.NO_ERROR:
+            self._record(code, why)
         try:
             self.conn.close_connection(error_code=code)
         except h2.exceptions.ProtocolError:
@@ -551,6 +572,16 @@ class HTTP2Server:
         self._writeLast(self.conn.data_to_send())
         self._fail(Failure(ConnectionLost(why)))
         self._close()
+
+    def _record(self, code: int, why: str) -> None:
+        """
+        The connection is refused for what the client did (a GOAWAY with an error code): a record of its own
+        for the access log and the metrics, as 429 for a flood (C{ENHANCE_YOUR_CALM}), else 400.
+        """
+        status = 429 if code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM else 400
+        name = getattr(code, "name", str(code))
+        error = clientError(status, f"HTTP/2 connection closed with GOAWAY {name}: {why}")
+        self.site.refused(self.connection.peer, error)
 
     def _writeLast(self, data: bytes) -> None:
         """Write what is held and C{data}, the connection's last frames, whether the client reads or not."""

@@ -103,8 +103,8 @@ class ProxySite(server.Site):
         record.duration = self.reactor.seconds() - record.started
         if request.startedWriting:
             record.status = request.code
-        record.bytesOut = request.sentLength
-        record.bytesIn = getattr(request, "bodyBytes", 0)
+        record.bytesOut = request.sentLength + record.splicedOut
+        record.bytesIn = getattr(request, "bodyBytes", 0) + record.splicedIn
         for observer in self.observers:
             observer.exchangeEnded(record)
 

@@ -40,7 +40,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rproxy.errors import clientError, proxyError
-from rproxy.filters.factory import FilterFactory
 from rproxy.interfaces import FilterEnvironment, IRequestFilter
 from rproxy.options import PluginOptions
 from rproxy.proxy.message import FilterVerdict, RequestContext
@@ -373,7 +372,8 @@ class BasicAuth:
         self._dummy = self._dummies[setting]
 
 
-def _build(options: PluginOptions, environment: FilterEnvironment) -> BasicAuth:
+def buildBasicAuth(options: PluginOptions, environment: FilterEnvironment) -> BasicAuth:
+    """A L{BasicAuth} from the options of a C{[filters.X]} table with C{type = "basic-auth"}."""
     path = options.text("htpasswd")
     if not path:
         raise options.error("htpasswd", "required: the path of an htpasswd file")
@@ -390,8 +390,3 @@ def _build(options: PluginOptions, environment: FilterEnvironment) -> BasicAuth:
         raise options.error("htpasswd", f"cannot read {path}: {e.strerror}") from None
     except ValueError as e:
         raise options.error("htpasswd", f"{path}: {e}") from None
-
-
-basicAuth = FilterFactory(
-    "basic-auth", "HTTP Basic authentication against an htpasswd file (bcrypt, apr1, SHA, crypt)", _build
-)

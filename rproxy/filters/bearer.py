@@ -29,7 +29,6 @@ from types import MappingProxyType
 from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit, urlunsplit
 
-import treq
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -46,7 +45,6 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, clientError, proxyError
-from rproxy.filters.factory import FilterFactory
 from rproxy.interfaces import FilterEnvironment, IRequestFilter
 from rproxy.options import PluginOptions
 from rproxy.proxy.message import FilterVerdict, RequestContext
@@ -407,6 +405,8 @@ class _RemoteKeys:
         fetching.addCallbacks(self._fetched, self._failed, (deadline,), errbackArgs=(deadline,))
 
     async def _download(self) -> list[_Key]:
+        import treq  # with twisted.web.client's Agent: for a JWKS URL only
+
         response = await treq.get(
             self.url,
             headers=Headers({b"Accept": [b"application/jwk-set+json, application/json"]}),
@@ -764,8 +764,3 @@ def buildBearerFilter(reader: PluginOptions, environment: FilterEnvironment) -> 
         userClaim=reader.text("user-claim", "sub") or "sub",
         cacheSize=reader.integer("cache-size", 4096) or 0,
     )
-
-
-jwtAuth = FilterFactory(
-    "jwt", "Bearer JWT verification (HS256, RS256, ES256, EdDSA; a key, a secret or a JWKS URL)", buildBearerFilter
-)

@@ -46,7 +46,6 @@ from zope.interface import implementer
 from rproxy.downstream.body import RequestBodyPipe, fileBody
 from rproxy.downstream.spool import Spool, SpoolSettings
 from rproxy.errors import ProxyError, clientError, proxyError
-from rproxy.filters.factory import FilterFactory
 from rproxy.headers import Pairs
 from rproxy.interfaces import FilterEnvironment, IRequestFilter
 from rproxy.options import PluginOptions
@@ -176,7 +175,8 @@ class _Upload:
         self._spool.close()
 
 
-def _build(options: PluginOptions, environment: FilterEnvironment) -> Buffer:
+def buildBuffer(options: PluginOptions, environment: FilterEnvironment) -> Buffer:
+    """A L{Buffer} from the options of a C{[filters.X]} table with C{type = "buffer"}."""
     directory = options.text("directory")
     if directory is not None:
         directory = os.path.join(environment.base, directory)
@@ -202,6 +202,3 @@ def _maxSize(options: PluginOptions, name: str) -> int:
     if size <= 0:
         raise options.error(name, "must be more than 0")
     return size
-
-
-buffer = FilterFactory("buffer", "reads whole request (and response) bodies before passing them on", _build)

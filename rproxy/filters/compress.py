@@ -33,7 +33,6 @@ import brotli
 import zstandard
 from zope.interface import implementer
 
-from rproxy.filters.factory import FilterFactory
 from rproxy.headers import splitTokens
 from rproxy.interfaces import FilterEnvironment, IBodyTransform, IResponseFilter
 from rproxy.options import PluginOptions
@@ -372,7 +371,8 @@ def _weakenETag(headers: list[tuple[bytes, bytes]]) -> None:
             headers[i] = (name, b"W/" + value)
 
 
-def _build(options: PluginOptions, environment: FilterEnvironment) -> Compress:
+def buildCompress(options: PluginOptions, environment: FilterEnvironment) -> Compress:
+    """A L{Compress} from the options of a C{[filters.X]} table with C{type = "compress"}."""
     names = options.strings("encodings", tuple(CODINGS))
     if not names:
         raise options.error("encodings", "must name at least one of " + ", ".join(CODINGS))
@@ -401,6 +401,3 @@ def _level(options: PluginOptions, coding: Coding) -> int:
     if level > coding.highest:
         raise options.error(coding.levelOption, f"must be at most {coding.highest}, got {level}")
     return level
-
-
-compress = FilterFactory("compress", "compresses responses with zstd, brotli or gzip, as the client accepts", _build)

@@ -24,7 +24,6 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, clientError
-from rproxy.filters.factory import FilterFactory
 from rproxy.headers import Pairs, isToken, splitTokens
 from rproxy.interfaces import FilterEnvironment, IRequestFilter, IResponseFilter
 from rproxy.options import PluginOptions
@@ -330,9 +329,3 @@ def _tokens(reader: PluginOptions, option: str, default: tuple[str, ...], creden
             raise reader.error(option, f"not a token: {text!r}")
         names.append(name)
     return tuple(names)
-
-
-#: The plugin: C{type = "cors"}.
-cors = FilterFactory(
-    "cors", "Cross-origin resource sharing: answers preflights, writes the Access-Control-* fields", buildCORS
-)

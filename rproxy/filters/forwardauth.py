@@ -53,7 +53,6 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, proxyError
-from rproxy.filters.factory import FilterFactory
 from rproxy.headers import FORWARDING, FRAMING, HOP_BY_HOP, isToken, responseHeaderPairs
 from rproxy.interfaces import FilterEnvironment, IClosable, IRequestFilter
 from rproxy.options import PluginOptions
@@ -381,7 +380,8 @@ def _checkURL(options: PluginOptions) -> str:
     return url
 
 
-def _build(options: PluginOptions, environment: FilterEnvironment) -> ForwardAuth:
+def buildForwardAuth(options: PluginOptions, environment: FilterEnvironment) -> ForwardAuth:
+    """A L{ForwardAuth} from the options of a C{[filters.X]} table with C{type = "forward-auth"}."""
     url = _checkURL(options)
     timeout = options.duration("timeout", 5.0)
     if timeout <= 0:
@@ -422,8 +422,3 @@ def _build(options: PluginOptions, environment: FilterEnvironment) -> ForwardAut
         )
     except ValueError as e:  # the CA file
         raise options.error("ca-file", str(e)) from None
-
-
-forwardAuth = FilterFactory(
-    "forward-auth", "ask an auth service about each request (nginx auth_request, Traefik ForwardAuth)", _build
-)

@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from rproxy.filters.factory import FilterFactory
 from rproxy.headers import FRAMING, HOP_BY_HOP, Pairs, hasControl, isToken
 from rproxy.interfaces import FilterEnvironment, IRequestFilter, IResponseFilter
 from rproxy.options import PluginOptions
@@ -148,9 +147,3 @@ def _name(reader: PluginOptions, option: str, text: str) -> bytes:
     if name.lower() in MANAGED:
         raise reader.error(option, f"{text} is managed by the proxy (hop-by-hop or framing), not by header rules")
     return name
-
-
-#: The plugin: C{type = "headers"}.
-headerRules = FilterFactory(
-    "headers", "Header rules: fields removed, set or added on requests and responses (errors too)", buildHeaderRules
-)

@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, clientError
-from rproxy.filters.factory import FilterFactory
 from rproxy.headers import Network, parseNetworks
 from rproxy.interfaces import FilterEnvironment, IRequestFilter
 from rproxy.options import PluginOptions
@@ -103,12 +102,10 @@ def _networks(options: PluginOptions, name: str) -> tuple[Network, ...]:
         raise options.error(name, str(e)) from None
 
 
-def _build(options: PluginOptions, environment: FilterEnvironment) -> IPRules:
+def buildIPRules(options: PluginOptions, environment: FilterEnvironment) -> IPRules:
+    """A L{IPRules} from the options of a C{[filters.X]} table with C{type = "ip-rules"}."""
     allow = _networks(options, "allow")
     deny = _networks(options, "deny")
     if not allow and not deny:
         raise options.error("allow", "give allow or deny networks (or both): without either the filter does nothing")
     return IPRules(allow, deny)
-
-
-ipRules = FilterFactory("ip-rules", "Allow and deny lists of client networks (IPv4 and IPv6 CIDRs)", _build)

@@ -31,7 +31,6 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from rproxy.errors import Fault, ProxyError, clientError, proxyError
-from rproxy.filters.factory import FilterFactory
 from rproxy.interfaces import FilterEnvironment, IRequestFilter, IResponseFilter
 from rproxy.options import PluginOptions
 from rproxy.proxy.message import FilterVerdict, RequestContext
@@ -427,7 +426,8 @@ def _readRate(reader: PluginOptions) -> Rate:
         raise reader.error("rate", str(e)) from None
 
 
-def _buildRateLimit(reader: PluginOptions, environment: FilterEnvironment) -> RateLimit:
+def buildRateLimit(reader: PluginOptions, environment: FilterEnvironment) -> RateLimit:
+    """A L{RateLimit} from the options of a C{[filters.X]} table with C{type = "rate-limit"}."""
     rate = _readRate(reader)
     burst = reader.integer("burst", None, minimum=1)
     key = readKeyRule(reader)
@@ -438,16 +438,9 @@ def _buildRateLimit(reader: PluginOptions, environment: FilterEnvironment) -> Ra
     return RateLimit(rate, IReactorTime(environment.reactor), burst, key, maxKeys, policyName)
 
 
-def _buildConcurrencyLimit(reader: PluginOptions, environment: FilterEnvironment) -> ConcurrencyLimit:
+def buildConcurrencyLimit(reader: PluginOptions, environment: FilterEnvironment) -> ConcurrencyLimit:
+    """A L{ConcurrencyLimit} from the options of a C{[filters.X]} table with C{type = "concurrency-limit"}."""
     maximum = reader.integer("max", None, minimum=1)
     if maximum is None:
         raise reader.error("max", "required: the most requests in flight per key")
     return ConcurrencyLimit(maximum, readKeyRule(reader), _readMaxKeys(reader))
-
-
-rateLimit = FilterFactory(
-    "rate-limit", "token buckets per client, field, claim or route: 429 with Retry-After past the rate", _buildRateLimit
-)
-concurrencyLimit = FilterFactory(
-    "concurrency-limit", "at most N requests in flight per client, field, claim or route", _buildConcurrencyLimit
-)

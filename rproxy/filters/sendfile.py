@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, upstreamError
-from rproxy.filters.factory import FilterFactory
 from rproxy.headers import isToken
 from rproxy.interfaces import FilterEnvironment, IBodyTransform, ILocalAnswer, IResponseFilter
 from rproxy.local.files import FileAnswer
@@ -142,7 +141,8 @@ def _directory(options: PluginOptions, name: str, directory: object, base: str) 
     return os.path.join(base, directory)
 
 
-def _build(options: PluginOptions, environment: FilterEnvironment) -> Sendfile:
+def buildSendfile(options: PluginOptions, environment: FilterEnvironment) -> Sendfile:
+    """A L{Sendfile} from the options of a C{[filters.X]} table with C{type = "sendfile"}."""
     accel = _header(options, "accel-header", "X-Accel-Redirect")
     sendfile = _header(options, "sendfile-header", "X-Sendfile")
     roots = []
@@ -156,8 +156,3 @@ def _build(options: PluginOptions, environment: FilterEnvironment) -> Sendfile:
     if not (roots and accel) and not (sendfileRoots and sendfile):
         raise options.error("roots", "give roots (for X-Accel-Redirect) or sendfile-roots (for X-Sendfile)")
     return Sendfile(accel, sendfile, roots, sendfileRoots)
-
-
-sendfile = FilterFactory(
-    "sendfile", "serves the file an upstream names with X-Accel-Redirect or X-Sendfile, with ranges", _build
-)

@@ -45,7 +45,6 @@ from zope.interface import implementer
 
 from rproxy.downstream.body import RequestBodyPipe, fileBody
 from rproxy.errors import ProxyError, clientError, proxyError, upstreamError
-from rproxy.filters.factory import FilterFactory
 from rproxy.filters.forwardauth import passedOn, readBody
 from rproxy.headers import Pairs, isToken
 from rproxy.interfaces import FilterEnvironment, IClosable, IRequestFilter, IResponseFilter
@@ -514,7 +513,8 @@ def _storage(options: PluginOptions, environment: FilterEnvironment, partSize: i
     return storage
 
 
-def _build(options: PluginOptions, environment: FilterEnvironment) -> UploadOffload:
+def buildUpload(options: PluginOptions, environment: FilterEnvironment) -> UploadOffload:
+    """A L{UploadOffload} from the options of a C{[filters.X]} table with C{type = "upload"}."""
     partSize = options.size("part-size", 16 << 20)
     if partSize < MINIMUM_PART_SIZE:
         raise options.error("part-size", f"must be at least {MINIMUM_PART_SIZE} bytes (5MiB), S3's smallest part")
@@ -543,6 +543,3 @@ def _build(options: PluginOptions, environment: FilterEnvironment) -> UploadOffl
         preauthorize=_checkURL(options, "preauthorize"),
         preauthorizeTimeout=options.duration("preauthorize-timeout", 5.0),
     )
-
-
-upload = FilterFactory("upload", "store request bodies (files of forms) and forward signed notes of them", _build)

@@ -18,7 +18,7 @@ import random
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -37,7 +37,6 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
@@ -46,6 +45,9 @@ from zope.interface import implementer
 from rproxy._version import __version__
 from rproxy.interfaces import HealthResult, IHealthCheck, IRegistry
 from rproxy.upstream.upstreams import Upstream
+
+if TYPE_CHECKING:  # twisted.web.client (Agent) is imported when a check is made: active checks are optional
+    from twisted.web.client import URI, HTTPConnectionPool
 
 __all__ = ["BODY_LIMIT", "USER_AGENT", "HTTPHealthCheck", "HealthCheckSettings", "HealthChecker"]
 
@@ -225,6 +227,8 @@ class _BodyReader(Protocol):
             self.done.callback(b"".join(self._chunks)[: self._limit])
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        from twisted.web.client import ResponseDone
+
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -297,6 +301,8 @@ class _Attempt:
         return result
 
     async def _exchange(self, upstream: Upstream) -> HealthResult:
+        from twisted.web.client import Agent
+
         settings = self._settings
         url = upstream.url
         endpoint = _AttemptEndpoint(url.endpoint(self._reactor, settings.timeout), self)
@@ -412,7 +418,9 @@ class HTTPHealthCheck:
     def __init__(self, reactor: IReactorTime, settings: HealthCheckSettings) -> None:
         self._reactor = reactor
         self.settings = settings
-        self._pool = HTTPConnectionPool(reactor, persistent=False)
+        from twisted.web.client import HTTPConnectionPool
+
+        self._pool: HTTPConnectionPool = HTTPConnectionPool(reactor, persistent=False)
         self._running: dict[Deferred[HealthResult], Deferred[None]] = {}
 
     def check(self, upstream: Upstream) -> Deferred[HealthResult]:

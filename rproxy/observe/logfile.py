@@ -40,13 +40,13 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
-from types import FrameType
-from typing import Any, Protocol
+from typing import Protocol
 
-from twisted.application import service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads
 from twisted.logger import Logger
+
+from rproxy.signals import OnSignal
 
 __all__ = ["AccessLogFile", "AccessLogSink", "ReopenOnSignal", "TwistedLogDestination"]
 
@@ -325,7 +325,7 @@ class TwistedLogDestination:
         return succeed(None)
 
 
-class ReopenOnSignal(service.Service):
+class ReopenOnSignal(OnSignal):
     """
     Reopens access logs when the process gets a signal (SIGUSR1, what logrotate's C{postrotate} sends),
     from the reactor thread, between two of its events.
@@ -339,27 +339,10 @@ class ReopenOnSignal(service.Service):
         @param reactor: the reactor to hand the signal over to, from the signal handler.
         @param signalNumber: the signal.
         """
+        super().__init__(signalNumber, reactor)
         self._sinks = tuple(sinks)
-        self._reactor = reactor
-        self._signalNumber = signalNumber
-        self._previousHandler: Any = None
 
-    def startService(self) -> None:
-        """Handle the signal."""
-        super().startService()
-        self._previousHandler = signal.signal(self._signalNumber, self._received)
-
-    def stopService(self) -> None:
-        """Give the signal its previous handler back."""
-        if not self.running:
-            return
-        super().stopService()
-        previous, self._previousHandler = self._previousHandler, None
-        signal.signal(self._signalNumber, signal.SIG_DFL if previous is None else previous)
-
-    def _received(self, number: int, frame: FrameType | None) -> None:
-        self._reactor.callFromThread(self._reopenAll)
-
-    def _reopenAll(self) -> None:
+    def received(self) -> None:
+        """Reopen each sink."""
         for sink in self._sinks:
             sink.reopen()

@@ -37,8 +37,10 @@ class ExchangeRecord:
         exchange learned better).
     @ivar tls: C{(version, server name, ALPN protocol)} of a TLS connection, else C{None}.
     @ivar status: the status sent (C{None}: none was, the client or the proxy gave up first).
-    @ivar bytesIn: request body bytes received.
-    @ivar bytesOut: response body bytes sent.
+    @ivar bytesIn: request body bytes received (and, for a tunnel, the bytes the client sent through it).
+    @ivar bytesOut: response body bytes sent (and, for a tunnel, the bytes the upstream sent through it).
+    @ivar splicedIn: bytes the client sent through the tunnel after a protocol switch (counted as it runs).
+    @ivar splicedOut: bytes the upstream sent through the tunnel.
     @ivar service: the service a route chose, once one did.
     @ivar route: the name of the route that matched.
     @ivar upstream: the upstream of the last attempt (its key: host and port).
@@ -68,6 +70,8 @@ class ExchangeRecord:
         "status",
         "bytesIn",
         "bytesOut",
+        "splicedIn",
+        "splicedOut",
         "service",
         "route",
         "upstream",
@@ -107,6 +111,7 @@ class ExchangeRecord:
         self.status: int | None = None
         self.bytesIn = 0
         self.bytesOut = 0
+        self.splicedIn = self.splicedOut = 0
         self.service: str | None = None
         self.route: str | None = None
         self.upstream: str | None = None

@@ -62,6 +62,7 @@ class UpstreamState(TypedDict):
 
     key: str
     weight: int
+    labels: dict[str, str]
     state: str
     reason: str | None
     ejections: int
@@ -70,6 +71,7 @@ class UpstreamState(TypedDict):
     inFlight: int
     pool: PoolState
     latency: float | None
+    balancer: dict[str, float | int | str] | None
     registration: RegistrationState | None
 
 
@@ -233,7 +235,7 @@ def _upstreamRow(upstream: UpstreamState, now: float) -> str:
     pool = upstream["pool"]
     return (
         f'<tr data-upstream="{_e(upstream["key"])}" data-state="{_e(upstream["state"])}">'
-        f"<td><code>{_e(upstream['key'])}</code></td>"
+        f"<td><code>{_e(upstream['key'])}</code>{_labels(upstream['labels'])}</td>"
         f"<td>{_stateCell(upstream)}</td>"
         f'<td class="number">{upstream["weight"]:d}</td>'
         f'<td class="number">{upstream["inFlight"]:d}</td>'
@@ -241,14 +243,29 @@ def _upstreamRow(upstream: UpstreamState, now: float) -> str:
         f'<td class="number">{_latency(upstream["latency"])}</td>'
         f'<td class="number">{upstream["ejections"]:d}</td>'
         f"<td>{_errorCell(upstream['lastError'], now)}</td>"
+        f"<td>{_learnt(upstream['balancer'])}</td>"
         "</tr>"
     )
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    """An upstream's labels, under its key."""
+    if not labels:
+        return ""
+    return '<br><span class="muted">' + _e(" ".join(f"{k}={v}" for k, v in labels.items())) + "</span>"
+
+
+def _learnt(learnt: Mapping[str, float | int | str] | None) -> str:
+    """What the service's balancer has learnt of an upstream (L{rproxy.interfaces.IBalancerState})."""
+    if not learnt:
+        return '<span class="muted">-</span>'
+    return "<br>".join(f"{_e(name)} <code>{_e(str(value))}</code>" for name, value in learnt.items())
 
 
 _HEADINGS = (
     '<tr><th>Upstream</th><th>State</th><th class="number">Weight</th><th class="number">In flight</th>'
     '<th class="number">Pool open/idle</th><th class="number">Latency</th><th class="number">Ejections</th>'
-    "<th>Last error</th></tr>"
+    "<th>Last error</th><th>Balancer</th></tr>"
 )
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from zope.interface import implementer
 
-from rproxy.interfaces import IBalancer, IBalancerFactory, IResponseFilter, Outcome
+from rproxy.interfaces import IBalancer, IBalancerFactory, IBalancerState, IResponseFilter, Outcome
 from rproxy.options import PluginOptions
 from rproxy.proxy.message import InboundRequest, RequestContext
 from rproxy.upstream.upstreams import Upstream
@@ -236,7 +236,7 @@ class PowerOfTwoChoices:
 _LATENCY_FLOOR = 1e-4
 
 
-@implementer(IBalancer)
+@implementer(IBalancer, IBalancerState)
 class PeakEWMA:
     """
     Latency-aware: of two upstreams drawn at random, the one with the lower expected cost takes the request.
@@ -285,10 +285,21 @@ class PeakEWMA:
         """What sending one more request to C{upstream} is expected to cost now (for tests and the admin view)."""
         return self._cost(upstream, self._now())
 
-    def _cost(self, upstream: Upstream, now: float) -> float:
+    def describe(self, upstream: Upstream) -> Mapping[str, float | int | str] | None:
+        """Its latency estimate of C{upstream} (milliseconds, decayed to now) and the cost it would pick by."""
         stats = self._stats.get(upstream)
         if stats is None:
-            latency = self._serviceAverage
+            return None
+        elapsed = max(0.0, self._now() - stats[1])
+        latency = stats[0] * math.exp(-elapsed / self.decay)
+        cost = (latency + _LATENCY_FLOOR) * (upstream.inFlight + 1) / upstream.weight
+        return {"latency_ms": round(latency * 1000, 3), "cost": round(cost, 6)}
+
+    def _cost(self, upstream: Upstream, now: float) -> float:
+        stats = self._stats.get(upstream)
+        if stats is None:  # valued at the service's average, drifting towards zero as a sampled host's does
+            stamp = self._serviceStamp
+            latency = 0.0 if stamp is None else self._serviceAverage * math.exp(-max(now - stamp, 0.0) / self.decay)
         else:
             average, stamp = stats
             elapsed = now - stamp

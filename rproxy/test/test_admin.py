@@ -454,7 +454,7 @@ class StateTests(unittest.TestCase):
     async def test_oneService(self) -> None:
         calls = slowCalls(self)
         upstream = ScriptedUpstream(self, slowly(0.5, calls))
-        proxy = startAdmin(self, "--upstream", upstream.url + "#weight=3", "--balancer", "least_conn")
+        proxy = startAdmin(self, "--upstream", upstream.url + "#weight=3&zone=eu-1", "--balancer", "least_conn")
         client = AdminClient(self, proxy.adminURL)
         answer = await client.request("GET", "/state")
         self.assertEqual((answer.status, answer.headers["content-type"]), (200, ["application/json"]))
@@ -462,6 +462,7 @@ class StateTests(unittest.TestCase):
         upstreamState = {
             "key": upstream.url,
             "weight": 3,
+            "labels": {"zone": "eu-1"},
             "state": "up",
             "reason": None,
             "ejections": 0,
@@ -470,6 +471,7 @@ class StateTests(unittest.TestCase):
             "inFlight": 0,
             "pool": {"open": 0, "idle": 0},
             "latency": None,
+            "balancer": None,
             "registration": None,
         }
         self.assertEqual(
@@ -498,6 +500,27 @@ class StateTests(unittest.TestCase):
         [service] = (await client.request("GET", "/state")).json()["services"]
         self.assertEqual(service["upstreams"][0]["inFlight"], 0)
         self.assertGreaterEqual(service["upstreams"][0]["latency"], 0.5)
+        self.assertIsNone(service["upstreams"][0]["balancer"], "least_conn learns nothing to show")
+
+    async def test_balancerState(self) -> None:
+        """A balancer that shows what it learnt (IBalancerState): ewma's latency estimate of each upstream."""
+        calls = slowCalls(self)
+        slow, fast = ScriptedUpstream(self, slowly(0.3, calls)), ScriptedUpstream(self, answerWith(b"fast"))
+        proxy = startAdmin(self, "--upstream", slow.url, "--upstream", fast.url + "#canary=true", "--balancer", "ewma")
+        client = AdminClient(self, proxy.adminURL)
+        [service] = (await client.request("GET", "/state")).json()["services"]
+        self.assertEqual([u["balancer"] for u in service["upstreams"]], [None, None], "nothing learnt yet")
+        # Two at once: whichever is picked first has one in flight, so the other takes the second request.
+        await defer.gatherResults([defer.ensureDeferred(request(proxy.port, b"/x")) for _ in range(2)])
+        self.assertEqual((len(slow.requests), len(fast.requests)), (1, 1))
+        [service] = (await client.request("GET", "/state")).json()["services"]
+        learnt = {u["key"]: u["balancer"] for u in service["upstreams"]}
+        self.assertEqual(
+            {u["key"]: u["labels"] for u in service["upstreams"]}, {slow.url: {}, fast.url: {"canary": "true"}}
+        )
+        self.assertGreater(learnt[slow.url]["latency_ms"], 250)
+        self.assertLess(learnt[fast.url]["latency_ms"], 250)
+        self.assertGreater(learnt[slow.url]["cost"], learnt[fast.url]["cost"])
 
     async def test_servicesAndRoutes(self) -> None:
         """Several services from a file, one ejected with its reason; the routes in order."""
@@ -914,6 +937,7 @@ class ValidatorTests(unittest.TestCase):
         self.upstream = {
             "key": "http://10.0.0.5:8080",
             "weight": 1,
+            "labels": {"zone": "a"},
             "state": "up",
             "reason": None,
             "ejections": 0,
@@ -922,6 +946,7 @@ class ValidatorTests(unittest.TestCase):
             "inFlight": 0,
             "pool": {"open": 1, "idle": 1},
             "latency": 0.0012,
+            "balancer": {"latency_ms": 1.2, "cost": 0.0013},
             "registration": None,
         }
 

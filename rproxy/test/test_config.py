@@ -431,6 +431,17 @@ class ErrorTests(ConfigTestCase):
             "rproxy.toml: services.api: unknown key 'retrys' (see docs/configuration.md: the keys of a service)",
         ),
         (
+            '[services.api]\nupstreams = ["http://a:1#zone=a&zone=b"]\n',
+            [],
+            "rproxy.toml: services.api.upstreams[0]: upstream 'http://a:1#zone=a&zone=b': 'zone' is given twice",
+        ),
+        (
+            '[services.api]\nupstreams = ["http://a:1#zone"]\n',
+            [],
+            "rproxy.toml: services.api.upstreams[0]: upstream 'http://a:1#zone': after '#', give name=value pairs "
+            "joined by '&'",
+        ),
+        (
             '[services.api]\nupstream = "http://a:1"\n',
             [],
             "rproxy.toml: services.api: unknown key 'upstream': did you mean 'upstreams'?",

@@ -20,11 +20,8 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from wsproto.handshake import generate_accept_token
 
-from rproxy.filters.basicauth import basicAuth
-from rproxy.filters.bearer import jwtAuth
-from rproxy.filters.compress import compress
-from rproxy.filters.forwardauth import forwardAuth
 from rproxy.interfaces import FilterEnvironment
+from rproxy.plugins.filters import basicAuth, compress, forwardAuth, jwtAuth
 from rproxy.test.h2client import H2Client, StreamRecord
 from rproxy.test.support import (
     ReceivedRequest,

@@ -23,8 +23,9 @@ from zope.interface import implementer
 
 from rproxy.errors import ProxyError
 from rproxy.filters import basicauth
-from rproxy.filters.basicauth import BasicAuth, basicAuth, checkPassword, hashSetting
+from rproxy.filters.basicauth import BasicAuth, checkPassword, hashSetting
 from rproxy.interfaces import FilterEnvironment
+from rproxy.plugins.filters import basicAuth
 from rproxy.test.support import LogCapture, ScriptedUpstream, curl, startProxy, useFilters
 from rproxy.test.test_conformance import answer, deferredTest
 from rproxy.testing import Clock, FilterResult, inboundRequest, runFilters, verifyFilterFactory

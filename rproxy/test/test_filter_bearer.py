@@ -27,9 +27,10 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from rproxy.errors import ProxyError
-from rproxy.filters.bearer import BearerFilter, jwtAuth
+from rproxy.filters.bearer import BearerFilter
 from rproxy.headers import ForwardingPolicy
 from rproxy.interfaces import FilterEnvironment
+from rproxy.plugins.filters import jwtAuth
 from rproxy.proxy.message import OutboundRequest, RequestContext
 from rproxy.test.support import (
     LogCapture,

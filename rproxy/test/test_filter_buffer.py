@@ -29,8 +29,9 @@ from zope.interface import implementer
 
 from rproxy.downstream import spool
 from rproxy.downstream.spool import SpoolSettings
-from rproxy.filters.buffer import Buffer, buffer
+from rproxy.filters.buffer import Buffer
 from rproxy.interfaces import FilterEnvironment, IRequestFilter
+from rproxy.plugins.filters import buffer
 from rproxy.proxy.message import LocalResponse, RequestContext
 from rproxy.test.h2client import H2Client
 from rproxy.test.h2upstream import H2Upstream, ServerStream

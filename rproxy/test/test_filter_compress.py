@@ -25,15 +25,9 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from rproxy.errors import clientError
-from rproxy.filters.compress import (
-    Compress,
-    CompressedBody,
-    MediaRanges,
-    acceptedCodings,
-    compress,
-    preferredCoding,
-)
+from rproxy.filters.compress import Compress, CompressedBody, MediaRanges, acceptedCodings, preferredCoding
 from rproxy.interfaces import FilterEnvironment, IRequestFilter
+from rproxy.plugins.filters import compress
 from rproxy.proxy.message import LocalResponse, OutboundRequest, RequestContext
 from rproxy.test.support import (
     ReceivedRequest,

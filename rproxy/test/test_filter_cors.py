@@ -16,8 +16,9 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, clientError
-from rproxy.filters.cors import CORSFilter, Origin, cors
+from rproxy.filters.cors import CORSFilter, Origin
 from rproxy.interfaces import FilterEnvironment, IRequestFilter, IResponseFilter
+from rproxy.plugins.filters import cors
 from rproxy.proxy.message import FilterVerdict, LocalResponse, RequestContext
 from rproxy.test.support import (
     ScriptedUpstream,

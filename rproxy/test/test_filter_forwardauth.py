@@ -23,9 +23,10 @@ from twisted.web import resource, server
 from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
-from rproxy.filters.forwardauth import ForwardAuth, forwardAuth
+from rproxy.filters.forwardauth import ForwardAuth
 from rproxy.headers import ForwardingPolicy
 from rproxy.interfaces import FilterEnvironment, IRequestFilter
+from rproxy.plugins.filters import forwardAuth
 from rproxy.proxy.message import OutboundRequest, RequestContext
 from rproxy.test.certs import CertificateAuthority, listenTLS, serverTLS
 from rproxy.test.support import (

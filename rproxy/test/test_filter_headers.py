@@ -13,8 +13,9 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from rproxy.errors import clientError
-from rproxy.filters.headers import HeaderRulesFilter, headerRules
+from rproxy.filters.headers import HeaderRulesFilter
 from rproxy.interfaces import FilterEnvironment, IRequestFilter, IResponseFilter
+from rproxy.plugins.filters import headerRules
 from rproxy.proxy.message import FilterVerdict, LocalResponse, RequestContext
 from rproxy.test.support import ScriptedUpstream, curl, freePort, rawRequest, startProxy, useFilters
 from rproxy.testing import FilterResult, inboundRequest, runFilters, verifyFilterFactory

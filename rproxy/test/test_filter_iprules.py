@@ -12,9 +12,10 @@ import random
 from twisted.trial import unittest
 
 from rproxy.errors import ProxyError
-from rproxy.filters.iprules import IPRules, NetworkSet, ipRules
+from rproxy.filters.iprules import IPRules, NetworkSet
 from rproxy.headers import ForwardingPolicy, parseNetworks
 from rproxy.interfaces import FilterEnvironment
+from rproxy.plugins.filters import ipRules
 from rproxy.test.support import ScriptedUpstream, rawRequest, responseStatus, startProxy, useFilters
 from rproxy.test.test_conformance import answer, deferredTest, get
 from rproxy.testing import Clock, FilterResult, inboundRequest, runFilters, verifyFilterFactory

@@ -21,17 +21,10 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from rproxy.errors import ProxyError, clientError
-from rproxy.filters.bearer import jwtAuth
-from rproxy.filters.ratelimit import (
-    ConcurrencyLimit,
-    KeyRule,
-    RateLimit,
-    concurrencyLimit,
-    parseRate,
-    rateLimit,
-)
+from rproxy.filters.ratelimit import ConcurrencyLimit, KeyRule, RateLimit, parseRate
 from rproxy.headers import ForwardingPolicy
 from rproxy.interfaces import FilterEnvironment, IRequestFilter
+from rproxy.plugins.filters import concurrencyLimit, jwtAuth, rateLimit
 from rproxy.proxy.message import FilterVerdict, InboundRequest, OutboundRequest, RequestContext
 from rproxy.test.support import (
     LogCapture,

@@ -19,8 +19,8 @@ from twisted.internet.interfaces import IProcessTransport
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from rproxy.filters.upload import upload
 from rproxy.interfaces import FilterEnvironment
+from rproxy.plugins.filters import upload
 from rproxy.test.s3server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, s3Server
 from rproxy.test.support import (
     BIN,

@@ -25,6 +25,7 @@ from rproxy.downstream.http2 import CLOSE_GRACE, CONNECTION_BUFFER, STREAM_BUFFE
 from rproxy.test.certs import listenSiteTLS
 from rproxy.test.h2client import H2Client
 from rproxy.test.support import LogCapture, ScriptedUpstream, sleep, startProxy, trickle, waitFor
+from rproxy.test.test_observe_record import Recorder
 from rproxy.test.test_streaming import MiB, _LargeUpstream, serve
 
 _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -146,10 +147,16 @@ class ConnectionErrorTests(unittest.TestCase):
             "HEADERS on stream 0": (frame(_HEADERS, 5, 0, good), ErrorCodes.PROTOCOL_ERROR),
             "a CONTINUATION without HEADERS": (frame(_CONTINUATION, 4, 1, good), ErrorCodes.PROTOCOL_ERROR),
         }
+        recorder = Recorder()
+        self.proxy.site.observers.append(recorder)
         for name, (payload, code) in cases.items():
             got, elapsed = await self.goAway(payload)
             self.assertEqual(ErrorCodes(got), code, name)
             self.assertLess(elapsed, 2, name)
+            record = recorder.records[-1]  # each refused connection has its record
+            self.assertEqual((record.status, record.fault), (400, "client"), name)
+            self.assertIn(f"HTTP/2 connection closed with GOAWAY {code.name}: ", record.reason, name)
+        self.assertEqual(len(recorder.records), len(cases))
         self.assertEqual(self.upstream.connections, [])
         logged = "\n".join(self.logs.formatted())
         self.assertIn("HTTP/2 connection error COMPRESSION_ERROR", logged)
@@ -210,8 +217,16 @@ class SlowClientTests(unittest.TestCase):
     async def test_headersTrickled(self) -> None:
         """A HEADERS frame whose bytes keep coming, too slowly: GOAWAY(ENHANCE_YOUR_CALM) after 1 s."""
         block = hpack.Encoder().encode([(b":method", b"GET"), (b":path", b"/" + b"a" * 50), (b":scheme", b"http")])
+        recorder = Recorder()
+        self.proxy.site.observers.append(recorder)
         goAway, elapsed = await self.trickled(frame(_HEADERS, 5, 1, block + b"\x40"))
         assert goAway is not None
+        [record] = recorder.records
+        self.assertEqual((record.status, record.fault), (429, "client"))
+        self.assertEqual(
+            record.reason,
+            "HTTP/2 connection closed with GOAWAY ENHANCE_YOUR_CALM: the client was too slow to send a frame",
+        )
         self.assertEqual(ErrorCodes(goAway.error_code), ErrorCodes.ENHANCE_YOUR_CALM)
         self.assertLess(elapsed, 3)
         self.assertEqual(self.upstream.connections, [])

@@ -570,6 +570,22 @@ class HeadFastPathTests(unittest.TestCase):
         self.assertEqual(kinds[b"cookie"], NeverIndexedHeaderTuple)
         self.assertNotEqual(kinds[b"x-plain"], NeverIndexedHeaderTuple)
 
+    def test_plainLiteralsAndUniqueIdsNotIndexed(self) -> None:
+        """
+        Literals go without Huffman coding (the CPU it costs is the proxy's limit, not the bytes), and the
+        request id, new for every response, is never indexed: it would only evict the fields that repeat.
+        """
+        request, transport, client = _openStream(self)
+        identifier = b"0123456789abcdef0123456789abcdef"
+        request.sendHead(200, None, [(b"x-request-id", identifier), (b"x-plain", b"some value")], True)
+        data = _sent(transport)
+        self.assertIn(identifier, data, "not Huffman-coded")
+        self.assertIn(b"some value", data)
+        head = _responseHead(client, transport)
+        kinds = {field[0]: type(field) for field in head}
+        self.assertEqual(kinds[b"x-request-id"], NeverIndexedHeaderTuple)
+        self.assertNotEqual(kinds[b"x-plain"], NeverIndexedHeaderTuple)
+
     def test_bodilessWaitsForFinish(self) -> None:
         """Without a body the head still waits for C{finish}, to go as one HEADERS frame ending the stream."""
         request, transport, client = _openStream(self)

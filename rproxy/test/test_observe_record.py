@@ -132,6 +132,26 @@ class TunnelRecordTests(UpgradeTestCase):
         [record] = recorder.records
         self.assertEqual((record.status, record.outcome, record.target), (101, DONE, b"/chat"))
         self.assertGreater(record.duration, 0)
+        self.assertEqual((record.splicedIn, record.bytesIn), (4, 4), "the client's bytes through the tunnel")
+
+    async def test_splicedBytes(self) -> None:
+        """What the tunnel carried both ways is in the record's bytes when it closes."""
+        proxy, upstream, client, server = await self.tunnel()
+        recorder = Recorder()
+        proxy.site.observers.append(recorder)
+        client.transport.write(b"ping")
+        self.assertTrue(await waitFor(lambda: server.received == b"ping"))
+        server.transport.write(b"pong, and more")
+        self.assertTrue(await waitFor(lambda: client.received.endswith(b"pong, and more")))
+        client.transport.loseConnection()
+        await server.lost
+        self.assertTrue(await waitFor(lambda: recorder.records, 5))
+        [record] = recorder.records
+        carried = client.received[client.received.index(b"\r\n\r\n") + 4 :]  # after the 101's head
+        self.assertTrue(carried.endswith(b"pong, and more"), carried)
+        self.assertEqual((record.splicedIn, record.splicedOut), (4, len(carried)))
+        self.assertEqual(record.bytesIn, 4)
+        self.assertEqual(record.bytesOut - record.splicedOut, 0, "the 101 has no body")
 
 
 class TrustedClientTests(unittest.TestCase):

@@ -11,8 +11,8 @@ from urllib.parse import unquote_to_bytes
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from rproxy.filters.sendfile import sendfile
 from rproxy.interfaces import FilterEnvironment
+from rproxy.plugins.filters import sendfile
 from rproxy.test.support import (
     LogCapture,
     ReceivedRequest,

@@ -258,6 +258,7 @@ def hostileDocument() -> StateDocument:
     upstream: UpstreamState = {
         "key": "http://x/" + bad,
         "weight": 1,
+        "labels": {"zone": bad},
         "state": bad,
         "reason": bad,
         "ejections": 1,
@@ -266,6 +267,7 @@ def hostileDocument() -> StateDocument:
         "inFlight": 0,
         "pool": {"open": 0, "idle": 0},
         "latency": None,
+        "balancer": {bad: bad},
         "registration": {"id": bad, "service": bad, "key": bad, "weight": 1, "ttl": 3.0, "expiresIn": 2.0},
     }
     return {

@@ -342,7 +342,7 @@ class BalancingOptionsTests(unittest.TestCase):
         cases = [
             (("--upstream", "http://127.0.0.1:2#weight=0"), "weight must be from 1 to 1000"),
             (("--upstream", "http://127.0.0.1:2#weight=x"), "weight must be a whole number"),
-            (("--upstream", "http://127.0.0.1:2#w=2"), "the only setting after '#' is weight=N"),
+            (("--upstream", "http://127.0.0.1:2#Zone=a"), "label 'Zone': a name is a lower-case letter"),
             (("--retry-on-status", "502,700"), "--retry-on-status: expected statuses"),
             (("--retries", "-1"), "--retries: must not be negative"),
             (("--fail-rate", "2"), "--fail-rate: must be a share from 0 to 1"),

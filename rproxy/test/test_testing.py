@@ -12,9 +12,9 @@ from zope.interface import implementer
 
 from rproxy.downstream.body import fileBody
 from rproxy.errors import Fault
-from rproxy.filters.buffer import buffer
 from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import FilterEnvironment, IBalancer, IBalancerFactory, IRequestFilter, IResponseFilter, Outcome
+from rproxy.plugins.filters import buffer
 from rproxy.proxy.balancers import FirstAvailable, RoundRobin, balancerFactories
 from rproxy.proxy.message import InboundRequest, RequestContext
 from rproxy.testing import (

@@ -37,6 +37,7 @@ from rproxy.headers import Pairs, isToken, splitTokens
 
 if TYPE_CHECKING:
     from rproxy.downstream.contract import Downstream
+    from rproxy.observe.record import ExchangeRecord
     from rproxy.tunnel.sides import TunnelSide
 
 _log = Logger()
@@ -217,8 +218,16 @@ class Tunnel:
 
     _idleTimer: IDelayedCall | None = None
 
-    def __init__(self, tunnels: Tunnels, label: str, client: TunnelSide, upstream: TunnelSide) -> None:
+    def __init__(
+        self,
+        tunnels: Tunnels,
+        label: str,
+        client: TunnelSide,
+        upstream: TunnelSide,
+        record: ExchangeRecord | None = None,
+    ) -> None:
         self.tunnels = tunnels
+        self._record = record  # the exchange's, which counts what the tunnel carries
         self.label = label
         self.client = _TunnelEnd(self, True, client)
         self.upstream = _TunnelEnd(self, False, upstream)
@@ -237,12 +246,17 @@ class Tunnel:
         """C{length} bytes arrived from one side."""
         self._activeAt = self.tunnels.reactor.seconds()
         counts = self.tunnels.counts
+        record = self._record
         if fromClient:
             self.bytesFromClient += length
             counts.bytesFromClients += length
+            if record is not None:
+                record.splicedIn += length
         else:
             self.bytesFromUpstream += length
             counts.bytesFromUpstreams += length
+            if record is not None:
+                record.splicedOut += length
 
     def start(self) -> None:
         """Replay the early bytes of each side, then let both flow, each side pacing the other."""
@@ -309,7 +323,7 @@ def splice(
     Answer C{downstream}'s client with C{status} and C{fields} (a 101, or the 200 of an extended CONNECT)
     and splice its side with C{upstream}'s.  C{relay}, if given, puts a parser between the two sides first.
     """
-    tunnel = Tunnel(tunnels, label, downstream.switchProtocols(status, fields), upstream)
+    tunnel = Tunnel(tunnels, label, downstream.switchProtocols(status, fields), upstream, downstream.record)
     if relay is not None:
         relay(tunnel)
     tunnel.start()

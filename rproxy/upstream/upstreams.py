@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from urllib.parse import urlsplit
+from types import MappingProxyType
+from urllib.parse import parse_qsl, urlsplit
 
 from twisted.internet import endpoints
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -40,21 +42,53 @@ SCHEMES = {
 }
 
 
-def splitWeight(spec: str) -> tuple[str, int]:
-    """Split C{"http://h:9000/base#weight=3"} into the URL and its weight (1 when not given)."""
+#: A label's name: lower-case letters, digits, C{_}, C{-} and C{.}, starting with a letter.
+_LABEL_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,62}\Z")
+#: A label's value: up to 200 visible ASCII characters (it is shown in the admin API, logs and metrics' help).
+_LABEL_VALUE = re.compile(r"[\x21-\x7e]{0,200}\Z")
+
+
+def splitSettings(spec: str) -> tuple[str, int, Mapping[str, str]]:
+    """
+    Split C{"http://h:9000/base#weight=3&zone=a"} into the URL, its weight (1 when not given) and its labels
+    (the other C{name=value} pairs after C{#}, percent-decoded), raising C{ValueError} saying what is wrong.
+    """
     url, hash, fragment = spec.partition("#")
     if not hash:
-        return url, 1
-    name, equals, value = fragment.partition("=")
-    if name != "weight" or not equals:
-        raise ValueError(f"upstream {spec!r}: the only setting after '#' is weight=N")
+        return url, 1, _NO_LABELS
+    try:
+        pairs = parse_qsl(fragment, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ValueError(f"upstream {spec!r}: after '#', give name=value pairs joined by '&'") from None
+    weight, labels, seen = 1, {}, set()
+    for name, value in pairs:
+        if name in seen:
+            raise ValueError(f"upstream {spec!r}: {name!r} is given twice")
+        seen.add(name)
+        if name == "weight":
+            weight = _weight(spec, value)
+        elif not _LABEL_NAME.match(name):
+            raise ValueError(
+                f"upstream {spec!r}: label {name!r}: a name is a lower-case letter, then letters, digits, _ . -"
+            )
+        elif not _LABEL_VALUE.match(value):
+            raise ValueError(f"upstream {spec!r}: label {name!r}: a value is at most 200 visible ASCII characters")
+        else:
+            labels[name] = value
+    return url, weight, MappingProxyType(labels)
+
+
+def _weight(spec: str, value: str) -> int:
     try:
         weight = int(value)
     except ValueError:
         raise ValueError(f"upstream {spec!r}: weight must be a whole number, not {value!r}") from None
     if not 1 <= weight <= 1000:
         raise ValueError(f"upstream {spec!r}: weight must be from 1 to 1000, not {weight}")
-    return url, weight
+    return weight
+
+
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -128,7 +162,7 @@ class Upstream:
     """
     One upstream server, the pool of connections to it, and its health.
 
-    Balancers read C{key}, C{weight} and C{inFlight}; nothing else about an upstream is theirs to use.
+    Balancers read C{key}, C{weight}, C{inFlight} and C{labels}; nothing else about an upstream is theirs to use.
 
     @ivar url: where it is.
     @ivar key: a stable name for it (its URL), what hashing balancers hash.
@@ -136,11 +170,20 @@ class Upstream:
     @ivar inFlight: exchanges using it now.
     @ivar health: passive ejection, active check verdicts, slow start.
     @ivar hostHeader: the ``Host`` to send when a service rewrites it.
+    @ivar labels: what its URL says of it after C{#} besides its weight (C{#zone=a&canary=true}): names to
+        values, for balancers (zone- or canary-aware), the admin API and the status page.
     @ivar latency: the moving average of the seconds from sending a request to it to its response head
         (C{None} until one came), for people and the admin API (balancers that learn keep their own).
     """
 
-    def __init__(self, url: UpstreamURL, pool: UpstreamPool, health: UpstreamHealth, weight: int = 1) -> None:
+    def __init__(
+        self,
+        url: UpstreamURL,
+        pool: UpstreamPool,
+        health: UpstreamHealth,
+        weight: int = 1,
+        labels: Mapping[str, str] = _NO_LABELS,
+    ) -> None:
         if weight < 1:
             raise ValueError(f"upstream {url.authority}: weight must be at least 1, not {weight}")
         self.url = url
@@ -148,6 +191,7 @@ class Upstream:
         self.pool = pool
         self.health = health
         self.configuredWeight = weight
+        self.labels = labels
         self.inFlight = 0
         self.hostHeader = url.authority.encode("idna")
         self.latency: float | None = None
@@ -160,10 +204,11 @@ class Upstream:
         settings: PoolSettings,
         passive: PassivePolicy | None = None,
     ) -> Upstream:
-        """An upstream for C{url} (which may end in C{#weight=N}) with a new pool."""
-        url, weight = splitWeight(url)
+        """An upstream for C{url} (which may end in C{#weight=N&label=value...}) with a new pool."""
+        url, weight, labels = splitSettings(url)
         parsed = replace(UpstreamURL.parse(url), tls=settings.tls)
-        return cls(parsed, parsed.pool(reactor, settings), UpstreamHealth(reactor, passive or PassivePolicy()), weight)
+        health = UpstreamHealth(reactor, passive or PassivePolicy())
+        return cls(parsed, parsed.pool(reactor, settings), health, weight, labels)
 
     @property
     def weight(self) -> float:
