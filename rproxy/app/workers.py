@@ -42,12 +42,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import count
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.application import service
 from twisted.internet import protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -57,15 +53,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from rproxy.app.config import ProxyConfig
-from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.listeners import Listener
-from rproxy.downstream.site import ProxySite
-from rproxy.observe.metrics import metricsResource
+from rproxy.signals import OnSignal
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = [
     "MAX_BACKOFF",
@@ -95,8 +90,6 @@ ANSWER_TIMEOUT = 5.0
 _PASSED = ("--listen", "--tls-listen", "--demo-upstream", "--admin-listen")
 #: Variables of the supervisor that its workers must not see: systemd's, and the upgrade's.
 _PRIVATE = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-#: What a client of the supervisor's metrics listener may send and keep open.
-_METRICS_LIMITS = ClientLimits(maxBodySize=0, maxHeaders=50, maxConnections=100)
 
 
 def workerCount(value: str) -> int:
@@ -436,7 +429,18 @@ def _describeExit(reason: Failure) -> str:
     return f"exited with status {getattr(reason.value, 'exitCode', None)}"
 
 
-class Supervisor(service.Service):
+class _Signal(OnSignal):
+    """A signal to the supervisor, and what it does."""
+
+    def __init__(self, signalNumber: int, reactor: Any, action: Callable[[], object]) -> None:
+        super().__init__(signalNumber, reactor)
+        self._action = action
+
+    def received(self) -> None:
+        self._action()
+
+
+class Supervisor(service.MultiService):
     """
     The process of C{twist rproxy --workers N} (N > 1): it holds the listening sockets, starts N workers on
     them, replaces those that die, passes signals on, serves the metrics of them all, and restarts them a
@@ -480,11 +484,17 @@ class Supervisor(service.Service):
         self._stopping = False
         self._questions = count()
         self._registrations: dict[tuple[str, str], dict[str, object]] = {}
-        self._signals: dict[int, Any] = {}
         self._metrics: Listener | None = None
         upgrade = self._environ.pop(UPGRADE_VARIABLE, None)
         self._upgrade: dict[str, Any] | None = json.loads(upgrade) if upgrade is not None else None
         self.notify = self._environ.get("NOTIFY_SOCKET") is not None
+        super().__init__()
+        for number, action in (
+            (signal.SIGHUP, self._hangUp),
+            (signal.SIGUSR1, lambda: self._passOn("USR1")),
+            (signal.SIGUSR2, self.upgrade),
+        ):
+            _Signal(number, reactor, action).setServiceParent(self)
 
     # -- listening
 
@@ -515,10 +525,10 @@ class Supervisor(service.Service):
             self._metrics = Listener("--metrics-listen", self._metricsListen, self._metricsSite())
             self._metrics.privilegedStartService()
 
-    def _metricsSite(self) -> ProxySite:
-        root = Resource()
-        root.putChild(b"metrics", _AllWorkersMetrics(self))
-        return ProxySite(root, _METRICS_LIMITS, self._reactor)
+    def _metricsSite(self) -> IProtocolFactory:
+        from rproxy.app.workermetrics import allWorkersMetricsSite  # prometheus_client, only for metrics
+
+        return allWorkersMetricsSite(self.allMetrics, self._reactor)
 
     # -- running
 
@@ -526,22 +536,10 @@ class Supervisor(service.Service):
         """Start the first generation of workers (after a SIGUSR2, the next one), and handle the signals."""
         super().startService()
         self._listen()
-        for number, handler in (
-            (signal.SIGHUP, self._hangUp),
-            (signal.SIGUSR1, lambda: self._passOn("USR1")),
-            (signal.SIGUSR2, self.upgrade),
-        ):
-            self._signals[number] = signal.signal(number, self._handler(handler))
         previous = self._upgrade["workers"] if self._upgrade is not None else []
         self._generation = int(self._upgrade["generation"]) if self._upgrade is not None else 0
         self._upgrade = None
         self.startGeneration(previous)
-
-    def _handler(self, call: Callable[[], object]) -> Callable[[int, FrameType | None], None]:
-        def handle(number: int, frame: FrameType | None) -> None:
-            self._reactor.callFromThread(call)
-
-        return handle
 
     def startGeneration(self, previous: list[int]) -> Deferred[None]:
         """
@@ -717,11 +715,9 @@ class Supervisor(service.Service):
 
     def stopService(self) -> Deferred[None]:
         """Drain every worker (killed if still there a little after their grace period), then close the sockets."""
-        super().stopService()
+        handlers = super().stopService()  # the signals' services
         self._stopping = True
         self._say("STOPPING=1")
-        for number, previous in self._signals.items():
-            signal.signal(number, signal.SIG_DFL if previous is None else previous)
         workers = [*self.current.values(), *self._retiring]
         for worker in workers:
             worker.signal("TERM")
@@ -744,54 +740,11 @@ class Supervisor(service.Service):
                 closing.append(self._metrics.stopService())
             return gatherResults(closing).addCallback(lambda _: None)
 
-        return gatherResults([w.ended for w in workers]).addCallback(closed)
+        return gatherResults([handlers, *(w.ended for w in workers)]).addCallback(closed)
 
     def _say(self, *states: str) -> None:
         if self.notify:
             notifySystemd("\n".join(states), self._environ)
-
-
-class _AllWorkersMetrics(Resource):
-    """C{/metrics} of the supervisor: every worker's samples, labelled with its C{worker} (and C{generation})."""
-
-    isLeaf = True
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        super().__init__()
-        self._supervisor = supervisor
-
-    def render(self, request: Request) -> Any:
-        gone: list[Failure] = []
-        request.notifyFinish().addErrback(gone.append)
-
-        def answer(texts: list[tuple[_Worker, str]]) -> None:
-            registry = CollectorRegistry(auto_describe=False)
-            registry.register(_Merged(texts))  # type: ignore[arg-type]
-            body = metricsResource(registry).render(request)
-            if not gone:
-                request.write(body)
-                request.finish()
-
-        self._supervisor.allMetrics().addCallback(answer)
-        return NOT_DONE_YET
-
-
-class _Merged:
-    """A collector of the metric families of several workers, each sample labelled with its worker."""
-
-    def __init__(self, texts: list[tuple[_Worker, str]]) -> None:
-        self._texts = texts
-
-    def collect(self) -> list[Metric]:
-        families: dict[str, Metric] = {}
-        for worker, text in self._texts:
-            labels = {"worker": str(worker.index), "generation": str(worker.generation)}
-            for family in text_string_to_metric_families(text):
-                merged = families.get(family.name)
-                if merged is None:
-                    merged = families[family.name] = Metric(family.name, family.documentation, family.type)
-                merged.samples.extend(s._replace(labels={**s.labels, **labels}) for s in family.samples)
-        return list(families.values())
 
 
 def twistOptions(argv: list[str]) -> list[str]:
