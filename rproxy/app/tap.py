@@ -680,7 +680,8 @@ def makeService(options: Options, environ: Mapping[str, str] | None = None) -> s
     worker = WorkerRole.fromEnvironment(environ, reactor)
     if worker is None and options.workers > 1:
         config, admin = options.config, options.admin
-        listeners = listenersOf(config, admin.listen)
+        with _oneLineErrors():
+            listeners = listenersOf(config, admin.listen)
         Supervisor(
             options.workers, options.arguments, listeners, admin.metricsListen, config.grace, reactor, environ
         ).setServiceParent(main)

@@ -48,6 +48,7 @@ from twisted.application import service
 from twisted.internet import protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -55,7 +56,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from rproxy.app.config import ProxyConfig
+from rproxy.app.config import ConfigError, ProxyConfig
 from rproxy.downstream.listeners import Listener
 from rproxy.signals import OnSignal
 
@@ -88,6 +89,8 @@ READY_TIMEOUT = 60.0
 ANSWER_TIMEOUT = 5.0
 #: The listeners the supervisor binds for its workers, by option (the metrics listener is its own).
 _PASSED = ("--listen", "--tls-listen", "--demo-upstream", "--admin-listen")
+#: The endpoint types whose listening sockets a supervisor can pass to its workers as they are.
+_SOCKETS = ("tcp", "tcp6", "unix", "systemd")
 #: Variables of the supervisor that its workers must not see: systemd's, and the upgrade's.
 _PRIVATE = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
@@ -487,6 +490,8 @@ class Supervisor(service.MultiService):
         self._metrics: Listener | None = None
         upgrade = self._environ.pop(UPGRADE_VARIABLE, None)
         self._upgrade: dict[str, Any] | None = json.loads(upgrade) if upgrade is not None else None
+        for registration in self._upgrade["registrations"] if self._upgrade is not None else []:
+            self._registrations[(str(registration["service"]), str(registration["url"]))] = registration
         self.notify = self._environ.get("NOTIFY_SOCKET") is not None
         super().__init__()
         for number, action in (
@@ -522,7 +527,9 @@ class Supervisor(service.MultiService):
                 descriptor = port.fileno()  # type: ignore[attr-defined]
                 self._sockets[_key(option, description)] = (descriptor, _familyOf(descriptor))
         if self._metricsListen is not None and self._metrics is None:
-            self._metrics = Listener("--metrics-listen", self._metricsListen, self._metricsSite())
+            kept = self._upgrade.get("metrics") if self._upgrade is not None else None
+            endpoint = AdoptedStreamServerEndpoint(self._reactor, kept[0], kept[1]) if kept else None
+            self._metrics = Listener("--metrics-listen", self._metricsListen, self._metricsSite(), endpoint)
             self._metrics.privilegedStartService()
 
     def _metricsSite(self) -> IProtocolFactory:
@@ -652,8 +659,19 @@ class Supervisor(service.MultiService):
         sockets = {key: [descriptor, family] for key, (descriptor, family) in self._sockets.items()}
         workers = [w.pid for w in [*self.current.values(), *self._retiring] if w.pid is not None]
         workers += list(self._orphans)
-        state = {"sockets": sockets, "workers": workers, "generation": self._generation}
-        for descriptor, _ in self._sockets.values():
+        state: dict[str, object] = {
+            "sockets": sockets,
+            "workers": workers,
+            "generation": self._generation,
+            "registrations": list(self._registrations.values()),
+        }
+        passed = [descriptor for descriptor, _ in self._sockets.values()]
+        metrics = self._metrics.port if self._metrics is not None else None
+        if metrics is not None:
+            descriptor = metrics.fileno()  # type: ignore[attr-defined]
+            state["metrics"] = [descriptor, _familyOf(descriptor)]
+            passed.append(descriptor)
+        for descriptor in passed:
             os.set_inheritable(descriptor, True)
         environ = {**os.environ, UPGRADE_VARIABLE: json.dumps(state)}
         argv = list(sys.orig_argv)
@@ -665,7 +683,7 @@ class Supervisor(service.MultiService):
             os.execve(sys.executable, argv, environ)
         except OSError as e:
             _log.error("SIGUSR2: cannot execute {argv}: {error}; nothing changed", argv=argv, error=e)
-            for descriptor, _ in self._sockets.values():
+            for descriptor in passed:
                 os.set_inheritable(descriptor, False)
             self._say("READY=1")
 
@@ -757,10 +775,21 @@ def twistOptions(argv: list[str]) -> list[str]:
 
 
 def listenersOf(config: ProxyConfig, adminListen: str | None) -> list[tuple[str, str]]:
-    """The (option, endpoint) pairs a supervisor binds for its workers."""
+    """
+    The (option, endpoint) pairs a supervisor binds for its workers.
+
+    @raise ConfigError: for an endpoint that is more than a listening socket (C{ssl:}, or a plugin's that
+        wraps its connections): a worker would accept plain connections from the socket it is passed.
+    """
     pairs = [("--listen", each) for each in config.listen] + [("--tls-listen", each) for each in config.tls.listen]
     if config.demoUpstream is not None:
         pairs.append(("--demo-upstream", config.demoUpstream))
     if adminListen is not None:
         pairs.append(("--admin-listen", adminListen))
+    for option, description in pairs:
+        if description.partition(":")[0].lower() not in _SOCKETS:
+            raise ConfigError(
+                f"{option} {description}: with --workers, listen on {', '.join(f'{k}:' for k in _SOCKETS)} endpoints "
+                "only, whose sockets the workers share (for TLS, --tls-listen tcp:... with --tls-cert)"
+            )
     return pairs

@@ -13,6 +13,7 @@ import signal
 import socket
 import struct
 import tempfile
+from dataclasses import replace
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ProcessTerminated
@@ -21,6 +22,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from rproxy.app.config import ConfigError
 from rproxy.app.tap import Options
 from rproxy.app.workers import (
     FIRST_BACKOFF,
@@ -28,12 +30,13 @@ from rproxy.app.workers import (
     Supervisor,
     _SharedEndpoint,
     _Worker,
+    listenersOf,
     twistOptions,
     workerCount,
 )
 from rproxy.test.support import PYTHON, ROOT, ScriptedUpstream, curl, rawRequest, responseStatus, sleep, waitFor
 from rproxy.test.test_admin import TOKEN, tokenFile
-from rproxy.test.test_config import answerWith, get, writeConfig
+from rproxy.test.test_config import answerWith, get, parse, writeConfig
 from rproxy.test.test_drain import ProxyProcess, assertCleanExit, freePort, waitUntilListening
 from rproxy.test.test_reload import body, rewrite, route, services
 from rproxy.test.test_systemd import SOCKET_ACTIVATION, WORKERS, environment, localCommand, readUnit, value
@@ -91,6 +94,27 @@ class CountTests(unittest.TestCase):
         with self.assertRaises(usage.UsageError) as caught:
             Options().parseOptions(["--upstream", "http://127.0.0.1:9", "--workers", "none"])
         self.assertIn("--workers: expected a number of processes", str(caught.exception))
+
+    def test_plainSocketsOnly(self) -> None:
+        """
+        The workers are passed listening sockets, so an endpoint that is more than one (C{ssl:}) is refused,
+        saying what to use: a worker would otherwise accept plain connections where TLS was asked for.
+        """
+        config = replace(parse("--upstream", "http://127.0.0.1:9"), listen=["tcp:8080", "ssl:8443:privateKey=k.pem"])
+        with self.assertRaises(ConfigError) as caught:
+            listenersOf(config, None)
+        self.assertIn("--listen ssl:8443:privateKey=k.pem: with --workers, listen on tcp:", str(caught.exception))
+        self.assertIn("--tls-listen", str(caught.exception))
+        config = replace(config, listen=["tcp:8080", "unix:/tmp/rproxy.sock", "systemd:domain=INET:index=0"])
+        self.assertEqual(
+            listenersOf(config, "tcp6:9901"),
+            [
+                ("--listen", "tcp:8080"),
+                ("--listen", "unix:/tmp/rproxy.sock"),
+                ("--listen", "systemd:domain=INET:index=0"),
+                ("--admin-listen", "tcp6:9901"),
+            ],
+        )
 
     def test_twistOptions(self) -> None:
         """The workers run with the options given to C{twist} itself; under C{twistd -y}, with its text log."""
@@ -182,7 +206,8 @@ class SupervisorTests(unittest.TestCase):
         """
         Two workers serve the socket that socket activation handed the supervisor; its C{/metrics} has
         samples of both; an upstream registered through the admin API (served by worker 0) is in both,
-        and in the worker that replaces one killed, whose death is logged with its signal.
+        in the worker that replaces one killed, whose death is logged with its signal, and in the next
+        generation of workers.
         """
         a, b = ScriptedUpstream(self, answerWith(b"a")), ScriptedUpstream(self, answerWith(b"b"))
         port, admin, metricsPort = freePort(), freePort(), freePort()
@@ -227,6 +252,14 @@ class SupervisorTests(unittest.TestCase):
         self.assertTrue(await waitFor(lambda: process.log.count("serves") == 3, 20.0), process.log)
         text = await metrics(metricsPort)
         self.assertEqual(upstreamIn(text, b.url), {"0", "1"}, text)
+        self.assertEqual({await body(port, b"/") for _ in range(10)}, {b"a", b"b"})
+
+        # A rolling restart keeps the registration, and the metrics listener (the supervisor's own).
+        os.kill(process.transport.pid, signal.SIGUSR2)
+        self.assertTrue(await waitFor(lambda: "generation 2: 2 workers listen" in process.log, 20.0), process.log)
+        text = await metrics(metricsPort)
+        self.assertEqual(upstreamIn(text, b.url), {"0", "1"}, text)
+        self.assertIn('generation="2"', text)
         self.assertEqual({await body(port, b"/") for _ in range(10)}, {b"a", b"b"})
 
     async def test_reloadRollingRestartAndStop(self) -> None:
