@@ -14,8 +14,8 @@ The supervisor serves nothing itself but C{--metrics-listen}, whose C{/metrics} 
 metrics over its control channel (a socketpair, JSON lines) and answers them all, each sample labelled
 with its C{worker}.  The admin listener is passed to worker 0 only; an upstream registered, renewed or
 deregistered there is announced to the supervisor, which tells every other worker, and every worker it
-starts later (L{Registrations.follow}).  Active health checks run in every worker, each reaching the same
-verdict about the same upstream; passive health (ejections) stays per worker.
+starts later (L{rproxy.app.admin.Registrations.follow}).  Active health checks run in every worker, each
+reaching the same verdict about the same upstream; passive health (ejections) stays per worker.
 
 Signals to the supervisor:
   - SIGHUP: every worker reloads (its configuration, certificates, access log);
@@ -47,9 +47,15 @@ from typing import TYPE_CHECKING, Any
 from twisted.application import service
 from twisted.internet import protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReadDescriptor, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProtocolFactory,
+    IReadDescriptor,
+    IStreamServerEndpoint,
+)
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -62,6 +68,8 @@ from rproxy.signals import OnSignal
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+    from rproxy.app.admin import Registrations
 
 __all__ = [
     "MAX_BACKOFF",
@@ -87,11 +95,9 @@ MIN_UPTIME = 10.0
 READY_TIMEOUT = 60.0
 #: Seconds a worker has to answer a question (its metrics).
 ANSWER_TIMEOUT = 5.0
-#: The listeners the supervisor binds for its workers, by option (the metrics listener is its own).
-_PASSED = ("--listen", "--tls-listen", "--demo-upstream", "--admin-listen")
 #: The endpoint types whose listening sockets a supervisor can pass to its workers as they are.
 _SOCKETS = ("tcp", "tcp6", "unix", "systemd")
-#: Variables of the supervisor that its workers must not see: systemd's, and the upgrade's.
+#: Variables of the supervisor that its workers must not see: systemd's (the supervisor alone notifies it).
 _PRIVATE = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
@@ -188,7 +194,7 @@ class _SharedPort:
         self._socket.setblocking(False)
         self._family = family
         self._factory = factory
-        self._paused: Any = None
+        self._paused: IDelayedCall | None = None
 
     def fileno(self) -> int:
         return self._socket.fileno()
@@ -240,7 +246,7 @@ class _SharedPort:
     def connectionLost(self, reason: Failure) -> None:
         self.stopListening()
 
-    def getHost(self) -> Any:
+    def getHost(self) -> IPv4Address | IPv6Address | UNIXAddress:
         host = self._socket.getsockname()
         if self._family == socket.AF_UNIX:
             return UNIXAddress(host)
@@ -297,7 +303,7 @@ class WorkerRole(service.Service):
         self._watch: LoopingCall | None = None
         self._control: _Control | None = None
         self.metrics: CollectorRegistry | None = None
-        self.registrations: Any = None
+        self.registrations: Registrations | None = None
 
     @classmethod
     def fromEnvironment(cls, environ: Mapping[str, str], reactor: Any) -> WorkerRole | None:
@@ -371,17 +377,16 @@ class _Worker(protocol.ProcessProtocol):
     generation: int
     supervisor: Supervisor
     startedAt: float
-    ready: Deferred[None] = field(default_factory=Deferred)
     ended: Deferred[None] = field(default_factory=Deferred)
-    retired: bool = False
+    listens: bool = False
     control: _Control | None = None
     pid: int | None = None
     _questions: dict[int, Deferred[str]] = field(default_factory=dict)
 
     def received(self, message: dict[str, Any]) -> None:
         if "ready" in message:
-            if not self.ready.called:
-                self.ready.callback(None)
+            self.listens = True
+            self.supervisor.listening()
         elif "answer" in message:
             waiting = self._questions.pop(int(message["answer"]), None)
             if waiting is not None:
@@ -412,8 +417,6 @@ class _Worker(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.lost()
-        if not self.ready.called:
-            self.ready.errback(reason)
         self.ended.callback(None)
         self.supervisor.ended(self, reason)
 
@@ -471,7 +474,7 @@ class Supervisor(service.MultiService):
         """
         self.workers = workers
         self._arguments = list(arguments)
-        self._listeners = [pair for pair in listeners if pair[0] in _PASSED]
+        self._listeners = list(listeners)
         self._metricsListen = metricsListen
         self._grace = grace
         self._reactor = reactor
@@ -481,7 +484,9 @@ class Supervisor(service.MultiService):
         self._adopted: list[int] = []
         self._generation = 0
         self.current: dict[int, _Worker] = {}
-        self._retiring: set[_Worker] = set()
+        self._previous: list[int] = []
+        self._allListen = False
+        self._late: IDelayedCall | None = None
         self._orphans: dict[int, LoopingCall] = {}
         self._youngDeaths: dict[int, int] = {}
         self._stopping = False
@@ -543,39 +548,42 @@ class Supervisor(service.MultiService):
         """Start the first generation of workers (after a SIGUSR2, the next one), and handle the signals."""
         super().startService()
         self._listen()
-        previous = self._upgrade["workers"] if self._upgrade is not None else []
-        self._generation = int(self._upgrade["generation"]) if self._upgrade is not None else 0
+        if self._upgrade is not None:
+            self._previous = [int(pid) for pid in self._upgrade["workers"]]
+            self._generation = int(self._upgrade["generation"])
         self._upgrade = None
-        self.startGeneration(previous)
-
-    def startGeneration(self, previous: list[int]) -> Deferred[None]:
-        """
-        Start the next generation of workers; once all of them listen, the processes C{previous} (the
-        generation the supervisor had before it executed itself again) drain.
-        """
         self._generation += 1
-        generation = self._generation
-        for worker in self.current.values():
-            worker.retired = True
-            self._retiring.add(worker)
-        self.current = {}
-        started = [self._spawn(index).ready for index in range(self.workers)]
+        for index in range(self.workers):
+            self._spawn(index)
+        self._late = self._reactor.callLater(READY_TIMEOUT, self._notListening)
 
-        def listening(results: list[tuple[bool, None]]) -> None:
-            if not all(ok for ok, _ in results):
-                _log.error(
-                    "generation {generation}: not every worker started; the previous generation keeps serving",
-                    generation=generation,
-                )
-                return
-            _log.info("generation {generation}: {workers} workers listen", generation=generation, workers=self.workers)
-            for pid in previous:
-                self._retireOrphan(pid)
-            if generation == 1 or previous:
-                self._say("READY=1", f"MAINPID={os.getpid()}")
+    def listening(self) -> None:
+        """
+        A worker listens: once all of this generation's do (the first time), the processes of the previous
+        generation (before the supervisor executed itself again) drain, and systemd hears that rproxy is ready.
+        """
+        if self._allListen or len(self.current) < self.workers:
+            return
+        if not all(worker.listens for worker in self.current.values()):
+            return
+        self._allListen = True
+        _log.info(
+            "generation {generation}: {workers} workers listen", generation=self._generation, workers=self.workers
+        )
+        for pid in self._previous:
+            self._retireOrphan(pid)
+        self._previous = []
+        self._say("READY=1", f"MAINPID={os.getpid()}")
 
-        ready = DeferredList(started, consumeErrors=True).addCallback(listening)
-        return ready.addTimeout(READY_TIMEOUT, self._reactor)
+    def _notListening(self) -> None:
+        self._late = None
+        if not self._allListen:
+            _log.error(
+                "generation {generation}: not every worker listens after {timeout:g}s (see their log){previous}",
+                generation=self._generation,
+                timeout=READY_TIMEOUT,
+                previous="; the previous generation keeps serving" if self._previous else "",
+            )
 
     def _spawn(self, index: int) -> _Worker:
         worker = _Worker(index, self._generation, self, self._reactor.seconds())
@@ -608,8 +616,7 @@ class Supervisor(service.MultiService):
     def ended(self, worker: _Worker, reason: Failure) -> None:
         """C{worker} ended: replace it, unless it was meant to end (drained, or the supervisor is stopping)."""
         how = _describeExit(reason)
-        self._retiring.discard(worker)
-        if self._stopping or worker.retired or self.current.get(worker.index) is not worker:
+        if self._stopping or self.current.get(worker.index) is not worker:
             _log.info(
                 "worker {index} (generation {generation}, pid {pid}) {how}",
                 index=worker.index,
@@ -646,7 +653,7 @@ class Supervisor(service.MultiService):
         self._say("READY=1")
 
     def _passOn(self, name: str) -> None:
-        for worker in [*self.current.values(), *self._retiring]:
+        for worker in self.current.values():
             worker.signal(name)
 
     def upgrade(self) -> None:
@@ -657,8 +664,8 @@ class Supervisor(service.MultiService):
         if self._stopping:
             return
         sockets = {key: [descriptor, family] for key, (descriptor, family) in self._sockets.items()}
-        workers = [w.pid for w in [*self.current.values(), *self._retiring] if w.pid is not None]
-        workers += list(self._orphans)
+        workers = [w.pid for w in self.current.values() if w.pid is not None]
+        workers += [*self._orphans, *self._previous]
         state: dict[str, object] = {
             "sockets": sockets,
             "workers": workers,
@@ -719,13 +726,13 @@ class Supervisor(service.MultiService):
             self._registrations.pop(key, None)
         else:
             self._registrations[key] = dict(change)
-        for other in [*self.current.values(), *self._retiring]:
+        for other in self.current.values():
             if other is not worker and other.control is not None:
                 other.control.send({"follow": dict(change)})
 
     def allMetrics(self) -> Deferred[list[tuple[_Worker, str]]]:
         """The metrics of every worker that runs, as each writes them."""
-        workers = sorted([*self.current.values(), *self._retiring], key=lambda w: (w.generation, w.index))
+        workers = sorted(self.current.values(), key=lambda w: (w.generation, w.index))
         asked = [w.ask(next(self._questions), self._reactor) for w in workers]
         return gatherResults(asked).addCallback(lambda texts: list(zip(workers, texts, strict=True)))
 
@@ -735,12 +742,17 @@ class Supervisor(service.MultiService):
         """Drain every worker (killed if still there a little after their grace period), then close the sockets."""
         handlers = super().stopService()  # the signals' services
         self._stopping = True
+        if self._late is not None and self._late.active():
+            self._late.cancel()
         self._say("STOPPING=1")
-        workers = [*self.current.values(), *self._retiring]
+        workers = list(self.current.values())
         for worker in workers:
             worker.signal("TERM")
-        for pid in list(self._orphans):
-            os.kill(pid, signal.SIGTERM)
+        for pid in [*self._orphans, *self._previous]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
         def kill() -> None:
             for worker in workers:
