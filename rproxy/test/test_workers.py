@@ -320,7 +320,8 @@ class SupervisorTests(unittest.TestCase):
         """
         rproxy-workers.service's command, with its environment (rproxy.tac, C{RPROXY_WORKERS=auto}): the
         supervisor runs a worker per core, tells systemd C{READY=1} once they listen, reloads them all on its
-        C{ExecReload} signal, and stops them all on its C{KillSignal}, cleanly.
+        C{ExecReload} signal, starts a new generation on SIGUSR2 (twistd executed again), and stops them all
+        on its C{KillSignal}, cleanly.
         """
         a = ScriptedUpstream(self, answerWith(b"a"))
         port = freePort()
@@ -337,6 +338,10 @@ class SupervisorTests(unittest.TestCase):
         reloads = os.cpu_count() or 1
         reloaded = await waitFor(lambda: process.log.count("configuration reloaded (SIGHUP)") == reloads, 10.0)
         self.assertTrue(reloaded, process.log)
+        os.kill(process.transport.pid, signal.SIGUSR2)  # twistd executed again: a new generation
+        upgraded = await waitFor(lambda: f"generation 2: {reloads} workers listen" in process.log, 20.0)
+        self.assertTrue(upgraded, process.log)
+        self.assertEqual(await body(port, b"/"), b"a")
         os.kill(process.transport.pid, signal.Signals[value(unit, "Service", "KillSignal")])
         await process.waitForExit(self, 20.0)
         assertCleanExit(self, process)
