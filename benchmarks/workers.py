@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness import HOST, Bench, BenchError, free_port, run_wrk
+from harness import HOST, Bench, BenchError, CpuMeter, free_port, run_wrk
 
 #: The worker counts compared, the first being the reference.
 COUNTS = (1, 2)
@@ -52,22 +52,29 @@ def _load(bench: Bench, name: str, count: int) -> dict[str, Any]:
     try:
         url = f"http://{HOST}:{port}/{PAYLOAD}.bin"
         run_wrk(url, settings.warmup, settings.connections, None)
+        meter = CpuMeter(server, settings)
         load = run_wrk(url, settings.duration, settings.connections, None)
+        cpu = meter.stop().proxy  # percent of one core, all of rproxy's processes
         server.check_alive()
     finally:
         server.stop()
     if load.socket_errors or load.non_2xx or load.requests == 0:
         raise BenchError(f"{name}: {load.socket_errors} socket errors, {load.non_2xx} non-2xx responses")
-    return {"workers": count, "command": argv, **load.as_dict()}
+    perRequest = round(cpu / 100 * load.seconds / load.requests * 1e6, 1)
+    return {"workers": count, "command": argv, **load.as_dict(), "cpu_percent": cpu, "cpu_us": perRequest}
 
 
 def format_workers_table(report: dict[str, Any]) -> str:
-    """One row per worker count: its best round's req/s and latency, the ratio to one worker, every round."""
-    lines = [f"{'run':18} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'x1':>6}  rounds (req/s)"]
+    """
+    One row per worker count: its best round's req/s and latency, the ratio to one worker, the CPU all of
+    rproxy's processes used then (100: one core) and per request, and every round's req/s.
+    """
+    lines = [f"{'run':18} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'x1':>6} {'CPU %':>6} {'us/req':>7}  rounds"]
     for name, run in report["runs"].items():
         ratio = f"{run['x1']:.2f}" if "x1" in run else "1.00"
         rounds = ", ".join(f"{rps:.0f}" for rps in run["rounds_rps"])
-        lines.append(f"{name:18} {run['rps']:>10.1f} {run['p50_ms']:>8.2f} {run['p99_ms']:>8.2f} {ratio:>6}  {rounds}")
+        figures = f"{run['rps']:>10.1f} {run['p50_ms']:>8.2f} {run['p99_ms']:>8.2f} {ratio:>6}"
+        lines.append(f"{name:18} {figures} {run['cpu_percent']:>6.0f} {run['cpu_us']:>7.1f}  {rounds}")
     return "\n".join(lines)
 
 
