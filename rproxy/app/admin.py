@@ -401,8 +401,8 @@ class Registrations(Service):
                 registration = self._byID.get(id)
                 if registration is not None:
                     self.deregister(registration, "deregistered through another worker")
-            else:
-                self.register(service, url, float(ttl), id)  # type: ignore[arg-type]
+            elif isinstance(ttl, int | float):
+                self.register(service, url, float(ttl), id)
         except (APIError, KeyError, ValueError) as e:
             self._log.warn("admin API: cannot follow {change}: {error}", change=dict(change), error=e)
         finally:
