@@ -84,6 +84,12 @@ class Downstream(Protocol):
     def sendInterim(self, status: int, fields: Sequence[tuple[bytes, bytes]]) -> None:
         """Send an informational (1xx, not 101) response, where the protocol and version can carry one."""
 
+    def continueBody(self) -> None:
+        """
+        The body is wanted now, before any response: a client that waits for it (``Expect: 100-continue``)
+        gets its ``100 Continue``, once; nothing happens otherwise, or where the protocol has none.
+        """
+
     def sendHead(self, status: int, reason: bytes | None, fields: Sequence[tuple[bytes, bytes]], hasBody: bool) -> None:
         """Send the response head now (C{hasBody}: a body follows; without one, L{finish} follows at once)."""
 

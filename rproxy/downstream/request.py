@@ -234,6 +234,10 @@ class ProxyRequest(server.Request):
             self.continued = True
         self.channel.writeInterim(status, fields)
 
+    def continueBody(self) -> None:
+        if self._expectsContinue() and not self.continued:
+            self.sendInterim(100, ())
+
     def sendHead(self, status: int, reason: bytes | None, fields: Sequence[tuple[bytes, bytes]], hasBody: bool) -> None:
         """
         Send the response head now (even if the body is slow to come): C{status}, the fields the proxy set

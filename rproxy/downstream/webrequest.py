@@ -93,6 +93,9 @@ class WebRequestDownstream:
     def sendInterim(self, status: int, fields: Sequence[tuple[bytes, bytes]]) -> None:
         """Nothing: twisted.web has no way to send one."""
 
+    def continueBody(self) -> None:
+        """Nothing: twisted.web has read the body already."""
+
     def sendHead(self, status: int, reason: bytes | None, fields: Sequence[tuple[bytes, bytes]], hasBody: bool) -> None:
         request = self._request
         request.setResponseCode(status, reason)

@@ -77,9 +77,8 @@ class Responder:
         Tell a client that waits (``Expect: 100-continue``) to send its body: for an answer that reads it.
         Nothing is sent when the client did not ask, or its protocol has no ``100 Continue``.
         """
-        expect = self._downstream.requestHeaders.getRawHeaders(b"expect")
-        if expect and expect[0].lower() == b"100-continue" and not self.started:
-            self._downstream.sendInterim(100, ())
+        if not self.started:
+            self._downstream.continueBody()
 
     def sendHead(self, status: int, fields: Sequence[tuple[bytes, bytes]], hasBody: bool = True) -> None:
         """

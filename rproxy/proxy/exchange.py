@@ -212,14 +212,8 @@ class Exchange:
             name = self.service.name if self.service is not None else ""
             context = self._context = RequestContext(inbound, self.outbound, client, name, self._body)
             if self._body is not None:
-                self._body.whenDemanded(self._continueClient)  # until the context ends (no cycle left)
+                self._body.whenDemanded(self.downstream.continueBody)  # until the context ends (no cycle left)
         return context
-
-    def _continueClient(self) -> None:
-        """A filter reads the body before any upstream is asked: a client that waits for a 100 gets it now."""
-        expect = self.inbound.headers.getRawHeaders(b"expect")
-        if expect is not None and expect[0].lower() == b"100-continue":
-            self.downstream.sendInterim(100, ())
 
     def _filtered(self, verdict: FilterVerdict) -> None:
         """The request filters have decided: proxy the request, or answer it as the one that stopped it did."""

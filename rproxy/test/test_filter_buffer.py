@@ -543,28 +543,26 @@ class ResponseBufferingTests(BufferTestCase):
         self.assertEqual(hashlib.sha256(received.partition(b"\r\n\r\n")[2]).digest(), hashlib.sha256(BIG).digest())
         await self.assertNoSpool()
 
-    async def test_upstreamHeldWithoutResponseBuffering(self) -> None:
-        """Without C{response}, the paused client holds the upstream (the control for the test above)."""
-        self.buffered(self.proxy)
+    async def heldByPausedReader(self) -> bytes:
+        """A client that reads nothing for a second holds the upstream all along; what it then reads."""
         upstream = self.proxy.upstreams[0]
         reader = await self.slowReader()
         self.assertTrue(await waitFor(lambda: self.upstream.requests, 5.0))
         await sleep(1.0)
         self.assertEqual(upstream.inFlight, 1)
         reader.transport.resumeProducing()  # type: ignore[attr-defined]
-        received = await reader.done
+        return await reader.done
+
+    async def test_upstreamHeldWithoutResponseBuffering(self) -> None:
+        """Without C{response}, the paused client holds the upstream (the control for the test above)."""
+        self.buffered(self.proxy)
+        received = await self.heldByPausedReader()
         self.assertEqual(len(received.partition(b"\r\n\r\n")[2]), len(BIG))
 
     async def test_beyondMaxSizeStreams(self) -> None:
         """Past C{response-max-size} the upstream is paused until the client catches up: it stays in flight."""
         self.buffered(self.proxy, response=True, **{"response-max-size": "1M"})
-        upstream = self.proxy.upstreams[0]
-        reader = await self.slowReader()
-        self.assertTrue(await waitFor(lambda: self.upstream.requests, 5.0))
-        await sleep(1.0)
-        self.assertEqual(upstream.inFlight, 1)
-        reader.transport.resumeProducing()  # type: ignore[attr-defined]
-        received = await reader.done
+        received = await self.heldByPausedReader()
         self.assertEqual(hashlib.sha256(received.partition(b"\r\n\r\n")[2]).digest(), hashlib.sha256(BIG).digest())
         await self.assertNoSpool()
 

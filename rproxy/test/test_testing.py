@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from collections.abc import Collection, Sequence
 
-from twisted.internet.defer import Deferred
 from twisted.trial import reporter, unittest
 from zope.interface import implementer
 
-from rproxy.downstream.body import fileBody
 from rproxy.errors import Fault
 from rproxy.health.state import PassivePolicy
 from rproxy.interfaces import FilterEnvironment, IBalancer, IBalancerFactory, IRequestFilter, IResponseFilter, Outcome
 from rproxy.plugins.filters import buffer
 from rproxy.proxy.balancers import FirstAvailable, RoundRobin, balancerFactories
 from rproxy.proxy.message import InboundRequest, RequestContext
+from rproxy.test.test_filter_chain import ReadWhole
 from rproxy.testing import (
     BalancerContractTests,
     Clock,
@@ -478,40 +476,6 @@ class MixinTests(unittest.TestCase):
 
 
 @implementer(IRequestFilter)
-class Shouting:
-    """A request filter that reads the whole body and sends it upper-cased, framed by its length."""
-
-    consumes = ()
-
-    def onRequest(self, context: RequestContext) -> Deferred[None]:
-        body = context.body
-        assert body is not None
-        read: Deferred[None] = Deferred()
-        parts: list[bytes] = []
-
-        class Reader:
-            def writeBody(self, data: bytes) -> None:
-                parts.append(data)
-
-            def finishBody(self, trailers: object) -> None:
-                whole = b"".join(parts).upper()
-                context.body = fileBody(io.BytesIO(whole), len(whole))
-                read.callback(None)
-
-            def failBody(self, error: object) -> None:
-                read.errback(Exception(error))
-
-            def registerBodyProducer(self, producer: object) -> None:
-                pass
-
-            def unregisterBodyProducer(self) -> None:
-                pass
-
-        body.attach(Reader())  # type: ignore[arg-type]
-        return read
-
-
-@implementer(IRequestFilter)
 class Passing:
     """A request filter that lets everything through untouched."""
 
@@ -539,7 +503,7 @@ class RunFiltersBodyTests(unittest.TestCase):
 
     def test_filterReadsBody(self) -> None:
         """A filter that reads the whole body and replaces it: the replacement is what the upstream gets."""
-        result = self.successResultOf(runFilters([Shouting()], requestBody=[b"he", b"llo"], declareLength=False))
+        result = self.successResultOf(runFilters([ReadWhole()], requestBody=[b"he", b"llo"], declareLength=False))
         self.assertIsNone(result.verdict)
         self.assertEqual(result.sent, (b"HELLO", 5))
 
