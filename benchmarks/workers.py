@@ -16,6 +16,8 @@ from harness import HOST, Bench, BenchError, CpuMeter, free_port, run_wrk
 
 #: The worker counts compared, the first being the reference.
 COUNTS = (1, 2)
+#: Rounds of each count, in alternating order (1, 2, 2, 1, 1, 2): the best of each counts.
+ROUNDS = 3
 #: The least ratio of 2 workers' requests/s to 1 worker's that meets the target.
 WORKERS_TARGET = 1.5
 #: The payload loaded.
@@ -24,11 +26,13 @@ PAYLOAD = "1KiB"
 
 def measure_workers(bench: Bench) -> dict[str, Any]:
     """
-    Load rproxy (default configuration) with each of L{COUNTS} workers, unpinned, in two rounds (1, 2, then
-    2, 1: a slower phase of the machine weighs on both); each count's best round, and the ratio to 1.
+    Load rproxy (default configuration) with each of L{COUNTS} workers, unpinned, in L{ROUNDS} rounds of
+    alternating order (a slower phase of a shared machine weighs on both); each count's best round, and its
+    ratio to 1 worker's.
     """
     runs: dict[str, Any] = {}
-    for count in [*COUNTS, *reversed(COUNTS)]:
+    order = [count for round in range(ROUNDS) for count in (COUNTS if round % 2 == 0 else COUNTS[::-1])]
+    for count in order:
         name = f"rproxy-{count}worker{'s' * (count > 1)}"
         run = _load(bench, name, count)
         best = runs.get(name)
