@@ -31,7 +31,7 @@ def measure_workers(bench: Bench) -> dict[str, Any]:
     ratio to 1 worker's.
     """
     runs: dict[str, Any] = {}
-    order = [count for round in range(ROUNDS) for count in (COUNTS if round % 2 == 0 else COUNTS[::-1])]
+    order = [count for number in range(ROUNDS) for count in (COUNTS if number % 2 == 0 else COUNTS[::-1])]
     for count in order:
         name = f"rproxy-{count}worker{'s' * (count > 1)}"
         run = _load(bench, name, count)
