@@ -40,6 +40,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from itertools import count
 from typing import TYPE_CHECKING, Any
@@ -486,8 +487,9 @@ class Supervisor(service.MultiService):
         self.current: dict[int, _Worker] = {}
         self._previous: list[int] = []
         self._allListen = False
+        self._abandoned = False
         self._late: IDelayedCall | None = None
-        self._orphans: dict[int, LoopingCall] = {}
+        self._orphans: dict[int, Deferred[None]] = {}  # retiring workers of the previous generation: reaped
         self._youngDeaths: dict[int, int] = {}
         self._stopping = False
         self._questions = count()
@@ -625,6 +627,9 @@ class Supervisor(service.MultiService):
                 how=how,
             )
             return
+        if self._previous and not self._allListen and not worker.listens:
+            self._abandon(worker, how)
+            return
         del self.current[worker.index]
         lived = self._reactor.seconds() - worker.startedAt
         young = self._youngDeaths.get(worker.index, 0) + 1 if lived < MIN_UPTIME else 0
@@ -640,12 +645,32 @@ class Supervisor(service.MultiService):
             delay=delay,
             loop=f" ({young} young deaths in a row: a crash loop?)" if young > 1 else "",
         )
-        generation = self._generation
-        self._reactor.callLater(delay, self._replace, worker.index, generation)
+        self._reactor.callLater(delay, self._replace, worker.index)
 
-    def _replace(self, index: int, generation: int) -> None:
-        if not self._stopping and generation == self._generation and index not in self.current:
+    def _replace(self, index: int) -> None:
+        if not (self._stopping or self._abandoned or index in self.current):
             self._spawn(index)
+
+    def _abandon(self, worker: _Worker, how: str) -> None:
+        """
+        A worker of the generation a SIGUSR2 started ended before it listened: that generation cannot start
+        (a configuration or an installation that is broken), so it stops, and the previous one keeps serving.
+        """
+        _log.error(
+            "worker {index} of generation {generation} (pid {pid}) {how} before it listened: generation "
+            "{generation} cannot start, the previous one keeps serving; fix what its log says, then send SIGUSR2",
+            index=worker.index,
+            generation=self._generation,
+            pid=worker.pid,
+            how=how,
+        )
+        self._abandoned = True
+        others, self.current = list(self.current.values()), {}
+        for other in others:
+            other.signal("TERM")
+        if self._late is not None and self._late.active():
+            self._late.cancel()
+        self._say("READY=1")
 
     def _hangUp(self) -> None:
         self._say("RELOADING=1")
@@ -694,12 +719,17 @@ class Supervisor(service.MultiService):
                 os.set_inheritable(descriptor, False)
             self._say("READY=1")
 
-    def _retireOrphan(self, pid: int) -> None:
-        """Drain a worker of the generation before the supervisor executed itself again, and reap it."""
+    def _retireOrphan(self, pid: int) -> Deferred[None]:
+        """
+        Drain a worker of the generation before the supervisor executed itself again, and reap it; fires once
+        it is reaped.
+        """
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
-            return
+            return succeed(None)
+        if pid in self._orphans:
+            return self._orphans[pid]
 
         def reap() -> None:
             try:
@@ -707,7 +737,7 @@ class Supervisor(service.MultiService):
             except ChildProcessError:
                 done, status = pid, 0
             if done:
-                reaper = self._orphans.pop(pid)
+                del self._orphans[pid]
                 reaper.stop()
                 _log.info(
                     "worker pid {pid} of the previous generation ended ({status})",
@@ -715,9 +745,10 @@ class Supervisor(service.MultiService):
                     status=os.waitstatus_to_exitcode(status),
                 )
 
-        reaper = self._orphans[pid] = LoopingCall(reap)
+        reaper = LoopingCall(reap)
         reaper.clock = self._reactor
-        reaper.start(0.1, now=False)
+        reaped = self._orphans[pid] = reaper.start(0.1, now=False).addCallback(lambda _: None)
+        return reaped
 
     def announced(self, worker: _Worker, change: Mapping[str, Any]) -> None:
         """A registration changed in C{worker}: remember it for workers to come, and tell the others."""
@@ -748,15 +779,16 @@ class Supervisor(service.MultiService):
         workers = list(self.current.values())
         for worker in workers:
             worker.signal("TERM")
-        for pid in [*self._orphans, *self._previous]:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        orphans = [*self._orphans, *self._previous]
+        reaped = [self._retireOrphan(pid) for pid in orphans]  # SIGTERM again to those already retiring
+        self._previous = []
 
         def kill() -> None:
             for worker in workers:
                 worker.signal("KILL")
+            for pid in orphans:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
         killer = self._reactor.callLater(self._grace + 5.0, kill)
 
@@ -770,7 +802,7 @@ class Supervisor(service.MultiService):
                 closing.append(self._metrics.stopService())
             return gatherResults(closing).addCallback(lambda _: None)
 
-        return gatherResults([handlers, *(w.ended for w in workers)]).addCallback(closed)
+        return gatherResults([handlers, *reaped, *(w.ended for w in workers)]).addCallback(closed)
 
     def _say(self, *states: str) -> None:
         if self.notify:

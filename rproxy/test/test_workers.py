@@ -265,8 +265,9 @@ class SupervisorTests(unittest.TestCase):
     async def test_reloadRollingRestartAndStop(self) -> None:
         """
         SIGHUP reloads every worker; SIGUSR2 starts a new generation (the supervisor executed again, same
-        pid) while clients keep connecting, and not one connection or request fails; SIGTERM drains them
-        all and the supervisor exits cleanly; systemd is told READY=1, RELOADING=1 and STOPPING=1.
+        pid) while clients keep connecting, and not one connection or request fails; a SIGUSR2 whose workers
+        cannot start changes nothing; SIGTERM drains them all and the supervisor exits cleanly; systemd is
+        told READY=1, RELOADING=1 and STOPPING=1.
         """
         a, b = ScriptedUpstream(self, answerWith(b"a")), ScriptedUpstream(self, answerWith(b"b"))
         port = freePort()
@@ -310,10 +311,23 @@ class SupervisorTests(unittest.TestCase):
         self.assertFalse(first & second)
         self.assertIn("generation 2: 2 workers listen", process.log)
 
+        # A SIGUSR2 whose workers cannot start leaves the generation that serves alone.
+        missing = os.path.join(tempfile.mkdtemp(), "gone", "access.log")
+        rewrite(path, top.replace('"off"', f'"{missing}"') + services(a=b.url) + route("a"))
+        os.kill(process.transport.pid, signal.SIGUSR2)
+        abandoned = await waitFor(
+            lambda: "generation 3 cannot start, the previous one keeps serving" in process.log, 20
+        )
+        self.assertTrue(abandoned, process.log)
+        self.assertIn(f"--access-log: cannot open {missing}", process.log)
+        self.assertEqual({await body(port, b"/") for _ in range(6)}, {b"b"})
+        self.assertEqual(await workersOf(self, process, 2), second)
+
         process.terminate()
         await process.waitForExit(self, 20.0)
         assertCleanExit(self, process)
         self.assertEqual(process.log.count("Main loop terminated."), 5, process.log)  # 2 generations of 2, and it
+        self.assertEqual(process.log.count("of the previous generation ended"), 4, process.log)
         self.assertIn("STOPPING=1", notifications.said)
 
     async def test_notifyUnit(self) -> None:
