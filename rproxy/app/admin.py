@@ -35,10 +35,12 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from rproxy.app.config import OptionValues
 from rproxy.app.reload import LiveProxy, describeRoute
@@ -550,6 +552,7 @@ class AdminAPI(Resource):
         registrations: Registrations,
         clock: IReactorTime,
         metrics: IResource | None = None,
+        everyWorker: Callable[[StateDocument], Deferred[StateDocument]] | None = None,
     ) -> None:
         """
         @param token: the bearer token every request must carry.
@@ -558,6 +561,8 @@ class AdminAPI(Resource):
         @param registrations: the upstreams registered through the API.
         @param clock: the reactor whose time the upstreams' health keeps (the status page says how long ago).
         @param metrics: what answers C{GET /metrics} (Prometheus's exposition), if the metrics are kept.
+        @param everyWorker: under a supervisor (C{--workers}), what turns this worker's state into every
+            worker's, which the status page shows (L{rproxy.app.workers.WorkerRole.everyWorker}).
         """
         super().__init__()
         self._token = token
@@ -566,8 +571,9 @@ class AdminAPI(Resource):
         self._registrations = registrations
         self._clock = clock
         self._metrics = metrics
+        self._everyWorker = everyWorker
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
         page = request.path == STATUS_PATH
@@ -625,13 +631,24 @@ class AdminAPI(Resource):
             path=request.path.decode("latin-1"),
         )
 
-    def _page(self, request: Request) -> bytes:
-        """The status page, for an authenticated C{request}."""
+    def _page(self, request: Request) -> bytes | int:
+        """The status page, for an authenticated C{request}: of every worker, under a supervisor."""
         _allow(request, b"GET", b"HEAD")
         for name, value in PAGE_HEADERS.items():
             request.setHeader(name, value)
         document = state(self._live, self._lifetime, self._registrations)
-        return statusPage(document, self._clock.seconds())
+        if self._everyWorker is None:
+            return statusPage(document, self._clock.seconds())
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def show(combined: StateDocument) -> None:
+            if not gone:
+                request.write(statusPage(combined, self._clock.seconds()))
+                request.finish()
+
+        self._everyWorker(document).addCallback(show)
+        return NOT_DONE_YET
 
     def _route(self, request: Request) -> tuple[int, object]:
         """The status and document (C{None}: no body) that answer an authenticated C{request}."""
@@ -729,15 +746,17 @@ def adminSite(
     registrations: Registrations,
     reactor: IReactorTime,
     metrics: ProxyMetrics | None = None,
+    everyWorker: Callable[[StateDocument], Deferred[StateDocument]] | None = None,
 ) -> ProxySite:
     """
     The admin listener's site: L{AdminAPI} over C{live} (and C{metrics} at C{/metrics}, behind its token), with
-    small client limits and no access log.
+    small client limits and no access log; under a supervisor, its status page shows C{everyWorker}'s state.
     """
     from rproxy.observe.metrics import metricsResource
 
     served = metricsResource(metrics.registry) if metrics is not None else None
-    return ProxySite(AdminAPI(token, live, lifetime, registrations, reactor, served), _ADMIN_LIMITS, reactor)
+    api = AdminAPI(token, live, lifetime, registrations, reactor, served, everyWorker)
+    return ProxySite(api, _ADMIN_LIMITS, reactor)
 
 
 def metricsSite(metrics: ProxyMetrics, reactor: IReactorTime) -> ProxySite:

@@ -27,7 +27,15 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from rproxy import __version__
-from rproxy.app.admin import AdminSettings, LocalRoutes, Registrations, adminSite, localRoutes, metricsSite
+from rproxy.app.admin import (
+    AdminSettings,
+    LocalRoutes,
+    Registrations,
+    adminSite,
+    localRoutes,
+    metricsSite,
+    state,
+)
 from rproxy.app.build import (
     buildAccessLog,
     buildFilters,
@@ -580,13 +588,15 @@ def buildService(
         assert admin.token is not None  # AdminSettings never has one without the other
         registrations = Registrations(live, reactor)
         registrations.setServiceParent(top)
-        api = adminSite(admin.token, live, draining, registrations, reactor, metrics)
+        everyWorker = worker.everyWorker if worker is not None else None
+        api = adminSite(admin.token, live, draining, registrations, reactor, metrics, everyWorker)
         adminEndpoint = passed("--admin-listen", admin.listen)
         if worker is None or adminEndpoint is not None:
             Listener("--admin-listen", admin.listen, api, adminEndpoint).setServiceParent(top)
         if worker is not None:
             registrations.announceTo(worker.announce)
             worker.registrations = registrations
+            worker.state = lambda: state(live, draining, registrations)
     if admin is not None and admin.metricsListen is not None:
         assert metrics is not None
         if worker is None:

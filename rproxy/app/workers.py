@@ -33,12 +33,14 @@ docs/workers.md tells operators all this.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
 import signal
 import socket
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -71,6 +73,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from rproxy.app.admin import Registrations
+    from rproxy.observe.status import StateDocument, UpstreamState
 
 __all__ = [
     "MAX_BACKOFF",
@@ -290,6 +293,8 @@ class WorkerRole(service.Service):
     @ivar index: the worker's number, from 0.
     @ivar generation: the generation it belongs to (a rolling restart starts the next one).
     @ivar metrics: the registry of the worker's metrics, once the proxy keeps them.
+    @ivar registrations: the admin API's registrations, which this worker announces or follows.
+    @ivar state: what makes this worker's admin state document (L{rproxy.app.admin.state}), if it has one.
     """
 
     name = "worker"
@@ -305,6 +310,9 @@ class WorkerRole(service.Service):
         self._control: _Control | None = None
         self.metrics: CollectorRegistry | None = None
         self.registrations: Registrations | None = None
+        self.state: Callable[[], StateDocument] | None = None
+        self._gathering: dict[int, Deferred[list[StateDocument]]] = {}
+        self._numbers = count()
 
     @classmethod
     def fromEnvironment(cls, environ: Mapping[str, str], reactor: Any) -> WorkerRole | None:
@@ -347,18 +355,43 @@ class WorkerRole(service.Service):
 
     def _received(self, message: dict[str, Any]) -> None:
         if "ask" in message:
-            answer = ""
-            if self.metrics is not None:
-                from prometheus_client import generate_latest
-
-                answer = generate_latest(self.metrics).decode("utf-8")
             assert self._control is not None
-            self._control.send({"answer": message["ask"], "metrics": answer})
+            self._control.send({"answer": message["ask"], "value": self._answer(message.get("what"))})
+        elif "gathered" in message:
+            waiting = self._gathering.pop(int(message["gathered"]), None)
+            if waiting is not None:
+                waiting.callback(message["states"])
         elif "follow" in message and self.registrations is not None:
             self.registrations.follow(message["follow"])
 
+    def _answer(self, what: object) -> object:
+        """This worker's C{metrics} (Prometheus's text) or C{state} (the admin API's document), if it keeps them."""
+        if what == "state":
+            return self.state() if self.state is not None else None
+        if self.metrics is None:
+            return ""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.metrics).decode("utf-8")
+
+    def everyWorker(self, mine: StateDocument) -> Deferred[StateDocument]:
+        """
+        The state of every worker, combined (L{combineStates}), as the supervisor gathers it; C{mine} alone if
+        it cannot (its channel is closed, or it does not answer within L{ANSWER_TIMEOUT}).
+        """
+        if self._control is None:
+            return succeed(mine)
+        number = next(self._numbers)
+        waiting: Deferred[list[StateDocument]] = Deferred()
+        self._gathering[number] = waiting
+        self._control.send({"gather": number})
+        waiting.addTimeout(ANSWER_TIMEOUT, self._reactor, onTimeoutCancel=lambda *_: [mine])
+        return waiting.addCallback(lambda states: combineStates(states or [mine]))
+
     def _controlLost(self) -> None:
         self._control = None
+        for waiting in list(self._gathering.values()):
+            waiting.cancel()  # its timeout's answer: this worker's state alone
 
     def _checkParent(self) -> None:
         if os.getppid() != self._parent:
@@ -382,7 +415,7 @@ class _Worker(protocol.ProcessProtocol):
     listens: bool = False
     control: _Control | None = None
     pid: int | None = None
-    _questions: dict[int, Deferred[str]] = field(default_factory=dict)
+    _questions: dict[int, Deferred[object]] = field(default_factory=dict)
 
     def received(self, message: dict[str, Any]) -> None:
         if "ready" in message:
@@ -391,24 +424,26 @@ class _Worker(protocol.ProcessProtocol):
         elif "answer" in message:
             waiting = self._questions.pop(int(message["answer"]), None)
             if waiting is not None:
-                waiting.callback(str(message.get("metrics", "")))
+                waiting.callback(message.get("value"))
+        elif "gather" in message:
+            self.supervisor.gatherStates(self, int(message["gather"]))
         elif "announce" in message:
             self.supervisor.announced(self, message["announce"])
 
     def lost(self) -> None:
         self.control = None
         for waiting in self._questions.values():
-            waiting.callback("")
+            waiting.callback(None)
         self._questions.clear()
 
-    def ask(self, number: int, reactor: Any) -> Deferred[str]:
-        """This worker's metrics (empty if it cannot say in L{ANSWER_TIMEOUT})."""
+    def ask(self, number: int, what: str, reactor: Any) -> Deferred[object]:
+        """This worker's C{metrics} or C{state} (C{None} if it cannot say within L{ANSWER_TIMEOUT})."""
         if self.control is None:
-            return succeed("")
-        waiting: Deferred[str] = Deferred()
+            return succeed(None)
+        waiting: Deferred[object] = Deferred()
         self._questions[number] = waiting
-        self.control.send({"ask": number})
-        waiting.addTimeout(ANSWER_TIMEOUT, reactor, onTimeoutCancel=lambda *_: "")
+        self.control.send({"ask": number, "what": what})
+        waiting.addTimeout(ANSWER_TIMEOUT, reactor, onTimeoutCancel=lambda *_: None)
         return waiting
 
     def signal(self, name: str) -> None:
@@ -761,11 +796,24 @@ class Supervisor(service.MultiService):
             if other is not worker and other.control is not None:
                 other.control.send({"follow": dict(change)})
 
+    def _askAll(self, what: str) -> Deferred[list[tuple[_Worker, object]]]:
+        """What every worker that runs answers to C{what}, in the order of their numbers."""
+        workers = sorted(self.current.values(), key=lambda w: w.index)
+        asked = [w.ask(next(self._questions), what, self._reactor) for w in workers]
+        return gatherResults(asked).addCallback(lambda answers: list(zip(workers, answers, strict=True)))
+
     def allMetrics(self) -> Deferred[list[tuple[_Worker, str]]]:
         """The metrics of every worker that runs, as each writes them."""
-        workers = sorted(self.current.values(), key=lambda w: (w.generation, w.index))
-        asked = [w.ask(next(self._questions), self._reactor) for w in workers]
-        return gatherResults(asked).addCallback(lambda texts: list(zip(workers, texts, strict=True)))
+        return self._askAll("metrics").addCallback(lambda answers: [(w, str(a or "")) for w, a in answers])
+
+    def gatherStates(self, asking: _Worker, number: int) -> None:
+        """Answer C{asking}'s question C{number} with the admin state of every worker that has one."""
+
+        def answer(answers: list[tuple[_Worker, object]]) -> None:
+            if asking.control is not None:
+                asking.control.send({"gathered": number, "states": [a for _, a in answers if a is not None]})
+
+        self._askAll("state").addCallback(answer)
 
     # -- stopping
 
@@ -807,6 +855,43 @@ class Supervisor(service.MultiService):
     def _say(self, *states: str) -> None:
         if self.notify:
             notifySystemd("\n".join(states), self._environ)
+
+
+def combineStates(states: list[StateDocument]) -> StateDocument:
+    """
+    The admin state documents of several workers as one: the first's (worker 0's), with the others' counts
+    added (each upstream's exchanges in flight, connections and ejections; the tunnels); an upstream whose
+    health is not the same in every worker says so in its C{reason}.  The services, upstreams and routes are
+    the same in every worker (the same configuration, the registrations followed).
+    """
+    combined = copy.deepcopy(states[0])
+    seen: dict[tuple[str, str], Counter[str]] = {}
+    upstreams: dict[tuple[str, str], UpstreamState] = {}
+    for kept in combined["services"]:
+        for upstream in kept["upstreams"]:
+            upstreams[(kept["name"], upstream["key"])] = upstream
+            seen[(kept["name"], upstream["key"])] = Counter([upstream["state"]])
+    for other in states[1:]:
+        combined["shuttingDown"] = combined["shuttingDown"] or other["shuttingDown"]
+        for name, value in other["tunnels"].items():
+            combined["tunnels"][name] = combined["tunnels"].get(name, 0) + value
+        for theirs in other["services"]:
+            for upstream in theirs["upstreams"]:
+                key = (theirs["name"], upstream["key"])
+                mine = upstreams.get(key)
+                if mine is None:
+                    continue
+                mine["inFlight"] += upstream["inFlight"]
+                mine["ejections"] += upstream["ejections"]
+                mine["pool"]["open"] += upstream["pool"]["open"]
+                mine["pool"]["idle"] += upstream["pool"]["idle"]
+                seen[key][upstream["state"]] += 1
+    for key, counted in seen.items():
+        if len(counted) > 1:
+            upstreams[key]["reason"] = ", ".join(
+                f"{state} in {n} of {len(states)} workers" for state, n in counted.items()
+            )
+    return combined
 
 
 def twistOptions(argv: list[str]) -> list[str]:

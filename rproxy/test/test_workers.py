@@ -30,10 +30,12 @@ from rproxy.app.workers import (
     Supervisor,
     _SharedEndpoint,
     _Worker,
+    combineStates,
     listenersOf,
     twistOptions,
     workerCount,
 )
+from rproxy.observe.status import ServiceState, StateDocument, UpstreamState
 from rproxy.test.support import PYTHON, ROOT, ScriptedUpstream, curl, rawRequest, responseStatus, sleep, waitFor
 from rproxy.test.test_admin import TOKEN, tokenFile
 from rproxy.test.test_config import answerWith, get, parse, writeConfig
@@ -72,6 +74,15 @@ def upstreamIn(text: str, key: str) -> set[str]:
         for line in text.splitlines()
         if line.startswith("rproxy_upstream_health{") and f'upstream="{key}"' in line
     }
+
+
+def idleConnections(text: str, key: str) -> dict[str, int]:
+    """The idle connections to the upstream C{key} of each worker, by its number, from its metrics in C{text}."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("rproxy_upstream_connections{") and f'upstream="{key}"' in line and 'state="idle"' in line:
+            found[line.rpartition('worker="')[2].partition('"')[0]] = int(float(line.rpartition(" ")[2]))
+    return found
 
 
 class CountTests(unittest.TestCase):
@@ -121,6 +132,52 @@ class CountTests(unittest.TestCase):
         argv = ["twist", "--reactor", "epoll", "--log-format", "text", "rproxy", "--workers", "2"]
         self.assertEqual(twistOptions(argv), ["--reactor", "epoll", "--log-format", "text"])
         self.assertEqual(twistOptions(["twistd", "-n", "-y", "rproxy.tac"]), ["--log-format", "text"])
+
+
+def upstreamState(key: str, state: str, inFlight: int, open: int, idle: int) -> UpstreamState:
+    """An upstream as one worker's admin state shows it."""
+    return {
+        "key": key,
+        "weight": 1,
+        "labels": {},
+        "state": state,
+        "reason": None,
+        "ejections": int(state == "ejected"),
+        "ejectionEndsIn": None,
+        "lastError": None,
+        "inFlight": inFlight,
+        "pool": {"open": open, "idle": idle},
+        "latency": None,
+        "balancer": None,
+    }
+
+
+class CombineTests(unittest.TestCase):
+    """The status page of a supervisor's workers: worker 0's state, with every worker's counts."""
+
+    def test_combine(self) -> None:
+        """Counts add up; a health that differs between workers says how many see what; the rest is worker 0's."""
+
+        def document(up: UpstreamState, down: UpstreamState, opened: int) -> StateDocument:
+            service: ServiceState = {"name": "api", "balancer": "round_robin", "upstreams": [up, down]}
+            return {
+                "shuttingDown": False,
+                "services": [service],
+                "routes": [],
+                "tunnels": {"open": 1, "opened": opened},
+            }
+
+        first = document(upstreamState("a", "up", 1, 2, 1), upstreamState("b", "up", 0, 1, 1), 5)
+        second = document(upstreamState("a", "up", 2, 3, 1), upstreamState("b", "ejected", 0, 0, 0), 7)
+        combined = combineStates([first, second])
+        a, b = combined["services"][0]["upstreams"]
+        self.assertEqual((a["inFlight"], a["pool"], a["state"], a["reason"]), (3, {"open": 5, "idle": 2}, "up", None))
+        self.assertEqual(
+            (b["state"], b["reason"], b["ejections"]), ("up", "up in 1 of 2 workers, ejected in 1 of 2 workers", 1)
+        )
+        self.assertEqual(combined["tunnels"], {"open": 2, "opened": 12})
+        self.assertEqual(first["services"][0]["upstreams"][0]["inFlight"], 1)  # the documents are left alone
+        self.assertEqual(combineStates([first]), first)
 
 
 class BackOffTests(unittest.TestCase):
@@ -253,6 +310,19 @@ class SupervisorTests(unittest.TestCase):
         text = await metrics(metricsPort)
         self.assertEqual(upstreamIn(text, b.url), {"0", "1"}, text)
         self.assertEqual({await body(port, b"/") for _ in range(10)}, {b"a", b"b"})
+
+        # The status page (served by worker 0) adds up every worker's connections to an upstream.
+        for _ in range(40):
+            idle = idleConnections(await metrics(metricsPort), a.url)
+            if len(idle) == 2 and all(idle.values()):
+                break
+            await body(port, b"/")
+        self.assertEqual(set(idle), {"0", "1"})
+        code, page, err = await curl(["-sS", "-u", f"any:{TOKEN}", f"http://127.0.0.1:{admin}/status"])
+        self.assertEqual(code, 0, err)
+        row = page.decode("utf-8").partition(f'data-upstream="{a.url}"')[2].partition("</tr>")[0]
+        total = sum(idle.values())
+        self.assertIn(f'<td class="number">{total} / {total}</td>', row)
 
         # A rolling restart keeps the registration, and the metrics listener (the supervisor's own).
         os.kill(process.transport.pid, signal.SIGUSR2)
