@@ -12,7 +12,8 @@ queue is when it closes; and they work for UNIX sockets and systemd's socket act
 
 The supervisor serves nothing itself but C{--metrics-listen}, whose C{/metrics} asks each worker for its
 metrics over its control channel (a socketpair, JSON lines) and answers them all, each sample labelled
-with its C{worker}.  The admin listener is passed to worker 0 only; an upstream registered, renewed or
+with its C{worker}; and gathers every worker's admin state for worker 0's status page (L{combineStates}).
+The admin listener is passed to worker 0 only; an upstream registered, renewed or
 deregistered there is announced to the supervisor, which tells every other worker, and every worker it
 starts later (L{rproxy.app.admin.Registrations.follow}).  Active health checks run in every worker, each
 reaching the same verdict about the same upstream; passive health (ejections) stays per worker.
