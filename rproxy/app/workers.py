@@ -331,6 +331,8 @@ class WorkerRole(service.Service):
     def startService(self) -> None:
         """Open the control channel, say that this worker listens (its listeners started before), and watch."""
         super().startService()
+        # SIGUSR2 is the supervisor's (a new generation); its default action would end a worker sent it too.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         self._control = _Control(self._received, self._controlLost)
         _adoptControl(self._reactor, self._controlDescriptor, self._control)
         self._control.send({"ready": os.getpid()})
