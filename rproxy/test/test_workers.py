@@ -432,14 +432,16 @@ class SupervisorTests(unittest.TestCase):
         self.assertIn("STOPPING=1", notifications.said)
 
     async def test_orphans(self) -> None:
-        """Workers whose supervisor was killed (SIGKILL: it could not stop them) shut down by themselves."""
+        """
+        Workers ignore SIGUSR2 (the supervisor's); workers whose supervisor was killed (SIGKILL: it could not
+        stop them) shut down by themselves.
+        """
         port = freePort()
         process = ProxyProcess.spawn(
             self, [*TWIST, "--workers=2", f"--listen=tcp:{port}:interface=127.0.0.1", "--upstream=http://127.0.0.1:9"]
         )
         workers = await workersOf(self, process, 2)
         self.assertTrue(await waitFor(lambda: process.log.count("serves") == 2, 20.0), process.log)
-        process.transport.signalProcess("KILL")
 
         def running(pid: int) -> bool:
             try:
@@ -447,6 +449,12 @@ class SupervisorTests(unittest.TestCase):
                     return f.read().rpartition(")")[2].split()[0] != "Z"
             except FileNotFoundError:
                 return False
+
+        for pid in workers:
+            os.kill(pid, signal.SIGUSR2)  # the supervisor's signal, as a whole process group gets it
+        await sleep(0.3)
+        self.assertEqual(await workersOf(self, process, 2), workers)
+        process.transport.signalProcess("KILL")
 
         self.assertTrue(await waitFor(lambda: not any(running(pid) for pid in workers), 10.0))
 
