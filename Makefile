@@ -57,9 +57,22 @@ PROMETHEUS := /usr/bin/prometheus
 $(PROMETHEUS):
 	$(call aptInstall,prometheus)
 
+# The HTTP/2 conformance tests (rproxy/test/test_h2spec.py) run h2spec, built from its source in third_party/
+# with Debian's Go toolchain and Go library packages, in GOPATH mode: nothing is downloaded.
+H2SPEC := build/h2spec/h2spec
+H2SPEC_DEBS := golang-go golang-golang-x-net-dev golang-github-spf13-cobra-dev golang-github-fatih-color-dev
+H2SPEC_SOURCE := build/h2spec/src/github.com/summerwind/h2spec
+$(H2SPEC): $(shell find third_party/h2spec -name '*.go')
+	dpkg -s $(H2SPEC_DEBS) >/dev/null 2>&1 || $(call aptInstall,$(H2SPEC_DEBS))
+	rm -rf $(dir $(H2SPEC_SOURCE))
+	mkdir -p $(dir $(H2SPEC_SOURCE))
+	cp -r third_party/h2spec $(H2SPEC_SOURCE)
+	cd $(H2SPEC_SOURCE) && GO111MODULE=off GOPATH=$(CURDIR)/build/h2spec:/usr/share/gocode \
+		GOCACHE=$(CURDIR)/build/h2spec/cache GOFLAGS= go build -o $(CURDIR)/$(H2SPEC) ./cmd/h2spec
+
 # The whole suite on rproxy's reactor (the one `twist rproxy` installs), with the newest dependencies and
 # with the oldest that setup.py admits.
-test: $(BIN)/twist $(OLDEST)/bin/trial $(CHROMIUM) $(PROMETHEUS)
+test: $(BIN)/twist $(OLDEST)/bin/trial $(CHROMIUM) $(PROMETHEUS) $(H2SPEC)
 	$(BIN)/trial --reactor=rproxy --jobs=2 rproxy
 	$(OLDEST)/bin/trial --reactor=rproxy --jobs=2 rproxy
 
@@ -80,4 +93,4 @@ bench: $(BIN)/twist
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(OLDEST) build/apidocs _trial_temp* *.egg-info
+	rm -rf $(VENV) $(OLDEST) build/apidocs build/h2spec _trial_temp* *.egg-info

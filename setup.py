@@ -47,11 +47,12 @@ setup(
         # rproxy/downstream/tls.py reads certificates itself.
         "cryptography>=45.0.7",
         # rproxy's HTTP/2 on both sides is on h2's public API, with hpack's never-indexed fields, hyperframe's
-        # GOAWAY frame and priority's tree (for clients that send RFC 7540 priorities) used directly.
+        # GOAWAY frame and priority's tree (for clients that send RFC 7540 priorities) used directly: priority
+        # 1.2.2 bounds the tree and takes a dependency on a stream not in it (1.1 raised KeyError).
         "h2>=4.2,<5",
         "hpack>=4.1,<5",
         "hyperframe>=6.1,<7",
-        "priority>=1.1,<2",
+        "priority>=1.2.2,<2",
         "zope.interface>=7.0",
         # rproxy/tunnel/messages.py parses WebSocket frames on message-aware routes.
         "wsproto>=1.2",

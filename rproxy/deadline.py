@@ -16,8 +16,9 @@ from collections.abc import Callable
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 #: What a deadline stands for: nothing; an upstream's response head, or the rest of its response; an idle
-#: connection; a client's request head.
-NONE, RESPONSE, READ, IDLE, HEAD = range(5)
+#: connection; a client's request head; a client's request (its body's rate, its total time,
+#: L{rproxy.downstream.limits.RequestClock}); a client that does not read what is written to it.
+NONE, RESPONSE, READ, IDLE, HEAD, REQUEST, WRITE = range(7)
 
 
 class Deadline:

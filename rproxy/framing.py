@@ -9,7 +9,9 @@ everything one of them might read another way is refused rather than guessed at:
    would wrap a larger one, read a short body and take the rest for another request); every
    Content-Length value of a message must agree;
  - a chunk size is 1 to 16 hex digits, at most C{2**63 - 1}, optionally followed by extensions without
-   control characters; the whole line at most L{MAX_CHUNK_LINE} bytes;
+   control characters; the whole line at most L{MAX_CHUNK_LINE} bytes, and the extensions of a whole body
+   at most L{MAX_EXTENSION_BYTES} (extensions are read past, so a sender could otherwise make the reader
+   take in far more bytes than the body has: Go's CVE-2023-39326);
  - every line of the chunked framing ends with CRLF: a bare LF or CR is an error, never a line end;
  - chunk data is followed by exactly CRLF;
  - the trailer section is at most L{MAX_TRAILER_BYTES} and has no folded lines.
@@ -28,6 +30,8 @@ from rproxy.headers import Pairs, hasControl, isToken
 MAX_LENGTH = 2**63 - 1
 #: Longest chunk-size line, extensions included, without its CRLF.
 MAX_CHUNK_LINE = 4096
+#: Most bytes of chunk extensions (from each ``;`` to the line end) in one body.
+MAX_EXTENSION_BYTES = 16384
 #: Largest trailer section, its line ends included.
 MAX_TRAILER_BYTES = 65536
 
@@ -117,6 +121,7 @@ class ChunkedDecoder:
         self._buffer = b""
         self._trailerLines: list[bytes] = []
         self._trailerBytes = 0
+        self._extensionBytes = 0
         self.finished = False
 
     def stop(self) -> None:
@@ -188,6 +193,11 @@ class ChunkedDecoder:
             except MalformedBodyError:
                 self.finished = True
                 raise
+            semicolon = line.find(b";")
+            if semicolon >= 0:
+                self._extensionBytes += len(line) - semicolon
+                if self._extensionBytes > MAX_EXTENSION_BYTES:
+                    self._fail(f"the chunk extensions exceed {MAX_EXTENSION_BYTES} bytes")
             self._state = _DATA if self._remaining else _TRAILER
         elif line:  # a trailer field
             self._trailerBytes += len(line) + 2

@@ -36,13 +36,33 @@ HOP_BY_HOP = frozenset(
 #: (``Expect`` is end-to-end: ``100-continue`` is forwarded, and the upstream's 100 relayed.)
 FRAMING = frozenset({b"content-length", b"host"})
 
-#: Fields a trailer section must not carry (RFC 9110 section 6.5.1): framing, routing, and the
-#: hop-by-hop ones; dropped from the trailers a client sends.
-NOT_TRAILERS = HOP_BY_HOP | FRAMING | frozenset({b"expect", b"content-type", b"content-encoding", b"authorization"})
 
 #: Fields the proxy rebuilds from the inbound ones (kept only from trusted proxies): see
 #: L{ForwardingPolicy.forwardingPairs}.
 FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"via"})
+
+#: Fields a trailer section must not carry (RFC 9110 section 6.5.1): framing, routing, request modifiers,
+#: credentials, content metadata, the hop-by-hop ones, and the forwarding fields the proxy rebuilds (an
+#: upstream that merges trailers into the header section would otherwise read them as the client's own);
+#: dropped from the trailers a client sends.
+NOT_TRAILERS = (
+    HOP_BY_HOP
+    | FRAMING
+    | FORWARDING
+    | frozenset(
+        {
+            b"expect",
+            b"content-type",
+            b"content-encoding",
+            b"content-range",
+            b"authorization",
+            b"cookie",
+            b"range",
+            b"max-forwards",
+            b"cache-control",
+        }
+    )
+)
 
 Pairs = list[tuple[bytes, bytes]]
 

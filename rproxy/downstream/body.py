@@ -53,6 +53,8 @@ class RequestBodyPipe:
     @ivar received: bytes received from the client so far.
     @ivar complete: whether the client has sent the whole body.
     @ivar trailers: the trailer fields that followed the body, once it is complete.
+    @ivar holds: how many times the pipe paused or resumed the client (a window of its minimum body rate in
+        which it did does not count).
     """
 
     _replay: list[bytes] | None = None  # what the current consumer was given, while it may be resent
@@ -60,6 +62,7 @@ class RequestBodyPipe:
     _withheld: Callable[[bytes], bool] | None = None  # by name, the trailer fields never sent on
     _replayLimit = 0
     _replayBytes = 0
+    holds = 0
 
     def __init__(self, source: IPushProducer, length: int | None) -> None:
         self.length = length
@@ -224,12 +227,19 @@ class RequestBodyPipe:
             trailers = [(name, value) for name, value in trailers if not withheld(name)]
         consumer.finishBody(trailers)
 
+    @property
+    def sourcePaused(self) -> bool:
+        """Whether the pipe holds the client's body back now."""
+        return self._sourcePaused
+
     def _pauseSource(self) -> None:
+        self.holds += 1
         self._sourcePaused = True
         self._source.pauseProducing()
 
     def _resumeSource(self) -> None:
         if self._sourcePaused:
+            self.holds += 1
             self._sourcePaused = False
             self._source.resumeProducing()
 

@@ -49,6 +49,8 @@ class ClientConnection(TwistedProtocol):
     A client's connection (see the module).
 
     @ivar site: the site it belongs to.
+    @ivar clientKey: the key its client's address counts under (L{rproxy.downstream.limits.addressKey}), or
+        C{None} when connections per client are not counted.
     @ivar handler: the protocol in charge.
     """
 
@@ -62,11 +64,12 @@ class ClientConnection(TwistedProtocol):
     _secure: bool | None = None
     _tls: tuple[str, str | None, str | None] | None = None
 
-    def __init__(self, site: ProxySite) -> None:
+    def __init__(self, site: ProxySite, clientKey: bytes | None = None) -> None:
         self.site = site
+        self.clientKey = clientKey
 
     def connectionMade(self) -> None:
-        self.site.connections.add(self)
+        self.site.opened(self)
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         self._http1 = self.site.http1(self)
@@ -93,7 +96,7 @@ class ClientConnection(TwistedProtocol):
         self.handler.dataReceived(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.site.connections.discard(self)
+        self.site.closed(self)
         self.handler.connectionLost(reason)
 
     def readConnectionLost(self) -> None:

@@ -25,7 +25,14 @@ from hyperframe.frame import Frame, GoAwayFrame
 #: Frame types and flags this watch tells apart (RFC 9113 section 6).
 _DATA, _HEADERS, _SETTINGS, _CONTINUATION = 0x0, 0x1, 0x4, 0x9
 _END_HEADERS = 0x4
-_ACK = 0x1
+_ACK = _END_STREAM = 0x1
+
+#: CONTINUATION frames a header block may have: a block of the largest allowed size needs a handful; more is
+#: the CONTINUATION flood of CVE-2024-27316, refused before h2 buffers the frames.
+MAX_CONTINUATIONS = 32
+#: DATA frames that carry nothing and end nothing a connection may send: no client needs them, and a flood of
+#: them costs the proxy a frame's work each for nothing (the empty frames flood of CVE-2019-9518).
+MAX_EMPTY_DATA = 1000
 
 #: What opens a client's byte stream before its first frame (RFC 9113 section 3.4).
 PREFACE_LENGTH = 24
@@ -43,6 +50,8 @@ class FrameWatch:
     @ivar started: how many such things have begun: it changes when a new one begins, so that a deadline
         runs from the first byte of each (a header block's CONTINUATION frames are part of its HEADERS).
     @ivar settingsAckWithPayload: whether a SETTINGS acknowledgement with a payload was seen.
+    @ivar flood: what makes the frames so far a flood (more than L{MAX_CONTINUATIONS} CONTINUATION frames in
+        a header block, more than L{MAX_EMPTY_DATA} empty DATA frames), or C{None}.
     """
 
     def __init__(self) -> None:
@@ -53,6 +62,9 @@ class FrameWatch:
         self.pending = True
         self.started = 0
         self.settingsAckWithPayload = False
+        self.flood: str | None = None
+        self._continuations = 0  # of the latest header block
+        self._emptyData = 0
 
     def feed(self, data: bytes) -> None:
         """Follow C{data}, the next bytes from the client."""
@@ -82,10 +94,20 @@ class FrameWatch:
         self._inData = kind == _DATA
         if not self._inBlock:
             self.started += 1
-        if kind == _HEADERS:
+        if kind == _DATA:
+            if not length and not flags & _END_STREAM:
+                self._emptyData += 1
+                if self._emptyData > MAX_EMPTY_DATA:
+                    self.flood = f"more than {MAX_EMPTY_DATA} empty DATA frames"
+        elif kind == _HEADERS:
             self._inBlock = not flags & _END_HEADERS
-        elif kind == _CONTINUATION and flags & _END_HEADERS:
-            self._inBlock = False
+            self._continuations = 0
+        elif kind == _CONTINUATION:
+            self._continuations += 1
+            if self._continuations > MAX_CONTINUATIONS:
+                self.flood = f"a header block of more than {MAX_CONTINUATIONS} CONTINUATION frames"
+            if flags & _END_HEADERS:
+                self._inBlock = False
         elif kind == _SETTINGS and flags & _ACK and length:
             self.settingsAckWithPayload = True
 

@@ -3,9 +3,10 @@ An HTTP/2 request head as an HTTP/1.1 request will carry it: every field checked
 and the pseudo-header fields turned into a method, a target and one ``Host`` (section 8.3), before anything
 reaches an upstream.
 
-A malformed request is answered 400 on its stream (431 for the same size limits as HTTP/1.1), never
-forwarded, and the connection goes on (section 8.1.1 makes it a stream error: h2's own checks, which
-would end the whole connection, are switched off in favour of these, done in one pass):
+A malformed request is answered 400 on its stream, which then ends with RST_STREAM(PROTOCOL_ERROR) (431
+for the same size limits as HTTP/1.1, ended normally), never forwarded, and the connection goes on
+(section 8.1.1 makes it a stream error and allows a response first: h2's own checks, which would end the
+whole connection, are switched off in favour of these, done in one pass):
 
  - field names: not empty, lower case, no separators, controls or colons (but the leading one of a
    pseudo-header field); values: no NUL, CR or LF, no leading or trailing blank;
@@ -16,7 +17,8 @@ would end the whole connection, are switched off in favour of these, done in one
  - ``:method`` a token, ``:scheme`` a URI scheme, ``:path`` an absolute path (or ``*`` for OPTIONS) without
    spaces or control characters: an absolute URL there would replace the authority, and a space would
    split the upstream's request line;
- - the authority: ``:authority``, else one ``Host`` field (both: equal), and C{host[:port]};
+ - the authority: ``:authority``, else one ``Host`` field (both: naming the same host and port), and
+   C{host[:port]};
  - ``content-length`` values decimal, equal, and within 63 bits (L{rproxy.framing}).
 
 L{trailerProblem} checks a trailer block the same way.  (h2 joins the ``cookie`` crumbs of section 8.2.3
@@ -43,6 +45,8 @@ _NAME_FORBIDDEN = bytes([*range(0x21), *range(0x41, 0x5B), *range(0x7F, 0x100), 
 _CONNECTION_SPECIFIC = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"])
 #: The pseudo-header fields of a request (section 8.3.1, and RFC 8441's ``:protocol``).
 _REQUEST_PSEUDO = frozenset([b":method", b":scheme", b":authority", b":path", b":protocol"])
+#: The port an authority without one means, by scheme.
+_DEFAULT_PORTS = {b"http": b"80", b"https": b"443"}
 #: Blank bytes, which may not start or end a value.
 _BLANKS = (0x20, 0x09)
 
@@ -140,7 +144,7 @@ def requestHead(block: Sequence[tuple[bytes, bytes]], limits: HeadLimits) -> H2R
     elif hosts:
         if authority is None:
             authority = hosts[0]
-        elif authority != hosts[0]:
+        elif authority != hosts[0] and _normalAuthority(authority, scheme) != _normalAuthority(hosts[0], scheme):
             problem = problem or "the Host field differs from :authority"
     if problem is None:
         if authority is None:
@@ -194,6 +198,18 @@ def trailerProblem(block: Sequence[tuple[bytes, bytes]]) -> str | None:
         if name == b"te" and value.lower() != b"trailers":
             return "a TE field other than 'trailers'"
     return fieldsProblem(block)
+
+
+def _normalAuthority(authority: bytes, scheme: bytes | None) -> bytes:
+    """
+    C{authority} as RFC 9113 section 8.3.1 compares a ``Host`` field with ``:authority`` (normalised by RFC
+    3986 section 6.2: the host's case, an empty port or the scheme's default port do not matter).
+    """
+    lowered = authority.lower()
+    host, colon, port = lowered.rpartition(b":")
+    if colon and b"]" not in port and (not port or port == _DEFAULT_PORTS.get(scheme or b"")):
+        return host
+    return lowered
 
 
 def _pathProblem(method: bytes, path: bytes) -> str | None:

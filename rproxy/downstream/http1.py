@@ -17,7 +17,9 @@ C{requestReceived}.  What is refused, and how:
    HTTP/1.0, broken chunked framing: 400;
  - ``Host`` (RFC 9112 section 3.2): none on HTTP/1.1, more than one, or not C{host[:port]}: 400; an
    absolute-form target's authority replaces it (and is checked the same way);
- - a head still incomplete C{headerTimeout} seconds after its first byte: 408.
+ - a head still incomplete C{headerTimeout} seconds after its first byte: 408;
+ - a client that leaves the send buffer full for C{writeTimeout} seconds (it does not read the response,
+   or the end of one the connection closes after): the connection is aborted (L{_WriteWatch}).
 
 Each error is logged, answered with C{Connection: close}, and the connection closed: nothing the client
 sent after the error is read.  A request body streams to the request as it arrives (the request's body
@@ -111,6 +113,7 @@ class HTTP11Server:
         self._headDeadline = deadline.Deadline(reactor, self._headTimedOut)
         self._idleDeadline = deadline.Deadline(reactor, self._idleTimedOut)
         self._idleDeadline.arm(deadline.IDLE, limits.idleTimeout)
+        self._writeDeadline = deadline.Deadline(reactor, self._writeTimedOut)
 
     # -- reading
 
@@ -418,6 +421,24 @@ class HTTP11Server:
         if last:
             self.transport.write(last)
         self.transport.loseConnection()
+        self.waitForReader()  # a close waits for what is written to be read: not for ever
+
+    def waitForReader(self) -> None:
+        """What is written waits for the client to read it: abort after the write timeout if it does not."""
+        timeout = self._limits.writeTimeout
+        if timeout and self._writeDeadline.mode != deadline.WRITE:
+            self._writeDeadline.arm(deadline.WRITE, timeout)
+
+    def _writeTimedOut(self, mode: int) -> None:
+        timeout = self._limits.writeTimeout
+        error = clientError(408, f"the client read nothing of the response for {timeout:g}s")
+        _log.warn("client {client}: {reason}; connection aborted", client=self.connection.peer, reason=error.reason)
+        request = self._request
+        if request is not None:
+            request.cutOff(error)
+        else:
+            self.site.refused(self.connection.peer, error, answered=False)
+        self.abort()
 
     def _headTimedOut(self, mode: int) -> None:
         if self._state == _HEAD:
@@ -442,6 +463,7 @@ class HTTP11Server:
         self._state = _CLOSING
         self._headDeadline.stop()
         self._idleDeadline.stop()
+        self._writeDeadline.stop()
         request, self._request = self._request, None
         if request is not None:
             request.connectionLost(reason)
@@ -492,9 +514,12 @@ class HTTP11Server:
         self.transport.write(serializeHead(version + b" " + code + b" " + reason, fields))
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        if streaming and self._limits.writeTimeout:
+            producer = _WriteWatch(producer, self)
         self.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
+        self._writeDeadline.disarm()
         self.transport.unregisterProducer()
 
     def loseConnection(self) -> None:
@@ -598,7 +623,31 @@ class HTTP11Server:
         self._state = _SWITCHED
         self._headDeadline.stop()
         self._idleDeadline.stop()
+        self._writeDeadline.stop()
         self.transport.write(serializeHead(b"HTTP/1.1 %d %s" % (status, RESPONSES.get(status, b"")), fields))
         early, self._buffer = self._buffer, b""
         self._resumeIfNeeded()
         return self.connection.takeOver(early)
+
+
+@implementer(IPushProducer)
+class _WriteWatch:
+    """
+    A response's producer as the transport sees it: paused while the send buffer is full, which is when
+    the write timeout runs (L{HTTP11Server.waitForReader}); resumed once the client read it all.
+    """
+
+    def __init__(self, producer: IPushProducer, server: HTTP11Server) -> None:
+        self._producer = producer
+        self._server = server
+
+    def pauseProducing(self) -> None:
+        self._server.waitForReader()
+        self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._server._writeDeadline.disarm()
+        self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._producer.stopProducing()

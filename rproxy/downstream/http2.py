@@ -16,9 +16,16 @@ without a body is a single HEADERS frame, as gRPC's trailers-only responses must
    four times the limits is not decoded further (GOAWAY(ENHANCE_YOUR_CALM));
  - Rapid Reset (CVE-2023-44487): a token bucket of the streams a client resets; beyond it,
    GOAWAY(ENHANCE_YOUR_CALM);
+ - priorities for more streams than the priority tree holds (CVE-2019-9513): GOAWAY(ENHANCE_YOUR_CALM);
  - response bytes held per stream and per connection bounded by L{STREAM_BUFFER} and L{CONNECTION_BUFFER}
    whatever window the client advertises, and control frames a client makes us queue while it does not
-   read bounded by L{CONTROL_BUFFER};
+   read bounded by L{CONTROL_BUFFER} (beyond: GOAWAY(ENHANCE_YOUR_CALM));
+ - a client that leaves the send buffer full for the write timeout: the connection is aborted; one that
+   keeps a stream's flow-control window (or the connection's) shut that long while a response waits: the
+   stream is reset (CANCEL), and the other streams go on;
+ - floods of frames that carry nothing (L{rproxy.downstream.h2frames.FrameWatch.flood}): a header
+   block of more than 32 CONTINUATION frames (CVE-2024-27316), more than 1000 empty DATA frames
+   (CVE-2019-9518): GOAWAY(ENHANCE_YOUR_CALM);
  - deadlines: the header timeout for any incomplete frame but DATA and any header block
    (L{rproxy.downstream.h2frames.FrameWatch}), and the idle timeout only while no stream is open;
  - connection errors sent with the code the RFCs name, and a close that a client cannot hold off
@@ -103,19 +110,35 @@ _SECRET_FIELDS = frozenset([b"authorization", b"proxy-authorization"])
 #: Fields whose every value is new (rproxy's request ids): indexing them would only evict the fields that do
 #: repeat (content-type, server, ...) from the client's dynamic table, and cost a table insertion each time.
 _UNIQUE_FIELDS = frozenset([b"x-request-id", b"traceparent"])
+#: The largest HPACK dynamic table the proxy's encoder keeps for a client (RFC 7541's default size).
+ENCODER_TABLE_SIZE = 4096
 
 
 class _PlainEncoder(hpack.Encoder):
     """
-    HPACK without Huffman coding.  Huffman coding, in pure Python, is most of what encoding a response head
-    costs (a third of rproxy's CPU per HTTP/2 response with it on), for headers a fifth smaller; once the
-    repeated fields are indexed, a response head is a few bytes either way, and the proxy's CPU is what
-    limits it.  (RFC 7541 lets each literal choose: a client decodes both.)
+    HPACK without Huffman coding, and a dynamic table of at most L{ENCODER_TABLE_SIZE}.  Huffman coding, in
+    pure Python, is most of what encoding a response head costs (a third of rproxy's CPU per HTTP/2 response
+    with it on), for headers a fifth smaller; once the repeated fields are indexed, a response head is a few
+    bytes either way, and the proxy's CPU is what limits it.  (RFC 7541 lets each literal choose: a client
+    decodes both.)
     """
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         """Encode C{headers}, with no Huffman coding whatever C{huffman} says."""
         return super().encode(headers, huffman=False)
+
+    @property
+    def header_table_size(self) -> int:
+        """The size of the dynamic table: what the client allows (SETTINGS_HEADER_TABLE_SIZE), at most 4 KiB."""
+        return self.header_table.maxsize
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        # An encoder may use less than the decoder allows (RFC 7541 section 4.2): a client that allows a huge
+        # table would otherwise have every distinct field the connection ever sends kept for it.
+        self.header_table.maxsize = min(value, ENCODER_TABLE_SIZE)
+        if self.header_table.resized:
+            self.table_size_changes.append(self.header_table.maxsize)
 
 
 def responseFields(status: int, fields: Sequence[tuple[bytes, bytes]]) -> list[Any] | None:
@@ -266,6 +289,7 @@ class HTTP2Server:
         self._idleDeadline = deadline.Deadline(self._reactor, self._idleTimedOut)
         self._idleSince = self._reactor.seconds()
         self._idleDeadline.arm(deadline.IDLE, limits.idleTimeout)
+        self._writeDeadline = deadline.Deadline(self._reactor, self._writeTimedOut)
         self.transport.registerProducer(self, True)
         self._flush()
 
@@ -282,6 +306,14 @@ class HTTP2Server:
                 self._headDeadline.arm(deadline.HEAD, self._limits.headerTimeout)
         else:
             self._headDeadline.disarm()
+        if watch.flood is not None:
+            _log.warn(
+                "client {client} sent {flood}: closed with ENHANCE_YOUR_CALM",
+                client=self.connection.peer,
+                flood=watch.flood,
+            )
+            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, watch.flood)
+            return
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as error:
@@ -371,23 +403,32 @@ class HTTP2Server:
         if isinstance(self.priority, _RoundRobin):
             self.priority = self.priority.tree()
         try:
-            self.priority.reprioritize(
-                stream_id=event.stream_id,
-                depends_on=event.depends_on or None,
-                weight=event.weight,
-                exclusive=event.exclusive,
-            )
-        except priority.MissingStreamError:
-            # A PRIORITY frame before its stream's HEADERS: the stream waits in the tree, blocked.
-            self.priority.insert_stream(
-                stream_id=event.stream_id,
-                depends_on=event.depends_on or None,
-                weight=event.weight,
-                exclusive=event.exclusive,
-            )
-            self.priority.block(event.stream_id)
+            try:
+                self.priority.reprioritize(
+                    stream_id=event.stream_id,
+                    depends_on=event.depends_on or None,
+                    weight=event.weight,
+                    exclusive=event.exclusive,
+                )
+            except priority.MissingStreamError:
+                # A PRIORITY frame before its stream's HEADERS: the stream waits in the tree, blocked.
+                self.priority.insert_stream(
+                    stream_id=event.stream_id,
+                    depends_on=event.depends_on or None,
+                    weight=event.weight,
+                    exclusive=event.exclusive,
+                )
+                self.priority.block(event.stream_id)
         except priority.PriorityLoop:
             self._connectionError(h2.exceptions.ProtocolError("a stream depends on itself"))
+        except priority.TooManyStreamsError:
+            # PRIORITY frames for streams that never open, each kept in the tree (CVE-2019-9513's churn).
+            _log.warn(
+                "client {client} sent priorities for more streams than the priority tree holds: closed with "
+                "ENHANCE_YOUR_CALM",
+                client=self.connection.peer,
+            )
+            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many streams in the priority tree")
 
     def _goAwayReceived(self, event: h2.events.ConnectionTerminated) -> None:
         """The client ends the connection (h2 sends nothing after a GOAWAY, python-hyper/h2#1181)."""
@@ -407,14 +448,9 @@ class HTTP2Server:
             return
         self._heldControl += data
         if len(self._heldControl) > CONTROL_BUFFER and not self._closing:
-            _log.warn(
-                "client {client} does not read while it makes the proxy queue frames ({size} bytes): closed",
-                client=self.connection.peer,
-                size=len(self._heldControl),
-            )
-            self._closing = True
-            self._fail(Failure(ConnectionLost("the client does not read")))
-            self.transport.abortConnection()
+            why = f"the client made the proxy queue {len(self._heldControl)} bytes of frames it does not read"
+            _log.warn("client {client}: {reason}; GOAWAY(ENHANCE_YOUR_CALM)", client=self.connection.peer, reason=why)
+            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, why)
 
     def scheduleSend(self) -> None:
         """
@@ -471,9 +507,13 @@ class HTTP2Server:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        timeout = self._limits.writeTimeout
+        if timeout and self._writeDeadline.mode != deadline.WRITE:
+            self._writeDeadline.arm(deadline.WRITE, timeout)
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._writeDeadline.disarm()
         held, self._heldControl = self._heldControl, b""
         if held:
             self.transport.write(held)
@@ -521,7 +561,23 @@ class HTTP2Server:
             client=self.connection.peer,
             timeout=self._limits.headerTimeout,
         )
-        self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "the client was too slow to send a frame")
+        self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "the client was too slow to send a frame", 408)
+
+    def _writeTimedOut(self, mode: int) -> None:
+        """The client left the send buffer full for the write timeout: its connection is aborted."""
+        error = clientError(408, f"the client read nothing for {self._limits.writeTimeout:g}s")
+        _log.warn("client {client}: {reason}; connection aborted", client=self.connection.peer, reason=error.reason)
+        self._cutOff(error)
+        self._closing = True
+        self._fail(Failure(ConnectionLost(error.reason)))
+        self.transport.abortConnection()
+
+    def _cutOff(self, error: ProxyError) -> None:
+        """The connection is cut for C{error}: the records of its streams say why (or one of its own, if none)."""
+        if not self.streams:
+            self.site.refused(self.connection.peer, error, answered=False)
+        for stream in self.streams.values():
+            stream.request.cutOff(error)
 
     def _idleTimedOut(self, mode: int) -> None:
         """
@@ -555,16 +611,20 @@ class HTTP2Server:
         except h2.exceptions.ProtocolError:
             pass
         self._closing = True
-        self._record(code, str(error))
+        self._record(code, str(error), 429 if code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM else 400)
         pending = withGoAwayCode(self.conn.data_to_send(), code)
         self._writeLast(pending)
         self._fail(Failure(error))
         self._close()
 
-    def _goAwayAndClose(self, code: int, why: str) -> None:
+    def _goAwayAndClose(self, code: int, why: str, status: int = 429) -> None:
+        """
+        End the connection with GOAWAY(C{code}); unless it is a clean close, record the refusal as C{status}
+        (429 for a flood, 408 for a client too slow, as HTTP/1.1 answers one).
+        """
         self._closing = True
         if code != h2.errors.ErrorCodes.NO_ERROR:
-            self._record(code, why)
+            self._record(code, why, status)
         try:
             self.conn.close_connection(error_code=code)
         except h2.exceptions.ProtocolError:
@@ -573,12 +633,12 @@ class HTTP2Server:
         self._fail(Failure(ConnectionLost(why)))
         self._close()
 
-    def _record(self, code: int, why: str) -> None:
+    def _record(self, code: int, why: str, status: int) -> None:
         """
         The connection is refused for what the client did (a GOAWAY with an error code): a record of its own
-        for the access log and the metrics, as 429 for a flood (C{ENHANCE_YOUR_CALM}), else 400.
+        for the access log and the metrics, with C{status} for its kind (400 a protocol error, 408 too slow,
+        429 a flood).
         """
-        status = 429 if code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM else 400
         name = getattr(code, "name", str(code))
         error = clientError(status, f"HTTP/2 connection closed with GOAWAY {name}: {why}")
         self.site.refused(self.connection.peer, error)
@@ -635,6 +695,7 @@ class HTTP2Server:
         self._closing = True
         self._headDeadline.stop()
         self._idleDeadline.stop()
+        self._writeDeadline.stop()
         if self._closer is not None and self._closer.active():
             self._closer.cancel()
         self._fail(reason)
@@ -676,6 +737,11 @@ class H2Stream:
     _clientDone = False  # the client ended its side
     _done = False
     _tunnel: TunnelReceiver | None = None
+    _stall: deadline.Deadline | None = None  # made when the client first shuts its window on a response
+    #: The code of the RST_STREAM that ends the response instead of END_STREAM: PROTOCOL_ERROR after the
+    #: 400 that answers a malformed request (RFC 9113 section 8.1.1 makes it a stream error, and lets a
+    #: response go first).
+    _resetCode: int | None = None
 
     def __init__(self, server: HTTP2Server, streamID: int) -> None:
         self.server = server
@@ -696,6 +762,7 @@ class H2Stream:
         head = requestHead(block, self.server.headLimits)
         if isinstance(head, ProxyError):
             request.method, request.uri = _REFUSED
+            self._malformed(head)
             request.gotLength(0, head)
             return
         request.method, request.uri = head.method, head.target
@@ -712,6 +779,11 @@ class H2Stream:
             length = 0
         request.parseCookies()
         request.gotLength(length)  # (a HEADERS frame that ends the stream is followed by its StreamEnded)
+
+    def _malformed(self, error: ProxyError) -> None:
+        """The request is malformed (a 400, not a limit's 431): its response ends with RST_STREAM(PROTOCOL_ERROR)."""
+        if error.status == 400:
+            self._resetCode = h2.errors.ErrorCodes.PROTOCOL_ERROR
 
     def dataReceived(self, data: bytes, size: int) -> None:
         if self._paused:
@@ -732,7 +804,9 @@ class H2Stream:
         """The client's trailers: kept for the end of the body, or, malformed, the body is refused."""
         problem = trailerProblem(block)
         if problem is not None:
-            self.request.refuseBody(clientError(400, problem))
+            error = clientError(400, problem)
+            self._malformed(error)
+            self.request.refuseBody(error)
             return
         self.trailers = allowedTrailers(block)
 
@@ -820,6 +894,8 @@ class H2Stream:
         if server.conn.local_flow_control_window(self.streamID) > 0:
             server.priority.unblock(self.streamID)
             server.scheduleSend()
+        else:
+            self._windowShut()
         if self._producer is not None and not self._producerPaused and self._mayQueue() <= 0:
             self._producerPaused = True
             self._producer.pauseProducing()
@@ -839,6 +915,9 @@ class H2Stream:
 
     def windowOpened(self) -> None:
         """A window opened, or the connection's buffer drained: the producer may go on, and DATA may go."""
+        stall = self._stall
+        if stall is not None and self.server.conn.local_flow_control_window(self.streamID) > 0:
+            stall.disarm()
         if self._queue or self._ending:
             self.server.priority.unblock(self.streamID)
         if self._producerPaused and self._mayQueue() > 0:
@@ -851,7 +930,7 @@ class H2Stream:
         if self._done:
             return
         try:
-            conn.send_headers(self.streamID, head, end_stream=end)
+            conn.send_headers(self.streamID, head, end_stream=end and self._resetCode is None)
         except h2.exceptions.ProtocolError:
             self._abandon()  # the client reset the stream meanwhile
             return
@@ -871,6 +950,7 @@ class H2Stream:
         if window <= 0:
             # The client's window is shut: the stream waits for its WINDOW_UPDATE (windowOpened).
             self.server.priority.block(streamID)
+            self._windowShut()
             return 1
         data = queue.popleft()
         if len(data) > window:
@@ -880,7 +960,7 @@ class H2Stream:
         self._queuedBytes -= size
         last = not queue and self._ending and self._endTrailers is None
         try:
-            conn.send_data(streamID, data, end_stream=last)
+            conn.send_data(streamID, data, end_stream=last and self._resetCode is None)
         except h2.exceptions.ProtocolError:
             self._abandon()
             return 1
@@ -902,7 +982,7 @@ class H2Stream:
         try:
             if self._endTrailers is not None:
                 conn.send_headers(self.streamID, self._endTrailers, end_stream=True)
-            else:
+            elif self._resetCode is None:
                 conn.end_stream(self.streamID)
         except h2.exceptions.ProtocolError:
             self._abandon()
@@ -911,7 +991,9 @@ class H2Stream:
 
     def _ended(self) -> None:
         """The response is out: stop the client sending a body nobody reads, and forget the stream."""
-        if not self._clientDone and self._tunnel is None:
+        if self._resetCode is not None:
+            self.server._reset(self.streamID, self._resetCode)
+        elif not self._clientDone and self._tunnel is None:
             self.server._reset(self.streamID, h2.errors.ErrorCodes.NO_ERROR)  # RFC 9113 section 8.1
         self._finish(Failure(ConnectionDone("the stream ended")))
 
@@ -1040,10 +1122,36 @@ class H2Stream:
     def _abandon(self) -> None:
         self._finish(Failure(ConnectionLost("the stream was closed")))
 
+    def _windowShut(self) -> None:
+        """The client's window is shut while the response waits: it has the write timeout to open it."""
+        server = self.server
+        timeout = server._limits.writeTimeout
+        if not timeout:
+            return
+        stall = self._stall
+        if stall is None:
+            stall = self._stall = deadline.Deadline(server._reactor, self._stalled)
+        if stall.mode != deadline.WRITE:
+            stall.arm(deadline.WRITE, timeout)
+
+    def _stalled(self, mode: int) -> None:
+        timeout = self.server._limits.writeTimeout
+        error = clientError(408, f"the client kept its flow-control window shut for {timeout:g}s")
+        _log.warn(
+            "client {client}, stream {stream}: {reason}; stream reset",
+            client=self.server.connection.peer,
+            stream=self.streamID,
+            reason=error.reason,
+        )
+        self.request.cutOff(error)
+        self.abortConnection()
+
     def _finish(self, reason: Failure) -> None:
         if self._done:
             return
         self._done = True
+        if self._stall is not None:
+            self._stall.stop()
         if self._queuedBytes:
             self.server.queued(self, -self._queuedBytes)
             self._queuedBytes = 0

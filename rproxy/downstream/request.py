@@ -5,7 +5,9 @@ L{Downstream} of the exchange that proxies it.
 Twisted renders a request only after its whole body has arrived.  A proxy cannot wait: C{gotLength} (all
 fields in, no body yet) checks the head, finds the resource, and hands an L{IStreamingResource} the
 request with a L{RequestBodyPipe} that the body then flows through.  Other resources (health, admin,
-anything a user mounts) are rendered the usual way once the body is in.
+anything a user mounts) are rendered the usual way once the body is in.  A proxied request is admitted
+only below the process's overload watermarks (L{rproxy.downstream.overload}); the limits of its body's
+rate and of its total time run on its L{RequestClock}.
 
 rproxy's protocols (L{rproxy.downstream.http1}, L{rproxy.downstream.http2}) drive it through twisted.web's
 public request API: they set C{method}, C{uri}, C{clientproto} and the fields, then call C{gotLength},
@@ -26,8 +28,9 @@ from twisted.web.http import datetimeToString, unquote
 from twisted.web.resource import IResource
 
 from rproxy.downstream.body import RequestBodyPipe
+from rproxy.downstream.limits import RequestClock
 from rproxy.downstream.webrequest import sendError
-from rproxy.errors import ProxyError, clientError, proxyError
+from rproxy.errors import ProxyError, clientError, proxyError, upstreamError
 from rproxy.interfaces import IStreamingResource
 from rproxy.observe.record import ABORTED, CLIENT_GONE, DONE, ExchangeRecord
 from rproxy.tunnel.h2connect import connectRefusal
@@ -69,6 +72,9 @@ class ProxyRequest(server.Request):
     _bodyBytes = 0
     _switched = False  # the connection went to a tunnel (its record ends when the tunnel closes)
     _resource: IResource | None = None
+    _bodyDone = False  # the whole body is in (or there was none)
+    _admitted = False  # counted among the requests in flight (L{rproxy.downstream.overload})
+    _clock: RequestClock | None = None
     #: What is known of the exchange, for the access log and the metrics (made when the head is in).
     record: ExchangeRecord | None = None
 
@@ -105,6 +111,15 @@ class ProxyRequest(server.Request):
         if resource is None:
             super().gotLength(0)
             return
+        if IStreamingResource.providedBy(resource):
+            error = self.site.overload.admit()
+            if error is not None:
+                super().gotLength(0)
+                self._refuse(error)
+                return
+            self._admitted = True
+        self._bodyDone = length == 0
+        self._clock = RequestClock.of(self.site.reactor, self.site.limits, self, not self._bodyDone)
         if IStreamingResource.providedBy(resource):
             self._streaming = True
             super().gotLength(0)  # requestReceived still seeks in self.content
@@ -178,6 +193,7 @@ class ProxyRequest(server.Request):
         self.fail(error)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._bodyDone = True
         if self._streaming or self._refused:
             if self.bodyPipe is not None:
                 self.bodyPipe.finish(self.requestTrailers)
@@ -192,6 +208,66 @@ class ProxyRequest(server.Request):
             self.render(self._resource)
         except BaseException:
             self.processingFailed(Failure())
+
+    # -- limits
+
+    def bodyProgress(self) -> tuple[int, int, bool] | None:
+        """
+        The body bytes received so far, how many times the proxy held the body back or let it go again
+        (paused or resumed its client, or sent the ``100 Continue`` it waited for), and whether it holds it
+        back now (also while that ``100 Continue`` is not sent); C{None} once no more body is expected
+        (L{rproxy.downstream.limits.TimedRequest}).
+        """
+        if self._bodyDone or self._refused:
+            return None
+        pipe = self.bodyPipe
+        if pipe is None:
+            return None if self._streaming else (self._bodyBytes, 0, False)
+        return pipe.received, pipe.holds + self.continued, pipe.sourcePaused or self._unsolicitedBody()
+
+    def bodyTooSlow(self, received: int, seconds: float) -> None:
+        """The body arrives slower than the minimum rate: 408 (a reset if the response began)."""
+        rate = self.site.limits.minBodyRate
+        self.refuseBody(
+            clientError(
+                408,
+                f"the request body arrived at {received / seconds:.0f} bytes/s over {seconds:g}s,"
+                f" below the minimum of {rate} bytes/s",
+            )
+        )
+
+    def tookTooLong(self, seconds: float) -> None:
+        """
+        The request took longer than C{seconds} from its head: 408 while its body arrives, else 504 (a reset
+        once the response began); the exchange is cancelled.
+        """
+        if not self._bodyDone:
+            self.refuseBody(
+                clientError(408, f"the request took longer than {seconds:g}s (its body was still arriving)")
+            )
+            return
+        callback, self._goneCallback = self._goneCallback, None
+        if callback is not None:
+            callback(Failure(TimeoutError(f"the request took longer than {seconds:g}s")))
+        self.fail(upstreamError(504, f"the request took longer than {seconds:g}s", "http_response_timeout"))
+
+    def cutOff(self, error: ProxyError) -> None:
+        """The connection is cut for a limit the client broke (no response can say so): the record says why."""
+        self._blame(error)
+        if self.record is not None:
+            self.record.outcome = ABORTED
+
+    def ended(self) -> None:
+        """
+        The request is over, or became a tunnel: its clock stops, and it leaves the requests in flight
+        (a tunnel is bounded by the limits of connections instead).
+        """
+        clock, self._clock = self._clock, None
+        if clock is not None:
+            clock.stop()
+        if self._admitted:
+            self._admitted = False
+            self.site.overload.release()
 
     def connectionLost(self, reason: Failure) -> None:
         self.gone = True
@@ -271,10 +347,13 @@ class ProxyRequest(server.Request):
         super().finish()
 
     def fail(self, error: ProxyError) -> None:
+        self._blame(error)
+        sendError(self, error, self.abort)
+
+    def _blame(self, error: ProxyError) -> None:
         record = self.record
         if record is not None:
             record.fault, record.errorType, record.reason = error.fault.value, error.errorType, error.reason
-        sendError(self, error, self.abort)
 
     def abort(self) -> None:
         """Reset the client's connection (HTTP/1) or stream (HTTP/2): the response cannot be completed."""
@@ -291,5 +370,6 @@ class ProxyRequest(server.Request):
         self.startedWriting = 1  # the response is the tunnel: nothing else may write one
         self.code = status
         self._switched = True
+        self.ended()
         channel: RequestChannel = self.channel
         return channel.switchProtocols(self, status, fields)

@@ -1,7 +1,8 @@
 """
 The client side's site: a twisted.web C{Site} whose connections speak rproxy's own HTTP/1.1 and HTTP/2
 protocols, hand their requests to the resource tree, obey the client limits, and are known, so that
-shutdown can drain them (L{DrainingService}).
+shutdown can drain them (L{DrainingService}).  A connection over the limit of connections at once, or of
+connections from its client's address, is answered with 503 and closed before anything is read.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from twisted.web.resource import IResource
 from rproxy.downstream.connection import ClientConnection
 from rproxy.downstream.http1 import HTTP11Server
 from rproxy.downstream.http2 import HTTP2Server
-from rproxy.downstream.limits import ClientLimits
+from rproxy.downstream.limits import ClientLimits, addressKey
+from rproxy.downstream.overload import Overload
 from rproxy.downstream.request import ProxyRequest
 from rproxy.errors import ProxyError, proxyError
-from rproxy.observe.record import ExchangeRecord, IExchangeObserver
+from rproxy.observe.record import ABORTED, ExchangeRecord, IExchangeObserver
 from rproxy.observe.requestid import RequestIds
 
 _log = Logger()
@@ -51,6 +53,7 @@ class ProxySite(server.Site):
 
     @ivar limits: what a client may send and how long it may take.
     @ivar connections: the open client connections.
+    @ivar overload: the proxied requests in flight, and whether one more may start.
     """
 
     def __init__(
@@ -62,23 +65,62 @@ class ProxySite(server.Site):
         super().__init__(resource, requestFactory=ProxyRequest, timeout=limits.idleTimeout, reactor=reactor)
         self.limits = limits
         self.connections: set[ClientConnection] = set()
+        #: The open client connections by client address key (L{addressKey}), when that is limited.
+        self.perClient: dict[bytes, int] = {}
+        self.overload = Overload(self.reactor, limits.maxInFlight, limits.maxMemory)
         #: What sees each request's record when it ends (the access log, the metrics).
         self.observers: list[IExchangeObserver] = []
         #: Where each request's id comes from.
         self.requestIds = RequestIds()
 
     def buildProtocol(self, addr: object) -> Protocol | None:  # type: ignore[override]
-        if len(self.connections) >= self.limits.maxConnections:
+        limits = self.limits
+        if len(self.connections) >= limits.maxConnections:
             _log.warn("refusing {addr}: {count} client connections open", addr=addr, count=len(self.connections))
             return _Refuse(
                 self,
                 proxyError(
+                    503, f"the proxy is at its limit of {limits.maxConnections} connections", "connection_limit_reached"
+                ),
+            )
+        host = getattr(addr, "host", None)
+        key = addressKey(host) if host is not None and limits.maxClientConnections else None
+        if key is not None and self.perClient.get(key, 0) >= limits.maxClientConnections:
+            _log.warn(
+                "refusing {addr}: {count} connections open from {client}",
+                addr=addr,
+                count=self.perClient[key],
+                client=key.decode("ascii", "replace"),
+            )
+            return _Refuse(
+                self,
+                proxyError(
                     503,
-                    f"the proxy is at its limit of {self.limits.maxConnections} connections",
+                    f"the client is at its limit of {limits.maxClientConnections} connections",
                     "connection_limit_reached",
                 ),
             )
-        return ClientConnection(self)
+        return ClientConnection(self, key)
+
+    def opened(self, connection: ClientConnection) -> None:
+        """C{connection} is open: it counts against the limits of connections."""
+        self.connections.add(connection)
+        key = connection.clientKey
+        if key is not None:
+            self.perClient[key] = self.perClient.get(key, 0) + 1
+
+    def closed(self, connection: ClientConnection) -> None:
+        """C{connection} is closed."""
+        if connection not in self.connections:
+            return
+        self.connections.discard(connection)
+        key = connection.clientKey
+        if key is not None:
+            left = self.perClient[key] - 1
+            if left:
+                self.perClient[key] = left
+            else:
+                del self.perClient[key]
 
     def http1(self, connection: ClientConnection) -> HTTP11Server:
         """The HTTP/1.1 protocol of C{connection}."""
@@ -97,6 +139,9 @@ class ProxySite(server.Site):
 
     def exchangeEnded(self, request: Request) -> None:
         """Complete C{request}'s record (status, bytes, duration) and hand it to the observers."""
+        ended = getattr(request, "ended", None)  # a ProxyRequest's (a plain twisted.web request has none)
+        if ended is not None:
+            ended()
         record = getattr(request, "record", None)
         if record is None or not self.observers:
             return
@@ -108,20 +153,25 @@ class ProxySite(server.Site):
         for observer in self.observers:
             observer.exchangeEnded(record)
 
-    def refused(self, peer: IAddress, error: ProxyError, method: bytes = b"-", target: bytes = b"-") -> None:
+    def refused(
+        self, peer: IAddress, error: ProxyError, method: bytes = b"-", target: bytes = b"-", answered: bool = True
+    ) -> None:
         """
         A request refused before it became a request (a malformed or slow head, a connection over the
-        limit): a record of its own, with what is known, for the observers.
+        limit), or a connection cut for a limit (C{answered} false: no response could be sent, as when an
+        HTTP/2 client that does not read gets GOAWAY): a record of its own, with what is known, for the observers.
         """
         if not self.observers:
             return
         record = ExchangeRecord(self.reactor.seconds(), method, target, None, b"-", getattr(peer, "host", None))
         record.status, record.fault, record.errorType, record.reason = (
-            error.status,
+            error.status if answered else None,
             error.fault.value,
             error.errorType,
             error.reason,
         )
+        if not answered:
+            record.outcome = ABORTED
         for observer in self.observers:
             observer.exchangeEnded(record)
 

@@ -43,7 +43,13 @@ def targetProblem(target: bytes) -> str | None:
 
 @functools.lru_cache(maxsize=1024)  # a client sends the same Host on every request
 def authorityProblem(authority: bytes) -> str | None:
-    """Why C{authority} (a ``Host`` value or ``:authority``) is not C{host[:port]}, or C{None}."""
+    """
+    Why C{authority} (a ``Host`` value or ``:authority``) is not C{host[:port]}, or C{None}.  An empty one
+    is refused too: an ``http`` or ``https`` URI has a host (RFC 9110 section 4.2), and an upstream would
+    route an empty one to its default site.
+    """
+    if not authority:
+        return "empty host"
     match = _AUTHORITY.fullmatch(authority)
     if match is not None:
         literal = match.group(1)

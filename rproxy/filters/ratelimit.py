@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 import math
 import re
 from collections import OrderedDict
@@ -30,6 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from rproxy.downstream.limits import addressKey
 from rproxy.errors import Fault, ProxyError, clientError, proxyError
 from rproxy.interfaces import FilterEnvironment, IRequestFilter, IResponseFilter
 from rproxy.options import PluginOptions
@@ -143,7 +143,7 @@ class KeyRule:
             client = context.client
             if client is None:
                 return None
-            return _clientKey(client, self.ipv6Prefix) if ":" in client else client.encode("ascii", "replace")
+            return addressKey(client, self.ipv6Prefix) if ":" in client else client.encode("ascii", "replace")
         if self.kind == "route":
             return b""
         if self.kind == "header":
@@ -171,24 +171,6 @@ class KeyRule:
 
     def _what(self) -> str:
         return "client address" if self.kind == "client" else f"{self.kind} {self.name}"
-
-
-@functools.lru_cache(maxsize=4096)  # a client sends many requests
-def _clientKey(client: str, ipv6Prefix: int) -> bytes:
-    """
-    The key of IPv6 client address C{client}: its network of C{ipv6Prefix} bits (C{2001:db8:1:2::/64}), or the
-    IPv4 address an IPv4-mapped one stands for (a dual-stack socket's C{::ffff:192.0.2.7} is C{192.0.2.7}).
-    """
-    try:
-        address = ipaddress.IPv6Address(client)
-    except ValueError:
-        return client.encode("ascii", "replace")
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped).encode("ascii")
-    if ipv6Prefix >= 128:
-        return str(address).encode("ascii")
-    network = ipaddress.IPv6Network((int(address) >> (128 - ipv6Prefix) << (128 - ipv6Prefix), ipv6Prefix))
-    return str(network).encode("ascii")
 
 
 def readKeyRule(reader: PluginOptions) -> KeyRule:

@@ -32,7 +32,7 @@ from prometheus_client.utils import floatToGoString
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from rproxy.observe.record import ExchangeRecord
+from rproxy.observe.record import ABORTED, ExchangeRecord
 
 if TYPE_CHECKING:
     from rproxy.downstream.connection import ClientConnection
@@ -71,9 +71,11 @@ def rejectionReason(record: ExchangeRecord) -> str | None:
     Why the proxy refused C{record}'s request itself, one of L{REJECTION_REASONS}; C{None} when it did not
     (no error, or the upstream's).  A client's error is C{auth} (401 and 403: credentials, tokens, address
     rules, CORS), C{rate_limit} (429), C{limits} (408, 413, 414, 431), C{no_route} (404) or C{bad_input}
-    (any other); the proxy's own is C{overload} (at its connection limits), C{unavailable} (another 503) or
-    C{internal}.  A 503 because no upstream could take the request is C{unavailable} too, although the
-    upstreams are at fault (they failed their health checks).
+    (any other), and C{limits} too when a client's limit cut a response already begun (the connection or
+    stream was aborted: a client that does not read, a body too slow); the proxy's own is C{overload} (at
+    its connection limits, or shedding load), C{unavailable} (another 503) or C{internal}.  A 503 because no
+    upstream could take the request is C{unavailable} too, although the upstreams are at fault (they failed
+    their health checks).
     """
     fault, status = record.fault, record.status
     if record.errorType == "destination_unavailable":
@@ -83,7 +85,7 @@ def rejectionReason(record: ExchangeRecord) -> str | None:
             return "auth"
         if status == 429:
             return "rate_limit"
-        if status in _LIMIT_STATUSES:
+        if status in _LIMIT_STATUSES or record.outcome == ABORTED:
             return "limits"
         return "no_route" if status == 404 else "bad_input"
     if fault == "proxy":

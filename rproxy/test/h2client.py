@@ -199,6 +199,16 @@ class H2Client:
         assert self._protocol is not None
         self._protocol.transport.pauseProducing()
 
+    def transportHandle(self) -> Any:
+        """The connection's socket (to set its options)."""
+        assert self._protocol is not None
+        return self._protocol.transport.getHandle()
+
+    def resumeReading(self) -> None:
+        """Read again, after L{stopReading}."""
+        assert self._protocol is not None
+        self._protocol.transport.resumeProducing()
+
     def send(self, streamID: int, data: bytes, endStream: bool = False, trailers: Fields | None = None) -> None:
         """
         Send body bytes on C{streamID} as the server's windows allow (the rest waits for its

@@ -41,10 +41,13 @@ class _Tests(unittest.TestCase):
     async def refused(self, streamID: int, status: int, reasonPart: bytes) -> StreamRecord:
         """
         The stream was answered with C{status}, its reason (in the body and the log) mentioning
-        C{reasonPart}; the connection goes on, and no byte reached the upstream.
+        C{reasonPart}; the connection goes on, and no byte reached the upstream.  A malformed request's
+        stream (400) is then reset with PROTOCOL_ERROR, the stream error of RFC 9113 section 8.1.1.
         """
         response = await self.client.response(streamID)
         self.assertEqual(response.status, status, response)
+        if status == 400:
+            self.assertEqual(response.resetCode, h2.errors.ErrorCodes.PROTOCOL_ERROR, response)
         self.assertEqual(response.header(b"x-rproxy-fault"), [b"client"])
         self.assertIn(reasonPart, response.data)
         self.assertEqual(response.data.count(b"\n"), 1, "the reason is one line")

@@ -67,6 +67,7 @@ class HTTP11Connection(TwistedProtocol):
     _upgrade = False  # the exchange asked to switch protocols
     _switchedHeaders: Pairs = []  # the fields of the 101 that switched them
     _side: TransportSide | None = None  # after a 101: the tunnel's side this connection became
+    _excess = False  # bytes followed the response head being handled
 
     def __init__(self, pool: UpstreamPool, reactor: IReactorTime) -> None:
         self._pool = pool
@@ -259,6 +260,9 @@ class HTTP11Connection(TwistedProtocol):
                     self._buffer = data
                 return None
             head, data = data[:end], data[end + 4 :]
+            # Bytes after a head that ends its response (no body) answer no request of ours: an upstream
+            # that read a request body as another request (CL.0) sent them.  The connection is not reused.
+            self._excess = bool(data)
             status = self._handleHead(head)
             if status == 101 and self._receiver is not None:
                 self._switchProtocols(data)
@@ -304,6 +308,8 @@ class HTTP11Connection(TwistedProtocol):
         assert receiver is not None
         receiver.responseHead(version[5:], status, reason, headers, hasBody)
         if not hasBody and self._receiver is not None:
+            if self._excess:
+                self._keepAlive = False
             self._complete([])
         return status
 
