@@ -511,14 +511,14 @@ class Options(usage.Options):
             self.admin = adminSettings(values)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        try:
+            self.workers = workerCount(str(self["workers"]))
+        except ValueError as e:
+            raise usage.UsageError(f"{self._sources.get('workers', '--workers')}: {e}") from None
         if self["check-config"] is not None:
             print(checkConfig(self["check-config"], self.config))
             sys.exit(0)
         self.watchInterval = self._watchInterval()
-        try:
-            self.workers = workerCount(str(self["workers"]))
-        except ValueError as e:
-            raise usage.UsageError(f"--workers: {e}") from None
 
     def _watchInterval(self) -> float:
         """C{--watch-config}'s seconds: 0 or more, and more only with a file to watch."""

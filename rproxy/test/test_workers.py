@@ -15,7 +15,7 @@ import struct
 import tempfile
 from dataclasses import replace
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, utils
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python import usage
@@ -105,6 +105,14 @@ class CountTests(unittest.TestCase):
         with self.assertRaises(usage.UsageError) as caught:
             Options().parseOptions(["--upstream", "http://127.0.0.1:9", "--workers", "none"])
         self.assertIn("--workers: expected a number of processes", str(caught.exception))
+
+    async def test_checked(self) -> None:
+        """C{--check-config} checks the file's C{workers} too, naming the key."""
+        path = writeConfig(self, 'workers = 0\nupstream = ["http://127.0.0.1:9"]\n')
+        arguments = [*TWIST[1:], "--check-config", path]
+        out, err, code = await utils.getProcessOutputAndValue(PYTHON, arguments, env=os.environ, path=ROOT)
+        self.assertEqual(code, 1, out + err)
+        self.assertIn(f"{path}: workers: expected a number of processes, 1 or more, or auto, got '0'", err.decode())
 
     def test_plainSocketsOnly(self) -> None:
         """
