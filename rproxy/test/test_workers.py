@@ -15,12 +15,14 @@ import struct
 import tempfile
 from dataclasses import replace
 
+import treq
 from twisted.internet import defer, protocol, reactor, utils
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
 
 from rproxy.app.config import ConfigError
 from rproxy.app.tap import Options
@@ -369,21 +371,38 @@ class SupervisorTests(unittest.TestCase):
         done = False
 
         async def hammer() -> None:
-            while not done and len(outcomes) < 3000:
+            """A new connection for each request: a listener that stops accepting would refuse one."""
+            while not done and len(outcomes) < 30000:
                 answer = await rawRequest(port, get(b"/") + b"Connection: close\r\n\r\n")
                 outcomes.append(responseStatus(answer))
 
-        clients = [defer.ensureDeferred(hammer()) for _ in range(3)]
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+
+        async def keepAlive() -> None:
+            """
+            Keep-alive connections, as a browser keeps them: a draining worker closes each between two
+            responses, and the client sends its idempotent request again on a new connection (as Twisted's
+            pool does for one closed before any byte of the response came back).
+            """
+            while not done and len(outcomes) < 30000:
+                response = await treq.get(f"http://127.0.0.1:{port}/", pool=pool)
+                await response.content()
+                outcomes.append(response.code)
+
+        clients = [defer.ensureDeferred(each()) for each in (hammer, hammer, keepAlive, keepAlive)]
         await sleep(0.3)
         before = len(outcomes)
         os.kill(process.transport.pid, signal.SIGUSR2)
         retired = await waitFor(lambda: process.log.count("of the previous generation ended") == 2, 30.0)
+        during = len(outcomes)
         await sleep(0.3)
         done = True
         await defer.gatherResults(clients)
         self.assertTrue(retired, process.log)
         self.assertGreater(before, 0)
-        self.assertGreater(len(outcomes), before + 10)
+        self.assertGreater(during, before + 10)  # the clients went on all through the restart
+        self.assertGreater(len(outcomes), during)  # and the new generation alone answered them
         self.assertEqual(set(outcomes), {200}, f"{len(outcomes)} requests")
         second = await workersOf(self, process, 2)
         self.assertFalse(first & second)
