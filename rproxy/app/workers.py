@@ -98,6 +98,8 @@ FIRST_BACKOFF = 0.5
 MIN_UPTIME = 10.0
 #: Seconds a new generation has to listen before a rolling restart gives up on it.
 READY_TIMEOUT = 60.0
+#: Seconds between a worker's SIGTERM, when it stops accepting, and its drain.
+SETTLE = 1.0
 #: Seconds a worker has to answer a question (its metrics).
 ANSWER_TIMEOUT = 5.0
 #: The endpoint types whose listening sockets a supervisor can pass to its workers as they are.
@@ -263,14 +265,17 @@ class _SharedPort:
 class _SharedEndpoint:
     """A listening socket passed by the supervisor, listened on as a L{_SharedPort} (once)."""
 
-    def __init__(self, reactor: Any, descriptor: int, family: int) -> None:
+    def __init__(self, reactor: Any, descriptor: int, family: int, ports: list[_SharedPort]) -> None:
+        """@param ports: where the port is added once it listens."""
         self._reactor = reactor
         self._descriptor = descriptor
         self._family = family
+        self._ports = ports
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         port = _SharedPort(self._reactor, self._descriptor, self._family, factory)
         port.startListening()
+        self._ports.append(port)
         return succeed(port)
 
 
@@ -314,6 +319,8 @@ class WorkerRole(service.Service):
         self.state: Callable[[], StateDocument] | None = None
         self._gathering: dict[int, Deferred[list[StateDocument]]] = {}
         self._numbers = count()
+        self._ports: list[_SharedPort] = []
+        self._previousTerm: Any = None
 
     @classmethod
     def fromEnvironment(cls, environ: Mapping[str, str], reactor: Any) -> WorkerRole | None:
@@ -326,13 +333,14 @@ class WorkerRole(service.Service):
         passed = self._sockets.get(_key(option, description))
         if passed is None:
             return None
-        return _SharedEndpoint(self._reactor, passed[0], passed[1])
+        return _SharedEndpoint(self._reactor, passed[0], passed[1], self._ports)
 
     def startService(self) -> None:
         """Open the control channel, say that this worker listens (its listeners started before), and watch."""
         super().startService()
         # SIGUSR2 is the supervisor's (a new generation); its default action would end a worker sent it too.
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        self._reactor.callWhenRunning(self._handleTerm)  # after the reactor's own SIGTERM handler
         self._control = _Control(self._received, self._controlLost)
         _adoptControl(self._reactor, self._controlDescriptor, self._control)
         self._control.send({"ready": os.getpid()})
@@ -350,6 +358,25 @@ class WorkerRole(service.Service):
         super().stopService()
         if self._watch is not None and self._watch.running:
             self._watch.stop()
+
+    def _handleTerm(self) -> None:
+        self._previousTerm = signal.signal(signal.SIGTERM, self._terminated)
+
+    def _terminated(self, number: int, frame: object) -> None:
+        self._reactor.callFromThread(self._leave)
+
+    def _leave(self) -> None:
+        """
+        SIGTERM: stop accepting at once (the other workers, or the next generation, take the connections that
+        wait), and drain L{SETTLE} seconds later, as SIGTERM does otherwise.  A connection accepted just
+        before has its request come in meanwhile, and is answered: the drain would close a connection with
+        no request in progress at once, and its client would get no answer.
+        """
+        signal.signal(signal.SIGTERM, self._previousTerm)
+        for port in self._ports:
+            port.stopListening()
+        _log.info("worker {index}: SIGTERM: not accepting; draining in {settle:g}s", index=self.index, settle=SETTLE)
+        self._reactor.callLater(SETTLE, self._reactor.stop)
 
     def announce(self, message: Mapping[str, object]) -> None:
         """Tell the supervisor C{message} (a registration's change), for the other workers."""

@@ -236,7 +236,7 @@ class SharedPortTests(unittest.TestCase):
 
     async def listen(self, shared: socket.socket, name: bytes) -> protocol.Factory:
         factory = greeter(name)
-        port = await _SharedEndpoint(reactor, os.dup(shared.fileno()), socket.AF_INET).listen(factory)
+        port = await _SharedEndpoint(reactor, os.dup(shared.fileno()), socket.AF_INET, []).listen(factory)
         self.addCleanup(port.stopListening)
         return factory
 
