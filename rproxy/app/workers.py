@@ -367,7 +367,7 @@ class WorkerRole(service.Service):
 
     def _leave(self) -> None:
         """
-        SIGTERM: stop accepting at once (the other workers, or the next generation, take the connections that
+        SIGTERM (or the supervisor gone): stop accepting at once (the other workers, or the next generation, take the connections that
         wait), and drain L{SETTLE} seconds later, as SIGTERM does otherwise.  A connection accepted just
         before has its request come in meanwhile, and is answered: the drain would close a connection with
         no request in progress at once, and its client would get no answer.
@@ -427,7 +427,7 @@ class WorkerRole(service.Service):
         if os.getppid() != self._parent:
             _log.warn("worker {index}: its supervisor is gone; shutting down", index=self.index)
             self._parent = os.getppid()
-            self._reactor.stop()
+            self._leave()
 
 
 # -- the supervisor's side
