@@ -367,9 +367,10 @@ class WorkerRole(service.Service):
 
     def _leave(self) -> None:
         """
-        SIGTERM (or the supervisor gone): stop accepting at once (the other workers, or the next generation, take the connections that
-        wait), and drain L{SETTLE} seconds later, as SIGTERM does otherwise.  A connection accepted just
-        before has its request come in meanwhile, and is answered: the drain would close a connection with
+        SIGTERM (or the supervisor gone): stop accepting at once (the other workers, or the next generation,
+        take the connections that wait), and drain L{SETTLE} seconds later, as SIGTERM does otherwise.  A
+        connection accepted just before has its request come in meanwhile, and is answered: the drain would
+        close a connection with
         no request in progress at once, and its client would get no answer.
         """
         signal.signal(signal.SIGTERM, self._previousTerm)
