@@ -321,6 +321,7 @@ class WorkerRole(service.Service):
         self._numbers = count()
         self._ports: list[_SharedPort] = []
         self._previousTerm: Any = None
+        self._leaving = False
 
     @classmethod
     def fromEnvironment(cls, environ: Mapping[str, str], reactor: Any) -> WorkerRole | None:
@@ -370,10 +371,13 @@ class WorkerRole(service.Service):
         SIGTERM (or the supervisor gone): stop accepting at once (the other workers, or the next generation,
         take the connections that wait), and drain L{SETTLE} seconds later, as SIGTERM does otherwise.  A
         connection accepted just before has its request come in meanwhile, and is answered: the drain would
-        close a connection with
-        no request in progress at once, and its client would get no answer.
+        close a connection with no request in progress at once, and its client would get no answer.
         """
-        signal.signal(signal.SIGTERM, self._previousTerm)
+        if self._leaving:
+            return
+        self._leaving = True
+        if self._previousTerm is not None:
+            signal.signal(signal.SIGTERM, self._previousTerm)  # a second SIGTERM stops at once
         for port in self._ports:
             port.stopListening()
         _log.info("worker {index}: SIGTERM: not accepting; draining in {settle:g}s", index=self.index, settle=SETTLE)
