@@ -121,9 +121,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def pinned(cpu: int, argv: Sequence[str]) -> list[str]:
-    """C{argv} run on CPU C{cpu} only (taskset execs the command: the pid stays the same)."""
-    return ["taskset", "-c", str(cpu), *argv]
+def pinned(cpu: int | None, argv: Sequence[str]) -> list[str]:
+    """C{argv} run on CPU C{cpu} only (taskset execs the command: the pid stays the same); on any, without one."""
+    return list(argv) if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -379,7 +379,7 @@ class WrkResult:
         return asdict(self)
 
 
-def wrk_argv(url: str, seconds: int, connections: int, cpu: int) -> list[str]:
+def wrk_argv(url: str, seconds: int, connections: int, cpu: int | None) -> list[str]:
     """The pinned wrk command for one load test."""
     return pinned(
         cpu,
@@ -417,7 +417,7 @@ def parse_wrk(output: str) -> WrkResult:
     raise BenchError(f"wrk printed no result:\n{output[-2000:]}")
 
 
-def run_wrk(url: str, seconds: int, connections: int, cpu: int) -> WrkResult:
+def run_wrk(url: str, seconds: int, connections: int, cpu: int | None) -> WrkResult:
     """Load C{url} with wrk for C{seconds} seconds over C{connections} connections."""
     output = run_command(wrk_argv(url, seconds, connections, cpu), timeout=seconds + 30).stdout
     return parse_wrk(output)

@@ -4,8 +4,8 @@
 Each proxy in turn is put in front of an nginx origin and loaded with wrk (small responses) and
 curl (a 100 MiB download); the proxy runs on one CPU, the origin and the load generator on the
 other.  Right after rproxy, rproxy is loaded again balancing over three upstreams (the origin on
-three ports), once per balancer.  Prints two tables and writes benchmarks/results/latest.json.
-See benchmarks/README.md.
+three ports), once per balancer; then rproxy with 2 workers against 1, unpinned.  Prints its tables
+and writes benchmarks/results/latest.json.  See benchmarks/README.md.
 
     .venv/bin/python benchmarks/run.py            # the full comparison
     .venv/bin/python benchmarks/run.py --profile  # rproxy's hot path under py-spy
@@ -67,6 +67,7 @@ from static import (
     format_static_table,
     measure_static,
 )
+from workers import format_workers_table, measure_workers, workers_target
 
 Result = dict[str, Any]
 
@@ -514,6 +515,11 @@ def parse_arguments() -> argparse.Namespace:
         "local static route against nginx, the same files; 'none': no static-file run)",
     )
     parser.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="skip the comparison of rproxy with 2 workers and with 1, unpinned (see benchmarks/workers.py)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="instead of the comparison, profile rproxy under wrk load with py-spy",
@@ -640,6 +646,13 @@ def main() -> int:
             except BenchError as e:
                 print(f"  {name} FAILED: {e}", flush=True)
                 static[name] = {"server": name, "error": str(e)}
+        workers: dict[str, Any] = {}
+        if not args.no_workers:
+            try:
+                workers = measure_workers(bench)
+            except BenchError as e:
+                print(f"  rproxy --workers FAILED: {e}", flush=True)
+                workers = {"error": str(e)}
     add_http2_ratios(http2)
     staticRatios = add_static_ratios(static)
     add_ratios(results)
@@ -656,6 +669,12 @@ def main() -> int:
                 "measured": ", ".join(f"{k} x{v}" for k, v in staticRatios.items()),
                 "met": None if worst is None else worst >= STATIC_TARGET,
             }
+        )
+    if workers:
+        targets.append(
+            workers_target(workers)
+            if "runs" in workers
+            else {"target": "rproxy --workers ran", "measured": workers["error"][:150], "met": False}
         )
     report: Result = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -679,6 +698,7 @@ def main() -> int:
             "results": http2,
         },
         "static": static,
+        "workers": workers,
         "interleaved": interleaved,
         "targets": targets,
         "notes": notes({**results, **{f"rproxy {label}": run for label, run in balancing.items()}}),
@@ -705,6 +725,10 @@ def main() -> int:
         )
         print(format_http2_table(http2))
         print(f"load: {report['http2']['load_command']} (and -c10 -m10)")
+    if "runs" in workers:
+        print()
+        print("rproxy --workers 1 and 2, unpinned: the proxy, wrk and the origin share both cores")
+        print(format_workers_table(workers))
     if interleaved:
         print()
         print("interleaved rounds (fresh process each; req/s of each round, then the median):")

@@ -35,10 +35,12 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from rproxy.app.config import OptionValues
 from rproxy.app.reload import LiveProxy, describeRoute
@@ -369,6 +371,9 @@ class Registrations(Service):
 
     A live reload leaves registered upstreams alone (they keep their pools, health and the settings their
     service had when they registered), and drops the registrations of a service it removes.
+
+    Under a supervisor (C{--workers}), the worker serving the admin API announces each change
+    (L{announceTo}), and the other workers L{follow} it.
     """
 
     _log = Logger()
@@ -379,6 +384,35 @@ class Registrations(Service):
         self._byID: dict[str, Registration] = {}
         self._byUpstream: dict[Upstream, Registration] = {}
         self._unwatch: Callable[[], None] | None = None
+        self._announce: Callable[[dict[str, object]], object] | None = None
+        self._following = False
+
+    def announceTo(self, announce: Callable[[dict[str, object]], object]) -> None:
+        """
+        Call C{announce} with each change made here: C{id}, C{service}, C{url} and C{ttl} (C{None} when the
+        registration ended).
+        """
+        self._announce = announce
+
+    def follow(self, change: Mapping[str, object]) -> None:
+        """Make the change another worker announced (see L{announceTo}) here, without announcing it again."""
+        self._following = True
+        try:
+            service, url, ttl, id = (str(change["service"]), str(change["url"]), change["ttl"], str(change["id"]))
+            if ttl is None:
+                registration = self._byID.get(id)
+                if registration is not None:
+                    self.deregister(registration, "deregistered through another worker")
+            elif isinstance(ttl, int | float):
+                self.register(service, url, float(ttl), id)
+        except (APIError, KeyError, ValueError) as e:
+            self._log.warn("admin API: cannot follow {change}: {error}", change=dict(change), error=e)
+        finally:
+            self._following = False
+
+    def _announced(self, made: Registration, ttl: float | None) -> None:
+        if self._announce is not None and not self._following:
+            self._announce({"id": made.id, "service": made.service, "url": made.url, "ttl": ttl})
 
     def startService(self) -> None:
         super().startService()
@@ -397,10 +431,11 @@ class Registrations(Service):
         """The registration C{upstream} is in its service by, if any."""
         return self._byUpstream.get(upstream)
 
-    def register(self, service: str, url: str, ttl: float) -> tuple[Registration, bool]:
+    def register(self, service: str, url: str, ttl: float, id: str | None = None) -> tuple[Registration, bool]:
         """
         Add an upstream at C{url} to C{service} for C{ttl} seconds; return its registration, and whether
-        it is new (C{False}: that URL was registered there already, and is renewed with C{ttl}).
+        it is new (C{False}: that URL was registered there already, and is renewed with C{ttl}).  Its id is
+        C{id} if given (the one another worker gave it), else a new random one.
 
         @raise APIError: 404 for an unknown service, 400 for a bad URL, 409 when the URL is one of the
             service's configured upstreams, or registered with another weight.
@@ -418,13 +453,14 @@ class Registrations(Service):
                     f"{upstream.key} is registered in service {service} with weight {existing.configuredWeight} "
                     f"(id {registration.id}): deregister it first",
                 )
-            registration.renew(ttl)
+            self.renew(registration, ttl)
             return registration, False
-        id = secrets.token_hex(8)
+        id = secrets.token_hex(8) if id is None else id
         registration = Registration(id, service, url, ttl, upstream, self._reactor, self._expire)
         self._byID[id] = registration
         self._byUpstream[upstream] = registration
         self._live.registry.add(service, upstream)
+        self._announced(registration, ttl)
         self._log.info(
             "admin API: {url} registered in service {service} for {ttl:g}s (id {id})",
             url=upstream.key,
@@ -433,6 +469,11 @@ class Registrations(Service):
             id=id,
         )
         return registration, True
+
+    def renew(self, registration: Registration, ttl: float) -> None:
+        """Keep C{registration} C{ttl} seconds from now (its new TTL)."""
+        registration.renew(ttl)
+        self._announced(registration, ttl)
 
     def find(self, service: str, id: str) -> Registration:
         """The registration C{id} of C{service}; raise a 404 L{APIError} when there is none."""
@@ -449,6 +490,7 @@ class Registrations(Service):
         del self._byID[registration.id]
         del self._byUpstream[registration.upstream]
         self._live.registry.remove(registration.service, registration.upstream)
+        self._announced(registration, None)
         self._log.info(
             "admin API: {url} left service {service} (id {id}): {why}",
             url=registration.upstream.key,
@@ -510,6 +552,7 @@ class AdminAPI(Resource):
         registrations: Registrations,
         clock: IReactorTime,
         metrics: IResource | None = None,
+        everyWorker: Callable[[StateDocument], Deferred[StateDocument]] | None = None,
     ) -> None:
         """
         @param token: the bearer token every request must carry.
@@ -518,6 +561,8 @@ class AdminAPI(Resource):
         @param registrations: the upstreams registered through the API.
         @param clock: the reactor whose time the upstreams' health keeps (the status page says how long ago).
         @param metrics: what answers C{GET /metrics} (Prometheus's exposition), if the metrics are kept.
+        @param everyWorker: under a supervisor (C{--workers}), what turns this worker's state into every
+            worker's, which the status page shows (L{rproxy.app.workers.WorkerRole.everyWorker}).
         """
         super().__init__()
         self._token = token
@@ -526,8 +571,9 @@ class AdminAPI(Resource):
         self._registrations = registrations
         self._clock = clock
         self._metrics = metrics
+        self._everyWorker = everyWorker
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
         page = request.path == STATUS_PATH
@@ -585,13 +631,24 @@ class AdminAPI(Resource):
             path=request.path.decode("latin-1"),
         )
 
-    def _page(self, request: Request) -> bytes:
-        """The status page, for an authenticated C{request}."""
+    def _page(self, request: Request) -> bytes | int:
+        """The status page, for an authenticated C{request}: of every worker, under a supervisor."""
         _allow(request, b"GET", b"HEAD")
         for name, value in PAGE_HEADERS.items():
             request.setHeader(name, value)
         document = state(self._live, self._lifetime, self._registrations)
-        return statusPage(document, self._clock.seconds())
+        if self._everyWorker is None:
+            return statusPage(document, self._clock.seconds())
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def show(combined: StateDocument) -> None:
+            if not gone:
+                request.write(statusPage(combined, self._clock.seconds()))
+                request.finish()
+
+        self._everyWorker(document).addCallback(show)
+        return NOT_DONE_YET
 
     def _route(self, request: Request) -> tuple[int, object]:
         """The status and document (C{None}: no body) that answer an authenticated C{request}."""
@@ -608,7 +665,7 @@ class AdminAPI(Resource):
             _allow(request, b"PUT", b"DELETE")
             registration = self._registrations.find(service, unquote(segments[4].decode("latin-1")))
             if request.method == b"PUT":
-                registration.renew(_ttl(_body(request, optional=True), registration.ttl))
+                self._registrations.renew(registration, _ttl(_body(request, optional=True), registration.ttl))
                 return 200, registration.describe()
             self._registrations.deregister(registration, "deregistered")
             return 204, None
@@ -689,15 +746,17 @@ def adminSite(
     registrations: Registrations,
     reactor: IReactorTime,
     metrics: ProxyMetrics | None = None,
+    everyWorker: Callable[[StateDocument], Deferred[StateDocument]] | None = None,
 ) -> ProxySite:
     """
     The admin listener's site: L{AdminAPI} over C{live} (and C{metrics} at C{/metrics}, behind its token), with
-    small client limits and no access log.
+    small client limits and no access log; under a supervisor, its status page shows C{everyWorker}'s state.
     """
     from rproxy.observe.metrics import metricsResource
 
     served = metricsResource(metrics.registry) if metrics is not None else None
-    return ProxySite(AdminAPI(token, live, lifetime, registrations, reactor, served), _ADMIN_LIMITS, reactor)
+    api = AdminAPI(token, live, lifetime, registrations, reactor, served, everyWorker)
+    return ProxySite(api, _ADMIN_LIMITS, reactor)
 
 
 def metricsSite(metrics: ProxyMetrics, reactor: IReactorTime) -> ProxySite:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import getopt
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -21,12 +22,20 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
 from rproxy import __version__
-from rproxy.app.admin import AdminSettings, LocalRoutes, Registrations, adminSite, localRoutes, metricsSite
+from rproxy.app.admin import (
+    AdminSettings,
+    LocalRoutes,
+    Registrations,
+    adminSite,
+    localRoutes,
+    metricsSite,
+    state,
+)
 from rproxy.app.build import (
     buildAccessLog,
     buildFilters,
@@ -48,6 +57,7 @@ from rproxy.app.config import (
     buildConfig,
 )
 from rproxy.app.reload import ConfigReloader, ConfigSource, HangUpReloader, LiveProxy
+from rproxy.app.workers import Supervisor, WorkerRole, listenersOf, workerCount
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.listeners import Listener, ListenError
 from rproxy.downstream.site import DrainingService, ProxySite
@@ -141,6 +151,12 @@ class Options(usage.Options):
             "Also serve the built-in demo upstream on this endpoint, and proxy to it when no --upstream is given.",
         ],
         ["grace", None, 30.0, "Seconds in-flight exchanges get to finish on shutdown."],
+        [
+            "workers",
+            None,
+            "1",
+            "Worker processes sharing the listeners under a supervisor, or auto: one per core (see docs/workers.md).",
+        ],
         [
             "tunnel-idle-timeout",
             None,
@@ -362,6 +378,8 @@ class Options(usage.Options):
     watchInterval: float
     #: The local routes (and the admin listener), which apply at the next restart only.
     admin: AdminSettings
+    #: How many worker processes serve (C{--workers}; 1: this process serves, with no supervisor).
+    workers: int
 
     def __init__(self) -> None:
         super().__init__()
@@ -493,6 +511,10 @@ class Options(usage.Options):
             self.admin = adminSettings(values)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        try:
+            self.workers = workerCount(str(self["workers"]))
+        except ValueError as e:
+            raise usage.UsageError(f"{self._sources.get('workers', '--workers')}: {e}") from None
         if self["check-config"] is not None:
             print(checkConfig(self["check-config"], self.config))
             sys.exit(0)
@@ -533,19 +555,27 @@ def buildService(
     source: ConfigSource | None = None,
     signals: IReactorFromThreads | None = None,
     admin: AdminSettings | None = None,
+    worker: WorkerRole | None = None,
 ) -> service.MultiService:
     """
     The proxy's services: a draining shutdown, health checks, then one listener per endpoint (answering
     the local routes of C{admin} themselves), the TLS listeners and their L{CertificateStore}, the admin
     listener and the metrics listener, if any; with a C{source} to read the configuration again from, a
     L{ConfigReloader}; and given the reactor to hand C{signals} to, a L{HangUpReloader}: SIGHUP reloads the
-    configuration and the certificates.
+    configuration and the certificates.  A C{worker} of a supervisor (C{--workers}) listens on the sockets
+    its supervisor passed, serves the admin listener only if passed it, and leaves the metrics listener to
+    the supervisor, which asks each worker for its metrics.
     """
+
+    def passed(option: str, description: str) -> IStreamServerEndpoint | None:
+        return None if worker is None else worker.endpoint(option, description)
+
     top = service.MultiService()
     if config.demoUpstream is not None:
         from rproxy.app.demo import demoSite
 
-        Listener("--demo-upstream", config.demoUpstream, demoSite()).setServiceParent(top)
+        demo = config.demoUpstream
+        Listener("--demo-upstream", demo, demoSite(), passed("--demo-upstream", demo)).setServiceParent(top)
     registry = MemoryRegistry()
     filters = buildFilters(config, reactor)
     services, _ = buildServices(config, reactor, registry, filters)
@@ -579,13 +609,13 @@ def buildService(
     site.requestIds = RequestIds(lambda peer: proxy.forwarding.trusts(peer))  # read per request: reloads apply
     draining.sites.append(site)
     for endpoint in config.listen:
-        plainListener(endpoint, site).setServiceParent(top)
+        plainListener(endpoint, site, passed("--listen", endpoint)).setServiceParent(top)
     certificates = None
     if config.tls.listen:
         certificates = CertificateStore(config.tls.certificates, reactor, config.tls.watchInterval)
         certificates.setServiceParent(top)
         for endpoint in config.tls.listen:
-            tlsListener(endpoint, site, certificates).setServiceParent(top)
+            tlsListener(endpoint, site, certificates, passed("--tls-listen", endpoint)).setServiceParent(top)
     if config.tracing:
         try:
             tracing = buildTracing(config.otelEndpoint)
@@ -606,11 +636,21 @@ def buildService(
         assert admin.token is not None  # AdminSettings never has one without the other
         registrations = Registrations(live, reactor)
         registrations.setServiceParent(top)
-        api = adminSite(admin.token, live, draining, registrations, reactor, metrics)
-        Listener("--admin-listen", admin.listen, api).setServiceParent(top)
+        everyWorker = worker.everyWorker if worker is not None else None
+        api = adminSite(admin.token, live, draining, registrations, reactor, metrics, everyWorker)
+        adminEndpoint = passed("--admin-listen", admin.listen)
+        if worker is None or adminEndpoint is not None:
+            Listener("--admin-listen", admin.listen, api, adminEndpoint).setServiceParent(top)
+        if worker is not None:
+            registrations.announceTo(worker.announce)
+            worker.registrations = registrations
+            worker.state = lambda: state(live, draining, registrations)
     if admin is not None and admin.metricsListen is not None:
         assert metrics is not None
-        Listener("--metrics-listen", admin.metricsListen, metricsSite(metrics, reactor)).setServiceParent(top)
+        if worker is None:
+            Listener("--metrics-listen", admin.metricsListen, metricsSite(metrics, reactor)).setServiceParent(top)
+        else:
+            worker.metrics = metrics.registry
     reloads: list[Callable[[str], object]] = []
     if source is not None:
         reloader = ConfigReloader(source, live, reactor)
@@ -623,6 +663,8 @@ def buildService(
         reloads.append(lambda trigger: sink.reopen())
     if signals is not None and reloads:
         HangUpReloader(reloads, signals).setServiceParent(top)
+    if worker is not None:
+        worker.setServiceParent(top)  # last: it says the worker listens
     return top
 
 
@@ -683,12 +725,26 @@ def _oneLineErrors() -> Iterator[None]:
         raise SystemExit(f"Error: {e}") from None
 
 
-def makeService(options: Options) -> service.MultiService:
-    """The entry point of ``twist rproxy`` (and of rproxy.tac): a proxy that SIGHUP reloads."""
+def makeService(options: Options, environ: Mapping[str, str] | None = None) -> service.MultiService:
+    """
+    The entry point of ``twist rproxy`` (and of rproxy.tac): a proxy that SIGHUP reloads; with C{--workers}
+    above 1, the L{Supervisor} of that many workers, each of which is C{twist rproxy} with the same
+    arguments, told by C{environ} (the process's environment by default) that it is one.
+    """
     from twisted.internet import reactor
 
+    environ = os.environ if environ is None else environ
     main = _Main()
+    worker = WorkerRole.fromEnvironment(environ, reactor)
+    if worker is None and options.workers > 1:
+        config, admin = options.config, options.admin
+        with _oneLineErrors():
+            listeners = listenersOf(config, admin.listen)
+        Supervisor(
+            options.workers, options.arguments, listeners, admin.metricsListen, config.grace, reactor, environ
+        ).setServiceParent(main)
+        return main
     with _oneLineErrors():
-        proxy = buildService(options.config, reactor, reloadSource(options), reactor, options.admin)  # type: ignore[arg-type]
+        proxy = buildService(options.config, reactor, reloadSource(options), reactor, options.admin, worker)  # type: ignore[arg-type]
     proxy.setServiceParent(main)
     return main

@@ -120,10 +120,20 @@ class Listener(service.Service):
 
     port: IListeningPort | None = None
 
-    def __init__(self, option: str, description: str, factory: IProtocolFactory) -> None:
+    def __init__(
+        self,
+        option: str,
+        description: str,
+        factory: IProtocolFactory,
+        endpoint: IStreamServerEndpoint | None = None,
+    ) -> None:
+        """
+        @param endpoint: what to listen on instead of what C{description} stands for (a socket that a
+            supervising process bound: L{rproxy.app.workers}).
+        """
         self.option = option
         self.description = description
-        self.endpoint = _serverEndpoint(option, description)
+        self.endpoint = _serverEndpoint(option, description) if endpoint is None else endpoint
         self.factory = factory
         self._listening: Deferred[IListeningPort] | None = None
 

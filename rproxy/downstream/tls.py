@@ -483,9 +483,12 @@ def sslEndpointsOfferALPN() -> bool:
     return True
 
 
-def plainListener(description: str, factory: IProtocolFactory) -> Listener:
+def plainListener(
+    description: str, factory: IProtocolFactory, endpoint: IStreamServerEndpoint | None = None
+) -> Listener:
     """
-    A listener serving C{factory} on the endpoint C{description} (a C{--listen}); its start raises a
+    A listener serving C{factory} on the endpoint C{description} (a C{--listen}; or on C{endpoint}, the socket
+    a supervisor passed for it, when given); its start raises a
     L{ListenError} when it cannot listen.  An C{ssl:} endpoint that cannot offer ALPN
     (L{sslEndpointsOfferALPN}) serves without it, HTTP/1.1, with a warning.
     """
@@ -496,14 +499,20 @@ def plainListener(description: str, factory: IProtocolFactory) -> Listener:
             description=description,
         )
         factory = _WithoutNegotiation(factory)
-    return Listener("--listen", description, factory)
+    return Listener("--listen", description, factory, endpoint)
 
 
-def tlsListener(description: str, factory: IProtocolFactory, certificates: CertificateStore) -> Listener:
+def tlsListener(
+    description: str,
+    factory: IProtocolFactory,
+    certificates: CertificateStore,
+    endpoint: IStreamServerEndpoint | None = None,
+) -> Listener:
     """
     A listener serving C{factory} over TLS with C{certificates} on the plain server endpoint
-    C{description} (C{tcp:8443}); its start raises a L{ListenError} when it cannot listen.
+    C{description} (C{tcp:8443}; or C{endpoint}, the socket a supervisor passed for it, when given); its start
+    raises a L{ListenError} when it cannot listen.
     """
-    listener = Listener("--tls-listen", description, factory)
+    listener = Listener("--tls-listen", description, factory, endpoint)
     listener.endpoint = TLSServerEndpoint(listener.endpoint, certificates.serverConnections())
     return listener

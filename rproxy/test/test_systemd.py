@@ -104,13 +104,28 @@ def localCopy(testCase: unittest.TestCase) -> str:
 
 
 SERVICES = ("rproxy.service", "rproxy-socket.service")
+#: The unit that runs a worker per core (rproxy.app.workers).
+WORKERS = "rproxy-workers.service"
 
 
 class UnitFileTests(unittest.TestCase):
     """The units run rproxy.tac under twistd in the foreground, stop it gracefully and reload it with SIGHUP."""
 
     def test_files(self) -> None:
-        self.assertEqual(sorted(os.listdir(UNITS)), sorted([*SERVICES, "rproxy.socket"]))
+        self.assertEqual(sorted(os.listdir(UNITS)), sorted([*SERVICES, WORKERS, "rproxy.socket"]))
+
+    def test_workers(self) -> None:
+        """
+        rproxy-workers.service runs the same command with workers, as a notify service whose supervisor
+        alone may notify, and which alone gets SIGTERM (it drains its workers); its variables are options.
+        """
+        unit, plain = readUnit(WORKERS), readUnit("rproxy.service")
+        for key in ("ExecStart", "ExecReload", "KillSignal", "TimeoutStopSec"):
+            self.assertEqual(value(unit, "Service", key), value(plain, "Service", key), key)
+        self.assertEqual(
+            [value(unit, "Service", key) for key in ("Type", "NotifyAccess", "KillMode")], ["notify", "main", "mixed"]
+        )
+        self.assertEqual(environment(unit), {**environment(plain), "RPROXY_WORKERS": "auto"})
 
     def test_services(self) -> None:
         """
