@@ -10,6 +10,7 @@ from a handler), and the service gives the signal its previous handler back when
 from __future__ import annotations
 
 import signal
+from abc import ABC, abstractmethod
 from types import FrameType
 from typing import Any
 
@@ -19,7 +20,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 __all__ = ["OnSignal"]
 
 
-class OnSignal(service.Service):
+class OnSignal(service.Service, ABC):
     """
     While it runs, signal C{signalNumber} calls L{received} from the reactor's thread; subclasses say what
     it does.
@@ -50,6 +51,6 @@ class OnSignal(service.Service):
     def _handle(self, number: int, frame: FrameType | None) -> None:
         self._reactor.callFromThread(self.received)
 
+    @abstractmethod
     def received(self) -> None:
         """The signal came: act on it (on the reactor's thread, between two of its events)."""
-        raise NotImplementedError
