@@ -23,6 +23,7 @@ import importlib
 import inspect
 import os
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -170,7 +171,7 @@ def _stopReading(failure: Failure, body: RequestBodyPipe) -> Failure:
     return failure
 
 
-class _Handler:
+class _Handler(ABC):
     """What both kinds of handler share: the body read first, a failure answered, the client's leaving."""
 
     def __init__(self, handler: Any, maxBody: int) -> None:
@@ -189,8 +190,9 @@ class _Handler:
         running.addErrback(self._failed, responder)
         context.whenEnded(running.cancel)
 
+    @abstractmethod
     def _run(self, content: bytes, context: RequestContext, responder: Responder) -> object:
-        raise NotImplementedError()
+        """Serve the request, whose whole body is C{content}."""
 
     def _failed(self, failure: Failure, responder: Responder) -> None:
         if failure.check(CancelledError):
