@@ -8,6 +8,7 @@ the memory watermark sheds the same way; the memory is sampled, not read per req
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -60,19 +61,24 @@ def get(target: bytes) -> bytes:
     return b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 
+def holdingSlow(held: list[Any]) -> Callable[[Any, ReceivedRequest], bytes]:
+    """A scripted upstream's answers: C{/slow...} is held (its connection kept in C{held}), the rest is 200."""
+
+    def respond(proto: Any, request: ReceivedRequest) -> bytes:
+        if request.requestLine.startswith(b"GET /slow"):
+            held.append(proto)
+            return b""
+        return _OK
+
+    return respond
+
+
 class InFlightTests(unittest.TestCase):
     """--max-in-flight: a slow upstream, and more requests at once than the watermark."""
 
     async def test_shed(self) -> None:
         held: list[Any] = []
-
-        def respond(proto: Any, request: ReceivedRequest) -> bytes:
-            if request.requestLine.startswith(b"GET /slow"):
-                held.append(proto)
-                return b""
-            return _OK
-
-        upstream = ScriptedUpstream(self, respond)
+        upstream = ScriptedUpstream(self, holdingSlow(held))
         running = startAdmin(
             self, "--upstream", upstream.url, "--max-in-flight", str(_WATERMARK), "--health-route", HEALTH
         )
@@ -148,14 +154,7 @@ class ProcessTests(unittest.TestCase):
 
     async def test_overloaded(self) -> None:
         held: list[Any] = []
-
-        def respond(proto: Any, request: ReceivedRequest) -> bytes:
-            if request.requestLine.startswith(b"GET /slow"):
-                held.append(proto)
-                return b""
-            return _OK
-
-        upstream = ScriptedUpstream(self, respond)
+        upstream = ScriptedUpstream(self, holdingSlow(held))
         port = freePort()
         argv = [sys.executable, "-m", "twisted", "rproxy", "--listen", f"tcp:{port}:interface=127.0.0.1"]
         argv += ["--upstream", upstream.url, "--access-log", "-", "--max-in-flight", "3", "--health-route", HEALTH]
