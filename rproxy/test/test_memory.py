@@ -40,6 +40,7 @@ OPTIONAL_MODULES = (
     "passlib",
     "prometheus_client",
     "treq",
+    "wsproto",
     "zstandard",
     "rproxy.filters.basicauth",
     "rproxy.filters.bearer",
@@ -48,6 +49,7 @@ OPTIONAL_MODULES = (
     "rproxy.filters.upload",
     "rproxy.observe.metrics",
     "rproxy.observe.otel",
+    "rproxy.tunnel.relay",
     "rproxy.upload.storage",
 )
 

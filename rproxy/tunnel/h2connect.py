@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from wsproto.utilities import generate_accept_token, generate_nonce
-
 from rproxy.errors import ProxyError, clientError
 from rproxy.headers import Pairs
 
@@ -76,6 +74,8 @@ class WebSocketOverH2:
     upgrade = (WEBSOCKET,)
 
     def __init__(self) -> None:
+        from wsproto.utilities import generate_nonce  # wsproto when a WebSocket first comes over HTTP/2
+
         self.key = generate_nonce()
 
     def prepare(self, outbound: OutboundRequest) -> None:
@@ -89,6 +89,8 @@ class WebSocketOverH2:
     def refusal(self, headers: Pairs) -> str | None:
         """Why the upstream's 101 with C{headers} does not complete the handshake; C{None} if it does."""
         accepts = [value.strip() for name, value in headers if name.lower() == b"sec-websocket-accept"]
+        from wsproto.utilities import generate_accept_token
+
         expected = generate_accept_token(self.key)
         if accepts != [expected]:
             return "upstream's Sec-WebSocket-Accept does not match the key the proxy sent"
