@@ -22,8 +22,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
@@ -114,6 +115,15 @@ def measure_interleaved(bench: Bench, rows: Sequence[str], rounds: int) -> Resul
         row: {payload: {"rps": statistics.median(values), "runs": values} for payload, values in by.items()}
         for row, by in runs.items()
     }
+
+
+def guarded(name: str, key: str, run: Callable[[], Result], what: str = "") -> Result:
+    """C{run}'s result; if the run fails, say so and record the error under C{name} (as C{key})."""
+    try:
+        return run()
+    except BenchError as e:
+        print(f"  {name} {what}FAILED: {e}", flush=True)
+        return {key: name, "error": str(e)}
 
 
 def measure(bench: Bench, name: str) -> Result:
@@ -593,11 +603,7 @@ def main() -> int:
         started = time.monotonic()
         for name in args.proxies:
             print(f"benchmarking {name} ...", flush=True)
-            try:
-                results[name] = measure(bench, name)
-            except BenchError as e:
-                print(f"  {name} FAILED: {e}", flush=True)
-                results[name] = {"proxy": name, "error": str(e)}
+            results[name] = guarded(name, "proxy", partial(measure, bench, name))
             if name == "rproxy" and args.balancers:
                 if "error" in results[name]:
                     print("  skipping rproxy's balancing run: rproxy failed", flush=True)
@@ -633,19 +639,11 @@ def main() -> int:
             cert, key = write_certificate(bench.workdir)
             for name in args.http2_proxies:
                 print(f"benchmarking {name} over HTTP/2 ...", flush=True)
-                try:
-                    http2[name] = measure_http2(bench, name, cert, key)
-                except BenchError as e:
-                    print(f"  {name} HTTP/2 FAILED: {e}", flush=True)
-                    http2[name] = {"proxy": name, "error": str(e)}
+                http2[name] = guarded(name, "proxy", partial(measure_http2, bench, name, cert, key), "HTTP/2 ")
         static: dict[str, Result] = {}
         for name in args.static:
             print(f"benchmarking {name} (static files) ...", flush=True)
-            try:
-                static[name] = measure_static(bench, name)
-            except BenchError as e:
-                print(f"  {name} FAILED: {e}", flush=True)
-                static[name] = {"server": name, "error": str(e)}
+            static[name] = guarded(name, "server", partial(measure_static, bench, name))
         workers: dict[str, Any] = {}
         if not args.no_workers:
             try:
