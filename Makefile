@@ -71,6 +71,14 @@ H2LOAD := /usr/bin/h2load
 $(H2LOAD):
 	$(call aptInstall,nghttp2-client)
 
+# The cluster tests (rproxy/test/test_cluster*.py, rproxy/test/stores.py) run real etcd and Redis servers.
+ETCD := /usr/bin/etcd
+$(ETCD):
+	$(call aptInstall,etcd-server)
+REDIS := /usr/bin/redis-server
+$(REDIS):
+	$(call aptInstall,redis-server)
+
 # The HTTP/2 conformance tests (rproxy/test/test_h2spec.py) run h2spec, built from its source in third_party/
 # with Debian's Go toolchain and Go library packages, in GOPATH mode: nothing is downloaded.
 H2SPEC := build/h2spec/h2spec
@@ -86,7 +94,7 @@ $(H2SPEC): $(shell find third_party/h2spec -name '*.go')
 
 # The whole suite on rproxy's reactor (the one `twist rproxy` installs), with the newest dependencies and
 # with the oldest that setup.py admits.
-test: $(BIN)/twist $(OLDEST)/bin/trial $(CHROMIUM) $(PROMETHEUS) $(H2SPEC) $(WRK) $(H2LOAD)
+test: $(BIN)/twist $(OLDEST)/bin/trial $(CHROMIUM) $(PROMETHEUS) $(H2SPEC) $(WRK) $(H2LOAD) $(ETCD) $(REDIS)
 	$(BIN)/trial --reactor=rproxy --jobs=2 rproxy
 	$(OLDEST)/bin/trial --reactor=rproxy --jobs=2 rproxy
 

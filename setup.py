@@ -13,6 +13,10 @@ VERSION = re.search(
 # The s3 extra: the upload filter's S3-compatible storage (rproxy/upload/storage.py), boto3 in threads of its own.
 S3 = ["boto3>=1.35.0"]
 
+# The redis extra: rate limits whose buckets several instances share in Redis (rproxy/cluster/redis.py), through
+# txredisapi, the non-blocking Redis client for Twisted.  A proxy without --redis never imports it.
+REDIS = ["txredisapi>=1.4.10"]
+
 # The otel extra: rproxy/observe/otel.py's spans, the SDK's sampling and batching, and its OTLP/HTTP exporter
 # (protobuf over requests, in the SDK's thread).  A proxy that does not trace never imports them.
 OTEL = [
@@ -79,12 +83,15 @@ setup(
         # httpx: the filter tests' HTTP client library, which decodes gzip, br and zstd bodies.
         # hypothesis: rproxy/test/test_properties.py's property-based tests of the parsers and filters.
         # atheris: the coverage-guided fuzzer of fuzz/ (rproxy/test/test_fuzz.py runs it briefly, `make fuzz` longer).
+        # The redis extra: rproxy/test/test_cluster_ratelimit.py shares buckets in a real Redis server.
         # The s3 extra and moto's server: rproxy/test/test_filter_upload.py stores uploads in a real S3 API server.
         # The otel extra and opentelemetry-proto: rproxy/test/test_observe_tracing.py traces through a proxy, and
         # decodes what the exporter sends to a collector.
         "otel": OTEL,
         "s3": S3,
+        "redis": REDIS,
         "test": [
+            *REDIS,
             *OTEL,
             *S3,
             "moto[server]>=5.0.20",

@@ -298,6 +298,7 @@ REPEATABLE = frozenset(
         "cors-origin",
         "access-log-redact",
         "access-log-header",
+        "etcd",
     }
 )
 

@@ -58,6 +58,7 @@ from rproxy.app.config import (
 )
 from rproxy.app.reload import ConfigReloader, ConfigSource, HangUpReloader, LiveProxy
 from rproxy.app.workers import Supervisor, WorkerRole, listenersOf, workerCount
+from rproxy.cluster.settings import DEFAULT_STORE_TIMEOUT, ClusterSettings, clusterSettings
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.listeners import Listener, ListenError
 from rproxy.downstream.site import DrainingService, ProxySite
@@ -362,6 +363,26 @@ class Options(usage.Options):
             None,
             "Requests a client may send at once (default: a second's worth of --rate-limit).",
         ],
+        ["etcd-prefix", None, "/rproxy/", "Where this gateway's keys are in etcd (several gateways may share one)."],
+        [
+            "etcd-config-key",
+            None,
+            None,
+            "Take services, routes and filters from the TOML document at this key under --etcd-prefix, e.g. config.",
+        ],
+        [
+            "redis",
+            None,
+            None,
+            'Where rate limits with store = "redis" keep their buckets, e.g. redis://127.0.0.1:6379/0.',
+        ],
+        ["redis-password-file", None, None, "A file holding the password of --redis."],
+        [
+            "store-timeout",
+            None,
+            DEFAULT_STORE_TIMEOUT,
+            "Seconds etcd or Redis may take to answer before it counts as out of reach.",
+        ],
         [
             "tls-watch",
             None,
@@ -378,6 +399,8 @@ class Options(usage.Options):
     watchInterval: float
     #: The local routes (and the admin listener), which apply at the next restart only.
     admin: AdminSettings
+    #: Where the instances of a gateway share their state (etcd, Redis).
+    cluster: ClusterSettings
     #: How many worker processes serve (C{--workers}; 1: this process serves, with no supervisor).
     workers: int
 
@@ -432,6 +455,10 @@ class Options(usage.Options):
     def opt_access_log_header(self, name: str) -> None:
         """A request field the json access log writes, in request_headers, credentials redacted (repeatable)."""
         self["access-log-header"].append(name)
+
+    def opt_etcd(self, url: str) -> None:
+        """Share admin API registrations with other instances through this etcd v3 client URL (repeatable)."""
+        self["etcd"].append(url)
 
     def opt_list_filters(self) -> None:
         """Print the installed filter kinds and exit."""
@@ -509,6 +536,7 @@ class Options(usage.Options):
         try:
             self.config = buildConfig(values, self._file)
             self.admin = adminSettings(values)
+            self.cluster = clusterSettings(values)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         try:

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import treq
-from twisted.internet import defer, error, protocol, reactor
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet import defer, error, reactor
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
 
+from rproxy.test.processes import ServerProcess
 from rproxy.test.support import freePort, sleep
 
 #: Debian's Prometheus server.
@@ -48,9 +47,6 @@ Series = list[dict[str, Any]]
 
 #: How often readiness and series are polled, in seconds.
 _POLL = 0.05
-
-#: How much of Prometheus's output is kept for failure messages, in bytes.
-_OUTPUT_KEPT = 64 * 1024
 
 _log = Logger()
 
@@ -70,44 +66,6 @@ class TargetHealth:
     health: str
     lastError: str
     scrapeUrl: str
-
-
-class _PrometheusProcess(protocol.ProcessProtocol):
-    """Keeps the end of Prometheus's output (it logs to stderr) and tells when the process has ended."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.hasEnded = False
-        self.exitCode: int | None = None
-        self._waiters: list[defer.Deferred[None]] = []
-
-    def outReceived(self, data: bytes) -> None:
-        self.output = (self.output + data)[-_OUTPUT_KEPT:]
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        self.hasEnded = True
-        self.exitCode = getattr(reason.value, "exitCode", None)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
-    def whenEnded(self) -> defer.Deferred[None]:
-        """Fires once the process has ended (at once if it has)."""
-        if self.hasEnded:
-            return defer.succeed(None)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._waiters.append(waiter)
-        return waiter
-
-    def signal(self, name: str) -> None:
-        """Send signal C{name} unless the process has exited."""
-        assert self.transport is not None, "the process was never started"
-        try:
-            self.transport.signalProcess(name)
-        except error.ProcessExitedAlready:
-            pass
 
 
 def _configuration(targets: list[str], interval: float) -> dict[str, Any]:
@@ -134,9 +92,8 @@ class PrometheusServer:
         self.testCase = testCase
         self.port = port
         self.directory = directory
-        self._process = _PrometheusProcess()
+        self._process = ServerProcess()
         self._pool = HTTPConnectionPool(reactor, persistent=False)
-        self._killer: IDelayedCall | None = None
         testCase.addCleanup(self._pool.closeCachedConnections)
 
     @property
@@ -146,7 +103,7 @@ class PrometheusServer:
     @property
     def output(self) -> str:
         """The end of what Prometheus logged so far."""
-        return self._process.output.decode("utf-8", "replace")
+        return self._process.text
 
     @property
     def exitCode(self) -> int | None:
@@ -193,13 +150,7 @@ class PrometheusServer:
 
         @return: Fires once it has ended.
         """
-        process = self._process
-        ended = process.whenEnded()
-        if not process.hasEnded and self._killer is None:
-            process.signal("TERM")
-            killer = self._killer = reactor.callLater(timeout, process.signal, "KILL")
-            process.whenEnded().addCallback(lambda _: killer.cancel() if killer.active() else None)
-        return ended
+        return self._process.stop(timeout)
 
     async def _get(self, path: str, parameters: dict[str, str]) -> Any:
         """The C{data} of the API's answer at C{path}; a failure of the test if the API answers an error."""

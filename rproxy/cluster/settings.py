@@ -1,0 +1,106 @@
+"""The settings of the cluster stores (C{--etcd}, C{--redis} and theirs), from the options."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from rproxy.app.config import OptionValues
+
+#: A key prefix: printable ASCII, starting and ending with C{/}.
+_PREFIX = re.compile(r"/(?:[!-~]*/)?\Z")
+
+#: Seconds a store may take to answer before it counts as out of reach, by default.
+DEFAULT_STORE_TIMEOUT = 0.5
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """
+    Where the instances of one gateway share their state.
+
+    @ivar etcd: the client URLs of the etcd v3 cluster (C{()}: registrations stay in this instance).
+    @ivar prefix: the keys of this gateway in etcd start with it (several gateways may share one etcd).
+    @ivar configKey: the etcd key (under C{prefix}) of the TOML document of services, routes and filters that
+        every instance applies (C{None}: they come from the config file).
+    @ivar redis: the Redis URL rate limits with C{store = "redis"} keep their buckets at (C{None}: none).
+    @ivar redisPassword: the password of C{redis}, read from C{--redis-password-file} (never logged).
+    @ivar timeout: seconds a store may take to answer a request before it counts as out of reach.
+    """
+
+    etcd: tuple[str, ...] = ()
+    prefix: str = "/rproxy/"
+    configKey: str | None = None
+    redis: str | None = None
+    redisPassword: str | None = field(default=None, repr=False)
+    timeout: float = DEFAULT_STORE_TIMEOUT
+
+    @property
+    def shared(self) -> bool:
+        """Whether the registrations are shared through etcd."""
+        return bool(self.etcd)
+
+
+def _etcdURL(values: OptionValues, url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise values.error("etcd", f"expected an etcd client URL such as http://127.0.0.1:2379, got {url!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _redisURL(values: OptionValues) -> str | None:
+    url = values.text("redis")
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is not None:  # the URL is not shown: it holds a secret
+        raise values.error("redis", "put the password in --redis-password-file, not in the URL")
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise values.error("redis", f"expected a URL such as redis://127.0.0.1:6379/0, got {url!r}")
+    if parts.path not in ("", "/") and not re.fullmatch(r"/\d+", parts.path):
+        raise values.error("redis", f"the path is the database number, e.g. redis://127.0.0.1:6379/0, got {url!r}")
+    return url
+
+
+def _password(values: OptionValues) -> str | None:
+    path = values.text("redis-password-file")
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            password = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise values.error("redis-password-file", f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not password:
+        raise values.error("redis-password-file", f"{path} is empty")
+    return password
+
+
+def clusterSettings(values: OptionValues) -> ClusterSettings:
+    """The settings that the options' C{values} give; raise L{ConfigError} naming the option at fault."""
+    etcd = tuple(_etcdURL(values, url) for url in values.repeated("etcd"))
+    prefix = str(values["etcd-prefix"])
+    if not _PREFIX.match(prefix):
+        raise values.error(
+            "etcd-prefix", f"expected a key prefix such as /rproxy/ (starting and ending with /), got {prefix!r}"
+        )
+    configKey = values.text("etcd-config-key")
+    if configKey is not None:
+        if not etcd:
+            raise values.error("etcd-config-key", "has no use without --etcd")
+        if not re.fullmatch(r"[!-~]+", configKey) or configKey.startswith("/"):
+            raise values.error(
+                "etcd-config-key", f"expected a key name under --etcd-prefix, e.g. config, got {configKey!r}"
+            )
+    redis, password = _redisURL(values), _password(values)
+    if password is not None and redis is None:
+        raise values.error("redis-password-file", "has no use without --redis")
+    try:
+        timeout = float(str(values["store-timeout"]))
+    except ValueError:
+        timeout = math.nan
+    if not (math.isfinite(timeout) and 0 < timeout <= 60):
+        raise values.error("store-timeout", f"expected seconds above 0, at most 60, got {values['store-timeout']!r}")
+    return ClusterSettings(etcd, prefix, configKey, redis, password, timeout)
