@@ -20,6 +20,7 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from rproxy.cluster.redis import RedisClient
     from rproxy.downstream.request import ProxyRequest
     from rproxy.errors import ProxyError
     from rproxy.local.responder import Responder
@@ -255,7 +256,13 @@ class FilterEnvironment:
 
     @ivar reactor: the reactor, for timers and the filter's own I/O (treq takes it).
     @ivar base: the directory relative file names in options are read from (the config file's).
+    @ivar redis: the process's Redis client (C{--redis}), one for every filter and every reload; C{None}
+        without C{--redis}.  While a configuration is only checked, a client that has not connected.
+    @ivar name: the name of the definition being built (its C{[filters.NAME]} table), for the state a filter
+        keeps outside the process (its keys in Redis).
     """
 
     reactor: object
     base: str = "."
+    redis: RedisClient | None = None
+    name: str = ""

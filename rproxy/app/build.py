@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -32,6 +32,9 @@ from rproxy.proxy.resource import buildResource
 from rproxy.proxy.service import Service
 from rproxy.tunnel.splice import Tunnels
 from rproxy.upstream.upstreams import Upstream
+
+if TYPE_CHECKING:
+    from rproxy.cluster.redis import RedisClient
 
 _log = Logger()
 
@@ -85,16 +88,22 @@ def buildProxy(
     return Proxy(reactor, director, buildForwarding(config), tunnels=tunnels)
 
 
-def buildFilters(config: ProxyConfig, reactor: IReactorTime) -> FilterSet:
-    """The filters C{config} defines, on C{reactor}."""
-    return FilterSet(config.filters, reactor, config.base)
+def buildFilters(config: ProxyConfig, reactor: IReactorTime, redis: RedisClient | None = None) -> FilterSet:
+    """The filters C{config} defines, on C{reactor}, with the process's C{redis} client if there is one."""
+    return FilterSet(config.filters, reactor, config.base, redis)
 
 
 def buildSite(
-    config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry | None = None
+    config: ProxyConfig,
+    reactor: IReactorTime,
+    registry: MemoryRegistry | None = None,
+    redis: RedisClient | None = None,
 ) -> tuple[ProxySite, list[Upstream]]:
-    """The proxy's site, routing to its services, and their upstreams (whose pools shutdown closes)."""
-    filters = buildFilters(config, reactor)
+    """
+    The proxy's site, routing to its services, and their upstreams (whose pools shutdown closes); its filters
+    may keep state in C{redis}, the process's Redis client.
+    """
+    filters = buildFilters(config, reactor, redis)
     services, upstreams = buildServices(config, reactor, MemoryRegistry() if registry is None else registry, filters)
     proxy = buildProxy(config, reactor, services, filters)
     site = ProxySite(buildResource(proxy), config.client, reactor)

@@ -1213,7 +1213,7 @@ def _filters(values: OptionValues, file: ConfigFile | None) -> tuple[dict[str, F
         given = commandLineFilters(values.text, values.repeated, lambda name: bool(values[name]), values.where)
         fromFile = fileFilters(file.path, file.filters) if file is not None else []
         definitions = {each.name: each for each in [*given, *fromFile]}
-        checkFilters(definitions.values(), configBase(file.path if file is not None else None))
+        checkFilters(definitions.values(), configBase(file.path if file is not None else None), values.text("redis"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     defaults = tuple(each.name for each in given)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.task import Clock
@@ -23,6 +24,9 @@ from twisted.internet.task import Clock
 from rproxy.filters.chain import NO_FILTERS, FilterChain
 from rproxy.filters.factory import filterFactories
 from rproxy.interfaces import FilterEnvironment, IClosable, IFilterFactory
+
+if TYPE_CHECKING:
+    from rproxy.cluster.redis import RedisClient
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:-]*\Z")
 
@@ -116,13 +120,19 @@ def filterNames(where: str, value: object, defined: Mapping[str, FilterConfig]) 
     return tuple(value)
 
 
-def checkFilters(definitions: Iterable[FilterConfig], base: str) -> None:
+def checkFilters(definitions: Iterable[FilterConfig], base: str, redis: str | None = None) -> None:
     """
     Build each definition once, on a clock instead of the reactor (a factory starts no I/O as it builds),
-    so that a kind nobody installed or a wrong option is an error of the configuration.
+    so that a kind nobody installed or a wrong option is an error of the configuration.  With C{redis}
+    (C{--redis}'s URL), the filters are given a Redis client, which connects to nothing unless called.
     """
     factories = filterFactories()
-    environment = FilterEnvironment(Clock(), base)
+    client = None
+    if redis is not None:
+        from rproxy.cluster.redis import RedisClient  # txredisapi: only with --redis
+
+        client = RedisClient(redis, Clock())
+    environment = FilterEnvironment(Clock(), base, client)
     for definition in definitions:
         _build(definition, factories, environment)
 
@@ -133,7 +143,7 @@ def _build(definition: FilterConfig, factories: Mapping[str, IFilterFactory], en
         installed = ", ".join(sorted(factories)) or "none"
         raise ValueError(f"{definition.where}: unknown filter type {definition.kind!r} (installed: {installed})")
     try:
-        return factory.build(definition.options, environment)
+        return factory.build(definition.options, replace(environment, name=definition.name))
     except ValueError as e:
         raise ValueError(f"{definition.where}: {e}") from None
 
@@ -144,9 +154,19 @@ class FilterSet:
     whose definitions did not change (their state: buckets, caches, keys fetched).
     """
 
-    def __init__(self, definitions: Mapping[str, FilterConfig], reactor: object, base: str = ".") -> None:
+    def __init__(
+        self,
+        definitions: Mapping[str, FilterConfig],
+        reactor: object,
+        base: str = ".",
+        redis: RedisClient | None = None,
+    ) -> None:
+        """
+        @param redis: the process's Redis client (C{--redis}), which the set's and its rebuilt sets' filters
+            may keep state in.
+        """
         self.definitions = dict(definitions)
-        self._environment = FilterEnvironment(reactor, base)
+        self._environment = FilterEnvironment(reactor, base, redis)
         factories = filterFactories()
         self.filters = {name: _build(each, factories, self._environment) for name, each in self.definitions.items()}
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults
@@ -82,6 +82,9 @@ _DEFAULT_CLIENT = ClientLimits()
 _DEFAULT_RETRY = RetryPolicy()
 _DEFAULT_PASSIVE = PassivePolicy()
 _DEFAULT_HEALTH = HealthCheckSettings()
+
+if TYPE_CHECKING:
+    from rproxy.cluster.redis import RedisClient
 
 #: Options that make no sense in a config file: they name the file, check it, or say how it is watched.
 _NOT_IN_FILES = ("config", "check-config", "watch-config")
@@ -544,7 +547,7 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"{self._sources.get('workers', '--workers')}: {e}") from None
         if self["check-config"] is not None:
-            print(checkConfig(self["check-config"], self.config))
+            print(checkConfig(self["check-config"], self.config, self.cluster))
             sys.exit(0)
         self.watchInterval = self._watchInterval()
 
@@ -584,6 +587,7 @@ def buildService(
     signals: IReactorFromThreads | None = None,
     admin: AdminSettings | None = None,
     worker: WorkerRole | None = None,
+    redis: RedisClient | None = None,
 ) -> service.MultiService:
     """
     The proxy's services: a draining shutdown, health checks, then one listener per endpoint (answering
@@ -592,7 +596,8 @@ def buildService(
     L{ConfigReloader}; and given the reactor to hand C{signals} to, a L{HangUpReloader}: SIGHUP reloads the
     configuration and the certificates.  A C{worker} of a supervisor (C{--workers}) listens on the sockets
     its supervisor passed, serves the admin listener only if passed it, and leaves the metrics listener to
-    the supervisor, which asks each worker for its metrics.
+    the supervisor, which asks each worker for its metrics.  The filters may keep state in C{redis}, the
+    process's Redis client, closed at shutdown.
     """
 
     def passed(option: str, description: str) -> IStreamServerEndpoint | None:
@@ -605,7 +610,7 @@ def buildService(
         demo = config.demoUpstream
         Listener("--demo-upstream", demo, demoSite(), passed("--demo-upstream", demo)).setServiceParent(top)
     registry = MemoryRegistry()
-    filters = buildFilters(config, reactor)
+    filters = buildFilters(config, reactor, redis)
     services, _ = buildServices(config, reactor, registry, filters)
     warnInsecureUpstreams(config)
     proxy = buildProxy(config, reactor, services, filters)
@@ -620,6 +625,8 @@ def buildService(
             closing.append(accessLog.sink.close())
         return gatherResults(closing).addCallback(lambda _: None)
 
+    if redis is not None:
+        closers.append(redis.close)
     draining = DrainingService([], config.grace, reactor, stopped)
     draining.setServiceParent(top)
     checker = healthChecker(config, reactor, registry)
@@ -696,19 +703,32 @@ def buildService(
     return top
 
 
-def checkConfig(path: str, config: ProxyConfig) -> str:
+def checkConfig(path: str, config: ProxyConfig, cluster: ClusterSettings | None = None) -> str:
     """
     Build what C{config} describes but its listeners: upstreams, balancers, routes and health checks,
-    over the reactor, which does not run before the process exits (nothing connects); say that C{path} is
-    fine, and what it holds.
+    over the reactor, which does not run before the process exits (nothing connects, Redis of C{cluster}
+    neither); say that C{path} is fine, and what it holds.
     """
     from twisted.internet import reactor
 
     registry = MemoryRegistry()
-    buildSite(replace(config, accessLog=None), reactor, registry)  # its file is opened by the proxy, not checked
+    redis = None if cluster is None else redisClient(cluster, reactor)  # type: ignore[arg-type]
+    buildSite(replace(config, accessLog=None), reactor, registry, redis)  # the access log file is opened by the proxy
     healthChecker(config, reactor, registry)
     services, routes = len(config.services), len(config.routes)
     return f"{path}: OK ({services} service{'s' * (services != 1)}, {routes} route{'s' * (routes != 1)})"
+
+
+def redisClient(cluster: ClusterSettings, reactor: IReactorTime) -> RedisClient | None:
+    """
+    The process's Redis client, if C{cluster} has one (C{--redis}): txredisapi is imported only then, and the
+    client connects on its first call.
+    """
+    if cluster.redis is None:
+        return None
+    from rproxy.cluster.redis import RedisClient
+
+    return RedisClient(cluster.redis, reactor, cluster.redisPassword, cluster.timeout)
 
 
 def reloadSource(options: Options) -> ConfigSource | None:
@@ -772,7 +792,8 @@ def makeService(options: Options, environ: Mapping[str, str] | None = None) -> s
             options.workers, options.arguments, listeners, admin.metricsListen, config.grace, reactor, environ
         ).setServiceParent(main)
         return main
+    redis = redisClient(options.cluster, reactor)  # type: ignore[arg-type]
     with _oneLineErrors():
-        proxy = buildService(options.config, reactor, reloadSource(options), reactor, options.admin, worker)  # type: ignore[arg-type]
+        proxy = buildService(options.config, reactor, reloadSource(options), reactor, options.admin, worker, redis)  # type: ignore[arg-type]
     proxy.setServiceParent(main)
     return main

@@ -24,6 +24,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -34,6 +35,9 @@ from rproxy.errors import Fault, ProxyError, clientError, proxyError
 from rproxy.interfaces import FilterEnvironment, IRequestFilter, IResponseFilter
 from rproxy.options import PluginOptions
 from rproxy.proxy.message import FilterVerdict, RequestContext
+
+if TYPE_CHECKING:
+    from rproxy.cluster.ratelimit import SharedRateLimit
 
 _log = Logger()
 
@@ -47,7 +51,7 @@ MAX_KEYS = 100_000
 
 #: How far below a whole token a bucket may be and still count as holding it: a clock reading near 1.7e9
 #: seconds is exact only to 0.24 microseconds, a visible fraction of a token at high rates.
-_TOLERANCE = 1e-3
+TOLERANCE = 1e-3
 
 #: The least seconds between two warnings that a full key table forgot buckets that were not full.
 _WARN_EVERY = 60.0
@@ -222,9 +226,11 @@ class RateLimit:
     @ivar maxKeys: the most buckets it keeps.
     @ivar policyName: the policy's name in the C{RateLimit-Policy} and C{RateLimit} fields.
     @ivar forgotten: how many buckets that were not full were forgotten to make room.
+    @ivar tolerance: how far below a whole token a bucket may be and still count as holding it (L{TOLERANCE}).
     """
 
     consumes: frozenset[bytes] = frozenset()
+    tolerance = TOLERANCE
 
     def __init__(
         self,
@@ -260,18 +266,38 @@ class RateLimit:
     def onRequest(self, context: RequestContext) -> FilterVerdict:
         key = self.key.keyOf(context)
         if key is None and self.key.deny:
-            return clientError(429, self.key.missingReason("rate-limit"))
-        now = self._clock.seconds()
-        bucket = self._bucket(key, now)
-        if bucket.tokens < 1 - _TOLERANCE:
-            wait = max(1, math.ceil((1 - bucket.tokens) / self._perSecond))
+            return self.missingKey()
+        return self.decide(context, key, *self.take(key))
+
+    def missingKey(self) -> ProxyError:
+        """The refusal of a request without a key, when C{missing-key = "deny"}."""
+        return clientError(429, self.key.missingReason("rate-limit"))
+
+    def take(self, key: Key) -> tuple[bool, float]:
+        """
+        Take a token from C{key}'s bucket in this instance's memory, if it holds one: whether it did, and the
+        tokens left.
+        """
+        bucket = self._bucket(key, self._clock.seconds())
+        if bucket.tokens < 1 - self.tolerance:
+            return False, bucket.tokens
+        bucket.tokens -= 1
+        return True, bucket.tokens
+
+    def decide(self, context: RequestContext, key: Key, allowed: bool, tokens: float) -> FilterVerdict:
+        """
+        The verdict on the request of C{context} once its bucket (kept here or in a shared store) said whether it
+        had a token for it, C{allowed}, and how many it holds now, C{tokens}: the 429 with its fields, or
+        C{None} with the fields noted for the response.
+        """
+        if not allowed:
+            wait = max(1, math.ceil((1 - tokens) / self._perSecond))
             reason = f"rate limit {self.rate.text} (burst {self.burst}) exceeded for {self.key.describe(key)}"
             state = (b"RateLimit", b"%s;r=0;t=%d" % (self._item, wait))
             return ProxyError(429, reason, Fault.CLIENT, "http_request_error", wait, [self._policyField, state])
-        bucket.tokens -= 1
-        remaining = math.floor(bucket.tokens + _TOLERANCE)
+        remaining = math.floor(tokens + self.tolerance)
         # Until one more request is allowed: the bucket's next whole token (it is not full, one was just taken).
-        untilMore = math.ceil((remaining + 1 - bucket.tokens) / self._perSecond)
+        untilMore = math.ceil((remaining + 1 - tokens) / self._perSecond)
         context.notes[self._note] = f"{self._item.decode('ascii')};r={remaining};t={untilMore}"
         return None
 
@@ -408,8 +434,11 @@ def _readRate(reader: PluginOptions) -> Rate:
         raise reader.error("rate", str(e)) from None
 
 
-def buildRateLimit(reader: PluginOptions, environment: FilterEnvironment) -> RateLimit:
-    """A L{RateLimit} from the options of a C{[filters.X]} table with C{type = "rate-limit"}."""
+def buildRateLimit(reader: PluginOptions, environment: FilterEnvironment) -> RateLimit | SharedRateLimit:
+    """
+    A L{RateLimit} from the options of a C{[filters.X]} table with C{type = "rate-limit"}; with
+    C{store = "redis"}, a L{SharedRateLimit} of it, on the process's Redis client.
+    """
     rate = _readRate(reader)
     burst = reader.integer("burst", None, minimum=1)
     key = readKeyRule(reader)
@@ -417,7 +446,22 @@ def buildRateLimit(reader: PluginOptions, environment: FilterEnvironment) -> Rat
     policyName = reader.text("policy-name")
     if policyName is not None and not _PRINTABLE.fullmatch(policyName):
         raise reader.error("policy-name", f"expected 1 to 100 printable ASCII characters, got {policyName!r}")
-    return RateLimit(rate, IReactorTime(environment.reactor), burst, key, maxKeys, policyName)
+    store = reader.text("store", "local")
+    onStoreDown = reader.text("on-store-down")
+    if store not in ("local", "redis"):
+        raise reader.error("store", f'expected "local" or "redis", got {store!r}')
+    if onStoreDown not in (None, "local", "deny"):
+        raise reader.error("on-store-down", f'expected "local" or "deny", got {onStoreDown!r}')
+    limit = RateLimit(rate, IReactorTime(environment.reactor), burst, key, maxKeys, policyName)
+    if store == "local":
+        if onStoreDown is not None:
+            raise reader.error("on-store-down", 'has no use without store = "redis"')
+        return limit
+    if environment.redis is None:
+        raise reader.error("store", '"redis" needs --redis, the Redis server the instances share')
+    from rproxy.cluster.ratelimit import SharedRateLimit  # txredisapi: only with --redis
+
+    return SharedRateLimit(limit, environment.redis, environment.name, onStoreDown == "deny")
 
 
 def buildConcurrencyLimit(reader: PluginOptions, environment: FilterEnvironment) -> ConcurrencyLimit:
