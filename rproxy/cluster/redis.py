@@ -7,7 +7,8 @@ C{rediss://} verifies the server's certificate).  No call waits longer than C{--
 down, or that accepts connections and never answers, counts as out of reach after that long and the caller
 falls back.  Each outcome goes to L{health}, which logs only the changes.  While Redis is out of reach, calls
 fail at once (an outage costs one timeout, not one per request) and a C{PING} asks it every L{PROBE_INTERVAL}
-seconds; the first answer puts the calls back on Redis.
+seconds; the first answer puts the calls back on Redis.  A pool that lost every connection after it answered
+(Redis stopped or restarted) is out of reach at once, without waiting for the timeout.
 
 This module is imported only when C{--redis} is given: txredisapi is an optional extra (C{rproxy[redis]}).
 """
@@ -98,6 +99,7 @@ class RedisClient:
         self._factory: txredisapi.RedisFactory | None = None
         self._probe: IDelayedCall | None = None
         self._closed = False
+        self._answered = False
 
     def __repr__(self) -> str:
         return f"<RedisClient {self.url}>"
@@ -110,6 +112,8 @@ class RedisClient:
         """
         if self._closed:
             return defer.fail(StoreUnavailableError("the proxy is stopping"))
+        if self.health.up and self._answered and self._factory is not None and not self._factory.size:
+            self._unreachable("connection lost")
         if not self.health.up:
             return defer.fail(StoreUnavailableError(self.health.error))
         command = [len(keys), *keys, *arguments]
@@ -169,18 +173,23 @@ class RedisClient:
 
     def _outcome(self, result: object) -> object:
         if not isinstance(result, Failure):
+            self._answered = True
             self.health.answered()
             return result
         if result.check(defer.CancelledError):
             return result  # the caller gave up (its client left): says nothing of Redis
-        if result.check(defer.TimeoutError):
+        if result.check(defer.TimeoutError, txredisapi.TimeoutError):
             why = f"no answer within {self.timeout:g}s"
         else:
             why = (result.getErrorMessage().splitlines() or [repr(result.value)])[0][:200]
+        self._unreachable(why)
+        return Failure(StoreUnavailableError(why))
+
+    def _unreachable(self, why: str) -> None:
+        """Redis is out of reach: say so, and ask it again in L{PROBE_INTERVAL} seconds."""
         self.health.unreachable(why)
         if not self._closed and (self._probe is None or not self._probe.active()):
             self._probe = self._reactor.callLater(PROBE_INTERVAL, self._ping)
-        return Failure(StoreUnavailableError(why))
 
     def _ping(self) -> None:
         self._bounded(self._command("PING")).addErrback(lambda failure: failure.trap(StoreUnavailableError))
