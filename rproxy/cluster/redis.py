@@ -39,6 +39,9 @@ MAX_RECONNECT_DELAY = 2.0
 #: Seconds between two C{PING}s while Redis is out of reach.
 PROBE_INTERVAL = 0.5
 
+#: The least seconds between two new pools, when Redis refused a pool's AUTH or SELECT (which stops it).
+RECONNECT_STOPPED = 5.0
+
 #: What the instance does while Redis is out of reach, as the log and the status page say it.
 FALLBACK = 'rate limits with on-store-down = "local" count in this instance\'s memory, those with "deny" answer 503'
 
@@ -100,6 +103,7 @@ class RedisClient:
         self._probe: IDelayedCall | None = None
         self._closed = False
         self._answered = False
+        self._connectedAt = 0.0
 
     def __repr__(self) -> str:
         return f"<RedisClient {self.url}>"
@@ -158,6 +162,9 @@ class RedisClient:
         if parts.scheme == "rediss":
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
         factory.startConnecting(endpoint)
+        # A refused AUTH or SELECT stops the pool for good (wrong password, no such database): say why.
+        factory.deferred.addErrback(lambda failure: self._unreachable(failure.getErrorMessage()))
+        self._connectedAt = self._reactor.seconds()
         return factory
 
     def _unknownScript(self, failure: Failure, script: Script, command: list[object]) -> object:
@@ -179,7 +186,8 @@ class RedisClient:
         if result.check(defer.CancelledError):
             return result  # the caller gave up (its client left): says nothing of Redis
         if result.check(defer.TimeoutError, txredisapi.TimeoutError):
-            why = f"no answer within {self.timeout:g}s"
+            # Known out of reach already: the known reason (a refused AUTH, say) says more.
+            why = self.health.error if not self.health.up else f"no answer within {self.timeout:g}s"
         else:
             why = (result.getErrorMessage().splitlines() or [repr(result.value)])[0][:200]
         self._unreachable(why)
@@ -192,4 +200,8 @@ class RedisClient:
             self._probe = self._reactor.callLater(PROBE_INTERVAL, self._ping)
 
     def _ping(self) -> None:
+        factory = self._factory
+        if factory is not None and factory.stopped and self._reactor.seconds() - self._connectedAt >= RECONNECT_STOPPED:
+            self._factory = None  # a new pool: the password file or the database may have been fixed since
+            factory.disconnect()
         self._bounded(self._command("PING")).addErrback(lambda failure: failure.trap(StoreUnavailableError))

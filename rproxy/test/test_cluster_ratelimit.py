@@ -22,12 +22,14 @@ from twisted.web import resource, server
 from twisted.web.client import HTTPConnectionPool
 
 from rproxy.app.build import buildFilters
+from rproxy.app.filters import FilterConfig, FilterSet
 from rproxy.app.tap import Options
 from rproxy.cluster.ratelimit import TOKEN_BUCKET, bucketPrefix
-from rproxy.cluster.redis import RedisClient
+from rproxy.cluster.redis import RedisClient, StoreUnavailableError
 from rproxy.filters.ratelimit import KeyRule, RateLimit, parseRate
+from rproxy.test.certs import CertificateAuthority
 from rproxy.test.stores import RedisServer, startRedis
-from rproxy.test.support import ROOT, freePort, listen, sleep, waitFor
+from rproxy.test.support import ROOT, LogCapture, freePort, listen, sleep, waitFor
 from rproxy.test.test_drain import ProxyProcess
 
 #: The shared limit: RATE requests a second, BURST at once, one count for the route.
@@ -310,3 +312,88 @@ class ConfigTests(unittest.TestCase):
             bucketPrefix("a", RateLimit(parseRate("20/s"), reactor, BURST, KeyRule("client"))),
         ]
         self.assertEqual(len({bucketPrefix("a", limit), *others}), 5)
+
+
+class PasswordRedis(RedisServer):
+    """A Redis that asks for L{PASSWORD}."""
+
+    def arguments(self) -> Sequence[str]:
+        return [*super().arguments(), "--requirepass", PASSWORD]
+
+
+class TLSRedis(RedisServer):
+    """A Redis that speaks TLS only (C{rediss://}), with a certificate of a CA made for the test."""
+
+    def __init__(self, testCase: unittest.TestCase, directory: str) -> None:
+        super().__init__(testCase, directory)
+        self.files = CertificateAuthority().writeFiles(directory)
+
+    @property
+    def url(self) -> str:
+        return f"rediss://localhost:{self.port}/0"
+
+    def arguments(self) -> Sequence[str]:
+        files = self.files
+        return [
+            *super().arguments(),
+            *("--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"),
+            *("--tls-cert-file", files.serverCertificate, "--tls-key-file", files.serverKey),
+            *("--tls-ca-cert-file", files.ca),
+        ]
+
+
+PASSWORD = "s3cret-of-the-test"
+
+
+class ClientTests(unittest.TestCase):
+    """The Redis client in this process, on servers that ask for a password or speak TLS."""
+
+    async def start(self, server: type[RedisServer]) -> RedisServer:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        redis = server(self, directory)
+        await redis.start()
+        return redis
+
+    async def check(self, client: RedisClient) -> object:
+        self.addCleanup(client.close)
+        return await client.evaluate(TOKEN_BUCKET, ["a-bucket"], [RATE, 1, BURST, "0.001"])
+
+    async def test_password(self) -> None:
+        """The password of --redis-password-file is sent; a wrong one is said (not shown) and falls back."""
+        log = LogCapture(self)
+        redis = await self.start(PasswordRedis)
+        self.assertEqual(await self.check(RedisClient(redis.url, reactor, PASSWORD)), [1, str(BURST - 1)])
+        wrong = RedisClient(redis.url, reactor, "not-" + PASSWORD, TIMEOUT)
+        started = reactor.seconds()
+        with self.assertRaises(StoreUnavailableError):
+            await self.check(wrong)
+        self.assertLess(reactor.seconds() - started, TIMEOUT + SLACK)
+        self.assertIn("WRONGPASS", wrong.health.error)
+        said = "\n".join(log.formatted()) + repr(wrong) + repr(wrong.health.describe())
+        self.assertIn("WRONGPASS", said)
+        self.assertNotIn(PASSWORD, said)
+
+    async def test_tls(self) -> None:
+        """C{rediss://} speaks TLS and verifies the server's certificate against the trusted CAs."""
+        redis = await self.start(TLSRedis)
+        untrusted = RedisClient(redis.url, reactor, timeout=TIMEOUT)
+        with self.assertRaises(StoreUnavailableError):
+            await self.check(untrusted)
+        self.patchEnvironment("SSL_CERT_FILE", redis.files.ca)  # OpenSSL's trusted CAs: the test's
+        self.assertEqual(await self.check(RedisClient(redis.url, reactor)), [1, str(BURST - 1)])
+
+    def patchEnvironment(self, name: str, value: str) -> None:
+        old = os.environ.get(name)
+        os.environ[name] = value
+        self.addCleanup(lambda: os.environ.__setitem__(name, old) if old is not None else os.environ.pop(name))
+
+    def test_reloadKeepsTheClient(self) -> None:
+        """A reload's filters get the process's client: a changed shared limit is built on it again."""
+        client = RedisClient("redis://127.0.0.1:1/0", reactor)
+        options = {"rate": "5/s", "key": "route", "store": "redis"}
+        first = FilterSet({"limit": FilterConfig("limit", "rate-limit", options)}, reactor, redis=client)
+        changed = {**options, "rate": "6/s"}
+        second = first.rebuilt({"limit": FilterConfig("limit", "rate-limit", changed)})
+        self.assertIsNot(second.filters["limit"], first.filters["limit"])
+        self.assertIs(second.filters["limit"].redis, client)  # type: ignore[attr-defined]
