@@ -202,6 +202,6 @@ class RedisClient:
     def _ping(self) -> None:
         factory = self._factory
         if factory is not None and factory.stopped and self._reactor.seconds() - self._connectedAt >= RECONNECT_STOPPED:
-            self._factory = None  # a new pool: the password file or the database may have been fixed since
+            self._factory = None  # a new pool: Redis's users or databases may have been fixed since
             factory.disconnect()
         self._bounded(self._command("PING")).addErrback(lambda failure: failure.trap(StoreUnavailableError))
