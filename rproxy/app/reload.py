@@ -54,6 +54,7 @@ from rproxy.app.config import (
     WeightedSplitConfig,
 )
 from rproxy.app.filters import FilterSet
+from rproxy.cluster.health import StoreHealth
 from rproxy.downstream.site import DrainingService
 from rproxy.health.checks import HealthChecker
 from rproxy.interfaces import IBalancer
@@ -222,6 +223,8 @@ class LiveProxy:
     @ivar config: the configuration in force.
     @ivar registry: where the services' upstreams are.
     @ivar proxy: the proxy whose director and forwarding policy a reload replaces.
+    @ivar stores: the shared stores it uses (etcd, Redis), whose reachability the admin API, the status page
+        and the metrics show.
     """
 
     def __init__(
@@ -248,6 +251,7 @@ class LiveProxy:
         self._reactor = reactor
         self.registry = registry
         self.proxy = proxy
+        self.stores: list[StoreHealth] = []
         self._services = dict(services)
         self._filters = filters
         self._draining = draining

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults
@@ -58,6 +58,7 @@ from rproxy.app.config import (
 )
 from rproxy.app.reload import ConfigReloader, ConfigSource, HangUpReloader, LiveProxy
 from rproxy.app.workers import Supervisor, WorkerRole, listenersOf, workerCount
+from rproxy.cluster.health import StoreHealth
 from rproxy.cluster.settings import DEFAULT_STORE_TIMEOUT, ClusterSettings, clusterSettings
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.listeners import Listener, ListenError
@@ -75,6 +76,9 @@ from rproxy.proxy.resource import buildResource
 from rproxy.proxy.retry import RetryPolicy
 from rproxy.tunnel.splice import DEFAULT_IDLE_TIMEOUT
 from rproxy.upstream.settings import PoolSettings
+
+if TYPE_CHECKING:
+    from rproxy.cluster.registrations import EtcdRegistrations  # treq: imported when --etcd is given
 
 _log = Logger()
 _DEFAULT_POOL = PoolSettings()
@@ -584,6 +588,7 @@ def buildService(
     signals: IReactorFromThreads | None = None,
     admin: AdminSettings | None = None,
     worker: WorkerRole | None = None,
+    cluster: ClusterSettings | None = None,
 ) -> service.MultiService:
     """
     The proxy's services: a draining shutdown, health checks, then one listener per endpoint (answering
@@ -592,7 +597,8 @@ def buildService(
     L{ConfigReloader}; and given the reactor to hand C{signals} to, a L{HangUpReloader}: SIGHUP reloads the
     configuration and the certificates.  A C{worker} of a supervisor (C{--workers}) listens on the sockets
     its supervisor passed, serves the admin listener only if passed it, and leaves the metrics listener to
-    the supervisor, which asks each worker for its metrics.
+    the supervisor, which asks each worker for its metrics.  With C{cluster}'s etcd, the registrations are
+    shared with the gateway's other instances (L{rproxy.cluster}).
     """
 
     def passed(option: str, description: str) -> IStreamServerEndpoint | None:
@@ -653,26 +659,33 @@ def buildService(
             proxy.tracer = tracing
             site.observers.append(tracing)  # the exchange's span ends with its record
             closers.append(lambda: tracing.close(reactor))  # type: ignore[arg-type]
+    shared = None
+    if cluster is not None and cluster.shared:
+        shared = sharedRegistrations(cluster, reactor)
+        live.stores.append(shared.client.health)
+        closers.append(shared.client.close)
     metrics = None
     if admin is not None and (admin.listen is not None or admin.metricsListen is not None):
         from rproxy.observe.metrics import ProxyMetrics  # prometheus_client, imported when metrics are served
 
         metrics = ProxyMetrics()  # kept for the admin listener's /metrics and the metrics listener
-        metrics.watch(registry, draining.sites, proxy.tunnels)
+        metrics.watch(registry, draining.sites, proxy.tunnels, live.stores)
         site.observers.append(metrics)
+    if shared is not None or (admin is not None and admin.listen is not None):
+        registrations = Registrations(live, reactor, shared)
+        registrations.setServiceParent(top)
+        if worker is not None:
+            if shared is None:  # else every worker follows etcd
+                registrations.announceTo(worker.announce)
+            worker.registrations = registrations
+            worker.state = lambda: state(live, draining, registrations)
     if admin is not None and admin.listen is not None:
         assert admin.token is not None  # AdminSettings never has one without the other
-        registrations = Registrations(live, reactor)
-        registrations.setServiceParent(top)
         everyWorker = worker.everyWorker if worker is not None else None
         api = adminSite(admin.token, live, draining, registrations, reactor, metrics, everyWorker)
         adminEndpoint = passed("--admin-listen", admin.listen)
         if worker is None or adminEndpoint is not None:
             Listener("--admin-listen", admin.listen, api, adminEndpoint).setServiceParent(top)
-        if worker is not None:
-            registrations.announceTo(worker.announce)
-            worker.registrations = registrations
-            worker.state = lambda: state(live, draining, registrations)
     if admin is not None and admin.metricsListen is not None:
         assert metrics is not None
         if worker is None:
@@ -694,6 +707,16 @@ def buildService(
     if worker is not None:
         worker.setServiceParent(top)  # last: it says the worker listens
     return top
+
+
+def sharedRegistrations(cluster: ClusterSettings, reactor: IReactorTime) -> EtcdRegistrations:
+    """The registrations kept in the etcd of C{cluster} (treq and the etcd client: imported when they are)."""
+    from rproxy.cluster.etcd import EtcdClient
+    from rproxy.cluster.registrations import EtcdRegistrations
+
+    fallback = "serving the registrations last known; registering through the admin API fails with 503"
+    health = StoreHealth("etcd", ", ".join(cluster.etcd), fallback, reactor)
+    return EtcdRegistrations(EtcdClient(cluster.etcd, reactor, cluster.timeout, health), cluster.prefix, reactor)
 
 
 def checkConfig(path: str, config: ProxyConfig) -> str:
@@ -773,6 +796,14 @@ def makeService(options: Options, environ: Mapping[str, str] | None = None) -> s
         ).setServiceParent(main)
         return main
     with _oneLineErrors():
-        proxy = buildService(options.config, reactor, reloadSource(options), reactor, options.admin, worker)  # type: ignore[arg-type]
+        proxy = buildService(
+            options.config,
+            reactor,  # type: ignore[arg-type]
+            reloadSource(options),
+            reactor,  # type: ignore[arg-type]
+            options.admin,
+            worker,
+            options.cluster,
+        )
     proxy.setServiceParent(main)
     return main
