@@ -217,7 +217,7 @@ def unready(live: LiveProxy, lifetime: IService) -> list[str]:
     if not lifetime.running:
         return ["rproxy is shutting down"]
     registry = live.registry
-    reasons = []
+    reasons = [reason for pending in live.pending for reason in pending()]
     for name in live.config.services:
         if registry.lookup(name):
             continue

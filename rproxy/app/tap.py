@@ -78,7 +78,7 @@ from rproxy.tunnel.splice import DEFAULT_IDLE_TIMEOUT
 from rproxy.upstream.settings import PoolSettings
 
 if TYPE_CHECKING:
-    from rproxy.cluster.registrations import EtcdRegistrations  # treq: imported when --etcd is given
+    from rproxy.cluster.etcd import EtcdClient  # treq: imported when --etcd is given
 
 _log = Logger()
 _DEFAULT_POOL = PoolSettings()
@@ -405,6 +405,9 @@ class Options(usage.Options):
     admin: AdminSettings
     #: Where the instances of a gateway share their state (etcd, Redis).
     cluster: ClusterSettings
+    #: A TOML document of services, routes and filters that replaces the config file's, and what errors in it
+    #: name (set before parsing: the document of C{--etcd-config-key}).
+    document: tuple[str, str] | None = None
     #: How many worker processes serve (C{--workers}; 1: this process serves, with no supervisor).
     workers: int
 
@@ -537,8 +540,12 @@ class Options(usage.Options):
         )
 
         values = OptionValues(self, self._sources)
+        file = self._file
         try:
-            self.config = buildConfig(values, self._file)
+            if self.document is not None:
+                text, where = self.document
+                file = (file or ConfigFile("", {}, {}, ())).withDocument(text, where)
+            self.config = buildConfig(values, file)
             self.admin = adminSettings(values)
             self.cluster = clusterSettings(values)
         except ConfigError as e:
@@ -659,11 +666,19 @@ def buildService(
             proxy.tracer = tracing
             site.observers.append(tracing)  # the exchange's span ends with its record
             closers.append(lambda: tracing.close(reactor))  # type: ignore[arg-type]
-    shared = None
+    shared = document = None
     if cluster is not None and cluster.shared:
-        shared = sharedRegistrations(cluster, reactor)
-        live.stores.append(shared.client.health)
-        closers.append(shared.client.close)
+        from rproxy.cluster.registrations import EtcdRegistrations  # treq and the etcd client: with --etcd only
+
+        client = etcdClient(cluster, reactor)
+        live.stores.append(client.health)
+        closers.append(client.close)
+        shared = EtcdRegistrations(client, cluster.prefix, reactor)
+        if cluster.configKey is not None:
+            from rproxy.cluster.document import EtcdDocument
+
+            document = EtcdDocument(client, cluster.prefix, cluster.configKey, reactor)
+            live.pending.append(document.pending)
     metrics = None
     if admin is not None and (admin.listen is not None or admin.metricsListen is not None):
         from rproxy.observe.metrics import ProxyMetrics  # prometheus_client, imported when metrics are served
@@ -697,6 +712,10 @@ def buildService(
         reloader = ConfigReloader(source, live, reactor)
         reloader.setServiceParent(top)
         reloads.append(reloader.reload)
+        if document is not None:
+            reloader.document = document.current
+            document.applyWith(reloader.reload)
+            document.setServiceParent(top)
     if certificates is not None:
         reloads.append(certificates.reload)
     if accessLog is not None:
@@ -709,14 +728,13 @@ def buildService(
     return top
 
 
-def sharedRegistrations(cluster: ClusterSettings, reactor: IReactorTime) -> EtcdRegistrations:
-    """The registrations kept in the etcd of C{cluster} (treq and the etcd client: imported when they are)."""
+def etcdClient(cluster: ClusterSettings, reactor: IReactorTime) -> EtcdClient:
+    """The client of C{cluster}'s etcd (treq and the etcd client: imported when there is one)."""
     from rproxy.cluster.etcd import EtcdClient
-    from rproxy.cluster.registrations import EtcdRegistrations
 
-    fallback = "serving the registrations last known; registering through the admin API fails with 503"
+    fallback = "serving the registrations and configuration last known; the admin API cannot register (503)"
     health = StoreHealth("etcd", ", ".join(cluster.etcd), fallback, reactor)
-    return EtcdRegistrations(EtcdClient(cluster.etcd, reactor, cluster.timeout, health), cluster.prefix, reactor)
+    return EtcdClient(cluster.etcd, reactor, cluster.timeout, health)
 
 
 def checkConfig(path: str, config: ProxyConfig) -> str:
@@ -737,19 +755,22 @@ def checkConfig(path: str, config: ProxyConfig) -> str:
 def reloadSource(options: Options) -> ConfigSource | None:
     """
     Where the configuration of C{options} is read again from on a reload: its config file, with the same
-    arguments around it (C{None} without a config file: nothing could change).
+    arguments around it, and the document of C{--etcd-config-key} if any (C{None} with neither: nothing could
+    change).
     """
     path = options["config"]
-    if path is None:
+    cluster = options.cluster
+    if path is None and cluster.configKey is None:
         return None
     arguments = list(options.arguments)
 
-    def load() -> ProxyConfig:
+    def load(document: tuple[str, str] | None) -> ProxyConfig:
         again = Options()
+        again.document = document
         again.parseOptions(arguments)
         return again.config
 
-    return ConfigSource(path, load, options.watchInterval)
+    return ConfigSource(path or f"etcd {cluster.prefix}{cluster.configKey}", load, options.watchInterval)
 
 
 class _Main(service.MultiService):

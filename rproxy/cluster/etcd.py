@@ -104,7 +104,7 @@ class Watch(Protocol):
         revision was compacted away, or L{stop} was called (C{"stopped"}).
     """
 
-    def __init__(self, onEvents: Callable[[int, list[Event]], None]) -> None:
+    def __init__(self, onEvents: Callable[[list[Event]], object]) -> None:
         self.ended: Deferred[str] = Deferred()
         self._onEvents = onEvents
         self._buffer = b""
@@ -144,7 +144,7 @@ class Watch(Protocol):
             events = result.get("events")
             if events:
                 changes = [Event(KeyValue.fromJSON(e.get("kv", {})), e.get("type") == "DELETE") for e in events]
-                self._onEvents(int(result["header"]["revision"]), changes)
+                self._onEvents(changes)
         except (ValueError, KeyError, TypeError, AttributeError):
             self._end(f"a watch message etcd's API does not send: {line[:200]!r}")
 
@@ -228,10 +228,10 @@ class EtcdClient:
 
     # -- the watch
 
-    def watch(self, prefix: bytes, startRevision: int, onEvents: Callable[[int, list[Event]], None]) -> Watch:
+    def watch(self, prefix: bytes, startRevision: int, onEvents: Callable[[list[Event]], object]) -> Watch:
         """
         Stream the changes of the keys starting with C{prefix} from C{startRevision} on: C{onEvents} is
-        called with each batch's revision and events, in order.  The returned L{Watch} says when and why the
+        called with each batch of events, in order.  The returned L{Watch} says when and why the
         stream ended; it is never restarted here.
         """
         watch = Watch(onEvents)

@@ -8,9 +8,9 @@ that every instance also hears of renewals and shows when the registration expir
 
 L{EtcdRegistrations} reads the prefix, then watches it from the revision it read, and hands each change to the
 instance's registrations (L{rproxy.app.admin.Registrations.follow}) in the shape workers announce changes in.
-When the watch ends (etcd stopped, the connection lost, the revision compacted) it reads the prefix again,
-backing off while etcd does not answer, and reconciles: what was deleted meanwhile leaves, what was added
-comes.  Until etcd answers again, the registrations last known keep serving.
+Each time it has read the prefix again (L{rproxy.cluster.follow}: after etcd comes back) it reconciles:
+what was deleted meanwhile leaves, what was added comes.  Until etcd answers again, the registrations last
+known keep serving.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import json
 import math
 from collections.abc import Callable, Mapping
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from rproxy.cluster.etcd import EtcdClient, EtcdError, Event, KeyValue, Watch
+from rproxy.cluster.etcd import EtcdClient, EtcdError, Event, KeyValue
+from rproxy.cluster.follow import PrefixFollower
 
 _log = Logger()
 
@@ -32,34 +32,22 @@ _log = Logger()
 #: (C{None}: the registration ended).
 Change = Mapping[str, object]
 
-#: The first and the longest wait before reading etcd again after it did not answer, in seconds.
-FIRST_RETRY, LONGEST_RETRY = 0.1, 5.0
-
-#: Seconds between two probes of etcd while a watch streams (a stream over a connection that died silently
-#: would otherwise say nothing).
-PROBE_INTERVAL = 2.0
-
 
 class EtcdRegistrations:
     """
     The registrations under C{PREFIX}C{registrations/} in etcd, as changes for this instance to follow.
 
     @ivar client: the etcd client (and its health).
-    @ivar synced: whether the registrations known here are etcd's as of the last read or event.
     """
 
     def __init__(self, client: EtcdClient, prefix: str, reactor: IReactorTime) -> None:
         self.client = client
-        self.synced = False
         self._prefix = (prefix + "registrations/").encode("utf-8")
-        self._reactor = reactor
         self._follow: Callable[[Change], object] = lambda change: None
         self._known: dict[str, tuple[KeyValue, Change]] = {}
-        self._running = False
-        self._watch: Watch | None = None
-        self._probe = LoopingCall(self._probeOnce)
-        self._probe.clock = reactor
-        self._loop: Deferred[None] | None = None
+        self._follower = PrefixFollower(
+            client, self._prefix, reactor, self._reconcile, self._events, "the registrations"
+        )
 
     # -- what the admin API asks
 
@@ -91,56 +79,19 @@ class EtcdRegistrations:
 
     # -- following etcd
 
+    @property
+    def synced(self) -> bool:
+        """Whether the registrations known here are etcd's as of the last read or event."""
+        return self._follower.synced
+
     def start(self, follow: Callable[[Change], object]) -> None:
         """Read the registrations and follow every change from then on with C{follow}, until L{stop}."""
         self._follow = follow
-        self._running = True
-        self._loop = Deferred.fromCoroutine(self._run())
-        self._probe.start(PROBE_INTERVAL, now=False)
+        self._follower.start()
 
     def stop(self) -> Deferred[None]:
         """Stop following (the registrations known stay as they are); fires when the watch has ended."""
-        self._running = False
-        if self._probe.running:
-            self._probe.stop()
-        if self._watch is not None:
-            self._watch.stop()
-        loop, self._loop = self._loop, None
-        return succeed(None) if loop is None else loop
-
-    async def _run(self) -> None:
-        wait = FIRST_RETRY
-        while self._running:
-            try:
-                revision, kvs = await self.client.range(self._prefix)
-            except EtcdError:
-                self.synced = False
-                await deferLater(self._reactor, wait, lambda: None)  # type: ignore[arg-type]
-                wait = min(wait * 2, LONGEST_RETRY)
-                continue
-            wait = FIRST_RETRY
-            self._reconcile(kvs)
-            self.synced = True
-            if not self._running:
-                return
-            self._watch = self.client.watch(self._prefix, revision + 1, self._events)
-            why = await self._watch.ended
-            self._watch = None
-            self.synced = False
-            if self._running:
-                _log.info("etcd: the watch of the registrations ended ({why}): reading them again", why=why)
-
-    def _probeOnce(self) -> None:
-        """While a watch streams, ask etcd something: a watch that a dead connection holds is ended."""
-        watch = self._watch
-        if watch is None:
-            return
-
-        def unanswered(failure: object) -> None:
-            if self._watch is watch:
-                watch.stop()
-
-        self.client.get(self._prefix).addErrback(unanswered)
+        return self._follower.stop()
 
     def _reconcile(self, kvs: list[KeyValue]) -> None:
         """Follow what changed between the registrations known here and C{kvs}, all of etcd's."""
@@ -158,7 +109,7 @@ class EtcdRegistrations:
             _, change = self._known.pop(id)
             self._follow({**change, "ttl": None})
 
-    def _events(self, revision: int, events: list[Event]) -> None:
+    def _events(self, events: list[Event]) -> None:
         for event in events:
             if event.deleted:
                 id = event.kv.key[len(self._prefix) :].decode("utf-8", "replace")

@@ -25,6 +25,19 @@ from rproxy.test.test_drain import ProxyProcess, waitUntilListening
 PROPAGATION = 1.0
 
 
+async def waitFor(
+    testCase: unittest.TestCase, what: str, predicate: Callable[[], Any], timeout: float, *logOf: Instance
+) -> float:
+    """Seconds until C{await predicate()} holds; fail the test after C{timeout}, with the logs of C{logOf}."""
+    started = reactor.seconds()
+    while not await predicate():
+        if reactor.seconds() - started > timeout:
+            logs = "".join(f"\n--- {each.name}:\n{each.process.log}" for each in logOf)
+            testCase.fail(f"not within {timeout:g}s: {what}{logs}")
+        await sleep(0.02)
+    return reactor.seconds() - started
+
+
 class Instance:
     """One C{twist rproxy} process of the gateway: its proxy port and its admin API."""
 
@@ -84,15 +97,6 @@ class SharedRegistryTests(unittest.TestCase):
             await waitUntilListening(self, instance.process, instance.adminPort)
         return instances
 
-    async def waitFor(self, what: str, predicate: Callable[[], Any], timeout: float) -> float:
-        """Seconds until C{await predicate()} holds; fail the test after C{timeout}."""
-        started = reactor.seconds()
-        while not await predicate():
-            if reactor.seconds() - started > timeout:
-                self.fail(f"not within {timeout:g}s: {what}")
-            await sleep(0.02)
-        return reactor.seconds() - started
-
     async def serves(self, instance: Instance) -> bool:
         """Whether C{instance} sends requests to the registered upstream (round robin: within two)."""
         return b"registered" in await instance.bodies(2)
@@ -111,8 +115,8 @@ class SharedRegistryTests(unittest.TestCase):
         id = answer.json()["id"]
         self.assertTrue(await self.serves(a))
         for other in (b, c):
-            await self.waitFor(
-                f"{other.name} serves the registration", functools.partial(self.serves, other), PROPAGATION
+            await waitFor(
+                self, f"{other.name} serves the registration", functools.partial(self.serves, other), PROPAGATION
             )
             [_, registered] = upstreamsOf(await other.state())
             self.assertEqual((registered["key"], registered["registration"]["id"]), (self.registered.url, id))
@@ -124,7 +128,7 @@ class SharedRegistryTests(unittest.TestCase):
             states = [upstreamsOf(await each.state())[1]["registration"] for each in (a, b, c)]
             return all(state["ttl"] == 120.0 and state["expiresIn"] > 100 for state in states)
 
-        await self.waitFor("every instance sees the renewal", renewedEverywhere, PROPAGATION)
+        await waitFor(self, "every instance sees the renewal", renewedEverywhere, PROPAGATION)
 
         again = await c.register(self.registered.url, 60)
         self.assertEqual((again.status, again.json()["id"]), (200, id), "the same upstream is one registration")
@@ -132,7 +136,9 @@ class SharedRegistryTests(unittest.TestCase):
         gone = await c.admin.request("DELETE", f"/services/default/upstreams/{id}")
         self.assertEqual(gone.status, 204, gone.body)
         for each in (a, b, c):
-            await self.waitFor(f"{each.name} no longer serves it", functools.partial(self.servesNot, each), PROPAGATION)
+            await waitFor(
+                self, f"{each.name} no longer serves it", functools.partial(self.servesNot, each), PROPAGATION
+            )
             self.assertEqual(len(upstreamsOf(await each.state())), 1)
 
     async def test_leaseExpiry(self) -> None:
@@ -141,9 +147,9 @@ class SharedRegistryTests(unittest.TestCase):
         answer = await a.register(self.registered.url, 2)
         self.assertEqual(answer.status, 201, answer.body)
         for each in (a, b, c):
-            await self.waitFor(f"{each.name} serves it", functools.partial(self.serves, each), PROPAGATION)
+            await waitFor(self, f"{each.name} serves it", functools.partial(self.serves, each), PROPAGATION)
         # etcd checks its leases twice a second; its minimum lease is about two seconds.
-        seconds = await self.waitFor("the lease expires everywhere", lambda: self.allServeNot((a, b, c)), 2 + 1.5 + 1)
+        seconds = await waitFor(self, "the lease expires everywhere", lambda: self.allServeNot((a, b, c)), 2 + 1.5 + 1)
         self.assertGreater(seconds, 0.5, "it left before its TTL")
         for each in (a, b, c):
             self.assertIn("left service default", each.process.log)
@@ -162,7 +168,7 @@ class SharedRegistryTests(unittest.TestCase):
         """
         a, b = await self.startGateway(2)
         self.assertEqual((await a.register(self.registered.url, 60)).status, 201)
-        await self.waitFor("B serves it", lambda: self.serves(b), PROPAGATION)
+        await waitFor(self, "B serves it", lambda: self.serves(b), PROPAGATION)
         await self.etcd.stop()
 
         served = []
@@ -180,7 +186,7 @@ class SharedRegistryTests(unittest.TestCase):
             [store] = (await instance.state())["stores"]
             return store["store"] == "etcd" and not store["up"]
 
-        await self.waitFor("B says etcd is out of reach", lambda: saysSo(b), 5)
+        await waitFor(self, "B says etcd is out of reach", lambda: saysSo(b), 5)
         self.assertIn(f"etcd at {self.etcd.url} is out of reach", b.process.log)
         metrics = (await b.admin.request("GET", "/metrics")).body.decode()
         self.assertIn('rproxy_store_up{store="etcd"} 0.0', metrics)
@@ -191,12 +197,12 @@ class SharedRegistryTests(unittest.TestCase):
 
         await self.etcd.start()
         other = ScriptedUpstream(self, answerWith(b"other"))
-        await self.waitFor("A registers again", lambda: self.registers(a, other.url), 10)
+        await waitFor(self, "A registers again", lambda: self.registers(a, other.url), 10)
 
         async def bServesOther() -> bool:
             return b"other" in await b.bodies(3)
 
-        await self.waitFor("B follows etcd again", bServesOther, 6)
+        await waitFor(self, "B follows etcd again", bServesOther, 6)
         [store] = (await b.state())["stores"]
         self.assertTrue(store["up"], store)
         self.assertIn("answers again", b.process.log)
