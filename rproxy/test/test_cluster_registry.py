@@ -78,7 +78,8 @@ class Instance:
 class SharedRegistryTests(unittest.TestCase):
     """Three instances, one etcd."""
 
-    async def startGateway(self, count: int = 3) -> list[Instance]:
+    async def startGateway(self, count: int = 3, *extra: str, upstream: str | None = None) -> list[Instance]:
+        """C{count} instances with C{extra} arguments, in front of C{upstream} (by default L{configured})."""
         self.etcd: EtcdServer = await startEtcd(self)
         self.configured = ScriptedUpstream(self, answerWith(b"configured"))
         self.registered = ScriptedUpstream(self, answerWith(b"registered"))
@@ -86,10 +87,11 @@ class SharedRegistryTests(unittest.TestCase):
         with open(tokenFile, "w") as f:
             f.write(TOKEN)
         arguments = [
-            f"--upstream={self.configured.url}",
+            f"--upstream={upstream or self.configured.url}",
             f"--admin-token-file={tokenFile}",
             f"--etcd={self.etcd.url}",
             "--access-log=off",
+            *extra,
         ]
         instances = [Instance(self, name, arguments) for name in "ABC"[:count]]
         for instance in instances:
@@ -193,7 +195,7 @@ class SharedRegistryTests(unittest.TestCase):
         self.assertIn('rproxy_store_outages_total{store="etcd"} 1.0', metrics)
         page = (await b.admin.request("GET", "/status")).body.decode()
         self.assertIn(f"etcd at {self.etcd.url} out of reach since", page)
-        self.assertIn("serving the registrations last known", page)
+        self.assertIn("serving the registrations and configuration last known", page)
 
         await self.etcd.start()
         other = ScriptedUpstream(self, answerWith(b"other"))
@@ -208,6 +210,20 @@ class SharedRegistryTests(unittest.TestCase):
         self.assertIn("answers again", b.process.log)
         metrics = (await b.admin.request("GET", "/metrics")).body.decode()
         self.assertIn('rproxy_store_up{store="etcd"} 1.0', metrics)
+
+    async def test_everyWorker(self) -> None:
+        """
+        Instances of two workers each: a registration made through A reaches every worker of B (each follows
+        etcd itself).  Their configured upstream refuses connections, so a worker that did not know the
+        registration would answer 502.
+        """
+        refusing = f"http://127.0.0.1:{freePort()}"
+        a, b = await self.startGateway(2, "--workers=2", upstream=refusing)
+        self.assertEqual((await a.register(self.registered.url, 60)).status, 201)
+        await sleep(PROPAGATION)
+        statuses = [(await request(b.port, b"/x"))[0].split(b"\r\n")[0] for _ in range(30)]
+        self.assertEqual(set(statuses), {b"HTTP/1.1 200 OK"})
+        self.assertEqual(await b.bodies(4), [b"registered"] * 4)
 
     async def registers(self, instance: Instance, url: str) -> bool:
         return bool((await instance.register(url, 60)).status == 201)
