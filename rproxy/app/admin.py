@@ -22,11 +22,11 @@ C{/metrics} (L{rproxy.observe.metrics}, docs/observability.md).
 from __future__ import annotations
 
 import binascii
+import hashlib
 import hmac
 import json
 import math
 import re
-import secrets
 from base64 import b64decode
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,6 +44,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from rproxy.app.config import OptionValues
 from rproxy.app.reload import LiveProxy, describeRoute
+from rproxy.cluster.health import StoreError
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.listeners import checkEndpoint
 from rproxy.downstream.site import ProxySite
@@ -52,6 +53,7 @@ from rproxy.observe.status import PAGE_HEADERS, RegistrationState, StateDocument
 from rproxy.upstream.upstreams import Upstream
 
 if TYPE_CHECKING:
+    from rproxy.cluster.registrations import EtcdRegistrations  # treq: imported when registrations are shared
     from rproxy.observe.metrics import ProxyMetrics  # prometheus_client: imported when metrics are served
 
 _log = Logger()
@@ -215,7 +217,7 @@ def unready(live: LiveProxy, lifetime: IService) -> list[str]:
     if not lifetime.running:
         return ["rproxy is shutting down"]
     registry = live.registry
-    reasons = []
+    reasons = [reason for pending in live.pending for reason in pending()]
     for name in live.config.services:
         if registry.lookup(name):
             continue
@@ -308,6 +310,7 @@ def state(live: LiveProxy, lifetime: IService, registrations: Registrations) -> 
         ],
         "routes": [{"description": describeRoute(route)} for route in live.config.routes],
         "tunnels": live.proxy.tunnels.describe(),
+        "stores": [store.describe() for store in live.stores],
     }
 
 
@@ -315,7 +318,7 @@ class Registration:
     """
     An upstream a service instance registered: it stays in its service while renewed within its TTL.
 
-    @ivar id: what the instance renews and deregisters it by.
+    @ivar id: what the instance renews and deregisters it by: the same for the same service and URL.
     @ivar service: the service's name.
     @ivar url: the URL it was registered with (C{#weight=N} included).
     @ivar ttl: seconds it stays without a renewal.
@@ -330,25 +333,32 @@ class Registration:
         ttl: float,
         upstream: Upstream,
         clock: IReactorTime,
-        expire: Callable[[Registration], object],
+        expire: Callable[[Registration], object] | None,
     ) -> None:
-        """Registered now: C{expire} is called with it C{ttl} seconds from now, unless it is renewed or cancelled."""
+        """
+        Registered now: C{expire} is called with it C{ttl} seconds from now, unless it is renewed or
+        cancelled (C{None}: its expiry is kept elsewhere, an etcd lease).
+        """
         self.id = id
         self.service = service
         self.url = url
         self.ttl = ttl
         self.upstream = upstream
         self._clock = clock
-        self._expiry = clock.callLater(ttl, expire, self)
+        self._expire = expire
+        self._expiry = None if expire is None else clock.callLater(ttl, expire, self)
+        self._renewed = clock.seconds()
 
     def renew(self, ttl: float) -> None:
         """Keep it C{ttl} seconds from now (its new TTL)."""
         self.ttl = ttl
-        self._expiry.reset(ttl)
+        self._renewed = self._clock.seconds()
+        if self._expiry is not None:
+            self._expiry.reset(ttl)
 
     def cancel(self) -> None:
         """Stop its expiry timer (it no longer expires)."""
-        if self._expiry.active():
+        if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
 
     def describe(self) -> RegistrationState:
@@ -359,8 +369,17 @@ class Registration:
             "key": self.upstream.key,
             "weight": self.upstream.configuredWeight,
             "ttl": self.ttl,
-            "expiresIn": round(max(0.0, self._expiry.getTime() - self._clock.seconds()), 3),
+            "expiresIn": round(max(0.0, self._renewed + self.ttl - self._clock.seconds()), 3),
         }
+
+
+def registrationID(service: str, key: str) -> str:
+    """
+    The id of the registration of the upstream C{key} (its URL's key) in C{service}: the same on every
+    instance and every time, so that the same upstream registered twice, through two instances or after it
+    expired, is one registration.
+    """
+    return hashlib.blake2b(f"{service}\n{key}".encode(), digest_size=8).hexdigest()
 
 
 class Registrations(Service):
@@ -372,20 +391,26 @@ class Registrations(Service):
     A live reload leaves registered upstreams alone (they keep their pools, health and the settings their
     service had when they registered), and drops the registrations of a service it removes.
 
-    Under a supervisor (C{--workers}), the worker serving the admin API announces each change
-    (L{announceTo}), and the other workers L{follow} it.
+    Where they are kept:
+      - in this process, each with a timer of its TTL.  Under a supervisor (C{--workers}), the worker
+        serving the admin API announces each change (L{announceTo}), and the other workers L{follow} it;
+      - or, given a C{shared} store (C{--etcd}: L{rproxy.cluster.registrations.EtcdRegistrations}), in
+        etcd under a lease of the TTL: a change made here is answered once etcd has it, and every instance
+        (every worker of each) follows etcd's changes, its own included.
+
+    @ivar shared: the etcd store, if the registrations are kept there.
     """
 
     _log = Logger()
 
-    def __init__(self, live: LiveProxy, reactor: IReactorTime) -> None:
+    def __init__(self, live: LiveProxy, reactor: IReactorTime, shared: EtcdRegistrations | None = None) -> None:
+        self.shared = shared
         self._live = live
         self._reactor = reactor
         self._byID: dict[str, Registration] = {}
         self._byUpstream: dict[Upstream, Registration] = {}
         self._unwatch: Callable[[], None] | None = None
         self._announce: Callable[[dict[str, object]], object] | None = None
-        self._following = False
 
     def announceTo(self, announce: Callable[[dict[str, object]], object]) -> None:
         """
@@ -395,52 +420,105 @@ class Registrations(Service):
         self._announce = announce
 
     def follow(self, change: Mapping[str, object]) -> None:
-        """Make the change another worker announced (see L{announceTo}) here, without announcing it again."""
-        self._following = True
+        """Make a change another worker announced (see L{announceTo}) or etcd holds here, without announcing it."""
         try:
             service, url, ttl, id = (str(change["service"]), str(change["url"]), change["ttl"], str(change["id"]))
             if ttl is None:
                 registration = self._byID.get(id)
                 if registration is not None:
-                    self.deregister(registration, "deregistered through another worker")
+                    self._remove(registration, "deregistered, or not renewed, through another instance or worker")
             elif isinstance(ttl, int | float):
-                self.register(service, url, float(ttl), id)
+                self._add(service, url, float(ttl), id)
         except (APIError, KeyError, ValueError) as e:
             self._log.warn("admin API: cannot follow {change}: {error}", change=dict(change), error=e)
-        finally:
-            self._following = False
 
     def _announced(self, made: Registration, ttl: float | None) -> None:
-        if self._announce is not None and not self._following:
+        if self._announce is not None:
             self._announce({"id": made.id, "service": made.service, "url": made.url, "ttl": ttl})
 
     def startService(self) -> None:
         super().startService()
         self._unwatch = self._live.registry.watch(self._changed)
+        if self.shared is not None:
+            self.shared.start(self.follow)
 
-    def stopService(self) -> None:
-        """Stop the expiry timers (the registrations end with the process)."""
+    def stopService(self) -> Deferred[None] | None:
+        """Stop the expiry timers (the registrations end with the process), and following etcd."""
         super().stopService()
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
         for registration in self._byID.values():
             registration.cancel()
+        return None if self.shared is None else self.shared.stop()
 
     def of(self, upstream: Upstream) -> Registration | None:
         """The registration C{upstream} is in its service by, if any."""
         return self._byUpstream.get(upstream)
 
-    def register(self, service: str, url: str, ttl: float, id: str | None = None) -> tuple[Registration, bool]:
+    def register(self, service: str, url: str, ttl: float) -> Deferred[tuple[Registration, bool]]:
         """
-        Add an upstream at C{url} to C{service} for C{ttl} seconds; return its registration, and whether
-        it is new (C{False}: that URL was registered there already, and is renewed with C{ttl}).  Its id is
-        C{id} if given (the one another worker gave it), else a new random one.
+        Add an upstream at C{url} to C{service} for C{ttl} seconds; fires with its registration, and whether
+        it is new (C{False}: that URL was registered there already, and is renewed with C{ttl}).
 
         @raise APIError: 404 for an unknown service, 400 for a bad URL, 409 when the URL is one of the
-            service's configured upstreams, or registered with another weight.
+            service's configured upstreams, or registered with another weight; (in the Deferred) 503 when
+            the registration is kept in etcd and etcd does not answer.
         """
         upstream = self._build(service, url)
+        new = self._existing(service, upstream) is None
+        id = registrationID(service, upstream.key)
+        if self.shared is None:
+            return succeed(self._add(service, url, ttl, id))
+        # New or not as it was asked: etcd's echo of the change may come through the watch before its answer.
+        return self._stored(self.shared.put(id, service, url, ttl), f"register {upstream.key}").addCallback(
+            lambda _: (self._add(service, url, ttl, id)[0], new)
+        )
+
+    def renew(self, registration: Registration, ttl: float) -> Deferred[None]:
+        """Keep C{registration} C{ttl} seconds from now (its new TTL)."""
+        if self.shared is None:
+            registration.renew(ttl)
+            self._announced(registration, ttl)
+            return succeed(None)
+        putting = self.shared.put(registration.id, registration.service, registration.url, ttl)
+        return self._stored(putting, f"renew {registration.id}").addCallback(lambda _: registration.renew(ttl))
+
+    def deregister(self, registration: Registration, why: str) -> Deferred[None]:
+        """Take C{registration}'s upstream out of its service (its exchanges in flight finish)."""
+        if self.shared is None:
+            self._remove(registration, why)
+            self._announced(registration, None)
+            return succeed(None)
+        deleting = self.shared.delete(registration.id)
+        return self._stored(deleting, f"deregister {registration.id}").addCallback(
+            lambda _: self._remove(registration, why) if self._byID.get(registration.id) is registration else None
+        )
+
+    def find(self, service: str, id: str) -> Registration:
+        """The registration C{id} of C{service}; raise a 404 L{APIError} when there is none."""
+        registration = self._byID.get(id)
+        if registration is None or registration.service != service:
+            raise APIError(
+                404, f"no registration {id!r} in service {service}: it expired or was deregistered (register again)"
+            )
+        return registration
+
+    def _stored(self, storing: Deferred[None], what: str) -> Deferred[None]:
+        """C{storing}, etcd's answer, with its failure turned into the API's 503."""
+
+        def unstored(failure: Failure) -> None:
+            failure.trap(StoreError)
+            raise APIError(503, f"cannot {what}: etcd did not take it ({failure.value})", {b"retry-after": b"1"})
+
+        return storing.addErrback(unstored)
+
+    def _existing(self, service: str, upstream: Upstream) -> Registration | None:
+        """
+        The registration of C{upstream}'s key in C{service}, if it is registered there with the same weight.
+
+        @raise APIError: 409 when it is a configured upstream of C{service}, or registered with another weight.
+        """
         for existing in self._live.registry.members(service):
             if existing.key != upstream.key:
                 continue
@@ -453,10 +531,19 @@ class Registrations(Service):
                     f"{upstream.key} is registered in service {service} with weight {existing.configuredWeight} "
                     f"(id {registration.id}): deregister it first",
                 )
-            self.renew(registration, ttl)
+            return registration
+        return None
+
+    def _add(self, service: str, url: str, ttl: float, id: str) -> tuple[Registration, bool]:
+        """Put the registration in force here: a new one, or the renewal of the one there is."""
+        upstream = self._build(service, url)
+        registration = self._existing(service, upstream)
+        if registration is not None:
+            registration.renew(ttl)
+            self._announced(registration, ttl)
             return registration, False
-        id = secrets.token_hex(8) if id is None else id
-        registration = Registration(id, service, url, ttl, upstream, self._reactor, self._expire)
+        expire = self._expire if self.shared is None else None
+        registration = Registration(id, service, url, ttl, upstream, self._reactor, expire)
         self._byID[id] = registration
         self._byUpstream[upstream] = registration
         self._live.registry.add(service, upstream)
@@ -470,27 +557,11 @@ class Registrations(Service):
         )
         return registration, True
 
-    def renew(self, registration: Registration, ttl: float) -> None:
-        """Keep C{registration} C{ttl} seconds from now (its new TTL)."""
-        registration.renew(ttl)
-        self._announced(registration, ttl)
-
-    def find(self, service: str, id: str) -> Registration:
-        """The registration C{id} of C{service}; raise a 404 L{APIError} when there is none."""
-        registration = self._byID.get(id)
-        if registration is None or registration.service != service:
-            raise APIError(
-                404, f"no registration {id!r} in service {service}: it expired or was deregistered (register again)"
-            )
-        return registration
-
-    def deregister(self, registration: Registration, why: str) -> None:
-        """Take C{registration}'s upstream out of its service (its exchanges in flight finish)."""
+    def _remove(self, registration: Registration, why: str) -> None:
         registration.cancel()
         del self._byID[registration.id]
         del self._byUpstream[registration.upstream]
         self._live.registry.remove(registration.service, registration.upstream)
-        self._announced(registration, None)
         self._log.info(
             "admin API: {url} left service {service} (id {id}): {why}",
             url=registration.upstream.key,
@@ -500,7 +571,8 @@ class Registrations(Service):
         )
 
     def _expire(self, registration: Registration) -> None:
-        self.deregister(registration, f"not renewed within its TTL of {registration.ttl:g}s")
+        self._remove(registration, f"not renewed within its TTL of {registration.ttl:g}s")
+        self._announced(registration, None)
 
     def _build(self, service: str, url: str) -> Upstream:
         """A new upstream for C{url} with the settings of C{service} in the configuration in force."""
@@ -583,16 +655,23 @@ class AdminAPI(Resource):
                 return self._page(request)
             if request.path == METRICS_PATH and self._metrics is not None:
                 return self._metrics.render(request)  # type: ignore[no-any-return]
-            status, document = self._route(request)
         except APIError as e:
-            for name, value in e.fields.items():
-                request.setHeader(name, value)
-            status, document = e.status, {"error": e.reason}
-        request.setResponseCode(status)
-        if document is None:
-            return b""
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(document).encode("utf-8") + b"\n"
+            return _answer(request, *_failed(request, e))
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+        answering: Deferred[tuple[int, object]] = maybeDeferred(self._route, request)  # type: ignore[call-overload]
+
+        def answer(result: tuple[int, object]) -> None:
+            if not gone:
+                request.write(_answer(request, *result))
+                request.finish()
+
+        def failed(failure: Failure) -> tuple[int, object]:
+            failure.trap(APIError)
+            return _failed(request, failure.value)  # type: ignore[arg-type]
+
+        answering.addErrback(failed).addCallback(answer)
+        return NOT_DONE_YET
 
     def _authenticate(self, request: Request, page: bool) -> None:
         """
@@ -650,7 +729,7 @@ class AdminAPI(Resource):
         self._everyWorker(document).addCallback(show)
         return NOT_DONE_YET
 
-    def _route(self, request: Request) -> tuple[int, object]:
+    def _route(self, request: Request) -> tuple[int, object] | Deferred[tuple[int, object]]:
         """The status and document (C{None}: no body) that answer an authenticated C{request}."""
         path = request.path
         if path == b"/state":
@@ -665,21 +744,42 @@ class AdminAPI(Resource):
             _allow(request, b"PUT", b"DELETE")
             registration = self._registrations.find(service, unquote(segments[4].decode("latin-1")))
             if request.method == b"PUT":
-                self._registrations.renew(registration, _ttl(_body(request, optional=True), registration.ttl))
-                return 200, registration.describe()
-            self._registrations.deregister(registration, "deregistered")
-            return 204, None
+                renewing = self._registrations.renew(
+                    registration, _ttl(_body(request, optional=True), registration.ttl)
+                )
+                return renewing.addCallback(lambda _: (200, registration.describe()))
+            return self._registrations.deregister(registration, "deregistered").addCallback(lambda _: (204, None))
         raise APIError(404, f"no such resource: {path.decode('latin-1')} (see docs/admin.md)")
 
-    def _register(self, request: Request, service: str) -> tuple[int, object]:
+    def _register(self, request: Request, service: str) -> Deferred[tuple[int, object]]:
         body = _body(request, optional=False)
         url = body.get("url")
         if not isinstance(url, str):
             raise APIError(400, f"url: expected a string such as http://10.0.0.7:8080, got {_shown(url)}")
-        registration, new = self._registrations.register(service, url, _ttl(body, None))
-        location = f"/services/{service}/upstreams/{registration.id}"
-        request.setHeader(b"location", location.encode("utf-8"))
-        return (201 if new else 200), registration.describe()
+
+        def registered(made: tuple[Registration, bool]) -> tuple[int, object]:
+            registration, new = made
+            location = f"/services/{service}/upstreams/{registration.id}"
+            request.setHeader(b"location", location.encode("utf-8"))
+            return (201 if new else 200), registration.describe()
+
+        return self._registrations.register(service, url, _ttl(body, None)).addCallback(registered)
+
+
+def _failed(request: Request, error: APIError) -> tuple[int, object]:
+    """The status and document of a request that failed with C{error} (its fields set on C{request})."""
+    for name, value in error.fields.items():
+        request.setHeader(name, value)
+    return error.status, {"error": error.reason}
+
+
+def _answer(request: Request, status: int, document: object) -> bytes:
+    """The body answering C{request} with C{status} and C{document} (C{None}: no body), its head set."""
+    request.setResponseCode(status)
+    if document is None:
+        return b""
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(document).encode("utf-8") + b"\n"
 
 
 def _basicPassword(credentials: bytes) -> bytes | None:

@@ -383,6 +383,8 @@ class ConfigFile:
     @ivar routes: the C{[[routes]]} tables, in order.
     @ivar filters: the C{[filters.NAME]} tables by name.
     @ivar defaultFilters: the C{default-filters} list, if given.
+    @ivar source: the file its relative paths are relative to, when C{path} names something else (its
+        services and routes came from etcd: L{withDocument}).
     """
 
     path: str
@@ -391,15 +393,30 @@ class ConfigFile:
     routes: tuple[Mapping[str, object], ...]
     filters: Mapping[str, object] = field(default_factory=dict)
     defaultFilters: object = None
+    source: str | None = None
+
+    @property
+    def base(self) -> str:
+        """The directory its relative paths are read from: its file's, or the one C{source} names."""
+        return configBase(self.source if self.source is not None else self.path)
 
     @classmethod
     def load(cls, path: str) -> ConfigFile:
         """Read C{path}; raise L{ConfigError} naming it when it cannot be read or is not such a file."""
         try:
             with open(path, "rb") as f:
-                document = tomllib.load(f)
+                text = f.read().decode("utf-8")
         except OSError as e:
             raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: not UTF-8 ({e.reason} at byte {e.start})") from None
+        return cls.parse(text, path)
+
+    @classmethod
+    def parse(cls, text: str, path: str, source: str | None = None) -> ConfigFile:
+        """The config file whose text is C{text}, named C{path} in errors; raise L{ConfigError} if it is none."""
+        try:
+            document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         options = dict(document)
@@ -416,7 +433,21 @@ class ConfigFile:
                 raise ConfigError(f"{path}: services.{_key(name)}: expected a table of settings, got {table!r}")
         if not isinstance(routes, list) or not all(isinstance(route, dict) for route in routes):
             raise ConfigError(f"{path}: routes: expected [[routes]] tables, got {routes!r}")
-        return cls(path, options, services, tuple(routes), filters, defaultFilters)
+        return cls(path, options, services, tuple(routes), filters, defaultFilters, source)
+
+    def withDocument(self, text: str, where: str) -> ConfigFile:
+        """
+        This file with the services, routes, filters and C{default-filters} of the TOML document C{text} in
+        place of its own (the document has nothing else); errors in them name C{where}.
+        """
+        document = ConfigFile.parse(text, where)
+        if document.options:
+            key = next(iter(document.options))
+            raise ConfigError(
+                f"{where}: {key!r}: only [services.*], [[routes]], [filters.*] and default-filters are read from "
+                "there; other settings belong in the config file or on the command line"
+            )
+        return replace(document, options=self.options, source=self.source or self.path)
 
 
 def _text(where: str, value: object) -> str:
@@ -1213,7 +1244,7 @@ def _filters(values: OptionValues, file: ConfigFile | None) -> tuple[dict[str, F
         given = commandLineFilters(values.text, values.repeated, lambda name: bool(values[name]), values.where)
         fromFile = fileFilters(file.path, file.filters) if file is not None else []
         definitions = {each.name: each for each in [*given, *fromFile]}
-        checkFilters(definitions.values(), configBase(file.path if file is not None else None), values.text("redis"))
+        checkFilters(definitions.values(), file.base if file is not None else configBase(None), values.text("redis"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     defaults = tuple(each.name for each in given)
@@ -1251,7 +1282,7 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
                 standIns,
                 filters,
                 defaultFilters,
-                configBase(file.path),
+                file.base,
             )
             for i, table in enumerate(file.routes)
         )
@@ -1305,5 +1336,5 @@ def buildConfig(values: OptionValues, file: ConfigFile | None = None) -> ProxyCo
         routes=routes,
         filters=filters,
         defaultFilters=defaultFilters,
-        base=configBase(file.path if file is not None else None),
+        base=file.base if file is not None else configBase(None),
     )

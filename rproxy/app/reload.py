@@ -54,6 +54,7 @@ from rproxy.app.config import (
     WeightedSplitConfig,
 )
 from rproxy.app.filters import FilterSet
+from rproxy.cluster.health import StoreHealth
 from rproxy.downstream.site import DrainingService
 from rproxy.health.checks import HealthChecker
 from rproxy.interfaces import IBalancer
@@ -105,13 +106,14 @@ class ConfigSource:
     Where a running proxy's configuration is read again from.
 
     @ivar path: the config file: what is watched, and what the log names.
-    @ivar load: reads the configuration again; raises L{usage.UsageError} or L{ConfigError} saying what
-        is wrong with it.
+    @ivar load: reads the configuration again, with the services, routes and filters of a document in place
+        of the file's when given one (its text, and what its errors name: L{rproxy.cluster.document}); raises
+        L{usage.UsageError} or L{ConfigError} saying what is wrong with it.
     @ivar watchInterval: seconds between two looks at the file for changes (0: it is not watched).
     """
 
     path: str
-    load: Callable[[], ProxyConfig]
+    load: Callable[[tuple[str, str] | None], ProxyConfig]
     watchInterval: float = 0.0
 
 
@@ -222,6 +224,9 @@ class LiveProxy:
     @ivar config: the configuration in force.
     @ivar registry: where the services' upstreams are.
     @ivar proxy: the proxy whose director and forwarding policy a reload replaces.
+    @ivar stores: the shared stores it uses (etcd, Redis), whose reachability the admin API, the status page
+        and the metrics show.
+    @ivar pending: what tells why it should not take requests yet (its configuration from etcd not read).
     """
 
     def __init__(
@@ -248,6 +253,8 @@ class LiveProxy:
         self._reactor = reactor
         self.registry = registry
         self.proxy = proxy
+        self.stores: list[StoreHealth] = []
+        self.pending: list[Callable[[], Sequence[str]]] = []
         self._services = dict(services)
         self._filters = filters
         self._draining = draining
@@ -386,6 +393,8 @@ class ConfigReloader(service.Service):
     keeps serving.
 
     @ivar live: the running proxy it reloads.
+    @ivar document: the document whose services, routes and filters replace the file's, if any (read at
+        each reload: L{rproxy.cluster.document.EtcdDocument.current}).
     """
 
     name = "config-reloader"
@@ -397,6 +406,7 @@ class ConfigReloader(service.Service):
         self._reactor = reactor
         self._poll: LoopingCall | None = None
         self._seen: bytes | None = None
+        self.document: Callable[[], tuple[str, str] | None] = lambda: None
 
     def startService(self) -> None:
         """Start watching the file."""
@@ -428,7 +438,7 @@ class ConfigReloader(service.Service):
         path = self._source.path
         self._seen = _signature(path)  # taken first: a change made while it is read is seen next time
         try:
-            config = self._source.load()
+            config = self._source.load(self.document())
         except (usage.UsageError, ConfigError) as e:
             self._rejected(path, trigger, str(e))
             return None

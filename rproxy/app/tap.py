@@ -58,6 +58,7 @@ from rproxy.app.config import (
 )
 from rproxy.app.reload import ConfigReloader, ConfigSource, HangUpReloader, LiveProxy
 from rproxy.app.workers import Supervisor, WorkerRole, listenersOf, workerCount
+from rproxy.cluster.health import StoreHealth
 from rproxy.cluster.settings import DEFAULT_STORE_TIMEOUT, ClusterSettings, clusterSettings
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.listeners import Listener, ListenError
@@ -75,6 +76,9 @@ from rproxy.proxy.resource import buildResource
 from rproxy.proxy.retry import RetryPolicy
 from rproxy.tunnel.splice import DEFAULT_IDLE_TIMEOUT
 from rproxy.upstream.settings import PoolSettings
+
+if TYPE_CHECKING:
+    from rproxy.cluster.etcd import EtcdClient  # treq: imported when --etcd is given
 
 _log = Logger()
 _DEFAULT_POOL = PoolSettings()
@@ -404,6 +408,9 @@ class Options(usage.Options):
     admin: AdminSettings
     #: Where the instances of a gateway share their state (etcd, Redis).
     cluster: ClusterSettings
+    #: A TOML document of services, routes and filters that replaces the config file's, and what errors in it
+    #: name (set before parsing: the document of C{--etcd-config-key}).
+    document: tuple[str, str] | None = None
     #: How many worker processes serve (C{--workers}; 1: this process serves, with no supervisor).
     workers: int
 
@@ -536,8 +543,12 @@ class Options(usage.Options):
         )
 
         values = OptionValues(self, self._sources)
+        file = self._file
         try:
-            self.config = buildConfig(values, self._file)
+            if self.document is not None:
+                text, where = self.document
+                file = (file or ConfigFile("", {}, {}, ())).withDocument(text, where)
+            self.config = buildConfig(values, file)
             self.admin = adminSettings(values)
             self.cluster = clusterSettings(values)
         except ConfigError as e:
@@ -587,7 +598,7 @@ def buildService(
     signals: IReactorFromThreads | None = None,
     admin: AdminSettings | None = None,
     worker: WorkerRole | None = None,
-    redis: RedisClient | None = None,
+    cluster: ClusterSettings | None = None,
 ) -> service.MultiService:
     """
     The proxy's services: a draining shutdown, health checks, then one listener per endpoint (answering
@@ -596,8 +607,9 @@ def buildService(
     L{ConfigReloader}; and given the reactor to hand C{signals} to, a L{HangUpReloader}: SIGHUP reloads the
     configuration and the certificates.  A C{worker} of a supervisor (C{--workers}) listens on the sockets
     its supervisor passed, serves the admin listener only if passed it, and leaves the metrics listener to
-    the supervisor, which asks each worker for its metrics.  The filters may keep state in C{redis}, the
-    process's Redis client, closed at shutdown.
+    the supervisor, which asks each worker for its metrics.  With C{cluster}'s etcd, the registrations are
+    shared with the gateway's other instances (L{rproxy.cluster}); with its Redis, the filters may keep
+    state there (the process's client, closed at shutdown).
     """
 
     def passed(option: str, description: str) -> IStreamServerEndpoint | None:
@@ -610,6 +622,7 @@ def buildService(
         demo = config.demoUpstream
         Listener("--demo-upstream", demo, demoSite(), passed("--demo-upstream", demo)).setServiceParent(top)
     registry = MemoryRegistry()
+    redis = None if cluster is None else redisClient(cluster, reactor)
     filters = buildFilters(config, reactor, redis)
     services, _ = buildServices(config, reactor, registry, filters)
     warnInsecureUpstreams(config)
@@ -625,14 +638,15 @@ def buildService(
             closing.append(accessLog.sink.close())
         return gatherResults(closing).addCallback(lambda _: None)
 
-    if redis is not None:
-        closers.append(redis.close)
     draining = DrainingService([], config.grace, reactor, stopped)
     draining.setServiceParent(top)
     checker = healthChecker(config, reactor, registry)
     if checker is not None:
         checker.setServiceParent(top)
     live = LiveProxy(config, reactor, registry, proxy, services, filters, draining, top, checker)
+    if redis is not None:
+        live.stores.append(redis.health)
+        closers.append(redis.close)
     resource = buildResource(proxy)
     local = localRoutes(admin, live, draining) if admin is not None else {}
     site = ProxySite(LocalRoutes(local, resource) if local else resource, config.client, reactor)
@@ -660,26 +674,41 @@ def buildService(
             proxy.tracer = tracing
             site.observers.append(tracing)  # the exchange's span ends with its record
             closers.append(lambda: tracing.close(reactor))  # type: ignore[arg-type]
+    shared = document = None
+    if cluster is not None and cluster.shared:
+        from rproxy.cluster.registrations import EtcdRegistrations  # treq and the etcd client: with --etcd only
+
+        client = etcdClient(cluster, reactor)
+        live.stores.append(client.health)
+        closers.append(client.close)
+        shared = EtcdRegistrations(client, cluster.prefix, reactor)
+        if cluster.configKey is not None:
+            from rproxy.cluster.document import EtcdDocument
+
+            document = EtcdDocument(client, cluster.prefix, cluster.configKey, reactor)
+            live.pending.append(document.pending)
     metrics = None
     if admin is not None and (admin.listen is not None or admin.metricsListen is not None):
         from rproxy.observe.metrics import ProxyMetrics  # prometheus_client, imported when metrics are served
 
         metrics = ProxyMetrics()  # kept for the admin listener's /metrics and the metrics listener
-        metrics.watch(registry, draining.sites, proxy.tunnels)
+        metrics.watch(registry, draining.sites, proxy.tunnels, live.stores)
         site.observers.append(metrics)
+    if shared is not None or (admin is not None and admin.listen is not None):
+        registrations = Registrations(live, reactor, shared)
+        registrations.setServiceParent(top)
+        if worker is not None:
+            if shared is None:  # else every worker follows etcd
+                registrations.announceTo(worker.announce)
+            worker.registrations = registrations
+            worker.state = lambda: state(live, draining, registrations)
     if admin is not None and admin.listen is not None:
         assert admin.token is not None  # AdminSettings never has one without the other
-        registrations = Registrations(live, reactor)
-        registrations.setServiceParent(top)
         everyWorker = worker.everyWorker if worker is not None else None
         api = adminSite(admin.token, live, draining, registrations, reactor, metrics, everyWorker)
         adminEndpoint = passed("--admin-listen", admin.listen)
         if worker is None or adminEndpoint is not None:
             Listener("--admin-listen", admin.listen, api, adminEndpoint).setServiceParent(top)
-        if worker is not None:
-            registrations.announceTo(worker.announce)
-            worker.registrations = registrations
-            worker.state = lambda: state(live, draining, registrations)
     if admin is not None and admin.metricsListen is not None:
         assert metrics is not None
         if worker is None:
@@ -691,6 +720,10 @@ def buildService(
         reloader = ConfigReloader(source, live, reactor)
         reloader.setServiceParent(top)
         reloads.append(reloader.reload)
+        if document is not None:
+            reloader.document = document.current
+            document.applyWith(reloader.reload)
+            document.setServiceParent(top)
     if certificates is not None:
         reloads.append(certificates.reload)
     if accessLog is not None:
@@ -701,6 +734,15 @@ def buildService(
     if worker is not None:
         worker.setServiceParent(top)  # last: it says the worker listens
     return top
+
+
+def etcdClient(cluster: ClusterSettings, reactor: IReactorTime) -> EtcdClient:
+    """The client of C{cluster}'s etcd (treq and the etcd client: imported when there is one)."""
+    from rproxy.cluster.etcd import EtcdClient
+
+    fallback = "serving the registrations and configuration last known; the admin API cannot register (503)"
+    health = StoreHealth("etcd", ", ".join(cluster.etcd), fallback, reactor)
+    return EtcdClient(cluster.etcd, reactor, cluster.timeout, health)
 
 
 def checkConfig(path: str, config: ProxyConfig, cluster: ClusterSettings | None = None) -> str:
@@ -734,19 +776,22 @@ def redisClient(cluster: ClusterSettings, reactor: IReactorTime) -> RedisClient 
 def reloadSource(options: Options) -> ConfigSource | None:
     """
     Where the configuration of C{options} is read again from on a reload: its config file, with the same
-    arguments around it (C{None} without a config file: nothing could change).
+    arguments around it, and the document of C{--etcd-config-key} if any (C{None} with neither: nothing could
+    change).
     """
     path = options["config"]
-    if path is None:
+    cluster = options.cluster
+    if path is None and cluster.configKey is None:
         return None
     arguments = list(options.arguments)
 
-    def load() -> ProxyConfig:
+    def load(document: tuple[str, str] | None) -> ProxyConfig:
         again = Options()
+        again.document = document
         again.parseOptions(arguments)
         return again.config
 
-    return ConfigSource(path, load, options.watchInterval)
+    return ConfigSource(path or f"etcd {cluster.prefix}{cluster.configKey}", load, options.watchInterval)
 
 
 class _Main(service.MultiService):
@@ -792,8 +837,15 @@ def makeService(options: Options, environ: Mapping[str, str] | None = None) -> s
             options.workers, options.arguments, listeners, admin.metricsListen, config.grace, reactor, environ
         ).setServiceParent(main)
         return main
-    redis = redisClient(options.cluster, reactor)  # type: ignore[arg-type]
     with _oneLineErrors():
-        proxy = buildService(options.config, reactor, reloadSource(options), reactor, options.admin, worker, redis)  # type: ignore[arg-type]
+        proxy = buildService(
+            options.config,
+            reactor,  # type: ignore[arg-type]
+            reloadSource(options),
+            reactor,  # type: ignore[arg-type]
+            options.admin,
+            worker,
+            options.cluster,
+        )
     proxy.setServiceParent(main)
     return main

@@ -17,6 +17,10 @@ from twisted.logger import Logger
 _log = Logger()
 
 
+class StoreError(Exception):
+    """A shared store did not answer a request, or refused it: one line saying which."""
+
+
 class StoreState(TypedDict):
     """A store as C{/state} and the status page show it."""
 

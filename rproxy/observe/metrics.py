@@ -35,6 +35,7 @@ from twisted.web.server import Request
 from rproxy.observe.record import ABORTED, ExchangeRecord
 
 if TYPE_CHECKING:
+    from rproxy.cluster.health import StoreHealth
     from rproxy.downstream.connection import ClientConnection
     from rproxy.downstream.site import ProxySite
     from rproxy.proxy.registry import MemoryRegistry
@@ -156,6 +157,7 @@ class _Watched:
     registry: MemoryRegistry
     sites: Sequence[ProxySite]
     tunnels: Tunnels
+    stores: Sequence[StoreHealth]
 
 
 class ProxyMetrics(Collector):
@@ -180,13 +182,19 @@ class ProxyMetrics(Collector):
         self._watched: _Watched | None = None
         self.registry.register(self)
 
-    def watch(self, registry: MemoryRegistry, sites: Sequence[ProxySite], tunnels: Tunnels) -> None:
+    def watch(
+        self,
+        registry: MemoryRegistry,
+        sites: Sequence[ProxySite],
+        tunnels: Tunnels,
+        stores: Sequence[StoreHealth] = (),
+    ) -> None:
         """
         Also give each scrape the state of C{registry}'s upstreams, of C{sites}' client connections (the
-        sequence is read at each scrape: a site added to it later counts) and of C{tunnels}; replaces what an
-        earlier call gave.
+        sequence is read at each scrape: a site added to it later counts), of C{tunnels} and of the shared
+        C{stores} (read at each scrape too); replaces what an earlier call gave.
         """
-        self._watched = _Watched(registry, sites, tunnels)
+        self._watched = _Watched(registry, sites, tunnels, stores)
 
     def exchangeEnded(self, record: ExchangeRecord) -> None:
         """Count C{record}'s exchange."""
@@ -353,6 +361,17 @@ def _stateFamilies(watched: _Watched) -> Iterator[Metric]:
     carried.add_metric(["client_to_upstream"], counts.bytesFromClients)
     carried.add_metric(["upstream_to_client"], counts.bytesFromUpstreams)
     yield carried
+    if watched.stores:
+        up = GaugeMetricFamily(
+            "rproxy_store_up", "Whether a shared store (etcd, Redis) answered its last request.", labels=["store"]
+        )
+        outages = CounterMetricFamily(
+            "rproxy_store_outages", "Times a shared store went out of reach.", labels=["store"]
+        )
+        for store in watched.stores:
+            up.add_metric([store.name], 1 if store.up else 0)
+            outages.add_metric([store.name], store.failures)
+        yield from (up, outages)
 
 
 class _MetricsResource(Resource):

@@ -27,6 +27,7 @@ from html import escape
 from typing import TypedDict
 
 from rproxy._version import __version__
+from rproxy.cluster.health import StoreState
 
 #: Seconds between two refreshes of a page open in a browser.
 REFRESH_SECONDS = 2
@@ -96,6 +97,7 @@ class StateDocument(TypedDict):
     services: list[ServiceState]
     routes: list[RouteState]
     tunnels: dict[str, int]
+    stores: list[StoreState]
 
 
 _STYLE = """
@@ -290,11 +292,26 @@ def _main(document: StateDocument, now: float) -> Iterator[str]:
     yield f'<main id="status" data-time="{now:.3f}">'
     if document["shuttingDown"]:
         yield '<p class="banner">rproxy is shutting down: it takes no new connections.</p>'
+    for store in document["stores"]:
+        if not store["up"]:
+            yield (
+                f'<p class="banner">{_e(store["store"])} at {_e(store["url"])} out of reach since '
+                f"{_e(_clock(store['since']))} ({_e(store['error'])}): {_e(store['fallback'])}.</p>"
+            )
     for service in document["services"]:
         yield from _service(service, now)
     yield "<section><h2>Routes <small>in the order they are tried</small></h2><ol>"
     yield from (f"<li><code>{_e(route['description'])}</code></li>" for route in document["routes"])
     yield "</ol></section>"
+    if document["stores"]:
+        yield "<section><h2>Shared stores <small>what the instances of this gateway share</small></h2>"
+        for store in document["stores"]:
+            state = "answers" if store["up"] else f"out of reach ({_e(store['error'])})"
+            yield (
+                f"<p>{_e(store['store'])} at <code>{_e(store['url'])}</code>: {state} since "
+                f"{_e(_clock(store['since']))}</p>"
+            )
+        yield "</section>"
     tunnels = document["tunnels"]
     yield (
         f"<p>Tunnels (WebSockets and other upgraded connections): {tunnels.get('open', 0):d} open, "

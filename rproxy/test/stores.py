@@ -13,6 +13,7 @@ second after it starts (it elects itself leader of its one-member cluster first)
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Sequence
 
@@ -132,6 +133,20 @@ class EtcdServer(StoreServer):
             "--log-level=warn",
         ]
 
+    async def _call(self, path: str, body: dict[str, str]) -> None:
+        response = await treq.post(self.url + path, json=body, pool=self._pool, timeout=5)
+        content = await response.content()
+        assert response.code == 200, (path, response.code, content)
+
+    def put(self, key: str, value: bytes) -> defer.Deferred[None]:
+        """Set C{key} to C{value}, as an operator's C{etcdctl put} would."""
+        body = {"key": _b64(key.encode()), "value": _b64(value)}
+        return defer.Deferred.fromCoroutine(self._call("/v3/kv/put", body))
+
+    def delete(self, key: str) -> defer.Deferred[None]:
+        """Delete C{key}."""
+        return defer.Deferred.fromCoroutine(self._call("/v3/kv/deleterange", {"key": _b64(key.encode())}))
+
     async def ready(self) -> bool:
         try:
             response = await treq.get(self.url + "/health", pool=self._pool, timeout=2)
@@ -160,6 +175,10 @@ class RedisServer(StoreServer):
             return False
         connected.transport.loseConnection()
         return True
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def _directory(testCase: unittest.TestCase) -> str:

@@ -490,6 +490,7 @@ class StateTests(unittest.TestCase):
                     "closedByLimits": 0,
                     "closedIdle": 0,
                 },
+                "stores": [],
             },
         )
         inFlight = defer.ensureDeferred(request(proxy.port, b"/slow"))

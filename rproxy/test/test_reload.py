@@ -498,7 +498,7 @@ class SourceTests(unittest.TestCase):
         assert source is not None
         self.assertEqual((source.path, source.watchInterval), (path, 2.5))
         rewrite(path, 'upstream = ["http://127.0.0.1:9002"]\n')
-        again = source.load().services["default"]
+        again = source.load(None).services["default"]
         self.assertEqual((again.upstreams, again.pool.connectTimeout), (("http://127.0.0.1:9002",), 3.0))
 
     def test_environment(self) -> None:
@@ -508,7 +508,7 @@ class SourceTests(unittest.TestCase):
         source = reloadSource(options)
         assert source is not None
         self.assertEqual((source.path, source.watchInterval), (path, 1.0))
-        self.assertEqual(source.load().services["default"].retry.retries, 4)
+        self.assertEqual(source.load(None).services["default"].retry.retries, 4)
 
     def test_noFile(self) -> None:
         """Without a config file there is nothing to reload: no source, no reloader."""

@@ -275,6 +275,7 @@ def hostileDocument() -> StateDocument:
         "services": [{"name": bad, "balancer": bad, "upstreams": [upstream]}],
         "routes": [{"description": bad}],
         "tunnels": {"open": 0, "opened": 0},
+        "stores": [{"store": bad, "url": bad, "up": False, "since": 100.0, "error": bad, "fallback": bad}],
     }
 
 
