@@ -682,6 +682,7 @@ def buildService(
         live.stores.append(client.health)
         closers.append(client.close)
         shared = EtcdRegistrations(client, cluster.prefix, reactor)
+        live.pending.append(shared.pending)
         if cluster.configKey is not None:
             from rproxy.cluster.document import EtcdDocument
 

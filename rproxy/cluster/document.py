@@ -37,17 +37,15 @@ class EtcdDocument(Service):
 
     @ivar where: the key as the log and errors name it (C{etcd /rproxy/config}).
     @ivar text: the document in force (C{None}: none, the config file's services and routes serve).
-    @ivar read: whether etcd has been read once (before, the config file's services and routes serve).
     """
 
     def __init__(self, client: EtcdClient, prefix: str, key: str, reactor: IReactorTime) -> None:
         self.where = f"etcd {prefix}{key}"
         self.text: str | None = None
-        self.read = False
         self._apply: Callable[[str], object] = lambda trigger: None
         self._key = (prefix + key).encode("utf-8")
         self._offered: bytes | None = None
-        self._follower = PrefixFollower(client, self._key, reactor, self._snapshot, self._changed, self.where)
+        self._follower = PrefixFollower(client, self._key, reactor, self._snapshot, self._changed, "the configuration")
 
     def applyWith(self, apply: Callable[[str], object]) -> None:
         """
@@ -61,8 +59,8 @@ class EtcdDocument(Service):
         return None if self.text is None else (self.text, self.where)
 
     def pending(self) -> list[str]:
-        """Why this instance should not take requests yet: etcd not read once (none otherwise)."""
-        return [] if self.read else [f"the configuration at {self.where} is not read yet"]
+        """Why this instance should not take requests yet: the document not read once (none otherwise)."""
+        return [] if self._follower.read else [f"the configuration at {self.where} is not read yet"]
 
     def startService(self) -> None:
         super().startService()
@@ -75,7 +73,6 @@ class EtcdDocument(Service):
     def _snapshot(self, kvs: list[KeyValue]) -> None:
         found = [kv.value for kv in kvs if kv.key == self._key]
         self._offer(found[0] if found else None)
-        self.read = True
 
     def _changed(self, events: list[Event]) -> None:
         for event in events:
@@ -84,7 +81,7 @@ class EtcdDocument(Service):
 
     def _offer(self, value: bytes | None) -> None:
         """Apply the key's value (C{None}: deleted) unless it is the one seen last."""
-        if value == self._offered and (self.read or value is None):
+        if value == self._offered:
             return
         self._offered = value
         if value is None:

@@ -265,14 +265,15 @@ class EtcdClient:
 
     async def _callEach(self, path: str, body: Mapping[str, object]) -> dict[str, Any]:
         problems = []
-        for i, url in enumerate(self._urls):
+        for url in list(self._urls):
             try:
                 answer = await self._callOne(url + path, body)
             except _UnansweredError as e:
                 problems.append(f"{url}: {e}")
-                if i == 0:
-                    self._urls.append(self._urls.pop(0))  # the next call starts with the next member
                 continue
+            if url != self._urls[0]:  # the next calls, and the next watch, start with the member that answered
+                self._urls.remove(url)
+                self._urls.insert(0, url)
             self.health.answered()
             return answer
         why = "; ".join(problems)
@@ -313,6 +314,8 @@ def _why(failure: Failure) -> str:
         return f"cannot connect: {_message(failure)}"
     if failure.check(ResponseFailed):
         reasons = getattr(failure.value, "reasons", None) or [failure]
+        if reasons[0].check(CancelledError, TimeoutError):  # the call's timeout cancelled it
+            return "no answer in time"
         return f"the connection failed: {_message(reasons[0])}"
     return _message(failure)
 

@@ -34,6 +34,7 @@ class PrefixFollower:
     The keys under C{prefix} in etcd, followed for as long as it runs.
 
     @ivar synced: whether the owner has etcd's keys as of the last read or event.
+    @ivar read: whether the prefix has been read once.
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class PrefixFollower:
         @param what: what is followed, for the log.
         """
         self.synced = False
+        self.read = False
         self._client = client
         self._prefix = prefix
         self._reactor = reactor
@@ -62,6 +64,10 @@ class PrefixFollower:
         self._probe = LoopingCall(self._probeOnce)
         self._probe.clock = reactor
         self._loop: Deferred[None] | None = None
+
+    def pending(self) -> list[str]:
+        """Why the owner should not take requests yet: the prefix not read once (none otherwise)."""
+        return [] if self.read else [f"{self._what} in etcd are not read yet"]
 
     def start(self) -> None:
         """Read the prefix, then follow it until L{stop}."""
@@ -93,7 +99,7 @@ class PrefixFollower:
             if not self._running:
                 return
             self._snapshot(kvs)
-            self.synced = True
+            self.synced = self.read = True
             self._watch = self._client.watch(self._prefix, revision + 1, self._changed)
             why = await self._watch.ended
             self._watch = None

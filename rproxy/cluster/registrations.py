@@ -84,6 +84,10 @@ class EtcdRegistrations:
         """Whether the registrations known here are etcd's as of the last read or event."""
         return self._follower.synced
 
+    def pending(self) -> list[str]:
+        """Why this instance should not take requests yet: the registrations not read once (none otherwise)."""
+        return self._follower.pending()
+
     def start(self, follow: Callable[[Change], object]) -> None:
         """Read the registrations and follow every change from then on with C{follow}, until L{stop}."""
         self._follow = follow

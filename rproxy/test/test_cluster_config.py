@@ -129,7 +129,10 @@ class SharedConfigTests(unittest.TestCase):
         """Started while etcd is down: the file's routes serve, not ready; etcd up: the document, ready."""
         [a] = await self.startGateway(1, etcdRunning=False)
         head, body = await request(a.port, b"/ready")
-        self.assertEqual(body, f"not ready: the configuration at etcd {KEY} is not read yet\n".encode())
+        self.assertEqual(
+            body.decode(),
+            f"not ready: the registrations in etcd are not read yet; the configuration at etcd {KEY} is not read yet\n",
+        )
         self.assertEqual((await request(a.port, b"/api/x"))[1], b"file")
         await self.etcd.start()
         await self.etcd.put(KEY, self.document())

@@ -1,0 +1,131 @@
+"""
+L{rproxy.cluster.etcd.EtcdClient} against a real etcd, and against servers that fail the ways etcd's members
+can: one that refuses connections, one that accepts and never answers, one whose watch stream is garbage.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import protocol, reactor
+from twisted.internet.defer import Deferred
+from twisted.trial import unittest
+
+from rproxy.cluster.etcd import EtcdClient, EtcdError, Event, prefixEnd
+from rproxy.cluster.health import StoreHealth
+from rproxy.test.stores import EtcdServer, startEtcd
+from rproxy.test.support import freePort, listen
+
+
+def client(testCase: unittest.TestCase, *urls: str, timeout: float = 2.0) -> EtcdClient:
+    made = EtcdClient(urls, reactor, timeout, StoreHealth("etcd", ", ".join(urls), "serving what it knew", reactor))
+    testCase.addCleanup(made.close)
+    return made
+
+
+class _Silent(protocol.Protocol):
+    """Accepts a connection and never answers."""
+
+
+class _Garbage(protocol.Protocol):
+    """Answers any request with a 200 whose streamed body is not etcd's JSON."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1\r\n\n\r\n")
+
+
+class EtcdClientTests(unittest.TestCase):
+    async def setUpEtcd(self) -> EtcdServer:
+        etcd: EtcdServer = await startEtcd(self)
+        return etcd
+
+    async def test_calls(self) -> None:
+        """Put under a lease, read by prefix and by key, delete; a revoked lease takes its keys along."""
+        etcd = await self.setUpEtcd()
+        c = client(self, etcd.url)
+        lease = await c.grant(30)
+        await c.put(b"/p/a", b"1", lease)
+        await c.put(b"/p/b", b"\x00\xff")
+        await c.put(b"/q", b"outside")
+        revision, kvs = await c.range(b"/p/")
+        self.assertEqual([(kv.key, kv.value) for kv in kvs], [(b"/p/a", b"1"), (b"/p/b", b"\x00\xff")])
+        self.assertEqual((kvs[0].lease, kvs[1].lease), (lease, 0))
+        self.assertGreaterEqual(revision, kvs[1].modRevision)
+        await c.revoke(lease)
+        await c.revoke(lease)  # once more: no error, it is gone
+        self.assertIsNone(await c.get(b"/p/a"))
+        await c.delete(b"/p/b")
+        self.assertEqual((await c.range(b"/p/"))[1], [])
+        self.assertTrue(c.health.up)
+
+    def test_prefixEnd(self) -> None:
+        self.assertEqual(prefixEnd(b"/rproxy/"), b"/rproxy0")
+        self.assertEqual(prefixEnd(b"a\xff"), b"b")
+        self.assertEqual(prefixEnd(b"\xff\xff"), b"\x00")
+
+    async def test_nextMember(self) -> None:
+        """A member that refuses connections is passed over for the next; the call succeeds."""
+        etcd = await self.setUpEtcd()
+        c = client(self, f"http://127.0.0.1:{freePort()}", etcd.url)
+        await c.put(b"/k", b"v")
+        self.assertEqual((await c.get(b"/k")).value, b"v")  # type: ignore[union-attr]
+        self.assertTrue(c.health.up)
+
+    async def test_noAnswer(self) -> None:
+        """A member that never answers fails the call after the timeout, and etcd counts as out of reach."""
+        silent = listen(self, protocol.Factory.forProtocol(_Silent))
+        c = client(self, silent.url, timeout=0.3)
+        started = reactor.seconds()
+        with self.assertRaises(EtcdError) as raised:
+            await c.range(b"/")
+        self.assertLess(reactor.seconds() - started, 2)
+        self.assertIn("no answer in time", str(raised.exception))
+        self.assertFalse(c.health.up)
+        self.assertIn("no answer in time", c.health.error)
+
+    async def test_refused(self) -> None:
+        """etcd's error answers are errors with its message (a key that is not base64 here)."""
+        etcd = await self.setUpEtcd()
+        c = client(self, etcd.url)
+        with self.assertRaises(EtcdError) as raised:
+            await c._call("/v3/kv/put", {"key": "not base64!", "value": ""})
+        self.assertIn("etcd refused kv/put", str(raised.exception))
+
+    async def test_watch(self) -> None:
+        """Changes stream in order, deletions flagged; stop ends the stream."""
+        etcd = await self.setUpEtcd()
+        c = client(self, etcd.url)
+        revision, _ = await c.range(b"/w/")
+        seen: list[Event] = []
+        arrived: list[Deferred[None]] = [Deferred()]
+
+        def onEvents(events: list[Event]) -> None:
+            seen.extend(events)
+            if len(seen) >= 3 and not arrived[0].called:
+                arrived[0].callback(None)
+
+        watch = c.watch(b"/w/", revision + 1, onEvents)
+        await c.put(b"/w/1", b"one")
+        await c.put(b"/outside", b"no")
+        await c.put(b"/w/2", b"two")
+        await c.delete(b"/w/1")
+        await arrived[0].addTimeout(5, reactor)
+        self.assertEqual(
+            [(e.kv.key, e.kv.value, e.deleted) for e in seen],
+            [(b"/w/1", b"one", False), (b"/w/2", b"two", False), (b"/w/1", b"", True)],
+        )
+        watch.stop()
+        self.assertEqual(await watch.ended, "stopped")
+
+    async def test_watchEndsWithEtcd(self) -> None:
+        """etcd stopping ends the watch (the owner reads again); so does a stream that is not etcd's."""
+        etcd = await self.setUpEtcd()
+        c = client(self, etcd.url)
+        watch = c.watch(b"/w/", 1, lambda events: None)
+        await c.put(b"/w/x", b"1")
+        await etcd.stop()
+        why = await watch.ended.addTimeout(10, reactor)
+        self.assertIn("watch stream", why)
+
+        garbage = listen(self, protocol.Factory.forProtocol(_Garbage))
+        other = client(self, garbage.url).watch(b"/", 1, lambda events: None)
+        why = await other.ended.addTimeout(5, reactor)
+        self.assertIn("a watch message etcd's API does not send", why)
