@@ -81,10 +81,7 @@ class Proxy:
 
     process: ProxyProcess
     port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    metricsPort: int
 
     def logged(self, text: str) -> int:
         """How many times its output holds C{text}."""
@@ -117,10 +114,11 @@ class ClusterRateLimitTests(unittest.TestCase):
         config = writeConfig(self, redisURL, self.upstream.url)
         proxies = []
         for _ in range(count):
-            port = freePort()
-            argv = [sys.executable, "-m", "twisted", "rproxy", "--config", config, "--listen", f"tcp:{port}"]
-            argv[-1] += ":interface=127.0.0.1"
-            proxies.append(Proxy(ProxyProcess.spawn(self, argv, {"PYTHONPATH": ROOT}), port))
+            port, metricsPort = freePort(), freePort()
+            argv = [sys.executable, "-m", "twisted", "rproxy", "--config", config]
+            argv += ["--listen", f"tcp:{port}:interface=127.0.0.1"]
+            argv += ["--metrics-listen", f"tcp:{metricsPort}:interface=127.0.0.1"]
+            proxies.append(Proxy(ProxyProcess.spawn(self, argv, {"PYTHONPATH": ROOT}), port, metricsPort))
         for proxy in proxies:
             while (await self.get(proxy, "/ready")).status == 0:
                 if not proxy.process.running:
@@ -128,10 +126,11 @@ class ClusterRateLimitTests(unittest.TestCase):
                 await sleep(0.05)
         return proxies
 
-    async def get(self, proxy: Proxy, path: str) -> Answer:
+    async def get(self, proxy: Proxy, path: str, port: int | None = None) -> Answer:
+        """What C{proxy} answers to C{path} (on its C{port}: its metrics listener's, say)."""
         started = reactor.seconds()
         try:
-            response = await treq.get(proxy.url + path, pool=self.pool, timeout=5)
+            response = await treq.get(f"http://127.0.0.1:{port or proxy.port}{path}", pool=self.pool, timeout=5)
             body = await response.content()
         except Exception:
             return Answer(0, reactor.seconds() - started)
@@ -215,6 +214,9 @@ class ClusterRateLimitTests(unittest.TestCase):
             self.assertIn(b"rate limit store redis out of reach", answer.body)
             self.assertLess(answer.seconds, SLACK)  # known out of reach: no wait
         self.assertEqual([proxy.logged(OUT_OF_REACH) for proxy in proxies], [1, 1, 1], proxies[0].process.log)
+        metrics = await self.get(proxies[0], "/metrics", proxies[0].metricsPort)
+        self.assertIn(b'rproxy_store_up{store="redis"} 0.0', metrics.body)
+        self.assertIn(b'rproxy_store_outages_total{store="redis"} 1.0', metrics.body)
 
         await redis.start()
         back = await waitFor(lambda: all(proxy.logged(ANSWERS_AGAIN) for proxy in proxies), timeout=6)
@@ -224,6 +226,8 @@ class ClusterRateLimitTests(unittest.TestCase):
         self.assertShared(shared, elapsed)
         self.assertEqual((await redisCLI(redis, "SCRIPT", "EXISTS", TOKEN_BUCKET.digest)).strip(), b"1")
         self.assertEqual([proxy.logged(OUT_OF_REACH) for proxy in proxies], [1, 1, 1])
+        metrics = await self.get(proxies[0], "/metrics", proxies[0].metricsPort)
+        self.assertIn(b'rproxy_store_up{store="redis"} 1.0', metrics.body)
 
     async def test_scriptFlushed(self) -> None:
         """A Redis that forgot the script (SCRIPT FLUSH) gets it again: the requests go on, still counted there."""
