@@ -156,9 +156,9 @@ class RedisClient:
             username=parts.username,
         )
         factory.maxDelay = MAX_RECONNECT_DELAY
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            self._reactor, host, port, timeout=max(1, round(self.timeout))
-        )
+        # An attempt to connect gets a second at least: the calls waiting for it are bounded by the timeout anyway.
+        connecting = max(1, round(self.timeout))
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, port, timeout=connecting)
         if parts.scheme == "rediss":
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
         factory.startConnecting(endpoint)
