@@ -19,6 +19,7 @@ from twisted.trial import unittest
 
 from rproxy.app.admin import metricsSite
 from rproxy.app.tap import Options
+from rproxy.cluster.health import StoreHealth
 from rproxy.errors import clientError
 from rproxy.observe.metrics import REJECTION_REASONS, ProxyMetrics
 from rproxy.proxy.message import RequestContext
@@ -535,8 +536,15 @@ class DocsTests(unittest.TestCase):
         upstream = ScriptedUpstream(self, lambda proto, request: OK)
         proxy = startProxy(self, [upstream.url])
         metrics, served = watched(self, proxy)
+        # With a shared store (--etcd, --redis), its reachability too.
+        store = StoreHealth("etcd", "http://127.0.0.1:2379", "serving what it knew", reactor)
+        metrics.watch(proxy.registry, [proxy.site], proxy.site.resource.proxy.tunnels, [store])  # type: ignore[attr-defined]
+        store.unreachable("cannot connect")
         await rawRequest(proxy.port, get(b"/"))
-        types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", await metricsText(served.port), re.M))
+        text = await metricsText(served.port)
+        self.assertIn('rproxy_store_up{store="etcd"} 0.0', text)
+        self.assertIn('rproxy_store_outages_total{store="etcd"} 1.0', text)
+        types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
         documented = dict(re.findall(r"^\| `(rproxy_\w+)` \| (counter|gauge|histogram) \|", self.text, re.M))
         self.assertEqual(documented, types)
 
