@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 
-from rproxy.cluster.health import StoreHealth
+from rproxy.cluster.health import StoreError, StoreHealth
 
 #: Connections in the pool: commands are pipelined on them, so a few carry any rate.
 POOL_SIZE = 2
@@ -46,7 +46,7 @@ RECONNECT_STOPPED = 5.0
 FALLBACK = 'rate limits with on-store-down = "local" count in this instance\'s memory, those with "deny" answer 503'
 
 
-class StoreUnavailableError(Exception):
+class StoreUnavailableError(StoreError):
     """Redis did not answer a call (down, too slow, or refusing it): the caller takes its fallback."""
 
 
