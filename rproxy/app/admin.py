@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from rproxy.app.config import OptionValues
+from rproxy.app.config import OptionValues, secretFile
 from rproxy.app.reload import LiveProxy, describeRoute
 from rproxy.cluster.health import StoreError
 from rproxy.downstream.limits import ClientLimits
@@ -130,17 +130,11 @@ def _endpoint(values: OptionValues, name: str, example: str, what: str) -> str |
 
 def _token(values: OptionValues) -> bytes | None:
     """The bearer token in the C{--admin-token-file} (surrounding whitespace dropped); never in an error."""
-    path = values.text("admin-token-file")
-    if path is None:
+    token = secretFile(values, "admin-token-file", "the admin API's bearer token")
+    if token is None:
         return None
-    try:
-        with open(path, "rb") as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise values.error("admin-token-file", f"cannot read {path}: {e.strerror}") from None
-    if not token:
-        raise values.error("admin-token-file", f"{path} is empty: it must hold the admin API's bearer token")
     if not _TOKEN.match(token):
+        path = values.text("admin-token-file")
         raise values.error(
             "admin-token-file",
             f"{path} does not hold a bearer token: letters, digits and -._~+/ (then = signs), on one line",

@@ -565,6 +565,25 @@ class OptionValues:
 
 # -- the converters: one per kind of value, for every place it may be given
 
+
+def secretFile(values: OptionValues, name: str, holds: str) -> bytes | None:
+    """
+    What the file named by option C{name} holds (surrounding whitespace dropped): a secret, never shown in
+    an error; C{None} when the option is not given.  C{holds} says what it must hold, for an empty file.
+    """
+    path = values.text(name)
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise values.error(name, f"cannot read {path}: {e.strerror}") from None
+    if not secret:
+        raise values.error(name, f"{path} is empty: it must hold {holds}")
+    return secret
+
+
 _Number = TypeVar("_Number", int, float)
 
 

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from rproxy.app.config import OptionValues
+from rproxy.app.config import OptionValues, secretFile
 
 #: A key prefix: printable ASCII, starting and ending with C{/}.
 _PREFIX = re.compile(r"/(?:[!-~]*/)?\Z")
@@ -65,17 +65,13 @@ def _redisURL(values: OptionValues) -> str | None:
 
 
 def _password(values: OptionValues) -> str | None:
-    path = values.text("redis-password-file")
-    if path is None:
+    password = secretFile(values, "redis-password-file", "the password of --redis")
+    if password is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            password = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise values.error("redis-password-file", f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    if not password:
-        raise values.error("redis-password-file", f"{path} is empty")
-    return password
+        return password.decode("utf-8")
+    except UnicodeDecodeError:
+        raise values.error("redis-password-file", f"{values.text('redis-password-file')} is not UTF-8") from None
 
 
 def clusterSettings(values: OptionValues) -> ClusterSettings:

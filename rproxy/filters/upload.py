@@ -409,7 +409,7 @@ class UploadOffload:
             forwarded, length, digest = await _BodyReader(body, sink, grant.maxSize).read()
         except BaseException:
             sink.close()
-            objects.discard()
+            await objects.discard()  # gone before the client hears why (a 507 leaves no partial file behind)
             raise
         outbound = context.outbound
         if sink.forwardedType is not None:

@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from rproxy.test.stores import EtcdServer, startEtcd
 from rproxy.test.support import ScriptedUpstream
-from rproxy.test.test_admin import TOKEN, request
+from rproxy.test.test_admin import request, tokenFile
 from rproxy.test.test_cluster_registry import PROPAGATION, Instance, waitFor
 from rproxy.test.test_config import answerWith
 from rproxy.test.test_drain import waitUntilListening
@@ -49,12 +49,9 @@ class SharedConfigTests(unittest.TestCase):
         config = self.config = os.path.join(directory, "rproxy.toml")
         with open(config, "w") as f:
             f.write(f'[services.default]\nupstreams = ["{self.fromFile.url}"]\n')
-        token = os.path.join(directory, "token")
-        with open(token, "w") as f:
-            f.write(TOKEN)
         arguments = [
             f"--config={config}",
-            f"--admin-token-file={token}",
+            f"--admin-token-file={tokenFile(self)}",
             f"--etcd={self.etcd.url}",
             "--etcd-prefix=/gw/",
             "--etcd-config-key=config",

@@ -8,7 +8,6 @@ knew, says so, and refuses registrations with 503; when etcd is back, they follo
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ from twisted.trial import unittest
 
 from rproxy.test.stores import EtcdServer, startEtcd
 from rproxy.test.support import PYTHON, ScriptedUpstream, freePort, sleep
-from rproxy.test.test_admin import TOKEN, AdminClient, Answer, request, upstreamsOf
+from rproxy.test.test_admin import AdminClient, Answer, request, tokenFile, upstreamsOf
 from rproxy.test.test_config import answerWith
 from rproxy.test.test_drain import ProxyProcess, waitUntilListening
 
@@ -83,12 +82,9 @@ class SharedRegistryTests(unittest.TestCase):
         self.etcd: EtcdServer = await startEtcd(self)
         self.configured = ScriptedUpstream(self, answerWith(b"configured"))
         self.registered = ScriptedUpstream(self, answerWith(b"registered"))
-        tokenFile = os.path.abspath(self.mktemp())
-        with open(tokenFile, "w") as f:
-            f.write(TOKEN)
         arguments = [
             f"--upstream={upstream or self.configured.url}",
-            f"--admin-token-file={tokenFile}",
+            f"--admin-token-file={tokenFile(self)}",
             f"--etcd={self.etcd.url}",
             "--access-log=off",
             *extra,
