@@ -110,7 +110,7 @@ docs: $(BIN)/twist
 	$(BIN)/python -m pydoctor --quiet
 	@echo "API reference: build/apidocs/index.html"
 
-bench: $(BIN)/twist
+bench: $(BIN)/twist $(REDIS)
 	$(BIN)/pip install --quiet -e '.[bench]' --config-settings editable_mode=compat
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 

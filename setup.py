@@ -14,8 +14,9 @@ VERSION = re.search(
 S3 = ["boto3>=1.35.0"]
 
 # The redis extra: rate limits whose buckets several instances share in Redis (rproxy/cluster/redis.py), through
-# txredisapi, the non-blocking Redis client for Twisted.  A proxy without --redis never imports it.
-REDIS = ["txredisapi>=1.6.0"]
+# txredisapi, the non-blocking Redis client for Twisted, which parses replies with hiredis (Redis's C parser)
+# when it is installed.  A proxy without --redis imports neither.
+REDIS = ["txredisapi>=1.6.0", "hiredis>=3.0.0"]
 
 # The otel extra: rproxy/observe/otel.py's spans, the SDK's sampling and batching, and its OTLP/HTTP exporter
 # (protobuf over requests, in the SDK's thread).  A proxy that does not trace never imports them.

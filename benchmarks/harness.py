@@ -36,7 +36,14 @@ MIB = 1024 * 1024
 HOST = "127.0.0.1"
 
 #: Tools the benchmarks run, and the Debian package of each.
-TOOLS = {"wrk": "wrk", "nginx": "nginx", "curl": "curl", "taskset": "util-linux", "h2load": "nghttp2-client"}
+TOOLS = {
+    "wrk": "wrk",
+    "nginx": "nginx",
+    "curl": "curl",
+    "taskset": "util-linux",
+    "h2load": "nghttp2-client",
+    "redis-server": "redis-server",
+}
 
 # nginx lives in /usr/sbin, which a non-login PATH may lack.
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
@@ -476,6 +483,8 @@ REQUEST_HEADERS = (
 )
 #: The htpasswd file of the filters row (bcrypt, as htpasswd -B writes it), written when that row starts.
 HTPASSWD = Path(tempfile.gettempdir()) / "rproxy-bench.htpasswd"
+#: The config file of the shared rate-limit row, written when that row starts (with its Redis's port).
+REDIS_LIMIT = Path(tempfile.gettempdir()) / "rproxy-bench-redis.toml"
 
 
 def _fields(lines: Sequence[str]) -> list[tuple[str, str]]:
@@ -506,6 +515,11 @@ RPROXY_VARIANTS = {
     ),
     "rproxy-filters": RproxyVariant(
         _TWIST, FILTER_OPTIONS, "the default configuration with basic auth, a rate limit and CORS on every request"
+    ),
+    "rproxy-redis": RproxyVariant(
+        _TWIST,
+        ("--config", str(REDIS_LIMIT)),
+        'the default configuration with a rate limit no load reaches, its buckets in Redis (store = "redis")',
     ),
     "rproxy-epoll": RproxyVariant((*_TWIST, "--reactor", "epoll"), (), "Twisted's epoll reactor"),
     "rproxy-asyncio": RproxyVariant((*_TWIST, "--reactor", "asyncio"), (), "Twisted's asyncio reactor"),
@@ -586,6 +600,8 @@ class Bench:
         self.origin_port = 0
         #: Every port the origin listens on (the first is C{origin_port}); one per balanced upstream.
         self.origin_ports: list[int] = []
+        #: The port of the Redis server of the shared rate-limit row, once started.
+        self.redis_port = 0
 
     def __enter__(self) -> Bench:
         return self
@@ -654,6 +670,22 @@ class Bench:
         for port in ports[1:]:
             origin.wait_listening(port)
 
+    def start_redis(self) -> None:
+        """
+        Start a Redis server on the load CPU (once: a Redis is shared by the instances of a gateway, over the
+        network in production) and write L{REDIS_LIMIT}, the shared rate-limit row's config, naming it.
+        """
+        if not self.redis_port:
+            port = free_port()
+            argv = [self.tools["redis-server"], "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+            self.start("redis", pinned(self.settings.load_cpu, argv), port)
+            self.redis_port = port
+        REDIS_LIMIT.write_text(
+            f'redis = "redis://{HOST}:{self.redis_port}/0"\n'
+            'default-filters = ["limit"]\n\n'
+            '[filters.limit]\ntype = "rate-limit"\nrate = "1000000/s"\nstore = "redis"\n'
+        )
+
     def proxy_argv(self, name: str, port: int, upstreams: int = 1, balancer: str | None = None) -> list[str]:
         """
         The command (not yet pinned) running proxy C{name} on C{port} in front of the origin.
@@ -671,6 +703,8 @@ class Bench:
                 arguments += ["--upstream", f"http://{HOST}:{upstream_port}"]
             if balancer is not None:
                 arguments += ["--balancer", balancer]
+            if name == "rproxy-redis":
+                self.start_redis()
             return rproxy_argv(name, self.settings.baseline, arguments)
         if upstreams != 1 or balancer is not None:
             raise BenchError(f"only rproxy is run with several upstreams or a balancer, not {name}")
