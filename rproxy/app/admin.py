@@ -728,7 +728,10 @@ class AdminAPI(Resource):
         path = request.path
         if path == b"/state":
             _allow(request, b"GET", b"HEAD")
-            return 200, state(self._live, self._lifetime, self._registrations)
+            document = state(self._live, self._lifetime, self._registrations)
+            if self._everyWorker is None:
+                return 200, document
+            return self._everyWorker(document).addCallback(lambda combined: (200, combined))
         segments = path.split(b"/")
         if len(segments) in (4, 5) and segments[1] == b"services" and segments[3] == b"upstreams":
             service = unquote(segments[2].decode("latin-1"))

@@ -13,11 +13,9 @@ docs/configuration.md is the reference of the file.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
-import tomllib
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, TypeVar
@@ -415,6 +413,8 @@ class ConfigFile:
     @classmethod
     def parse(cls, text: str, path: str, source: str | None = None) -> ConfigFile:
         """The config file whose text is C{text}, named C{path} in errors; raise L{ConfigError} if it is none."""
+        import tomllib  # here: a proxy without a config file never parses TOML
+
         try:
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -850,6 +850,8 @@ def _misplaced(where: str, key: str, values: OptionValues, allowed: str, keys: C
     option set elsewhere, or an unknown key.
     """
     name = key.replace("_", "-")
+    import difflib  # here: only a mistake needs it
+
     near = difflib.get_close_matches(name, sorted(keys), n=1, cutoff=0.8)
     if near:
         return ConfigError(f"{where}: unknown key {key!r}: did you mean {near[0]!r}?")

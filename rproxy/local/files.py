@@ -19,7 +19,6 @@ stall the reactor, and is not what a local route is for.
 from __future__ import annotations
 
 import functools
-import mimetypes
 import os
 import re
 import stat
@@ -63,6 +62,8 @@ def contentType(path: str) -> bytes:
 
 @functools.lru_cache(maxsize=256)
 def _typeOf(extension: str) -> bytes:
+    import mimetypes  # here: a proxy that serves no file never reads the system's types
+
     guessed, encoding = mimetypes.guess_type("x" + extension, strict=False)
     if guessed is None or encoding is not None:
         return b"application/octet-stream"

@@ -333,6 +333,10 @@ class SupervisorTests(unittest.TestCase):
         row = page.decode("utf-8").partition(f'data-upstream="{a.url}"')[2].partition("</tr>")[0]
         total = sum(idle.values())
         self.assertIn(f'<td class="number">{total} / {total}</td>', row)
+        # So does GET /state, the same document for machines.
+        code, out, err = await curl(["-sS", "-H", f"Authorization: Bearer {TOKEN}", f"http://127.0.0.1:{admin}/state"])
+        [upstream] = [u for s in json.loads(out)["services"] for u in s["upstreams"] if u["key"] == a.url]
+        self.assertEqual(upstream["pool"], {"open": total, "idle": total}, out)
 
         # A rolling restart keeps the registration, and the metrics listener (the supervisor's own).
         os.kill(process.transport.pid, signal.SIGUSR2)
