@@ -371,6 +371,8 @@ class Options(usage.Options):
             "Requests a client may send at once (default: a second's worth of --rate-limit).",
         ],
         ["etcd-prefix", None, "/rproxy/", "Where this gateway's keys are in etcd (several gateways may share one)."],
+        ["etcd-user", None, None, "The user of etcd's authentication, when etcd has it enabled."],
+        ["etcd-password-file", None, None, "A file holding the password of --etcd-user."],
         [
             "etcd-config-key",
             None,
@@ -743,7 +745,7 @@ def etcdClient(cluster: ClusterSettings, reactor: IReactorTime) -> EtcdClient:
 
     fallback = "serving the registrations and configuration last known; the admin API cannot register (503)"
     health = StoreHealth("etcd", ", ".join(cluster.etcd), fallback, reactor)
-    return EtcdClient(cluster.etcd, reactor, cluster.timeout, health)
+    return EtcdClient(cluster.etcd, reactor, cluster.timeout, health, cluster.etcdCredentials)
 
 
 def checkConfig(path: str, config: ProxyConfig, cluster: ClusterSettings | None = None) -> str:

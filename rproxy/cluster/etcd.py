@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from rproxy.cluster.health import StoreError, StoreHealth
@@ -137,6 +138,12 @@ class Watch(Protocol):
     def _message(self, line: bytes) -> None:
         try:
             message = json.loads(line)
+            if "error" in message and "result" not in message:  # refused: its reason is in the error
+                error = message["error"]
+                self._end(
+                    f"etcd refused the watch: {error.get('message', error) if isinstance(error, dict) else error}"
+                )
+                return
             result = message["result"]
             if int(result.get("compact_revision", 0)) or result.get("canceled"):
                 self._end(f"etcd cancelled the watch: {result.get('cancel_reason') or 'revision compacted'}")
@@ -160,12 +167,23 @@ class EtcdClient:
     @ivar health: whether etcd answers, as this instance sees it.
     """
 
-    def __init__(self, urls: Sequence[str], reactor: IReactorTime, timeout: float, health: StoreHealth) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        reactor: IReactorTime,
+        timeout: float,
+        health: StoreHealth,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
         """
         @param urls: the client URLs of the cluster's members (C{http://host:2379}).
         @param timeout: seconds a call may take in all before it fails as unanswered.
+        @param credentials: the user name and password of etcd's authentication, if it is enabled: each call
+            carries the token they get (asked again when etcd says it is no longer valid).
         """
         self.health = health
+        self._credentials = credentials
+        self._token: str | None = None
         self._urls = list(urls)
         self._reactor = reactor
         self._timeout = timeout
@@ -253,15 +271,43 @@ class EtcdClient:
         def failed(failure: Failure) -> None:
             watch._end(_why(failure))
 
-        request = self._streams.post(self._urls[0] + "/v3/watch", json=body, unbuffered=True)
+        request = self._streams.post(self._urls[0] + "/v3/watch", json=body, unbuffered=True, headers=self._headers())
         watch._request = request
         request.addCallbacks(streaming, failed)
         return watch
 
     # -- how every call is made
 
+    def _headers(self) -> Headers:
+        """What every request carries: the token, once there is one (etcd's gateway reads it there)."""
+        return Headers({} if self._token is None else {b"authorization": [self._token.encode("ascii")]})
+
     def _call(self, path: str, body: Mapping[str, object]) -> Deferred[dict[str, Any]]:
-        return Deferred.fromCoroutine(self._callEach(path, body))
+        return Deferred.fromCoroutine(self._authorized(path, body))
+
+    async def _authorized(self, path: str, body: Mapping[str, object]) -> dict[str, Any]:
+        """The call, with a token when etcd wants one: asked first, and again once if etcd drops it."""
+        if self._credentials is None:
+            return await self._callEach(path, body)
+        if self._token is None:
+            await self._authenticate()
+        try:
+            return await self._callEach(path, body)
+        except EtcdError as e:
+            if "invalid auth token" not in str(e):
+                raise
+        self._token = None
+        await self._authenticate()
+        return await self._callEach(path, body)
+
+    async def _authenticate(self) -> None:
+        assert self._credentials is not None
+        name, password = self._credentials
+        answer = await self._callEach("/v3/auth/authenticate", {"name": name, "password": password})
+        token = answer.get("token")
+        if not isinstance(token, str) or not token or not token.isascii():
+            raise EtcdError("etcd answered authenticate without a token")
+        self._token = token
 
     async def _callEach(self, path: str, body: Mapping[str, object]) -> dict[str, Any]:
         problems = []
@@ -282,7 +328,7 @@ class EtcdClient:
 
     async def _callOne(self, url: str, body: Mapping[str, object]) -> dict[str, Any]:
         try:
-            calling = self._http.post(url, json=body)
+            calling = self._http.post(url, json=body, headers=self._headers())
             calling.addTimeout(self._timeout, self._reactor)  # type: ignore[arg-type]
             response = await calling
             reading = treq.content(response)

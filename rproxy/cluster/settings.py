@@ -22,6 +22,8 @@ class ClusterSettings:
     Where the instances of one gateway share their state.
 
     @ivar etcd: the client URLs of the etcd v3 cluster (C{()}: registrations stay in this instance).
+    @ivar etcdCredentials: the user name and password of etcd's authentication (C{--etcd-user},
+        C{--etcd-password-file}), if it is enabled.
     @ivar prefix: the keys of this gateway in etcd start with it (several gateways may share one etcd).
     @ivar configKey: the etcd key (under C{prefix}) of the TOML document of services, routes and filters that
         every instance applies (C{None}: they come from the config file).
@@ -31,6 +33,7 @@ class ClusterSettings:
     """
 
     etcd: tuple[str, ...] = ()
+    etcdCredentials: tuple[str, str] | None = field(default=None, repr=False)
     prefix: str = "/rproxy/"
     configKey: str | None = None
     redis: str | None = None
@@ -64,14 +67,28 @@ def _redisURL(values: OptionValues) -> str | None:
     return url
 
 
-def _password(values: OptionValues) -> str | None:
-    password = secretFile(values, "redis-password-file", "the password of --redis")
+def _password(values: OptionValues, name: str, of: str) -> str | None:
+    """The password in the file of option C{name} (the password C{of} what), as text."""
+    password = secretFile(values, name, f"the password of {of}")
     if password is None:
         return None
     try:
         return password.decode("utf-8")
     except UnicodeDecodeError:
-        raise values.error("redis-password-file", f"{values.text('redis-password-file')} is not UTF-8") from None
+        raise values.error(name, f"{values.text(name)} is not UTF-8") from None
+
+
+def _etcdCredentials(values: OptionValues, etcd: tuple[str, ...]) -> tuple[str, str] | None:
+    user, password = values.text("etcd-user"), _password(values, "etcd-password-file", "--etcd-user")
+    if (user is None) != (password is None):
+        given = "etcd-user" if user is not None else "etcd-password-file"
+        other = "--etcd-password-file" if user is not None else "--etcd-user"
+        raise values.error(given, f"needs {other} too: etcd's authentication takes a user name and a password")
+    if user is None or password is None:
+        return None
+    if not etcd:
+        raise values.error("etcd-user", "has no use without --etcd")
+    return user, password
 
 
 def clusterSettings(values: OptionValues) -> ClusterSettings:
@@ -90,7 +107,8 @@ def clusterSettings(values: OptionValues) -> ClusterSettings:
             raise values.error(
                 "etcd-config-key", f"expected a key name under --etcd-prefix, e.g. config, got {configKey!r}"
             )
-    redis, password = _redisURL(values), _password(values)
+    credentials = _etcdCredentials(values, etcd)
+    redis, password = _redisURL(values), _password(values, "redis-password-file", "--redis")
     if password is not None and redis is None:
         raise values.error("redis-password-file", "has no use without --redis")
     try:
@@ -99,4 +117,4 @@ def clusterSettings(values: OptionValues) -> ClusterSettings:
         timeout = math.nan
     if not (math.isfinite(timeout) and 0 < timeout <= 60):
         raise values.error("store-timeout", f"expected seconds above 0, at most 60, got {values['store-timeout']!r}")
-    return ClusterSettings(etcd, prefix, configKey, redis, password, timeout)
+    return ClusterSettings(etcd, credentials, prefix, configKey, redis, password, timeout)

@@ -24,6 +24,7 @@ from twisted.internet.protocol import Protocol
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
 
+from rproxy.cluster.etcd import prefixEnd
 from rproxy.test.processes import ServerProcess
 from rproxy.test.support import freePort, sleep
 
@@ -131,9 +132,10 @@ class EtcdServer(StoreServer):
             f"--initial-cluster=test={peer}",
             "--logger=zap",
             "--log-level=warn",
+            "--auth-token-ttl=1",  # with authentication enabled (enableAuth), tokens expire fast: clients ask again
         ]
 
-    async def _call(self, path: str, body: dict[str, str]) -> None:
+    async def _call(self, path: str, body: dict[str, object]) -> None:
         response = await treq.post(self.url + path, json=body, pool=self._pool, timeout=5)
         content = await response.content()
         assert response.code == 200, (path, response.code, content)
@@ -142,6 +144,25 @@ class EtcdServer(StoreServer):
         """Set C{key} to C{value}, as an operator's C{etcdctl put} would."""
         body = {"key": _b64(key.encode()), "value": _b64(value)}
         return defer.Deferred.fromCoroutine(self._call("/v3/kv/put", body))
+
+    async def _enableAuth(self, user: str, password: str, prefix: str, rootPassword: str) -> None:
+        await self._call("/v3/auth/role/add", {"name": "root"})
+        await self._call("/v3/auth/user/add", {"name": "root", "password": rootPassword})
+        await self._call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        await self._call("/v3/auth/role/add", {"name": "gateway"})
+        start, end = prefix.encode(), prefixEnd(prefix.encode())
+        permission = {"key": _b64(start), "range_end": _b64(end), "permType": "READWRITE"}
+        await self._call("/v3/auth/role/grant", {"name": "gateway", "perm": permission})
+        await self._call("/v3/auth/user/add", {"name": user, "password": password})
+        await self._call("/v3/auth/user/grant", {"user": user, "role": "gateway"})
+        await self._call("/v3/auth/enable", {})
+
+    def enableAuth(self, user: str, password: str, prefix: str, rootPassword: str) -> defer.Deferred[None]:
+        """
+        Turn etcd's authentication on, with C{user} allowed to read and write the keys under C{prefix} only
+        (and C{root} everything); from then on, L{put} and L{delete} are refused without a token.
+        """
+        return defer.Deferred.fromCoroutine(self._enableAuth(user, password, prefix, rootPassword))
 
     def delete(self, key: str) -> defer.Deferred[None]:
         """Delete C{key}."""

@@ -12,11 +12,14 @@ from twisted.trial import unittest
 from rproxy.cluster.etcd import EtcdClient, EtcdError, Event, prefixEnd
 from rproxy.cluster.health import StoreHealth
 from rproxy.test.stores import EtcdServer, startEtcd
-from rproxy.test.support import freePort, listen
+from rproxy.test.support import freePort, listen, sleep
 
 
-def client(testCase: unittest.TestCase, *urls: str, timeout: float = 2.0) -> EtcdClient:
-    made = EtcdClient(urls, reactor, timeout, StoreHealth("etcd", ", ".join(urls), "serving what it knew", reactor))
+def client(
+    testCase: unittest.TestCase, *urls: str, timeout: float = 2.0, credentials: tuple[str, str] | None = None
+) -> EtcdClient:
+    health = StoreHealth("etcd", ", ".join(urls), "serving what it knew", reactor)
+    made = EtcdClient(urls, reactor, timeout, health, credentials)
     testCase.addCleanup(made.close)
     return made
 
@@ -129,3 +132,40 @@ class EtcdClientTests(unittest.TestCase):
         other = client(self, garbage.url).watch(b"/", 1, lambda events: None)
         why = await other.ended.addTimeout(5, reactor)
         self.assertIn("a watch message etcd's API does not send", why)
+
+    async def test_authentication(self) -> None:
+        """
+        With etcd's authentication on: a client without credentials, or with a wrong password, is refused
+        with etcd's reason; one with them gets a token, asks again when it expires, and may use its prefix only.
+        """
+        etcd = await self.setUpEtcd()
+        await etcd.enableAuth("gateway", "gw-pass", "/gw/", "root-pass")
+        with self.assertRaises(EtcdError) as raised:
+            await client(self, etcd.url).range(b"/gw/")
+        self.assertIn("etcd refused kv/range: etcdserver: user name is empty", str(raised.exception))
+        with self.assertRaises(EtcdError) as raised:
+            await client(self, etcd.url, credentials=("gateway", "wrong")).range(b"/gw/")
+        self.assertIn("authentication failed", str(raised.exception))
+        self.assertNotIn("wrong", str(raised.exception))
+
+        c = client(self, etcd.url, credentials=("gateway", "gw-pass"))
+        lease = await c.grant(30)
+        await c.put(b"/gw/a", b"1", lease)
+        await sleep(2.5)  # the token's TTL is 1 s here (etcd's --auth-token-ttl): the next call asks again
+        revision, [kv] = await c.range(b"/gw/")
+        self.assertEqual((kv.key, kv.value), (b"/gw/a", b"1"))
+        with self.assertRaises(EtcdError) as raised:
+            await c.put(b"/other", b"x")
+        self.assertIn("permission denied", str(raised.exception))
+
+        seen: list[Event] = []
+        watch = c.watch(b"/gw/", revision + 1, seen.extend)
+        await c.put(b"/gw/b", b"2")
+        for _ in range(100):
+            if seen:
+                break
+            await sleep(0.05)
+        self.assertEqual([(e.kv.key, e.kv.value) for e in seen], [(b"/gw/b", b"2")])
+        watch.stop()
+        await c.revoke(lease)
+        self.assertIsNone(await c.get(b"/gw/a"))

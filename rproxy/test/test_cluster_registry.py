@@ -77,9 +77,17 @@ class Instance:
 class SharedRegistryTests(unittest.TestCase):
     """Three instances, one etcd."""
 
-    async def startGateway(self, count: int = 3, *extra: str, upstream: str | None = None) -> list[Instance]:
-        """C{count} instances with C{extra} arguments, in front of C{upstream} (by default L{configured})."""
+    async def startGateway(
+        self, count: int = 3, *extra: str, upstream: str | None = None, authenticated: bool = False
+    ) -> list[Instance]:
+        """
+        C{count} instances with C{extra} arguments, in front of C{upstream} (by default L{configured}); with
+        etcd's authentication on, as a user that may use the keys under C{/rproxy/} only, if C{authenticated}.
+        """
         self.etcd: EtcdServer = await startEtcd(self)
+        if authenticated:
+            await self.etcd.enableAuth("gateway", "gw-pass", "/rproxy/", "root-pass")
+            extra = (*extra, "--etcd-user=gateway", f"--etcd-password-file={tokenFile(self, 'gw-pass')}")
         self.configured = ScriptedUpstream(self, answerWith(b"configured"))
         self.registered = ScriptedUpstream(self, answerWith(b"registered"))
         arguments = [
@@ -138,6 +146,21 @@ class SharedRegistryTests(unittest.TestCase):
                 self, f"{each.name} no longer serves it", functools.partial(self.servesNot, each), PROPAGATION
             )
             self.assertEqual(len(upstreamsOf(await each.state())), 1)
+
+    async def test_authenticated(self) -> None:
+        """With etcd's authentication on, the instances log in (and again as their tokens expire)."""
+        a, b = await self.startGateway(2, authenticated=True)
+        self.assertEqual((await a.register(self.registered.url, 30)).status, 201)
+        await waitFor(self, "B serves it", functools.partial(self.serves, b), PROPAGATION, b)
+        await sleep(2.5)  # the tokens expired (etcd's --auth-token-ttl is 1 s in the tests)
+        other = ScriptedUpstream(self, answerWith(b"other"))
+        self.assertEqual((await a.register(other.url, 30)).status, 201)
+
+        async def bServesOther() -> bool:
+            return b"other" in await b.bodies(3)
+
+        await waitFor(self, "B serves the second", bServesOther, PROPAGATION, b)
+        self.assertNotIn("gw-pass", a.process.log + b.process.log)
 
     async def test_leaseExpiry(self) -> None:
         """A registration nobody renews leaves every instance when its etcd lease expires."""

@@ -41,7 +41,10 @@ class ClusterOptionsTests(unittest.TestCase):
             "--redis=redis://127.0.0.1:6379/2",
             f"--redis-password-file={path}",
             "--store-timeout=2",
+            "--etcd-user=gateway",
+            f"--etcd-password-file={path}",
         )
+        self.assertEqual(settings.etcdCredentials, ("gateway", "s3cret"))
         self.assertEqual(settings.etcd, ("http://127.0.0.1:2379", "http://127.0.0.2:2379"))
         self.assertEqual((settings.prefix, settings.configKey), ("/gw-a/", "config"))
         self.assertEqual(
@@ -63,8 +66,10 @@ class ClusterOptionsTests(unittest.TestCase):
 
     def test_errors(self) -> None:
         """Each mistake is one line naming its option, and a password never shows in it."""
-        empty = self.mktemp()
+        empty, secret = self.mktemp(), self.mktemp()
         open(empty, "w").close()
+        with open(secret, "w") as f:
+            f.write("hunter2\n")
         cases = {
             ("--etcd=127.0.0.1:2379",): "--etcd: expected an etcd client URL such as http://127.0.0.1:2379",
             ("--etcd=http://h:2379/v3",): "--etcd: expected an etcd client URL",
@@ -77,6 +82,9 @@ class ClusterOptionsTests(unittest.TestCase):
             ("--redis-password-file=/nonexistent/pw",): "--redis-password-file: cannot read /nonexistent/pw",
             ("--redis=redis://h:1", f"--redis-password-file={empty}"): f"--redis-password-file: {empty} is empty",
             (f"--redis-password-file={empty}",): "--redis-password-file: ",
+            ("--etcd=http://h:1", "--etcd-user=gw"): "--etcd-user: needs --etcd-password-file too",
+            (f"--etcd-password-file={secret}",): "--etcd-password-file: needs --etcd-user too",
+            ("--etcd-user=gw", f"--etcd-password-file={secret}"): "--etcd-user: has no use without --etcd",
             ("--store-timeout=0",): "--store-timeout: expected seconds above 0, at most 60",
             ("--store-timeout=nan",): "--store-timeout: expected seconds above 0",
         }
