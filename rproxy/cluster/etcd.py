@@ -25,7 +25,7 @@ from typing import Any
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.error import ConnectError, ConnectionLost
+from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionLost
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -334,7 +334,14 @@ class EtcdClient:
             reading = treq.content(response)
             reading.addTimeout(self._timeout, self._reactor)  # type: ignore[arg-type]
             content = await reading
-        except (ConnectError, ResponseFailed, ConnectionLost, TimeoutError, CancelledError) as e:
+        except (
+            ConnectError,
+            ConnectingCancelledError,
+            ResponseFailed,
+            ConnectionLost,
+            TimeoutError,
+            CancelledError,
+        ) as e:
             raise _UnansweredError(_why(Failure(e))) from None
         try:
             answer = json.loads(content)
@@ -354,7 +361,7 @@ class _UnansweredError(Exception):
 
 def _why(failure: Failure) -> str:
     """One line for a call that failed."""
-    if failure.check(TimeoutError, CancelledError):
+    if failure.check(TimeoutError, CancelledError, ConnectingCancelledError):  # the call's timeout cancelled it
         return "no answer in time"
     if failure.check(ConnectError):
         return f"cannot connect: {_message(failure)}"

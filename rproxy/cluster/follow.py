@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -64,6 +64,7 @@ class PrefixFollower:
         self._probe = LoopingCall(self._probeOnce)
         self._probe.clock = reactor
         self._loop: Deferred[None] | None = None
+        self._sleeping: Deferred[None] | None = None
 
     def pending(self) -> list[str]:
         """Why the owner should not take requests yet: the prefix not read once (none otherwise)."""
@@ -82,6 +83,8 @@ class PrefixFollower:
             self._probe.stop()
         if self._watch is not None:
             self._watch.stop()
+        if self._sleeping is not None:
+            self._sleeping.cancel()  # etcd out of reach: stopping does not wait for the next try
         loop, self._loop = self._loop, None
         return succeed(None) if loop is None else loop
 
@@ -90,9 +93,17 @@ class PrefixFollower:
         while self._running:
             try:
                 revision, kvs = await self._client.range(self._prefix)
-            except EtcdError:
+            except Exception as e:  # never ends the loop: etcd may come back
+                if not isinstance(e, EtcdError):
+                    _log.failure("etcd: reading {what} failed", what=self._what)
                 self.synced = False
-                await deferLater(self._reactor, wait, lambda: None)  # type: ignore[arg-type]
+                self._sleeping = deferLater(self._reactor, wait, lambda: None)  # type: ignore[arg-type]
+                try:
+                    await self._sleeping
+                except CancelledError:  # stopped
+                    return
+                finally:
+                    self._sleeping = None
                 wait = min(wait * 2, LONGEST_RETRY)
                 continue
             wait = FIRST_RETRY

@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 from rproxy.cluster.etcd import EtcdClient, EtcdError, Event, prefixEnd
+from rproxy.cluster.follow import PrefixFollower
 from rproxy.cluster.health import StoreHealth
 from rproxy.test.stores import EtcdServer, startEtcd
 from rproxy.test.support import freePort, listen, sleep
@@ -169,3 +170,20 @@ class EtcdClientTests(unittest.TestCase):
         watch.stop()
         await c.revoke(lease)
         self.assertIsNone(await c.get(b"/gw/a"))
+
+
+class FollowerTests(unittest.TestCase):
+    """L{PrefixFollower}: following a prefix while etcd is out of reach."""
+
+    async def test_stopsAtOnce(self) -> None:
+        """Stopped while etcd is out of reach (between two tries, backing off), it ends at once."""
+        c = client(self, f"http://127.0.0.1:{freePort()}", timeout=0.2)
+        snapshots: list[object] = []
+        follower = PrefixFollower(c, b"/p/", reactor, snapshots.append, lambda events: None, "keys")
+        follower.start()
+        await sleep(1.6)  # tries at 0, 0.1, 0.3, 0.7 and 1.5 s: the next is 1.6 s away
+        self.assertEqual((follower.read, follower.pending(), snapshots), (False, ["keys in etcd are not read yet"], []))
+        self.assertFalse(c.health.up)
+        started = reactor.seconds()
+        await follower.stop()
+        self.assertLess(reactor.seconds() - started, 0.5)
