@@ -93,7 +93,9 @@ class PrefixFollower:
         while self._running:
             try:
                 revision, kvs = await self._client.range(self._prefix)
-            except Exception as e:  # never ends the loop: etcd may come back
+                if self._running:
+                    self._snapshot(kvs)
+            except Exception as e:  # never ends the loop: etcd may come back, and a bug be one key's
                 if not isinstance(e, EtcdError):
                     _log.failure("etcd: reading {what} failed", what=self._what)
                 self.synced = False
@@ -109,7 +111,6 @@ class PrefixFollower:
             wait = FIRST_RETRY
             if not self._running:
                 return
-            self._snapshot(kvs)
             self.synced = self.read = True
             self._watch = self._client.watch(self._prefix, revision + 1, self._changed)
             why = await self._watch.ended
