@@ -187,3 +187,25 @@ class FollowerTests(unittest.TestCase):
         started = reactor.seconds()
         await follower.stop()
         self.assertLess(reactor.seconds() - started, 0.5)
+
+    async def test_survivesItsOwner(self) -> None:
+        """An owner that fails on what was read is told again (the failure logged), not left behind."""
+        etcd = await startEtcd(self)
+        c = client(self, etcd.url)
+        await c.put(b"/p/k", b"v")
+        calls: list[int] = []
+
+        def snapshot(kvs: list[object]) -> None:
+            calls.append(len(kvs))
+            if len(calls) == 1:
+                raise RuntimeError("a bug of the owner")
+
+        follower = PrefixFollower(c, b"/p/", reactor, snapshot, lambda events: None, "keys")
+        follower.start()
+        self.addCleanup(follower.stop)
+        for _ in range(50):
+            if follower.read:
+                break
+            await sleep(0.05)
+        self.assertEqual((follower.read, calls), (True, [1, 1]))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
