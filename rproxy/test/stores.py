@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import treq
@@ -35,7 +36,7 @@ REDIS = "/usr/bin/redis-server"
 _POLL = 0.05
 
 
-class StoreServer:
+class StoreServer(ABC):
     """
     A server one test runs, which it may stop and start again (same ports, same data).
 
@@ -54,13 +55,13 @@ class StoreServer:
         self._process: ServerProcess | None = None
         testCase.addCleanup(self.stop)
 
+    @abstractmethod
     def arguments(self) -> Sequence[str]:
         """Its command line, without the program."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def ready(self) -> bool:
         """Whether it answers clients yet."""
-        raise NotImplementedError
 
     @property
     def output(self) -> str:
