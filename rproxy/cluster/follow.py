@@ -33,7 +33,6 @@ class PrefixFollower:
     """
     The keys under C{prefix} in etcd, followed for as long as it runs.
 
-    @ivar synced: whether the owner has etcd's keys as of the last read or event.
     @ivar read: whether the prefix has been read once.
     """
 
@@ -51,7 +50,6 @@ class PrefixFollower:
         @param changed: called with each batch of changes the watch streams, in order.
         @param what: what is followed, for the log.
         """
-        self.synced = False
         self.read = False
         self._client = client
         self._prefix = prefix
@@ -98,7 +96,6 @@ class PrefixFollower:
             except Exception as e:  # never ends the loop: etcd may come back, and a bug be one key's
                 if not isinstance(e, EtcdError):
                     _log.failure("etcd: reading {what} failed", what=self._what)
-                self.synced = False
                 self._sleeping = deferLater(self._reactor, wait, lambda: None)  # type: ignore[arg-type]
                 try:
                     await self._sleeping
@@ -111,11 +108,10 @@ class PrefixFollower:
             wait = FIRST_RETRY
             if not self._running:
                 return
-            self.synced = self.read = True
+            self.read = True
             self._watch = self._client.watch(self._prefix, revision + 1, self._changed)
             why = await self._watch.ended
             self._watch = None
-            self.synced = False
             if self._running:
                 _log.info("etcd: the watch of {what} ended ({why}): reading them again", what=self._what, why=why)
 

@@ -79,11 +79,6 @@ class EtcdRegistrations:
 
     # -- following etcd
 
-    @property
-    def synced(self) -> bool:
-        """Whether the registrations known here are etcd's as of the last read or event."""
-        return self._follower.synced
-
     def pending(self) -> list[str]:
         """Why this instance should not take requests yet: the registrations not read once (none otherwise)."""
         return self._follower.pending()
