@@ -530,12 +530,13 @@ class Registrations(Service):
 
     def _add(self, service: str, url: str, ttl: float, id: str) -> tuple[Registration, bool]:
         """Put the registration in force here: a new one, or the renewal of the one there is."""
+        registration = self._byID.get(id)
+        if registration is not None and (registration.service, registration.url) == (service, url):
+            return self._renewed(registration, ttl)  # etcd's event of a renewal: nothing to build
         upstream = self._build(service, url)
         registration = self._existing(service, upstream)
         if registration is not None:
-            registration.renew(ttl)
-            self._announced(registration, ttl)
-            return registration, False
+            return self._renewed(registration, ttl)
         expire = self._expire if self.shared is None else None
         registration = Registration(id, service, url, ttl, upstream, self._reactor, expire)
         self._byID[id] = registration
@@ -550,6 +551,11 @@ class Registrations(Service):
             id=id,
         )
         return registration, True
+
+    def _renewed(self, registration: Registration, ttl: float) -> tuple[Registration, bool]:
+        registration.renew(ttl)
+        self._announced(registration, ttl)
+        return registration, False
 
     def _remove(self, registration: Registration, why: str) -> None:
         registration.cancel()
