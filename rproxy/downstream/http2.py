@@ -49,7 +49,6 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import hpack
 import priority
 from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
@@ -65,6 +64,7 @@ from rproxy.downstream.h2frames import FrameWatch, connectionErrorCode, withGoAw
 from rproxy.downstream.h2request import HeadLimits, requestHead, trailerProblem
 from rproxy.errors import ProxyError, clientError
 from rproxy.headers import Pairs, allowedTrailers, hasControl, isToken
+from rproxy.hpackcoding import FieldEncoder
 
 if TYPE_CHECKING:
     from rproxy.downstream.connection import ClientConnection
@@ -110,35 +110,6 @@ _SECRET_FIELDS = frozenset([b"authorization", b"proxy-authorization"])
 #: Fields whose every value is new (rproxy's request ids): indexing them would only evict the fields that do
 #: repeat (content-type, server, ...) from the client's dynamic table, and cost a table insertion each time.
 _UNIQUE_FIELDS = frozenset([b"x-request-id", b"traceparent"])
-#: The largest HPACK dynamic table the proxy's encoder keeps for a client (RFC 7541's default size).
-ENCODER_TABLE_SIZE = 4096
-
-
-class _PlainEncoder(hpack.Encoder):
-    """
-    HPACK without Huffman coding, and a dynamic table of at most L{ENCODER_TABLE_SIZE}.  Huffman coding, in
-    pure Python, is most of what encoding a response head costs (a third of rproxy's CPU per HTTP/2 response
-    with it on), for headers a fifth smaller; once the repeated fields are indexed, a response head is a few
-    bytes either way, and the proxy's CPU is what limits it.  (RFC 7541 lets each literal choose: a client
-    decodes both.)
-    """
-
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        """Encode C{headers}, with no Huffman coding whatever C{huffman} says."""
-        return super().encode(headers, huffman=False)
-
-    @property
-    def header_table_size(self) -> int:
-        """The size of the dynamic table: what the client allows (SETTINGS_HEADER_TABLE_SIZE), at most 4 KiB."""
-        return self.header_table.maxsize
-
-    @header_table_size.setter
-    def header_table_size(self, value: int) -> None:
-        # An encoder may use less than the decoder allows (RFC 7541 section 4.2): a client that allows a huge
-        # table would otherwise have every distinct field the connection ever sends kept for it.
-        self.header_table.maxsize = min(value, ENCODER_TABLE_SIZE)
-        if self.header_table.resized:
-            self.table_size_changes.append(self.header_table.maxsize)
 
 
 class _Connection(h2.connection.H2Connection):
@@ -280,7 +251,7 @@ class HTTP2Server:
             validate_inbound_headers=False,
         )
         conn = self.conn = _Connection(config)
-        conn.encoder = _PlainEncoder()  # h2's public attribute; SETTINGS_HEADER_TABLE_SIZE still applies to it
+        conn.encoder = FieldEncoder()  # h2's public attribute; SETTINGS_HEADER_TABLE_SIZE still applies to it
         advertised = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2MaxConcurrentStreams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.h2MaxHeaderListSize,
