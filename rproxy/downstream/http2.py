@@ -64,7 +64,7 @@ from rproxy.downstream.h2frames import FrameWatch, connectionErrorCode, withGoAw
 from rproxy.downstream.h2request import HeadLimits, requestHead, trailerProblem
 from rproxy.errors import ProxyError, clientError
 from rproxy.headers import Pairs, allowedTrailers, hasControl, isToken
-from rproxy.hpackcoding import FieldEncoder
+from rproxy.hpackcoding import FieldDecoder, FieldEncoder
 
 if TYPE_CHECKING:
     from rproxy.downstream.connection import ClientConnection
@@ -251,7 +251,8 @@ class HTTP2Server:
             validate_inbound_headers=False,
         )
         conn = self.conn = _Connection(config)
-        conn.encoder = FieldEncoder()  # h2's public attribute; SETTINGS_HEADER_TABLE_SIZE still applies to it
+        # h2's public attributes; SETTINGS_HEADER_TABLE_SIZE and SETTINGS_MAX_HEADER_LIST_SIZE still apply to them
+        conn.encoder, conn.decoder = FieldEncoder(), FieldDecoder()
         advertised = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2MaxConcurrentStreams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.h2MaxHeaderListSize,

@@ -1,7 +1,11 @@
 """
-L{rproxy.hpackcoding.FieldEncoder}: what it encodes, the hpack library's own decoder (an implementation
-written apart from it) reads back as the same fields, whatever the sequence of blocks and table sizes; and
-it uses the table as RFC 7541 says a peer must be able to follow.
+L{rproxy.hpackcoding}, against the hpack library's coder (an implementation written apart from it):
+
+ - what L{FieldEncoder} encodes, the library's decoder reads back as the same fields, whatever the sequence of
+   blocks and table sizes, and it uses the table as RFC 7541 says a peer must be able to follow;
+ - L{FieldDecoder} reads whatever bytes it is given as the library's decoder does: the same fields and the
+   same table after each block, or an error where the library has one (differential testing, on arbitrary
+   bytes and on the library encoder's blocks with Huffman coding); and it refuses what RFC 7541 says to.
 
 Real peers (nghttp2's h2load, curl, httpx, grpcio) decode it in the HTTP/2 tests over sockets.
 """
@@ -20,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from rproxy.hpackcoding import MAX_TABLE_SIZE, STATIC_TABLE, FieldEncoder
+from rproxy.hpackcoding import MAX_TABLE_SIZE, STATIC_TABLE, FieldDecoder, FieldEncoder
 
 names = st.sampled_from(
     [b"server", b"content-type", b"date", b"set-cookie", b"x-a", b"x-b", b"vary", b"x-" + b"n" * 300]
@@ -105,6 +109,96 @@ class RoundTripTests(unittest.TestCase):
         encoder.header_table_size = 100
         self.assertEqual(encoder.encode([(b":status", b"200")]), b"\x20\x3f\x45\x88")
         self.assertEqual(encoder.encode([(b":status", b"200")]), b"\x88")
+
+
+#: How the library's decoder fails on some inputs besides its own exceptions (h2 catches these too).
+LIBRARY_ERRORS = (hpack.HPACKError, IndexError, TypeError, UnicodeDecodeError)
+
+
+def decodeWith(decoder: hpack.Decoder, block: bytes) -> Any:
+    """What C{decoder} makes of C{block}: its fields with their kinds, or C{"error"}."""
+    try:
+        return [(type(field).__name__, field[0], field[1]) for field in decoder.decode(block, raw=True)]
+    except LIBRARY_ERRORS:
+        return "error"
+
+
+class DecoderTests(unittest.TestCase):
+    """L{FieldDecoder} reads what the library reads, and refuses what it refuses."""
+
+    def assertSameReading(self, blocks: list[bytes], allowed: int = MAX_TABLE_SIZE) -> None:
+        """The two decoders agree on every block, and on their tables, until the first error."""
+        library, ours = hpack.Decoder(), FieldDecoder()
+        library.max_allowed_table_size = ours.max_allowed_table_size = allowed
+        for block in blocks:
+            expected = decodeWith(library, block)
+            try:
+                got = decodeWith(ours, block)
+            except LIBRARY_ERRORS[1:] as error:  # only the library's own exceptions may leave it
+                self.fail(f"{block!r}: {error!r}")
+            self.assertEqual(got, expected, block)
+            if expected == "error":
+                return
+            entries = [(name, value) for name, value in library.header_table.dynamic_entries]
+            self.assertEqual(entries, [(name, value) for name, value in reversed(ours._entries)])
+
+    @settings(max_examples=1500, derandomize=True, database=None, deadline=timedelta(seconds=5))
+    @given(st.lists(st.binary(max_size=24), min_size=1, max_size=4), st.sampled_from([0, 100, 4096]))
+    def test_arbitraryBytes(self, blocks: list[bytes], allowed: int) -> None:
+        """Whatever the bytes, the same fields or an HPACK error, never another exception."""
+        self.assertSameReading(blocks, allowed)
+
+    @settings(max_examples=200, derandomize=True, database=None, deadline=timedelta(seconds=5))
+    @given(st.lists(steps, min_size=1, max_size=30), st.booleans())
+    def test_libraryEncoder(self, script: list[Any], huffman: bool) -> None:
+        """What the library encodes, with Huffman coding or without, through table size changes."""
+        encoder, blocks = hpack.Encoder(), []
+        for step in script:
+            if isinstance(step, int):
+                encoder.header_table_size = min(step, MAX_TABLE_SIZE)
+            else:
+                blocks.append(encoder.encode([asInput(*field) for field in step], huffman=huffman))
+        self.assertSameReading(blocks)
+
+    def test_refused(self) -> None:
+        """Each of RFC 7541's decoding errors is an HPACK error."""
+        cases = {
+            "index 0": b"\x80",
+            "an index past the tables": b"\xbf",
+            "a name index past the tables": b"\x7f\x00\x01a",
+            "a size update after a field": b"\x88\x20",
+            "a size update above the allowed size": b"\x3f\xe2\x1f",
+            "a truncated integer": b"\xff\x80",
+            "an integer of six bytes": b"\xff\x80\x80\x80\x80\x80\x01",
+            "a truncated string": b"\x00\x05ab",
+            "a truncated field": b"\x40",
+            "Huffman padding that is not EOS's": b"\x00\x01a\x81\x00",
+        }
+        for what, block in cases.items():
+            with self.subTest(what):
+                self.assertRaises(hpack.HPACKError, FieldDecoder().decode, block, True)
+
+    def test_tableNotShrunk(self) -> None:
+        """Once a smaller table is allowed, a block that does not shrink the table to it is refused."""
+        decoder = FieldDecoder()
+        decoder.max_allowed_table_size = 100
+        self.assertRaises(hpack.InvalidTableSizeError, decoder.decode, b"\x88", True)
+        self.assertEqual(decoder.decode(b"\x3f\x45\x88", True), [(b":status", b"200")])
+
+    def test_oversized(self) -> None:
+        """A header list over C{max_header_list_size} is refused, counted as RFC 9113 counts it."""
+        decoder = FieldDecoder(max_header_list_size=32 + 10 + 10)
+        field = b"\x00\x0a" + b"n" * 10 + b"\x0a" + b"v" * 10
+        self.assertEqual(decoder.decode(field, True), [(b"n" * 10, b"v" * 10)])
+        self.assertRaises(hpack.OversizedHeaderListError, decoder.decode, field + b"\x88", True)
+
+    def test_kindsAndText(self) -> None:
+        """A never-indexed literal stays marked so; without C{raw} the fields are text."""
+        decoder = FieldDecoder()
+        (secret,) = decoder.decode(b"\x10\x01a\x01b", True)
+        self.assertIsInstance(secret, hpack.NeverIndexedHeaderTuple)
+        self.assertEqual(decoder.decode(b"\x88\x40\x01a\x02\xc3\xa9"), [(":status", "200"), ("a", "\u00e9")])
+        self.assertRaises(hpack.HPACKDecodingError, decoder.decode, b"\x40\x01b\x01\xff")
 
 
 class PeerTests(unittest.TestCase):

@@ -48,7 +48,7 @@ from rproxy import deadline
 from rproxy.errors import ProxyError, clientError, upstreamError
 from rproxy.framing import MalformedBodyError, contentLength
 from rproxy.headers import Pairs
-from rproxy.hpackcoding import FieldEncoder
+from rproxy.hpackcoding import FieldDecoder, FieldEncoder
 from rproxy.upstream.connection import Delivery, RequestHead, ResponseReceiver
 from rproxy.upstream.settings import timeoutError
 
@@ -113,7 +113,7 @@ class HTTP2Connection(TwistedProtocol):
         self._h2 = _Connection(
             config=H2Configuration(client_side=True, header_encoding=None, validate_inbound_headers=True)
         )
-        self._h2.encoder = FieldEncoder()  # h2's public attribute, as on the client side
+        self._h2.encoder, self._h2.decoder = FieldEncoder(), FieldDecoder()  # h2's public attributes, as downstream
         self._h2.local_settings = Settings(
             client=True,
             initial_values={SettingCodes.ENABLE_PUSH: 0, SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW},
