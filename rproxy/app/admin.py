@@ -53,6 +53,7 @@ from rproxy.observe.status import PAGE_HEADERS, RegistrationState, StateDocument
 from rproxy.upstream.upstreams import Upstream
 
 if TYPE_CHECKING:
+    from rproxy.app.workermetrics import Gather  # prometheus_client: imported when metrics are served
     from rproxy.cluster.registrations import EtcdRegistrations  # treq: imported when registrations are shared
     from rproxy.observe.metrics import ProxyMetrics  # prometheus_client: imported when metrics are served
 
@@ -850,14 +851,22 @@ def adminSite(
     reactor: IReactorTime,
     metrics: ProxyMetrics | None = None,
     everyWorker: Callable[[StateDocument], Deferred[StateDocument]] | None = None,
+    everyWorkerMetrics: Gather | None = None,
 ) -> ProxySite:
     """
     The admin listener's site: L{AdminAPI} over C{live} (and C{metrics} at C{/metrics}, behind its token), with
-    small client limits and no access log; under a supervisor, its status page shows C{everyWorker}'s state.
+    small client limits and no access log; under a supervisor, its status page and C{GET /state} show
+    C{everyWorker}'s state, and C{/metrics} every worker's (what C{everyWorkerMetrics} gathers).
     """
-    from rproxy.observe.metrics import metricsResource
+    served: IResource | None = None
+    if metrics is not None and everyWorkerMetrics is not None:
+        from rproxy.app.workermetrics import allWorkersMetrics  # prometheus_client, imported with the metrics
 
-    served = metricsResource(metrics.registry) if metrics is not None else None
+        served = allWorkersMetrics(everyWorkerMetrics)
+    elif metrics is not None:
+        from rproxy.observe.metrics import metricsResource
+
+        served = metricsResource(metrics.registry)
     api = AdminAPI(token, live, lifetime, registrations, reactor, served, everyWorker)
     return ProxySite(api, _ADMIN_LIMITS, reactor)
 

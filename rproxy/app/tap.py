@@ -708,7 +708,8 @@ def buildService(
     if admin is not None and admin.listen is not None:
         assert admin.token is not None  # AdminSettings never has one without the other
         everyWorker = worker.everyWorker if worker is not None else None
-        api = adminSite(admin.token, live, draining, registrations, reactor, metrics, everyWorker)
+        everyWorkerMetrics = worker.everyWorkerMetrics if worker is not None else None
+        api = adminSite(admin.token, live, draining, registrations, reactor, metrics, everyWorker, everyWorkerMetrics)
         adminEndpoint = passed("--admin-listen", admin.listen)
         if worker is None or adminEndpoint is not None:
             Listener("--admin-listen", admin.listen, api, adminEndpoint).setServiceParent(top)

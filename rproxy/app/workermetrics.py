@@ -1,11 +1,13 @@
 """
-C{/metrics} of a supervisor (C{--workers}, C{--metrics-listen}): every worker's metrics in one answer.
+C{/metrics} under C{--workers}: every worker's metrics in one answer, on the supervisor's C{--metrics-listen}
+and on worker 0's admin listener.
 
-The supervisor asks each worker for its metrics over its control channel (L{rproxy.app.workers}), then
-answers with all of them, each sample labelled with its C{worker} and C{generation}, in the format the
-C{Accept} field asks for (L{rproxy.observe.metrics.metricsResource}).  Labelled, not summed: a gauge such as
-an upstream's health is a per-process fact, and Prometheus sums counters across labels at query time.  A
-module of its own so that prometheus_client is imported only by a supervisor that serves metrics.
+The supervisor asks each worker for its metrics over its control channel (L{rproxy.app.workers}; worker 0
+asks the supervisor to), then answers with all of them, each sample labelled with its C{worker} and
+C{generation}, in the format the C{Accept} field asks for (L{rproxy.observe.metrics.metricsResource}).
+Labelled, not summed: a gauge such as an upstream's health is a per-process fact, and Prometheus sums
+counters across labels at query time.  A module of its own so that prometheus_client is imported only
+where metrics are served.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.site import ProxySite
 from rproxy.observe.metrics import metricsResource
 
-__all__ = ["allWorkersMetricsSite"]
+__all__ = ["allWorkersMetrics", "allWorkersMetricsSite"]
 
 #: What a client of the supervisor's metrics listener may send and keep open.
 _METRICS_LIMITS = ClientLimits(maxBodySize=0, maxHeaders=50, maxConnections=100)
@@ -46,8 +48,13 @@ Gather = Callable[[], "Deferred[list[tuple[Any, str]]]"]
 def allWorkersMetricsSite(gather: Gather, reactor: IReactorTime) -> ProxySite:
     """The supervisor's metrics listener: the metrics C{gather} collects at C{/metrics}, anything else 404."""
     root = Resource()
-    root.putChild(b"metrics", _AllWorkersMetrics(gather))
+    root.putChild(b"metrics", allWorkersMetrics(gather))
     return ProxySite(root, _METRICS_LIMITS, reactor)
+
+
+def allWorkersMetrics(gather: Gather) -> Resource:
+    """A resource that answers with the metrics C{gather} collects, each sample labelled with its worker."""
+    return _AllWorkersMetrics(gather)
 
 
 class _AllWorkersMetrics(Resource):

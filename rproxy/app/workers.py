@@ -12,7 +12,8 @@ queue is when it closes; and they work for UNIX sockets and systemd's socket act
 
 The supervisor serves nothing itself but C{--metrics-listen}, whose C{/metrics} asks each worker for its
 metrics over its control channel (a socketpair, JSON lines) and answers them all, each sample labelled
-with its C{worker}; and gathers every worker's admin state for worker 0's status page (L{combineStates}).
+with its C{worker}; and gathers every worker's admin state and metrics for worker 0's admin listener (its
+status page and C{GET /state}, L{combineStates}; its C{/metrics}, labelled likewise).
 The admin listener is passed to worker 0 only; an upstream registered, renewed or
 deregistered there is announced to the supervisor, which tells every other worker, and every worker it
 starts later (L{rproxy.app.admin.Registrations.follow}).  Active health checks run in every worker, each
@@ -46,7 +47,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from itertools import count
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application import service
 from twisted.internet import protocol
@@ -289,6 +290,14 @@ def _adoptControl(reactor: Any, descriptor: int, control: _Control) -> None:
 # -- the worker's side
 
 
+@dataclass(frozen=True)
+class WorkerName:
+    """Which worker said something: its number, and the generation it belongs to."""
+
+    index: int
+    generation: int
+
+
 class WorkerRole(service.Service):
     """
     What makes this process a worker of a supervisor: the listening sockets it passed (L{endpoint}), and the
@@ -317,7 +326,7 @@ class WorkerRole(service.Service):
         self.metrics: CollectorRegistry | None = None
         self.registrations: Registrations | None = None
         self.state: Callable[[], StateDocument] | None = None
-        self._gathering: dict[int, Deferred[list[StateDocument]]] = {}
+        self._gathering: dict[int, Deferred[list[list[Any]]]] = {}
         self._numbers = count()
         self._ports: list[_SharedPort] = []
         self._previousTerm: Any = None
@@ -395,7 +404,7 @@ class WorkerRole(service.Service):
         elif "gathered" in message:
             waiting = self._gathering.pop(int(message["gathered"]), None)
             if waiting is not None:
-                waiting.callback(message["states"])
+                waiting.callback(message["answers"])
         elif "follow" in message and self.registrations is not None:
             self.registrations.follow(message["follow"])
 
@@ -414,19 +423,40 @@ class WorkerRole(service.Service):
         The state of every worker, combined (L{combineStates}), as the supervisor gathers it; C{mine} alone if
         it cannot (its channel is closed, or it does not answer within L{ANSWER_TIMEOUT}).
         """
+
+        def combined(answers: list[tuple[WorkerName, object]]) -> StateDocument:
+            return combineStates([cast("StateDocument", a) for _, a in answers] or [mine])
+
+        return self._gather("state").addCallback(combined)
+
+    def everyWorkerMetrics(self) -> Deferred[list[tuple[WorkerName, str]]]:
+        """
+        The metrics of every worker (Prometheus's text), each with the worker that wrote them, as the
+        supervisor gathers them; this worker's alone if it cannot.
+        """
+
+        def texts(answers: list[tuple[WorkerName, object]]) -> list[tuple[WorkerName, str]]:
+            if not answers:
+                answers = [(WorkerName(self.index, self.generation), self._answer("metrics"))]
+            return [(name, str(text)) for name, text in answers]
+
+        return self._gather("metrics").addCallback(texts)
+
+    def _gather(self, what: str) -> Deferred[list[tuple[WorkerName, object]]]:
+        """What every worker answers to C{what}, through the supervisor; nothing if it cannot say in time."""
         if self._control is None:
-            return succeed(mine)
+            return succeed([])
         number = next(self._numbers)
-        waiting: Deferred[list[StateDocument]] = Deferred()
+        waiting: Deferred[list[list[Any]]] = Deferred()
         self._gathering[number] = waiting
-        self._control.send({"gather": number})
-        waiting.addTimeout(ANSWER_TIMEOUT, self._reactor, onTimeoutCancel=lambda *_: [mine])
-        return waiting.addCallback(lambda states: combineStates(states or [mine]))
+        self._control.send({"gather": number, "what": what})
+        waiting.addTimeout(ANSWER_TIMEOUT, self._reactor, onTimeoutCancel=lambda *_: [])
+        return waiting.addCallback(lambda answers: [(WorkerName(i, g), a) for i, g, a in answers])
 
     def _controlLost(self) -> None:
         self._control = None
         for waiting in list(self._gathering.values()):
-            waiting.cancel()  # its timeout's answer: this worker's state alone
+            waiting.cancel()  # its timeout's answer: nothing (this worker's own alone)
 
     def _checkParent(self) -> None:
         if os.getppid() != self._parent:
@@ -461,7 +491,7 @@ class _Worker(protocol.ProcessProtocol):
             if waiting is not None:
                 waiting.callback(message.get("value"))
         elif "gather" in message:
-            self.supervisor.gatherStates(self, int(message["gather"]))
+            self.supervisor.gather(self, int(message["gather"]), str(message.get("what", "state")))
         elif "announce" in message:
             self.supervisor.announced(self, message["announce"])
 
@@ -841,14 +871,18 @@ class Supervisor(service.MultiService):
         """The metrics of every worker that runs, as each writes them."""
         return self._askAll("metrics").addCallback(lambda answers: [(w, str(a or "")) for w, a in answers])
 
-    def gatherStates(self, asking: _Worker, number: int) -> None:
-        """Answer C{asking}'s question C{number} with the admin state of every worker that has one."""
+    def gather(self, asking: _Worker, number: int, what: str) -> None:
+        """
+        Answer C{asking}'s question C{number} with what every worker that can answers to C{what} (its admin
+        C{state}, or its C{metrics}), each with its number and generation.
+        """
 
         def answer(answers: list[tuple[_Worker, object]]) -> None:
             if asking.control is not None:
-                asking.control.send({"gathered": number, "states": [a for _, a in answers if a is not None]})
+                found = [[w.index, w.generation, a] for w, a in answers if a is not None]
+                asking.control.send({"gathered": number, "answers": found})
 
-        self._askAll("state").addCallback(answer)
+        self._askAll(what).addCallback(answer)
 
     # -- stopping
 

@@ -272,9 +272,9 @@ class SupervisorTests(unittest.TestCase):
     async def test_sharedSocketsMetricsAdminAndReplacement(self) -> None:
         """
         Two workers serve the socket that socket activation handed the supervisor; its C{/metrics} has
-        samples of both; an upstream registered through the admin API (served by worker 0) is in both,
-        in the worker that replaces one killed, whose death is logged with its signal, and in the next
-        generation of workers.
+        samples of both, and so has the admin listener's; an upstream registered through the admin API
+        (served by worker 0) is in both, in the worker that replaces one killed, whose death is logged with
+        its signal, and in the next generation of workers.
         """
         a, b = ScriptedUpstream(self, answerWith(b"a")), ScriptedUpstream(self, answerWith(b"b"))
         port, admin, metricsPort = freePort(), freePort(), freePort()
@@ -337,6 +337,13 @@ class SupervisorTests(unittest.TestCase):
         code, out, err = await curl(["-sS", "-H", f"Authorization: Bearer {TOKEN}", f"http://127.0.0.1:{admin}/state"])
         [upstream] = [u for s in json.loads(out)["services"] for u in s["upstreams"] if u["key"] == a.url]
         self.assertEqual(upstream["pool"], {"open": total, "idle": total}, out)
+        # And the admin listener's /metrics: every worker's samples, labelled, as on the metrics listener.
+        code, out, err = await curl(
+            ["-sS", "--fail", "-H", f"Authorization: Bearer {TOKEN}", f"http://127.0.0.1:{admin}/metrics"]
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(upstreamIn(out.decode("utf-8"), a.url), {"0", "1"}, out)
+        self.assertEqual(idleConnections(out.decode("utf-8"), a.url), idle)
 
         # A rolling restart keeps the registration, and the metrics listener (the supervisor's own).
         os.kill(process.transport.pid, signal.SIGUSR2)
