@@ -22,7 +22,8 @@ Choices a decoder cannot tell apart from the library's, and why:
 The hpack library's decoder costs about 2 us a field even when the field is one index byte, as most are
 after a connection's first request.  L{FieldDecoder} reads the block itself and returns the very tuples its
 tables hold for indexed fields; it hands a Huffman-coded string to the library's decoder, through its public
-interface, so what RFC 7541 section 5.2 requires of padding and EOS is checked where it always was.  It
+interface, so what RFC 7541 section 5.2 requires of padding and EOS is checked where it always was (and
+remembers short ones it decoded: the same path comes again, coded the same).  It
 refuses what the library refuses, with the library's exceptions, which h2 turns into connection errors:
 an index outside the tables, a size update after a field or above the allowed size, a table left larger
 than the allowed size, a truncated integer or string, and a header list over C{max_header_list_size}.  An
@@ -130,6 +131,12 @@ _MAX_INTEGER_BYTES = 5
 #: What a Huffman-coded string is prefixed with to make a field block of one field without indexing whose
 #: value it is: the library's decoder reads it, and its table is never touched.
 _HUFFMAN_NAME = b"\x00\x01x"
+#: Huffman-coded strings already decoded, by their coded bytes (a string's code is the same wherever it is
+#: sent): most are paths and authorities that clients send again and again without indexing them.  Short ones
+#: only, and at most so many: cleared when full.
+_HUFFMAN_CACHE: dict[bytes, bytes] = {}
+_HUFFMAN_CACHED_LENGTH = 128
+_HUFFMAN_CACHE_SIZE = 1024
 
 
 def _integer(value: int, representation: tuple[int, int]) -> bytes:
@@ -346,8 +353,16 @@ class FieldDecoder(hpack.Decoder):
             raise hpack.HPACKDecodingError("Truncated string literal")
         if not data[position] & 0x80:
             return data[start:stop], stop
-        (field,) = self._strings.decode(_HUFFMAN_NAME + data[position:stop], raw=True)
-        return field[1], stop
+        coded = data[position:stop]
+        decoded = _HUFFMAN_CACHE.get(coded)
+        if decoded is None:
+            (field,) = self._strings.decode(_HUFFMAN_NAME + coded, raw=True)
+            decoded = field[1]
+            if length <= _HUFFMAN_CACHED_LENGTH:
+                if len(_HUFFMAN_CACHE) >= _HUFFMAN_CACHE_SIZE:
+                    _HUFFMAN_CACHE.clear()
+                _HUFFMAN_CACHE[coded] = decoded
+        return decoded, stop
 
     def _insert(self, field: HeaderTuple) -> None:
         size = len(field[0]) + len(field[1]) + _ENTRY_OVERHEAD
