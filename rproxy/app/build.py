@@ -7,7 +7,7 @@ C{--check-config}.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -19,6 +19,7 @@ from rproxy.app.filters import FilterSet
 from rproxy.downstream.site import ProxySite
 from rproxy.headers import ForwardingPolicy, parseNetworks
 from rproxy.health.checks import HealthChecker, HealthCheckSettings
+from rproxy.health.shared import Verdict
 from rproxy.interfaces import IDirector
 from rproxy.observe.accesslog import AccessLog
 from rproxy.observe.logfile import AccessLogFile, AccessLogSink, TwistedLogDestination
@@ -143,10 +144,18 @@ def healthCheckSettings(config: ProxyConfig) -> dict[str, HealthCheckSettings]:
     return {name: each.healthCheck for name, each in config.services.items() if each.healthCheck is not None}
 
 
-def healthChecker(config: ProxyConfig, reactor: IReactorTime, registry: MemoryRegistry) -> HealthChecker | None:
-    """The active health checks of the services that have them (C{None} if none has), over C{registry}."""
+def healthChecker(
+    config: ProxyConfig,
+    reactor: IReactorTime,
+    registry: MemoryRegistry,
+    report: Callable[[Verdict], None] | None = None,
+) -> HealthChecker | None:
+    """
+    The active health checks of the services that have them (C{None} if none has), over C{registry}; their
+    verdicts also told to C{report} (L{rproxy.health.shared}).
+    """
     settings = healthCheckSettings(config)
-    return HealthChecker(reactor, registry, settings) if settings else None
+    return HealthChecker(reactor, registry, settings, report) if settings else None
 
 
 def closeUpstreams(registry: MemoryRegistry) -> None:

@@ -42,7 +42,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
-from rproxy.app.build import buildDirector, buildForwarding, buildServices, healthChecker, healthCheckSettings
+from rproxy.app.build import buildDirector, buildForwarding, buildServices, healthCheckSettings
 from rproxy.app.config import (
     BlueGreenConfig,
     ConfigError,
@@ -239,7 +239,7 @@ class LiveProxy:
         filters: FilterSet,
         draining: DrainingService,
         parent: service.MultiService,
-        checker: HealthChecker | None,
+        checks: Callable[[ProxyConfig], HealthChecker | None],
     ) -> None:
         """
         @param config: the configuration that the other arguments were built from.
@@ -247,7 +247,7 @@ class LiveProxy:
         @param filters: the filters their chains are made of.
         @param draining: the service that drains the proxy at shutdown.
         @param parent: the service that the health checker runs under.
-        @param checker: the health checker running, if any.
+        @param checks: what makes the health checker of a configuration (C{None}: none runs in this process).
         """
         self.config = config
         self._reactor = reactor
@@ -259,7 +259,9 @@ class LiveProxy:
         self._filters = filters
         self._draining = draining
         self._parent = parent
-        self._checker = checker
+        self._checks = checks
+        self._checker: HealthChecker | None = None
+        self._replaceChecker(config)
         # The upstreams the configuration put in the registry, by service: a reload replaces these and
         # leaves alone what others (the admin API's registrations) added.
         self._configured = {name: list(registry.members(name)) for name in config.services}
@@ -347,7 +349,7 @@ class LiveProxy:
         """Stop the health checks, and start those of C{config} (their verdicts live on in the upstreams)."""
         if self._checker is not None:
             self._checker.disownServiceParent()
-        self._checker = healthChecker(config, self._reactor, self.registry)
+        self._checker = self._checks(config)
         if self._checker is not None:
             self._checker.setServiceParent(self._parent)
 

@@ -65,7 +65,8 @@ from rproxy.downstream.listeners import Listener, ListenError
 from rproxy.downstream.site import DrainingService, ProxySite
 from rproxy.downstream.tls import CertificateStore, TLSSettings, plainListener, tlsListener
 from rproxy.filters.factory import filterFactories
-from rproxy.health.checks import HealthCheckSettings
+from rproxy.health.checks import HealthChecker, HealthCheckSettings
+from rproxy.health.shared import VerdictFollower
 from rproxy.health.state import PassivePolicy
 from rproxy.observe.logfile import ReopenOnSignal
 from rproxy.observe.requestid import RequestIds
@@ -642,10 +643,18 @@ def buildService(
 
     draining = DrainingService([], config.grace, reactor, stopped)
     draining.setServiceParent(top)
-    checker = healthChecker(config, reactor, registry)
-    if checker is not None:
-        checker.setServiceParent(top)
-    live = LiveProxy(config, reactor, registry, proxy, services, filters, draining, top, checker)
+    # Under a supervisor, worker 0 runs the active health checks and the others follow its verdicts.
+    report = worker.reportVerdict if worker is not None else None
+    if worker is not None and worker.index != 0:
+        follower = worker.verdicts = VerdictFollower(registry)
+        follower.setServiceParent(top)
+
+    def checks(config: ProxyConfig) -> HealthChecker | None:
+        if worker is not None and worker.index != 0:
+            return None
+        return healthChecker(config, reactor, registry, report)
+
+    live = LiveProxy(config, reactor, registry, proxy, services, filters, draining, top, checks)
     if redis is not None:
         live.stores.append(redis.health)
         closers.append(redis.close)

@@ -16,8 +16,8 @@ with its C{worker}; and gathers every worker's admin state and metrics for worke
 status page and C{GET /state}, L{combineStates}; its C{/metrics}, labelled likewise).
 The admin listener is passed to worker 0 only; an upstream registered, renewed or
 deregistered there is announced to the supervisor, which tells every other worker, and every worker it
-starts later (L{rproxy.app.admin.Registrations.follow}).  Active health checks run in every worker, each
-reaching the same verdict about the same upstream; passive health (ejections) stays per worker.
+starts later (L{rproxy.app.admin.Registrations.follow}).  Active health checks run in worker 0 alone, whose
+verdicts go the same way (L{rproxy.health.shared}); passive health (ejections) stays per worker.
 
 Signals to the supervisor:
   - SIGHUP: every worker reloads (its configuration, certificates, access log);
@@ -69,12 +69,14 @@ from zope.interface import implementer
 
 from rproxy.app.config import ConfigError, ProxyConfig
 from rproxy.downstream.listeners import Listener
+from rproxy.health.shared import Verdict
 from rproxy.signals import OnSignal
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from rproxy.app.admin import Registrations
+    from rproxy.health.shared import VerdictFollower
     from rproxy.observe.status import StateDocument, UpstreamState
 
 __all__ = [
@@ -325,6 +327,7 @@ class WorkerRole(service.Service):
         self._control: _Control | None = None
         self.metrics: CollectorRegistry | None = None
         self.registrations: Registrations | None = None
+        self.verdicts: VerdictFollower | None = None
         self.state: Callable[[], StateDocument] | None = None
         self._gathering: dict[int, Deferred[list[list[Any]]]] = {}
         self._numbers = count()
@@ -397,6 +400,11 @@ class WorkerRole(service.Service):
         if self._control is not None:
             self._control.send({"announce": dict(message)})
 
+    def reportVerdict(self, verdict: Verdict) -> None:
+        """Tell the supervisor C{verdict} (this worker's active checks'), for the other workers."""
+        if self._control is not None:
+            self._control.send({"verdict": verdict.message()})
+
     def _received(self, message: dict[str, Any]) -> None:
         if "ask" in message:
             assert self._control is not None
@@ -407,6 +415,8 @@ class WorkerRole(service.Service):
                 waiting.callback(message["answers"])
         elif "follow" in message and self.registrations is not None:
             self.registrations.follow(message["follow"])
+        elif "verdict" in message and self.verdicts is not None:
+            self.verdicts.told(Verdict.fromMessage(message["verdict"]))
 
     def _answer(self, what: object) -> object:
         """This worker's C{metrics} (Prometheus's text) or C{state} (the admin API's document), if it keeps them."""
@@ -494,6 +504,8 @@ class _Worker(protocol.ProcessProtocol):
             self.supervisor.gather(self, int(message["gather"]), str(message.get("what", "state")))
         elif "announce" in message:
             self.supervisor.announced(self, message["announce"])
+        elif "verdict" in message:
+            self.supervisor.judged(self, message["verdict"])
 
     def lost(self) -> None:
         self.control = None
@@ -594,6 +606,7 @@ class Supervisor(service.MultiService):
         self._stopping = False
         self._questions = count()
         self._registrations: dict[tuple[str, str], dict[str, object]] = {}
+        self._verdicts: dict[tuple[str, str], dict[str, object]] = {}  # worker 0's health checks', by upstream
         self._metrics: Listener | None = None
         upgrade = self._environ.pop(UPGRADE_VARIABLE, None)
         self._upgrade: dict[str, Any] | None = json.loads(upgrade) if upgrade is not None else None
@@ -713,6 +726,8 @@ class Supervisor(service.MultiService):
         self.current[index] = worker
         for registration in self._registrations.values():
             worker.control.send({"follow": registration})
+        for verdict in self._verdicts.values():
+            worker.control.send({"verdict": verdict})
         return worker
 
     def ended(self, worker: _Worker, reason: Failure) -> None:
@@ -860,6 +875,17 @@ class Supervisor(service.MultiService):
         for other in self.current.values():
             if other is not worker and other.control is not None:
                 other.control.send({"follow": dict(change)})
+
+    def judged(self, worker: _Worker, verdict: Mapping[str, Any]) -> None:
+        """C{worker}'s health checks reached C{verdict}: remember it for workers to come, and tell the others."""
+        key = (str(verdict["service"]), str(verdict["upstream"]))
+        if verdict.get("up") is None:
+            self._verdicts.pop(key, None)
+        else:
+            self._verdicts[key] = dict(verdict)
+        for other in self.current.values():
+            if other is not worker and other.control is not None:
+                other.control.send({"verdict": dict(verdict)})
 
     def _askAll(self, what: str) -> Deferred[list[tuple[_Worker, object]]]:
         """What every worker that runs answers to C{what}, in the order of their numbers."""

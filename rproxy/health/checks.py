@@ -43,6 +43,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from rproxy._version import __version__
+from rproxy.health.shared import Verdict
 from rproxy.interfaces import HealthResult, IHealthCheck, IRegistry
 from rproxy.upstream.upstreams import Upstream
 
@@ -461,6 +462,7 @@ class _Probe:
     inFlight: Deferred[HealthResult] | None = None
     stopped: bool = False
     lastReason: str = ""
+    reported: bool = False  # whether its verdict was reported once
 
     def stop(self) -> None:
         self.stopped = True
@@ -483,11 +485,20 @@ class HealthChecker(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor: IReactorTime, registry: IRegistry, settings: Mapping[str, HealthCheckSettings]) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        registry: IRegistry,
+        settings: Mapping[str, HealthCheckSettings],
+        report: Callable[[Verdict], None] | None = None,
+    ) -> None:
         """
         @param settings: the check of each service to check, by service name; others are not checked.
+        @param report: what is told each upstream's verdict after its first check and whenever it changes,
+            and a verdict of C{None} when an upstream is no longer checked (L{rproxy.health.shared}).
         """
         self._reactor = reactor
+        self._report = report
         self._registry = registry
         self._checks = {service: HTTPHealthCheck(reactor, each) for service, each in settings.items()}
         self._probes: dict[tuple[str, Upstream], _Probe] = {}
@@ -520,6 +531,8 @@ class HealthChecker(Service):
             if key[0] == service and probe.upstream not in members:
                 del self._probes[key]
                 probe.stop()
+                if self._report is not None and probe.reported:
+                    self._report(Verdict(service, probe.upstream.key, None))
         for upstream in members:
             if (service, upstream) not in self._probes:
                 probe = _Probe(service, upstream, check)
@@ -569,3 +582,7 @@ class HealthChecker(Service):
             level = self._log.info if wasUp or result.reason != probe.lastReason else self._log.debug
             level("service {service}: health check of upstream {upstream} failed: {reason}", **fields)
         probe.lastReason = result.reason if not result.healthy else ""
+        if self._report is not None and (changed or not probe.reported):
+            probe.reported = True
+            reason = "" if health.activeUp else health.reason
+            self._report(Verdict(probe.service, probe.upstream.key, health.activeUp, reason))

@@ -181,9 +181,26 @@ class UpstreamHealth:
         self._checkStreak += 1
         if self._checkStreak < (rise if result.healthy else fall):
             return False
-        self._checkStreak = 0
-        self.activeUp = result.healthy
-        if result.healthy:
-            self._returnedAt = self._clock.seconds()
-            self.ejectedUntil = 0.0
+        self._mark(result.healthy)
         return True
+
+    def told(self, up: bool, reason: str) -> bool:
+        """
+        Take the verdict that another process's active checks reached (L{rproxy.health.shared}): C{up}, or
+        down for C{reason}.
+
+        @return: whether the verdict changed.
+        """
+        if not up:
+            self.reason = reason
+        if up == self.activeUp:
+            return False
+        self._mark(up)
+        return True
+
+    def _mark(self, up: bool) -> None:
+        self._checkStreak = 0
+        self.activeUp = up
+        if up:
+            self._returnedAt = self._clock.seconds()  # slow start, as for a host back from an ejection
+            self.ejectedUntil = 0.0

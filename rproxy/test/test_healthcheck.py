@@ -1,9 +1,12 @@
 """
 Active health checks against real upstreams on 127.0.0.1: L{HealthCheckSettings}, L{HTTPHealthCheck}'s
-verdicts and reasons, and L{HealthChecker} marking upstreams down and up.
+verdicts and reasons, L{HealthChecker} marking upstreams down and up and reporting its verdicts, and
+L{VerdictFollower} applying them in another process's registry.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IDelayedCall
@@ -13,6 +16,7 @@ from zope.interface import verify
 
 import rproxy
 from rproxy.health.checks import BODY_LIMIT, USER_AGENT, HealthChecker, HealthCheckSettings, HTTPHealthCheck
+from rproxy.health.shared import Verdict, VerdictFollower
 from rproxy.interfaces import HealthResult, IHealthCheck
 from rproxy.proxy.registry import MemoryRegistry
 from rproxy.test.certs import CertificateAuthority
@@ -327,13 +331,17 @@ class HealthCheckerTests(unittest.TestCase):
     """L{HealthChecker} over a registry, with real checks at short intervals."""
 
     def startChecker(
-        self, registry: MemoryRegistry, settings: dict[str, HealthCheckSettings] | None = None, **kwargs: object
+        self,
+        registry: MemoryRegistry,
+        settings: dict[str, HealthCheckSettings] | None = None,
+        report: Callable[[Verdict], None] | None = None,
+        **kwargs: object,
     ) -> HealthChecker:
         if settings is None:
             defaults: dict[str, object] = {"interval": 0.05, "timeout": 1.0, "rise": 2, "fall": 2}
             defaults.update(kwargs)
             settings = {"default": HealthCheckSettings(**defaults)}  # type: ignore[arg-type]
-        checker = HealthChecker(reactor, registry, settings)
+        checker = HealthChecker(reactor, registry, settings, report)
         checker.startService()
         self.addCleanup(lambda: checker.running and checker.stopService())
         return checker
@@ -382,6 +390,31 @@ class HealthCheckerTests(unittest.TestCase):
         self.assertTrue(await waitFor(lambda: failing.upstream.health.state == "down"))
         self.assertEqual(registry.lookup("default"), (healthy.upstream,))
         self.assertEqual(failing.upstream.health.reason, "status 503, expected 200-399")
+
+    async def test_reported(self) -> None:
+        """
+        The verdict on each upstream is reported after its first check and at each change, not at each check;
+        an upstream removed from the service is reported as no longer checked.
+        """
+        switchable = Switchable(self, status=200)
+        registry = MemoryRegistry()
+        registry.add("default", switchable.upstream)
+        reported: list[Verdict] = []
+        self.startChecker(registry, report=reported.append)
+        key = switchable.upstream.key
+        self.assertTrue(await waitFor(lambda: switchable.checks >= 3))
+        self.assertEqual(reported, [Verdict("default", key, True)])
+        switchable.status = 500
+        self.assertTrue(await waitFor(lambda: len(reported) == 2))
+        self.assertEqual(reported[1], Verdict("default", key, False, "status 500, expected 200-399"))
+        switchable.status = 200
+        self.assertTrue(await waitFor(lambda: len(reported) == 3))
+        self.assertEqual(reported[2], Verdict("default", key, True))
+        checks = switchable.checks
+        self.assertTrue(await waitFor(lambda: switchable.checks >= checks + 3))
+        self.assertEqual(len(reported), 3)
+        registry.remove("default", switchable.upstream)
+        self.assertEqual(reported[3:], [Verdict("default", key, None)])
 
     async def test_firstCheckPrompt(self) -> None:
         """The first check comes within a tenth of an interval of the start, the next one an interval later."""
@@ -476,3 +509,39 @@ class HealthCheckerTests(unittest.TestCase):
         stoppedAt = switchable.checks
         checker.startService()
         self.assertTrue(await waitFor(lambda: switchable.checks >= stoppedAt + 2))
+
+
+class VerdictFollowerTests(unittest.TestCase):
+    """L{VerdictFollower}: another process's verdicts applied to this process's upstreams."""
+
+    def test_appliedAsToldAndAsTheyAppear(self) -> None:
+        """
+        A verdict marks its upstream down or up, whether the upstream is there when it is told or comes
+        later; one for an upstream no longer checked is forgotten; verdicts survive as JSON messages.
+        """
+        registry = MemoryRegistry()
+        present, later = upstreamAt("http://127.0.0.1:1"), upstreamAt("http://127.0.0.1:2")
+        registry.add("default", present)
+        follower = VerdictFollower(registry)
+        follower.told(Verdict("default", later.key, False, "status 503"))
+        follower.startService()
+        self.addCleanup(follower.stopService)
+        follower.told(Verdict.fromMessage(Verdict("default", present.key, False, "refused").message()))
+        self.assertEqual((present.health.state, present.health.reason), ("down", "refused"))
+        self.assertEqual(registry.lookup("default"), ())
+        registry.add("default", later)
+        self.assertEqual((later.health.state, later.health.reason), ("down", "status 503"))
+        follower.told(Verdict("default", present.key, True))
+        self.assertEqual(present.health.state, "up")
+        self.assertEqual(registry.lookup("default"), (present,))
+        # Removed, then no longer checked: added again, it is not marked down by what was said before.
+        registry.remove("default", later)
+        follower.told(Verdict("default", later.key, None))
+        again = upstreamAt(later.key)
+        registry.add("default", again)
+        self.assertEqual(again.health.state, "up")
+        # Another service's upstream of the same address is another upstream.
+        other = upstreamAt(present.key)
+        registry.add("other", other)
+        follower.told(Verdict("default", present.key, False, "refused"))
+        self.assertEqual((present.health.state, other.health.state), ("down", "up"))

@@ -38,7 +38,17 @@ from rproxy.app.workers import (
     workerCount,
 )
 from rproxy.observe.status import ServiceState, StateDocument, UpstreamState
-from rproxy.test.support import PYTHON, ROOT, ScriptedUpstream, curl, rawRequest, responseStatus, sleep, waitFor
+from rproxy.test.support import (
+    PYTHON,
+    ROOT,
+    ReceivedRequest,
+    ScriptedUpstream,
+    curl,
+    rawRequest,
+    responseStatus,
+    sleep,
+    waitFor,
+)
 from rproxy.test.test_admin import TOKEN, tokenFile
 from rproxy.test.test_config import answerWith, get, parse, writeConfig
 from rproxy.test.test_drain import ProxyProcess, assertCleanExit, freePort, waitUntilListening
@@ -46,6 +56,8 @@ from rproxy.test.test_reload import body, rewrite, route, services
 from rproxy.test.test_systemd import SOCKET_ACTIVATION, WORKERS, environment, localCommand, readUnit, value
 
 TWIST = [PYTHON, "-m", "twisted", "--log-format", "text", "rproxy"]
+#: The active health checks' interval in the tests that have them, in seconds.
+INTERVAL = 0.1
 
 
 def children(pid: int) -> set[int]:
@@ -76,6 +88,15 @@ def upstreamIn(text: str, key: str) -> set[str]:
         for line in text.splitlines()
         if line.startswith("rproxy_upstream_health{") and f'upstream="{key}"' in line
     }
+
+
+def healthIn(text: str, key: str) -> dict[str, str]:
+    """The health state (up, ejected, down) of the upstream C{key} in each worker, from their metrics in C{text}."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("rproxy_upstream_health{") and f'upstream="{key}"' in line and line.endswith(" 1.0"):
+            found[line.rpartition('worker="')[2].partition('"')[0]] = line.partition('state="')[2].partition('"')[0]
+    return found
 
 
 def idleConnections(text: str, key: str) -> dict[str, int]:
@@ -352,6 +373,57 @@ class SupervisorTests(unittest.TestCase):
         self.assertEqual(upstreamIn(text, b.url), {"0", "1"}, text)
         self.assertIn('generation="2"', text)
         self.assertEqual({await body(port, b"/") for _ in range(10)}, {b"a", b"b"})
+
+    async def test_healthCheckedByOneWorker(self) -> None:
+        """
+        Worker 0 alone runs the active health checks, and the other worker follows its verdicts: the
+        upstream whose checks fail is down in both workers, and up in both again once they pass; it gets
+        the checks of one worker, not of two; a worker that replaces one killed is told the verdict.
+        """
+        status = [200]
+
+        def answer(proto: object, request: ReceivedRequest) -> bytes:
+            if request.requestLine.startswith(b"GET /health "):
+                return b"HTTP/1.1 %d Checked\r\nContent-Length: 0\r\n\r\n" % status[0]
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"
+
+        upstream = ScriptedUpstream(self, answer)
+        port, metricsPort = freePort(), freePort()
+        checked = f'health-path = "/health"\nhealth-interval = {INTERVAL}\nhealth-fall = 1\nhealth-rise = 1\n'
+        top = f'listen = ["tcp:{port}:interface=127.0.0.1"]\naccess-log = "off"\n'
+        path = writeConfig(self, top + services(a=upstream.url) + checked + route("a"))
+        command = [*TWIST, "--workers=2", f"--metrics-listen=tcp:{metricsPort}:interface=127.0.0.1", "--config", path]
+        process = ProxyProcess.spawn(self, command)
+        first = await workersOf(self, process, 2)
+        self.assertTrue(await waitFor(lambda: process.log.count("serves") == 2, 20.0), process.log)
+
+        async def healthIs(state: str) -> bool:
+            for _ in range(50):
+                if healthIn(await metrics(metricsPort), upstream.url) == {"0": state, "1": state}:
+                    return True
+                await sleep(0.1)
+            return False
+
+        def checks() -> int:
+            return sum(r.requestLine.startswith(b"GET /health ") for r in upstream.requests)
+
+        status[0] = 503
+        self.assertTrue(await healthIs("down"), process.log)
+        code, out, err = await curl(["-sS", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/"])
+        self.assertEqual(out, b"503", err)
+        before = checks()
+        await sleep(20 * INTERVAL)
+        # One worker checking at INTERVAL makes at most 20 checks in 20 intervals; two would make about 40.
+        self.assertLessEqual(checks() - before, 24)
+        self.assertGreater(checks() - before, 0)
+
+        victim = max(first)  # worker 1: its replacement learns the verdict from the supervisor
+        os.kill(victim, 9)
+        self.assertTrue(await waitFor(lambda: process.log.count("serves") == 3, 20.0), process.log)
+        self.assertTrue(await healthIs("down"), process.log)
+        status[0] = 200
+        self.assertTrue(await healthIs("up"), process.log)
+        self.assertEqual({await body(port, b"/") for _ in range(4)}, {b"a"})
 
     async def test_reloadRollingRestartAndStop(self) -> None:
         """
