@@ -635,7 +635,7 @@ class AdminAPI(Resource):
         @param clock: the reactor whose time the upstreams' health keeps (the status page says how long ago).
         @param metrics: what answers C{GET /metrics} (Prometheus's exposition), if the metrics are kept.
         @param everyWorker: under a supervisor (C{--workers}), what turns this worker's state into every
-            worker's, which the status page shows (L{rproxy.app.workers.WorkerRole.everyWorker}).
+            worker's, which the status page shows (L{rproxy.app.workers.worker.WorkerRole.everyWorker}).
         """
         super().__init__()
         self._token = token

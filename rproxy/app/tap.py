@@ -57,7 +57,9 @@ from rproxy.app.config import (
     buildConfig,
 )
 from rproxy.app.reload import ConfigReloader, ConfigSource, HangUpReloader, LiveProxy
-from rproxy.app.workers import Supervisor, WorkerRole, listenersOf, workerCount
+from rproxy.app.workers.sockets import listenersOf
+from rproxy.app.workers.supervisor import Supervisor, workerCount
+from rproxy.app.workers.worker import WorkerRole
 from rproxy.cluster.health import StoreHealth
 from rproxy.cluster.settings import DEFAULT_STORE_TIMEOUT, ClusterSettings, clusterSettings
 from rproxy.downstream.limits import ClientLimits

@@ -26,14 +26,13 @@ from twisted.web.client import HTTPConnectionPool
 
 from rproxy.app.config import ConfigError
 from rproxy.app.tap import Options
-from rproxy.app.workers import (
+from rproxy.app.workers.sockets import SharedEndpoint, listenersOf
+from rproxy.app.workers.states import combineStates
+from rproxy.app.workers.supervisor import (
     FIRST_BACKOFF,
     MAX_BACKOFF,
     Supervisor,
-    _SharedEndpoint,
-    _Worker,
-    combineStates,
-    listenersOf,
+    WorkerProcess,
     twistOptions,
     workerCount,
 )
@@ -219,7 +218,7 @@ class BackOffTests(unittest.TestCase):
         supervisor = Supervisor(1, [], [], None, 1.0, clock)
         delays = []
         for lived in (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 60.0, 1.0):
-            worker = _Worker(0, 0, supervisor, clock.seconds())
+            worker = WorkerProcess(0, 0, supervisor, clock.seconds())
             supervisor.current[0] = worker
             clock.advance(lived)
             supervisor.ended(worker, Failure(ProcessTerminated(exitCode=1)))
@@ -257,7 +256,7 @@ class SharedPortTests(unittest.TestCase):
 
     async def listen(self, shared: socket.socket, name: bytes) -> protocol.Factory:
         factory = greeter(name)
-        port = await _SharedEndpoint(reactor, os.dup(shared.fileno()), socket.AF_INET, []).listen(factory)
+        port = await SharedEndpoint(reactor, os.dup(shared.fileno()), socket.AF_INET, []).listen(factory)
         self.addCleanup(port.stopListening)
         return factory
 
