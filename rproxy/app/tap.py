@@ -377,6 +377,18 @@ class Options(usage.Options):
         ["etcd-user", None, None, "The user of etcd's authentication, when etcd has it enabled."],
         ["etcd-password-file", None, None, "A file holding the password of --etcd-user."],
         [
+            "etcd-ca",
+            None,
+            None,
+            "A PEM file of CA certificates to verify https:// etcd members with (default: system).",
+        ],
+        [
+            "etcd-client-cert",
+            None,
+            None,
+            "CERTFILE[:KEYFILE], a PEM client certificate (and its key) to present to https:// etcd members.",
+        ],
+        [
             "etcd-config-key",
             None,
             None,
@@ -389,6 +401,13 @@ class Options(usage.Options):
             'Where rate limits with store = "redis" keep their buckets, e.g. redis://127.0.0.1:6379/0.',
         ],
         ["redis-password-file", None, None, "A file holding the password of --redis."],
+        ["redis-ca", None, None, "A PEM file of CA certificates to verify a rediss:// Redis with (default: system)."],
+        [
+            "redis-client-cert",
+            None,
+            None,
+            "CERTFILE[:KEYFILE], a PEM client certificate (and its key) to present to a rediss:// Redis.",
+        ],
         [
             "store-timeout",
             None,
@@ -757,7 +776,7 @@ def etcdClient(cluster: ClusterSettings, reactor: IReactorTime) -> EtcdClient:
 
     fallback = "serving the registrations and configuration last known; the admin API cannot register (503)"
     health = StoreHealth("etcd", ", ".join(cluster.etcd), fallback, reactor)
-    return EtcdClient(cluster.etcd, reactor, cluster.timeout, health, cluster.etcdCredentials)
+    return EtcdClient(cluster.etcd, reactor, cluster.timeout, health, cluster.etcdCredentials, cluster.etcdTLS)
 
 
 def checkConfig(path: str, config: ProxyConfig, cluster: ClusterSettings | None = None) -> str:
@@ -785,7 +804,7 @@ def redisClient(cluster: ClusterSettings, reactor: IReactorTime) -> RedisClient 
         return None
     from rproxy.cluster.redis import RedisClient
 
-    return RedisClient(cluster.redis, reactor, cluster.redisPassword, cluster.timeout)
+    return RedisClient(cluster.redis, reactor, cluster.redisPassword, cluster.timeout, cluster.redisTLS)
 
 
 def reloadSource(options: Options) -> ConfigSource | None:

@@ -26,14 +26,24 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionLost
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+)
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
+from zope.interface import implementer
 
 from rproxy.cluster.health import StoreError, StoreHealth
+from rproxy.cluster.tls import StoreTLS
 
 #: The longest line of a watch stream: one message of changes (etcd caps a request at 1.5 MiB by default).
 MAX_MESSAGE = 4 * 1024 * 1024
@@ -174,12 +184,14 @@ class EtcdClient:
         timeout: float,
         health: StoreHealth,
         credentials: tuple[str, str] | None = None,
+        tls: StoreTLS | None = None,
     ) -> None:
         """
         @param urls: the client URLs of the cluster's members (C{http://host:2379}).
         @param timeout: seconds a call may take in all before it fails as unanswered.
         @param credentials: the user name and password of etcd's authentication, if it is enabled: each call
             carries the token they get (asked again when etcd says it is no longer valid).
+        @param tls: how to speak TLS to C{https://} members (C{None}: verified against the system's CAs).
         """
         self.health = health
         self._credentials = credentials
@@ -190,8 +202,10 @@ class EtcdClient:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 4
         self._pool.retryAutomatically = False  # a call is retried on the next member, not blindly
-        self._http = HTTPClient(Agent(reactor, pool=self._pool))  # type: ignore[arg-type]
-        self._streams = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))  # type: ignore[arg-type]
+        policy = _StorePolicy(tls) if tls is not None else BrowserLikePolicyForHTTPS()
+        self._http = HTTPClient(Agent(reactor, policy, pool=self._pool))  # type: ignore[arg-type]
+        streams = HTTPConnectionPool(reactor, persistent=False)
+        self._streams = HTTPClient(Agent(reactor, policy, pool=streams))  # type: ignore[arg-type]
 
     def close(self) -> Deferred[None]:
         """Close the idle connections (a watch in progress is stopped by its owner)."""
@@ -338,6 +352,8 @@ class EtcdClient:
             ConnectError,
             ConnectingCancelledError,
             ResponseFailed,
+            RequestTransmissionFailed,
+            RequestNotSent,
             ConnectionLost,
             TimeoutError,
             CancelledError,
@@ -365,7 +381,7 @@ def _why(failure: Failure) -> str:
         return "no answer in time"
     if failure.check(ConnectError):
         return f"cannot connect: {_message(failure)}"
-    if failure.check(ResponseFailed):
+    if failure.check(ResponseFailed, RequestTransmissionFailed):  # a TLS handshake that failed is one of these
         reasons = getattr(failure.value, "reasons", None) or [failure]
         if reasons[0].check(CancelledError, TimeoutError):  # the call's timeout cancelled it
             return "no answer in time"
@@ -375,3 +391,14 @@ def _why(failure: Failure) -> str:
 
 def _message(failure: Failure) -> str:
     return failure.getErrorMessage() or type(failure.value).__name__
+
+
+@implementer(IPolicyForHTTPS)
+class _StorePolicy:
+    """The TLS of C{https://} etcd members: L{StoreTLS}'s CAs and client certificate, the member's name checked."""
+
+    def __init__(self, tls: StoreTLS) -> None:
+        self._tls = tls
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        return self._tls.creator(hostname.decode("idna"))

@@ -31,6 +31,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 
 from rproxy.cluster.health import StoreError, StoreHealth
+from rproxy.cluster.tls import StoreTLS
 
 #: Connections in the pool: commands are pipelined on them, so a few carry any rate.
 POOL_SIZE = 2
@@ -90,13 +91,22 @@ class RedisClient:
     @ivar health: whether Redis answers, as the log, the metrics and the status page tell it.
     """
 
-    def __init__(self, url: str, reactor: IReactorTime, password: str | None = None, timeout: float = 0.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        reactor: IReactorTime,
+        password: str | None = None,
+        timeout: float = 0.5,
+        tls: StoreTLS | None = None,
+    ) -> None:
         """
         @param url: C{--redis}: C{redis://} or C{rediss://}, host, port and database number (no password).
         @param password: C{--redis-password-file}'s.
         @param timeout: C{--store-timeout}.
+        @param tls: how to speak TLS to a C{rediss://} Redis (C{None}: verified against the system's CAs).
         """
         self._address = url
+        self._tls = tls
         self._password = password
         self._reactor = reactor
         self.url = publicURL(url)
@@ -163,7 +173,8 @@ class RedisClient:
         connecting = max(1, round(self.timeout))
         endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, port, timeout=connecting)
         if parts.scheme == "rediss":
-            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+            creator = self._tls.creator(host) if self._tls is not None else optionsForClientTLS(host)
+            endpoint = wrapClientTLS(creator, endpoint)
         factory.startConnecting(endpoint)
         # A refused AUTH or SELECT stops the pool for good (wrong password, no such database): say why.
         factory.deferred.addErrback(lambda failure: self._unreachable(failure.getErrorMessage()))

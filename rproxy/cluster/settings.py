@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from rproxy.app.config import OptionValues, secretFile
+from rproxy.cluster.tls import CAError, StoreTLS
 
 #: A key prefix: printable ASCII, starting and ending with C{/}.
 _PREFIX = re.compile(r"/(?:[!-~]*/)?\Z")
@@ -29,6 +30,8 @@ class ClusterSettings:
         every instance applies (C{None}: they come from the config file).
     @ivar redis: the Redis URL rate limits with C{store = "redis"} keep their buckets at (C{None}: none).
     @ivar redisPassword: the password of C{redis}, read from C{--redis-password-file} (never logged).
+    @ivar etcdTLS: how to speak TLS to C{https://} etcd members.
+    @ivar redisTLS: how to speak TLS to a C{rediss://} Redis.
     @ivar timeout: seconds a store may take to answer a request before it counts as out of reach.
     """
 
@@ -39,6 +42,8 @@ class ClusterSettings:
     redis: str | None = None
     redisPassword: str | None = field(default=None, repr=False)
     timeout: float = DEFAULT_STORE_TIMEOUT
+    etcdTLS: StoreTLS = field(default_factory=StoreTLS)
+    redisTLS: StoreTLS = field(default_factory=StoreTLS)
 
     @property
     def shared(self) -> bool:
@@ -91,6 +96,24 @@ def _etcdCredentials(values: OptionValues, etcd: tuple[str, ...]) -> tuple[str, 
     return user, password
 
 
+def _storeTLS(values: OptionValues, store: str, used: bool, scheme: str) -> StoreTLS:
+    """
+    The TLS settings of C{--STORE-ca} and C{--STORE-client-cert}, their files read now to report a mistake
+    now; C{used}: whether the store is reached over TLS (a C{scheme} URL).
+    """
+    ca, client = f"{store}-ca", f"{store}-client-cert"
+    for name in (ca, client):
+        if values.text(name) is not None and not used:
+            raise values.error(name, f"has no use without a {scheme}:// --{store} URL")
+    certificate, _, key = (values.text(client) or "").partition(":")
+    try:
+        return StoreTLS.read(values.text(ca), certificate or None, key or None)
+    except CAError as e:
+        raise values.error(ca, str(e)) from None
+    except ValueError as e:
+        raise values.error(client, str(e)) from None
+
+
 def clusterSettings(values: OptionValues) -> ClusterSettings:
     """The settings that the options' C{values} give; raise L{ConfigError} naming the option at fault."""
     etcd = tuple(_etcdURL(values, url) for url in values.repeated("etcd"))
@@ -117,4 +140,6 @@ def clusterSettings(values: OptionValues) -> ClusterSettings:
         timeout = math.nan
     if not (math.isfinite(timeout) and 0 < timeout <= 60):
         raise values.error("store-timeout", f"expected seconds above 0, at most 60, got {values['store-timeout']!r}")
-    return ClusterSettings(etcd, credentials, prefix, configKey, redis, password, timeout)
+    etcdTLS = _storeTLS(values, "etcd", any(url.startswith("https:") for url in etcd), "https")
+    redisTLS = _storeTLS(values, "redis", redis is not None and redis.startswith("rediss:"), "rediss")
+    return ClusterSettings(etcd, credentials, prefix, configKey, redis, password, timeout, etcdTLS, redisTLS)

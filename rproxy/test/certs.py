@@ -135,17 +135,24 @@ class CertificateAuthority:
         return b"" if self._parent is None else self.pem + self._parent._chain()
 
     def issue(
-        self, commonName: str, hostNames: Sequence[str] = (), ips: Sequence[str] = (), client: bool = False
+        self,
+        commonName: str,
+        hostNames: Sequence[str] = (),
+        ips: Sequence[str] = (),
+        client: bool = False,
+        alsoClient: bool = False,
     ) -> Issued:
         """
         A certificate for C{hostNames} and C{ips} (its subjectAltName; none if both are empty), for a server
-        or, if C{client}, a client, with a new key.
+        or, if C{client}, a client (with C{alsoClient}, a server's that is a client's too), with a new key.
         """
         key = ec.generate_private_key(ec.SECP256R1())
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in hostNames]
         names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-        extensions: list[x509.ExtensionType] = [x509.ExtendedKeyUsage([usage])]
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
+        if alsoClient and not client:
+            usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+        extensions: list[x509.ExtensionType] = [x509.ExtendedKeyUsage(usages)]
         if names:
             extensions.append(x509.SubjectAlternativeName(names))
         certificate = _sign(_name(commonName), key.public_key(), self.certificate.subject, self._key, extensions)
@@ -155,13 +162,19 @@ class CertificateAuthority:
         return Issued(certificate, _pem(certificate) + self._chain(), keyPEM)
 
     def writeFiles(
-        self, directory: str, serverNames: Sequence[str] = ("localhost",), serverIPs: Sequence[str] = ("127.0.0.1",)
+        self,
+        directory: str,
+        serverNames: Sequence[str] = ("localhost",),
+        serverIPs: Sequence[str] = ("127.0.0.1",),
+        serverIsClient: bool = False,
     ) -> CertificateFiles:
         """
         Write into C{directory} this CA (ca.pem), a server certificate for C{serverNames} and C{serverIPs}
-        (server.pem, server.key), and a client certificate (client.pem, client.key).
+        (server.pem, server.key; a client's too if C{serverIsClient}), and a client certificate (client.pem,
+        client.key).
         """
-        serverCertificate, serverKey = self.issue("upstream", serverNames, serverIPs).writeTo(directory, "server")
+        issued = self.issue("upstream", serverNames, serverIPs, alsoClient=serverIsClient)
+        serverCertificate, serverKey = issued.writeTo(directory, "server")
         clientCertificate, clientKey = self.issue("rproxy client", client=True).writeTo(directory, "client")
         ca = os.path.join(directory, "ca.pem")
         _write(ca, self.pem)

@@ -26,6 +26,7 @@ from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
 
 from rproxy.cluster.etcd import prefixEnd
+from rproxy.test.certs import CertificateAuthority
 from rproxy.test.processes import ServerProcess
 from rproxy.test.support import freePort, sleep
 
@@ -169,12 +170,50 @@ class EtcdServer(StoreServer):
         """Delete C{key}."""
         return defer.Deferred.fromCoroutine(self._call("/v3/kv/deleterange", {"key": _b64(key.encode())}))
 
+    @property
+    def healthURL(self) -> str:
+        """Where it says whether it is healthy (C{/health})."""
+        return self.url + "/health"
+
     async def ready(self) -> bool:
         try:
-            response = await treq.get(self.url + "/health", pool=self._pool, timeout=2)
+            response = await treq.get(self.healthURL, pool=self._pool, timeout=2)
             return response.code == 200 and b'"true"' in await response.content()
         except (error.ConnectError, ResponseFailed, defer.CancelledError):
             return False
+
+
+class TLSEtcdServer(EtcdServer):
+    """
+    An etcd that speaks TLS only, with a server certificate of a CA made for the test, and asks its clients
+    for a certificate of that CA (C{--client-cert-auth}); L{files} are the CA's, the server's and a client's.
+    It says whether it is healthy over plain HTTP, on another port.
+    """
+
+    def __init__(self, testCase: unittest.TestCase, directory: str) -> None:
+        super().__init__(testCase, directory)
+        # etcd's HTTP/JSON gateway presents the server's certificate to etcd itself (client-cert-auth).
+        self.files = CertificateAuthority().writeFiles(directory, serverIsClient=True)
+        self.metricsPort = freePort()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def healthURL(self) -> str:
+        return f"http://127.0.0.1:{self.metricsPort}/health"
+
+    def arguments(self) -> Sequence[str]:
+        files = self.files
+        return [
+            *super().arguments(),
+            f"--cert-file={files.serverCertificate}",
+            f"--key-file={files.serverKey}",
+            f"--trusted-ca-file={files.ca}",
+            "--client-cert-auth",
+            f"--listen-metrics-urls=http://127.0.0.1:{self.metricsPort}",
+        ]
 
 
 class RedisServer(StoreServer):

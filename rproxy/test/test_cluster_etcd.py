@@ -5,6 +5,8 @@ can: one that refuses connections, one that accepts and never answers, one whose
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
@@ -12,15 +14,20 @@ from twisted.trial import unittest
 from rproxy.cluster.etcd import EtcdClient, EtcdError, Event, prefixEnd
 from rproxy.cluster.follow import PrefixFollower
 from rproxy.cluster.health import StoreHealth
-from rproxy.test.stores import EtcdServer, startEtcd
+from rproxy.cluster.tls import StoreTLS
+from rproxy.test.stores import EtcdServer, TLSEtcdServer, startEtcd
 from rproxy.test.support import freePort, listen, sleep
 
 
 def client(
-    testCase: unittest.TestCase, *urls: str, timeout: float = 2.0, credentials: tuple[str, str] | None = None
+    testCase: unittest.TestCase,
+    *urls: str,
+    timeout: float = 2.0,
+    credentials: tuple[str, str] | None = None,
+    tls: StoreTLS | None = None,
 ) -> EtcdClient:
     health = StoreHealth("etcd", ", ".join(urls), "serving what it knew", reactor)
-    made = EtcdClient(urls, reactor, timeout, health, credentials)
+    made = EtcdClient(urls, reactor, timeout, health, credentials, tls)
     testCase.addCleanup(made.close)
     return made
 
@@ -59,6 +66,32 @@ class EtcdClientTests(unittest.TestCase):
         await c.delete(b"/p/b")
         self.assertEqual((await c.range(b"/p/"))[1], [])
         self.assertTrue(c.health.up)
+
+    async def test_tls(self) -> None:
+        """
+        An C{https://} member is verified against the CA given, and is presented the client certificate it
+        asks for; without that certificate, or without that CA, it is out of reach, and the reason says so.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        etcd = TLSEtcdServer(self, directory)
+        await etcd.start()
+        files = etcd.files
+        trusted = client(self, etcd.url, tls=StoreTLS.read(files.ca, files.clientCertificate, files.clientKey))
+        await trusted.put(b"/tls", b"yes")
+        self.assertEqual((await trusted.get(b"/tls")).value, b"yes")  # type: ignore[union-attr]
+        self.assertTrue(trusted.health.up)
+        for tls, why in [
+            (StoreTLS.read(files.ca, None, None), "tls alert bad certificate"),  # etcd's: no certificate
+            (StoreTLS.read(None, files.clientCertificate, files.clientKey), "certificate verify failed"),  # ours
+        ]:
+            with self.subTest(why):
+                refused = client(self, etcd.url, tls=tls, timeout=1.0)
+                with self.assertRaises(EtcdError):
+                    await refused.get(b"/tls")
+                self.assertFalse(refused.health.up)
+                self.assertIn(f"{etcd.url}: the connection failed: ", refused.health.error)
+                self.assertIn(why, refused.health.error)
 
     def test_prefixEnd(self) -> None:
         self.assertEqual(prefixEnd(b"/rproxy/"), b"/rproxy0")

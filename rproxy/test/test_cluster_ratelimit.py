@@ -26,6 +26,7 @@ from rproxy.app.filters import FilterConfig, FilterSet
 from rproxy.app.tap import Options
 from rproxy.cluster.ratelimit import TOKEN_BUCKET, bucketPrefix
 from rproxy.cluster.redis import RedisClient, StoreUnavailableError
+from rproxy.cluster.tls import StoreTLS
 from rproxy.filters.ratelimit import KeyRule, RateLimit, parseRate
 from rproxy.test.certs import CertificateAuthority
 from rproxy.test.stores import RedisServer, startRedis
@@ -346,6 +347,13 @@ class TLSRedis(RedisServer):
         ]
 
 
+class MutualTLSRedis(TLSRedis):
+    """A L{TLSRedis} that asks its clients for a certificate of its CA (C{tls-auth-clients yes})."""
+
+    def arguments(self) -> Sequence[str]:
+        return [*super().arguments(), "--tls-auth-clients", "yes"]
+
+
 PASSWORD = "s3cret-of-the-test"
 
 
@@ -386,6 +394,20 @@ class ClientTests(unittest.TestCase):
             await self.check(untrusted)
         self.patchEnvironment("SSL_CERT_FILE", redis.files.ca)  # OpenSSL's trusted CAs: the test's
         self.assertEqual(await self.check(RedisClient(redis.url, reactor)), [1, str(BURST - 1)])
+
+    async def test_clientCertificate(self) -> None:
+        """
+        C{--redis-ca} verifies Redis's certificate, and C{--redis-client-cert} is presented to a Redis that asks
+        for one; without it, Redis is out of reach.
+        """
+        redis = await self.start(MutualTLSRedis)
+        files = redis.files
+        tls = StoreTLS.read(files.ca, files.clientCertificate, files.clientKey)
+        self.assertEqual(await self.check(RedisClient(redis.url, reactor, tls=tls)), [1, str(BURST - 1)])
+        anonymous = RedisClient(redis.url, reactor, timeout=TIMEOUT, tls=StoreTLS.read(files.ca, None, None))
+        with self.assertRaises(StoreUnavailableError):
+            await self.check(anonymous)
+        self.assertFalse(anonymous.health.up)
 
     def patchEnvironment(self, name: str, value: str) -> None:
         old = os.environ.get(name)

@@ -8,13 +8,14 @@ knew, says so, and refuses registrations with 503; when etcd is back, they follo
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from rproxy.test.stores import EtcdServer, startEtcd
+from rproxy.test.stores import TLSEtcdServer, startEtcd
 from rproxy.test.support import PYTHON, ScriptedUpstream, freePort, sleep
 from rproxy.test.test_admin import AdminClient, Answer, request, tokenFile, upstreamsOf
 from rproxy.test.test_config import answerWith
@@ -78,13 +79,27 @@ class SharedRegistryTests(unittest.TestCase):
     """Three instances, one etcd."""
 
     async def startGateway(
-        self, count: int = 3, *extra: str, upstream: str | None = None, authenticated: bool = False
+        self,
+        count: int = 3,
+        *extra: str,
+        upstream: str | None = None,
+        authenticated: bool = False,
+        tls: bool = False,
     ) -> list[Instance]:
         """
         C{count} instances with C{extra} arguments, in front of C{upstream} (by default L{configured}); with
-        etcd's authentication on, as a user that may use the keys under C{/rproxy/} only, if C{authenticated}.
+        etcd's authentication on, as a user that may use the keys under C{/rproxy/} only, if C{authenticated};
+        over TLS to an etcd that asks for client certificates, if C{tls}.
         """
-        self.etcd: EtcdServer = await startEtcd(self)
+        if tls:
+            directory = os.path.abspath(self.mktemp())
+            os.makedirs(directory)
+            self.etcd = TLSEtcdServer(self, directory)
+            await self.etcd.start()
+            files = self.etcd.files
+            extra = (*extra, f"--etcd-ca={files.ca}", f"--etcd-client-cert={files.clientCertificate}:{files.clientKey}")
+        else:
+            self.etcd = await startEtcd(self)
         if authenticated:
             await self.etcd.enableAuth("gateway", "gw-pass", "/rproxy/", "root-pass")
             extra = (*extra, "--etcd-user=gateway", f"--etcd-password-file={tokenFile(self, 'gw-pass')}")
@@ -161,6 +176,16 @@ class SharedRegistryTests(unittest.TestCase):
 
         await waitFor(self, "B serves the second", bServesOther, PROPAGATION, b)
         self.assertNotIn("gw-pass", a.process.log + b.process.log)
+
+    async def test_tls(self) -> None:
+        """
+        Over TLS, to an etcd that asks for a client certificate (C{--etcd-ca}, C{--etcd-client-cert}): registered
+        through A, served by B.
+        """
+        a, b = await self.startGateway(2, tls=True)
+        self.assertEqual((await a.register(self.registered.url, 30)).status, 201)
+        await waitFor(self, "B serves it", functools.partial(self.serves, b), PROPAGATION, b)
+        self.assertEqual(upstreamsOf(await b.state())[1]["key"], self.registered.url)
 
     async def test_leaseExpiry(self) -> None:
         """A registration nobody renews leaves every instance when its etcd lease expires."""

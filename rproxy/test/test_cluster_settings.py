@@ -12,6 +12,7 @@ from twisted.trial import unittest
 from rproxy.app.tap import Options
 from rproxy.cluster.health import StoreHealth
 from rproxy.cluster.settings import ClusterSettings
+from rproxy.test.certs import CertificateAuthority
 from rproxy.test.support import LogCapture
 
 
@@ -87,6 +88,12 @@ class ClusterOptionsTests(unittest.TestCase):
             ("--etcd-user=gw", f"--etcd-password-file={secret}"): "--etcd-user: has no use without --etcd",
             ("--store-timeout=0",): "--store-timeout: expected seconds above 0, at most 60",
             ("--store-timeout=nan",): "--store-timeout: expected seconds above 0",
+            ("--etcd=http://h:1", f"--etcd-ca={empty}"): "--etcd-ca: has no use without a https:// --etcd URL",
+            (f"--redis-client-cert={empty}",): "--redis-client-cert: has no use without a rediss:// --redis URL",
+            ("--etcd=https://h:1", "--etcd-ca=/nonexistent/ca.pem"): "--etcd-ca: cannot read the CA file",
+            ("--etcd=https://h:1", f"--etcd-ca={empty}"): f"--etcd-ca: the CA file {empty!r} holds no PEM certificate",
+            ("--redis=rediss://h:1", "--redis-client-cert=/nonexistent/c.pem"): "--redis-client-cert: cannot read",
+            ("--redis=rediss://h:1", f"--redis-client-cert={empty}"): "--redis-client-cert: the client certificate",
         }
         for arguments, expected in cases.items():
             with self.subTest(arguments=arguments):
@@ -95,6 +102,35 @@ class ClusterOptionsTests(unittest.TestCase):
                 self.assertIn(expected, str(raised.exception))
                 self.assertNotIn("hunter2", str(raised.exception))
         self.assertTrue(os.path.exists(empty))
+
+    def test_tls(self) -> None:
+        """
+        C{--etcd-ca}, C{--etcd-client-cert}, C{--redis-ca} and C{--redis-client-cert} are read at once (the key
+        beside the certificate or in its file); a file's content never shows in the settings.
+        """
+        files = CertificateAuthority().writeFiles(self.directory())
+        settings = cluster(
+            "--etcd=https://127.0.0.1:2379",
+            f"--etcd-ca={files.ca}",
+            f"--etcd-client-cert={files.clientCertificate}:{files.clientKey}",
+            "--redis=rediss://localhost:6379/0",
+            f"--redis-ca={files.ca}",
+        )
+        etcd, redis = settings.etcdTLS, settings.redisTLS
+        self.assertEqual(
+            (etcd.caFile, etcd.clientCertificate, etcd.clientKey), (files.ca, files.clientCertificate, files.clientKey)
+        )
+        self.assertIsNotNone(etcd.trust)
+        assert etcd.client is not None
+        self.assertEqual(etcd.client.getSubject().commonName, b"rproxy client")
+        self.assertEqual((redis.caFile, redis.client), (files.ca, None))
+        self.assertNotIn("PRIVATE KEY", repr(settings))
+        self.assertEqual(cluster().etcdTLS, ClusterSettings().etcdTLS)
+
+    def directory(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        return path
 
 
 class StoreHealthTests(unittest.TestCase):

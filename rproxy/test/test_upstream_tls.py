@@ -169,16 +169,19 @@ class VerificationTests(TLSTestCase):
         buildService(secure.config, reactor)
         self.assertEqual([e for e in events if "not verified" in str(e.get("log_format", ""))], [])
 
-    def test_badCAFile(self) -> None:
-        """A CA file that holds no certificate is refused when the options are read."""
+    def test_badFiles(self) -> None:
+        """A CA file or a client certificate file that holds none is a one-line error naming its option."""
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("nothing here\n")
-        options = Options()
-        error = self.assertRaises(
-            UsageError, options.parseOptions, ["--upstream", "https://127.0.0.1:1", "--upstream-ca", path]
-        )
-        self.assertIn("--upstream-ca", str(error))
+        for option, expected in [
+            ("--upstream-ca", f"--upstream-ca: the CA file {path!r} holds no PEM certificate"),
+            ("--upstream-client-cert", f"--upstream-client-cert: the client certificate {path!r} or its key cannot"),
+        ]:
+            with self.subTest(option):
+                arguments = ["--upstream", "https://127.0.0.1:1", option, path]
+                error = self.assertRaises(UsageError, Options().parseOptions, arguments)
+                self.assertIn(expected, str(error))
 
 
 class ClientCertificateTests(TLSTestCase):

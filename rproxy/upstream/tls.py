@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -80,7 +80,7 @@ def clientCertificate(certificateFile: str | None, keyFile: str | None) -> ssl.P
     key = _read(keyFile, "client key") if keyFile is not None else certificate
     try:
         return ssl.PrivateCertificate.loadPEM(key + b"\n" + certificate)
-    except (SSL.Error, ValueError) as e:
+    except (SSL.Error, crypto.Error, ValueError) as e:
         raise ValueError(f"the client certificate {certificateFile!r} or its key cannot be loaded: {e}") from None
 
 
