@@ -60,8 +60,9 @@ from rproxy.app.reload import ConfigReloader, ConfigSource, HangUpReloader, Live
 from rproxy.app.workers.sockets import listenersOf
 from rproxy.app.workers.supervisor import Supervisor, workerCount
 from rproxy.app.workers.worker import WorkerRole
+from rproxy.cluster.defaults import DEFAULT_ETCD_PREFIX, DEFAULT_REDIS_PREFIX, DEFAULT_STORE_TIMEOUT
 from rproxy.cluster.health import StoreHealth
-from rproxy.cluster.settings import DEFAULT_STORE_TIMEOUT, ClusterSettings, clusterSettings
+from rproxy.cluster.settings import ClusterSettings, clusterSettings
 from rproxy.downstream.limits import ClientLimits
 from rproxy.downstream.listeners import Listener, ListenError
 from rproxy.downstream.site import DrainingService, ProxySite
@@ -373,7 +374,12 @@ class Options(usage.Options):
             None,
             "Requests a client may send at once (default: a second's worth of --rate-limit).",
         ],
-        ["etcd-prefix", None, "/rproxy/", "Where this gateway's keys are in etcd (several gateways may share one)."],
+        [
+            "etcd-prefix",
+            None,
+            DEFAULT_ETCD_PREFIX,
+            "Where this gateway's keys are in etcd (several gateways may share one).",
+        ],
         ["etcd-user", None, None, "The user of etcd's authentication, when etcd has it enabled."],
         ["etcd-password-file", None, None, "A file holding the password of --etcd-user."],
         [
@@ -401,6 +407,12 @@ class Options(usage.Options):
             'Where rate limits with store = "redis" keep their buckets, e.g. redis://127.0.0.1:6379/0.',
         ],
         ["redis-password-file", None, None, "A file holding the password of --redis."],
+        [
+            "redis-prefix",
+            None,
+            DEFAULT_REDIS_PREFIX,
+            "What this gateway's keys in Redis start with (several gateways may share one).",
+        ],
         ["redis-ca", None, None, "A PEM file of CA certificates to verify a rediss:// Redis with (default: system)."],
         [
             "redis-client-cert",
@@ -804,7 +816,9 @@ def redisClient(cluster: ClusterSettings, reactor: IReactorTime) -> RedisClient 
         return None
     from rproxy.cluster.redis import RedisClient
 
-    return RedisClient(cluster.redis, reactor, cluster.redisPassword, cluster.timeout, cluster.redisTLS)
+    return RedisClient(
+        cluster.redis, reactor, cluster.redisPassword, cluster.timeout, cluster.redisTLS, cluster.redisPrefix
+    )
 
 
 def reloadSource(options: Options) -> ConfigSource | None:

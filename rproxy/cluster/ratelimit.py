@@ -60,15 +60,15 @@ return {taken, left}
 )
 
 
-def bucketPrefix(name: str, limit: RateLimit) -> str:
+def bucketPrefix(prefix: str, name: str, limit: RateLimit) -> str:
     """
-    The start of the Redis keys of the buckets of the filter C{name} (its C{[filters.NAME]} table): the same on
-    every instance for the same definition, another one when its rate, burst or key rule changes (a bucket of
-    the old limit is not one of the new).
+    The start of the Redis keys of the buckets of the filter C{name} (its C{[filters.NAME]} table), under the
+    gateway's C{prefix} (C{--redis-prefix}): the same on every instance for the same definition, another one
+    when its rate, burst or key rule changes (a bucket of the old limit is not one of the new).
     """
     rule = limit.key
     definition = f"{limit.rate.quota}/{limit.rate.window} burst {limit.burst} per {rule.text} /{rule.ipv6Prefix}"
-    return f"rproxy:rate-limit:{name}:{hashlib.blake2b(definition.encode(), digest_size=8).hexdigest()}:"
+    return f"{prefix}rate-limit:{name}:{hashlib.blake2b(definition.encode(), digest_size=8).hexdigest()}:"
 
 
 @implementer(IRequestFilter, IResponseFilter)
@@ -87,7 +87,7 @@ class SharedRateLimit:
         self.limit = limit
         self.redis = redis
         self.deny = deny
-        self._prefix = bucketPrefix(name, limit)
+        self._prefix = bucketPrefix(redis.prefix, name, limit)
         self._arguments = (limit.rate.quota, limit.rate.window, limit.burst, repr(limit.tolerance))
 
     def __repr__(self) -> str:

@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 
+from rproxy.cluster.defaults import DEFAULT_REDIS_PREFIX, DEFAULT_STORE_TIMEOUT
 from rproxy.cluster.health import StoreError, StoreHealth
 from rproxy.cluster.tls import StoreTLS
 
@@ -88,6 +89,7 @@ class RedisClient:
 
     @ivar url: the server, without credentials (L{publicURL}).
     @ivar timeout: the most seconds a call waits for its answer.
+    @ivar prefix: what the keys of this gateway start with (C{--redis-prefix}).
     @ivar health: whether Redis answers, as the log, the metrics and the status page tell it.
     """
 
@@ -96,15 +98,18 @@ class RedisClient:
         url: str,
         reactor: IReactorTime,
         password: str | None = None,
-        timeout: float = 0.5,
+        timeout: float = DEFAULT_STORE_TIMEOUT,
         tls: StoreTLS | None = None,
+        prefix: str = DEFAULT_REDIS_PREFIX,
     ) -> None:
         """
         @param url: C{--redis}: C{redis://} or C{rediss://}, host, port and database number (no password).
         @param password: C{--redis-password-file}'s.
         @param timeout: C{--store-timeout}.
         @param tls: how to speak TLS to a C{rediss://} Redis (C{None}: verified against the system's CAs).
+        @param prefix: C{--redis-prefix}: the start of every key this gateway keeps in Redis.
         """
+        self.prefix = prefix
         self._address = url
         self._tls = tls
         self._password = password

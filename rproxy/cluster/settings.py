@@ -8,13 +8,11 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from rproxy.app.config import OptionValues, secretFile
+from rproxy.cluster.defaults import DEFAULT_ETCD_PREFIX, DEFAULT_REDIS_PREFIX, DEFAULT_STORE_TIMEOUT
 from rproxy.cluster.tls import CAError, StoreTLS
 
 #: A key prefix: printable ASCII, starting and ending with C{/}.
 _PREFIX = re.compile(r"/(?:[!-~]*/)?\Z")
-
-#: Seconds a store may take to answer before it counts as out of reach, by default.
-DEFAULT_STORE_TIMEOUT = 0.5
 
 
 @dataclass(frozen=True)
@@ -32,18 +30,20 @@ class ClusterSettings:
     @ivar redisPassword: the password of C{redis}, read from C{--redis-password-file} (never logged).
     @ivar etcdTLS: how to speak TLS to C{https://} etcd members.
     @ivar redisTLS: how to speak TLS to a C{rediss://} Redis.
+    @ivar redisPrefix: what the keys of this gateway in Redis start with (several gateways may share one).
     @ivar timeout: seconds a store may take to answer a request before it counts as out of reach.
     """
 
     etcd: tuple[str, ...] = ()
     etcdCredentials: tuple[str, str] | None = field(default=None, repr=False)
-    prefix: str = "/rproxy/"
+    prefix: str = DEFAULT_ETCD_PREFIX
     configKey: str | None = None
     redis: str | None = None
     redisPassword: str | None = field(default=None, repr=False)
     timeout: float = DEFAULT_STORE_TIMEOUT
     etcdTLS: StoreTLS = field(default_factory=StoreTLS)
     redisTLS: StoreTLS = field(default_factory=StoreTLS)
+    redisPrefix: str = DEFAULT_REDIS_PREFIX
 
     @property
     def shared(self) -> bool:
@@ -142,4 +142,13 @@ def clusterSettings(values: OptionValues) -> ClusterSettings:
         raise values.error("store-timeout", f"expected seconds above 0, at most 60, got {values['store-timeout']!r}")
     etcdTLS = _storeTLS(values, "etcd", any(url.startswith("https:") for url in etcd), "https")
     redisTLS = _storeTLS(values, "redis", redis is not None and redis.startswith("rediss:"), "rediss")
-    return ClusterSettings(etcd, credentials, prefix, configKey, redis, password, timeout, etcdTLS, redisTLS)
+    redisPrefix = str(values["redis-prefix"])
+    if not re.fullmatch(r"[!-~]{1,64}", redisPrefix):
+        raise values.error(
+            "redis-prefix", f"expected 1 to 64 printable ASCII characters such as rproxy:, got {redisPrefix!r}"
+        )
+    if redisPrefix != DEFAULT_REDIS_PREFIX and redis is None:
+        raise values.error("redis-prefix", "has no use without --redis")
+    return ClusterSettings(
+        etcd, credentials, prefix, configKey, redis, password, timeout, etcdTLS, redisTLS, redisPrefix
+    )

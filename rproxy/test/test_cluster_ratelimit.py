@@ -110,15 +110,15 @@ class ClusterRateLimitTests(unittest.TestCase):
         self.addCleanup(self.pool.closeCachedConnections)
         self.upstream = listen(self, server.Site(_Hello()))
 
-    async def startProxies(self, redisURL: str, count: int) -> list[Proxy]:
-        """C{count} proxies with the config of L{writeConfig}, once each answers."""
+    async def startProxies(self, redisURL: str, count: int, *extra: str) -> list[Proxy]:
+        """C{count} proxies with the config of L{writeConfig} (and C{extra} arguments), once each answers."""
         config = writeConfig(self, redisURL, self.upstream.url)
         proxies = []
         for _ in range(count):
             port, metricsPort = freePort(), freePort()
             argv = [sys.executable, "-m", "twisted", "rproxy", "--config", config]
             argv += ["--listen", f"tcp:{port}:interface=127.0.0.1"]
-            argv += ["--metrics-listen", f"tcp:{metricsPort}:interface=127.0.0.1"]
+            argv += ["--metrics-listen", f"tcp:{metricsPort}:interface=127.0.0.1", *extra]
             proxies.append(Proxy(ProxyProcess.spawn(self, argv, {"PYTHONPATH": ROOT}), port, metricsPort))
         for proxy in proxies:
             while (await self.get(proxy, "/ready")).status == 0:
@@ -187,9 +187,25 @@ class ClusterRateLimitTests(unittest.TestCase):
             self.assertEqual(refused.headers[b"retry-after"], [b"1"])
             self.assertIn(b"rate limit 20/s (burst 10) exceeded for this route", refused.body)
         keys = await redisCLI(redis, "--scan")
-        self.assertEqual(keys.split(), [bucketPrefix("shared", sharedLimit()).encode()])
+        self.assertEqual(keys.split(), [bucketPrefix("rproxy:", "shared", sharedLimit()).encode()])
         ttl = int(await redisCLI(redis, "PTTL", keys.split()[0].decode()))
         self.assertTrue(0 < ttl <= 1000 * BURST / RATE, ttl)  # expires when full again
+
+    async def test_prefix(self) -> None:
+        """
+        Two gateways on one Redis, with their own C{--redis-prefix}: each limit is its own (a burst through one
+        leaves the other's bucket full), and their keys start with their prefixes.
+        """
+        redis = await startRedis(self)
+        [a] = await self.startProxies(redis.url, 1, "--redis-prefix", "gw-a:")
+        [b] = await self.startProxies(redis.url, 1, "--redis-prefix", "gw-b:")
+        for proxy in (a, b):
+            answers = [await self.get(proxy, "/shared/x") for _ in range(BURST + 1)]
+            self.assertEqual([answer.status for answer in answers], [200] * BURST + [429])
+        keys = sorted((await redisCLI(redis, "--scan")).split())
+        expected = [bucketPrefix(prefix, "shared", sharedLimit()).encode() for prefix in ("gw-a:", "gw-b:")]
+        self.assertEqual(keys, expected)
+        self.assertTrue(expected[0].startswith(b"gw-a:rate-limit:shared:"))
 
     async def test_redisStoppedMidRun(self) -> None:
         """
@@ -307,16 +323,20 @@ class ConfigTests(unittest.TestCase):
         self.assertIs(filters.filters["limit"].redis, client)  # type: ignore[attr-defined]
 
     def test_bucketKeys(self) -> None:
-        """The keys of a limit's buckets: one per definition, another when its name, rate, burst or key change."""
+        """
+        The keys of a limit's buckets: one per definition, another when the gateway's prefix, or the limit's name,
+        rate, burst or key change.
+        """
         limit = sharedLimit()
-        self.assertEqual(bucketPrefix("a", limit), bucketPrefix("a", sharedLimit()))
+        self.assertEqual(bucketPrefix("p:", "a", limit), bucketPrefix("p:", "a", sharedLimit()))
         others = [
-            bucketPrefix("b", limit),
-            bucketPrefix("a", RateLimit(parseRate("21/s"), reactor, BURST, KeyRule("route"))),
-            bucketPrefix("a", RateLimit(parseRate("20/s"), reactor, BURST + 1, KeyRule("route"))),
-            bucketPrefix("a", RateLimit(parseRate("20/s"), reactor, BURST, KeyRule("client"))),
+            bucketPrefix("q:", "a", limit),
+            bucketPrefix("p:", "b", limit),
+            bucketPrefix("p:", "a", RateLimit(parseRate("21/s"), reactor, BURST, KeyRule("route"))),
+            bucketPrefix("p:", "a", RateLimit(parseRate("20/s"), reactor, BURST + 1, KeyRule("route"))),
+            bucketPrefix("p:", "a", RateLimit(parseRate("20/s"), reactor, BURST, KeyRule("client"))),
         ]
-        self.assertEqual(len({bucketPrefix("a", limit), *others}), 5)
+        self.assertEqual(len({bucketPrefix("p:", "a", limit), *others}), 6)
 
 
 class PasswordRedis(RedisServer):

@@ -42,10 +42,12 @@ class ClusterOptionsTests(unittest.TestCase):
             "--redis=redis://127.0.0.1:6379/2",
             f"--redis-password-file={path}",
             "--store-timeout=2",
+            "--redis-prefix=gw-a:",
             "--etcd-user=gateway",
             f"--etcd-password-file={path}",
         )
         self.assertEqual(settings.etcdCredentials, ("gateway", "s3cret"))
+        self.assertEqual(settings.redisPrefix, "gw-a:")
         self.assertEqual(settings.etcd, ("http://127.0.0.1:2379", "http://127.0.0.2:2379"))
         self.assertEqual((settings.prefix, settings.configKey), ("/gw-a/", "config"))
         self.assertEqual(
@@ -88,6 +90,9 @@ class ClusterOptionsTests(unittest.TestCase):
             ("--etcd-user=gw", f"--etcd-password-file={secret}"): "--etcd-user: has no use without --etcd",
             ("--store-timeout=0",): "--store-timeout: expected seconds above 0, at most 60",
             ("--store-timeout=nan",): "--store-timeout: expected seconds above 0",
+            ("--redis-prefix=gw",): "--redis-prefix: has no use without --redis",
+            ("--redis=redis://h:1", "--redis-prefix=a b"): "--redis-prefix: expected 1 to 64 printable ASCII",
+            ("--redis=redis://h:1", "--redis-prefix="): "--redis-prefix: expected 1 to 64 printable ASCII",
             ("--etcd=http://h:1", f"--etcd-ca={empty}"): "--etcd-ca: has no use without a https:// --etcd URL",
             (f"--redis-client-cert={empty}",): "--redis-client-cert: has no use without a rediss:// --redis URL",
             ("--etcd=https://h:1", "--etcd-ca=/nonexistent/ca.pem"): "--etcd-ca: cannot read the CA file",
