@@ -23,11 +23,11 @@ The hpack library's decoder costs about 2 us a field even when the field is one 
 after a connection's first request.  L{FieldDecoder} reads the block itself and returns the very tuples its
 tables hold for indexed fields; it hands a Huffman-coded string to the library's decoder, through its public
 interface, so what RFC 7541 section 5.2 requires of padding and EOS is checked where it always was (and
-remembers short ones it decoded: the same path comes again, coded the same).  It
+remembers a few short values it decoded: the same path comes again on a connection, coded the same).  It
 refuses what the library refuses, with the library's exceptions, which h2 turns into connection errors:
 an index outside the tables, a size update after a field or above the allowed size, a table left larger
-than the allowed size, a truncated integer or string, and a header list over C{max_header_list_size}.  An
-integer of more than five bytes after its prefix is refused too (no legitimate one needs them).
+than the allowed size, a truncated integer or string, and a header list over C{max_header_list_size}; and
+an integer of more than five bytes after its prefix (no legitimate one needs them).
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = (
     (b"www-authenticate", b""),
 )
 
-#: A whole static entry (only those with a value are worth matching) -> its index.
-_STATIC_FIELDS = {field: index for index, field in enumerate(STATIC_TABLE, 1) if field[1]}
+#: A whole static entry -> its index.
+_STATIC_FIELDS = {field: index for index, field in enumerate(STATIC_TABLE, 1)}
 #: A static name -> its lowest index.
 _STATIC_NAMES: dict[bytes, int] = {}
 for _index, (_name, _) in enumerate(STATIC_TABLE, 1):
@@ -131,12 +131,12 @@ _MAX_INTEGER_BYTES = 5
 #: What a Huffman-coded string is prefixed with to make a field block of one field without indexing whose
 #: value it is: the library's decoder reads it, and its table is never touched.
 _HUFFMAN_NAME = b"\x00\x01x"
-#: Huffman-coded strings already decoded, by their coded bytes (a string's code is the same wherever it is
-#: sent): most are paths and authorities that clients send again and again without indexing them.  Short ones
-#: only, and at most so many: cleared when full.
-_HUFFMAN_CACHE: dict[bytes, bytes] = {}
+#: A connection's decoder remembers the Huffman-coded values it decoded, by their coded bytes (a string's code
+#: is the same wherever it is sent): mostly paths, which clients send again and again without indexing them.
+#: Short ones only, at most so many (cleared when full), never a never-indexed field's, and each connection
+#: its own: a client cannot tell by timing what another sent.
 _HUFFMAN_CACHED_LENGTH = 128
-_HUFFMAN_CACHE_SIZE = 1024
+_HUFFMAN_CACHE_SIZE = 16
 
 
 def _integer(value: int, representation: tuple[int, int]) -> bytes:
@@ -176,7 +176,9 @@ class FieldEncoder(hpack.Encoder):
         self._entries: deque[tuple[bytes, bytes, int]] = deque()  # name, value, insertion number; oldest first
         self._fields: dict[tuple[bytes, bytes], int] = {}  # an entry -> its newest insertion number
         self._names: dict[bytes, int] = {}  # a name -> the newest insertion number of an entry with it
-        self._sizeChanges: list[int] = []  # sizes to signal at the start of the next block
+        # The smallest and the last size to signal at the start of the next block (None: none to signal).
+        self._sizeMin: int | None = None
+        self._sizeLast: int | None = None
 
     @property
     def header_table_size(self) -> int:
@@ -186,10 +188,10 @@ class FieldEncoder(hpack.Encoder):
     @header_table_size.setter
     def header_table_size(self, value: int) -> None:
         size = min(value, MAX_TABLE_SIZE)
-        if size == self._maxSize and not self._sizeChanges:
+        if size == self._maxSize and self._sizeLast is None:
             return
-        self._maxSize = size
-        self._sizeChanges.append(size)
+        self._maxSize = self._sizeLast = size
+        self._sizeMin = size if self._sizeMin is None else min(self._sizeMin, size)
         self._evict(size)
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
@@ -199,12 +201,11 @@ class FieldEncoder(hpack.Encoder):
         ignored: literals are never Huffman-coded.
         """
         block = []
-        if self._sizeChanges:
-            changes = self._sizeChanges
-            self._sizeChanges = []
-            if min(changes) < changes[-1]:
-                block.append(_integer(min(changes), _SIZE_UPDATE))
-            block.append(_integer(changes[-1], _SIZE_UPDATE))
+        if self._sizeLast is not None:
+            assert self._sizeMin is not None
+            if self._sizeMin < self._sizeLast:
+                block.append(_integer(self._sizeMin, _SIZE_UPDATE))
+            block.append(_integer(self._sizeLast, _SIZE_UPDATE))
         for header in headers:
             if type(header) is tuple and len(header) == 2:
                 block.append(self._field(header[0], header[1], False))
@@ -212,6 +213,7 @@ class FieldEncoder(hpack.Encoder):
                 block.append(self._field(header[0], header[1], not header.indexable))
             else:
                 block.append(self._field(header[0], header[1], bool(header[2:3] and header[2])))
+        self._sizeMin = self._sizeLast = None  # signalled (once the block is made)
         return b"".join(block)
 
     def _field(self, name: bytes, value: bytes, sensitive: bool) -> bytes:
@@ -273,6 +275,7 @@ class FieldDecoder(hpack.Decoder):
         self._size = 0
         self._entries: deque[HeaderTuple] = deque()  # newest last
         self._strings = hpack.Decoder(max_header_list_size=1 << 62)  # Huffman-coded strings only
+        self._decoded: dict[bytes, bytes] = {}  # Huffman-coded values decoded, by their coded bytes
 
     @property
     def header_table_size(self) -> int:
@@ -342,11 +345,11 @@ class FieldDecoder(hpack.Decoder):
         if index:
             name = self._field(index)[0]
         else:
-            name, position = self._string(data, position)
-        value, position = self._string(data, position)
+            name, position = self._string(data, position, False)
+        value, position = self._string(data, position, kind is not NeverIndexedHeaderTuple)
         return kind(name, value), position
 
-    def _string(self, data: bytes, position: int) -> tuple[bytes, int]:
+    def _string(self, data: bytes, position: int, remember: bool) -> tuple[bytes, int]:
         length, start = _readInteger(data, position, 7)
         stop = start + length
         if stop > len(data):
@@ -354,14 +357,14 @@ class FieldDecoder(hpack.Decoder):
         if not data[position] & 0x80:
             return data[start:stop], stop
         coded = data[position:stop]
-        decoded = _HUFFMAN_CACHE.get(coded)
+        decoded = self._decoded.get(coded) if remember else None
         if decoded is None:
             (field,) = self._strings.decode(_HUFFMAN_NAME + coded, raw=True)
             decoded = field[1]
-            if length <= _HUFFMAN_CACHED_LENGTH:
-                if len(_HUFFMAN_CACHE) >= _HUFFMAN_CACHE_SIZE:
-                    _HUFFMAN_CACHE.clear()
-                _HUFFMAN_CACHE[coded] = decoded
+            if remember and length <= _HUFFMAN_CACHED_LENGTH:
+                if len(self._decoded) >= _HUFFMAN_CACHE_SIZE:
+                    self._decoded.clear()
+                self._decoded[coded] = decoded
         return decoded, stop
 
     def _insert(self, field: HeaderTuple) -> None:

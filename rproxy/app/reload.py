@@ -345,6 +345,10 @@ class LiveProxy:
                 registry.add(name, upstream)  # nothing for those that are there
         self._configured = {name: list(upstreams) for name, upstreams in members.items()}
 
+    def restartChecks(self) -> None:
+        """Start the health checks of the configuration in force again (whoever makes them may have changed)."""
+        self._replaceChecker(self.config)
+
     def _replaceChecker(self, config: ProxyConfig) -> None:
         """Stop the health checks, and start those of C{config} (their verdicts live on in the upstreams)."""
         if self._checker is not None:

@@ -676,18 +676,28 @@ def buildService(
 
     draining = DrainingService([], config.grace, reactor, stopped)
     draining.setServiceParent(top)
-    # Under a supervisor, worker 0 runs the active health checks and the others follow its verdicts.
-    report = worker.reportVerdict if worker is not None else None
-    if worker is not None and worker.index != 0:
+    # Under a supervisor, worker 0 runs the active health checks and the others follow its verdicts; every worker
+    # applies the verdicts the supervisor remembers (worker 0 too: a new one starts from what its predecessor
+    # found), and a worker that loses its channel to the supervisor checks for itself.
+    checking = [worker is None or worker.index == 0]
+    if worker is not None:
         follower = worker.verdicts = VerdictFollower(registry)
         follower.setServiceParent(top)
 
     def checks(config: ProxyConfig) -> HealthChecker | None:
-        if worker is not None and worker.index != 0:
+        if not checking[0]:
             return None
+        report = worker.reportVerdict if worker is not None and worker.index == 0 else None
         return healthChecker(config, reactor, registry, report)
 
     live = LiveProxy(config, reactor, registry, proxy, services, filters, draining, top, checks)
+    if worker is not None and not checking[0]:
+
+        def checkAlone() -> None:
+            checking[0] = True
+            live.restartChecks()
+
+        worker.whenAlone.append(checkAlone)
     if redis is not None:
         live.stores.append(redis.health)
         closers.append(redis.close)
@@ -755,12 +765,11 @@ def buildService(
         adminEndpoint = passed("--admin-listen", admin.listen)
         if worker is None or adminEndpoint is not None:
             Listener("--admin-listen", admin.listen, api, adminEndpoint).setServiceParent(top)
-    if admin is not None and admin.metricsListen is not None:
+    if worker is not None and metrics is not None:
+        worker.metrics = metrics.registry  # asked for by the supervisor's metrics listener and worker 0's admin
+    if admin is not None and admin.metricsListen is not None and worker is None:
         assert metrics is not None
-        if worker is None:
-            Listener("--metrics-listen", admin.metricsListen, metricsSite(metrics, reactor)).setServiceParent(top)
-        else:
-            worker.metrics = metrics.registry
+        Listener("--metrics-listen", admin.metricsListen, metricsSite(metrics, reactor)).setServiceParent(top)
     reloads: list[Callable[[str], object]] = []
     if source is not None:
         reloader = ConfigReloader(source, live, reactor)

@@ -20,6 +20,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -29,6 +30,8 @@ from rproxy.downstream.site import ProxySite
 from rproxy.observe.metrics import metricsResource
 
 __all__ = ["allWorkersMetrics", "allWorkersMetricsSite"]
+
+_log = Logger()
 
 #: What a client of the supervisor's metrics listener may send and keep open.
 _METRICS_LIMITS = ClientLimits(maxBodySize=0, maxHeaders=50, maxConnections=100)
@@ -78,7 +81,15 @@ class _AllWorkersMetrics(Resource):
                 request.write(body)
                 request.finish()
 
-        self._gather().addCallback(answer)
+        def failed(failure: Failure) -> None:
+            _log.failure("cannot gather the workers' metrics", failure)
+            if not gone:
+                request.setResponseCode(500)
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                request.write(b"cannot gather the workers' metrics: see the log\n")
+                request.finish()
+
+        self._gather().addCallback(answer).addErrback(failed)
         return NOT_DONE_YET
 
 

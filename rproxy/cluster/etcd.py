@@ -401,4 +401,4 @@ class _StorePolicy:
         self._tls = tls
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        return self._tls.creator(hostname.decode("idna"))
+        return self._tls.creator(hostname.decode("ascii"))  # as Twisted's own policy reads it

@@ -140,8 +140,8 @@ def clusterSettings(values: OptionValues) -> ClusterSettings:
         timeout = math.nan
     if not (math.isfinite(timeout) and 0 < timeout <= 60):
         raise values.error("store-timeout", f"expected seconds above 0, at most 60, got {values['store-timeout']!r}")
-    etcdTLS = _storeTLS(values, "etcd", any(url.startswith("https:") for url in etcd), "https")
-    redisTLS = _storeTLS(values, "redis", redis is not None and redis.startswith("rediss:"), "rediss")
+    etcdTLS = _storeTLS(values, "etcd", any(urlsplit(url).scheme == "https" for url in etcd), "https")
+    redisTLS = _storeTLS(values, "redis", redis is not None and urlsplit(redis).scheme == "rediss", "rediss")
     redisPrefix = str(values["redis-prefix"])
     if not re.fullmatch(r"[!-~]{1,64}", redisPrefix):
         raise values.error(

@@ -462,7 +462,7 @@ class _Probe:
     inFlight: Deferred[HealthResult] | None = None
     stopped: bool = False
     lastReason: str = ""
-    reported: bool = False  # whether its verdict was reported once
+    reported: str | None = None  # the verdict last reported: "up", or why it is down (None: none yet)
 
     def stop(self) -> None:
         self.stopped = True
@@ -531,7 +531,7 @@ class HealthChecker(Service):
             if key[0] == service and probe.upstream not in members:
                 del self._probes[key]
                 probe.stop()
-                if self._report is not None and probe.reported:
+                if self._report is not None and probe.reported is not None:
                     self._report(Verdict(service, probe.upstream.key, None))
         for upstream in members:
             if (service, upstream) not in self._probes:
@@ -582,7 +582,16 @@ class HealthChecker(Service):
             level = self._log.info if wasUp or result.reason != probe.lastReason else self._log.debug
             level("service {service}: health check of upstream {upstream} failed: {reason}", **fields)
         probe.lastReason = result.reason if not result.healthy else ""
-        if self._report is not None and (changed or not probe.reported):
-            probe.reported = True
-            reason = "" if health.activeUp else health.reason
-            self._report(Verdict(probe.service, probe.upstream.key, health.activeUp, reason))
+        if self._report is not None:
+            # Down for the check's reason (health.reason may be a passive ejection's); while a down upstream
+            # passes checks on its way up, for the reason last reported.
+            if health.activeUp:
+                reason = ""
+            elif not result.healthy:
+                reason = result.reason
+            else:
+                reason = probe.reported if probe.reported not in (None, "up") else health.reason
+            verdict = "up" if health.activeUp else reason
+            if verdict != probe.reported:  # the first, a change, or a new reason
+                probe.reported = verdict
+                self._report(Verdict(probe.service, probe.upstream.key, health.activeUp, reason))

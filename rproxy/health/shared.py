@@ -5,11 +5,13 @@ follows its verdicts.
 Were every worker to run the active checks, each upstream would get N times the checks, and N workers
 could disagree about it for an interval.  So under a supervisor worker 0 alone runs the
 L{rproxy.health.checks.HealthChecker}, which reports a L{Verdict} per upstream after its first check and
-whenever the verdict changes (and one without a verdict when the upstream is no longer checked); the
-supervisor passes each to the other workers, and to every worker it starts later (L{rproxy.app.workers}).
-In those workers a L{VerdictFollower} applies them to their own upstreams, as they are told and as the
-upstreams appear (an upstream registered through the admin API, or read from etcd, may reach a worker
-after its first verdict).  Passive health stays each worker's own: it is what that worker's exchanges saw.
+whenever the verdict or the reason changes (and one without a verdict when the upstream is no longer
+checked); the supervisor passes each to the other workers, and to every worker it starts later
+(L{rproxy.app.workers}).  In every worker a L{VerdictFollower} applies them to its own upstreams, as they are
+told and as the upstreams appear (an upstream registered through the admin API, or read from etcd, may
+reach a worker after its first verdict); in a new worker 0 too, whose checks then start from what its
+predecessor found.  A worker whose channel to the supervisor closes runs its own checks.  Passive health
+stays each worker's own: it is what that worker's exchanges saw.
 """
 
 from __future__ import annotations
@@ -79,7 +81,9 @@ class VerdictFollower(Service):
             return
         self._verdicts[key] = verdict
         if self.running:
-            self._apply(verdict.service)
+            for upstream in self._registry.members(verdict.service):
+                if upstream.key == verdict.upstream:
+                    upstream.health.told(verdict.up, verdict.reason)
 
     def _apply(self, service: str) -> None:
         verdicts = self._verdicts

@@ -191,8 +191,9 @@ class UpstreamHealth:
 
         @return: whether the verdict changed.
         """
-        if not up:
+        if not up and reason != self.reason:
             self.reason = reason
+            self._noteError(reason)
         if up == self.activeUp:
             return False
         self._mark(up)

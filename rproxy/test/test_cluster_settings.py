@@ -70,6 +70,7 @@ class ClusterOptionsTests(unittest.TestCase):
     def test_errors(self) -> None:
         """Each mistake is one line naming its option, and a password never shows in it."""
         empty, secret = self.mktemp(), self.mktemp()
+        files = CertificateAuthority().writeFiles(self.directory())  # a client certificate with another's key
         open(empty, "w").close()
         with open(secret, "w") as f:
             f.write("hunter2\n")
@@ -99,6 +100,9 @@ class ClusterOptionsTests(unittest.TestCase):
             ("--etcd=https://h:1", f"--etcd-ca={empty}"): f"--etcd-ca: the CA file {empty!r} holds no PEM certificate",
             ("--redis=rediss://h:1", "--redis-client-cert=/nonexistent/c.pem"): "--redis-client-cert: cannot read",
             ("--redis=rediss://h:1", f"--redis-client-cert={empty}"): "--redis-client-cert: the client certificate",
+            ("--etcd=https://h:1", f"--etcd-client-cert={files.clientCertificate}:{files.serverKey}"): (
+                "--etcd-client-cert: the client certificate"
+            ),
         }
         for arguments, expected in cases.items():
             with self.subTest(arguments=arguments):

@@ -393,8 +393,9 @@ class HealthCheckerTests(unittest.TestCase):
 
     async def test_reported(self) -> None:
         """
-        The verdict on each upstream is reported after its first check and at each change, not at each check;
-        an upstream removed from the service is reported as no longer checked.
+        The verdict on each upstream is reported after its first check and at each change (of the verdict, or
+        of the reason it is down for), not at each check; an upstream removed from the service is reported as
+        no longer checked.
         """
         switchable = Switchable(self, status=200)
         registry = MemoryRegistry()
@@ -407,14 +408,19 @@ class HealthCheckerTests(unittest.TestCase):
         switchable.status = 500
         self.assertTrue(await waitFor(lambda: len(reported) == 2))
         self.assertEqual(reported[1], Verdict("default", key, False, "status 500, expected 200-399"))
-        switchable.status = 200
+        checks = switchable.checks
+        self.assertTrue(await waitFor(lambda: switchable.checks >= checks + 2))
+        switchable.status = 503
         self.assertTrue(await waitFor(lambda: len(reported) == 3))
-        self.assertEqual(reported[2], Verdict("default", key, True))
+        self.assertEqual(reported[2], Verdict("default", key, False, "status 503, expected 200-399"))
+        switchable.status = 200
+        self.assertTrue(await waitFor(lambda: len(reported) == 4))
+        self.assertEqual(reported[3], Verdict("default", key, True))
         checks = switchable.checks
         self.assertTrue(await waitFor(lambda: switchable.checks >= checks + 3))
-        self.assertEqual(len(reported), 3)
+        self.assertEqual(len(reported), 4)
         registry.remove("default", switchable.upstream)
-        self.assertEqual(reported[3:], [Verdict("default", key, None)])
+        self.assertEqual(reported[4:], [Verdict("default", key, None)])
 
     async def test_firstCheckPrompt(self) -> None:
         """The first check comes within a tenth of an interval of the start, the next one an interval later."""

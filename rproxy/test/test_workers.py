@@ -26,6 +26,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from rproxy.app.config import ConfigError
 from rproxy.app.tap import Options
+from rproxy.app.workers.channel import Control
 from rproxy.app.workers.sockets import SharedEndpoint, listenersOf
 from rproxy.app.workers.states import combineStates
 from rproxy.app.workers.supervisor import (
@@ -36,10 +37,12 @@ from rproxy.app.workers.supervisor import (
     twistOptions,
     workerCount,
 )
+from rproxy.app.workers.worker import WorkerRole
 from rproxy.observe.status import ServiceState, StateDocument, UpstreamState
 from rproxy.test.support import (
     PYTHON,
     ROOT,
+    LogCapture,
     ReceivedRequest,
     ScriptedUpstream,
     curl,
@@ -244,6 +247,25 @@ def greeter(name: bytes) -> protocol.Factory:
     return factory
 
 
+class AloneTests(unittest.TestCase):
+    """A worker whose channel to its supervisor closes."""
+
+    def test_whenAlone(self) -> None:
+        """What it followed, it does for itself: each of L{WorkerRole.whenAlone} is called, once; it says so."""
+        log = LogCapture(self)
+        descriptor = os.open(os.devnull, os.O_RDONLY)  # the role is not started: its channel is never adopted
+        self.addCleanup(os.close, descriptor)
+        role = WorkerRole({"index": 1, "generation": 2, "sockets": {}, "control": descriptor}, reactor)
+        called: list[str] = []
+        role.whenAlone.append(lambda: called.append("checks"))
+        control = Control(lambda message: None, role._controlLost)
+        role._control = control
+        control.connectionLost()
+        control.connectionLost()
+        self.assertEqual(called, ["checks"])
+        self.assertIn("worker 1: no channel to the supervisor any more", "\n".join(log.formatted()))
+
+
 class SharedPortTests(unittest.TestCase):
     """How a worker accepts from a socket its siblings accept from too."""
 
@@ -377,7 +399,8 @@ class SupervisorTests(unittest.TestCase):
         """
         Worker 0 alone runs the active health checks, and the other worker follows its verdicts: the
         upstream whose checks fail is down in both workers, and up in both again once they pass; it gets
-        the checks of one worker, not of two; a worker that replaces one killed is told the verdict.
+        the checks of one worker, not of two; a worker that replaces one killed is told the verdict, worker 0
+        too.
         """
         status = [200]
 
@@ -387,18 +410,32 @@ class SupervisorTests(unittest.TestCase):
             return b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"
 
         upstream = ScriptedUpstream(self, answer)
-        port, metricsPort = freePort(), freePort()
-        checked = f'health-path = "/health"\nhealth-interval = {INTERVAL}\nhealth-fall = 1\nhealth-rise = 1\n'
+        port, admin = freePort(), freePort()
+        checked = f'health-path = "/health"\nhealth-interval = {INTERVAL}\nhealth-fall = 3\nhealth-rise = 1\n'
         top = f'listen = ["tcp:{port}:interface=127.0.0.1"]\naccess-log = "off"\n'
         path = writeConfig(self, top + services(a=upstream.url) + checked + route("a"))
-        command = [*TWIST, "--workers=2", f"--metrics-listen=tcp:{metricsPort}:interface=127.0.0.1", "--config", path]
+        # Metrics from worker 0's admin listener alone (no --metrics-listen): every worker's, all the same.
+        command = [
+            *TWIST,
+            "--workers=2",
+            f"--admin-listen=tcp:{admin}:interface=127.0.0.1",
+            f"--admin-token-file={tokenFile(self)}",
+            "--config",
+            path,
+        ]
         process = ProxyProcess.spawn(self, command)
         first = await workersOf(self, process, 2)
         self.assertTrue(await waitFor(lambda: process.log.count("serves") == 2, 20.0), process.log)
 
+        async def health() -> dict[str, str]:
+            """Each worker's state of the upstream ({} while worker 0, which serves the admin API, is replaced)."""
+            url = f"http://127.0.0.1:{admin}/metrics"
+            code, out, err = await curl(["-sS", "--fail", "-H", f"Authorization: Bearer {TOKEN}", url])
+            return healthIn(out.decode("utf-8"), upstream.url) if code == 0 else {}
+
         async def healthIs(state: str) -> bool:
             for _ in range(50):
-                if healthIn(await metrics(metricsPort), upstream.url) == {"0": state, "1": state}:
+                if await health() == {"0": state, "1": state}:
                     return True
                 await sleep(0.1)
             return False
@@ -419,6 +456,14 @@ class SupervisorTests(unittest.TestCase):
         victim = max(first)  # worker 1: its replacement learns the verdict from the supervisor
         os.kill(victim, 9)
         self.assertTrue(await waitFor(lambda: process.log.count("serves") == 3, 20.0), process.log)
+        self.assertTrue(await healthIs("down"), process.log)
+        # Worker 0 replaced: the new one starts from the verdict too, so it never says the upstream is up
+        # while its checks fail (before the three a new process needs to mark it down).
+        os.kill(min(first), 9)
+        self.assertTrue(await waitFor(lambda: process.log.count("serves") == 4, 20.0), process.log)
+        for _ in range(10):
+            self.assertIn((await health()).get("1"), ("down", None))
+            await sleep(INTERVAL)
         self.assertTrue(await healthIs("down"), process.log)
         status[0] = 200
         self.assertTrue(await healthIs("up"), process.log)

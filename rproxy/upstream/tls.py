@@ -18,6 +18,7 @@ from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.error import VerifyError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -80,7 +81,7 @@ def clientCertificate(certificateFile: str | None, keyFile: str | None) -> ssl.P
     key = _read(keyFile, "client key") if keyFile is not None else certificate
     try:
         return ssl.PrivateCertificate.loadPEM(key + b"\n" + certificate)
-    except (SSL.Error, crypto.Error, ValueError) as e:
+    except (SSL.Error, crypto.Error, VerifyError, ValueError) as e:  # VerifyError: a key of another certificate
         raise ValueError(f"the client certificate {certificateFile!r} or its key cannot be loaded: {e}") from None
 
 

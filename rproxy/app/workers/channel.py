@@ -23,8 +23,12 @@ _log = Logger()
 #: The variable that makes C{twist rproxy} a worker: what its supervisor passed it (JSON).
 WORKER_VARIABLE = "RPROXY_WORKER_STATE"
 
-#: Seconds a worker has to answer a question (its metrics).
+#: Seconds worker 0 waits for what the supervisor gathers from every worker (its metrics, its admin state).
 ANSWER_TIMEOUT = 5.0
+
+#: Seconds the supervisor waits for one worker's answer: less than L{ANSWER_TIMEOUT}, so that a worker slow to
+#: answer leaves the others' answers in what worker 0 gets, rather than worker 0 giving up on all of them.
+ASK_TIMEOUT = ANSWER_TIMEOUT - 1.5
 
 
 class Control(LineOnlyReceiver):

@@ -25,7 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rproxy.app.workers.channel import ANSWER_TIMEOUT, WORKER_VARIABLE, Control, adoptControl
+from rproxy.app.workers.channel import ASK_TIMEOUT, WORKER_VARIABLE, Control, adoptControl
 from rproxy.app.workers.sockets import familyOf, socketKey
 from rproxy.downstream.listeners import Listener
 from rproxy.signals import OnSignal
@@ -132,13 +132,13 @@ class WorkerProcess(protocol.ProcessProtocol):
         self._questions.clear()
 
     def ask(self, number: int, what: str, reactor: Any) -> Deferred[object]:
-        """This worker's C{metrics} or C{state} (C{None} if it cannot say within L{ANSWER_TIMEOUT})."""
+        """This worker's C{metrics} or C{state} (C{None} if it cannot say within L{ASK_TIMEOUT})."""
         if self.control is None:
             return succeed(None)
         waiting: Deferred[object] = Deferred()
         self._questions[number] = waiting
         self.control.send({"ask": number, "what": what})
-        waiting.addTimeout(ANSWER_TIMEOUT, reactor, onTimeoutCancel=lambda *_: None)
+        waiting.addTimeout(ASK_TIMEOUT, reactor, onTimeoutCancel=lambda *_: None)
         return waiting
 
     def signal(self, name: str) -> None:

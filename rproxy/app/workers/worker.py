@@ -49,6 +49,9 @@ class WorkerRole(service.Service):
     @ivar generation: the generation it belongs to (a rolling restart starts the next one).
     @ivar metrics: the registry of the worker's metrics, once the proxy keeps them.
     @ivar registrations: the admin API's registrations, which this worker announces or follows.
+    @ivar verdicts: what applies the health verdicts worker 0 reports (L{rproxy.health.shared}) here.
+    @ivar whenAlone: what is called if the channel to the supervisor closes (a worker that followed worker 0's
+        health checks then runs its own).
     @ivar state: what makes this worker's admin state document (L{rproxy.app.admin.state}), if it has one.
     """
 
@@ -66,6 +69,7 @@ class WorkerRole(service.Service):
         self.metrics: CollectorRegistry | None = None
         self.registrations: Registrations | None = None
         self.verdicts: VerdictFollower | None = None
+        self.whenAlone: list[Callable[[], object]] = []  # called when the channel to the supervisor closes
         self.state: Callable[[], StateDocument] | None = None
         self._gathering: dict[int, Deferred[list[list[Any]]]] = {}
         self._numbers = count()
@@ -202,9 +206,21 @@ class WorkerRole(service.Service):
         return waiting.addCallback(lambda answers: [(WorkerName(i, g), a) for i, g, a in answers])
 
     def _controlLost(self) -> None:
+        """
+        The channel to the supervisor closed: it executed itself again (a rolling restart; this worker drains
+        soon, unless the new generation cannot start) or it ended.  Nothing reaches this worker from the others
+        any more: what it followed, it does for itself (L{whenAlone}).
+        """
         self._control = None
         for waiting in list(self._gathering.values()):
             waiting.cancel()  # its timeout's answer: nothing (this worker's own alone)
+        _log.info(
+            "worker {index}: no channel to the supervisor any more (it restarted, or ended); on its own from now",
+            index=self.index,
+        )
+        alone, self.whenAlone = self.whenAlone, []
+        for call in alone:
+            call()
 
     def _checkParent(self) -> None:
         if os.getppid() != self._parent:
