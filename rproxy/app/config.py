@@ -50,7 +50,7 @@ from rproxy.proxy.service import Service
 from rproxy.tunnel.messages import MessageAwareService, WebSocketLimits
 from rproxy.tunnel.splice import DEFAULT_IDLE_TIMEOUT
 from rproxy.upstream.settings import PoolSettings
-from rproxy.upstream.tls import UpstreamTLS, clientCertificate, trustRoot
+from rproxy.upstream.tls import UpstreamTLS, certificateFiles, clientCertificate, trustRoot
 from rproxy.upstream.upstreams import UpstreamURL, splitSettings
 
 
@@ -650,12 +650,11 @@ def _pool(values: OptionValues) -> PoolSettings:
 
 def _upstreamTLS(values: OptionValues) -> UpstreamTLS:
     """The upstream TLS settings, their files loaded once to report a mistake now."""
-    client = values.text("upstream-client-cert")
-    certificate, _, key = (client or "").partition(":")
+    certificate, key = certificateFiles(values.text("upstream-client-cert"))
     tls = UpstreamTLS(
         caFile=values.text("upstream-ca"),
-        clientCertificate=certificate or None,
-        clientKey=key or None,
+        clientCertificate=certificate,
+        clientKey=key,
         insecure=bool(values["upstream-tls-insecure"]),
     )
     try:

@@ -679,22 +679,23 @@ def buildService(
     # Under a supervisor, worker 0 runs the active health checks and the others follow its verdicts; every worker
     # applies the verdicts the supervisor remembers (worker 0 too: a new one starts from what its predecessor
     # found), and a worker that loses its channel to the supervisor checks for itself.
-    checking = [worker is None or worker.index == 0]
+    checking = worker is None or worker.index == 0
     if worker is not None:
         follower = worker.verdicts = VerdictFollower(registry)
         follower.setServiceParent(top)
 
     def checks(config: ProxyConfig) -> HealthChecker | None:
-        if not checking[0]:
+        if not checking:
             return None
         report = worker.reportVerdict if worker is not None and worker.index == 0 else None
         return healthChecker(config, reactor, registry, report)
 
     live = LiveProxy(config, reactor, registry, proxy, services, filters, draining, top, checks)
-    if worker is not None and not checking[0]:
+    if worker is not None and not checking:
 
         def checkAlone() -> None:
-            checking[0] = True
+            nonlocal checking
+            checking = True
             live.restartChecks()
 
         worker.whenAlone.append(checkAlone)

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from rproxy.app.config import OptionValues, secretFile
 from rproxy.cluster.defaults import DEFAULT_ETCD_PREFIX, DEFAULT_REDIS_PREFIX, DEFAULT_STORE_TIMEOUT
 from rproxy.cluster.tls import CAError, StoreTLS
+from rproxy.upstream.tls import certificateFiles
 
 #: A key prefix: printable ASCII, starting and ending with C{/}.
 _PREFIX = re.compile(r"/(?:[!-~]*/)?\Z")
@@ -105,9 +106,8 @@ def _storeTLS(values: OptionValues, store: str, used: bool, scheme: str) -> Stor
     for name in (ca, client):
         if values.text(name) is not None and not used:
             raise values.error(name, f"has no use without a {scheme}:// --{store} URL")
-    certificate, _, key = (values.text(client) or "").partition(":")
     try:
-        return StoreTLS.read(values.text(ca), certificate or None, key or None)
+        return StoreTLS.read(values.text(ca), *certificateFiles(values.text(client)))
     except CAError as e:
         raise values.error(ca, str(e)) from None
     except ValueError as e:

@@ -68,6 +68,12 @@ def trustRoot(caFile: str | None) -> Any:
         raise ValueError(f"the CA file {caFile!r} holds an invalid certificate: {e}") from None
 
 
+def certificateFiles(spec: str | None) -> tuple[str | None, str | None]:
+    """The certificate file and key file of an option's C{CERTFILE[:KEYFILE]} (C{None} for each not given)."""
+    certificate, _, key = (spec or "").partition(":")
+    return certificate or None, key or None
+
+
 def clientCertificate(certificateFile: str | None, keyFile: str | None) -> ssl.PrivateCertificate | None:
     """
     The client certificate of C{certificateFile} with the key of C{keyFile} (or of C{certificateFile}),
