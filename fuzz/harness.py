@@ -52,7 +52,7 @@ with atheris.instrument_imports(include=["rproxy", "h2", "hpack", "hyperframe"])
     from rproxy.app.build import buildSite
     from rproxy.app.demo import demoSite
     from rproxy.app.tap import Options
-    from rproxy.downstream import connection, h2frames, h2request, http1, http2, request, validation  # noqa: F401
+    from rproxy.downstream import connection, h2connection, h2request, http1, http2, request, validation  # noqa: F401
     from rproxy.proxy import exchange  # noqa: F401
     from rproxy.upstream import http1 as upstreamHttp1  # noqa: F401
 

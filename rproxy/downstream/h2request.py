@@ -19,10 +19,12 @@ whole connection, are switched off in favour of these, done in one pass):
    split the upstream's request line;
  - the authority: ``:authority``, else one ``Host`` field (both: naming the same host and port), and
    C{host[:port]};
- - ``content-length`` values decimal, equal, and within 63 bits (L{rproxy.framing}).
+ - ``content-length`` values digits only (not the list HTTP/1.1 may accept), equal, and within 63 bits
+   (L{rproxy.framing}).
 
-L{trailerProblem} checks a trailer block the same way.  (h2 joins the ``cookie`` crumbs of section 8.2.3
-into one field, as HTTP/1.1 requires, and checks a body against its ``content-length``.)
+The ``cookie`` crumbs of section 8.2.3 become one field, as HTTP/1.1 requires, after the others (and count as
+one against the limit of fields).  L{trailerProblem} checks a trailer block the same way.
+(L{rproxy.downstream.h2connection} checks a body against its ``content-length``.)
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def requestHead(block: Sequence[tuple[bytes, bytes]], limits: HeadLimits) -> H2R
     fields: Pairs = [(b"host", b"")]  # the authority goes first, once it is known
     hosts: list[bytes] = []
     lengths: list[bytes] = []
+    cookies: list[bytes] = []
     size = 0
     for field in block:
         name, value = field
@@ -106,11 +109,16 @@ def requestHead(block: Sequence[tuple[bytes, bytes]], limits: HeadLimits) -> H2R
         else:
             if name == b"content-length":
                 lengths.append(value)
+            elif name == b"cookie":
+                cookies.append(value)
+                continue
             elif name in _CONNECTION_SPECIFIC:
                 return clientError(400, f"connection-specific field {_shown(name)} in an HTTP/2 request")
             elif name == b"te" and value.lower() != b"trailers":
                 return clientError(400, "a TE field other than 'trailers'")
             fields.append(field)
+    if cookies:
+        fields.append((b"cookie", b"; ".join(cookies)))
     if len(fields) - 1 + len(hosts) > limits.maxHeaders:
         return clientError(431, f"the request has more than {limits.maxHeaders} header fields")
     if size > limits.maxHeaderBytes:
@@ -159,6 +167,9 @@ def requestHead(block: Sequence[tuple[bytes, bytes]], limits: HeadLimits) -> H2R
         return clientError(400, problem)
     length = None
     if lengths:
+        notDigits = [value for value in lengths if not value.isdigit()]
+        if notDigits:
+            return clientError(400, f"invalid Content-Length {_shown(notDigits[0])}: HTTP/2 allows digits only")
         try:
             length = contentLength(lengths)
         except MalformedBodyError as e:

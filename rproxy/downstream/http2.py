@@ -1,7 +1,7 @@
 """
-The HTTP/2 server protocol of a client connection, on the h2 library's public API: one h2 state machine
-per connection, a stream object per request that twisted.web's request writes to, and a send loop that
-serves the streams in turn under flow control.
+The HTTP/2 server protocol of a client connection: the connection's frames and stream states
+(L{rproxy.downstream.h2connection}), a stream object per request that twisted.web's request writes to, and a
+send loop that serves the streams in turn under flow control.
 
 Each stream's request head is checked before it becomes an HTTP/1.1 request upstream
 (L{rproxy.downstream.h2request}); its body streams to the request with flow control as backpressure (the
@@ -10,8 +10,7 @@ frame and DATA frames, the last of which ends the stream (or a trailer HEADERS f
 without a body is a single HEADERS frame, as gRPC's trailers-only responses must be).  Per connection:
 
  - C{SETTINGS_MAX_CONCURRENT_STREAMS}: a stream beyond it is refused with REFUSED_STREAM, which a client
-   may retry, while the others go on (h2 would end the connection: it is told a higher limit than the
-   client, and rproxy refuses the excess itself);
+   may retry, while the others go on;
  - C{SETTINGS_MAX_HEADER_LIST_SIZE} and the HTTP/1.1 head limits: 431 on the stream; a header list past
    four times the limits is not decoded further (GOAWAY(ENHANCE_YOUR_CALM));
  - Rapid Reset (CVE-2023-44487): a token bucket of the streams a client resets; beyond it,
@@ -23,11 +22,12 @@ without a body is a single HEADERS frame, as gRPC's trailers-only responses must
  - a client that leaves the send buffer full for the write timeout: the connection is aborted; one that
    keeps a stream's flow-control window (or the connection's) shut that long while a response waits: the
    stream is reset (CANCEL), and the other streams go on;
- - floods of frames that carry nothing (L{rproxy.downstream.h2frames.FrameWatch.flood}): a header
-   block of more than 32 CONTINUATION frames (CVE-2024-27316), more than 1000 empty DATA frames
-   (CVE-2019-9518): GOAWAY(ENHANCE_YOUR_CALM);
+ - floods of frames that carry nothing (L{rproxy.downstream.h2connection.H2FloodError}): a header block of
+   more than 32 CONTINUATION frames (CVE-2024-27316), more than 1000 empty DATA frames (CVE-2019-9518):
+   GOAWAY(ENHANCE_YOUR_CALM);
  - deadlines: the header timeout for any incomplete frame but DATA and any header block
-   (L{rproxy.downstream.h2frames.FrameWatch}), and the idle timeout only while no stream is open;
+   (L{rproxy.downstream.h2connection.ServerConnection.pending}), and the idle timeout only while no stream
+   is open;
  - connection errors sent with the code the RFCs name, and a close that a client cannot hold off
    (L{CLOSE_GRACE}); a graceful shutdown that lets the streams in flight finish;
  - streams served in turn, a DATA frame each, until a client sends RFC 7540 priorities: then by the
@@ -40,18 +40,12 @@ An extended CONNECT (RFC 8441) is answered with 200 and its stream handed to a t
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 import priority
+from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
-from hyperframe.frame import GoAwayFrame
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -60,11 +54,11 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from rproxy import deadline
-from rproxy.downstream.h2frames import FrameWatch, connectionErrorCode, withGoAwayCode
+from rproxy.downstream import h2connection
+from rproxy.downstream.h2connection import H2ConnectionError, H2FloodError, ServerConnection
 from rproxy.downstream.h2request import HeadLimits, requestHead, trailerProblem
 from rproxy.errors import ProxyError, clientError
 from rproxy.headers import Pairs, allowedTrailers, hasControl, isToken
-from rproxy.hpackcoding import FieldDecoder, FieldEncoder
 
 if TYPE_CHECKING:
     from rproxy.downstream.connection import ClientConnection
@@ -95,9 +89,6 @@ CLOSE_GRACE = 3.0
 #: (below it, a larger head is refused with 431).
 HEADER_LIST_HARD_CAP = 4
 
-#: Streams h2 lets a client open beyond the advertised limit: rproxy refuses those itself, one by one.
-_EXCESS_STREAMS = 100
-
 #: The method and target a refused request is logged with, when its own cannot be trusted.
 _REFUSED = (b"-", b"-")
 
@@ -112,23 +103,10 @@ _SECRET_FIELDS = frozenset([b"authorization", b"proxy-authorization"])
 _UNIQUE_FIELDS = frozenset([b"x-request-id", b"traceparent"])
 
 
-class _Connection(h2.connection.H2Connection):
-    """
-    h2's connection, remembering fewer closed streams.  h2 keeps how each of the last 65536 closed streams
-    ended, to ignore the frames that were in flight as it closed (RFC 9113 section 5.1): about 8 MiB for a
-    client connection that lives through that many requests (under soak, RSS grew for minutes, by a dict
-    doubling at a time, until every connection's was full).  Frames in flight arrive within a round trip,
-    for streams among the last few hundred closed; a frame for a stream forgotten earlier is answered as one
-    for any closed stream (RST_STREAM with STREAM_CLOSED).
-    """
-
-    MAX_CLOSED_STREAMS = 1024
-
-
 def responseFields(status: int, fields: Sequence[tuple[bytes, bytes]]) -> list[Any] | None:
     """
-    The HEADERS field list of a response head: C{:status}, then C{fields} as h2's outbound normalisation
-    would make them (names lowercased, values stripped, connection-specific fields dropped, credentials
+    The HEADERS field list of a response head: C{:status}, then C{fields} as RFC 9113 section 8.2 wants
+    them (names lowercased, values stripped, connection-specific fields dropped, credentials
     never indexed), in the order given; C{None} when a field is not valid (a name that is not a token, a
     value with NUL, CR or LF).
     """
@@ -207,9 +185,10 @@ class _RoundRobin:
 @implementer(IPushProducer)
 class HTTP2Server:
     """
-    The HTTP/2 protocol of one client connection (see the module).
+    The HTTP/2 protocol of one client connection (see the module); the
+    L{rproxy.downstream.h2connection.FrameReceiver} of its frames.
 
-    @ivar conn: the h2 state machine.
+    @ivar conn: the connection's frames and stream states.
     @ivar streams: the open streams, by ID.
     @ivar priority: the scheduler of the streams' DATA.
     """
@@ -219,7 +198,7 @@ class HTTP2Server:
     _queuedTotal = 0  # response bytes queued, all streams together
     _connectionFull = False  # streams were paused because the connection holds CONNECTION_BUFFER
     _heldControl = b""  # control frames written while the transport is paused
-    _headStarted = -1  # which incomplete frame or header block (FrameWatch.started) the deadline is for
+    _headStarted = -1  # which incomplete frame or header block (ServerConnection.started) the deadline is for
     _closing = False  # GOAWAY sent after an error: the connection ends
     _draining = False  # GOAWAY sent for shutdown: close once the last stream ends
     _closer: Any = None  # resets the connection if the client does not let it close
@@ -237,36 +216,18 @@ class HTTP2Server:
         self.streams: dict[int, H2Stream] = {}
         self.priority: Any = _RoundRobin()
         self._heads: list[tuple[H2Stream, list[Any], bool]] = []
-        self._watch = FrameWatch()
         self._resetTokens = float(limits.h2ResetBurst)
         self._resetAt = self._reactor.seconds()
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            # rproxy builds every field list it sends valid and normalised (responseFields), and checks
-            # what it receives itself (rproxy.downstream.h2request: a malformed request is a stream error,
-            # where h2 would end the connection).
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-            validate_inbound_headers=False,
+        # Announced, and enforced by this protocol: more streams are refused one by one, larger header lists
+        # with 431 (beyond HEADER_LIST_HARD_CAP times the limits, the decoder stops).
+        conn = self.conn = ServerConnection(
+            self,
+            {
+                h2connection.MAX_CONCURRENT_STREAMS: limits.h2MaxConcurrentStreams,
+                h2connection.MAX_HEADER_LIST_SIZE: limits.h2MaxHeaderListSize,
+                h2connection.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441: WebSocket (rproxy.tunnel.h2connect)
+            },
         )
-        conn = self.conn = _Connection(config)
-        # h2's public attributes; SETTINGS_HEADER_TABLE_SIZE and SETTINGS_MAX_HEADER_LIST_SIZE still apply to them
-        conn.encoder, conn.decoder = FieldEncoder(), FieldDecoder()
-        advertised = {
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2MaxConcurrentStreams,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.h2MaxHeaderListSize,
-            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441: WebSocket (rproxy.tunnel.h2connect)
-        }
-        conn.local_settings = h2.settings.Settings(client=False, initial_values=advertised)
-        conn.initiate_connection()
-        # What h2 enforces, once the client has been told the limit above: more streams, which rproxy
-        # refuses one by one, and larger header lists, which it refuses with 431.
-        enforced = {
-            **advertised,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2MaxConcurrentStreams + _EXCESS_STREAMS,
-        }
-        conn.local_settings = h2.settings.Settings(client=False, initial_values=enforced)
         conn.decoder.max_header_list_size = HEADER_LIST_HARD_CAP * max(
             limits.h2MaxHeaderListSize, limits.maxHeaderBytes
         )
@@ -283,72 +244,87 @@ class HTTP2Server:
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        watch = self._watch
-        watch.feed(data)
-        if watch.pending:
-            if watch.started != self._headStarted:
-                self._headStarted = watch.started
-                self._headDeadline.arm(deadline.HEAD, self._limits.headerTimeout)
-        else:
-            self._headDeadline.disarm()
-        if watch.flood is not None:
+        conn = self.conn
+        try:
+            conn.receive(data)
+        except H2FloodError as flood:
             _log.warn(
                 "client {client} sent {flood}: closed with ENHANCE_YOUR_CALM",
                 client=self.connection.peer,
-                flood=watch.flood,
+                flood=flood.reason,
             )
-            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, watch.flood)
+            self._goAwayAndClose(ErrorCodes.ENHANCE_YOUR_CALM, flood.reason)
             return
-        try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as error:
+        except H2ConnectionError as error:
             self._connectionError(error)
             return
-        for event in events:
-            handler = _HANDLERS.get(type(event))
-            if handler is not None:
-                handler(self, event)
-            if self._closing:
-                return
+        if self._closing:
+            return
+        if conn.pending:
+            if conn.started != self._headStarted:
+                self._headStarted = conn.started
+                self._headDeadline.arm(deadline.HEAD, self._limits.headerTimeout)
+        else:
+            self._headDeadline.disarm()
         self._flush()
 
-    def _requestReceived(self, event: h2.events.RequestReceived) -> None:
-        streamID = event.stream_id
+    def requestReceived(self, streamID: int, fields: list[Any], ended: bool) -> None:
         if self._draining or len(self.streams) >= self._limits.h2MaxConcurrentStreams:
             # Beyond the limit, or after the GOAWAY of a shutdown: refused, so the client may send it again.
-            self._reset(streamID, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._reset(streamID, ErrorCodes.REFUSED_STREAM)
             return
         stream = H2Stream(self, streamID)
         self.streams[streamID] = stream
         try:
             self.priority.insert_stream(streamID)
         except priority.DuplicateStreamError:
-            pass  # a PRIORITY frame came first, and _priorityUpdated inserted it
+            pass  # a PRIORITY frame came first, and priorityReceived inserted it
         self.priority.block(streamID)
-        stream.headReceived(event.headers, event.stream_ended is not None)
+        stream.headReceived(fields, ended)
 
-    def _dataReceived(self, event: h2.events.DataReceived) -> None:
-        stream = self.streams.get(event.stream_id)
+    def bodyReceived(self, streamID: int, data: bytes, size: int) -> None:
+        stream = self.streams.get(streamID)
         if stream is None:  # answered already: drop the data, but give the connection's window back
-            self._acknowledge(event.flow_controlled_length, event.stream_id)
+            self._acknowledge(size, streamID)
             return
-        stream.dataReceived(event.data, event.flow_controlled_length)
+        stream.dataReceived(data, size)
 
-    def _trailersReceived(self, event: h2.events.TrailersReceived) -> None:
-        stream = self.streams.get(event.stream_id)
+    def trailersReceived(self, streamID: int, fields: list[Any]) -> None:
+        stream = self.streams.get(streamID)
         if stream is not None:
-            stream.trailersReceived(event.headers)
+            stream.trailersReceived(fields)
 
-    def _streamEnded(self, event: h2.events.StreamEnded) -> None:
-        stream = self.streams.get(event.stream_id)
+    def streamEnded(self, streamID: int) -> None:
+        stream = self.streams.get(streamID)
         if stream is not None:
             stream.clientEnded()
 
-    def _streamReset(self, event: h2.events.StreamReset) -> None:
+    def streamReset(self, streamID: int, code: int) -> None:
         """A client reset a stream: it ends, and spends a token of the Rapid Reset bucket."""
-        stream = self.streams.get(event.stream_id)
+        stream = self.streams.get(streamID)
         if stream is not None:
-            stream.lost(Failure(ConnectionLost(f"Stream reset with code {event.error_code}")))
+            stream.lost(Failure(ConnectionLost(f"Stream reset with code {_codeName(code)}")))
+        self._spendResetToken()
+
+    def streamError(self, streamID: int, code: int, reason: str) -> None:
+        """
+        The connection reset a stream for a frame the client sent on it: as a reset of the client's, it spends
+        a token (MadeYouReset, CVE-2025-8671: resets a client provokes are Rapid Reset by other means).
+        """
+        _log.info(
+            "client {client}, stream {stream}: {reason}; reset with {code}",
+            client=self.connection.peer,
+            stream=streamID,
+            reason=reason,
+            code=_codeName(code),
+        )
+        stream = self.streams.get(streamID)
+        if stream is not None:
+            stream.lost(Failure(ConnectionLost(f"{reason}: stream reset with {_codeName(code)}")))
+        self._spendResetToken()
+
+    def _spendResetToken(self) -> None:
+        """A stream was reset, by the client or for what it sent: beyond the Rapid Reset budget, GOAWAY."""
         now = self._reactor.seconds()
         limits = self._limits
         self._resetTokens = min(
@@ -362,14 +338,14 @@ class HTTP2Server:
                 rate=limits.h2ResetRate,
                 burst=limits.h2ResetBurst,
             )
-            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many stream resets")
+            self._goAwayAndClose(ErrorCodes.ENHANCE_YOUR_CALM, "too many stream resets")
         else:
             self._resetTokens -= 1
 
-    def _windowUpdated(self, event: h2.events.WindowUpdated) -> None:
-        """The client opened a window: streams set aside on a shut one may send again."""
-        if event.stream_id:
-            stream = self.streams.get(event.stream_id)
+    def windowOpened(self, streamID: int) -> None:
+        """The client opened a window (or changed the initial one): streams set aside on a shut one may send again."""
+        if streamID:
+            stream = self.streams.get(streamID)
             if stream is not None:
                 stream.windowOpened()
         else:
@@ -377,35 +353,21 @@ class HTTP2Server:
                 stream.windowOpened()
         self.scheduleSend()
 
-    def _settingsChanged(self, event: h2.events.RemoteSettingsChanged) -> None:
-        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-            for stream in list(self.streams.values()):
-                stream.windowOpened()
-            self.scheduleSend()
-
-    def _priorityUpdated(self, event: h2.events.PriorityUpdated) -> None:
+    def priorityReceived(self, streamID: int, dependsOn: int, weight: int, exclusive: bool) -> None:
         """The client sends RFC 7540 priorities: from now on, the priority tree weighs them."""
         if isinstance(self.priority, _RoundRobin):
             self.priority = self.priority.tree()
         try:
             try:
                 self.priority.reprioritize(
-                    stream_id=event.stream_id,
-                    depends_on=event.depends_on or None,
-                    weight=event.weight,
-                    exclusive=event.exclusive,
+                    stream_id=streamID, depends_on=dependsOn or None, weight=weight, exclusive=exclusive
                 )
             except priority.MissingStreamError:
                 # A PRIORITY frame before its stream's HEADERS: the stream waits in the tree, blocked.
                 self.priority.insert_stream(
-                    stream_id=event.stream_id,
-                    depends_on=event.depends_on or None,
-                    weight=event.weight,
-                    exclusive=event.exclusive,
+                    stream_id=streamID, depends_on=dependsOn or None, weight=weight, exclusive=exclusive
                 )
-                self.priority.block(event.stream_id)
-        except priority.PriorityLoop:
-            self._connectionError(h2.exceptions.ProtocolError("a stream depends on itself"))
+                self.priority.block(streamID)
         except priority.TooManyStreamsError:
             # PRIORITY frames for streams that never open, each kept in the tree (CVE-2019-9513's churn).
             _log.warn(
@@ -413,10 +375,10 @@ class HTTP2Server:
                 "ENHANCE_YOUR_CALM",
                 client=self.connection.peer,
             )
-            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many streams in the priority tree")
+            self._goAwayAndClose(ErrorCodes.ENHANCE_YOUR_CALM, "too many streams in the priority tree")
 
-    def _goAwayReceived(self, event: h2.events.ConnectionTerminated) -> None:
-        """The client ends the connection (h2 sends nothing after a GOAWAY, python-hyper/h2#1181)."""
+    def goAwayReceived(self, code: int) -> None:
+        """The client ends the connection."""
         self._closing = True
         self._fail(Failure(ConnectionLost("the client sent GOAWAY")))
         self._close()
@@ -424,8 +386,8 @@ class HTTP2Server:
     # -- writing
 
     def _flush(self) -> None:
-        """Write what h2 has to send, or hold it while the client does not read (within CONTROL_BUFFER)."""
-        data = self.conn.data_to_send()
+        """Write the connection's frames, or hold them while the client does not read (within CONTROL_BUFFER)."""
+        data = self.conn.take()
         if not data:
             return
         if not self._paused:
@@ -435,7 +397,7 @@ class HTTP2Server:
         if len(self._heldControl) > CONTROL_BUFFER and not self._closing:
             why = f"the client made the proxy queue {len(self._heldControl)} bytes of frames it does not read"
             _log.warn("client {client}: {reason}; GOAWAY(ENHANCE_YOUR_CALM)", client=self.connection.peer, reason=why)
-            self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, why)
+            self._goAwayAndClose(ErrorCodes.ENHANCE_YOUR_CALM, why)
 
     def scheduleSend(self) -> None:
         """
@@ -525,18 +487,11 @@ class HTTP2Server:
                 self._idleSince = self._reactor.seconds()
 
     def _reset(self, streamID: int, code: int) -> None:
-        try:
-            self.conn.reset_stream(streamID, code)
-        except h2.exceptions.ProtocolError:
-            pass  # closed meanwhile (or the connection is closing)
+        self.conn.resetStream(streamID, code)  # nothing if it closed meanwhile
 
     def _acknowledge(self, size: int, streamID: int) -> None:
         """Give the client back C{size} bytes of window (the connection's, and the stream's if open)."""
-        if size:
-            try:
-                self.conn.acknowledge_received_data(size, streamID)
-            except h2.exceptions.ProtocolError:
-                pass
+        self.conn.acknowledge(size, streamID)
 
     # -- the connection's life: deadlines, errors, closing
 
@@ -546,21 +501,24 @@ class HTTP2Server:
             client=self.connection.peer,
             timeout=self._limits.headerTimeout,
         )
-        self._goAwayAndClose(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "the client was too slow to send a frame", 408)
+        self._goAwayAndClose(ErrorCodes.ENHANCE_YOUR_CALM, "the client was too slow to send a frame", 408)
 
     def _writeTimedOut(self, mode: int) -> None:
         """The client left the send buffer full for the write timeout: its connection is aborted."""
         error = clientError(408, f"the client read nothing for {self._limits.writeTimeout:g}s")
         _log.warn("client {client}: {reason}; connection aborted", client=self.connection.peer, reason=error.reason)
-        self._cutOff(error)
+        self._cutOff(error, answered=False)
         self._closing = True
         self._fail(Failure(ConnectionLost(error.reason)))
         self.transport.abortConnection()
 
-    def _cutOff(self, error: ProxyError) -> None:
-        """The connection is cut for C{error}: the records of its streams say why (or one of its own, if none)."""
+    def _cutOff(self, error: ProxyError, answered: bool) -> None:
+        """
+        The connection is cut for C{error}: the records of its streams say why, or, without a stream, one of
+        its own (C{answered}: the client was told, by a GOAWAY).
+        """
         if not self.streams:
-            self.site.refused(self.connection.peer, error, answered=False)
+            self.site.refused(self.connection.peer, error, answered=answered)
         for stream in self.streams.values():
             stream.request.cutOff(error)
 
@@ -580,25 +538,21 @@ class HTTP2Server:
             client=self.connection.peer,
             timeout=timeout,
         )
-        self._goAwayAndClose(h2.errors.ErrorCodes.NO_ERROR, "idle timeout")
+        self._goAwayAndClose(ErrorCodes.NO_ERROR, "idle timeout")
 
-    def _connectionError(self, error: h2.exceptions.ProtocolError) -> None:
-        """A broken frame: GOAWAY with the code the RFCs name (h2 queued one), then close."""
-        code = connectionErrorCode(error, self._watch)
+    def _connectionError(self, error: H2ConnectionError) -> None:
+        """A broken frame: GOAWAY with the code the RFCs name, then close."""
+        code = error.code
         _log.warn(
             "client {client}: HTTP/2 connection error {code}: {error}",
             client=self.connection.peer,
             code=code.name,
-            error=str(error),
+            error=error.reason,
         )
-        try:
-            self.conn.close_connection(error_code=code)  # h2 queued a GOAWAY already, unless rproxy found it
-        except h2.exceptions.ProtocolError:
-            pass
         self._closing = True
-        self._record(code, str(error), 429 if code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM else 400)
-        pending = withGoAwayCode(self.conn.data_to_send(), code)
-        self._writeLast(pending)
+        self._record(code, error.reason, 429 if code == ErrorCodes.ENHANCE_YOUR_CALM else 400)
+        self.conn.goAway(code)
+        self._writeLast(self.conn.take())
         self._fail(Failure(error))
         self._close()
 
@@ -608,25 +562,20 @@ class HTTP2Server:
         (429 for a flood, 408 for a client too slow, as HTTP/1.1 answers one).
         """
         self._closing = True
-        if code != h2.errors.ErrorCodes.NO_ERROR:
+        if code != ErrorCodes.NO_ERROR:
             self._record(code, why, status)
-        try:
-            self.conn.close_connection(error_code=code)
-        except h2.exceptions.ProtocolError:
-            pass
-        self._writeLast(self.conn.data_to_send())
+        self.conn.goAway(code)
+        self._writeLast(self.conn.take())
         self._fail(Failure(ConnectionLost(why)))
         self._close()
 
     def _record(self, code: int, why: str, status: int) -> None:
         """
-        The connection is refused for what the client did (a GOAWAY with an error code): a record of its own
-        for the access log and the metrics, with C{status} for its kind (400 a protocol error, 408 too slow,
-        429 a flood).
+        The connection is refused for what the client did (a GOAWAY with an error code): the records of its
+        streams say why, or, without a stream, a record of its own, for the access log and the metrics, with
+        C{status} for its kind (400 a protocol error, 408 too slow, 429 a flood).
         """
-        name = getattr(code, "name", str(code))
-        error = clientError(status, f"HTTP/2 connection closed with GOAWAY {name}: {why}")
-        self.site.refused(self.connection.peer, error)
+        self._cutOff(clientError(status, f"HTTP/2 connection closed with GOAWAY {_codeName(code)}: {why}"), True)
 
     def _writeLast(self, data: bytes) -> None:
         """Write what is held and C{data}, the connection's last frames, whether the client reads or not."""
@@ -655,25 +604,20 @@ class HTTP2Server:
     def drain(self) -> None:
         """
         Shutdown: GOAWAY now, so the client opens no new stream, and close once the streams in flight
-        have ended.  The GOAWAY is written here, not by h2, whose state machine would then send no more
-        frames at all, so that the streams in flight could not finish.
+        have ended.
         """
         if self._draining or self._closing:
             return
         self._draining = True
+        self.conn.goAway(ErrorCodes.NO_ERROR)
         self._flush()
-        goAway = GoAwayFrame(0)
-        goAway.last_stream_id = self.conn.highest_inbound_stream_id
-        goAway.error_code = h2.errors.ErrorCodes.NO_ERROR
-        self.transport.write(goAway.serialize())
         if not self.streams:
             self._drained()
 
     def _drained(self) -> None:
         """The last stream of a draining connection ended: close it."""
         self._closing = True
-        self.conn.close_connection(last_stream_id=self.conn.highest_inbound_stream_id)
-        self._writeLast(self.conn.data_to_send())
+        self._writeLast(self.conn.take())
         self._close(None)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -686,17 +630,12 @@ class HTTP2Server:
         self._fail(reason)
 
 
-_HANDLERS: dict[type, Callable[[HTTP2Server, Any], None]] = {
-    h2.events.RequestReceived: HTTP2Server._requestReceived,
-    h2.events.DataReceived: HTTP2Server._dataReceived,
-    h2.events.TrailersReceived: HTTP2Server._trailersReceived,
-    h2.events.StreamEnded: HTTP2Server._streamEnded,
-    h2.events.StreamReset: HTTP2Server._streamReset,
-    h2.events.WindowUpdated: HTTP2Server._windowUpdated,
-    h2.events.RemoteSettingsChanged: HTTP2Server._settingsChanged,
-    h2.events.PriorityUpdated: HTTP2Server._priorityUpdated,
-    h2.events.ConnectionTerminated: HTTP2Server._goAwayReceived,
-}
+def _codeName(code: int) -> str:
+    """An HTTP/2 error code's name, or its number if it has none."""
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return str(code)
 
 
 @implementer(IPushProducer)
@@ -755,6 +694,8 @@ class H2Stream:
         for name, value in head.fields:
             add(name, value)
         length = head.length
+        if length is not None:
+            self.server.conn.expect(self.streamID, length)  # a body of another length is a connection error
         if head.protocol is not None:
             # Its DATA is a tunnel's (rproxy.tunnel.h2connect), not a body: held, unacknowledged, until it opens.
             self.extendedConnect = head.protocol
@@ -768,7 +709,7 @@ class H2Stream:
     def _malformed(self, error: ProxyError) -> None:
         """The request is malformed (a 400, not a limit's 431): its response ends with RST_STREAM(PROTOCOL_ERROR)."""
         if error.status == 400:
-            self._resetCode = h2.errors.ErrorCodes.PROTOCOL_ERROR
+            self._resetCode = ErrorCodes.PROTOCOL_ERROR
 
     def dataReceived(self, data: bytes, size: int) -> None:
         if self._paused:
@@ -903,15 +844,12 @@ class H2Stream:
         What the client's flow control lets the stream send now: 0 once h2 has closed the stream, as when a
         RST_STREAM was read with the HEADERS in one read and the request is answered before the reset's event.
         """
-        try:
-            return self.server.conn.local_flow_control_window(self.streamID)
-        except h2.exceptions.StreamClosedError:
-            return 0
+        return max(0, self.server.conn.window(self.streamID) or 0)
 
     def windowOpened(self) -> None:
         """A window opened, or the connection's buffer drained: the producer may go on, and DATA may go."""
         stall = self._stall
-        if stall is not None and self.server.conn.local_flow_control_window(self.streamID) > 0:
+        if stall is not None and (self.server.conn.window(self.streamID) or 0) > 0:
             stall.disarm()
         if self._queue or self._ending:
             self.server.priority.unblock(self.streamID)
@@ -920,19 +858,17 @@ class H2Stream:
             if self._producer is not None:
                 self._producer.resumeProducing()
 
-    def sendHead(self, conn: h2.connection.H2Connection, head: list[Any], end: bool) -> None:
+    def sendHead(self, conn: ServerConnection, head: list[Any], end: bool) -> None:
         """Send a HEADERS frame the stream queued (C{end}: it is the whole response)."""
         if self._done:
             return
-        try:
-            conn.send_headers(self.streamID, head, end_stream=end and self._resetCode is None)
-        except h2.exceptions.ProtocolError:
+        if not conn.sendHeaders(self.streamID, head, end and self._resetCode is None):
             self._abandon()  # the client reset the stream meanwhile
             return
         if end:
             self._ended()
 
-    def sendFrame(self, conn: h2.connection.H2Connection) -> int:
+    def sendFrame(self, conn: ServerConnection) -> int:
         """Send one DATA frame from the queue (the last ends the stream); return what it cost the budget."""
         streamID = self.streamID
         queue = self._queue
@@ -941,11 +877,11 @@ class H2Stream:
             if self._ending:
                 self._end(conn)
             return 1
-        try:
-            window = min(conn.max_outbound_frame_size, conn.local_flow_control_window(streamID))
-        except h2.exceptions.StreamClosedError:
+        window = conn.window(streamID)
+        if window is None:
             self._abandon()  # the client reset it
             return 1
+        window = min(conn.maxFrameSize, window)
         if window <= 0:
             # The client's window is shut: the stream waits for its WINDOW_UPDATE (windowOpened).
             self.server.priority.block(streamID)
@@ -958,9 +894,7 @@ class H2Stream:
         size = len(data)
         self._queuedBytes -= size
         last = not queue and self._ending and self._endTrailers is None
-        try:
-            conn.send_data(streamID, data, end_stream=last and self._resetCode is None)
-        except h2.exceptions.ProtocolError:
+        if not conn.sendData(streamID, data, last and self._resetCode is None):
             self._abandon()
             return 1
         self.server.queued(self, -size)
@@ -976,14 +910,13 @@ class H2Stream:
                 self._producer.resumeProducing()
         return size
 
-    def _end(self, conn: h2.connection.H2Connection) -> None:
+    def _end(self, conn: ServerConnection) -> None:
         """The queue is sent: end the stream, with trailers if there are some."""
-        try:
-            if self._endTrailers is not None:
-                conn.send_headers(self.streamID, self._endTrailers, end_stream=True)
-            elif self._resetCode is None:
-                conn.end_stream(self.streamID)
-        except h2.exceptions.ProtocolError:
+        if self._endTrailers is not None:
+            sent = conn.sendHeaders(self.streamID, self._endTrailers, True)
+        else:
+            sent = self._resetCode is not None or conn.sendData(self.streamID, b"", True)
+        if not sent:
             self._abandon()
             return
         self._ended()
@@ -993,7 +926,7 @@ class H2Stream:
         if self._resetCode is not None:
             self.server._reset(self.streamID, self._resetCode)
         elif not self._clientDone and self._tunnel is None:
-            self.server._reset(self.streamID, h2.errors.ErrorCodes.NO_ERROR)  # RFC 9113 section 8.1
+            self.server._reset(self.streamID, ErrorCodes.NO_ERROR)  # RFC 9113 section 8.1
         self._finish(Failure(ConnectionDone("the stream ended")))
 
     def registerProducer(self, producer: Producer, streaming: bool) -> None:
@@ -1107,7 +1040,7 @@ class H2Stream:
         """Reset the stream (CONNECT_ERROR for a tunnel, RFC 9113 section 8.5; CANCEL otherwise)."""
         if self._done:
             return
-        code = h2.errors.ErrorCodes.CONNECT_ERROR if self._tunnel is not None else h2.errors.ErrorCodes.CANCEL
+        code = ErrorCodes.CONNECT_ERROR if self._tunnel is not None else ErrorCodes.CANCEL
         self.server._reset(self.streamID, code)
         self.server._flush()
         self._finish(Failure(ConnectionLost("the stream was reset")))

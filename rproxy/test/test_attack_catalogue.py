@@ -488,9 +488,13 @@ class H2FloodTests(unittest.TestCase):
         self.assertEqual(response.status, 200, "another client's connection is unaffected")
         logged = "\n".join(self.logs.formatted())
         self.assertIn("ENHANCE_YOUR_CALM", logged)
-        # each connection refused is recorded for the access log, and counted as a flood (429)
-        refused = [(r.status, rejectionReason(r)) for r in self.records.records if r.status != 200]
-        self.assertEqual(refused, [(429, "rate_limit")] * len(rows))
+        # each connection refused is recorded for the access log, and counted as a flood (429); the empty DATA
+        # flood's stream had opened, and its request's record says it was cut off (no response), and why
+        refused = [(r.status, rejectionReason(r), r.reason) for r in self.records.records if r.status != 200]
+        expected = [(429, "rate_limit")] * len(rows)
+        expected[list(rows).index("empty DATA flood")] = (None, "limits")
+        self.assertEqual([(status, reason) for status, reason, _ in refused], expected)
+        self.assertTrue(all("GOAWAY ENHANCE_YOUR_CALM" in why for _, _, why in refused), refused)
 
     async def test_madeYouReset(self) -> None:
         """

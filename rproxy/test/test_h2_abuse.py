@@ -1,5 +1,5 @@
 """
-HTTP/2 clients that try to exhaust the proxy (rproxy/downstream/http2.py, rproxy/downstream/h2frames.py),
+HTTP/2 clients that try to exhaust the proxy (rproxy/downstream/http2.py, rproxy/downstream/h2connection.py),
 over h2c and TLS:
 
  - a client that opens a huge flow-control window and stops reading holds a bounded amount of memory,

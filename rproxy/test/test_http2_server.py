@@ -96,8 +96,14 @@ class PriorKnowledgeTests(unittest.TestCase):
         for piece in (opening[:1], opening[1:9], opening[9:30], opening[30:]):
             client.transport.write(piece)
             await sleep(0.05)
-        self.assertTrue(await waitFor(lambda: b"\x00\x00\x00\x00\x01" in client.received, 5))  # a frame on stream 1
-        events = state.receive_data(bytes(client.received))
+        events: list[Any] = []
+
+        def ended() -> bool:
+            events.extend(state.receive_data(bytes(client.received)))
+            client.received.clear()
+            return any(isinstance(e, h2.events.StreamEnded) for e in events)
+
+        self.assertTrue(await waitFor(ended, 5))
         statuses = [dict(e.headers)[b":status"] for e in events if isinstance(e, h2.events.ResponseReceived)]
         self.assertEqual(statuses, [b"200"])
 
