@@ -164,14 +164,15 @@ def frame(kind: int, flags: int, streamID: int, payload: bytes = b"") -> bytes:
     return _HEADER.pack(len(payload) << 8 | kind, flags, streamID) + payload
 
 
-def _giveBack(processed: int) -> int:
+def _giveBack(processed: int, window: int) -> int:
     """
-    How much of C{processed} bytes, consumed and not yet given back, a WINDOW_UPDATE gives back now: all of it
-    once it is half a default window (one WINDOW_UPDATE per 32 KiB, as h2 and nginx send), else none yet.  A
-    client whose window is shut has had all of it consumed or held: once the protocol reads what it holds, at
-    least half comes back.
+    How much of C{processed} bytes, consumed and not yet given back, a WINDOW_UPDATE gives back now, when the
+    client has C{window} left: all of it once it is half a default window (one WINDOW_UPDATE per 32 KiB, as
+    h2 and nginx send), or once it is 1 KiB and the window is nearly shut; else none yet.
     """
-    return processed if processed >= DEFAULT_WINDOW // 2 else 0
+    if processed >= DEFAULT_WINDOW // 2 or (window < 1024 and processed >= 1024):
+        return processed
+    return 0
 
 
 class ServerConnection:
@@ -194,6 +195,7 @@ class ServerConnection:
     _prefaceDone = False
     _settingsDone = False  # the client's first frame, its SETTINGS, arrived
     _counted = False  # the frame at the start of the buffer was counted when its header arrived
+    _headerBegun = False  # the buffer holds the first bytes of a frame header, counted in started
     _buffered = -1  # the type of the frame at the start of the buffer (-1: none, or its header is incomplete)
     _emptyData = 0
     _continuations = 0
@@ -256,6 +258,7 @@ class ServerConnection:
                 self._counted = True
                 self._buffered = kind
                 break
+            self._headerBegun = False
             self._counted = False
             self._buffered = -1
             payload = data[pos + 9 : pos + 9 + length]
@@ -290,6 +293,11 @@ class ServerConnection:
                 return
         if pos < end:
             self._buffer = data[pos:]
+            if end - pos < 9 and not self._headerBegun and not self._blockStream:
+                # the first bytes of a frame header: something begins here (unless within a header block,
+                # whose deadline runs from its HEADERS), even if it turns out to be DATA
+                self._headerBegun = True
+                self.started += 1
         self.pending = (
             (bool(self._buffer) and self._buffered != DATA) or bool(self._blockStream) or not self._prefaceDone
         )
@@ -307,7 +315,8 @@ class ServerConnection:
             if self._continuations > MAX_CONTINUATIONS:
                 raise H2FloodError(f"a header block of more than {MAX_CONTINUATIONS} CONTINUATION frames")
             return
-        self.started += 1
+        if not self._headerBegun:
+            self.started += 1
         if kind == HEADERS:
             self._continuations = 0
         elif kind == DATA and not length and not flags & END_STREAM:
@@ -318,14 +327,15 @@ class ServerConnection:
     def _headers(self, flags: int, streamID: int, payload: bytes) -> None:
         if not streamID:
             raise H2ConnectionError(ErrorCodes.PROTOCOL_ERROR, "HEADERS on stream 0")
-        if flags & PADDED:
-            payload = _unpadded(payload)
         priority = None
         if flags & PRIORITY_FLAG:
-            if len(payload) < 5:
+            start = 1 if flags & PADDED else 0  # the pad length comes first, then the priority (section 6.2)
+            if len(payload) < start + 5:
                 raise H2ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
-            priority = self._readPriority(streamID, payload)
-            payload = payload[5:]
+            priority = self._readPriority(streamID, payload[start : start + 5])
+            payload = payload[:start] + payload[start + 5 :]
+        if flags & PADDED:
+            payload = _unpadded(payload)
         if flags & END_HEADERS:
             self._headerBlock(streamID, bool(flags & END_STREAM), payload, priority)
             return
@@ -361,6 +371,7 @@ class ServerConnection:
                 return
             if not ended:
                 raise H2ConnectionError(ErrorCodes.PROTOCOL_ERROR, "trailers (a second HEADERS) without END_STREAM")
+            self._checkLength(streamID, stream)
             self._remoteEnded(streamID, stream)
             receiver.trailersReceived(streamID, fields)
             receiver.streamEnded(streamID)
@@ -379,9 +390,12 @@ class ServerConnection:
         if ended:
             stream.remoteOpen = False
         receiver.requestReceived(streamID, fields, ended)
+        if streamID not in self._streams:
+            return  # refused
         if priority is not None:
             receiver.priorityReceived(streamID, *priority)
         if ended:
+            self._checkLength(streamID, stream)
             receiver.streamEnded(streamID)
 
     def _data(self, flags: int, streamID: int, payload: bytes) -> None:
@@ -406,11 +420,8 @@ class ServerConnection:
         ended = flags & END_STREAM
         if stream.expected is not None:
             stream.received += len(data)
-            if stream.received > stream.expected or (ended and stream.received != stream.expected):
-                raise H2ConnectionError(
-                    ErrorCodes.PROTOCOL_ERROR,
-                    f"stream {streamID}'s body is not the {stream.expected} bytes its content-length says",
-                )
+            if stream.received > stream.expected or ended:
+                self._checkLength(streamID, stream)
         if ended:
             self._remoteEnded(streamID, stream)
         self.receiver.bodyReceived(streamID, data, size)
@@ -517,6 +528,7 @@ class ServerConnection:
             raise H2ConnectionError(ErrorCodes.PROTOCOL_ERROR, "GOAWAY on a stream")
         if len(payload) < 8:
             raise H2ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes")
+        self._stopped = True  # the connection ends: what the client sent after its GOAWAY is not read
         self.receiver.goAwayReceived(_GOAWAY.unpack_from(payload)[1])
 
     # -- streams
@@ -554,6 +566,15 @@ class ServerConnection:
             del self._streams[streamID]
             self._remember(streamID, _ENDED)
 
+    def _checkLength(self, streamID: int, stream: _Stream) -> None:
+        """The body so far is not longer than C{content-length} says, nor shorter once the stream ends."""
+        expected = stream.expected
+        if expected is not None and stream.received != expected:
+            raise H2ConnectionError(
+                ErrorCodes.PROTOCOL_ERROR,
+                f"stream {streamID}'s body is not the {expected} bytes its content-length says",
+            )
+
     def expect(self, streamID: int, length: int) -> None:
         """The request on C{streamID} declares a body of C{length} bytes: a client that sends another is refused."""
         stream = self._streams.get(streamID)
@@ -571,7 +592,7 @@ class ServerConnection:
         if stream is None or not stream.remoteOpen:
             return
         stream.unacknowledged += size
-        increment = _giveBack(stream.unacknowledged)
+        increment = _giveBack(stream.unacknowledged, stream.receiveWindow)
         if increment:
             stream.unacknowledged = 0
             stream.receiveWindow += increment
@@ -579,13 +600,18 @@ class ServerConnection:
 
     def _consumed(self, size: int) -> None:
         self._unacknowledged += size
-        increment = _giveBack(self._unacknowledged)
+        increment = _giveBack(self._unacknowledged, self._receiveWindow)
         if increment:
             self._unacknowledged = 0
             self._receiveWindow += increment
             self._out.append(frame(WINDOW_UPDATE, 0, 0, _WORD.pack(increment)))
 
     # -- writing
+
+    @property
+    def openStreams(self) -> int:
+        """Streams open or half-closed, which count against SETTINGS_MAX_CONCURRENT_STREAMS (section 5.1.2)."""
+        return len(self._streams)
 
     def window(self, streamID: int) -> int | None:
         """

@@ -269,16 +269,21 @@ class HTTP2Server:
         self._flush()
 
     def requestReceived(self, streamID: int, fields: list[Any], ended: bool) -> None:
-        if self._draining or len(self.streams) >= self._limits.h2MaxConcurrentStreams:
+        # The streams open count, this one included, and those only the client has still to end (a tunnel's,
+        # after its upstream closed): half-closed streams count too (RFC 9113 section 5.1.2).
+        if self._draining or self.conn.openStreams > self._limits.h2MaxConcurrentStreams:
             # Beyond the limit, or after the GOAWAY of a shutdown: refused, so the client may send it again.
             self._reset(streamID, ErrorCodes.REFUSED_STREAM)
             return
-        stream = H2Stream(self, streamID)
-        self.streams[streamID] = stream
         try:
             self.priority.insert_stream(streamID)
         except priority.DuplicateStreamError:
             pass  # a PRIORITY frame came first, and priorityReceived inserted it
+        except priority.TooManyStreamsError:
+            self._treeFull()
+            return
+        stream = H2Stream(self, streamID)
+        self.streams[streamID] = stream
         self.priority.block(streamID)
         stream.headReceived(fields, ended)
 
@@ -369,13 +374,16 @@ class HTTP2Server:
                 )
                 self.priority.block(streamID)
         except priority.TooManyStreamsError:
-            # PRIORITY frames for streams that never open, each kept in the tree (CVE-2019-9513's churn).
-            _log.warn(
-                "client {client} sent priorities for more streams than the priority tree holds: closed with "
-                "ENHANCE_YOUR_CALM",
-                client=self.connection.peer,
-            )
-            self._goAwayAndClose(ErrorCodes.ENHANCE_YOUR_CALM, "too many streams in the priority tree")
+            self._treeFull()
+
+    def _treeFull(self) -> None:
+        """PRIORITY frames for streams that never open, each kept in the tree (CVE-2019-9513's churn)."""
+        _log.warn(
+            "client {client} sent priorities for more streams than the priority tree holds: closed with "
+            "ENHANCE_YOUR_CALM",
+            client=self.connection.peer,
+        )
+        self._goAwayAndClose(ErrorCodes.ENHANCE_YOUR_CALM, "too many streams in the priority tree")
 
     def goAwayReceived(self, code: int) -> None:
         """The client ends the connection."""
@@ -684,6 +692,9 @@ class H2Stream:
         request = self.request
         request.clientproto = b"HTTP/2"
         head = requestHead(block, self.server.headLimits)
+        if not isinstance(head, ProxyError) and ended and head.length:
+            # RFC 9113 section 8.1.1: no DATA will come to make up the declared length.
+            head = clientError(400, f"content-length {head.length} on a request that ended with its HEADERS")
         if isinstance(head, ProxyError):
             request.method, request.uri = _REFUSED
             self._malformed(head)
@@ -1084,6 +1095,9 @@ class H2Stream:
         self._done = True
         if self._stall is not None:
             self._stall.stop()
+        held, self._held = self._held, None
+        if held:  # DATA nobody will read: the connection's window gets it back (the stream's is gone)
+            self.server._acknowledge(sum(size for _, size in held), self.streamID)
         if self._queuedBytes:
             self.server.queued(self, -self._queuedBytes)
             self._queuedBytes = 0

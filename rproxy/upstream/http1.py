@@ -22,7 +22,7 @@ from twisted.web.http import NO_BODY_CODES
 from zope.interface import implementer
 
 from rproxy import deadline
-from rproxy.errors import ProxyError, upstreamError
+from rproxy.errors import ProxyError, clientError, upstreamError
 from rproxy.framing import ChunkedDecoder, MalformedBodyError, contentLength
 from rproxy.headers import Pairs, hasControl, isToken
 from rproxy.tunnel.sides import TransportSide
@@ -86,6 +86,7 @@ class HTTP11Connection(TwistedProtocol):
         self._responseDone = False
         self._keepAlive = True
         self._chunkedRequest = False
+        self._bodyLeft = 0  # of a request body with a declared length, the bytes still to write
         self._expectBody = True
         self._received = 0
 
@@ -103,6 +104,7 @@ class HTTP11Connection(TwistedProtocol):
         self._expectBody = head.expectsResponseBody
         self._upgrade = bool(head.upgrade)
         self._chunkedRequest = body is not None and head.bodyLength is None
+        self._bodyLeft = head.bodyLength or 0 if body is not None else 0
         self.transport.write(_serialize(head, self._chunkedRequest))
         if body is None:
             self._requestWritten()
@@ -116,8 +118,14 @@ class HTTP11Connection(TwistedProtocol):
             return  # an empty chunk would be the last-chunk marker
         if self._chunkedRequest:
             self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
-        else:
-            self.transport.write(data)
+            return
+        # A body longer or shorter than its Content-Length would desynchronise the connection (the upstream
+        # would read the rest as another request): whatever the client side checked, never on this one.
+        self._bodyLeft -= len(data)
+        if self._bodyLeft < 0:
+            self.failBody(clientError(400, "the request body is longer than its Content-Length"))
+            return
+        self.transport.write(data)
 
     def finishBody(self, trailers: Pairs) -> None:
         """The request body is complete: end its framing, with C{trailers} when it is chunked."""
@@ -128,6 +136,10 @@ class HTTP11Connection(TwistedProtocol):
             self.transport.write(
                 b"0\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in trailers) + b"\r\n"
             )
+        elif self._bodyLeft:
+            short = self._bodyLeft
+            self.failBody(clientError(400, f"the request body ended {short} bytes short of its Content-Length"))
+            return
         self._requestWritten()
 
     def failBody(self, error: ProxyError) -> None:
