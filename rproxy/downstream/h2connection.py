@@ -141,7 +141,7 @@ class FrameReceiver(Protocol):
         """RFC 7540 priority for an open or idle stream (weight 1 to 256)."""
 
     def goAwayReceived(self, code: int) -> None:
-        """The client sent GOAWAY."""
+        """The client sent GOAWAY (an error code but NO_ERROR: nothing more is read)."""
 
 
 class _Stream:
@@ -528,8 +528,10 @@ class ServerConnection:
             raise H2ConnectionError(ErrorCodes.PROTOCOL_ERROR, "GOAWAY on a stream")
         if len(payload) < 8:
             raise H2ConnectionError(ErrorCodes.FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes")
-        self._stopped = True  # the connection ends: what the client sent after its GOAWAY is not read
-        self.receiver.goAwayReceived(_GOAWAY.unpack_from(payload)[1])
+        code = _GOAWAY.unpack_from(payload)[1]
+        if code != ErrorCodes.NO_ERROR:
+            self._stopped = True  # the connection ends: what the client sent after its GOAWAY is not read
+        self.receiver.goAwayReceived(code)
 
     # -- streams
 
@@ -674,6 +676,10 @@ class ServerConnection:
             return
         self._out.append(frame(RST_STREAM, 0, streamID, _WORD.pack(code)))
         self._remember(streamID, _RESET_BY_US)
+
+    def stopReading(self) -> None:
+        """The protocol closes the connection: frames still buffered, or read later, are not read."""
+        self._stopped = True
 
     def goAway(self, code: int) -> None:
         """Send GOAWAY(C{code}) naming the last stream the client opened; frames still buffered are not read."""

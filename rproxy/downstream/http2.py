@@ -386,9 +386,19 @@ class HTTP2Server:
         self._goAwayAndClose(ErrorCodes.ENHANCE_YOUR_CALM, "too many streams in the priority tree")
 
     def goAwayReceived(self, code: int) -> None:
-        """The client ends the connection."""
+        """
+        The client ends the connection: at once for an error, else (NO_ERROR) once the streams it opened are
+        answered (RFC 9113 section 6.8: its GOAWAY names the last stream rproxy opened, and rproxy opens none);
+        a stream it opens after its GOAWAY is refused.
+        """
+        if code == ErrorCodes.NO_ERROR:
+            if not self._draining:
+                self._draining = True
+                if not self.streams:
+                    self._drained()
+            return
         self._closing = True
-        self._fail(Failure(ConnectionLost("the client sent GOAWAY")))
+        self._fail(Failure(ConnectionLost(f"the client sent GOAWAY({_codeName(code)})")))
         self._close()
 
     # -- writing
@@ -601,6 +611,7 @@ class HTTP2Server:
         Close once what is written is sent; reset after C{grace} seconds if still open (C{None}: wait, as
         a shutdown does, which has its own grace period).
         """
+        self.conn.stopReading()
         self._headDeadline.stop()
         self._idleDeadline.stop()
         transport = self.transport

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import h2.errors
 import h2.settings
 import hpack
+import priority
 from twisted.internet import protocol, reactor
 from twisted.internet.interfaces import IDelayedCall
 from twisted.trial import unittest
@@ -496,6 +498,33 @@ class H2FloodTests(unittest.TestCase):
         self.assertEqual([(status, reason) for status, reason, _ in refused], expected)
         self.assertTrue(all("GOAWAY ENHANCE_YOUR_CALM" in why for _, _, why in refused), refused)
 
+    async def test_priorityTreeFullThenHeaders(self) -> None:
+        """
+        The PRIORITY churn of CVE-2019-9513 stopped one short of the tree's limit (999 idle streams and its
+        root fill the 1,000 places), then a request: the stream its HEADERS opens finds no place, and the
+        connection ends with GOAWAY(ENHANCE_YOUR_CALM) as for the churn itself (it used to raise
+        priority's TooManyStreamsError out of the reactor, an unhandled error that dropped the connection).
+        """
+        client = await H2Client.connect(self.proxy.port)
+        self.addCleanup(client.close)
+        client.writeRaw(b"".join(frame(_PRIORITY, 0, 2 * i, struct.pack(">IB", 0, 15)) for i in range(1, 1000)))
+        await sleep(0.2)
+        self.assertFalse(client.closed.called, "the tree holds 999 idle streams")
+        client.writeRaw(frame(_HEADERS, _END_STREAM | _END_HEADERS, 1, _GET))
+        await client.waitUntil(lambda: client.closed.called)
+        self.assertEqual(self.flushLoggedErrors(priority.TooManyStreamsError), [], "raised out of the reactor")
+        assert client.goAway is not None
+        self.assertEqual(client.goAway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertEqual(self.upstream.requests, [])
+        self.assertIn("more streams than the priority tree holds", "\n".join(self.logs.formatted()))
+        await waitFor(lambda: self.records.records, 2)
+        [record] = self.records.records
+        self.assertEqual((record.status, rejectionReason(record)), (429, "rate_limit"))
+        self.assertEqual(
+            record.reason,
+            "HTTP/2 connection closed with GOAWAY ENHANCE_YOUR_CALM: too many streams in the priority tree",
+        )
+
     async def test_madeYouReset(self) -> None:
         """
         MadeYouReset (CVE-2025-8671; Tempesta's analysis, 2025): frames that make the server reset its own
@@ -597,6 +626,26 @@ class EncoderTableTests(unittest.TestCase):
         self.assertEqual(len(response.header(b"x-unique")[0]), 200, "the client decodes what the proxy encodes")
 
 
+class _AnswersHeads(protocol.Protocol):
+    """
+    An upstream that answers each request head as it arrives, reading no body (as a server answering a
+    static file does): a body the proxy sends short of its Content-Length would be made up from the
+    next request's bytes.  It keeps every byte it received.
+    """
+
+    transport: Any
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.answered = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        while self.answered < self.received.count(b"\r\n\r\n"):
+            self.answered += 1
+            self.transport.write(OK)
+
+
 class DowngradeTests(unittest.TestCase):
     """
     HTTP/2 to HTTP/1.1 downgrade injection (PortSwigger, "HTTP/2: the sequel is always worse"): what is
@@ -674,3 +723,65 @@ class DowngradeTests(unittest.TestCase):
         for connection in self.upstream.received:
             self.assertNotIn(b"/smuggled", connection)
         self.assertEqual([request.body for request in self.upstream.requests if request.body], [])
+
+    async def test_lengthWithoutData(self) -> None:
+        """
+        H2.CL with no DATA at all: a HEADERS frame that ends the stream declares ``content-length: 41``.  No
+        DATA can make up the body (RFC 9113 section 8.1.1): the request is malformed, answered 400 on its
+        stream then reset with PROTOCOL_ERROR, and never forwarded.  It used to go upstream with
+        ``Content-Length: 41`` and no body, and an upstream that answers the head at once (here: every
+        head, as it arrives) would have read the first 41 bytes of the next request on its connection as
+        that body, and the rest as a request of the client's making.  The connection goes on: the next
+        stream's request reaches the upstream as it was sent, alone on its connection.
+        """
+        listening, built = serve(self, _AnswersHeads)
+        proxy = startProxy(self, [listening.url], "--upstream-max-connections", "1")
+        client = await H2Client.connect(proxy.port, strict=False)
+        self.addCleanup(client.close)
+        post = [(b":method", b"POST"), (b":path", b"/first"), (b":scheme", b"http"), (b":authority", b"x")]
+        refused = await client.response(client.requestHead([*post, (b"content-length", b"41")], endStream=True))
+        self.assertEqual((refused.status, refused.resetCode), (400, ErrorCodes.PROTOCOL_ERROR))
+        self.assertIn(b"content-length 41 on a request that ended with its HEADERS", refused.data)
+        get = [(b":method", b"GET"), (b":path", b"/next"), (b":scheme", b"http"), (b":authority", b"x")]
+        following = await client.response(client.requestHead([*get, (b"x-pad", b"GET /smuggled HTTP/1.1")]))
+        self.assertEqual((following.status, following.data, following.resetCode), (200, b"ok", None))
+        self.assertFalse(client.closed.called, "the connection goes on")
+        [upstream] = built
+        received = upstream.received
+        head, end, rest = received.partition(b"\r\n\r\n")
+        self.assertEqual((end, rest), (b"\r\n\r\n", b""), f"one head and nothing else: {received!r}")
+        request = ReceivedRequest(head, b"")
+        self.assertEqual(request.requestLine, b"GET /next HTTP/1.1")
+        self.assertEqual(request.headers(b"x-pad"), [b"GET /smuggled HTTP/1.1"])
+        self.assertEqual(request.headers(b"content-length"), [])
+        self.assertEqual(upstream.answered, 1)
+
+    async def test_shortBodyEndedByTrailers(self) -> None:
+        """
+        H2.CL ended by trailers: ``content-length: 10``, DATA of 5 bytes, then trailers that end the stream.
+        The body is short of its length as the stream ends: the connection ends with GOAWAY(PROTOCOL_ERROR),
+        as when DATA ends it short.  The upstream connection, which had the head and the 5 bytes, is
+        closed, not given the next request to complete the body with; the next request gets a connection
+        of its own.
+        """
+        client = await H2Client.connect(self.proxy.port, strict=False)
+        self.addCleanup(client.close)
+        post = [(b":method", b"POST"), (b":path", b"/short"), (b":scheme", b"http"), (b":authority", b"x")]
+        stream = client.requestHead([*post, (b"content-length", b"10")], endStream=False)
+        client.send(stream, b"12345")
+        upstream = self.upstream
+        self.assertTrue(await waitFor(lambda: upstream.connections and upstream.received[0].endswith(b"\r\n12345")))
+        [partial] = upstream.connections
+        client.send(stream, b"", trailers=[(b"x-checksum", b"1")])
+        await client.waitUntil(lambda: client.closed.called, timeout=5)
+        assert client.goAway is not None
+        self.assertEqual(client.goAway.error_code, ErrorCodes.PROTOCOL_ERROR)
+        self.assertTrue(await waitFor(lambda: partial in upstream.lost, 2), "the upstream connection stayed open")
+        response = await self.client.response(self.client.request(b"GET", b"/next"))
+        self.assertEqual((response.status, response.data), (200, b"ok"))
+        self.assertEqual([request.requestLine for request in upstream.requests], [b"GET /next HTTP/1.1"])
+        head, _, body = partial.received.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"POST /short HTTP/1.1\r\n"), head)
+        self.assertEqual(ReceivedRequest(head, b"").headers(b"content-length"), [b"10"])
+        self.assertEqual(body, b"12345", "the partial request's connection carried nothing more")
+        self.assertTrue(upstream.received[1].startswith(b"GET /next HTTP/1.1\r\n"))

@@ -7,7 +7,10 @@ over h2c and TLS:
  - a broken frame ends the connection with the error code RFC 9113 and RFC 7541 name, and the connection
    closes even over TLS, where a client that does not answer the close would otherwise hold it open;
  - a frame or header block trickled a byte at a time gets the header timeout, and PING frames do not
-   keep an idle connection open.
+   keep an idle connection open;
+ - what a client leaves behind is accounted for: the DATA a refused tunnel held goes back to the
+   connection's window, tunnels the upstream closed count against SETTINGS_MAX_CONCURRENT_STREAMS while
+   the client keeps its side open, and nothing sent after the client's GOAWAY is read.
 """
 
 from __future__ import annotations
@@ -16,17 +19,20 @@ import struct
 from typing import Any
 
 import h2.errors
+import h2.settings
 import hpack
 from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.trial import unittest
+from wsproto.utilities import generate_accept_token
 
 from rproxy.downstream.http2 import CLOSE_GRACE, CONNECTION_BUFFER, STREAM_BUFFER
 from rproxy.test.certs import listenSiteTLS
 from rproxy.test.h2client import H2Client
-from rproxy.test.support import LogCapture, ScriptedUpstream, sleep, startProxy, trickle, waitFor
+from rproxy.test.support import LogCapture, ReceivedRequest, ScriptedUpstream, sleep, startProxy, trickle, waitFor
 from rproxy.test.test_observe_record import Recorder
 from rproxy.test.test_streaming import MiB, _LargeUpstream, serve
+from rproxy.test.test_websocket_h2 import WEBSOCKET
 
 _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 ErrorCodes = h2.errors.ErrorCodes
@@ -302,3 +308,141 @@ class SlowClientTests(unittest.TestCase):
         slow.connections[0].transport.write(_OK)
         response = await client.response(stream)
         self.assertEqual((response.status, response.data), (200, b"ok"))
+
+
+def _switchAndClose(proto: Any, request: ReceivedRequest) -> bytes:
+    """An upstream that completes a WebSocket handshake (101) and closes its connection at once."""
+    [key] = request.headers(b"sec-websocket-key")
+    proto.transport.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + generate_accept_token(key) + b"\r\n\r\n"
+    )
+    proto.transport.loseConnection()
+    return b""
+
+
+class LeftoverTests(unittest.TestCase):
+    """What a client's streams leave behind when they end: windows, stream slots, frames after a GOAWAY."""
+
+    async def test_refusedTunnelGivesWindowBack(self) -> None:
+        """
+        An extended CONNECT's DATA waits, unacknowledged, until its tunnel opens.  When the upstream refuses
+        it, the 48 KiB it held are given back to the connection's window (the stream's is gone with it), so
+        that a 40 KiB upload sent next, within flow control, goes through whole.  They used to be kept: the
+        connection had 16 KiB of window left for ever, and the upload stalled.
+        """
+        refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope"
+        upstream = ScriptedUpstream(self, lambda proto, request: refusal if request.headers(b"upgrade") else _OK)
+        proxy = startProxy(self, [upstream.url])
+        client = await H2Client.connect(proxy.port)
+        self.addCleanup(client.close)
+        tunnel = client.request(b"CONNECT", b"/socket", WEBSOCKET, endStream=False)
+        client.send(tunnel, b"x" * 3 * 16384)  # with the HEADERS: within both windows of 65,535
+        self.assertEqual(client.conn.outbound_flow_control_window, 65535 - 3 * 16384)
+        refused = await client.response(tunnel)
+        self.assertEqual((refused.status, refused.data), (403, b"nope"))
+        await client.waitUntil(lambda: client.conn.outbound_flow_control_window == 65535, timeout=5)
+        body = bytes(range(256)) * 160
+        upload = client.request(b"POST", b"/upload", [(b"content-length", b"%d" % len(body))], endStream=False)
+        client.send(upload, body, endStream=True)
+        response = await client.response(upload, timeout=5)
+        self.assertEqual((response.status, response.data), (200, b"ok"))
+        self.assertEqual(
+            [request.requestLine for request in upstream.requests], [b"GET /socket HTTP/1.1", b"POST /upload HTTP/1.1"]
+        )
+        self.assertEqual(upstream.requests[1].body, body)
+
+    async def test_halfClosedTunnelsCount(self) -> None:
+        """
+        Tunnels the upstream closed at once (101, then its close: END_STREAM to the client), whose client
+        never ends its side: each stream stays half-closed, and counts against
+        SETTINGS_MAX_CONCURRENT_STREAMS (RFC 9113 section 5.1.2), so that past the limit new streams are
+        refused (REFUSED_STREAM, never sent upstream).  They used to be forgotten once the proxy's side
+        ended, and a client could hold any number of streams open.
+        """
+        limit = 3
+        upstream = ScriptedUpstream(self, _switchAndClose)
+        proxy = startProxy(self, [upstream.url], "--h2-max-concurrent-streams", str(limit))
+        client = await H2Client.connect(proxy.port)
+        self.addCleanup(client.close)
+        assert client.remoteSettings is not None
+        self.assertEqual(client.remoteSettings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS], limit)
+        # Make the client's h2 ignore the announced limit, to see the proxy enforce it.
+        client.conn.remote_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+                h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
+            },
+        )
+        outcomes = []
+        for _ in range(3 * limit):
+            record = await client.response(client.request(b"CONNECT", b"/ws", WEBSOCKET, endStream=False), timeout=5)
+            outcomes.append((record.status, record.ended, record.resetCode))
+        accepted, refused = (200, True, None), (None, False, ErrorCodes.REFUSED_STREAM)
+        self.assertEqual(outcomes, [accepted] * limit + [refused] * 2 * limit)
+        self.assertEqual(len(upstream.requests), limit)
+        self.assertIsNone(client.goAway)
+
+    async def test_gracefulGoAway(self) -> None:
+        """
+        A client's GOAWAY(NO_ERROR) after its request: the request is still answered (RFC 9113 section 6.8:
+        the GOAWAY names the last stream rproxy opened, none), then the connection closes; a stream the
+        client opens after its GOAWAY is refused (REFUSED_STREAM), never routed; a GOAWAY with an error code
+        ends the connection and its streams at once.
+        """
+        upstream = ScriptedUpstream(self, lambda proto, request: b"" if b" /hang " in request.requestLine else _OK)
+        proxy = startProxy(self, [upstream.url])
+        goAway = frame(_GOAWAY, 0, 0, struct.pack(">II", 0, 0))
+        client = await H2Client.connect(proxy.port)
+        self.addCleanup(client.close)
+        answered = client.request(b"GET", b"/before")
+        client.writeRaw(goAway)
+        response = await client.response(answered)
+        self.assertEqual((response.status, response.data), (200, b"ok"))
+        await client.waitUntil(lambda: client.closed.called, timeout=5)
+
+        other = await H2Client.connect(proxy.port)
+        self.addCleanup(other.close)
+        slow = other.request(b"GET", b"/hang")
+        self.assertTrue(await waitFor(lambda: len(upstream.requests) == 2))
+        other.writeRaw(goAway)
+        late = other.request(b"GET", b"/late")
+        self.assertEqual((await other.response(late)).resetCode, ErrorCodes.REFUSED_STREAM)
+        self.assertFalse(other.closed.called, "the stream in flight keeps the connection")
+        other.writeRaw(frame(_GOAWAY, 0, 0, struct.pack(">II", 0, ErrorCodes.INTERNAL_ERROR)))
+        await other.waitUntil(lambda: other.closed.called, timeout=5)
+        self.assertFalse(other.streams[slow].ended)
+        lines = [request.requestLine for request in upstream.requests]
+        self.assertEqual(lines, [b"GET /before HTTP/1.1", b"GET /hang HTTP/1.1"])
+
+    async def test_headersAfterGoAway(self) -> None:
+        """
+        A client's GOAWAY, and a HEADERS frame after it in the same write: the connection ends, and what
+        followed the GOAWAY is not read, so the request is never routed: no record of it, nothing upstream
+        (where an idle connection waits in the pool, to which a request routed would be handed at once).  It
+        used to be read and routed on the closing connection, its exchange begun, then cancelled as the
+        connection went.
+        """
+        upstream = ScriptedUpstream(self, lambda proto, request: _OK)
+        proxy = startProxy(self, [upstream.url])
+        records = Recorder()
+        proxy.site.observers.append(records)
+        logs = LogCapture(self)
+        other = await H2Client.connect(proxy.port)
+        self.addCleanup(other.close)
+        first = await other.response(other.request(b"GET", b"/first"))
+        self.assertEqual(first.status, 200)
+        client = await H2Client.connect(proxy.port)
+        self.addCleanup(client.close)
+        block = hpack.Encoder().encode(
+            [(b":method", b"GET"), (b":path", b"/after-goaway"), (b":scheme", b"http"), (b":authority", b"x")]
+        )
+        client.writeRaw(frame(_GOAWAY, 0, 0, struct.pack(">II", 0, 0)) + frame(_HEADERS, 5, 1, block))
+        await client.waitUntil(lambda: client.closed.called, timeout=5)
+        await sleep(0.2)
+        self.assertEqual([record.target for record in records.records], [b"/first"])
+        self.assertNotIn("after-goaway", "\n".join(logs.formatted()))
+        self.assertEqual([request.requestLine for request in upstream.requests], [b"GET /first HTTP/1.1"])
+        self.assertNotIn(b"/after-goaway", b"".join(upstream.received))
+        self.assertEqual(len(upstream.connections), 1)

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from twisted.internet import reactor
-from twisted.trial import unittest
+from typing import Any
 
-from rproxy.test.support import ReceivedRequest, ScriptedUpstream, rawRequest, startProxy
+from twisted.internet import reactor
+from twisted.internet.interfaces import IPushProducer
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from rproxy.downstream.body import RequestBodyPipe
+from rproxy.errors import ProxyError
+from rproxy.headers import Pairs
+from rproxy.test.support import ReceivedRequest, ScriptedUpstream, rawRequest, startProxy, waitFor
+from rproxy.upstream.connection import Delivery, RequestHead
 from rproxy.upstream.http1 import _FIELD
+from rproxy.upstream.settings import PoolSettings
+from rproxy.upstream.upstreams import Upstream
 
 
 def trickle(response: bytes, close: bool = False):  # type: ignore[no-untyped-def]
@@ -124,3 +134,103 @@ class FieldLineTests(unittest.TestCase):
         """A line that is not a field as a whole matches nothing (the parse takes the slow path)."""
         for line in (b"no colon\r\n", b"bad name: v\r\n", b" folded: v\r\n", b"N: a\x00b\r\n", b"N: a\rb\r\n"):
             self.assertEqual(_FIELD.findall(line), [], line)
+
+
+@implementer(IPushProducer)
+class _Source:
+    """The client's side of a request body pipe, which the test feeds by hand: pausing it does nothing."""
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _Outcome:
+    """A response receiver that keeps how the exchange ended."""
+
+    def __init__(self) -> None:
+        self.failure: ProxyError | None = None
+        self.done = False
+
+    def responseInterim(self, status: int, headers: Pairs) -> None:
+        pass
+
+    def responseHead(self, version: bytes, status: int, reason: bytes, headers: Pairs, hasBody: bool) -> None:
+        pass
+
+    def responseData(self, data: bytes) -> None:
+        pass
+
+    def responseDone(self, trailers: Pairs) -> None:
+        self.done = True
+
+    def responseSwitched(self, headers: Pairs, side: Any) -> None:
+        pass
+
+    def responseFailed(self, error: ProxyError, delivery: Delivery) -> None:
+        self.failure = error
+
+
+#: What the client sends after its declared body, in the longer case: a request of its own making.
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class RequestBodyLengthTests(unittest.TestCase):
+    """
+    L{rproxy.upstream.http1.HTTP11Connection}'s backstop, whatever the client side checked: a request body
+    longer or shorter than the Content-Length its head declared fails the exchange (400) and aborts the
+    upstream connection, so the upstream never reads the excess as a request, nor the next request as the
+    rest of the body.
+    """
+
+    async def exchange(self, declared: int, first: bytes) -> tuple[RequestBodyPipe, _Outcome, ScriptedUpstream]:
+        """
+        A POST of C{declared} bytes on a connection of a pool, to an upstream that never answers, its body's
+        C{first} bytes received by the upstream.
+        """
+        upstream = ScriptedUpstream(self, lambda proto, request: b"")
+        pool = Upstream.fromURL(upstream.url, reactor, PoolSettings()).pool
+        self.addCleanup(pool.drain)
+        connection = await pool.acquire()
+        pipe = RequestBodyPipe(_Source(), declared)
+        outcome = _Outcome()
+        connection.sendRequest(
+            RequestHead(b"POST", b"/b", b"x", b"http", [], bodyLength=declared, hasBody=True), pipe, outcome
+        )
+        pipe.dataReceived(first)
+        self.assertTrue(await waitFor(lambda: upstream.received and upstream.received[0].endswith(b"\r\n\r\n" + first)))
+        self.assertIn(b"\r\nContent-Length: %d\r\n" % declared, upstream.received[0])
+        return pipe, outcome, upstream
+
+    async def test_longer(self) -> None:
+        """Bytes past the declared length are not written: the upstream sees the declared request, then a close."""
+        pipe, outcome, upstream = await self.exchange(5, b"hello")
+        pipe.dataReceived(SMUGGLED)
+        self.assertTrue(await waitFor(lambda: upstream.lost, 2), "the upstream connection stayed open")
+        assert outcome.failure is not None
+        self.assertEqual(
+            (outcome.failure.status, outcome.failure.reason),
+            (400, "the request body is longer than its Content-Length"),
+        )
+        self.assertEqual([request.requestLine for request in upstream.requests], [b"POST /b HTTP/1.1"])
+        self.assertEqual(upstream.requests[0].body, b"hello")
+        self.assertNotIn(b"/smuggled", upstream.received[0])
+
+    async def test_shorter(self) -> None:
+        """A body that ends short is never completed on the connection: it is aborted, the request incomplete."""
+        pipe, outcome, upstream = await self.exchange(10, b"12345")
+        pipe.finish()
+        self.assertTrue(await waitFor(lambda: upstream.lost, 2), "the upstream connection stayed open")
+        assert outcome.failure is not None
+        self.assertEqual(
+            (outcome.failure.status, outcome.failure.reason),
+            (400, "the request body ended 5 bytes short of its Content-Length"),
+        )
+        self.assertFalse(outcome.done)
+        self.assertEqual(upstream.requests, [])
+        self.assertTrue(upstream.received[0].endswith(b"\r\n\r\n12345"))
