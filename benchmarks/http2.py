@@ -3,7 +3,10 @@ The HTTP/2 part of ``make bench``: rproxy and nginx as HTTP/2 proxies, loaded wi
 
 Each proxy listens twice, h2c (prior knowledge) on one port and TLS with ALPN on another, in front of
 the same nginx origin (HTTP/1.1).  h2load loads each listener with the same settings; rproxy is also
-loaded over HTTP/1.1 with h2load (``--h1``), so that its HTTP/2 and HTTP/1.1 figures come from one tool.
+loaded over HTTP/1.1 with h2load (``--h1``), in cleartext and over TLS, so that its HTTP/2 and HTTP/1.1
+figures come from one tool: each HTTP/2 run's ratio to HTTP/1.1 in cleartext (what a request costs over
+HTTP/2 against the cheapest way rproxy serves it) and, for a TLS run, to HTTP/1.1 over TLS (HTTP/2's own
+cost, TLS's being in both).
 """
 
 from __future__ import annotations
@@ -200,9 +203,11 @@ def measure_http2(bench: Bench, name: str, cert: Path, key: Path) -> dict[str, A
         listeners = {"h2c": f"http://{HOST}:{plainPort}", "h2 TLS": f"https://{HOST}:{tlsPort}"}
         if name in RPROXY_VARIANTS:
             listeners["h1"] = f"http://{HOST}:{plainPort}"
+            listeners["h1 TLS"] = f"https://{HOST}:{tlsPort}"
         for listener, base in listeners.items():
+            http1 = listener.startswith("h1")
             for shape in SHAPES:
-                if listener == "h1" and shape.streams > 1:
+                if http1 and shape.streams > 1:
                     continue  # HTTP/1.1 has no multiplexing (h2load would pipeline)
                 label = f"{listener} {shape.name}"
                 print(f"  {name}: h2load {label} ...", flush=True)
@@ -213,7 +218,7 @@ def measure_http2(bench: Bench, name: str, cert: Path, key: Path) -> dict[str, A
                     settings.duration,
                     settings.warmup,
                     settings.load_cpu,
-                    http1=listener == "h1",
+                    http1=http1,
                 )
                 if load.failed or load.requests == 0:
                     raise BenchError(f"{name} {label}: {load.failed} of {load.requests} requests failed")
@@ -224,26 +229,32 @@ def measure_http2(bench: Bench, name: str, cert: Path, key: Path) -> dict[str, A
 
 
 def add_http2_ratios(results: dict[str, dict[str, Any]]) -> None:
-    """Add to each rproxy row's runs the ratio to nginx's same run, and to that row's own HTTP/1.1 run."""
+    """
+    Add to each rproxy row's runs the ratio to nginx's same run, to that row's own HTTP/1.1 run in cleartext,
+    and for a TLS run to its HTTP/1.1 run over TLS.
+    """
     nginx = results.get("nginx", {})
     for name, mine in results.items():
         if name not in RPROXY_VARIANTS:
             continue
         h1 = mine.get("h1 50x1", {}).get("rps")
+        h1TLS = mine.get("h1 TLS 50x1", {}).get("rps")
         for label, run in mine.items():
             if not isinstance(run, dict) or "rps" not in run:
                 continue
             theirs = nginx.get(label, {}).get("rps") if isinstance(nginx.get(label), dict) else None
             run["vs_nginx"] = round(run["rps"] / theirs, 2) if theirs else None
             run["vs_rproxy_h1"] = round(run["rps"] / h1, 2) if h1 else None
+            tls = label.startswith("h2 TLS") and h1TLS
+            run["vs_rproxy_h1_tls"] = round(run["rps"] / h1TLS, 2) if tls else None
 
 
 def format_http2_table(results: dict[str, dict[str, Any]]) -> str:
     """The HTTP/2 table: one row per proxy and run."""
-    rows = [("proxy", "run", "req/s", "mean ms", "failed", "x nginx", "x own h1")]
+    rows = [("proxy", "run", "req/s", "mean ms", "failed", "x nginx", "x own h1", "x own h1 TLS")]
     for name, result in results.items():
         if "error" in result:
-            rows.append((name, "FAILED", result["error"].splitlines()[0][:60], "", "", "", ""))
+            rows.append((name, "FAILED", result["error"].splitlines()[0][:60], "", "", "", "", ""))
             continue
         for label, run in result.items():
             if not isinstance(run, dict) or "rps" not in run:
@@ -257,6 +268,7 @@ def format_http2_table(results: dict[str, dict[str, Any]]) -> str:
                     str(run["failed"] + run["non_2xx"]),
                     "-" if run.get("vs_nginx") is None else f"{run['vs_nginx']:.2f}",
                     "-" if run.get("vs_rproxy_h1") is None else f"{run['vs_rproxy_h1']:.2f}",
+                    "-" if run.get("vs_rproxy_h1_tls") is None else f"{run['vs_rproxy_h1_tls']:.2f}",
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

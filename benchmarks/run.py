@@ -719,7 +719,8 @@ def main() -> int:
         print()
         print(
             "HTTP/2 (h2load on 1KiB.bin; runs named listener + connections x streams; "
-            "x nginx = same run through nginx; x own h1 = the same rproxy's h2load --h1 50x1)"
+            "x nginx = same run through nginx; x own h1 = the same rproxy's h2load --h1 50x1; "
+            "x own h1 TLS = its h2load --h1 50x1 over TLS)"
         )
         print(format_http2_table(http2))
         print(f"load: {report['http2']['load_command']} (and -c10 -m10)")

@@ -268,6 +268,9 @@ class FieldDecoder(hpack.Decoder):
     C{max_header_list_size} and C{max_allowed_table_size}.
     """
 
+    _lastBlock: bytes | None = None  # the latest block of indexed fields only, while the table is unchanged
+    _lastFields: list[HeaderTuple] = []  # its fields
+
     def __init__(self, max_header_list_size: int = 65536) -> None:
         super().__init__(max_header_list_size)
         self.max_allowed_table_size = MAX_TABLE_SIZE
@@ -285,6 +288,7 @@ class FieldDecoder(hpack.Decoder):
     @header_table_size.setter
     def header_table_size(self, value: int) -> None:
         self._maxSize = value
+        self._lastBlock = None
         self._evict(value)
 
     def decode(self, data: bytes, raw: bool = False) -> list[HeaderTuple]:
@@ -292,10 +296,16 @@ class FieldDecoder(hpack.Decoder):
         The fields of the field block C{data}, as L{hpack.HeaderTuple}s (L{hpack.NeverIndexedHeaderTuple}s for
         never-indexed literals) of bytes, or with C{raw} false of text decoded as UTF-8.
 
+        A block of indexed fields only, the same as the latest one while the table has not changed, decodes
+        to the very same list (a client that repeats a request sends such blocks, a byte per field): callers
+        must not change it.
+
         @raise hpack.HPACKDecodingError: (or one of its subclasses) for a block that cannot be decoded.
         @raise hpack.OversizedHeaderListError: for a header list larger than C{max_header_list_size}.
         """
         data = bytes(data)
+        if raw and data == self._lastBlock:
+            return self._lastFields
         fields: list[HeaderTuple] = []
         listSize, limit, position, end = 0, self.max_header_list_size, 0, len(data)
         while position < end:
@@ -326,6 +336,8 @@ class FieldDecoder(hpack.Decoder):
         if self._maxSize > self.max_allowed_table_size:
             raise hpack.InvalidTableSizeError("Encoder did not shrink table size to within the max")
         if raw:
+            if not data.translate(None, _SHORT_INDEXES):  # indexed fields only (an index below 127 each)
+                self._lastBlock, self._lastFields = data, fields
             return fields
         try:
             return [field.__class__(field[0].decode("utf-8"), field[1].decode("utf-8")) for field in fields]
@@ -368,6 +380,7 @@ class FieldDecoder(hpack.Decoder):
         return decoded, stop
 
     def _insert(self, field: HeaderTuple) -> None:
+        self._lastBlock = None  # the indexes mean other fields now
         size = len(field[0]) + len(field[1]) + _ENTRY_OVERHEAD
         self._evict(self._maxSize - size)  # a field larger than the table empties it (section 4.4)
         if size <= self._maxSize:
@@ -379,6 +392,10 @@ class FieldDecoder(hpack.Decoder):
         while self._size > room and entries:
             name, value = entries.popleft()
             self._size -= len(name) + len(value) + _ENTRY_OVERHEAD
+
+
+#: The bytes of an indexed field with an index below 127, a field a byte (RFC 7541 section 6.1).
+_SHORT_INDEXES = bytes(range(0x81, 0xFF))
 
 
 def _readInteger(data: bytes, position: int, bits: int) -> tuple[int, int]:

@@ -56,7 +56,7 @@ from zope.interface import implementer
 from rproxy import deadline
 from rproxy.downstream import h2connection
 from rproxy.downstream.h2connection import H2ConnectionError, H2FloodError, ServerConnection
-from rproxy.downstream.h2request import HeadLimits, requestHead, trailerProblem
+from rproxy.downstream.h2request import H2RequestHead, HeadLimits, requestHead, trailerProblem
 from rproxy.errors import ProxyError, clientError
 from rproxy.headers import Pairs, allowedTrailers, hasControl, isToken
 
@@ -203,6 +203,8 @@ class HTTP2Server:
     _draining = False  # GOAWAY sent for shutdown: close once the last stream ends
     _closer: Any = None  # resets the connection if the client does not let it close
     _idleSince = 0.0  # when the last stream ended (or the connection began)
+    _lastBlock: list[Any] | None = None  # the latest request field block, and what it asks for
+    _lastHead: H2RequestHead | ProxyError
 
     def __init__(self, connection: ClientConnection) -> None:
         self.connection = connection
@@ -286,6 +288,17 @@ class HTTP2Server:
         self.streams[streamID] = stream
         self.priority.block(streamID)
         stream.headReceived(fields, ended)
+
+    def requestHead(self, block: list[Any]) -> H2RequestHead | ProxyError:
+        """
+        The request C{block} asks for (L{rproxy.downstream.h2request.requestHead}): the latest one again when
+        the decoder gave the very same block again (a repeated request's, see L{FieldDecoder.decode}).
+        """
+        if block is self._lastBlock:
+            return self._lastHead
+        head = requestHead(block, self.headLimits)
+        self._lastBlock, self._lastHead = block, head
+        return head
 
     def bodyReceived(self, streamID: int, data: bytes, size: int) -> None:
         stream = self.streams.get(streamID)
@@ -702,7 +715,7 @@ class H2Stream:
         """Give the request its head (routing it), or the reason it is refused; C{ended}: there is no body."""
         request = self.request
         request.clientproto = b"HTTP/2"
-        head = requestHead(block, self.server.headLimits)
+        head = self.server.requestHead(block)
         if not isinstance(head, ProxyError) and ended and head.length:
             # RFC 9113 section 8.1.1: no DATA will come to make up the declared length.
             head = clientError(400, f"content-length {head.length} on a request that ended with its HEADERS")

@@ -126,6 +126,19 @@ def decodeWith(decoder: hpack.Decoder, block: bytes) -> Any:
         return "error"
 
 
+#: Blocks a client may repeat, and the blocks that change the table between them: indexed fields only
+#: (dynamic entries 62 and 63 among them), literals inserted, a size update to 0 and back.
+_REPEATED = [
+    b"\xbe",
+    b"\x82\xbe\xbf",
+    b"\x82\x84\x86",
+    b"\x40\x01a\x01b",
+    b"\x40\x01c\x01d",
+    b"\x7e\x01e",
+    b"\x20\x3f\xe1\x1f",
+]
+
+
 class DecoderTests(unittest.TestCase):
     """L{FieldDecoder} reads what the library reads, and refuses what it refuses."""
 
@@ -162,6 +175,26 @@ class DecoderTests(unittest.TestCase):
             else:
                 blocks.append(encoder.encode([asInput(*field) for field in step], huffman=huffman))
         self.assertSameReading(blocks)
+
+    @settings(max_examples=300, derandomize=True, database=None, deadline=timedelta(seconds=5))
+    @given(st.lists(st.sampled_from(_REPEATED), min_size=1, max_size=12))
+    def test_repeatedBlocks(self, blocks: list[bytes]) -> None:
+        """
+        A block of indexed fields only, repeated, decodes as the library does however the table changed in
+        between (an insertion renumbers the entries, a size update evicts them): the decoder's memory of the
+        latest such block never outlives the table it was read with.
+        """
+        self.assertSameReading(blocks)
+
+    def test_repeatedBlockSameList(self) -> None:
+        """The same block of indexed fields, the table unchanged, is the very same list (read once)."""
+        decoder = FieldDecoder()
+        decoder.decode(b"\x40\x01a\x01b", True)
+        first = decoder.decode(b"\x82\xbe", True)
+        self.assertIs(decoder.decode(b"\x82\xbe", True), first)
+        self.assertEqual(first, [(b":method", b"GET"), (b"a", b"b")])
+        decoder.decode(b"\x40\x01c\x01d", True)
+        self.assertEqual(decoder.decode(b"\x82\xbe", True), [(b":method", b"GET"), (b"c", b"d")])
 
     def test_refused(self) -> None:
         """Each of RFC 7541's decoding errors is an HPACK error."""
