@@ -495,6 +495,10 @@ class ServerConnection:
         if self._streams.pop(streamID, None) is None:
             if self._idle(streamID):
                 raise H2ConnectionError(ErrorCodes.PROTOCOL_ERROR, f"RST_STREAM on idle stream {streamID}")
+            if streamID in self._closed:
+                # Closed already, maybe reset by rproxy: what the client sends on it after its own reset was
+                # not in flight, whatever crossed it (TCP keeps the client's order).
+                self._closed[streamID] = _RESET_BY_CLIENT
             return
         self._remember(streamID, _RESET_BY_CLIENT)
         self.receiver.streamReset(streamID, _WORD.unpack(payload)[0])

@@ -959,7 +959,11 @@ class H2Stream:
     def _ended(self) -> None:
         """The response is out: stop the client sending a body nobody reads, and forget the stream."""
         if self._resetCode is not None:
+            # A malformed request's reset spends a token of the Rapid Reset budget, as the client's own
+            # would (MadeYouReset: malformed trailers would otherwise start and cancel upstream requests
+            # without bound).
             self.server._reset(self.streamID, self._resetCode)
+            self.server._spendResetToken()
         elif not self._clientDone and self._tunnel is None:
             self.server._reset(self.streamID, ErrorCodes.NO_ERROR)  # RFC 9113 section 8.1
         self._finish(Failure(ConnectionDone("the stream ended")))

@@ -447,6 +447,26 @@ class H2FloodTests(unittest.TestCase):
         assert client.goAway is not None
         return client.goAway.error_code
 
+    async def test_malformedTrailers(self) -> None:
+        """
+        Malformed trailers (MadeYouReset by another frame): each request is answered 400 and reset with
+        PROTOCOL_ERROR after its upstream request began, and each such reset spends the Rapid Reset budget:
+        past the burst of 10, GOAWAY(ENHANCE_YOUR_CALM).
+        """
+        client = await H2Client.connect(self.proxy.port, strict=False)
+        self.addCleanup(client.close)
+        head = [(b":method", b"POST"), (b":path", b"/hang"), (b":scheme", b"http"), (b":authority", b"x")]
+        for _ in range(30):
+            if client.goAway is not None or client.closed.called:
+                break
+            stream = client.requestHead(head, endStream=False)
+            client.send(stream, b"x", trailers=[(b":path", b"/smuggled")])
+            await client.response(stream, timeout=5)
+        await client.waitUntil(lambda: client.closed.called, timeout=10)
+        assert client.goAway is not None
+        self.assertEqual(ErrorCodes(client.goAway.error_code), ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertLessEqual(client.goAway.last_stream_id, 2 * 12 - 1, "more than the budget went through")
+
     async def test_bombs(self) -> None:
         # A 4000-byte value entered in the dynamic table once, then referenced by a one-byte index.
         entry = hpack.Encoder().encode([(b"x-a", b"a" * 4000)])

@@ -612,6 +612,17 @@ class ClosedStreamTests(ConnectionTestCase):
         self.conn.receive(request(3, block=encoder.encode([*REQUEST, (b"x-new", b"1")])))  # trailers decoded
         self.assertEqual(self.receiver.calls, [("request", 3, [*REQUEST, (b"x-new", b"1")], True), ("ended", 3)])
 
+    def test_resetByUsThenByClient(self) -> None:
+        """
+        Once the client's own RST_STREAM arrives for a stream rproxy reset, what follows on it was sent after
+        that reset, never in flight (h2spec's "closed: Sends a HEADERS frame after sending RST_STREAM
+        frame" when rproxy answered first): STREAM_CLOSED.
+        """
+        self.connect(1)
+        self.conn.resetStream(1, ErrorCodes.NO_ERROR)
+        self.conn.receive(frame(RST_STREAM, 0, 1, word(ErrorCodes.CANCEL)))
+        self.assertConnectionError(ErrorCodes.STREAM_CLOSED, request(1))
+
     def test_closedNormally(self) -> None:
         """DATA or HEADERS on a stream closed by both ends, or reset by the client: STREAM_CLOSED."""
         for data in [frame(DATA, 0, 1, b"x"), request(1)]:
