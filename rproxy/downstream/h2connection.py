@@ -568,7 +568,11 @@ class ServerConnection:
 
     def _remoteEnded(self, streamID: int, stream: _Stream) -> None:
         stream.remoteOpen = False
-        if not stream.localOpen:
+        self._closeIfEnded(streamID, stream)
+
+    def _closeIfEnded(self, streamID: int, stream: _Stream) -> None:
+        """The stream closes once both sides ended it."""
+        if not stream.localOpen and not stream.remoteOpen:
             del self._streams[streamID]
             self._remember(streamID, _ENDED)
 
@@ -646,7 +650,8 @@ class ServerConnection:
                 self._out.append(frame(CONTINUATION, 0, streamID, chunk))
             self._out.append(frame(CONTINUATION, END_HEADERS, streamID, chunks[-1]))
         if end:
-            self._localEnded(streamID, stream)
+            stream.localOpen = False
+            self._closeIfEnded(streamID, stream)
         return True
 
     def sendData(self, streamID: int, data: bytes, end: bool) -> bool:
@@ -665,14 +670,9 @@ class ServerConnection:
         if size:
             out.append(data)
         if end:
-            self._localEnded(streamID, stream)
+            stream.localOpen = False
+            self._closeIfEnded(streamID, stream)
         return True
-
-    def _localEnded(self, streamID: int, stream: _Stream) -> None:
-        stream.localOpen = False
-        if not stream.remoteOpen:
-            del self._streams[streamID]
-            self._remember(streamID, _ENDED)
 
     def resetStream(self, streamID: int, code: int) -> None:
         """Reset C{streamID} with C{code}, unless it is closed already."""
