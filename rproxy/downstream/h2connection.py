@@ -206,7 +206,8 @@ class ServerConnection:
     def __init__(self, receiver: FrameReceiver, settings: dict[int, int]) -> None:
         """
         @param settings: what rproxy's SETTINGS frame announces beyond the defaults (the values are not
-            enforced here: L{maxConcurrentStreams} and header list sizes are the protocol's).
+            enforced here: the concurrent streams, against L{openStreams}, and the header list sizes are the
+            protocol's).
         """
         self.receiver = receiver
         self.encoder = FieldEncoder()
