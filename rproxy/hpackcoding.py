@@ -268,7 +268,7 @@ class FieldDecoder(hpack.Decoder):
     C{max_header_list_size} and C{max_allowed_table_size}.
     """
 
-    _lastBlock: bytes | None = None  # the latest block of indexed fields only, while the table is unchanged
+    _lastBlock: bytes | None = None  # the latest block that left the table as it was, while it still is
     _lastFields: list[HeaderTuple] = []  # its fields
 
     def __init__(self, max_header_list_size: int = 65536) -> None:
@@ -296,9 +296,10 @@ class FieldDecoder(hpack.Decoder):
         The fields of the field block C{data}, as L{hpack.HeaderTuple}s (L{hpack.NeverIndexedHeaderTuple}s for
         never-indexed literals) of bytes, or with C{raw} false of text decoded as UTF-8.
 
-        A block of indexed fields only, the same as the latest one while the table has not changed, decodes
-        to the very same list (a client that repeats a request sends such blocks, a byte per field): callers
-        must not change it.
+        A block that changes nothing in the table (indexed fields, and literals not indexed but not
+        never-indexed either), the same as the latest one while the table has not changed, decodes to the
+        very same list: a client that repeats a request sends the same such block each time (indexed fields
+        and, from nghttp2's encoder, the C{:path} as a literal).  Callers must not change the list.
 
         @raise hpack.HPACKDecodingError: (or one of its subclasses) for a block that cannot be decoded.
         @raise hpack.OversizedHeaderListError: for a header list larger than C{max_header_list_size}.
@@ -308,6 +309,7 @@ class FieldDecoder(hpack.Decoder):
             return self._lastFields
         fields: list[HeaderTuple] = []
         listSize, limit, position, end = 0, self.max_header_list_size, 0, len(data)
+        repeatable = raw  # the same bytes would decode to the same fields until the table changes
         while position < end:
             first = data[position]
             if first & 0x80:
@@ -316,6 +318,7 @@ class FieldDecoder(hpack.Decoder):
             elif first & 0x40:
                 field, position = self._literal(data, position, 6, HeaderTuple)
                 self._insert(field)
+                repeatable = False
             elif first & 0x20:
                 if fields:
                     raise hpack.HPACKDecodingError("Table size update not at the start of the block")
@@ -325,19 +328,22 @@ class FieldDecoder(hpack.Decoder):
                         f"Encoder exceeded max allowable table size: {size} > {self.max_allowed_table_size}"
                     )
                 self.header_table_size = size
+                repeatable = False
                 continue
             else:
                 kind = NeverIndexedHeaderTuple if first & 0x10 else HeaderTuple
                 field, position = self._literal(data, position, 4, kind)
+                if first & 0x10:
+                    repeatable = False  # a secret is not kept any longer than its request needs
             fields.append(field)
             listSize += len(field[0]) + len(field[1]) + _ENTRY_OVERHEAD
             if listSize > limit:
                 raise hpack.OversizedHeaderListError(f"A header list larger than {limit} has been received")
         if self._maxSize > self.max_allowed_table_size:
             raise hpack.InvalidTableSizeError("Encoder did not shrink table size to within the max")
+        if repeatable:
+            self._lastBlock, self._lastFields = data, fields
         if raw:
-            if not data.translate(None, _SHORT_INDEXES):  # indexed fields only (an index below 127 each)
-                self._lastBlock, self._lastFields = data, fields
             return fields
         try:
             return [field.__class__(field[0].decode("utf-8"), field[1].decode("utf-8")) for field in fields]
@@ -392,10 +398,6 @@ class FieldDecoder(hpack.Decoder):
         while self._size > room and entries:
             name, value = entries.popleft()
             self._size -= len(name) + len(value) + _ENTRY_OVERHEAD
-
-
-#: The bytes of an indexed field with an index below 127, a field a byte (RFC 7541 section 6.1).
-_SHORT_INDEXES = bytes(range(0x81, 0xFF))
 
 
 def _readInteger(data: bytes, position: int, bits: int) -> tuple[int, int]:

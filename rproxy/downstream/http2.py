@@ -292,7 +292,8 @@ class HTTP2Server:
     def requestHead(self, block: list[Any]) -> H2RequestHead | ProxyError:
         """
         The request C{block} asks for (L{rproxy.downstream.h2request.requestHead}): the latest one again when
-        the decoder gave the very same block again (a repeated request's, see L{FieldDecoder.decode}).
+        the decoder gave the very same block again (a repeated request's, see
+        L{rproxy.hpackcoding.FieldDecoder.decode}).
         """
         if block is self._lastBlock:
             return self._lastHead

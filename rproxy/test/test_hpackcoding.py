@@ -126,12 +126,16 @@ def decodeWith(decoder: hpack.Decoder, block: bytes) -> Any:
         return "error"
 
 
-#: Blocks a client may repeat, and the blocks that change the table between them: indexed fields only
-#: (dynamic entries 62 and 63 among them), literals inserted, a size update to 0 and back.
+#: Blocks a client may repeat, and the blocks that change the table between them: indexed fields (dynamic
+#: entries 62 and 63 among them), literals not indexed and never indexed, literals inserted, a size update to
+#: 0 and back.
 _REPEATED = [
     b"\xbe",
     b"\x82\xbe\xbf",
     b"\x82\x84\x86",
+    b"\x82\x04\x02/a\xbe",
+    b"\x0f\x2f\x01v\xbf",
+    b"\x14\x01x\xbe",
     b"\x40\x01a\x01b",
     b"\x40\x01c\x01d",
     b"\x7e\x01e",
@@ -187,12 +191,17 @@ class DecoderTests(unittest.TestCase):
         self.assertSameReading(blocks)
 
     def test_repeatedBlockSameList(self) -> None:
-        """The same block of indexed fields, the table unchanged, is the very same list (read once)."""
+        """
+        The same block that leaves the table as it was (indexed fields, a literal not indexed), the table
+        unchanged, is the very same list, read once; not a block with a never-indexed literal.
+        """
         decoder = FieldDecoder()
         decoder.decode(b"\x40\x01a\x01b", True)
-        first = decoder.decode(b"\x82\xbe", True)
-        self.assertIs(decoder.decode(b"\x82\xbe", True), first)
-        self.assertEqual(first, [(b":method", b"GET"), (b"a", b"b")])
+        first = decoder.decode(b"\x82\x04\x02/x\xbe", True)
+        self.assertIs(decoder.decode(b"\x82\x04\x02/x\xbe", True), first)
+        self.assertEqual(first, [(b":method", b"GET"), (b":path", b"/x"), (b"a", b"b")])
+        secret = decoder.decode(b"\x82\x10\x01s\x01t", True)
+        self.assertIsNot(decoder.decode(b"\x82\x10\x01s\x01t", True), secret)
         decoder.decode(b"\x40\x01c\x01d", True)
         self.assertEqual(decoder.decode(b"\x82\xbe", True), [(b":method", b"GET"), (b"c", b"d")])
 
