@@ -76,6 +76,29 @@ class RoundTripTests(unittest.TestCase):
         self.assertEqual(len(again), 3)
         self.assertEqual(decoder.decode(again, raw=True), head)
 
+    def test_evictedThenAgain(self) -> None:
+        """
+        A field sent indexed, then evicted by a smaller table and by insertions, is sent as a literal again:
+        the encoder's memory of indexed representations does not outlive the entries.
+        """
+        encoder, decoder = FieldEncoder(), hpack.Decoder()
+        field = (b"x-a", b"1")
+
+        def roundTrip(*fields: tuple[bytes, bytes]) -> None:
+            block = encoder.encode(list(fields))
+            self.assertEqual([tuple(each) for each in decoder.decode(block, raw=True)], list(fields))
+
+        roundTrip(field)
+        roundTrip(field)
+        encoder.header_table_size = 0
+        roundTrip(field)
+        encoder.header_table_size = 4096
+        roundTrip(field)
+        roundTrip(field, (b"x-b", b"2"))
+        encoder.header_table_size = 60  # room for one entry: x-a goes
+        roundTrip(field)
+        roundTrip((b"x-c", b"3"), field)
+
     def test_sensitive(self) -> None:
         """A never-indexed field stays out of the table, and says so to the peer (RFC 7541 section 6.2.3)."""
         encoder = FieldEncoder()
