@@ -76,6 +76,15 @@ async def workersOf(testCase: unittest.TestCase, process: ProxyProcess, count: i
     return children(pid)
 
 
+def running(pid: int) -> bool:
+    """Whether process C{pid} runs (neither gone nor a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 async def metrics(port: int) -> str:
     """The supervisor's C{/metrics} text."""
     code, out, err = await curl(["-sS", "--fail", f"http://127.0.0.1:{port}/metrics"])
@@ -255,7 +264,8 @@ class AloneTests(unittest.TestCase):
         log = LogCapture(self)
         descriptor = os.open(os.devnull, os.O_RDONLY)  # the role is not started: its channel is never adopted
         self.addCleanup(os.close, descriptor)
-        role = WorkerRole({"index": 1, "generation": 2, "sockets": {}, "control": descriptor}, reactor)
+        state = {"index": 1, "generation": 2, "sockets": {}, "control": descriptor, "supervisor": os.getppid()}
+        role = WorkerRole(state, reactor)
         called: list[str] = []
         role.whenAlone.append(lambda: called.append("checks"))
         control = Control(lambda message: None, role._controlLost)
@@ -597,18 +607,26 @@ class SupervisorTests(unittest.TestCase):
         workers = await workersOf(self, process, 2)
         self.assertTrue(await waitFor(lambda: process.log.count("serves") == 2, 20.0), process.log)
 
-        def running(pid: int) -> bool:
-            try:
-                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-                    return f.read().rpartition(")")[2].split()[0] != "Z"
-            except FileNotFoundError:
-                return False
-
         for pid in workers:
             os.kill(pid, signal.SIGUSR2)  # the supervisor's signal, as a whole process group gets it
         await sleep(0.3)
         self.assertEqual(await workersOf(self, process, 2), workers)
         process.transport.signalProcess("KILL")
+
+        self.assertTrue(await waitFor(lambda: not any(running(pid) for pid in workers), 10.0))
+
+    async def test_orphanedWhileStarting(self) -> None:
+        """
+        Workers whose supervisor was killed while they were starting (their parent is no longer the supervisor
+        when they look) shut down by themselves too.
+        """
+        port = freePort()
+        process = ProxyProcess.spawn(
+            self, [*TWIST, "--workers=2", f"--listen=tcp:{port}:interface=127.0.0.1", "--upstream=http://127.0.0.1:9"]
+        )
+        workers = await workersOf(self, process, 2)
+        process.transport.signalProcess("KILL")  # the workers have just been spawned: they are still importing
+        self.assertNotIn("serves", process.log, "too late: the workers started before the supervisor was killed")
 
         self.assertTrue(await waitFor(lambda: not any(running(pid) for pid in workers), 10.0))
 

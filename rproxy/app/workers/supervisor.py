@@ -330,7 +330,13 @@ class Supervisor(service.MultiService):
             passed[key] = [number, family]
         control = max(childFDs) + 1
         childFDs[control] = theirs.fileno()
-        state = {"index": index, "generation": self._generation, "sockets": passed, "control": control}
+        state = {
+            "index": index,
+            "generation": self._generation,
+            "sockets": passed,
+            "control": control,
+            "supervisor": os.getpid(),
+        }
         environ = {k: v for k, v in self._environ.items() if k not in _PRIVATE}
         environ[WORKER_VARIABLE] = json.dumps(state)
         argv = [sys.executable, "-m", "twisted", *twistOptions(sys.argv), "rproxy", *self._arguments]

@@ -63,7 +63,9 @@ class WorkerRole(service.Service):
         self._sockets: dict[str, tuple[int, int]] = {k: (int(v[0]), int(v[1])) for k, v in state["sockets"].items()}
         self._controlDescriptor = int(state["control"])
         self._reactor = reactor
-        self._parent = os.getppid()
+        # The supervisor's pid, not this process's parent when it gets here: a supervisor killed while this worker
+        # was starting would otherwise leave it running for good, with init as the parent it watches.
+        self._parent = int(state["supervisor"])
         self._watch: LoopingCall | None = None
         self._control: Control | None = None
         self.metrics: CollectorRegistry | None = None
