@@ -96,6 +96,8 @@ class PrefixFollower:
             except Exception as e:  # never ends the loop: etcd may come back, and a bug be one key's
                 if not isinstance(e, EtcdError):
                     _log.failure("etcd: reading {what} failed", what=self._what)
+                if not self._running:  # stopped during the call: no back-off for stop() to wait out
+                    return
                 self._sleeping = deferLater(self._reactor, wait, lambda: None)  # type: ignore[arg-type]
                 try:
                     await self._sleeping

@@ -209,17 +209,44 @@ class FollowerTests(unittest.TestCase):
     """L{PrefixFollower}: following a prefix while etcd is out of reach."""
 
     async def test_stopsAtOnce(self) -> None:
-        """Stopped while etcd is out of reach (between two tries, backing off), it ends at once."""
+        """
+        Stopped while etcd is out of reach, it ends at once: between two tries (backing off), or within the
+        timeout of the try under way (then it does not back off once more).
+        """
         c = client(self, f"http://127.0.0.1:{freePort()}", timeout=0.2)
         snapshots: list[object] = []
         follower = PrefixFollower(c, b"/p/", reactor, snapshots.append, lambda events: None, "keys")
         follower.start()
-        await sleep(1.6)  # tries at 0, 0.1, 0.3, 0.7 and 1.5 s: the next is 1.6 s away
+        await sleep(1.6)  # tries of up to 0.2 s, backing off 0.1, 0.2, 0.4, 0.8 s: in a try or between two
         self.assertEqual((follower.read, follower.pending(), snapshots), (False, ["keys in etcd are not read yet"], []))
         self.assertFalse(c.health.up)
         started = reactor.seconds()
         await follower.stop()
         self.assertLess(reactor.seconds() - started, 0.5)
+
+    async def test_stopsDuringATry(self) -> None:
+        """
+        Stopped during a try that etcd does not answer, after a few have failed (the next back-off would be
+        0.8 s), it ends once that try times out, without backing off once more.
+        """
+        tries: list[float] = []
+
+        class Counted(_Silent):
+            def connectionMade(self) -> None:
+                tries.append(reactor.seconds())
+
+        silent = listen(self, protocol.Factory.forProtocol(Counted))
+        c = client(self, f"http://127.0.0.1:{silent.port}", timeout=0.2)
+        follower = PrefixFollower(c, b"/p/", reactor, lambda kvs: None, lambda events: None, "keys")
+        follower.start()
+        for _ in range(500):
+            if len(tries) == 4:
+                break
+            await sleep(0.01)
+        self.assertEqual(len(tries), 4, "the fourth try never came")
+        started = reactor.seconds()
+        await follower.stop()
+        self.assertLess(reactor.seconds() - started, 0.75, "it backed off once more (0.8 s)")
 
     async def test_survivesItsOwner(self) -> None:
         """An owner that fails on what was read is told again (the failure logged), not left behind."""
