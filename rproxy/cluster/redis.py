@@ -204,9 +204,12 @@ class RedisClient:
             return result
         if result.check(defer.CancelledError):
             return result  # the caller gave up (its client left): says nothing of Redis
-        if result.check(defer.TimeoutError, txredisapi.TimeoutError):
-            # Known out of reach already: the known reason (a refused AUTH, say) says more.
-            why = self.health.error if not self.health.up else f"no answer within {self.timeout:g}s"
+        if not self.health.up and result.check(defer.TimeoutError, txredisapi.ConnectionError):
+            # Known out of reach already: the known reason (a refused AUTH, say) says more than a timeout or the
+            # "Not connected" of a call that waited for a connection the refusal stopped.
+            why = self.health.error
+        elif result.check(defer.TimeoutError, txredisapi.TimeoutError):
+            why = f"no answer within {self.timeout:g}s"
         else:
             why = (result.getErrorMessage().splitlines() or [repr(result.value)])[0][:200]
         self._unreachable(why)

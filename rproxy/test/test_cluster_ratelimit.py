@@ -36,8 +36,9 @@ from rproxy.test.test_drain import ProxyProcess
 #: The shared limit: RATE requests a second, BURST at once, one count for the route.
 RATE, BURST = 20, 10
 
-#: --store-timeout in these tests, and how much later than it a request may be decided.
-TIMEOUT, SLACK = 0.5, 0.5
+#: --store-timeout in these tests, and how much later than it a request may be decided.  A proxy paused longer
+#: than the timeout with a call to Redis in flight (a loaded machine) would count Redis out of reach: 2 s.
+TIMEOUT, SLACK = 2.0, 1.0
 
 #: Where each filter is: /shared falls back to local limits, /closed to 503, /local never uses Redis.
 ROUTES = {"/shared": '"local"', "/closed": '"deny"', "/local": None}
@@ -155,10 +156,30 @@ class ClusterRateLimitTests(unittest.TestCase):
         return Counter(answer.status for answer in answers), elapsed
 
     def assertShared(self, statuses: Counter[int], elapsed: float) -> None:
-        """C{statuses} are what one limit allows, within 10%, and nothing was lost."""
+        """
+        C{statuses} are what one limit allows, within 10% (and half a second's refill more, for requests a
+        loaded machine decides later than they were sent), and nothing was lost.
+        """
         allowed = BURST + RATE * elapsed
         self.assertEqual(set(statuses), {200, 429}, statuses)
-        self.assertLessEqual(abs(statuses[200] - allowed), allowed * 0.1, f"{statuses}, {allowed:.1f} allowed")
+        let = f"{statuses}, {allowed:.1f} allowed"
+        self.assertGreaterEqual(statuses[200], allowed * 0.9, let)
+        self.assertLessEqual(statuses[200], allowed * 1.1 + RATE * 0.5, let)
+
+    async def untilRefused(self, proxy: Proxy, path: str, let: int = 0) -> list[Answer]:
+        """
+        Requests for C{path}, one after the other, until one is refused: each let through (C{let} were before),
+        and as many as the burst and the refill while they ran allow.
+        """
+        started = reactor.seconds()
+        answers = []
+        while not answers or answers[-1].status == 200:
+            self.assertLess(len(answers), BURST + 10 * RATE, "never refused")
+            answers.append(await self.get(proxy, path))
+        self.assertEqual(answers[-1].status, 429, [a.status for a in answers])
+        refilled = RATE * (reactor.seconds() - started)
+        self.assertTrue(BURST <= let + len(answers) - 1 <= BURST + refilled + 1, (len(answers), refilled))
+        return answers
 
     async def test_oneLimitForThree(self) -> None:
         """
@@ -177,8 +198,7 @@ class ClusterRateLimitTests(unittest.TestCase):
         redis = await startRedis(self)
         [proxy] = await self.startProxies(redis.url, 1)
         for path in ("/shared/x", "/local/x"):
-            answers = [await self.get(proxy, path) for _ in range(BURST + 1)]
-            self.assertEqual([a.status for a in answers], [200] * BURST + [429])
+            answers = await self.untilRefused(proxy, path)
             let, refused = answers[-2], answers[-1]
             policy = f'"{RATE}/s burst {BURST} per route";q={RATE};w=1'.encode()
             self.assertEqual(let.headers[b"ratelimit-policy"], [policy])
@@ -200,8 +220,7 @@ class ClusterRateLimitTests(unittest.TestCase):
         [a] = await self.startProxies(redis.url, 1, "--redis-prefix", "gw-a:")
         [b] = await self.startProxies(redis.url, 1, "--redis-prefix", "gw-b:")
         for proxy in (a, b):
-            answers = [await self.get(proxy, "/shared/x") for _ in range(BURST + 1)]
-            self.assertEqual([answer.status for answer in answers], [200] * BURST + [429])
+            await self.untilRefused(proxy, "/shared/x")
         keys = sorted((await redisCLI(redis, "--scan")).split())
         expected = [bucketPrefix(prefix, "shared", sharedLimit()).encode() for prefix in ("gw-a:", "gw-b:")]
         self.assertEqual(keys, expected)
@@ -222,7 +241,7 @@ class ClusterRateLimitTests(unittest.TestCase):
         self.assertEqual(set(shared), {200, 429}, shared)
         perInstance = BURST + RATE * elapsed
         self.assertGreater(shared[200], 2 * perInstance, shared)  # three local limits
-        self.assertLessEqual(shared[200], 3 * perInstance + 3, shared)
+        self.assertLessEqual(shared[200], 3 * (perInstance + RATE * 0.5), shared)  # decided late: refilled more
         closed = [await self.get(proxy, "/closed/x") for proxy in proxies]
         self.assertEqual([a.status for a in closed], [503] * 3)
         for answer in closed:
@@ -252,8 +271,7 @@ class ClusterRateLimitTests(unittest.TestCase):
         [proxy] = await self.startProxies(redis.url, 1)
         self.assertEqual((await self.get(proxy, "/shared/x")).status, 200)
         await redisCLI(redis, "SCRIPT", "FLUSH")
-        statuses = [(await self.get(proxy, "/shared/x")).status for _ in range(BURST)]
-        self.assertEqual(statuses, [200] * (BURST - 1) + [429])
+        await self.untilRefused(proxy, "/shared/x", let=1)
         self.assertEqual(proxy.logged(OUT_OF_REACH), 0)
 
     async def test_redisNeverAnswers(self) -> None:
@@ -274,7 +292,7 @@ class ClusterRateLimitTests(unittest.TestCase):
             self.assertEqual(again.status, status)
             self.assertLess(again.seconds, SLACK / 2)
             self.assertEqual(proxy.logged(OUT_OF_REACH), 1)
-            self.assertIn('"why": "no answer within 0.5s"', proxy.process.log)
+            self.assertIn(f'"why": "no answer within {TIMEOUT:g}s"', proxy.process.log)
 
 
 async def redisCLI(redis: RedisServer, *command: str) -> bytes:
