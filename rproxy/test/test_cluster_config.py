@@ -11,10 +11,11 @@ import os
 
 from twisted.trial import unittest
 
+from rproxy.cluster.follow import LONGEST_RETRY
 from rproxy.test.stores import EtcdServer, startEtcd
 from rproxy.test.support import ScriptedUpstream
 from rproxy.test.test_admin import request, tokenFile
-from rproxy.test.test_cluster_registry import PATIENCE, Instance, waitFor
+from rproxy.test.test_cluster_registry import PATIENCE, STORE_TIMEOUT, Instance, waitFor
 from rproxy.test.test_config import answerWith
 from rproxy.test.test_drain import waitUntilListening
 
@@ -57,6 +58,7 @@ class SharedConfigTests(unittest.TestCase):
             "--etcd-config-key=config",
             "--ready-route=/ready",
             "--access-log=off",
+            f"--store-timeout={STORE_TIMEOUT:g}",
         ]
         instances = [Instance(self, name, arguments) for name in "AB"[:count]]
         for instance in instances:
@@ -137,5 +139,6 @@ class SharedConfigTests(unittest.TestCase):
         self.assertEqual((await request(a.port, b"/api/x"))[1], b"file")
         await self.etcd.start()
         await self.etcd.put(KEY, self.document())
-        await waitFor(self, "ready", functools.partial(self.answers, a, b"/ready", b"ready\n"), 8)
+        ready = functools.partial(self.answers, a, b"/ready", b"ready\n")
+        await waitFor(self, "ready", ready, PATIENCE + LONGEST_RETRY, a)  # it tries etcd again within 5 s
         await waitFor(self, "applied", functools.partial(self.answers, a, b"/api/x", b"api"), PATIENCE, a)

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.trial import unittest
 
+from rproxy.cluster.follow import LONGEST_RETRY
 from rproxy.test.stores import TLSEtcdServer, startEtcd
 from rproxy.test.support import PYTHON, ScriptedUpstream, freePort, sleep
 from rproxy.test.test_admin import AdminClient, Answer, request, tokenFile, upstreamsOf
@@ -26,6 +27,10 @@ from rproxy.test.test_drain import ProxyProcess, waitUntilListening
 #: watch streams it); the bound is wide so that a loaded machine fails no test, as how fast it is is measured, not
 #: asserted here.
 PATIENCE = 10.0
+
+#: --store-timeout of the instances: etcd syncs each write to the disk, which a loaded machine may take more than
+#: the default half second to do (the instance would answer 503, and count an outage).
+STORE_TIMEOUT = 5.0
 
 
 async def waitFor(
@@ -119,6 +124,7 @@ class SharedRegistryTests(unittest.TestCase):
             f"--admin-token-file={tokenFile(self)}",
             f"--etcd={self.etcd.url}",
             "--access-log=off",
+            f"--store-timeout={STORE_TIMEOUT:g}",
             *extra,
         ]
         instances = [Instance(self, name, arguments) for name in "ABC"[:count]]
@@ -243,7 +249,7 @@ class SharedRegistryTests(unittest.TestCase):
             [store] = (await instance.state())["stores"]
             return store["store"] == "etcd" and not store["up"]
 
-        await waitFor(self, "B says etcd is out of reach", lambda: saysSo(b), 5)
+        await waitFor(self, "B says etcd is out of reach", lambda: saysSo(b), PATIENCE, b)
         self.assertIn(f"etcd at {self.etcd.url} is out of reach", b.process.log)
         metrics = (await b.admin.request("GET", "/metrics")).body.decode()
         self.assertIn('rproxy_store_up{store="etcd"} 0.0', metrics)
@@ -254,12 +260,12 @@ class SharedRegistryTests(unittest.TestCase):
 
         await self.etcd.start()
         other = ScriptedUpstream(self, answerWith(b"other"))
-        await waitFor(self, "A registers again", lambda: self.registers(a, other.url), 10)
+        await waitFor(self, "A registers again", lambda: self.registers(a, other.url), PATIENCE, a)
 
         async def bServesOther() -> bool:
             return b"other" in await b.bodies(3)
 
-        await waitFor(self, "B follows etcd again", bServesOther, 6)
+        await waitFor(self, "B follows etcd again", bServesOther, PATIENCE + LONGEST_RETRY, b)
         [store] = (await b.state())["stores"]
         self.assertTrue(store["up"], store)
         self.assertIn("answers again", b.process.log)
