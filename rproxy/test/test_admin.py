@@ -722,12 +722,12 @@ class RegistrationTests(unittest.TestCase):
     async def test_heartbeatAndExpiry(self) -> None:
         """Renewed within its TTL it stays; not renewed, it leaves its service, and renewing is then 404."""
         events = captureLog(self)
-        id = (await self.register(self.instance.url, 0.6)).json()["id"]
+        id = (await self.register(self.instance.url, 1.0)).json()["id"]
         path = f"/services/default/upstreams/{id}"
-        for _ in range(6):  # 1.2 s in all: twice the TTL
-            await sleep(0.2)
+        for _ in range(8):  # 2 s in all: twice the TTL (each renewal with 0.75 s to spare)
+            await sleep(0.25)
             answer = await self.client.request("PUT", path)
-            self.assertEqual((answer.status, answer.json()["id"], answer.json()["ttl"]), (200, id, 0.6))
+            self.assertEqual((answer.status, answer.json()["id"], answer.json()["ttl"]), (200, id, 1.0))
         answer = await self.client.request("PUT", path, {"ttl": 0.4})
         self.assertEqual((answer.status, answer.json()["ttl"]), (200, 0.4))
         self.assertEqual(len(upstreamsOf(await self.state())), 2)

@@ -36,10 +36,11 @@ class BalancingTests(unittest.TestCase):
         hosts = await self.upstreams(2)
         proxy = startProxy(self, [h.url for h in hosts], "--balancer", balancer)
         pool = self.pool()
-        slow = defer.ensureDeferred(self.get(f"{proxy.url}/slow?delay=1.5", pool))
+        slow = defer.ensureDeferred(self.get(f"{proxy.url}/slow?delay=5", pool))
         self.assertTrue(await waitFor(lambda: sum(u.inFlight for u in proxy.upstreams) == 1))
         [busy] = [h.name for h, u in zip(hosts, proxy.upstreams, strict=True) if u.inFlight]
         quick = Counter([(await self.get(f"{proxy.url}/quick", pool))[0] for _ in range(10)])
+        self.assertEqual(sum(u.inFlight for u in proxy.upstreams), 1, "the slow request ended before the quick ones")
         self.assertEqual(set(quick), {h.name for h in hosts} - {busy}, quick)
         self.assertEqual((await slow)[0], busy)
 

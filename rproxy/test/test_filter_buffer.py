@@ -272,7 +272,8 @@ class DemoTests(BufferTestCase):
         spooling = defer.ensureDeferred(waitFor(lambda: spoolsIn(self.directory), 2.0))
         durations = await self.fastRequestsDuringSlowUpload(proxy.port)
         self.assertTrue(await spooling)  # past 16 KiB the body went to a temporary file in the directory
-        self.assertLess(max(durations), 1.0, durations)
+        # At once, not after the upload (3.2 s at least): the bound leaves a loaded machine room.
+        self.assertLess(max(durations), 2.0, durations)
         await self.assertNoSpool()
 
     async def test_othersWaitWithoutFilter(self) -> None:

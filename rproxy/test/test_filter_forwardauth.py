@@ -414,7 +414,7 @@ class EndToEndTests(unittest.TestCase):
         reason = f"forward auth service {self.service.url}/check refused the connection"
         self.assertEqual(body, f"503 Service Unavailable: {reason}\n".encode())
         self.assertIn(b"error=connection_refused", headerValues(head, b"proxy-status")[0])
-        self.assertLess(elapsed, 2.5)  # not the 5 s timeout
+        self.assertLess(elapsed, 4.5)  # not the 5 s timeout (curl's start counts too)
         self.assertEqual(len(upstream.requests), 1)
 
     async def test_timeoutCoversAnswerAndBody(self) -> None:
@@ -427,7 +427,7 @@ class EndToEndTests(unittest.TestCase):
             elapsed = time.monotonic() - started
             self.assertEqual(status, 503, path)
             self.assertIn(f"forward auth service {self.service.url}{path} timed out after 0.5 s".encode(), body)
-            self.assertTrue(0.5 <= elapsed < 3.0, elapsed)
+            self.assertTrue(0.5 <= elapsed < 4.5, elapsed)
         asked = [(entry["path"], entry["lost"]) for entry in await self.authLog()]
         self.assertEqual(asked, [("/hang", True), ("/stall", True)])
         self.assertEqual(upstream.requests, [])

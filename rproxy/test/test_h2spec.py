@@ -30,7 +30,7 @@ _RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(_BODY), _B
 CLEARTEXT_EXCEPTIONS = {"http2/3.5 Sends invalid connection preface"}
 
 #: Seconds h2spec waits for each answer, and for its whole run.
-_CASE_TIMEOUT = 2
+_CASE_TIMEOUT = 10
 _RUN_TIMEOUT = 120
 
 

@@ -39,8 +39,9 @@ RSS_LIMIT = 80 * MiB
 RESPONSE_IN_FLIGHT_LIMIT = 16 * MiB
 #: How far a client may get ahead of a stalled upstream (socket buffers included).
 REQUEST_IN_FLIGHT_LIMIT = 16 * MiB
-#: How long the upstream request may outlive the client's connection.
-CANCEL_LIMIT = 1.0
+#: How long the upstream request may outlive the client's connection: it ends in the turn the client's does (a
+#: few ms); the bound leaves room for a loaded machine, and is still far from the time the body would take.
+CANCEL_LIMIT = 3.0
 
 _ZEROS = bytes(64 * KiB)
 
