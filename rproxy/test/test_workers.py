@@ -641,6 +641,13 @@ class SupervisorTests(unittest.TestCase):
         workers = await workersOf(self, process, 2)
         for pid in workers:  # just spawned, still importing: held there until their supervisor is gone
             os.kill(pid, signal.SIGSTOP)
+
+        def killLeftovers() -> None:  # had the test failed, a stopped worker would outlive it
+            for pid in workers:
+                if running(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+        self.addCleanup(killLeftovers)
         supervisor = process.transport.pid
         process.transport.signalProcess("KILL")
 
