@@ -19,6 +19,7 @@ import treq
 from twisted.internet import defer, protocol, reactor, utils
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -275,10 +276,7 @@ class AloneTests(unittest.TestCase):
     def test_whenAlone(self) -> None:
         """What it followed, it does for itself: each of L{WorkerRole.whenAlone} is called, once; it says so."""
         log = LogCapture(self)
-        descriptor = os.open(os.devnull, os.O_RDONLY)  # the role is not started: its channel is never adopted
-        self.addCleanup(os.close, descriptor)
-        state = {"index": 1, "generation": 2, "sockets": {}, "control": descriptor, "supervisor": os.getppid()}
-        role = WorkerRole(state, reactor)
+        role, _ = self.role(supervisor=os.getppid())
         called: list[str] = []
         role.whenAlone.append(lambda: called.append("checks"))
         control = Control(lambda message: None, role._controlLost)
@@ -287,6 +285,31 @@ class AloneTests(unittest.TestCase):
         control.connectionLost()
         self.assertEqual(called, ["checks"])
         self.assertIn("worker 1: no channel to the supervisor any more", "\n".join(log.formatted()))
+
+    def role(self, **state: object) -> tuple[WorkerRole, MemoryReactorClock]:
+        """A worker's role (not started: its channel is never adopted) with C{state} beside the usual."""
+        descriptor = os.open(os.devnull, os.O_RDONLY)
+        self.addCleanup(os.close, descriptor)
+        clock = MemoryReactorClock()
+        return WorkerRole({"index": 1, "generation": 2, "sockets": {}, "control": descriptor, **state}, clock), clock
+
+    def test_supervisorGone(self) -> None:
+        """A worker whose parent is not the supervisor that spawned it (init took it over) shuts down."""
+        log = LogCapture(self)
+        role, clock = self.role(supervisor=os.getpid())  # this process: never its own parent
+        role._checkParent()
+        self.assertIn("worker 1: its supervisor is gone; shutting down", "\n".join(log.formatted()))
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # the drain, then the stop
+
+    def test_olderSupervisor(self) -> None:
+        """
+        The state of an older rproxy's supervisor (which replaces a worker after an upgrade under it) says no
+        pid: the worker watches the parent it starts with.
+        """
+        log = LogCapture(self)
+        role, clock = self.role()
+        role._checkParent()
+        self.assertEqual((log.formatted(), clock.getDelayedCalls()), ([], []))
 
 
 class SharedPortTests(unittest.TestCase):

@@ -64,8 +64,9 @@ class WorkerRole(service.Service):
         self._controlDescriptor = int(state["control"])
         self._reactor = reactor
         # The supervisor's pid, not this process's parent when it gets here: a supervisor killed while this worker
-        # was starting would otherwise leave it running for good, with init as the parent it watches.
-        self._parent = int(state["supervisor"])
+        # was starting would otherwise leave it running for good, with init as the parent it watches.  A supervisor
+        # of an older rproxy (it replaces a worker after rproxy was upgraded under it) does not say its pid.
+        self._parent = int(state.get("supervisor", os.getppid()))
         self._watch: LoopingCall | None = None
         self._control: Control | None = None
         self.metrics: CollectorRegistry | None = None
