@@ -789,7 +789,7 @@ class FilterResult:
 
 @implementer(IPushProducer)
 class _GivenBody:
-    """The client's side of a request body given whole to L{runFilters}: nothing to pause."""
+    """The client's side of a request body given by a test, not read from a socket: nothing to pause."""
 
     def pauseProducing(self) -> None:
         pass

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.interfaces import IPushProducer
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from rproxy.downstream.body import RequestBodyPipe
 from rproxy.errors import ProxyError
 from rproxy.headers import Pairs
 from rproxy.test.support import ReceivedRequest, ScriptedUpstream, rawRequest, startProxy, waitFor
+from rproxy.testing import _GivenBody
 from rproxy.upstream.connection import Delivery, RequestHead
 from rproxy.upstream.http1 import _FIELD
 from rproxy.upstream.settings import PoolSettings
@@ -136,20 +135,6 @@ class FieldLineTests(unittest.TestCase):
             self.assertEqual(_FIELD.findall(line), [], line)
 
 
-@implementer(IPushProducer)
-class _Source:
-    """The client's side of a request body pipe, which the test feeds by hand: pausing it does nothing."""
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class _Outcome:
     """A response receiver that keeps how the exchange ended."""
 
@@ -197,7 +182,7 @@ class RequestBodyLengthTests(unittest.TestCase):
         pool = Upstream.fromURL(upstream.url, reactor, PoolSettings()).pool
         self.addCleanup(pool.drain)
         connection = await pool.acquire()
-        pipe = RequestBodyPipe(_Source(), declared)
+        pipe = RequestBodyPipe(_GivenBody(), declared)  # fed by hand below
         outcome = _Outcome()
         connection.sendRequest(
             RequestHead(b"POST", b"/b", b"x", b"http", [], bodyLength=declared, hasBody=True), pipe, outcome
